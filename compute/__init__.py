@@ -1,0 +1,1 @@
+"""On-demand computation over stored activations: correlations, baselines, universality, persistence, ablation."""

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole default test suite, set-up included: `bash scripts/test.sh [pytest args]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q "$@"

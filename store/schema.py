@@ -1,0 +1,197 @@
+"""SQLAlchemy models of the store's tables; the tables themselves are created only by Alembic revisions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SET_STATUSES = ("pending", "running", "complete", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Model(Base):
+    """One independently trained model (a seed); its checkpoints share architecture and width."""
+
+    __tablename__ = "model"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    family: Mapped[str] = mapped_column(String(50))
+    seed: Mapped[str | None] = mapped_column(String(50))
+    architecture: Mapped[str] = mapped_column(String(50))
+    n_layers: Mapped[int] = mapped_column(Integer)
+    d_mlp: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(Text)
+    revision_template: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    checkpoints: Mapped[list[Checkpoint]] = relationship(back_populates="model")
+
+
+class Checkpoint(Base):
+    """A model at one training step, loaded from `source` at `revision`."""
+
+    __tablename__ = "checkpoint"
+    __table_args__ = (UniqueConstraint("model_id", "step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(Text)
+    revision: Mapped[str | None] = mapped_column(String(200))
+    source_sha: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    model: Mapped[Model] = relationship(back_populates="checkpoints")
+
+
+class Dataset(Base):
+    """A token dataset shared by every model: packed sequences plus the mask of counted positions."""
+
+    __tablename__ = "dataset"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    tokenizer: Mapped[str] = mapped_column(Text)
+    tokenizer_fingerprint: Mapped[str] = mapped_column(String(64))
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    n_sequences: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    n_counted: Mapped[int] = mapped_column(BigInteger)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ActivationSet(Base):
+    """One checkpoint's activations on one dataset at one hook: an HDF5 file and its ingest state."""
+
+    __tablename__ = "activation_set"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "dataset_id", "hook"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    hook: Mapped[str] = mapped_column(String(50))
+    dtype: Mapped[str] = mapped_column(String(20))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    checkpoint: Mapped[Checkpoint] = relationship()
+    dataset: Mapped[Dataset] = relationship()
+
+
+class NeuronStat(Base):
+    """Moments of one neuron's activation over a dataset's counted positions."""
+
+    __tablename__ = "neuron_stat"
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    mean: Mapped[float] = mapped_column(Float)
+    std: Mapped[float] = mapped_column(Float)
+    skew: Mapped[float | None] = mapped_column(Float)
+    kurtosis: Mapped[float | None] = mapped_column(Float)
+    frac_active: Mapped[float] = mapped_column(Float)
+    min: Mapped[float] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+
+
+class CorrelationRun(Base):
+    """One request to correlate a list of activation sets on one dataset, and its outcome."""
+
+    __tablename__ = "correlation_run"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str] = mapped_column(String(64), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    control: Mapped[str] = mapped_column(String(20))
+    threshold: Mapped[float] = mapped_column(Float)
+    baseline_seed: Mapped[int] = mapped_column(Integer)
+    topk: Mapped[int] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    n_passes: Mapped[int | None] = mapped_column(Integer)
+    n_dead: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class RunMember(Base):
+    """An activation set taking part in a correlation run."""
+
+    __tablename__ = "run_member"
+    run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"), primary_key=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class NeuronMatch(Base):
+    """A neuron's best match among all neurons of another set, and the same under a random rotation."""
+
+    __tablename__ = "neuron_match"
+    run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"), primary_key=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    other_set_id: Mapped[int] = mapped_column(
+        ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True
+    )
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    max_corr: Mapped[float | None] = mapped_column(Float)
+    best_layer: Mapped[int | None] = mapped_column(Integer)
+    best_neuron: Mapped[int | None] = mapped_column(Integer)
+    baseline_max_corr: Mapped[float | None] = mapped_column(Float)
+    topk: Mapped[str | None] = mapped_column(Text)
+
+
+class Universality(Base):
+    """Whether a neuron has a twin in every other set of a run: excess of max corr over the baseline."""
+
+    __tablename__ = "universality"
+    __table_args__ = (Index("ix_universality_set_layer", "set_id", "layer"),)
+    run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"), primary_key=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mean_max_corr: Mapped[float | None] = mapped_column(Float)
+    min_max_corr: Mapped[float | None] = mapped_column(Float)
+    mean_baseline: Mapped[float | None] = mapped_column(Float)
+    excess_corr: Mapped[float | None] = mapped_column(Float)
+    is_universal: Mapped[bool] = mapped_column(Boolean)
+    is_dead: Mapped[bool] = mapped_column(Boolean)

@@ -7,11 +7,10 @@ from importlib.metadata import version
 
 import click
 
+from query.output import FORMATS, render
 from store.config import StoreConfig
 from store.database import Store
 from store.errors import ActdbError
-
-from query.output import FORMATS, render
 
 
 class AppContext:
@@ -83,3 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("actdb: interrupted", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Tiny models built locally: a BPE tokenizer trained on the Python standard library's own source, tiny
+GPT-2 / GPT-NeoX / Llama models saved with `save_pretrained`, and a seeded zoo of trained GPT-2 checkpoints.
+
+Everything here uses text every machine has, so tests and the demo never download anything; the saved
+folders load through exactly the code path a hub id takes.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+SPECIAL_EOS = "<|endoftext|>"
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's top-level .py files, sorted: the same list on every machine with this Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.glob("*.py") if p.is_file())
+
+
+def stdlib_texts(max_files: int | None = None, offset: int = 0) -> list[str]:
+    files = stdlib_files()[offset:]
+    if max_files is not None:
+        files = files[:max_files]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Path:
+    """Train a byte-level BPE tokenizer and save it as a `PreTrainedTokenizerFast` folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[SPECIAL_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_EOS, bos_token=SPECIAL_EOS,
+                                   unk_token=SPECIAL_EOS, pad_token=SPECIAL_EOS)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 32, d_mlp: int = 128,
+                n_ctx: int = 128):
+    """A transformers config for a tiny model of the given architecture (gpt2, gpt_neox, llama)."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=4,
+                          n_inner=d_mlp, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=n_ctx, hidden_size=d_model,
+                             num_hidden_layers=n_layers, num_attention_heads=4, intermediate_size=d_mlp,
+                             bos_token_id=0, eos_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=n_ctx, hidden_size=d_model,
+                           num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=4,
+                           intermediate_size=d_mlp, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    raise ValueError(f"no tiny config for architecture {arch!r}")
+
+
+def save_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0, **sizes: int) -> Path:
+    """A randomly initialised tiny model plus its tokenizer, saved as a loadable folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), **sizes))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def training_batches(token_ids: list[int], seq_len: int, batch_size: int, seed: int) -> Iterator:
+    """Endless random windows of a token stream, seeded so each zoo seed sees its own but reproducible order."""
+    import torch
+
+    data = torch.tensor(token_ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
+        yield torch.stack([data[s : s + seq_len] for s in starts.tolist()])
+
+
+def read_zoo_manifest(root: Path) -> dict | None:
+    path = Path(root) / "zoo.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,124 @@
+"""Shared fixtures: SQLite and PostgreSQL stores, a tiny tokenizer, tiny models of each architecture, a dataset."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PG_ADMIN_URL = os.environ.get("ACTDB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin():
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True,
+                           connect_timeout=5)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
+    try:
+        admin = _pg_admin()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL server not reachable at {PG_ADMIN_URL}: {exc}")
+    name = f"actdb_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """Each test using it runs once on an SQLite file and once on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'actdb.sqlite'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store_config(tmp_path):
+    from store.config import StoreConfig
+
+    return StoreConfig.resolve(tmp_path / "store", None)
+
+
+@pytest.fixture
+def store(store_config):
+    from store.database import Store
+
+    s = Store.init(store_config)
+    yield s
+    s.close()
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(store_config):
+    """Run `actdb ...` in-process through `main`, with its one-line error handling, against the test store."""
+    from query.cli import main
+
+    def invoke(*args: object, home: Path | None = None, db: str | None = None) -> CliResult:
+        argv = ["--home", str(home or store_config.home), "--db", db or store_config.database_url]
+        runner = CliRunner()
+        with runner.isolation() as streams:
+            try:
+                main(argv + [str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
+        return CliResult(code, out, err)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 300) trained on standard-library source, saved like a hub tokenizer."""
+    from store.zoo import stdlib_texts, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(stdlib_texts(max_files=40), vocab_size=300, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Tiny randomly initialised GPT-2, GPT-NeoX and Llama models (2 layers x 128 neurons) saved by path."""
+    from store.zoo import save_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_tiny_model(arch, root / arch, tokenizer_dir, seed=i)
+            for i, arch in enumerate(["gpt2", "gpt_neox", "llama"])}
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """A few standard-library source files copied into a folder, as a user's text corpus."""
+    from store.zoo import stdlib_texts
+
+    out = tmp_path_factory.mktemp("texts")
+    for i, text in enumerate(stdlib_texts(max_files=12, offset=40)):
+        (out / f"doc{i:02d}.txt").write_text(text)
+    return out

@@ -60,6 +60,88 @@ def status(app: AppContext, fmt: str) -> None:
     click.echo(render(columns, rows, fmt))
 
 
+@cli.group()
+def dataset() -> None:
+    """Token datasets shared by every model: add, list, show."""
+
+
+@dataset.command("add")
+@click.argument("name")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--tokenizer", required=True, help="Tokenizer hub id or local folder (usually the model's).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), help="Target token count (whole sequences).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the document shuffle.")
+@click.option("--field", default="text", show_default=True, help="Text field of JSONL records / hub datasets.")
+@pass_app
+def dataset_add(app: AppContext, name: str, sources: tuple[str, ...], tokenizer: str, seq_len: int,
+                n_tokens: int | None, seed: int, field: str) -> None:
+    """Tokenize SOURCES (files, folders, JSONL, or a Hugging Face dataset name) into dataset NAME."""
+    from store.dataset_registry import add_dataset
+
+    row = add_dataset(app.store(), name, list(sources), tokenizer, seq_len, n_tokens, seed, field)
+    click.echo(f"dataset {row.name}: {row.n_sequences} sequences x {row.seq_len} = {row.n_tokens} tokens "
+               f"({row.n_counted} counted), sha256 {row.token_sha256[:12]}")
+
+
+@dataset.command("list")
+@format_option
+@pass_app
+def dataset_list(app: AppContext, fmt: str) -> None:
+    """All token datasets."""
+    from query.listings import dataset_rows
+
+    click.echo(render(*dataset_rows(app.store()), fmt))
+
+
+@dataset.command("show")
+@click.argument("name")
+@format_option
+@pass_app
+def dataset_show(app: AppContext, name: str, fmt: str) -> None:
+    """Everything recorded about one dataset."""
+    from query.listings import dataset_rows
+
+    columns, rows = dataset_rows(app.store(), name=name, full=True)
+    click.echo(render(["field", "value"], list(zip(columns, rows[0], strict=True)), fmt))
+
+
+def _parse_steps(step: int | None, steps: str | None) -> list[int]:
+    if (step is None) == (steps is None):
+        raise click.UsageError("give exactly one of --step N or --steps N,M,...")
+    if step is not None:
+        return [step]
+    try:
+        return [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--steps must be comma-separated integers, got {steps!r}") from None
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--step", type=int, help="Training step to ingest.")
+@click.option("--steps", help="Several steps, comma-separated.")
+@click.option("--dataset", "dataset_name", required=True, help="Token dataset to run the model on.")
+@click.option("--source", help="Hub id or local folder; `{step}` is replaced by the step. Registers MODEL.")
+@click.option("--revision", help="Revision template, e.g. checkpoint-{step} (default per family).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per pass.")
+@click.option("--dtype", type=click.Choice(["float16"]), default="float16", show_default=True)
+@click.option("--force", is_flag=True, help="Redo a set that is already complete.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@pass_app
+def ingest(app: AppContext, model: str, step: int | None, steps: str | None, dataset_name: str, source: str | None,
+           revision: str | None, device: str, batch_size: int, dtype: str, force: bool, quiet: bool) -> None:
+    """Record MODEL's MLP activations at each step on a dataset, with per-neuron statistics."""
+    from store.ingest import IngestRequest
+    from store.ingest import ingest as run_ingest
+
+    store = app.store()
+    for s in _parse_steps(step, steps):
+        run_ingest(store, IngestRequest(model, s, dataset_name, source, revision, device, batch_size, dtype, force,
+                                        progress=not quiet), log=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit status 1 (2 for usage errors)."""
     try:

@@ -29,3 +29,20 @@ def status_rows(store: Store) -> tuple[list[str], list[tuple[Any, ...]]]:
                 a.status if a else None, progress, a.bytes if a else None, a.path if a else None,
             ))
     return columns, rows
+
+
+def dataset_rows(store: Store, name: str | None = None, full: bool = False) -> tuple[list[str], list[tuple]]:
+    columns = ["name", "n_sequences", "seq_len", "n_tokens", "n_counted", "tokenizer", "token_sha256"]
+    if full:
+        columns += ["vocab_size", "tokenizer_fingerprint", "seed", "source", "path", "created_at"]
+    with store.session() as s:
+        q = select(Dataset).order_by(Dataset.name)
+        if name is not None:
+            from store.registry import get_dataset
+
+            get_dataset(s, name)
+            q = q.where(Dataset.name == name)
+        rows = [tuple(getattr(d, c) for c in columns) for d in s.scalars(q)]
+    if not full:
+        rows = [r[:-1] + (r[-1][:12],) for r in rows]
+    return columns, rows

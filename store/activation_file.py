@@ -169,7 +169,9 @@ class ActivationReader:
         except OSError as exc:
             raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
 
-    def read_neurons(self, layer: int, neurons: list[int] | slice, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read_neurons(
+        self, layer: int, neurons: list[int] | slice, start: int = 0, stop: int | None = None
+    ) -> np.ndarray:
         try:
             return self.layers[layer][start:stop, neurons]
         except OSError as exc:

@@ -1,0 +1,37 @@
+"""`actdb dataset add`: build a token dataset from documents and register it (file first, then the SQL row)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from store.database import Store
+from store.errors import ActdbError
+from store.schema import Dataset
+from store.token_datasets import iter_documents, load_tokenizer, pack_documents
+
+
+def add_dataset(store: Store, name: str, sources: list[str], tokenizer: str, seq_len: int, n_tokens: int | None,
+                seed: int, field: str = "text") -> Dataset:
+    """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it."""
+    with store.session() as s:
+        if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
+            raise ActdbError(f"dataset {name!r} already exists; pick another name")
+    tok = load_tokenizer(tokenizer)
+    documents = list(iter_documents(sources, field))
+    if not documents:
+        raise ActdbError("no documents found in " + ", ".join(sources))
+    packed = pack_documents(documents, tok, seq_len, n_tokens, seed)
+    path = store.config.dataset_path(name)
+    try:
+        packed.save(path)
+    except OSError as exc:
+        raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+    row = Dataset(
+        name=name, tokenizer=tokenizer, tokenizer_fingerprint=packed.tokenizer_fingerprint,
+        vocab_size=len(tok), seq_len=seq_len, n_sequences=packed.n_sequences, n_tokens=int(packed.tokens.size),
+        n_counted=int(packed.mask.sum()), token_sha256=packed.sha256, source=", ".join(sources), seed=seed,
+        path=str(path),
+    )
+    with store.session() as s:
+        s.add(row)
+    return row

@@ -1,0 +1,130 @@
+"""Building a token dataset: read documents, tokenize, pack into fixed-length sequences with a counted mask.
+
+Every sequence starts with the tokenizer's BOS token (when it has one); documents are separated by EOS;
+the last sequence is padded. BOS, EOS and padding positions are not counted, as in Gurnee et al. (2024).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from store.errors import ActdbError
+from store.token_file import TokenDataset
+
+TEXT_SUFFIXES_SKIPPED = {".h5", ".hdf5", ".npy", ".npz", ".png", ".jpg", ".gz", ".zip", ".pyc", ".so", ".bin"}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:  # noqa: ANN001
+    """sha256 over the vocabulary and special tokens: equal fingerprints mean equal token ids."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_tokenizer(source: str, revision: str | None = None):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ActdbError(f"cannot load tokenizer {source!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ActdbError(f"{path}:{lineno}: not valid JSON") from None
+            if not isinstance(record, dict) or field not in record:
+                raise ActdbError(f"{path}:{lineno}: no field {field!r} (choose one with --field)")
+            yield str(record[field])
+
+
+def iter_documents(sources: Iterable[str], field: str = "text") -> Iterator[str]:
+    """Documents from files, folders (recursively, sorted), JSONL files, or a Hugging Face dataset name."""
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in TEXT_SUFFIXES_SKIPPED)
+            if not files:
+                raise ActdbError(f"folder {path} holds no text files")
+        elif path.is_file():
+            files = [path]
+        else:
+            yield from _hub_dataset(source, field)
+            continue
+        for f in files:
+            if f.suffix == ".jsonl":
+                yield from _read_jsonl(f, field)
+            else:
+                yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def _hub_dataset(name: str, field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ActdbError(f"{name!r} is not a file or folder; reading Hugging Face datasets needs "
+                         "`pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-facing "not reachable"
+        raise ActdbError(f"{name!r} is not a file or folder, and not a reachable dataset: {_first_line(exc)}") from None
+    for record in ds:
+        if field not in record:
+            raise ActdbError(f"dataset {name!r} has no field {field!r} (choose one with --field)")
+        yield str(record[field])
+
+
+def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int | None, seed: int) -> TokenDataset:  # noqa: ANN001
+    """Shuffle documents with `seed`, tokenize, and pack into `(n_sequences, seq_len)` with a counted mask."""
+    if seq_len < 2:
+        raise ActdbError("--seq-len must be at least 2")
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    special = [t for t in (bos, eos, tokenizer.pad_token_id) if t is not None]
+    body = seq_len - (1 if bos is not None else 0)
+    want_seqs = None if n_tokens is None else max(1, -(-n_tokens // seq_len))
+    stream: list[int] = []
+    sequences: list[list[int]] = []
+    for i in order:
+        ids = tokenizer(documents[i], add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+        while len(stream) >= body and (want_seqs is None or len(sequences) < want_seqs):
+            sequences.append(([bos] if bos is not None else []) + stream[:body])
+            del stream[:body]
+        if want_seqs is not None and len(sequences) >= want_seqs:
+            break
+    tail_len = seq_len
+    if stream and (want_seqs is None or len(sequences) < want_seqs):
+        tail = ([bos] if bos is not None else []) + stream
+        tail_len = len(tail)
+        sequences.append(tail + [pad] * (seq_len - tail_len))
+    if not sequences:
+        raise ActdbError("the documents produced no tokens")
+    tokens = np.asarray(sequences, dtype=np.int32)
+    mask = ~np.isin(tokens, special)
+    mask[-1, tail_len:] = False
+    return TokenDataset(tokens, mask, tokenizer_fingerprint(tokenizer))

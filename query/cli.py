@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.metadata import version
 
@@ -140,6 +141,54 @@ def ingest(app: AppContext, model: str, step: int | None, steps: str | None, dat
     for s in _parse_steps(step, steps):
         run_ingest(store, IngestRequest(model, s, dataset_name, source, revision, device, batch_size, dtype, force,
                                         progress=not quiet), log=click.echo)
+
+
+def _parse_bytes(text: str | None) -> int | None:
+    """'512MB', '4GB', '1.5GiB' or plain bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not m:
+        raise click.BadParameter(f"cannot read a size from {text!r} (e.g. 512MB, 4GB)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+@cli.command()
+@click.option("--dataset", "dataset_name", help="Token dataset the sets were ingested on.")
+@click.option("--step", type=int, help="Step of every model in --models.")
+@click.option("--models", help="Comma-separated models, all at --step.")
+@click.option("--sets", "set_specs", help="Explicit sets, comma-separated MODEL@STEP (e.g. a@100,a@400).")
+@click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True,
+              help="`token` removes each neuron's per-token-id mean first (current-token detectors drop out).")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Excess correlation for universal.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the rotation baseline.")
+@click.option("--topk", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the K best matches.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
+@click.option("--memory-budget", help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
+@click.option("--force", is_flag=True, help="Recompute even if an identical complete run exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@pass_app
+def correlate(app: AppContext, dataset_name: str | None, step: int | None, models: str | None,
+              set_specs: str | None, control: str, threshold: float, seed: int, topk: int, device: str,
+              chunk_tokens: int, memory_budget: str | None, force: bool, quiet: bool) -> None:
+    """Correlate every neuron of each set with all neurons of the others; label universal neurons."""
+    from compute.correlation import CorrelationOptions
+    from compute.correlation_run import SetRef, resolve_sets, run_correlation
+
+    if (models is None) == (set_specs is None):
+        raise click.UsageError("give either --models (with --step) or --sets")
+    if models is not None:
+        if step is None:
+            raise click.UsageError("--models needs --step")
+        refs = [SetRef(m.strip(), step) for m in models.split(",") if m.strip()]
+    else:
+        refs = [SetRef.parse(x.strip()) for x in set_specs.split(",") if x.strip()]
+    store = app.store()
+    sets = resolve_sets(store, refs, dataset_name)
+    options = CorrelationOptions(control=control, baseline_seed=seed, topk=topk, chunk_tokens=chunk_tokens,
+                                 memory_budget=_parse_bytes(memory_budget))
+    run_correlation(store, sets, options, threshold, device, force, progress=not quiet, log=click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

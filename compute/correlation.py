@@ -1,0 +1,355 @@
+"""Blocked streaming correlation engine: one pass over the tokens accumulates every pair's cross-moments.
+
+For K activation sets on one token dataset it streams chunks of counted positions once and accumulates, per
+unordered pair (a, b) and per layer of a, `X_a^T X_b` (float32 GEMM per chunk added into float64), plus each
+set's sums and within-layer Gram matrices. Data are shifted by each neuron's stored mean first, so the
+float64 moments carry no cancellation. Pearson r, the best match over all neurons of all layers of the other
+set, and the rotation baseline follow from the moments without a second pass: `corr(a, bR)` uses
+`Cov_ab R` and `R^T Cov_b R`. With the token control, per-token-id sums are accumulated in the same pass and
+each covariance loses its between-token part `S_a^T diag(1/n_v) S_b`.
+
+The work is a list of pure tasks (pair x layer of a); a planner packs tasks into passes that fit memory.
+Nothing of size n_tokens x neurons is ever held.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compute.backend import Backend
+from compute.baseline import random_rotation
+from store.activation_file import ActivationReader
+from store.errors import ActdbError
+
+VAR_EPS = 1e-12  # a neuron whose variance is below this is dead/constant: no correlation is defined for it
+
+
+@dataclass(frozen=True)
+class SetInput:
+    """One activation set taking part: its file, shape and the per-neuron shift (stored means)."""
+
+    key: int
+    path: str
+    n_layers: int
+    d_mlp: int
+    shift: np.ndarray
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
+
+
+@dataclass(frozen=True)
+class CorrelationOptions:
+    control: str = "none"  # "none" or "token"
+    baseline_seed: int = 0
+    topk: int = 0
+    chunk_tokens: int = 8192
+    memory_budget: int | None = None
+
+
+@dataclass
+class MatchResult:
+    """Neurons of set a against all neurons of set b (flat index = layer * d_mlp + neuron)."""
+
+    max_corr: np.ndarray
+    best: np.ndarray
+    baseline_max: np.ndarray
+    self_corr: np.ndarray | None = None
+    topk_idx: np.ndarray | None = None
+    topk_val: np.ndarray | None = None
+
+
+@dataclass
+class CorrelationResult:
+    matches: dict[tuple[int, int], MatchResult]
+    dead: dict[int, np.ndarray]
+    n_tokens: int
+    n_passes: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """Accumulate rows of one layer of set `a` against all neurons of set `b`."""
+
+    a: int
+    b: int
+    layer: int
+
+
+@dataclass
+class _SetMoments:
+    sums: object
+    grams: list
+    token_sums: object | None = None
+    cov: list = field(default_factory=list)
+    sd: object = None
+
+
+def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> list[list[Task]]:
+    """Pack (pair x layer-of-a) tasks into passes whose float64 accumulators fit `budget` bytes."""
+    chunk = options.chunk_tokens
+    fixed = 0
+    for s in inputs:
+        fixed += s.n_neurons * 8 + s.n_layers * s.d_mlp**2 * 8 + 2 * chunk * s.n_neurons * 4 * 2
+        if options.control == "token":
+            fixed += n_vocab * s.n_neurons * 8
+    tasks = [Task(i, j, layer) for i in range(len(inputs)) for j in range(i + 1, len(inputs))
+             for layer in range(inputs[i].n_layers)]
+    sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 8 for t in tasks]
+    finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4
+    room = budget - fixed - finalize
+    if room < max(sizes, default=0):
+        need = fixed + finalize + max(sizes, default=0)
+        hint = " (the token control alone needs vocab x neurons per set)" if options.control == "token" else ""
+        raise ActdbError(f"correlation needs at least {need / 2**20:.1f} MiB of memory for one layer block but the "
+                         f"budget is {budget / 2**20:.1f} MiB{hint}; lower --chunk-tokens or raise --memory-budget")
+    passes: list[list[Task]] = [[]]
+    used = 0
+    for task, size in zip(tasks, sizes, strict=True):
+        if used + size > room and passes[-1]:
+            passes.append([])
+            used = 0
+        passes[-1].append(task)
+        used += size
+    return passes
+
+
+def _chunks(readers: list[ActivationReader], sets: list[SetInput], wanted: list[int], tokens: np.ndarray,
+            mask: np.ndarray, seq_len: int, chunk_tokens: int) -> Iterator[tuple[int, np.ndarray, dict]]:
+    """Yield (n_counted, token ids, {set: shifted float32 (n_counted, N)}) chunk by chunk, read ahead."""
+    seqs = max(1, chunk_tokens // seq_len)
+    n_seq = tokens.shape[0]
+    q: queue.Queue = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        try:
+            for s0 in range(0, n_seq, seqs):
+                r0, r1 = s0 * seq_len, min(n_seq, s0 + seqs) * seq_len
+                m = mask[r0:r1]
+                out = {}
+                for i in wanted:
+                    blocks = readers[i].read_rows(r0, r1)
+                    x = np.empty((int(m.sum()), sets[i].n_neurons), dtype=np.float32)
+                    d = sets[i].d_mlp
+                    for layer, blk in enumerate(blocks):
+                        cols = slice(layer * d, (layer + 1) * d)
+                        np.subtract(blk[m], sets[i].shift[cols], out=x[:, cols], casting="unsafe")
+                    out[i] = x
+                q.put((r1 - r0, tokens[r0:r1][m], out))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+            return
+        q.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True, name="actdb-reader")
+    thread.start()
+    while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
+def correlate_sets(inputs: list[SetInput], tokens: np.ndarray, mask: np.ndarray, options: CorrelationOptions,
+                   backend: Backend, progress: Callable[[int], None] | None = None) -> CorrelationResult:
+    """Correlate every pair of `inputs` over the counted positions of `tokens (n_seq, seq_len)`."""
+    if len(inputs) < 2:
+        raise ActdbError("correlation needs at least two activation sets")
+    if options.control not in ("none", "token"):
+        raise ActdbError(f"unknown control {options.control!r}; use none or token")
+    seq_len = tokens.shape[1]
+    flat_tokens, flat_mask = tokens.reshape(-1), mask.reshape(-1)
+    used_ids = np.unique(flat_tokens[flat_mask])
+    vocab_index = np.full(int(flat_tokens.max()) + 1, -1, dtype=np.int64)
+    vocab_index[used_ids] = np.arange(len(used_ids))
+    n_vocab = len(used_ids)
+    budget = options.memory_budget or int(backend.free_memory() * 0.6)
+    passes = plan_passes(inputs, n_vocab, options, budget)
+    readers = [ActivationReader(s.path) for s in inputs]
+    try:
+        return _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options,
+                    backend, progress)
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options, backend,  # noqa: ANN001, PLR0913
+         progress) -> CorrelationResult:
+    xp = backend.xp
+    control = options.control == "token"
+    moments = [
+        _SetMoments(xp.zeros(s.n_neurons), [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
+                    xp.zeros((n_vocab, s.n_neurons)) if control else None)
+        for s in inputs
+    ]
+    token_counts = np.zeros(n_vocab)
+    n = 0
+    results = _empty_results(inputs, options.topk)
+    for p, tasks in enumerate(passes):
+        first = p == 0
+        wanted = sorted(range(len(inputs))) if first else sorted({t.a for t in tasks} | {t.b for t in tasks})
+        acc = {t: xp.zeros((inputs[t.a].d_mlp, inputs[t.b].n_neurons)) for t in tasks}
+        for n_rows, ids, chunk in _chunks(readers, inputs, wanted, flat_tokens, flat_mask, seq_len,
+                                          options.chunk_tokens):
+            xs = {i: backend.asarray(x) for i, x in chunk.items()}
+            if first:
+                n += ids.shape[0]
+                seg = vocab_index[ids]
+                if control:
+                    token_counts += np.bincount(seg, minlength=n_vocab)
+                    seg_dev = backend.asarray(seg)
+                for i, x in xs.items():
+                    s, m = inputs[i], moments[i]
+                    m.sums += x.sum(axis=0, dtype=xp.float64)
+                    for layer in range(s.n_layers):
+                        xl = x[:, layer * s.d_mlp : (layer + 1) * s.d_mlp]
+                        m.grams[layer] += xl.T @ xl
+                    if control:
+                        m.token_sums += backend.segment_sum(x, seg_dev, n_vocab)
+            for t in tasks:
+                d = inputs[t.a].d_mlp
+                acc[t] += xs[t.a][:, t.layer * d : (t.layer + 1) * d].T @ xs[t.b]
+            if progress:
+                progress(n_rows)
+        if first:
+            if n < 2:
+                raise ActdbError("the dataset has fewer than two counted positions")
+            inv_counts = backend.asarray(1.0 / np.maximum(token_counts, 1))
+            for s, m in zip(inputs, moments, strict=True):
+                _finalize_set(s, m, n, inv_counts if control else None, xp)
+        for t in tasks:
+            _finalize_task(t, acc.pop(t), inputs, moments, n, inv_counts if control else None, options, backend,
+                           results)
+    dead = {s.key: backend.to_numpy(m.sd <= np.sqrt(VAR_EPS)) for s, m in zip(inputs, moments, strict=True)}
+    matches = {(inputs[a].key, inputs[b].key): r for (a, b), r in results.items()}
+    for (a, _b), r in matches.items():
+        undefined = dead[a] | ~np.isfinite(r.max_corr)
+        r.max_corr[undefined] = np.nan
+        r.baseline_max[undefined | ~np.isfinite(r.baseline_max)] = np.nan
+        r.best[undefined] = -1
+    return CorrelationResult(matches, dead, n, len(passes))
+
+
+def _empty_results(inputs: list[SetInput], topk: int) -> dict[tuple[int, int], MatchResult]:
+    out = {}
+    for a, sa in enumerate(inputs):
+        for b, sb in enumerate(inputs):
+            if a == b:
+                continue
+            n_a = sa.n_neurons
+            out[(a, b)] = MatchResult(
+                np.full(n_a, -np.inf), np.full(n_a, -1, dtype=np.int64), np.full(n_a, -np.inf),
+                np.full(n_a, np.nan) if sa.n_neurons == sb.n_neurons else None,
+                np.full((n_a, topk), -1, dtype=np.int64) if topk else None,
+                np.full((n_a, topk), -np.inf) if topk else None,
+            )
+    return out
+
+
+def _finalize_set(s: SetInput, m: _SetMoments, n: int, inv_counts, xp) -> None:  # noqa: ANN001
+    """Covariances from the moments: within-layer Cov (for rotations) and per-neuron standard deviations."""
+    mean = m.sums / n
+    d = s.d_mlp
+    sds = []
+    for layer in range(s.n_layers):
+        sl = slice(layer * d, (layer + 1) * d)
+        if inv_counts is None:
+            cov = m.grams[layer] / n - xp.outer(mean[sl], mean[sl])
+        else:
+            ts = m.token_sums[:, sl]
+            cov = m.grams[layer] / n - (ts.T * inv_counts) @ ts / n
+        m.cov.append(cov)
+        sds.append(xp.sqrt(xp.clip(xp.diagonal(cov), 0, None)))
+    m.sd = xp.concatenate(sds)
+    m.grams = []
+
+
+def _masked_ratio(num, sd_rows, sd_cols, xp):  # noqa: ANN001, ANN202
+    """num / outer(sd_rows, sd_cols), with -inf wherever either side is dead so it never wins a max."""
+    live_r = sd_rows > np.sqrt(VAR_EPS)
+    live_c = sd_cols > np.sqrt(VAR_EPS)
+    r = num / xp.outer(xp.where(live_r, sd_rows, 1.0), xp.where(live_c, sd_cols, 1.0))
+    xp.clip(r, -1.0, 1.0, out=r)  # float32 per-chunk GEMMs can overshoot |r| = 1 by ~1e-6
+    r[~live_r, :] = -xp.inf
+    r[:, ~live_c] = -xp.inf
+    return r
+
+
+def _rotated_sd(cov_layers: list, rotations: list, xp):  # noqa: ANN001, ANN202
+    return xp.concatenate([xp.sqrt(xp.clip(xp.einsum("ij,ik,kj->j", r, c, r), 0, None))
+                           for c, r in zip(cov_layers, rotations, strict=True)])
+
+
+def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backend, results) -> None:  # noqa: ANN001
+    """Turn one (pair x layer) accumulator into row maxima for a and running column maxima for b."""
+    xp = backend.xp
+    sa, sb = inputs[t.a], inputs[t.b]
+    ma, mb = moments[t.a], moments[t.b]
+    d = sa.d_mlp
+    rows = slice(t.layer * d, (t.layer + 1) * d)
+    mean_a, mean_b = ma.sums[rows] / n, mb.sums / n
+    if inv_counts is None:
+        cov = acc / n - xp.outer(mean_a, mean_b)
+    else:
+        cov = acc / n - (ma.token_sums[:, rows].T * inv_counts) @ mb.token_sums / n
+    del acc
+    sd_a, sd_b = ma.sd[rows], mb.sd
+    r = _masked_ratio(cov, sd_a, sd_b, xp)
+    fwd, back = results[(t.a, t.b)], results[(t.b, t.a)]
+    _row_max(r, fwd, rows, options.topk, backend)
+    _col_max(r, back, t.layer * d, options.topk, backend)
+    if fwd.self_corr is not None:
+        diag = backend.to_numpy(xp.diagonal(r[:, rows]))
+        fwd.self_corr[rows] = np.where(np.isfinite(diag), diag, np.nan)
+        back.self_corr[rows] = fwd.self_corr[rows]
+    del r
+    seed = options.baseline_seed
+    rot_b = [backend.asarray(random_rotation(sb.d_mlp, seed, sb.key, lb)) for lb in range(sb.n_layers)]
+    db = sb.d_mlp
+    cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot_b[lb] for lb in range(sb.n_layers)], axis=1)
+    r_rot = _masked_ratio(cov_rb, sd_a, _rotated_sd(mb.cov, rot_b, xp), xp)
+    fwd.baseline_max[rows] = backend.to_numpy(r_rot.max(axis=1))
+    del cov_rb, r_rot
+    rot_a = backend.asarray(random_rotation(d, seed, sa.key, t.layer))
+    r_rot = _masked_ratio(rot_a.T @ cov, _rotated_sd([ma.cov[t.layer]], [rot_a], xp), sd_b, xp)
+    np.maximum(back.baseline_max, backend.to_numpy(r_rot.max(axis=0)), out=back.baseline_max)
+
+
+def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: Backend) -> None:  # noqa: ANN001
+    xp = backend.xp
+    best = xp.argmax(r, axis=1)
+    res.best[rows] = backend.to_numpy(best)
+    res.max_corr[rows] = backend.to_numpy(xp.take_along_axis(r, best[:, None], axis=1)[:, 0])
+    if topk:
+        k = min(topk, r.shape[1])
+        idx = xp.argpartition(-r, k - 1, axis=1)[:, :k]
+        val = xp.take_along_axis(r, idx, axis=1)
+        order = xp.argsort(-val, axis=1)
+        res.topk_idx[rows, :k] = backend.to_numpy(xp.take_along_axis(idx, order, axis=1))
+        res.topk_val[rows, :k] = backend.to_numpy(xp.take_along_axis(val, order, axis=1))
+
+
+def _col_max(r, res: MatchResult, row_offset: int, topk: int, backend: Backend) -> None:  # noqa: ANN001
+    xp = backend.xp
+    best = xp.argmax(r, axis=0)
+    val = backend.to_numpy(xp.take_along_axis(r, best[None, :], axis=0)[0])
+    better = val > res.max_corr
+    res.max_corr[better] = val[better]
+    res.best[better] = backend.to_numpy(best)[better] + row_offset
+    if topk:
+        k = min(topk, r.shape[0])
+        idx = xp.argpartition(-r, k - 1, axis=0)[:k].T
+        cand_val = backend.to_numpy(xp.take_along_axis(r.T, idx, axis=1))
+        cand_idx = backend.to_numpy(idx) + row_offset
+        all_val = np.concatenate([res.topk_val, cand_val], axis=1)
+        all_idx = np.concatenate([res.topk_idx, cand_idx], axis=1)
+        order = np.argsort(-all_val, axis=1, kind="stable")[:, :topk]
+        res.topk_val[:] = np.take_along_axis(all_val, order, axis=1)
+        res.topk_idx[:] = np.take_along_axis(all_idx, order, axis=1)

@@ -31,13 +31,18 @@ VAR_EPS = 1e-12  # a neuron whose variance is below this is dead/constant: no co
 
 @dataclass(frozen=True)
 class SetInput:
-    """One activation set taking part: its file, shape and the per-neuron shift (stored means)."""
+    """One activation set taking part: its file, shape and the per-neuron shift (stored means).
+
+    `rotation_key` seeds the set's baseline rotation; the store passes the model id, so every checkpoint of a
+    model is rotated the same way and identical activations get identical baselines at any step.
+    """
 
     key: int
     path: str
     n_layers: int
     d_mlp: int
     shift: np.ndarray
+    rotation_key: int = 0
 
     @property
     def n_neurons(self) -> int:
@@ -311,13 +316,13 @@ def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backen
         back.self_corr[rows] = fwd.self_corr[rows]
     del r
     seed = options.baseline_seed
-    rot_b = [backend.asarray(random_rotation(sb.d_mlp, seed, sb.key, lb)) for lb in range(sb.n_layers)]
+    rot_b = [backend.asarray(random_rotation(sb.d_mlp, seed, sb.rotation_key, lb)) for lb in range(sb.n_layers)]
     db = sb.d_mlp
     cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot_b[lb] for lb in range(sb.n_layers)], axis=1)
     r_rot = _masked_ratio(cov_rb, sd_a, _rotated_sd(mb.cov, rot_b, xp), xp)
     fwd.baseline_max[rows] = backend.to_numpy(r_rot.max(axis=1))
     del cov_rb, r_rot
-    rot_a = backend.asarray(random_rotation(d, seed, sa.key, t.layer))
+    rot_a = backend.asarray(random_rotation(d, seed, sa.rotation_key, t.layer))
     r_rot = _masked_ratio(rot_a.T @ cov, _rotated_sd([ma.cov[t.layer]], [rot_a], xp), sd_b, xp)
     np.maximum(back.baseline_max, backend.to_numpy(r_rot.max(axis=0)), out=back.baseline_max)
 

@@ -168,7 +168,7 @@ def _set_input(session, aset: ActivationSet) -> SetInput:  # noqa: ANN001
     for layer, neuron, mean in session.execute(
             select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)):
         means[layer * model.d_mlp + neuron] = mean
-    return SetInput(aset.id, aset.path, model.n_layers, model.d_mlp, means)
+    return SetInput(aset.id, aset.path, model.n_layers, model.d_mlp, means, rotation_key=model.id)
 
 
 def _opt(x: float) -> float | None:
@@ -193,6 +193,7 @@ def _store_results(store: Store, run_id: int, sets: list[ActivationSet], inputs:
                 "max_corr": _opt(m.max_corr[i]), "best_layer": best // db if best >= 0 else None,
                 "best_neuron": best % db if best >= 0 else None, "baseline_max_corr": _opt(m.baseline_max[i]),
                 "topk": topk,
+                "self_corr": _opt(m.self_corr[i]) if m.self_corr is not None else None,
             })
     scores = score_universality(result, threshold)
     univ = []

@@ -191,6 +191,59 @@ def correlate(app: AppContext, dataset_name: str | None, step: int | None, model
     run_correlation(store, sets, options, threshold, device, force, progress=not quiet, log=click.echo)
 
 
+@cli.command()
+@click.option("--model", "model_name", help="Compute persistence of this model (omit to list stored results).")
+@click.option("--dataset", "dataset_name", help="Dataset of the analysed sets (default: the only one).")
+@click.option("--steps", help="Analysed steps, comma-separated (default: every ingested step).")
+@click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@format_option
+@pass_app
+def persistence(app: AppContext, model_name: str | None, dataset_name: str | None, steps: str | None, control: str,
+                device: str, quiet: bool, fmt: str) -> None:
+    """Do universal neurons last? Per layer overlap between consecutive steps, self-correlation, emergence."""
+    from query.listings import persistence_rows, single_dataset
+
+    store = app.store()
+    if model_name is not None:
+        from compute.persistence import compute_persistence
+
+        dataset_name = dataset_name or single_dataset(store)
+        step_list = _parse_steps(None, steps) if steps else None
+        compute_persistence(store, model_name, dataset_name, step_list, control, device, progress=not quiet,
+                            log=lambda m: click.echo(m, err=True))
+    click.echo(render(*persistence_rows(store, model_name, control), fmt))
+
+
+@cli.command()
+@click.argument("target", metavar="MODEL@STEP")
+@click.option("--neurons", "selector", required=True,
+              help="universal, universal:LAYER, a list like 3.1234,11.3030, or @FILE with such a list.")
+@click.option("--method", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@click.option("--dataset", "dataset_name", help="Dataset to measure loss on (default: the set's only one).")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), help="Evaluate only the first N tokens.")
+@click.option("--controls", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Random neuron sets matched per layer in size.")
+@click.option("--each", is_flag=True, help="Also ablate each selected neuron on its own (batched).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the control draws.")
+@click.option("--run", "run_id", type=int, help="Correlation run whose universal labels to use.")
+@click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True,
+              help="Which correlation control's universal labels `universal` means.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@pass_app
+def ablate(app: AppContext, target: str, selector: str, method: str, dataset_name: str | None, n_tokens: int | None,
+           controls: int, each: bool, seed: int, run_id: int | None, control: str, batch_size: int, device: str,
+           quiet: bool) -> None:
+    """Does the model need these neurons? Cross-entropy with them replaced, against matched random controls."""
+    from compute.ablation_run import run_ablation
+
+    run_ablation(app.store(), target, selector, method, dataset_name, n_tokens, controls, seed, each, control,
+                 run_id, batch_size, device, progress=not quiet, log=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit status 1 (2 for usage errors)."""
     try:

@@ -46,3 +46,33 @@ def dataset_rows(store: Store, name: str | None = None, full: bool = False) -> t
     if not full:
         rows = [r[:-1] + (r[-1][:12],) for r in rows]
     return columns, rows
+
+
+def single_dataset(store: Store) -> str:
+    """The store's only dataset, or a one-line error asking for --dataset."""
+    with store.session() as s:
+        names = list(s.scalars(select(Dataset.name)))
+    if len(names) != 1:
+        from store.errors import ActdbError
+
+        raise ActdbError(f"the store has {len(names)} datasets; pass --dataset")
+    return names[0]
+
+
+def persistence_rows(store: Store, model: str | None = None, control: str | None = None) -> tuple[list[str], list]:
+    from store.schema import Persistence
+
+    columns = ["model", "dataset", "control", "from_step", "to_step", "layer", "n_universal_from", "n_universal_to",
+               "n_kept", "p_persist", "jaccard", "mean_self_corr"]
+    with store.session() as s:
+        q = (select(Model.name, Dataset.name, Persistence.control, Persistence.from_step, Persistence.to_step,
+                    Persistence.layer, Persistence.n_universal_from, Persistence.n_universal_to, Persistence.n_kept,
+                    Persistence.p_persist, Persistence.jaccard, Persistence.mean_self_corr)
+             .join(Model, Model.id == Persistence.model_id).join(Dataset, Dataset.id == Persistence.dataset_id)
+             .order_by(Model.name, Persistence.control, Persistence.from_step, Persistence.layer))
+        if model:
+            q = q.where(Model.name == model)
+        if control:
+            q = q.where(Persistence.control == control)
+        rows = [tuple(r) for r in s.execute(q)]
+    return columns, rows

@@ -80,6 +80,8 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     if existing is None and not req.source:
         raise ActdbError(f"model {req.model!r} is not registered yet; give --source (hub id or local path)")
     source_template = req.source or existing.source
+    if Path(source_template.format(step=req.step)).expanduser().exists():
+        source_template = os.path.abspath(os.path.expanduser(source_template))
     revision_template = req.revision or (existing.revision_template if existing is not None
                                          else default_revision_template(source_template))
     source = _format_template(source_template, req.step)

@@ -168,9 +168,7 @@ class NeuronMatch(Base):
     __tablename__ = "neuron_match"
     run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"), primary_key=True)
     set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
-    other_set_id: Mapped[int] = mapped_column(
-        ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True
-    )
+    other_set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     max_corr: Mapped[float | None] = mapped_column(Float)
@@ -178,6 +176,7 @@ class NeuronMatch(Base):
     best_neuron: Mapped[int | None] = mapped_column(Integer)
     baseline_max_corr: Mapped[float | None] = mapped_column(Float)
     topk: Mapped[str | None] = mapped_column(Text)
+    self_corr: Mapped[float | None] = mapped_column(Float)
 
 
 class Universality(Base):
@@ -195,3 +194,84 @@ class Universality(Base):
     excess_corr: Mapped[float | None] = mapped_column(Float)
     is_universal: Mapped[bool] = mapped_column(Boolean)
     is_dead: Mapped[bool] = mapped_column(Boolean)
+
+
+class Persistence(Base):
+    """How many of one layer's universal neurons at `from_step` are still universal at `to_step`."""
+
+    __tablename__ = "persistence"
+    __table_args__ = (
+        UniqueConstraint(
+            "model_id", "dataset_id", "control", "from_step", "to_step", "layer", name="uq_persistence_key"
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    control: Mapped[str] = mapped_column(String(20))
+    from_step: Mapped[int] = mapped_column(BigInteger)
+    to_step: Mapped[int] = mapped_column(BigInteger)
+    layer: Mapped[int] = mapped_column(Integer)
+    n_universal_from: Mapped[int] = mapped_column(Integer)
+    n_universal_to: Mapped[int] = mapped_column(Integer)
+    n_kept: Mapped[int] = mapped_column(Integer)
+    p_persist: Mapped[float | None] = mapped_column(Float)
+    jaccard: Mapped[float | None] = mapped_column(Float)
+    mean_self_corr: Mapped[float | None] = mapped_column(Float)
+    from_run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"))
+    to_run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"))
+    self_run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class NeuronEmergence(Base):
+    """The first analysed step from which a neuron stays universal (NULL: not universal at the last step)."""
+
+    __tablename__ = "neuron_emergence"
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True)
+    control: Mapped[str] = mapped_column(String(20), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    emergence_step: Mapped[int | None] = mapped_column(BigInteger)
+    steps: Mapped[str] = mapped_column(Text)
+
+
+class Ablation(Base):
+    """Cross-entropy of a checkpoint with chosen neurons replaced, against the clean run and random controls."""
+
+    __tablename__ = "ablation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("correlation_run.id", ondelete="SET NULL"))
+    method: Mapped[str] = mapped_column(String(20))
+    selector: Mapped[str] = mapped_column(Text)
+    neurons: Mapped[str] = mapped_column(Text)
+    n_neurons: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    seed: Mapped[int] = mapped_column(Integer)
+    base_loss: Mapped[float] = mapped_column(Float)
+    ablated_loss: Mapped[float | None] = mapped_column(Float)
+    delta: Mapped[float | None] = mapped_column(Float)
+    n_controls: Mapped[int] = mapped_column(Integer)
+    control_mean: Mapped[float | None] = mapped_column(Float)
+    control_std: Mapped[float | None] = mapped_column(Float)
+    control_ci_low: Mapped[float | None] = mapped_column(Float)
+    control_ci_high: Mapped[float | None] = mapped_column(Float)
+    p_value: Mapped[float | None] = mapped_column(Float)
+    each: Mapped[bool] = mapped_column(Boolean)
+    seconds: Mapped[float] = mapped_column(Float)
+    forward_passes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AblationNeuron(Base):
+    """One neuron ablated on its own (`actdb ablate --each`)."""
+
+    __tablename__ = "ablation_neuron"
+    ablation_id: Mapped[int] = mapped_column(ForeignKey("ablation.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ablated_loss: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)

@@ -47,7 +47,7 @@ def synthetic(tmp_path_factory):
         w.write_rows(0, [x[:, i * D : (i + 1) * D] for i in range(L)])
         w.finish()
         counted = x[mask.reshape(-1)].astype(np.float64)
-        sets.append(SetInput(100 + k, str(path), L, D, counted.mean(axis=0)))
+        sets.append(SetInput(100 + k, str(path), L, D, counted.mean(axis=0), rotation_key=100 + k))
     return {"sets": sets, "tokens": tokens, "mask": mask, "perm": perm,
             "counted": [x[mask.reshape(-1)].astype(np.float64) for x in data],
             "ids": tokens.reshape(-1)[mask.reshape(-1)]}

@@ -1,0 +1,189 @@
+"""Ablation: mean cross-entropy on a dataset's counted positions with chosen MLP neurons replaced by zero or by
+their mean, against the clean run and against random neuron sets matched per layer in size.
+
+`--each` ablates neurons one at a time; G single-neuron variants share one forward call by stacking G copies
+of the batch, each copy editing its own neuron, so a sweep costs ~1/G of the Python and kernel overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from store.architectures import MLPEditor, mlp_shape
+from store.errors import ActdbError
+
+Neuron = tuple[int, int]
+
+
+@dataclass
+class LossEvaluator:
+    """Runs a model over the first sequences of a token dataset and averages next-token CE on counted targets."""
+
+    model: torch.nn.Module
+    tokens: np.ndarray
+    mask: np.ndarray
+    batch_size: int = 8
+    device: torch.device = torch.device("cpu")
+    forward_passes: int = 0
+
+    def __post_init__(self) -> None:
+        self.n_layers, self.d_mlp = mlp_shape(self.model)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.mask[:, 1:].sum())
+
+    def loss(self, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> float:
+        """Mean CE over counted targets (a target counts when its own position is counted)."""
+        return float(self.losses_for_variants(1, edits or {})[0])
+
+    def losses_for_variants(
+        self, n_variants: int, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]
+    ) -> np.ndarray:
+        """Mean CE for `n_variants` stacked copies of every batch; `edits` see the stacked activation."""
+        total = np.zeros(n_variants)
+        count = 0
+        with MLPEditor(self.model, edits), torch.inference_mode():
+            for s0 in range(0, self.tokens.shape[0], self.batch_size):
+                ids = torch.from_numpy(self.tokens[s0 : s0 + self.batch_size].astype(np.int64)).to(self.device)
+                tmask = torch.from_numpy(self.mask[s0 : s0 + self.batch_size, 1:]).to(self.device)
+                b = ids.shape[0]
+                logits = self.model(input_ids=ids.repeat(n_variants, 1), use_cache=False).logits[:, :-1].float()
+                self.forward_passes += 1
+                ce = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].repeat(n_variants, 1).reshape(-1), reduction="none"
+                ).view(n_variants, b, -1)
+                total += (ce * tmask).sum(dim=(1, 2)).double().cpu().numpy()
+                count += int(tmask.sum())
+        if count == 0:
+            raise ActdbError("the evaluated tokens contain no counted targets; raise --tokens")
+        return total / count
+
+
+def set_edits(neurons: list[Neuron], method: str, means: dict[Neuron, float]) -> dict[int, Callable]:
+    """Hooks replacing the given neurons (all in every variant) by 0 or their mean."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, n in neurons:
+        by_layer.setdefault(layer, []).append(n)
+    edits = {}
+    for layer, idx in by_layer.items():
+        values = torch.tensor([0.0 if method == "zero" else means[(layer, n)] for n in idx])
+        index = torch.tensor(idx)
+
+        def edit(x: torch.Tensor, index=index, values=values) -> torch.Tensor:
+            x = x.clone()
+            x[..., index] = values.to(x.dtype).to(x.device)
+            return x
+
+        edits[layer] = edit
+    return edits
+
+
+def single_neuron_edits(
+    neurons: list[Neuron], method: str, means: dict[Neuron, float]
+) -> dict[int, Callable]:
+    """Hooks for len(neurons) stacked variants: variant g replaces only neuron g."""
+    edits = {}
+    for layer in sorted({lay for lay, _ in neurons}):
+        variants = [g for g, (lay, _) in enumerate(neurons) if lay == layer]
+        cols = torch.tensor([neurons[g][1] for g in variants])
+        values = torch.tensor([0.0 if method == "zero" else means[neurons[g]] for g in variants])
+        var_idx = torch.tensor(variants)
+
+        def edit(x: torch.Tensor, var_idx=var_idx, cols=cols, values=values) -> torch.Tensor:
+            b = x.shape[0] // len(neurons)
+            x = x.clone().view(len(neurons), b, *x.shape[1:])
+            x[var_idx, :, :, cols] = values.to(x.dtype).to(x.device)[:, None, None]
+            return x.view(-1, *x.shape[2:])
+
+        edits[layer] = edit
+    return edits
+
+
+def matched_controls(neurons: list[Neuron], d_mlp: int, k: int, seed: int) -> list[list[Neuron]]:
+    """K random neuron sets with the same count per layer, drawn from the neurons not selected."""
+    per_layer: dict[int, set[int]] = {}
+    for layer, n in neurons:
+        per_layer.setdefault(layer, set()).add(n)
+    possible = math.prod(math.comb(d_mlp - len(s), len(s)) for s in per_layer.values())
+    if k > possible:
+        raise ActdbError(f"--controls {k} is more than the {possible} distinct matched random sets that exist")
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    while len(out) < k:
+        draw = []
+        for layer, chosen in sorted(per_layer.items()):
+            pool = np.setdiff1d(np.arange(d_mlp), np.fromiter(chosen, dtype=np.int64))
+            draw += [(layer, int(n)) for n in sorted(rng.choice(pool, size=len(chosen), replace=False))]
+        key = tuple(draw)
+        if key not in seen:
+            seen.add(key)
+            out.append(draw)
+    return out
+
+
+@dataclass
+class AblationOutcome:
+    base_loss: float
+    ablated_loss: float
+    delta: float
+    control_deltas: np.ndarray
+    each: list[tuple[Neuron, float]]
+    forward_passes: int
+
+    @property
+    def control_stats(self) -> tuple[float | None, float | None, float | None, float | None, float | None]:
+        """(mean, std, 95% CI low, high of the control mean, empirical one-sided p-value of delta)."""
+        c = self.control_deltas
+        if len(c) == 0:
+            return None, None, None, None, None
+        mean = float(c.mean())
+        std = float(c.std(ddof=1)) if len(c) > 1 else 0.0
+        half = 1.96 * std / math.sqrt(len(c))
+        p = (1 + int((c >= self.delta).sum())) / (len(c) + 1)
+        return mean, std, mean - half, mean + half, p
+
+
+def ablate(
+    evaluator: LossEvaluator,
+    neurons: list[Neuron],
+    method: str,
+    means: dict[Neuron, float],
+    n_controls: int = 0,
+    seed: int = 0,
+    each: bool = False,
+    variants_per_pass: int = 16,
+    progress: bool = True,
+) -> AblationOutcome:
+    """Clean loss, loss with all `neurons` replaced, K matched controls, and optionally each neuron alone."""
+    for layer, n in neurons:
+        if not (0 <= layer < evaluator.n_layers and 0 <= n < evaluator.d_mlp):
+            raise ActdbError(
+                f"neuron {layer}.{n} is out of range ({evaluator.n_layers} layers x {evaluator.d_mlp} neurons)"
+            )
+    controls = matched_controls(neurons, evaluator.d_mlp, n_controls, seed) if n_controls and neurons else []
+    total = 2 + len(controls) + (math.ceil(len(neurons) / variants_per_pass) if each else 0)
+    bar = tqdm(total=total, disable=not progress, desc="ablate", unit="eval", dynamic_ncols=True)
+    base = evaluator.loss()
+    bar.update()
+    ablated = evaluator.loss(set_edits(neurons, method, means)) if neurons else base
+    bar.update()
+    deltas = []
+    for control in controls:
+        deltas.append(evaluator.loss(set_edits(control, method, means)) - base)
+        bar.update()
+    singles: list[tuple[Neuron, float]] = []
+    if each:
+        for g0 in range(0, len(neurons), variants_per_pass):
+            group = neurons[g0 : g0 + variants_per_pass]
+            losses = evaluator.losses_for_variants(len(group), single_neuron_edits(group, method, means))
+            singles += list(zip(group, losses.tolist(), strict=True))
+            bar.update()
+    bar.close()
+    return AblationOutcome(base, ablated, ablated - base, np.array(deltas), singles, evaluator.forward_passes)

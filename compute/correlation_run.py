@@ -75,23 +75,30 @@ def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None, hook: st
             get_dataset(s, dataset)
         for ref in refs:
             ckpt = get_checkpoint(s, ref.model, ref.step)
-            q = select(ActivationSet, Dataset).join(Dataset).where(
-                ActivationSet.checkpoint_id == ckpt.id, ActivationSet.hook == hook)
+            q = (
+                select(ActivationSet, Dataset)
+                .join(Dataset)
+                .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.hook == hook)
+            )
             want = ref.dataset or dataset
             if want:
                 q = q.where(Dataset.name == want)
             rows = s.execute(q).all()
             if not rows:
                 on = f" on dataset {want!r}" if want else ""
-                raise ActdbError(f"{ref.model}@{ref.step} has no activation set{on}; run `actdb ingest "
-                                 f"{ref.model} --step {ref.step} --dataset {want or 'DATASET'}` first")
+                raise ActdbError(
+                    f"{ref.model}@{ref.step} has no activation set{on}; run `actdb ingest "
+                    f"{ref.model} --step {ref.step} --dataset {want or 'DATASET'}` first"
+                )
             if len(rows) > 1:
                 names = ", ".join(d.name for _a, d in rows)
                 raise ActdbError(f"{ref.model}@{ref.step} has sets on several datasets ({names}); pass --dataset")
             aset, ds = rows[0]
             if aset.status != "complete":
-                raise ActdbError(f"activation set of {ref.model}@{ref.step} on {ds.name} is {aset.status}, not "
-                                 "complete; finish it with `actdb ingest` first")
+                raise ActdbError(
+                    f"activation set of {ref.model}@{ref.step} on {ds.name} is {aset.status}, not "
+                    "complete; finish it with `actdb ingest` first"
+                )
             found.append((aset, ds.name))
     datasets = sorted({name for _a, name in found})
     if len(datasets) > 1:
@@ -100,30 +107,59 @@ def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None, hook: st
 
 
 def request_key(set_ids: list[int], options: CorrelationOptions, threshold: float) -> str:
-    payload = json.dumps({"sets": sorted(set_ids), "control": options.control, "seed": options.baseline_seed,
-                          "topk": options.topk, "threshold": threshold}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "sets": sorted(set_ids),
+            "control": options.control,
+            "seed": options.baseline_seed,
+            "topk": options.topk,
+            "threshold": threshold,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def run_correlation(store: Store, sets: list[ActivationSet], options: CorrelationOptions, threshold: float = 0.5,
-                    device: str = "auto", force: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print) -> RunOutcome:
+def run_correlation(
+    store: Store,
+    sets: list[ActivationSet],
+    options: CorrelationOptions,
+    threshold: float = 0.5,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunOutcome:
     """Correlate `sets`, or reuse an identical complete run; the run row records failure if anything breaks."""
     key = request_key([a.id for a in sets], options, threshold)
     with store.session() as s:
-        done = s.scalar(select(CorrelationRun).where(CorrelationRun.request_key == key,
-                                                     CorrelationRun.status == "complete")
-                        .order_by(CorrelationRun.id.desc()))
+        done = s.scalar(
+            select(CorrelationRun)
+            .where(CorrelationRun.request_key == key, CorrelationRun.status == "complete")
+            .order_by(CorrelationRun.id.desc())
+        )
     if done is not None and not force:
         log(f"run {done.id} already holds these results (complete); --force recomputes")
-        return RunOutcome(done.id, True, done.seconds or 0.0, done.n_tokens or 0, done.n_passes or 0,
-                          done.n_dead or 0, done.backend)
+        return RunOutcome(
+            done.id, True, done.seconds or 0.0, done.n_tokens or 0, done.n_passes or 0, done.n_dead or 0, done.backend
+        )
     backend = get_backend(device)
     with store.session() as s:
         ds = s.get(Dataset, sets[0].dataset_id)
-        run = CorrelationRun(request_key=key, dataset_id=ds.id, control=options.control, threshold=threshold,
-                             baseline_seed=options.baseline_seed, topk=options.topk, backend=backend.name,
-                             status="running", started_at=utcnow())
+        models = {s.scalar(select(Checkpoint.model_id).where(Checkpoint.id == a.checkpoint_id)) for a in sets}
+        kind = "cross_model" if len(models) == len(sets) else "within_model"
+        run = CorrelationRun(
+            request_key=key,
+            dataset_id=ds.id,
+            kind=kind,
+            control=options.control,
+            threshold=threshold,
+            baseline_seed=options.baseline_seed,
+            topk=options.topk,
+            backend=backend.name,
+            status="running",
+            started_at=utcnow(),
+        )
         s.add(run)
         s.flush()
         for pos, a in enumerate(sets):
@@ -134,9 +170,16 @@ def run_correlation(store: Store, sets: list[ActivationSet], options: Correlatio
     try:
         tokens = TokenDataset.load(dataset_path)
         total = tokens.tokens.size
-        bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc=f"correlate run {run.id}",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+            desc=f"correlate run {run.id}",
+            dynamic_ncols=True,
+        )
         try:
+
             def advance(n_rows: int) -> None:
                 if bar.n + n_rows > bar.total:
                     bar.total += total
@@ -148,17 +191,31 @@ def run_correlation(store: Store, sets: list[ActivationSet], options: Correlatio
         n_dead = _store_results(store, run.id, sets, inputs, result, threshold)
         seconds = time.perf_counter() - started
         with store.session() as s:
-            s.execute(update(CorrelationRun).where(CorrelationRun.id == run.id).values(
-                status="complete", finished_at=utcnow(), seconds=seconds, n_tokens=result.n_tokens,
-                n_passes=result.n_passes, n_dead=n_dead))
+            s.execute(
+                update(CorrelationRun)
+                .where(CorrelationRun.id == run.id)
+                .values(
+                    status="complete",
+                    finished_at=utcnow(),
+                    seconds=seconds,
+                    n_tokens=result.n_tokens,
+                    n_passes=result.n_passes,
+                    n_dead=n_dead,
+                )
+            )
     except BaseException as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         with store.session() as s:
-            s.execute(update(CorrelationRun).where(CorrelationRun.id == run.id).values(
-                status="failed", error=message[:2000], finished_at=utcnow()))
+            s.execute(
+                update(CorrelationRun)
+                .where(CorrelationRun.id == run.id)
+                .values(status="failed", error=message[:2000], finished_at=utcnow())
+            )
         raise
-    log(f"run {run.id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
-        f"{n_dead} dead neurons, {seconds:.1f}s on {backend.name}")
+    log(
+        f"run {run.id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
+        f"{n_dead} dead neurons, {seconds:.1f}s on {backend.name}"
+    )
     return RunOutcome(run.id, False, seconds, result.n_tokens, result.n_passes, n_dead, backend.name)
 
 
@@ -166,7 +223,8 @@ def _set_input(session, aset: ActivationSet) -> SetInput:  # noqa: ANN001
     model = session.scalar(select(Model).join(Checkpoint).where(Checkpoint.id == aset.checkpoint_id))
     means = np.zeros(model.n_layers * model.d_mlp)
     for layer, neuron, mean in session.execute(
-            select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)):
+        select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
+    ):
         means[layer * model.d_mlp + neuron] = mean
     return SetInput(aset.id, aset.path, model.n_layers, model.d_mlp, means, rotation_key=model.id)
 
@@ -175,8 +233,14 @@ def _opt(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def _store_results(store: Store, run_id: int, sets: list[ActivationSet], inputs: list[SetInput],
-                   result: CorrelationResult, threshold: float) -> int:
+def _store_results(
+    store: Store,
+    run_id: int,
+    sets: list[ActivationSet],
+    inputs: list[SetInput],
+    result: CorrelationResult,
+    threshold: float,
+) -> int:
     """Bulk-insert neuron_match and universality rows; returns the number of dead neurons."""
     shapes = {s.key: s.d_mlp for s in inputs}
     matches = []
@@ -186,26 +250,47 @@ def _store_results(store: Store, run_id: int, sets: list[ActivationSet], inputs:
             best = int(m.best[i])
             topk = None
             if m.topk_idx is not None:
-                topk = json.dumps([[int(j) // db, int(j) % db, round(float(v), 6)]
-                                   for j, v in zip(m.topk_idx[i], m.topk_val[i], strict=True) if j >= 0])
-            matches.append({
-                "run_id": run_id, "set_id": a, "other_set_id": b, "layer": i // da, "neuron": i % da,
-                "max_corr": _opt(m.max_corr[i]), "best_layer": best // db if best >= 0 else None,
-                "best_neuron": best % db if best >= 0 else None, "baseline_max_corr": _opt(m.baseline_max[i]),
-                "topk": topk,
-                "self_corr": _opt(m.self_corr[i]) if m.self_corr is not None else None,
-            })
+                topk = json.dumps(
+                    [
+                        [int(j) // db, int(j) % db, round(float(v), 6)]
+                        for j, v in zip(m.topk_idx[i], m.topk_val[i], strict=True)
+                        if j >= 0
+                    ]
+                )
+            matches.append(
+                {
+                    "run_id": run_id,
+                    "set_id": a,
+                    "other_set_id": b,
+                    "layer": i // da,
+                    "neuron": i % da,
+                    "max_corr": _opt(m.max_corr[i]),
+                    "best_layer": best // db if best >= 0 else None,
+                    "best_neuron": best % db if best >= 0 else None,
+                    "baseline_max_corr": _opt(m.baseline_max[i]),
+                    "topk": topk,
+                    "self_corr": _opt(m.self_corr[i]) if m.self_corr is not None else None,
+                }
+            )
     scores = score_universality(result, threshold)
     univ = []
     for key, sc in scores.items():
         d = shapes[key]
         for i in range(len(sc.excess_corr)):
-            univ.append({
-                "run_id": run_id, "set_id": key, "layer": i // d, "neuron": i % d,
-                "mean_max_corr": _opt(sc.mean_max_corr[i]), "min_max_corr": _opt(sc.min_max_corr[i]),
-                "mean_baseline": _opt(sc.mean_baseline[i]), "excess_corr": _opt(sc.excess_corr[i]),
-                "is_universal": bool(sc.is_universal[i]), "is_dead": bool(sc.is_dead[i]),
-            })
+            univ.append(
+                {
+                    "run_id": run_id,
+                    "set_id": key,
+                    "layer": i // d,
+                    "neuron": i % d,
+                    "mean_max_corr": _opt(sc.mean_max_corr[i]),
+                    "min_max_corr": _opt(sc.min_max_corr[i]),
+                    "mean_baseline": _opt(sc.mean_baseline[i]),
+                    "excess_corr": _opt(sc.excess_corr[i]),
+                    "is_universal": bool(sc.is_universal[i]),
+                    "is_dead": bool(sc.is_dead[i]),
+                }
+            )
     with store.session() as s:
         for table, rows in ((NeuronMatch, matches), (Universality, univ)):
             for begin in range(0, len(rows), INSERT_BATCH):

@@ -58,7 +58,7 @@ def emergence_steps(universal_by_step: list[np.ndarray], steps: list[int]) -> np
 
 
 def latest_universality_run(store: Store, set_id: int, control: str) -> int | None:
-    """The newest complete run with this control that classified this set with at least one other set."""
+    """The newest complete cross-model run with this control that classified this set (its universal labels)."""
     with store.session() as s:
         return s.scalar(
             select(CorrelationRun.id)
@@ -66,6 +66,7 @@ def latest_universality_run(store: Store, set_id: int, control: str) -> int | No
             .where(
                 RunMember.set_id == set_id,
                 CorrelationRun.status == "complete",
+                CorrelationRun.kind == "cross_model",
                 CorrelationRun.control == control,
                 CorrelationRun.id.in_(select(Universality.run_id).where(Universality.set_id == set_id)),
             )

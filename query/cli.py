@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from query.output import FORMATS, render
 from store.config import StoreConfig
@@ -244,6 +246,129 @@ def ablate(app: AppContext, target: str, selector: str, method: str, dataset_nam
                  run_id, batch_size, device, progress=not quiet, log=click.echo)
 
 
+@cli.command()
+@click.option("--model", help="Only this model.")
+@click.option("--step", type=int, help="Only this step.")
+@click.option("--layer", type=int, help="Only this layer.")
+@click.option("--run", "run_id", type=int, help="Read this correlation run (default: each set's newest).")
+@click.option("--threshold", type=float, help="Re-label with this excess-correlation threshold.")
+@click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True)
+@click.option("--sort", type=click.Choice(["excess", "layer", "max_corr", "kurtosis"]), default="excess",
+              show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@click.option("--by-layer", is_flag=True, help="Per layer counts and percentages instead of neurons.")
+@format_option
+@pass_app
+def universal(app: AppContext, model: str | None, step: int | None, layer: int | None, run_id: int | None,
+              threshold: float | None, control: str, sort: str, limit: int | None, by_layer: bool, fmt: str) -> None:
+    """Universal neurons with excess correlation, max-corr, baseline and activation statistics."""
+    from query.queries import universal_by_layer, universal_neurons
+
+    store = app.store()
+    if by_layer:
+        columns, rows = universal_by_layer(store, model, step, run_id, threshold, control)
+        if layer is not None:
+            rows = [r for r in rows if r[3] == layer]
+    else:
+        columns, rows = universal_neurons(store, model, step, layer, run_id, threshold, control, sort, limit)
+    click.echo(render(columns, rows, fmt))
+
+
+@cli.command()
+@click.argument("target", metavar="MODEL@STEP")
+@click.argument("neuron_id", metavar="L.N")
+@format_option
+@pass_app
+def neuron(app: AppContext, target: str, neuron_id: str, fmt: str) -> None:
+    """Everything known about one neuron: statistics, matches, universality, history, ablations."""
+    import json as _json
+
+    from query.queries import neuron_story, parse_neuron, parse_target
+
+    model, step = parse_target(target)
+    layer, index = parse_neuron(neuron_id)
+    story = neuron_story(app.store(), model, step, layer, index)
+    if fmt == "json":
+        doc = {"model": model, "step": step, "layer": layer, "neuron": index}
+        doc.update({k: _json.loads(render(c, r, "json")) for k, (c, r) in story.items()})
+        click.echo(_json.dumps(doc, indent=2))
+        return
+    for title, (columns, rows) in story.items():
+        click.echo(f"# {title}" if fmt == "csv" else f"\n{title.replace('_', ' ')} of {model}@{step} {layer}.{index}")
+        click.echo(render(columns, rows, fmt))
+
+
+@cli.command()
+@format_option
+@pass_app
+def runs(app: AppContext, fmt: str) -> None:
+    """Correlation runs with members, parameters, backend, status and timings."""
+    from query.queries import runs_listing
+
+    click.echo(render(*runs_listing(app.store()), fmt))
+
+
+@cli.command()
+@click.option("--model", help="Only this model.")
+@format_option
+@pass_app
+def ablations(app: AppContext, model: str | None, fmt: str) -> None:
+    """Ablation results: clean and ablated loss, delta, and the matched random controls."""
+    from query.queries import ablations_listing
+
+    click.echo(render(*ablations_listing(app.store(), model), fmt))
+
+
+@cli.command()
+@click.argument("query", required=False)
+@click.option("--schema", is_flag=True, help="List tables and views with their columns.")
+@format_option
+@pass_app
+def sql(app: AppContext, query: str | None, schema: bool, fmt: str) -> None:
+    """Run one read-only SQL statement against the store (writes are refused)."""
+    from query.sql_console import run_readonly, schema_listing
+
+    app.store()
+    if schema:
+        click.echo(render(*schema_listing(app.config), fmt))
+    elif query:
+        click.echo(render(*run_readonly(app.config, query), fmt))
+    else:
+        raise click.UsageError("give a SQL query or --schema")
+
+
+@cli.command()
+@click.argument("target", metavar="MODEL@STEP")
+@click.option("--layer", type=int, required=True)
+@click.option("--neurons", help="Comma-separated neuron indices (default: all).")
+@click.option("--tokens", "token_range", help="START:END token rows (default: all).")
+@click.option("--dataset", "dataset_name", help="Dataset of the set (default: the only one).")
+@click.option("--counted-only", is_flag=True, help="Drop positions that are not counted (BOS/EOS/padding).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="FILE.npy or FILE.csv")
+@pass_app
+def export(app: AppContext, target: str, layer: int, neurons: str | None, token_range: str | None,
+           dataset_name: str | None, counted_only: bool, out_path: str) -> None:
+    """Write raw activations of one layer (optionally some neurons / tokens) to .npy or .csv."""
+    from query.api import ActdbStore
+
+    api = ActdbStore(app.store())
+    arr = api.read_layer(target, layer, neurons=neurons, tokens=token_range, dataset=dataset_name,
+                         counted_only=counted_only)
+    api.write_array(arr, out_path)
+    click.echo(f"wrote {arr.shape[0]} tokens x {arr.shape[1]} neurons to {out_path}")
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="actdb-report", show_default=True, type=click.Path(file_okay=False))
+@pass_app
+def report(app: AppContext, out_dir: str) -> None:
+    """A static HTML page with PNG plots of everything in the store."""
+    from query.report import build_report
+
+    path = build_report(app.store(), Path(out_dir))
+    click.echo(f"report written to {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit status 1 (2 for usage errors)."""
     try:
@@ -262,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except ActdbError as exc:
         click.echo(f"actdb: error: {exc}", err=True)
+        sys.exit(1)
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        click.echo(f"actdb: database error: {detail}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("actdb: interrupted", err=True)

@@ -132,12 +132,17 @@ class NeuronStat(Base):
 
 
 class CorrelationRun(Base):
-    """One request to correlate a list of activation sets on one dataset, and its outcome."""
+    """One request to correlate a list of activation sets on one dataset, and its outcome.
+
+    `kind` is `cross_model` when every member is a different model (its universality labels are the ones
+    listings and ablations use) and `within_model` when a model appears at several steps (persistence).
+    """
 
     __tablename__ = "correlation_run"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     request_key: Mapped[str] = mapped_column(String(64), index=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))
     control: Mapped[str] = mapped_column(String(20))
     threshold: Mapped[float] = mapped_column(Float)
     baseline_seed: Mapped[int] = mapped_column(Integer)

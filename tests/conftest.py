@@ -73,22 +73,27 @@ class CliResult:
     stderr: str
 
 
-@pytest.fixture
-def run_cli(store_config):
-    """Run `actdb ...` in-process through `main`, with its one-line error handling, against the test store."""
+def cli_call(home: Path, db: str, *args: object) -> CliResult:
+    """Run `actdb --home HOME --db DB ARGS...` in-process through `main`, with its one-line error handling."""
     from query.cli import main
 
+    runner = CliRunner()
+    with runner.isolation() as streams:
+        try:
+            main(["--home", str(home), "--db", db] + [str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
+    return CliResult(code, out, err)
+
+
+@pytest.fixture
+def run_cli(store_config):
+    """`run_cli(*args)` runs the CLI against the test store (or `home=`/`db=` given)."""
+
     def invoke(*args: object, home: Path | None = None, db: str | None = None) -> CliResult:
-        argv = ["--home", str(home or store_config.home), "--db", db or store_config.database_url]
-        runner = CliRunner()
-        with runner.isolation() as streams:
-            try:
-                main(argv + [str(a) for a in args])
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-        return CliResult(code, out, err)
+        return cli_call(home or store_config.home, db or store_config.database_url, *args)
 
     return invoke
 

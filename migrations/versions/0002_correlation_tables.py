@@ -21,6 +21,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("request_key", sa.String(length=64), nullable=False),
         sa.Column("dataset_id", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=20), nullable=False),
         sa.Column("control", sa.String(length=20), nullable=False),
         sa.Column("threshold", sa.Float(), nullable=False),
         sa.Column("baseline_seed", sa.Integer(), nullable=False),

@@ -1,0 +1,212 @@
+"""Query CLI, analyst views on SQLite and PostgreSQL, read-only SQL, export, report and the Python API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from store.activation_file import ActivationReader
+from store.database import make_engine
+from tests.conftest import PG_ADMIN_URL, _pg_admin, cli_call
+
+VIEWS = ["v_universal_neurons", "v_universal_by_layer", "v_neuron_matches", "v_persistence", "v_ablation_summary",
+         "v_neuron_history"]
+
+
+def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
+    steps = [
+        ("init",),
+        ("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 2500),
+        ("ingest", "a", "--steps", "0,1", "--dataset", "d", "--source", a_src, "--quiet"),
+        ("ingest", "b", "--steps", "0,1", "--dataset", "d", "--source", b_src, "--quiet"),
+        ("correlate", "--dataset", "d", "--step", 0, "--models", "a,b", "--threshold", 0.05, "--quiet"),
+        ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--threshold", 0.05, "--quiet"),
+        ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--threshold", 0.05, "--control", "token",
+         "--quiet"),
+        ("persistence", "--model", "a", "--quiet"),
+        ("ablate", "a@1", "--neurons", "universal:1", "--controls", 2, "--each", "--tokens", 600, "--quiet"),
+    ]
+    for args in steps:
+        r = cli_call(home, db, *args)
+        assert r.exit_code == 0, (args, r.stderr)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tokenizer_dir, tiny_models):
+    from store.zoo import save_tiny_model
+
+    root = tmp_path_factory.mktemp("srcs")
+    a = root / "a"
+    shutil.copytree(tiny_models["gpt2"], a)
+    return a, save_tiny_model("gpt2", root / "b", tokenizer_dir, seed=5)
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory, tokenizer_dir, text_dir, sources):
+    home = tmp_path_factory.mktemp("lite")
+    db = f"sqlite:///{home}/actdb.sqlite"
+    _populate(home, db, tokenizer_dir, text_dir, *sources)
+    return home, db
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory, tokenizer_dir, text_dir, sources):
+    try:
+        admin = _pg_admin()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL server not reachable at {PG_ADMIN_URL}: {exc}")
+    name = f"actdb_q_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    home = tmp_path_factory.mktemp("pg")
+    db = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        _populate(home, db, tokenizer_dir, text_dir, *sources)
+        yield home, db
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _view_rows(db, view):
+    engine = make_engine(db)
+    with engine.connect() as conn:
+        result = conn.execute(text(f"SELECT * FROM {view}"))
+        keys = [k for k in result.keys() if k != "created_at"]
+        rows = [tuple(None if v is None else (round(float(v), 9) if isinstance(v, float | int) and not
+                                              isinstance(v, bool) else (int(v) if isinstance(v, bool) else v))
+                      for k, v in zip(result.keys(), r, strict=True) if k != "created_at") for r in result]
+    engine.dispose()
+    return keys, sorted(rows, key=repr)
+
+
+def test_views_return_the_same_rows_on_sqlite_and_postgresql(lite, pg):
+    for view in VIEWS:
+        keys_l, rows_l = _view_rows(lite[1], view)
+        keys_p, rows_p = _view_rows(pg[1], view)
+        assert keys_l == keys_p, view
+        assert rows_l, f"{view} is empty: the fixture must exercise it"
+        assert len(rows_l) == len(rows_p), view
+        for a, b in zip(rows_l, rows_p, strict=True):
+            for x, y in zip(a, b, strict=True):
+                if isinstance(x, float) or isinstance(y, float):
+                    assert float(x) == pytest.approx(float(y), abs=1e-6), view
+                else:
+                    assert x == y, view
+
+
+def test_universal_listing_formats(lite):
+    home, db = lite
+    r = cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json")
+    rows = json.loads(r.stdout)
+    assert r.exit_code == 0 and rows and all(x["excess_corr"] > 0.05 for x in rows)
+    assert {"model", "step", "layer", "neuron", "excess_corr", "mean_max_corr", "mean_baseline", "act_kurtosis"} <= set(
+        rows[0])
+    assert rows == sorted(rows, key=lambda x: -x["excess_corr"])
+    one = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--layer", 1, "--limit", 2,
+                              "--format", "json").stdout)
+    assert len(one) <= 2 and all(x["layer"] == 1 for x in one)
+    strict = json.loads(cli_call(home, db, "universal", "--model", "a", "--threshold", 0.3, "--format", "json").stdout)
+    assert all(x["excess_corr"] > 0.3 for x in strict)
+    by_layer = json.loads(cli_call(home, db, "universal", "--by-layer", "--format", "json").stdout)
+    assert {(x["model"], x["step"]) for x in by_layer} == {("a", 0), ("a", 1), ("b", 0), ("b", 1)}
+    assert all(x["n_neurons"] == 128 and x["pct_universal"] == pytest.approx(100 * x["n_universal"] / 128)
+               for x in by_layer)
+    csv = cli_call(home, db, "universal", "--control", "token", "--format", "csv")
+    assert csv.exit_code == 0 and csv.stdout.startswith("model,step,dataset,layer,neuron")
+    table = cli_call(home, db, "universal", "--by-layer")
+    assert "pct_universal" in table.stdout.splitlines()[0]
+
+
+def test_neuron_story(lite):
+    home, db = lite
+    r = cli_call(home, db, "neuron", "a@1", "1.3", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["statistics"][0]["count"] > 0
+    assert {m["other_model"] for m in doc["matches"]} >= {"b"}
+    assert {h["step"] for h in doc["history"]} == {0, 1}
+    assert doc["self_correlation"][0]["self_corr"] == pytest.approx(1.0, abs=1e-5)
+    assert "emergence_step" in doc["history"][0]
+    text_out = cli_call(home, db, "neuron", "a@1", "1.3")
+    assert "matches of a@1 1.3" in text_out.stdout
+
+
+def test_listings(lite):
+    home, db = lite
+    runs = json.loads(cli_call(home, db, "runs", "--format", "json").stdout)
+    assert {r["kind"] for r in runs} == {"cross_model", "within_model"} and all(r["status"] == "complete" for r in runs)
+    abl = json.loads(cli_call(home, db, "ablations", "--format", "json").stdout)
+    assert abl[0]["n_controls"] == 2 and abl[0]["model"] == "a"
+    pers = json.loads(cli_call(home, db, "persistence", "--format", "json").stdout)
+    assert len(pers) == 2
+
+
+def test_query_errors(lite, tmp_path):
+    home, db = lite
+    cases = {
+        "unknown checkpoint": ("neuron", "zz@1", "0.1"),
+        "malformed neuron": ("neuron", "a@1", "7"),
+        "malformed checkpoint": ("neuron", "a1", "0.1"),
+        "does not exist": ("neuron", "a@1", "9.1"),
+        "no universality results for a@7": ("universal", "--model", "a", "--step", 7),
+    }
+    for expected, args in cases.items():
+        r = cli_call(home, db, *args)
+        assert r.exit_code == 1 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, (expected, r)
+    empty = tmp_path / "empty"
+    cli_call(empty, f"sqlite:///{empty}/actdb.sqlite", "init")
+    r = cli_call(empty, f"sqlite:///{empty}/actdb.sqlite", "universal")
+    assert r.exit_code == 1 and "actdb correlate" in r.stderr
+
+
+@pytest.mark.parametrize("which", ["lite", "pg"])
+def test_sql_is_read_only(which, request):
+    home, db = request.getfixturevalue(which)
+    r = cli_call(home, db, "sql", "SELECT model, COUNT(*) AS n FROM v_universal_neurons GROUP BY model ORDER BY model",
+                 "--format", "json")
+    assert r.exit_code == 0 and [x["model"] for x in json.loads(r.stdout)] == ["a", "b"]
+    for stmt in ("DELETE FROM model", "INSERT INTO model (name) VALUES ('x')", "DROP TABLE neuron_stat"):
+        bad = cli_call(home, db, "sql", stmt)
+        assert bad.exit_code == 1 and "read-only" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert json.loads(cli_call(home, db, "sql", "SELECT COUNT(*) AS n FROM model", "--format", "json").stdout)[0]["n"] == 2
+    schema = cli_call(home, db, "sql", "--schema", "--format", "csv")
+    assert "view,v_universal_by_layer,pct_universal" in schema.stdout
+
+
+def test_export_and_api(lite, tmp_path):
+    home, db = lite
+    out = tmp_path / "x.npy"
+    r = cli_call(home, db, "export", "a@1", "--layer", 1, "--neurons", "5,17", "--tokens", "10:110", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    arr = np.load(out)
+    with ActivationReader(home / "activations" / "a" / "step-1" / "d.mlp.post.h5") as reader:
+        np.testing.assert_array_equal(arr, reader.read_rows(10, 110, [1])[0][:, [5, 17]])
+    csv = tmp_path / "x.csv"
+    assert cli_call(home, db, "export", "a@1", "--layer", 0, "--tokens", "0:4", "--out", csv).exit_code == 0
+    assert np.loadtxt(csv, delimiter=",").shape == (4, 128)
+    bad = cli_call(home, db, "export", "a@1", "--layer", 0, "--tokens", "5:1", "--out", csv)
+    assert bad.exit_code == 1 and "outside" in bad.stderr
+    from query.api import ActdbStore
+
+    api = ActdbStore.open(home, db)
+    assert api.models() == ["a", "b"]
+    assert api.universal(model="a", step=1) == [
+        dict(zip(r.keys(), r.values(), strict=True)) for r in api.universal(model="a", step=1)]
+    assert api.neuron("a@1", "0.2")["statistics"]
+    assert api.read_layer("a@1", 0, counted_only=True).shape[1] == 128
+    assert api.sql("SELECT COUNT(*) AS n FROM dataset") == [{"n": 1}]
+
+
+def test_report(lite, tmp_path):
+    home, db = lite
+    r = cli_call(home, db, "report", "--out", tmp_path / "rep")
+    assert r.exit_code == 0, r.stderr
+    page = (tmp_path / "rep" / "index.html").read_text()
+    for png in ("universal_by_layer_none.png", "universal_by_layer_token.png", "excess_hist_none.png",
+                "persistence.png", "ablations.png", "similarity.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in page

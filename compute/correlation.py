@@ -127,9 +127,12 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
 
 def _chunks(readers: list[ActivationReader], sets: list[SetInput], wanted: list[int], tokens: np.ndarray,
             mask: np.ndarray, seq_len: int, chunk_tokens: int) -> Iterator[tuple[int, np.ndarray, dict]]:
-    """Yield (n_counted, token ids, {set: shifted float32 (n_counted, N)}) chunk by chunk, read ahead."""
+    """Yield (n_rows, token ids, {set: shifted float32 (n_counted, N)}) chunk by chunk, read ahead.
+
+    `tokens` and `mask` are flat over all positions; chunks hold whole sequences.
+    """
     seqs = max(1, chunk_tokens // seq_len)
-    n_seq = tokens.shape[0]
+    n_seq = tokens.shape[0] // seq_len
     q: queue.Queue = queue.Queue(maxsize=2)
 
     def produce() -> None:
@@ -288,7 +291,8 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):  # noqa: ANN001, ANN202
 
 
 def _rotated_sd(cov_layers: list, rotations: list, xp):  # noqa: ANN001, ANN202
-    return xp.concatenate([xp.sqrt(xp.clip(xp.einsum("ij,ik,kj->j", r, c, r), 0, None))
+    """Standard deviations of rotated neurons: sqrt(diag(R^T C R)) per layer, without forming R^T C R."""
+    return xp.concatenate([xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None))
                            for c, r in zip(cov_layers, rotations, strict=True)])
 
 

@@ -369,6 +369,32 @@ def report(app: AppContext, out_dir: str) -> None:
     click.echo(f"report written to {path}")
 
 
+@cli.command()
+@click.option("--seeds", type=click.IntRange(min=2), default=4, show_default=True, help="Independently seeded models.")
+@click.option("--steps", default="0,50,200,800", show_default=True, help="Checkpoints to analyse (the last one "
+              "is the training length).")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=256), default=32768, show_default=True,
+              help="Tokens in the analysis dataset.")
+@click.option("--controls", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Random neuron sets in the ablation.")
+@click.option("--threshold", type=float, default=0.2, show_default=True,
+              help="Excess correlation for universal (tiny models' rotation baseline is ~0.4; see README).")
+@click.option("--zoo", type=click.Path(file_okay=False), help="Folder of the model zoo (default: <home>/zoo).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@pass_app
+def demo(app: AppContext, seeds: int, steps: str, n_tokens: int, controls: int, threshold: float, zoo: str | None,
+         quiet: bool) -> None:
+    """The whole study on a local zoo of tiny GPT-2 seeds: train, ingest, correlate, persist, ablate, report."""
+    from query.demo import run_demo
+
+    step_list = _parse_steps(None, steps)
+    if len(step_list) < 2 or min(step_list) < 0:
+        raise click.BadParameter("--steps needs at least two non-negative steps")
+    store = Store.init(app.config)
+    run_demo(store, seeds, tuple(step_list), n_tokens, controls, threshold, Path(zoo) if zoo else None,
+             progress=not quiet, echo=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit status 1 (2 for usage errors)."""
     try:

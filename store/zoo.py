@@ -8,6 +8,7 @@ folders load through exactly the code path a hub id takes.
 from __future__ import annotations
 
 import json
+import math
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,76 @@ def training_batches(token_ids: list[int], seq_len: int, batch_size: int, seed: 
 def read_zoo_manifest(root: Path) -> dict | None:
     path = Path(root) / "zoo.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+ZOO_VERSION = 1
+
+
+def zoo_config(seeds: int, train_steps: int, checkpoints: list[int], vocab_size: int = 2000, d_model: int = 128,
+               d_mlp: int = 512, n_layers: int = 2, seq_len: int = 128, batch_size: int = 8, lr: float = 2e-3,
+               train_files: int = 150) -> dict:
+    """Everything that determines the zoo's weights; a cached zoo is reused only when this matches."""
+    return {"version": ZOO_VERSION, "seeds": seeds, "train_steps": train_steps, "checkpoints": sorted(checkpoints),
+            "vocab_size": vocab_size, "d_model": d_model, "d_mlp": d_mlp, "n_layers": n_layers, "seq_len": seq_len,
+            "batch_size": batch_size, "lr": lr, "train_files": train_files}
+
+
+def checkpoint_dir(root: Path, seed: int, step: int) -> Path:
+    return Path(root) / f"seed{seed}" / f"step-{step}"
+
+
+def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
+    """Train (or reuse) `seeds` tiny GPT-2 models on standard-library source; returns the tokenizer folder.
+
+    Each seed's checkpoints are written as they are reached; a seed whose last checkpoint exists is skipped,
+    so an interrupted zoo continues where it stopped (a partly trained seed restarts from scratch).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    root = Path(root)
+    if read_zoo_manifest(root) not in (None, config):
+        raise ValueError(f"zoo at {root} was built with other settings; pick another --zoo folder")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "zoo.json").write_text(json.dumps(config, indent=2))
+    tok_dir = root / "tokenizer"
+    texts = stdlib_texts(max_files=config["train_files"])
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer(texts, config["vocab_size"], tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    last = max(config["checkpoints"])
+    total = config["train_steps"]
+    for seed in range(config["seeds"]):
+        if (checkpoint_dir(root, seed, last) / "config.json").exists():
+            continue
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(tiny_config("gpt2", len(tokenizer), n_layers=config["n_layers"],
+                                            d_model=config["d_model"], d_mlp=config["d_mlp"],
+                                            n_ctx=config["seq_len"]))
+        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        batches = training_batches(stream, config["seq_len"], config["batch_size"], seed)
+        bar = tqdm(total=total, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
+        for step in range(total + 1):
+            if step in config["checkpoints"]:
+                out = checkpoint_dir(root, seed, step)
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+            if step == total:
+                break
+            x = next(batches)
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.close()
+    return tok_dir

@@ -72,14 +72,21 @@ def pg(tmp_path_factory, tokenizer_dir, text_dir, sources):
         admin.close()
 
 
+def _norm(value):
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float | int):
+        return round(float(value), 9)
+    return value
+
+
 def _view_rows(db, view):
     engine = make_engine(db)
     with engine.connect() as conn:
         result = conn.execute(text(f"SELECT * FROM {view}"))
-        keys = [k for k in result.keys() if k != "created_at"]
-        rows = [tuple(None if v is None else (round(float(v), 9) if isinstance(v, float | int) and not
-                                              isinstance(v, bool) else (int(v) if isinstance(v, bool) else v))
-                      for k, v in zip(result.keys(), r, strict=True) if k != "created_at") for r in result]
+        keep = [i for i, k in enumerate(result.keys()) if k != "created_at"]
+        keys = [list(result.keys())[i] for i in keep]
+        rows = [tuple(None if r[i] is None else _norm(r[i]) for i in keep) for r in result]
     engine.dispose()
     return keys, sorted(rows, key=repr)
 
@@ -173,7 +180,8 @@ def test_sql_is_read_only(which, request):
     for stmt in ("DELETE FROM model", "INSERT INTO model (name) VALUES ('x')", "DROP TABLE neuron_stat"):
         bad = cli_call(home, db, "sql", stmt)
         assert bad.exit_code == 1 and "read-only" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    assert json.loads(cli_call(home, db, "sql", "SELECT COUNT(*) AS n FROM model", "--format", "json").stdout)[0]["n"] == 2
+    count = cli_call(home, db, "sql", "SELECT COUNT(*) AS n FROM model", "--format", "json")
+    assert json.loads(count.stdout)[0]["n"] == 2
     schema = cli_call(home, db, "sql", "--schema", "--format", "csv")
     assert "view,v_universal_by_layer,pct_universal" in schema.stdout
 
@@ -195,8 +203,9 @@ def test_export_and_api(lite, tmp_path):
 
     api = ActdbStore.open(home, db)
     assert api.models() == ["a", "b"]
-    assert api.universal(model="a", step=1) == [
-        dict(zip(r.keys(), r.values(), strict=True)) for r in api.universal(model="a", step=1)]
+    cli_rows = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json").stdout)
+    assert [(r["layer"], r["neuron"]) for r in api.universal(model="a", step=1)] == [
+        (r["layer"], r["neuron"]) for r in cli_rows]
     assert api.neuron("a@1", "0.2")["statistics"]
     assert api.read_layer("a@1", 0, counted_only=True).shape[1] == 128
     assert api.sql("SELECT COUNT(*) AS n FROM dataset") == [{"n": 1}]

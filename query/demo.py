@@ -1,0 +1,195 @@
+"""`actdb demo`: the whole universal-neurons study on a local zoo of tiny GPT-2 seeds, end to end.
+
+zoo (train or reuse) -> dataset -> ingest every seed x step -> correlate each step (rotation baseline, and the
+token control) -> persistence -> ablation of universal neurons against matched random controls -> summary
+tables -> HTML report. Every stage is idempotent, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from compute.ablation_run import run_ablation
+from compute.correlation import CorrelationOptions
+from compute.correlation_run import SetRef, resolve_sets, run_correlation
+from compute.persistence import compute_persistence
+from query import queries
+from query.output import render
+from query.report import build_report
+from store.database import Store
+from store.dataset_registry import add_dataset
+from store.ingest import IngestRequest, ingest
+from store.schema import Ablation, Checkpoint, Dataset, Model
+from store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
+
+DATASET = "stdlib-heldout"
+
+
+def run_demo(
+    store: Store,
+    seeds: int = 4,
+    checkpoints: tuple[int, ...] = (0, 50, 200, 800),
+    tokens: int = 32768,
+    controls: int = 8,
+    zoo: Path | None = None,
+    report_dir: Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Run every stage; returns the report's path. Prints what the data shows, nothing it did not measure."""
+    started = time.perf_counter()
+    zoo = Path(zoo or store.config.home / "zoo")
+    steps = sorted(checkpoints)
+    config = zoo_config(seeds, max(steps), steps)
+    stage = _stages(echo)
+    stage(f"zoo: {seeds} tiny GPT-2 seeds trained on Python standard-library source ({zoo})")
+    tok_dir = train_zoo(zoo, config, progress=progress)
+    stage("dataset: held-out standard-library files")
+    with store.session() as s:
+        have = s.scalar(select(Dataset).where(Dataset.name == DATASET))
+    if have is None:
+        held_out = [str(p) for p in stdlib_files()[config["train_files"] :]]
+        ds = add_dataset(store, DATASET, held_out, str(tok_dir), seq_len=config["seq_len"], n_tokens=tokens, seed=0)
+        echo(f"  {ds.n_sequences} sequences x {ds.seq_len} tokens ({ds.n_counted} counted)")
+    stage(f"ingest: {seeds} seeds x {len(steps)} steps")
+    models = [f"seed{k}" for k in range(seeds)]
+    for k, model in enumerate(models):
+        for step in steps:
+            ingest(
+                store,
+                IngestRequest(
+                    model,
+                    step,
+                    DATASET,
+                    source=str(checkpoint_dir(zoo, k, 0).parent / "step-{step}"),
+                    batch_size=16,
+                    progress=False,
+                ),
+                log=lambda m: echo("  " + m),
+            )
+    stage("correlate: every step, rotation baseline and token control")
+    for step in steps:
+        sets = resolve_sets(store, [SetRef(m, step) for m in models], DATASET)
+        for control in ("none", "token"):
+            run_correlation(
+                store, sets, CorrelationOptions(control=control), progress=progress, log=lambda m: echo("  " + m)
+            )
+    stage("persistence: consecutive steps of every seed")
+    for model in models:
+        compute_persistence(store, model, DATASET, steps, "none", progress=False, log=lambda _m: None)
+    stage(f"ablation: universal neurons of seed0@{steps[-1]} against {controls} matched random sets")
+    _ablate_once(store, f"seed0@{steps[-1]}", controls, echo)
+    stage("report")
+    report = build_report(store, report_dir or store.config.home / "report")
+    _summary(store, threshold, echo)
+    echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
+    return report
+
+
+def _stages(echo: Callable[[str], None]) -> Callable[[str], None]:
+    counter = [0]
+    started = time.perf_counter()
+
+    def stage(text: str) -> None:
+        counter[0] += 1
+        echo(f"[{counter[0]}/7 +{time.perf_counter() - started:.0f}s] {text}")
+
+    return stage
+
+
+def _ablate_once(store: Store, target: str, controls: int, echo: Callable[[str], None]) -> None:
+    model, step = queries.parse_target(target)
+    with store.session() as s:
+        done = s.scalar(
+            select(Ablation.id)
+            .join(Checkpoint)
+            .join(Model)
+            .where(
+                Model.name == model,
+                Checkpoint.step == step,
+                Ablation.selector == "universal",
+                Ablation.n_controls == controls,
+            )
+        )
+    if done is not None:
+        echo(f"  ablation {done} already measured")
+        return
+    try:
+        run_ablation(
+            store,
+            target,
+            "universal",
+            "mean",
+            DATASET,
+            n_tokens=8192,
+            n_controls=controls,
+            seed=0,
+            progress=False,
+            log=lambda m: echo("  " + m),
+        )
+    except Exception as exc:  # noqa: BLE001 - an empty universal set is a finding, not a failure
+        echo(f"  no ablation: {exc}")
+
+
+def _summary(store: Store, steps: list[int], echo: Callable[[str], None]) -> None:
+    echo("\n== Universal neurons (% of each layer, mean over seeds) and mean max-corr across seeds ==")
+    rows = []
+    for control in ("none", "token"):
+        _cols, by_layer = queries.universal_by_layer(store, control=control)
+        acc: dict[tuple[int, int], list] = defaultdict(list)
+        for r in by_layer:
+            acc[(r[1], r[3])].append((r[7], r[8], r[9]))
+        for (step, layer), vals in sorted(acc.items()):
+            v = np.array(vals, dtype=float)
+            rows.append(
+                (control, step, layer, round(v[:, 0].mean(), 2), round(v[:, 1].mean(), 3), round(v[:, 2].mean(), 3))
+            )
+    echo(render(["control", "step", "layer", "pct_universal", "mean_max_corr", "mean_baseline"], rows))
+    echo("\n== Persistence of universal neurons (mean over seeds) ==")
+    from query.listings import persistence_rows
+
+    _cols, prow = persistence_rows(store)
+    acc2: dict[tuple, list] = defaultdict(list)
+    for r in prow:
+        acc2[(r[2], r[3], r[4], r[5])].append((r[6], r[8], r[9], r[11]))
+    out = []
+    for key, vals in sorted(acc2.items()):
+        n_from = sum(v[0] for v in vals)
+        kept = sum(v[1] for v in vals)
+        self_corr = [v[3] for v in vals if v[3] is not None]
+        out.append(
+            (
+                *key,
+                n_from,
+                kept,
+                round(kept / n_from, 3) if n_from else None,
+                round(float(np.mean(self_corr)), 3) if self_corr else None,
+            )
+        )
+    echo(
+        render(
+            ["control", "from_step", "to_step", "layer", "n_universal_from", "n_kept", "p_persist", "mean_self_corr"],
+            out,
+        )
+    )
+    echo("\n== Ablation: universal neurons vs matched random controls ==")
+    cols, arows = queries.ablations_listing(store)
+    keep = [
+        "model",
+        "step",
+        "method",
+        "n_neurons",
+        "tokens",
+        "base_loss",
+        "delta",
+        "control_mean",
+        "control_std",
+        "p_value",
+    ]
+    echo(render(keep, [tuple(r[cols.index(c)] for c in keep) for r in arows]))

@@ -74,7 +74,9 @@ def save_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0
     """A randomly initialised tiny model plus its tokenizer, saved as a loadable folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), **sizes))
@@ -125,13 +127,19 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     root = Path(root)
     if read_zoo_manifest(root) not in (None, config):
         raise ValueError(f"zoo at {root} was built with other settings; pick another --zoo folder")
     root.mkdir(parents=True, exist_ok=True)
     (root / "zoo.json").write_text(json.dumps(config, indent=2))
     tok_dir = root / "tokenizer"
+    last = max(config["checkpoints"])
+    todo = [k for k in range(config["seeds"]) if not (checkpoint_dir(root, k, last) / "config.json").exists()]
+    if not todo:
+        return tok_dir
     texts = stdlib_texts(max_files=config["train_files"])
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(texts, config["vocab_size"], tok_dir)
@@ -139,11 +147,8 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
     stream: list[int] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    last = max(config["checkpoints"])
     total = config["train_steps"]
-    for seed in range(config["seeds"]):
-        if (checkpoint_dir(root, seed, last) / "config.json").exists():
-            continue
+    for seed in todo:
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(tiny_config("gpt2", len(tokenizer), n_layers=config["n_layers"],
                                             d_model=config["d_model"], d_mlp=config["d_mlp"],

@@ -1,0 +1,122 @@
+"""Correlation engine throughput against a bare GEMM of the same shapes, read throughput, peak RSS, and the
+naive way (np.corrcoef on concatenated arrays) for comparison.
+
+    .venv/bin/python benchmarks/correlate.py [--sets 3] [--layers 4] [--d-mlp 1024] [--tokens 200000]
+
+Writes synthetic float16 activation sets to disk (shared latent features + noise), correlates them with the
+NumPy backend (or CuPy with --device cuda) and prints one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compute.backend import get_backend  # noqa: E402
+from compute.correlation import CorrelationOptions, SetInput, correlate_sets  # noqa: E402
+from store.activation_file import ActivationHeader, ActivationWriter  # noqa: E402
+
+SEQ_LEN = 512
+
+
+def write_sets(root: Path, n_sets: int, n_layers: int, d_mlp: int, n_tokens: int) -> list[SetInput]:
+    rng = np.random.default_rng(0)
+    sets = []
+    block = 16384
+    mix = [rng.standard_normal((64, n_layers * d_mlp)).astype(np.float32) * 0.3 for _ in range(n_sets)]
+    writers = [ActivationWriter(root / f"s{k}.h5", ActivationHeader(f"m{k}", 0, "bench", "mlp.post", n_layers,
+                                                                      d_mlp, n_tokens, "float16"))
+               for k in range(n_sets)]
+    sums = [np.zeros(n_layers * d_mlp) for _ in range(n_sets)]
+    for start in range(0, n_tokens, block):
+        n = min(block, n_tokens - start)
+        latent = rng.standard_normal((n, 64)).astype(np.float32)
+        for k, w in enumerate(writers):
+            x = (latent @ mix[k] + rng.standard_normal((n, n_layers * d_mlp), dtype=np.float32)).astype(np.float16)
+            sums[k] += x.sum(axis=0, dtype=np.float64)
+            w.write_rows(start, [x[:, i * d_mlp : (i + 1) * d_mlp] for i in range(n_layers)])
+    for k, w in enumerate(writers):
+        w.finish()
+        sets.append(SetInput(k, str(w.path), n_layers, d_mlp, sums[k] / n_tokens, rotation_key=k))
+    return sets
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sets", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-mlp", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--naive-tokens", type=int, default=20_000, help="tokens for the np.corrcoef comparison")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dir", help="reuse/keep the data in this folder")
+    args = ap.parse_args()
+    backend = get_backend(args.device)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="actdb-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    sets = write_sets(root, args.sets, args.layers, args.d_mlp, args.tokens)
+    n_neurons = args.layers * args.d_mlp
+    gb = args.sets * n_neurons * args.tokens * 2 / 1e9
+    print(f"wrote {args.sets} sets x {n_neurons} neurons x {args.tokens} tokens ({gb:.2f} GB) "
+          f"in {time.perf_counter() - t0:.1f}s")
+    n_seq = args.tokens // SEQ_LEN
+    tokens = np.zeros((n_seq, SEQ_LEN), dtype=np.int32)
+    mask = np.ones_like(tokens, dtype=bool)
+    t0 = time.perf_counter()
+    result = correlate_sets(sets, tokens, mask, CorrelationOptions(), backend)
+    engine_s = time.perf_counter() - t0
+    n = result.n_tokens
+    pairs = args.sets * (args.sets - 1) // 2
+    flops = pairs * n_neurons * n_neurons * n * 2 + args.sets * args.layers * args.d_mlp**2 * n * 2
+    engine_gflops = flops / engine_s / 1e9
+    xp = backend.xp
+    a = xp.asarray(np.random.default_rng(1).standard_normal((8192, n_neurons), dtype=np.float32))
+    b = xp.asarray(np.random.default_rng(2).standard_normal((8192, n_neurons), dtype=np.float32))
+    g = xp.asarray(a[:, : args.d_mlp])
+    t0 = time.perf_counter()
+    reps = max(1, n // 8192)
+    for _ in range(reps):
+        for _ in range(pairs):
+            c = a.T @ b
+        for _ in range(args.sets * args.layers):
+            c = g.T @ g
+    if backend.name == "cupy":
+        xp.cuda.Stream.null.synchronize()
+    del c
+    gemm_s = (time.perf_counter() - t0) * n / (reps * 8192)
+    gemm_gflops = flops / gemm_s / 1e9
+    print(f"engine: {engine_s:.1f}s, {engine_gflops:.0f} GFLOP/s on {backend.name}, read {gb / engine_s:.2f} GB/s, "
+          f"{result.n_passes} pass(es)")
+    print(f"bare GEMM of the same shapes: {gemm_s:.1f}s, {gemm_gflops:.0f} GFLOP/s")
+    print(f"ratio engine / bare GEMM: {engine_gflops / gemm_gflops:.2f}")
+    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    m = min(args.naive_tokens, args.tokens)
+    from store.activation_file import ActivationReader
+
+    data = []
+    for s in sets:
+        with ActivationReader(s.path) as r:
+            data.append(np.concatenate(r.read_rows(0, m), axis=1).astype(np.float64))
+    t0 = time.perf_counter()
+    full = np.corrcoef(np.concatenate(data, axis=1).T)
+    naive_s = time.perf_counter() - t0
+    print(f"naive np.corrcoef on {m} tokens: {naive_s:.1f}s ({full.nbytes / 1e9:.1f} GB matrix), "
+          f"extrapolated to {n} tokens: {naive_s * n / m:.0f}s and {args.sets * n_neurons * n * 8 / 1e9:.1f} GB "
+          "of float64 input")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from store.architectures import HOOK_NAME, MLPRecorder, mlp_shape
 from store.database import Store
 from store.errors import ActdbError
 from store.model_loading import default_revision_template, load_model, model_family, resolve_device
-from store.neuron_stats import StreamingMoments
+from store.neuron_stats import StreamingMoments, Workspace
 from store.registry import claim_set, find_set, get_dataset, get_or_create
 from store.schema import ActivationSet, Checkpoint, Model, NeuronStat, utcnow
 from store.token_datasets import load_tokenizer, tokenizer_fingerprint
@@ -166,7 +166,8 @@ class _IngestRun:
                  model, device: torch.device, req: IngestRequest) -> None:  # noqa: ANN001
         self.store, self.set_id, self.path, self.header = store, set_id, path, header
         self.tokens, self.model, self.device, self.req = tokens, model, device, req
-        self.moments = [StreamingMoments(header.d_mlp) for _ in range(header.n_layers)]
+        workspace = Workspace()
+        self.moments = [StreamingMoments(header.d_mlp, workspace) for _ in range(header.n_layers)]
         self.seq_len = tokens.seq_len
         self.rows_per_batch = req.batch_size * self.seq_len
 

@@ -37,17 +37,25 @@ def _universal_by_layer_plot(store: Store, out: Path, control: str) -> tuple[str
     except ActdbError:
         return None, ""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        series.setdefault(f"{r[0]}@{r[1]}", []).append((r[3], r[7]))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("% universal neurons")
-    ax.set_title(f"Universal neurons by layer ({control} control)")
-    ax.legend(fontsize=7, ncol=2)
+    steps = sorted({r[1] for r in rows})
+    top = max((r[7] for r in rows), default=1.0) or 1.0
+    fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps) + 1, 3.2), squeeze=False, sharey=True)
+    for ax, step in zip(axes[0], steps, strict=True):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r[1] == step:
+                series.setdefault(r[0], []).append((r[3], r[7]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        layers = sorted({r[3] for r in rows})
+        ax.set_xticks(layers)
+        ax.set_ylim(0, top * 1.15)
+        ax.set_title(f"step {step}")
+        ax.set_xlabel("layer")
+    axes[0][0].set_ylabel("% universal neurons")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Universal neurons by layer ({control} control)")
     return _save(fig, out, f"universal_by_layer_{control}.png"), render(columns, rows, "table")
 
 
@@ -106,7 +114,7 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
     if not rows:
         return None, ""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.45 * len(rows)))
     for i, r in enumerate(rows):
         ax.plot(r[10], i, "o", color="C3", label="ablated set" if i == 0 else None)
         if r[12] is not None:
@@ -115,7 +123,8 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
     ax.set_yticks(range(len(rows)), [f"#{r[0]} {r[1]}@{r[2]} {r[4]} {r[5][:18]} ({r[6]})" for r in rows], fontsize=7)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("Δ cross-entropy (nats)")
-    ax.legend(fontsize=7)
+    ax.set_ylim(-0.8, len(rows) - 0.2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(rows)), ncol=2)
     return _save(fig, out, "ablations.png"), render(columns, rows, "table")
 
 

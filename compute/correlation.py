@@ -87,6 +87,28 @@ class Task:
     layer: int
 
 
+@dataclass(frozen=True)
+class TaskGroup:
+    """Consecutive layers [start, stop) of set `a` against set `b`, accumulated with one GEMM per chunk."""
+
+    a: int
+    b: int
+    start: int
+    stop: int
+
+
+def group_tasks(tasks: list[Task]) -> list[TaskGroup]:
+    """Merge a pass's tasks into runs of consecutive layers of the same pair (bigger, faster GEMMs)."""
+    groups: list[TaskGroup] = []
+    for t in tasks:
+        last = groups[-1] if groups else None
+        if last is not None and (last.a, last.b, last.stop) == (t.a, t.b, t.layer):
+            groups[-1] = TaskGroup(t.a, t.b, last.start, t.layer + 1)
+        else:
+            groups.append(TaskGroup(t.a, t.b, t.layer, t.layer + 1))
+    return groups
+
+
 @dataclass
 class _SetMoments:
     sums: object
@@ -94,6 +116,8 @@ class _SetMoments:
     token_sums: object | None = None
     cov: list = field(default_factory=list)
     sd: object = None
+    rotations: list | None = None
+    rotated_sd: object = None
 
 
 def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> list[list[Task]]:
@@ -106,7 +130,7 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
             fixed += n_vocab * s.n_neurons * 8
     tasks = [Task(i, j, layer) for i in range(len(inputs)) for j in range(i + 1, len(inputs))
              for layer in range(inputs[i].n_layers)]
-    sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 8 for t in tasks]
+    sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 12 for t in tasks]  # float64 sum + float32 GEMM out
     finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4
     room = budget - fixed - finalize
     if room < max(sizes, default=0):
@@ -203,7 +227,9 @@ def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len,
     for p, tasks in enumerate(passes):
         first = p == 0
         wanted = sorted(range(len(inputs))) if first else sorted({t.a for t in tasks} | {t.b for t in tasks})
-        acc = {t: xp.zeros((inputs[t.a].d_mlp, inputs[t.b].n_neurons)) for t in tasks}
+        groups = group_tasks(tasks)
+        acc = {g: xp.zeros(((g.stop - g.start) * inputs[g.a].d_mlp, inputs[g.b].n_neurons)) for g in groups}
+        out = {g: xp.empty(a.shape, dtype=xp.float32) for g, a in acc.items()}
         for n_rows, ids, chunk in _chunks(readers, inputs, wanted, flat_tokens, flat_mask, seq_len,
                                           options.chunk_tokens):
             xs = {i: backend.asarray(x) for i, x in chunk.items()}
@@ -221,9 +247,10 @@ def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len,
                         m.grams[layer] += xl.T @ xl
                     if control:
                         m.token_sums += backend.segment_sum(x, seg_dev, n_vocab)
-            for t in tasks:
-                d = inputs[t.a].d_mlp
-                acc[t] += xs[t.a][:, t.layer * d : (t.layer + 1) * d].T @ xs[t.b]
+            for g in groups:
+                d = inputs[g.a].d_mlp
+                xp.matmul(xs[g.a][:, g.start * d : g.stop * d].T, xs[g.b], out=out[g])
+                acc[g] += out[g]
             if progress:
                 progress(n_rows)
         if first:
@@ -232,9 +259,15 @@ def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len,
             inv_counts = backend.asarray(1.0 / np.maximum(token_counts, 1))
             for s, m in zip(inputs, moments, strict=True):
                 _finalize_set(s, m, n, inv_counts if control else None, xp)
-        for t in tasks:
-            _finalize_task(t, acc.pop(t), inputs, moments, n, inv_counts if control else None, options, backend,
-                           results)
+        del out
+        for g in groups:
+            block = acc.pop(g)
+            d = inputs[g.a].d_mlp
+            for layer in range(g.start, g.stop):
+                rows = block[(layer - g.start) * d : (layer - g.start + 1) * d]
+                _finalize_task(Task(g.a, g.b, layer), rows, inputs, moments, n, inv_counts if control else None,
+                               options, backend, results)
+            del block
     dead = {s.key: backend.to_numpy(m.sd <= np.sqrt(VAR_EPS)) for s, m in zip(inputs, moments, strict=True)}
     matches = {(inputs[a].key, inputs[b].key): r for (a, b), r in results.items()}
     for (a, _b), r in matches.items():
@@ -290,6 +323,15 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):  # noqa: ANN001, ANN202
     return r
 
 
+def _rotations(s: SetInput, m: _SetMoments, seed: int, backend: Backend) -> list:
+    """The set's per-layer rotations and its rotated neurons' standard deviations, built once per run."""
+    if m.rotations is None:
+        m.rotations = [backend.asarray(random_rotation(s.d_mlp, seed, s.rotation_key, layer))
+                       for layer in range(s.n_layers)]
+        m.rotated_sd = _rotated_sd(m.cov, m.rotations, backend.xp)
+    return m.rotations
+
+
 def _rotated_sd(cov_layers: list, rotations: list, xp):  # noqa: ANN001, ANN202
     """Standard deviations of rotated neurons: sqrt(diag(R^T C R)) per layer, without forming R^T C R."""
     return xp.concatenate([xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None))
@@ -320,14 +362,14 @@ def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backen
         back.self_corr[rows] = fwd.self_corr[rows]
     del r
     seed = options.baseline_seed
-    rot_b = [backend.asarray(random_rotation(sb.d_mlp, seed, sb.rotation_key, lb)) for lb in range(sb.n_layers)]
+    rot_b = _rotations(sb, mb, seed, backend)
     db = sb.d_mlp
     cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot_b[lb] for lb in range(sb.n_layers)], axis=1)
-    r_rot = _masked_ratio(cov_rb, sd_a, _rotated_sd(mb.cov, rot_b, xp), xp)
+    r_rot = _masked_ratio(cov_rb, sd_a, mb.rotated_sd, xp)
     fwd.baseline_max[rows] = backend.to_numpy(r_rot.max(axis=1))
     del cov_rb, r_rot
-    rot_a = backend.asarray(random_rotation(d, seed, sa.rotation_key, t.layer))
-    r_rot = _masked_ratio(rot_a.T @ cov, _rotated_sd([ma.cov[t.layer]], [rot_a], xp), sd_b, xp)
+    rot_a = _rotations(sa, ma, seed, backend)[t.layer]
+    r_rot = _masked_ratio(rot_a.T @ cov, ma.rotated_sd[rows], sd_b, xp)
     np.maximum(back.baseline_max, backend.to_numpy(r_rot.max(axis=0)), out=back.baseline_max)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from compute.backend import get_backend
 from compute.baseline import random_rotation
-from compute.correlation import CorrelationOptions, SetInput, correlate_sets
+from compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
 from store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 from store.database import Store
 from store.schema import CorrelationRun, NeuronMatch, Universality
@@ -88,8 +88,11 @@ def test_matches_float64_corrcoef(synthetic):
 def test_chunk_and_block_invariance(synthetic):
     s = synthetic
     base = correlate_sets(s["sets"][:3], s["tokens"], s["mask"], CorrelationOptions(chunk_tokens=64, topk=3), CPU)
+    budget = 2_000_000
+    while len(plan_passes(s["sets"][:3], 40, CorrelationOptions(chunk_tokens=500), budget)) < 3:
+        budget -= 1000  # the smallest budgets that still fit one layer block force one task per pass
     many = correlate_sets(s["sets"][:3], s["tokens"], s["mask"],
-                          CorrelationOptions(chunk_tokens=500, topk=3, memory_budget=874_632), CPU)
+                          CorrelationOptions(chunk_tokens=500, topk=3, memory_budget=budget), CPU)
     assert base.n_passes == 1 and many.n_passes > 2
     for key, m in base.matches.items():
         o = many.matches[key]

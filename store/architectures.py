@@ -64,7 +64,23 @@ def mlp_shape(model: nn.Module) -> tuple[int, int]:
     return len(adapter.layers(model)), int(adapter.d_mlp(model.config))
 
 
-class MLPRecorder:
+class _HookSet:
+    """Registered hook handles, removed together (also as a context manager)."""
+
+    handles: list
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class MLPRecorder(_HookSet):
     """Forward pre-hooks that keep each layer's MLP post-activation from the latest forward pass."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -81,18 +97,8 @@ class MLPRecorder:
 
         return hook
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
-    def __enter__(self) -> MLPRecorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-class MLPEditor:
+class MLPEditor(_HookSet):
     """Forward pre-hooks that rewrite chosen neurons of each layer's MLP post-activation (ablation).
 
     `edits[layer]` is a callable taking the `(batch, seq, d_mlp)` activation and returning the edited one.
@@ -105,13 +111,3 @@ class MLPEditor:
         for index, edit in edits.items():
             self.handles.append(adapter.out_proj(layers[index]).register_forward_pre_hook(
                 lambda _m, args, edit=edit: (edit(args[0]),) + tuple(args[1:])))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def __enter__(self) -> MLPEditor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

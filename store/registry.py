@@ -21,20 +21,21 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _get_named(session: Session, cls: type, name: str, missing: str) -> object:
+    row = session.scalar(select(cls).where(cls.name == name))
+    if row is None:
+        known = ", ".join(session.scalars(select(cls.name).order_by(cls.name))) or "none yet"
+        raise ActdbError(missing.format(name=name, known=known))
+    return row
+
+
 def get_dataset(session: Session, name: str) -> Dataset:
-    ds = session.scalar(select(Dataset).where(Dataset.name == name))
-    if ds is None:
-        known = ", ".join(session.scalars(select(Dataset.name).order_by(Dataset.name))) or "none yet"
-        raise ActdbError(f"no dataset named {name!r} (known: {known}); create it with `actdb dataset add`")
-    return ds
+    return _get_named(session, Dataset, name,
+                      "no dataset named {name!r} (known: {known}); create it with `actdb dataset add`")
 
 
 def get_model(session: Session, name: str) -> Model:
-    model = session.scalar(select(Model).where(Model.name == name))
-    if model is None:
-        known = ", ".join(session.scalars(select(Model.name).order_by(Model.name))) or "none yet"
-        raise ActdbError(f"unknown model {name!r} (known: {known})")
-    return model
+    return _get_named(session, Model, name, "unknown model {name!r} (known: {known})")
 
 
 def get_checkpoint(session: Session, model_name: str, step: int) -> Checkpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,21 +26,27 @@ def _pg_admin():
                            connect_timeout=5)
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "actdb_test") -> Iterator[str]:
+    """Create an empty PostgreSQL database on the local server and drop it afterwards (skip if no server)."""
     try:
         admin = _pg_admin()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"PostgreSQL server not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"actdb_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
-        yield f"{base}/{name}"
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -231,6 +231,7 @@ def test_correlate_bad_input(ingested, store_config, tokenizer_dir, text_dir, ti
         "malformed set": ("--sets", "s0,s1"),
         "either --models": ("--dataset", "d"),
         "no activation set on dataset": ("--dataset", "e", "--step", 0, "--models", "s0,s1"),
+        "CuPy cannot use a CUDA device": ("--sets", "s0@0/d,s1@0/d", "--device", "cuda"),
     }
     for expected, args in cases.items():
         r = ingested("correlate", *args, "--quiet")

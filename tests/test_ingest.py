@@ -240,6 +240,7 @@ def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path
         "unsupported architecture": ("ingest", "b", "--step", 0, "--dataset", "tiny", "--source", tmp_path / "bert"),
         "registered with 2 x 128": ("ingest", "g", "--step", 5, "--dataset", "tiny", "--source", wide),
         "exactly one of": ("ingest", "g", "--dataset", "tiny"),
+        "no CUDA device": ("ingest", "g", "--step", 0, "--dataset", "tiny", "--device", "cuda", "--force"),
     }
     for expected, args in cases.items():
         r = run_cli(*args, "--quiet")

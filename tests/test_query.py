@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from sqlalchemy import text
 
 from store.activation_file import ActivationReader
 from store.database import make_engine
-from tests.conftest import PG_ADMIN_URL, _pg_admin, cli_call
+from tests.conftest import cli_call, fresh_pg_database
 
 VIEWS = ["v_universal_neurons", "v_universal_by_layer", "v_neuron_matches", "v_persistence", "v_ablation_summary",
          "v_neuron_history"]
@@ -56,20 +55,10 @@ def lite(tmp_path_factory, tokenizer_dir, text_dir, sources):
 
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory, tokenizer_dir, text_dir, sources):
-    try:
-        admin = _pg_admin()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL server not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"actdb_q_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    home = tmp_path_factory.mktemp("pg")
-    db = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    try:
+    with fresh_pg_database("actdb_q") as db:
+        home = tmp_path_factory.mktemp("pg")
         _populate(home, db, tokenizer_dir, text_dir, *sources)
         yield home, db
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _norm(value):

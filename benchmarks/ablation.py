@@ -63,9 +63,8 @@ def main() -> None:
         f"batched, {args.variants} variants per call: {batched_s:.1f}s ({args.neurons / batched_s:.1f} ablations/s,"
         f" {calls} forward calls of {args.variants}x the batch)"
     )
-    print(
-        f"speed-up: {single_s / batched_s:.2f}x; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
-    )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"speed-up: {single_s / batched_s:.2f}x; peak RSS {rss:.0f} MB")
 
 
 if __name__ == "__main__":

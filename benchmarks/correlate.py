@@ -80,6 +80,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = correlate_sets(sets, tokens, mask, CorrelationOptions(), backend)
     engine_s = time.perf_counter() - t0
+    engine_rss = peak_rss_mb()
     n = result.n_tokens
     pairs = args.sets * (args.sets - 1) // 2
     flops = pairs * n_neurons * n_neurons * n * 2 + args.sets * args.layers * args.d_mlp**2 * n * 2
@@ -105,7 +106,7 @@ def main() -> None:
           f"{gb * result.n_passes / engine_s:.2f} GB/s of activations streamed")
     print(f"bare GEMM of the same shapes: {gemm_s:.1f}s, {gemm_gflops:.0f} GFLOP/s")
     print(f"ratio engine / bare GEMM: {engine_gflops / gemm_gflops:.2f}")
-    print(f"peak RSS of the engine process: {peak_rss_mb():.0f} MB")
+    print(f"peak RSS of the engine process after the engine ran: {engine_rss:.0f} MB")
     m = min(args.naive_tokens, args.tokens)
     from store.activation_file import ActivationReader
 

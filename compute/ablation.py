@@ -1,8 +1,8 @@
 """Ablation: mean cross-entropy on a dataset's counted positions with chosen MLP neurons replaced by zero or by
 their mean, against the clean run and against random neuron sets matched per layer in size.
 
-`--each` ablates neurons one at a time; G single-neuron variants share one forward call by stacking G copies
-of the batch, each copy editing its own neuron, so a sweep costs ~1/G of the Python and kernel overhead.
+`--each` ablates neurons one at a time; on a GPU, G single-neuron variants share one forward call by stacking G
+copies of the batch, each copy editing its own neuron (`--variants-per-pass`).
 """
 
 from __future__ import annotations
@@ -128,6 +128,13 @@ def matched_controls(neurons: list[Neuron], d_mlp: int, k: int, seed: int) -> li
     return out
 
 
+def default_variants_per_pass(device: torch.device) -> int:
+    """How many single-neuron variants share a forward call: 16 on a GPU, where a batch of 8 leaves the device
+    idle; 1 on a CPU, where stacking only makes the memory-bound ops (logits, cross-entropy) slower
+    (benchmarks/RESULTS.md: 0.45x with 16 variants on the 2-core machine)."""
+    return 16 if device.type == "cuda" else 1
+
+
 @dataclass
 class AblationOutcome:
     base_loss: float
@@ -158,7 +165,7 @@ def ablate(
     n_controls: int = 0,
     seed: int = 0,
     each: bool = False,
-    variants_per_pass: int = 16,
+    variants_per_pass: int | None = None,
     progress: bool = True,
 ) -> AblationOutcome:
     """Clean loss, loss with all `neurons` replaced, K matched controls, and optionally each neuron alone."""
@@ -168,6 +175,8 @@ def ablate(
                 f"neuron {layer}.{n} is out of range ({evaluator.n_layers} layers x {evaluator.d_mlp} neurons)"
             )
     controls = matched_controls(neurons, evaluator.d_mlp, n_controls, seed) if n_controls and neurons else []
+    if variants_per_pass is None:
+        variants_per_pass = default_variants_per_pass(evaluator.device)
     total = 2 + len(controls) + (math.ceil(len(neurons) / variants_per_pass) if each else 0)
     bar = tqdm(total=total, disable=not progress, desc="ablate", unit="eval", dynamic_ncols=True)
     base = evaluator.loss()

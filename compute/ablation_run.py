@@ -74,6 +74,7 @@ def run_ablation(
     run_id: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    variants_per_pass: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[int, AblationOutcome]:
@@ -116,7 +117,7 @@ def run_ablation(
     model = load_model(source, revision, torch_device)
     evaluator = LossEvaluator(model, tokens.tokens[:n_seq], tokens.mask[:n_seq], batch_size, torch_device)
     started = time.perf_counter()
-    outcome = ablate(evaluator, neurons, method, means, n_controls, seed, each, progress=progress)
+    outcome = ablate(evaluator, neurons, method, means, n_controls, seed, each, variants_per_pass, progress=progress)
     seconds = time.perf_counter() - started
     c_mean, c_std, c_lo, c_hi, p = outcome.control_stats
     with store.session() as s:

@@ -233,17 +233,19 @@ def persistence(app: AppContext, model_name: str | None, dataset_name: str | Non
 @click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True,
               help="Which correlation control's universal labels `universal` means.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--variants-per-pass", type=click.IntRange(min=1),
+              help="Single-neuron variants stacked per forward call with --each (default: 16 on GPU, 1 on CPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @pass_app
 def ablate(app: AppContext, target: str, selector: str, method: str, dataset_name: str | None, n_tokens: int | None,
-           controls: int, each: bool, seed: int, run_id: int | None, control: str, batch_size: int, device: str,
-           quiet: bool) -> None:
+           controls: int, each: bool, seed: int, run_id: int | None, control: str, batch_size: int,
+           variants_per_pass: int | None, device: str, quiet: bool) -> None:
     """Does the model need these neurons? Cross-entropy with them replaced, against matched random controls."""
     from compute.ablation_run import run_ablation
 
     run_ablation(app.store(), target, selector, method, dataset_name, n_tokens, controls, seed, each, control,
-                 run_id, batch_size, device, progress=not quiet, log=click.echo)
+                 run_id, batch_size, device, variants_per_pass, progress=not quiet, log=click.echo)
 
 
 @cli.command()

@@ -135,7 +135,8 @@ def test_controls_are_matched_per_layer_and_seeded():
 
 
 def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_config):
-    r = run_cli("ablate", "a@1", "--neurons", "universal:1", "--controls", 4, "--each", "--tokens", 1000,
+    r = run_cli("ablate", "a@1", "--neurons", "universal:1", "--controls", 4, "--each", "--variants-per-pass", 3,
+                "--tokens", 1000,
                 "--method", "mean", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert "controls (4)" in r.stdout and "p = " in r.stdout

@@ -17,7 +17,7 @@ from compute.correlation import CorrelationOptions, CorrelationResult, SetInput,
 from compute.universality import score_universality
 from store.database import Store
 from store.errors import ActdbError
-from store.registry import get_checkpoint, get_dataset, get_model
+from store.registry import get_checkpoint, get_dataset
 from store.schema import (
     ActivationSet,
     Checkpoint,
@@ -296,10 +296,3 @@ def _store_results(
             for begin in range(0, len(rows), INSERT_BATCH):
                 s.execute(insert(table), rows[begin : begin + INSERT_BATCH])
     return int(sum(sc.is_dead.sum() for sc in scores.values()))
-
-
-def sets_for_models(store: Store, models: list[str], step: int) -> list[SetRef]:
-    with store.session() as s:
-        for m in models:
-            get_model(s, m)
-    return [SetRef(m, step) for m in models]

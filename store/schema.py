@@ -26,9 +26,6 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-SET_STATUSES = ("pending", "running", "complete", "failed")
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 

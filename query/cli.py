@@ -375,7 +375,7 @@ def report(app: AppContext, out_dir: str) -> None:
 @click.option("--seeds", type=click.IntRange(min=2), default=4, show_default=True, help="Independently seeded models.")
 @click.option("--steps", default="0,50,200,800", show_default=True, help="Checkpoints to analyse (the last one "
               "is the training length).")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=256), default=32768, show_default=True,
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=256), default=24576, show_default=True,
               help="Tokens in the analysis dataset.")
 @click.option("--controls", type=click.IntRange(min=0), default=8, show_default=True,
               help="Random neuron sets in the ablation.")

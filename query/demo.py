@@ -31,7 +31,7 @@ from store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
 DATASET = "stdlib-heldout"
 
 
-def run_demo(store: Store, seeds: int = 4, checkpoints: tuple[int, ...] = (0, 50, 200, 800), tokens: int = 32768,
+def run_demo(store: Store, seeds: int = 4, checkpoints: tuple[int, ...] = (0, 50, 200, 800), tokens: int = 24576,
              controls: int = 8, threshold: float = 0.2, zoo: Path | None = None, report_dir: Path | None = None,
              progress: bool = True, echo: Callable[[str], None] = print) -> Path:
     """Run every stage; returns the report's path. Prints what the data shows, nothing it did not measure.

@@ -1,8 +1,8 @@
 """Ablation: mean cross-entropy on a dataset's counted positions with chosen MLP neurons replaced by zero or by
 their mean, against the clean run and against random neuron sets matched per layer in size.
 
-`--each` ablates neurons one at a time; on a GPU, G single-neuron variants share one forward call by stacking G
-copies of the batch, each copy editing its own neuron (`--variants-per-pass`).
+`--each` ablates neurons one at a time without a full pass each: the clean computation below a neuron's layer
+is shared (`LossEvaluator.single_neuron_losses`), and on a GPU several variants are stacked per call.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from store.architectures import MLPEditor, mlp_shape
+from store.architectures import (
+    LayerOutputs,
+    MLPEditor,
+    MLPRecorder,
+    adapter_for,
+    hidden_of,
+    mlp_shape,
+    resume_after_layer,
+)
 from store.errors import ActdbError
 
 Neuron = tuple[int, int]
@@ -40,30 +48,72 @@ class LossEvaluator:
         return int(self.mask[:, 1:].sum())
 
     def loss(self, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> float:
-        """Mean CE over counted targets (a target counts when its own position is counted)."""
-        return float(self.losses_for_variants(1, edits or {})[0])
-
-    def losses_for_variants(
-        self, n_variants: int, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]
-    ) -> np.ndarray:
-        """Mean CE for `n_variants` stacked copies of every batch; `edits` see the stacked activation."""
-        total = np.zeros(n_variants)
-        count = 0
-        with MLPEditor(self.model, edits), torch.inference_mode():
+        """Mean next-token CE over counted targets (a target counts when its own position is counted)."""
+        total, count = 0.0, 0
+        with MLPEditor(self.model, edits or {}), torch.inference_mode():
             for s0 in range(0, self.tokens.shape[0], self.batch_size):
                 ids = torch.from_numpy(self.tokens[s0 : s0 + self.batch_size].astype(np.int64)).to(self.device)
                 tmask = torch.from_numpy(self.mask[s0 : s0 + self.batch_size, 1:]).to(self.device)
-                b = ids.shape[0]
-                logits = self.model(input_ids=ids.repeat(n_variants, 1), use_cache=False).logits[:, :-1].float()
+                logits = self.model(input_ids=ids, use_cache=False).logits
                 self.forward_passes += 1
-                ce = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].repeat(n_variants, 1).reshape(-1), reduction="none"
-                ).view(n_variants, b, -1)
-                total += (ce * tmask).sum(dim=(1, 2)).double().cpu().numpy()
+                total += float((_token_ce(logits, ids, 1) * tmask).sum())
                 count += int(tmask.sum())
         if count == 0:
             raise ActdbError("the evaluated tokens contain no counted targets; raise --tokens")
         return total / count
+
+    def single_neuron_losses(
+        self, neurons: list[Neuron], method: str, means: dict[Neuron, float], variants_per_pass: int
+    ) -> np.ndarray:
+        """Mean CE with each neuron ablated on its own, sharing the clean computation below its layer.
+
+        One clean pass per batch records every layer's MLP activation and output. Ablating neuron n of layer L
+        changes that layer's output by `W_out[n] * (value - post_n)` (the residual stream is additive), so each
+        variant resumes from layer L's cached output plus that delta and runs only the layers above it and the
+        unembedding; `variants_per_pass` variants are stacked in one such call.
+        """
+        adapter = adapter_for(self.model)
+        groups = []
+        for layer in sorted({lay for lay, _ in neurons}):
+            members = [k for k, (lay, _) in enumerate(neurons) if lay == layer]
+            groups += [(layer, members[i : i + variants_per_pass]) for i in range(0, len(members), variants_per_pass)]
+        total = np.zeros(len(neurons))
+        count = 0
+        with torch.inference_mode():
+            for s0 in range(0, self.tokens.shape[0], self.batch_size):
+                ids = torch.from_numpy(self.tokens[s0 : s0 + self.batch_size].astype(np.int64)).to(self.device)
+                tmask = torch.from_numpy(self.mask[s0 : s0 + self.batch_size, 1:]).to(self.device)
+                b = ids.shape[0]
+                with MLPRecorder(self.model) as post, LayerOutputs(self.model) as outs:
+                    self.model.base_model(input_ids=ids, use_cache=False)
+                self.forward_passes += 1
+                for layer, members in groups:
+                    p = post.outputs[layer]
+                    x = torch.zeros((len(members), *p.shape), dtype=p.dtype, device=p.device)
+                    for g, k in enumerate(members):
+                        n = neurons[k][1]
+                        value = 0.0 if method == "zero" else means[neurons[k]]
+                        x[g, :, :, n] = value - p[:, :, n]
+                    proj = adapter.out_proj(adapter.layers(self.model)[layer])
+                    delta = proj(x.view(-1, *p.shape[1:])) - proj(torch.zeros_like(p[:1, :1]))
+                    template = outs.outputs[layer]
+                    hidden = hidden_of(template).repeat(len(members), 1, 1) + delta
+                    with resume_after_layer(self.model, layer, hidden, template):
+                        logits = self.model(input_ids=ids.repeat(len(members), 1), use_cache=False).logits
+                    self.forward_passes += 1
+                    ce = _token_ce(logits, ids, len(members)).view(len(members), b, -1)
+                    total[members] += (ce * tmask).sum(dim=(1, 2)).double().cpu().numpy()
+                count += int(tmask.sum())
+        if count == 0:
+            raise ActdbError("the evaluated tokens contain no counted targets; raise --tokens")
+        return total / count
+
+
+def _token_ce(logits: torch.Tensor, ids: torch.Tensor, n_variants: int) -> torch.Tensor:
+    """Per-position next-token cross-entropy `(n_variants * batch, seq - 1)` for logits of stacked variants."""
+    targets = ids[:, 1:].repeat(n_variants, 1)
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    return torch.nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
 
 
 def set_edits(neurons: list[Neuron], method: str, means: dict[Neuron, float]) -> dict[int, Callable]:
@@ -80,27 +130,6 @@ def set_edits(neurons: list[Neuron], method: str, means: dict[Neuron, float]) ->
             x = x.clone()
             x[..., index] = values.to(x.dtype).to(x.device)
             return x
-
-        edits[layer] = edit
-    return edits
-
-
-def single_neuron_edits(
-    neurons: list[Neuron], method: str, means: dict[Neuron, float]
-) -> dict[int, Callable]:
-    """Hooks for len(neurons) stacked variants: variant g replaces only neuron g."""
-    edits = {}
-    for layer in sorted({lay for lay, _ in neurons}):
-        variants = [g for g, (lay, _) in enumerate(neurons) if lay == layer]
-        cols = torch.tensor([neurons[g][1] for g in variants])
-        values = torch.tensor([0.0 if method == "zero" else means[neurons[g]] for g in variants])
-        var_idx = torch.tensor(variants)
-
-        def edit(x: torch.Tensor, var_idx=var_idx, cols=cols, values=values) -> torch.Tensor:
-            b = x.shape[0] // len(neurons)
-            x = x.clone().view(len(neurons), b, *x.shape[1:])
-            x[var_idx, :, :, cols] = values.to(x.dtype).to(x.device)[:, None, None]
-            return x.view(-1, *x.shape[2:])
 
         edits[layer] = edit
     return edits
@@ -129,9 +158,9 @@ def matched_controls(neurons: list[Neuron], d_mlp: int, k: int, seed: int) -> li
 
 
 def default_variants_per_pass(device: torch.device) -> int:
-    """How many single-neuron variants share a forward call: 16 on a GPU, where a batch of 8 leaves the device
+    """How many single-neuron variants are stacked per call: 16 on a GPU, where a batch of 8 leaves the device
     idle; 1 on a CPU, where stacking only makes the memory-bound ops (logits, cross-entropy) slower
-    (benchmarks/RESULTS.md: 0.45x with 16 variants on the 2-core machine)."""
+    (benchmarks/RESULTS.md)."""
     return 16 if device.type == "cuda" else 1
 
 
@@ -189,10 +218,8 @@ def ablate(
         bar.update()
     singles: list[tuple[Neuron, float]] = []
     if each:
-        for g0 in range(0, len(neurons), variants_per_pass):
-            group = neurons[g0 : g0 + variants_per_pass]
-            losses = evaluator.losses_for_variants(len(group), single_neuron_edits(group, method, means))
-            singles += list(zip(group, losses.tolist(), strict=True))
-            bar.update()
+        losses = evaluator.single_neuron_losses(neurons, method, means, variants_per_pass)
+        singles = list(zip(neurons, losses.tolist(), strict=True))
+        bar.update(total - bar.n)
     bar.close()
     return AblationOutcome(base, ablated, ablated - base, np.array(deltas), singles, evaluator.forward_passes)

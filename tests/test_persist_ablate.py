@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compute.ablation import LossEvaluator, ablate, matched_controls, set_edits, single_neuron_edits
+from compute.ablation import LossEvaluator, ablate, matched_controls, set_edits
 from compute.persistence import emergence_steps, layer_overlap
 from store.model_loading import load_model
 from store.token_file import TokenDataset
@@ -116,14 +116,18 @@ def test_mean_ablating_a_constant_neuron_changes_nothing(evaluator):
     assert evaluator.loss(set_edits([(1, 7)], "mean", {(1, 7): constant})) == pytest.approx(clean, abs=1e-6)
 
 
-def test_batched_single_neuron_sweep_equals_one_at_a_time(evaluator):
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("variants", [1, 3])
+def test_prefix_sharing_sweep_equals_one_at_a_time(tiny_models, evaluator, arch, variants):
+    model = load_model(str(tiny_models[arch]), None, torch.device("cpu"))
+    ev = LossEvaluator(model, evaluator.tokens[:8], evaluator.mask[:8], batch_size=4)
     neurons = [(0, 1), (0, 2), (1, 5), (1, 100), (0, 127)]
-    passes_before = evaluator.forward_passes
-    batched = evaluator.losses_for_variants(len(neurons), single_neuron_edits(neurons, "zero", {}))
-    batched_passes = evaluator.forward_passes - passes_before
-    for n, loss in zip(neurons, batched, strict=True):
-        assert loss == pytest.approx(evaluator.loss(set_edits([n], "zero", {})), abs=1e-5)
-    assert batched_passes * len(neurons) == evaluator.forward_passes - passes_before - batched_passes
+    means = {n: 0.05 * i for i, n in enumerate(neurons)}
+    for method in ("zero", "mean"):
+        shared = ev.single_neuron_losses(neurons, method, means, variants)
+        for n, loss in zip(neurons, shared, strict=True):
+            assert loss == pytest.approx(ev.loss(set_edits([n], method, means)), abs=1e-5), (arch, n, method)
+    assert ev.loss() == pytest.approx(_reference_loss(model, ev.tokens, ev.mask), abs=1e-6)
 
 
 def test_controls_are_matched_per_layer_and_seeded():

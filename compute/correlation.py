@@ -33,8 +33,8 @@ VAR_EPS = 1e-12  # a neuron whose variance is below this is dead/constant: no co
 class SetInput:
     """One activation set taking part: its file, shape and the per-neuron shift (stored means).
 
-    `rotation_key` seeds the set's baseline rotation; the store passes the model id, so every checkpoint of a
-    model is rotated the same way and identical activations get identical baselines at any step.
+    `rotation_key` is the set's model id: it seeds the baseline rotation, so every checkpoint of a model is
+    rotated the same way and identical activations get identical baselines at any step.
     """
 
     key: int

@@ -188,7 +188,7 @@ def run_correlation(
             result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
         finally:
             bar.close()
-        n_dead = _store_results(store, run.id, sets, inputs, result, threshold)
+        n_dead = _store_results(store, run.id, sets, inputs, result, threshold, kind)
         seconds = time.perf_counter() - started
         with store.session() as s:
             s.execute(
@@ -240,12 +240,19 @@ def _store_results(
     inputs: list[SetInput],
     result: CorrelationResult,
     threshold: float,
+    kind: str,
 ) -> int:
-    """Bulk-insert neuron_match and universality rows; returns the number of dead neurons."""
+    """Bulk-insert neuron_match rows, and universality rows for cross-model runs; returns the dead neurons.
+
+    `self_corr` (a neuron against the same-index neuron of the other set) is kept only between checkpoints of
+    one model, where it means something; universality is only defined across models.
+    """
     shapes = {s.key: s.d_mlp for s in inputs}
+    model_of = {s.key: s.rotation_key for s in inputs}
     matches = []
     for (a, b), m in result.matches.items():
         da, db = shapes[a], shapes[b]
+        same_model = m.self_corr is not None and model_of[a] == model_of[b]
         for i in range(len(m.max_corr)):
             best = int(m.best[i])
             topk = None
@@ -269,10 +276,10 @@ def _store_results(
                     "best_neuron": best % db if best >= 0 else None,
                     "baseline_max_corr": _opt(m.baseline_max[i]),
                     "topk": topk,
-                    "self_corr": _opt(m.self_corr[i]) if m.self_corr is not None else None,
+                    "self_corr": _opt(m.self_corr[i]) if same_model else None,
                 }
             )
-    scores = score_universality(result, threshold)
+    scores = score_universality(result, threshold) if kind == "cross_model" else {}
     univ = []
     for key, sc in scores.items():
         d = shapes[key]
@@ -295,4 +302,4 @@ def _store_results(
         for table, rows in ((NeuronMatch, matches), (Universality, univ)):
             for begin in range(0, len(rows), INSERT_BATCH):
                 s.execute(insert(table), rows[begin : begin + INSERT_BATCH])
-    return int(sum(sc.is_dead.sum() for sc in scores.values()))
+    return int(sum(dead.sum() for dead in result.dead.values()))

@@ -44,7 +44,7 @@ def test_emergence_and_overlap_by_hand():
     assert layer_overlap(set(), set()) == (0, None, None)
 
 
-def test_persistence_of_unchanged_model_is_one(two_models, run_cli):
+def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config):
     r = run_cli("persistence", "--model", "a", "--format", "json", "--quiet")
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
@@ -55,6 +55,23 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli):
         assert row["mean_self_corr"] == pytest.approx(1.0, abs=1e-5)
     listing = run_cli("persistence", "--format", "csv")
     assert listing.exit_code == 0 and len(listing.stdout.strip().splitlines()) == 3
+    from sqlalchemy import func, select
+
+    from store.database import Store
+    from store.schema import CorrelationRun, NeuronMatch, Universality
+
+    store = Store.open(store_config)
+    with store.session() as s:
+        kinds = dict(s.execute(select(CorrelationRun.id, CorrelationRun.kind)).all())
+        for run_id, kind in kinds.items():
+            n_univ = s.scalar(select(func.count()).select_from(Universality).where(Universality.run_id == run_id))
+            n_self = s.scalar(select(func.count()).select_from(NeuronMatch).where(
+                NeuronMatch.run_id == run_id, NeuronMatch.self_corr.is_not(None)))
+            if kind == "cross_model":
+                assert n_univ > 0 and n_self == 0  # a different model's neuron i is no "self"
+            else:
+                assert n_univ == 0 and n_self == 2 * 2 * 128  # universality is only defined across models
+    store.close()
 
 
 def test_persistence_without_universality_names_the_command(two_models, run_cli):

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from store.database import Store
 from store.errors import ActdbError
+from store.registry import get_model
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
 
@@ -64,6 +65,9 @@ def latest_runs(
     store: Store, control: str = "none", model: str | None = None, step: int | None = None, run: int | None = None
 ) -> list[tuple[int, str, int, str]]:
     """(run_id, model, step, dataset) of each set's newest complete cross-model run with this control."""
+    if model is not None:
+        with store.session() as s:
+            get_model(s, model)
     where = ["r.status = 'complete'", "r.kind = 'cross_model'", "r.control = :control"]
     params: dict[str, Any] = {"control": control}
     if run is not None:

@@ -150,6 +150,7 @@ def test_query_errors(lite, tmp_path):
         "malformed checkpoint": ("neuron", "a1", "0.1"),
         "does not exist": ("neuron", "a@1", "9.1"),
         "no universality results for a@7": ("universal", "--model", "a", "--step", 7),
+        "unknown model 'nobody'": ("universal", "--model", "nobody"),
     }
     for expected, args in cases.items():
         r = cli_call(home, db, *args)

@@ -26,7 +26,7 @@ from compute.baseline import random_rotation
 from store.activation_file import ActivationReader
 from store.errors import ActdbError
 
-VAR_EPS = 1e-12  # a neuron whose variance is below this is dead/constant: no correlation is defined for it
+SD_EPS = 1e-6  # a neuron whose standard deviation is below this is dead/constant: it has no correlation
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len,
                 _finalize_task(Task(g.a, g.b, layer), rows, inputs, moments, n, inv_counts if control else None,
                                options, backend, results)
             del block
-    dead = {s.key: backend.to_numpy(m.sd <= np.sqrt(VAR_EPS)) for s, m in zip(inputs, moments, strict=True)}
+    dead = {s.key: backend.to_numpy(m.sd <= SD_EPS) for s, m in zip(inputs, moments, strict=True)}
     matches = {(inputs[a].key, inputs[b].key): r for (a, b), r in results.items()}
     for (a, _b), r in matches.items():
         undefined = dead[a] | ~np.isfinite(r.max_corr)
@@ -325,8 +325,8 @@ def _finalize_set(s: SetInput, m: _SetMoments, n: int, inv_counts, xp) -> None: 
 
 def _masked_ratio(num, sd_rows, sd_cols, xp):  # noqa: ANN001, ANN202
     """num / outer(sd_rows, sd_cols), with -inf wherever either side is dead so it never wins a max."""
-    live_r = sd_rows > np.sqrt(VAR_EPS)
-    live_c = sd_cols > np.sqrt(VAR_EPS)
+    live_r = sd_rows > SD_EPS
+    live_c = sd_cols > SD_EPS
     r = num / xp.outer(xp.where(live_r, sd_rows, 1.0), xp.where(live_c, sd_cols, 1.0))
     xp.clip(r, -1.0, 1.0, out=r)  # float32 per-chunk GEMMs can overshoot |r| = 1 by ~1e-6
     r[~live_r, :] = -xp.inf

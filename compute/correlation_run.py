@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from tqdm.auto import tqdm
 
 from compute.backend import get_backend
 from compute.correlation import CorrelationOptions, CorrelationResult, SetInput, correlate_sets
 from compute.universality import score_universality
-from store.database import Store
+from store.database import Store, finite_or_none, insert_rows
 from store.errors import ActdbError
 from store.registry import get_checkpoint, get_dataset
 from store.schema import (
@@ -31,8 +31,6 @@ from store.schema import (
     utcnow,
 )
 from store.token_file import TokenDataset
-
-INSERT_BATCH = 20000
 
 
 @dataclass(frozen=True)
@@ -229,10 +227,6 @@ def _set_input(session, aset: ActivationSet) -> SetInput:  # noqa: ANN001
     return SetInput(aset.id, aset.path, model.n_layers, model.d_mlp, means, rotation_key=model.id)
 
 
-def _opt(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
 def _store_results(
     store: Store,
     run_id: int,
@@ -271,12 +265,12 @@ def _store_results(
                     "other_set_id": b,
                     "layer": i // da,
                     "neuron": i % da,
-                    "max_corr": _opt(m.max_corr[i]),
+                    "max_corr": finite_or_none(m.max_corr[i]),
                     "best_layer": best // db if best >= 0 else None,
                     "best_neuron": best % db if best >= 0 else None,
-                    "baseline_max_corr": _opt(m.baseline_max[i]),
+                    "baseline_max_corr": finite_or_none(m.baseline_max[i]),
                     "topk": topk,
-                    "self_corr": _opt(m.self_corr[i]) if same_model else None,
+                    "self_corr": finite_or_none(m.self_corr[i]) if same_model else None,
                 }
             )
     scores = score_universality(result, threshold) if kind == "cross_model" else {}
@@ -290,16 +284,15 @@ def _store_results(
                     "set_id": key,
                     "layer": i // d,
                     "neuron": i % d,
-                    "mean_max_corr": _opt(sc.mean_max_corr[i]),
-                    "min_max_corr": _opt(sc.min_max_corr[i]),
-                    "mean_baseline": _opt(sc.mean_baseline[i]),
-                    "excess_corr": _opt(sc.excess_corr[i]),
+                    "mean_max_corr": finite_or_none(sc.mean_max_corr[i]),
+                    "min_max_corr": finite_or_none(sc.min_max_corr[i]),
+                    "mean_baseline": finite_or_none(sc.mean_baseline[i]),
+                    "excess_corr": finite_or_none(sc.excess_corr[i]),
                     "is_universal": bool(sc.is_universal[i]),
                     "is_dead": bool(sc.is_dead[i]),
                 }
             )
     with store.session() as s:
         for table, rows in ((NeuronMatch, matches), (Universality, univ)):
-            for begin in range(0, len(rows), INSERT_BATCH):
-                s.execute(insert(table), rows[begin : begin + INSERT_BATCH])
+            insert_rows(s, table, rows)
     return int(sum(dead.sum() for dead in result.dead.values()))

@@ -11,7 +11,7 @@ from sqlalchemy import delete, insert, select
 
 from compute.correlation import CorrelationOptions
 from compute.correlation_run import SetRef, resolve_sets, run_correlation
-from store.database import Store
+from store.database import Store, insert_rows
 from store.errors import ActdbError
 from store.registry import get_dataset, get_model
 from store.schema import (
@@ -184,8 +184,9 @@ def compute_persistence(
                 NeuronEmergence.control == control,
             )
         )
-        s.execute(
-            insert(NeuronEmergence),
+        insert_rows(
+            s,
+            NeuronEmergence,
             [
                 {
                     "model_id": model_id,

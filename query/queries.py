@@ -175,6 +175,14 @@ def universal_by_layer(
     )
 
 
+def max_corr_by_step(store: Store, control: str = "none") -> Rows:
+    """(step, mean_max_corr, mean_baseline) of every live neuron in each set's newest cross-model run."""
+    runs = latest_runs(store, control)
+    params: dict[str, Any] = {}
+    return _fetch(store, "SELECT step, mean_max_corr, mean_baseline FROM v_universality "
+                         f"WHERE is_dead = FALSE AND {_set_filter(runs, params)}", params)
+
+
 def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -> dict[str, Rows]:
     """Everything known about one neuron: statistics, matches, universality, history, ablations."""
     p = {"model": model, "step": step, "layer": layer, "neuron": neuron}

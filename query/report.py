@@ -61,13 +61,9 @@ def _universal_by_layer_plot(store: Store, out: Path, control: str) -> tuple[str
 
 def _excess_histogram(store: Store, out: Path, control: str) -> str | None:
     try:
-        runs = queries.latest_runs(store, control)
+        _cols, rows = queries.max_corr_by_step(store, control)
     except ActdbError:
         return None
-    params: dict = {}
-    sql = ("SELECT step, mean_max_corr, mean_baseline FROM v_universality WHERE is_dead = FALSE AND "
-           f"{queries._set_filter(runs, params)}")
-    _cols, rows = queries._fetch(store, sql, params)
     if not rows:
         return None
     plt = _plt()

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
 from tqdm.auto import tqdm
 
 from store.activation_file import ActivationHeader, ActivationWriter, partial_path
 from store.architectures import HOOK_NAME, MLPRecorder, mlp_shape
-from store.database import Store
+from store.database import Store, finite_or_none, insert_rows
 from store.errors import ActdbError
 from store.model_loading import default_revision_template, load_model, model_family, resolve_device
 from store.neuron_stats import StreamingMoments, Workspace
@@ -263,14 +263,9 @@ def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments]) -> 
         for i in range(len(r.mean)):
             rows.append({
                 "set_id": set_id, "layer": layer, "neuron": i, "count": r.count, "mean": float(r.mean[i]),
-                "std": float(r.std[i]), "skew": _finite(r.skew[i]), "kurtosis": _finite(r.kurtosis[i]),
+                "std": float(r.std[i]), "skew": finite_or_none(r.skew[i]), "kurtosis": finite_or_none(r.kurtosis[i]),
                 "frac_active": float(r.frac_active[i]), "min": float(r.min[i]), "max": float(r.max[i]),
             })
     with store.session() as s:
         s.execute(delete(NeuronStat).where(NeuronStat.set_id == set_id))
-        for begin in range(0, len(rows), 20000):
-            s.execute(insert(NeuronStat), rows[begin : begin + 20000])
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
+        insert_rows(s, NeuronStat, rows)

@@ -24,6 +24,7 @@ from query.output import render
 from query.report import build_report
 from store.database import Store
 from store.dataset_registry import add_dataset
+from store.errors import ActdbError
 from store.ingest import IngestRequest, ingest
 from store.schema import Ablation, Checkpoint, Dataset, Model
 from store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
@@ -129,7 +130,7 @@ def _ablate_once(store: Store, target: str, controls: int, echo: Callable[[str],
             progress=False,
             log=lambda m: echo("  " + m),
         )
-    except Exception as exc:  # noqa: BLE001 - an empty universal set is a finding, not a failure
+    except ActdbError as exc:  # an empty universal set is a finding, not a failure
         echo(f"  no ablation: {exc}")
 
 

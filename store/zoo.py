@@ -13,6 +13,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from store.errors import ActdbError
+
 SPECIAL_EOS = "<|endoftext|>"
 
 
@@ -132,7 +134,7 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
     hf_logging.disable_progress_bar()
     root = Path(root)
     if read_zoo_manifest(root) not in (None, config):
-        raise ValueError(f"zoo at {root} was built with other settings; pick another --zoo folder")
+        raise ActdbError(f"zoo at {root} was built with other settings; pick another --zoo folder")
     root.mkdir(parents=True, exist_ok=True)
     (root / "zoo.json").write_text(json.dumps(config, indent=2))
     tok_dir = root / "tokenizer"

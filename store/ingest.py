@@ -117,10 +117,12 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
                               n_layers=n_layers, d_mlp=d_mlp, n_tokens=int(tokens.tokens.size), dtype=req.dtype)
     started = time.perf_counter()
     try:
-        with store.session() as s:
-            committed = 0 if (req.force or prior == "complete") else s.get(ActivationSet, aset.id).tokens_done
-        if req.force or prior == "complete":
+        committed = 0
+        if req.force:  # redo from scratch, whatever a partial file holds
             partial_path(path).unlink(missing_ok=True)
+        else:
+            with store.session() as s:
+                committed = s.get(ActivationSet, aset.id).tokens_done
         run = _IngestRun(store, aset.id, path, header, tokens, model, device, req)
         resumed_from = run.execute(committed)
         size = path.stat().st_size

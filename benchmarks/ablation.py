@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from compute.ablation import LossEvaluator, set_edits  # noqa: E402
-from store.model_loading import load_model  # noqa: E402
-from store.zoo import save_tiny_model, stdlib_texts, train_tokenizer  # noqa: E402
+from actdb.compute.ablation import LossEvaluator, set_edits
+from actdb.store.model_loading import load_model
+from actdb.store.zoo import save_tiny_model, stdlib_texts, train_tokenizer
 
 
 def main() -> None:

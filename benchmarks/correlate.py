@@ -11,43 +11,16 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from synthetic_sets import SEQ_LEN, write_sets
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from compute.backend import get_backend  # noqa: E402
-from compute.correlation import CorrelationOptions, SetInput, correlate_sets  # noqa: E402
-from store.activation_file import ActivationHeader, ActivationWriter  # noqa: E402
-
-SEQ_LEN = 512
-
-
-def write_sets(root: Path, n_sets: int, n_layers: int, d_mlp: int, n_tokens: int) -> list[SetInput]:
-    rng = np.random.default_rng(0)
-    sets = []
-    block = 16384
-    mix = [rng.standard_normal((64, n_layers * d_mlp)).astype(np.float32) * 0.3 for _ in range(n_sets)]
-    writers = [ActivationWriter(root / f"s{k}.h5", ActivationHeader(f"m{k}", 0, "bench", "mlp.post", n_layers,
-                                                                      d_mlp, n_tokens, "float16"))
-               for k in range(n_sets)]
-    sums = [np.zeros(n_layers * d_mlp) for _ in range(n_sets)]
-    for start in range(0, n_tokens, block):
-        n = min(block, n_tokens - start)
-        latent = rng.standard_normal((n, 64)).astype(np.float32)
-        for k, w in enumerate(writers):
-            x = (latent @ mix[k] + rng.standard_normal((n, n_layers * d_mlp), dtype=np.float32)).astype(np.float16)
-            sums[k] += x.sum(axis=0, dtype=np.float64)
-            w.write_rows(start, [x[:, i * d_mlp : (i + 1) * d_mlp] for i in range(n_layers)])
-    for k, w in enumerate(writers):
-        w.finish()
-        sets.append(SetInput(k, str(w.path), n_layers, d_mlp, sums[k] / n_tokens, rotation_key=k))
-    return sets
+from actdb.compute.backend import get_backend
+from actdb.compute.correlation import CorrelationOptions, correlate_sets
 
 
 def peak_rss_mb() -> float:
@@ -72,8 +45,10 @@ def main() -> None:
         sets = pool.submit(write_sets, root, args.sets, args.layers, args.d_mlp, args.tokens).result()
     n_neurons = args.layers * args.d_mlp
     gb = args.sets * n_neurons * args.tokens * 2 / 1e9
-    print(f"wrote {args.sets} sets x {n_neurons} neurons x {args.tokens} tokens ({gb:.2f} GB) "
-          f"in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"wrote {args.sets} sets x {n_neurons} neurons x {args.tokens} tokens ({gb:.2f} GB) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
     n_seq = args.tokens // SEQ_LEN
     tokens = np.zeros((n_seq, SEQ_LEN), dtype=np.int32)
     mask = np.ones_like(tokens, dtype=bool)
@@ -102,13 +77,15 @@ def main() -> None:
     del c
     gemm_s = (time.perf_counter() - t0) * n / (reps * 8192)
     gemm_gflops = flops / gemm_s / 1e9
-    print(f"engine: {engine_s:.1f}s, {engine_gflops:.0f} GFLOP/s on {backend.name}, {result.n_passes} pass(es), "
-          f"{gb * result.n_passes / engine_s:.2f} GB/s of activations streamed")
+    print(
+        f"engine: {engine_s:.1f}s, {engine_gflops:.0f} GFLOP/s on {backend.name}, {result.n_passes} pass(es), "
+        f"{gb * result.n_passes / engine_s:.2f} GB/s of activations streamed"
+    )
     print(f"bare GEMM of the same shapes: {gemm_s:.1f}s, {gemm_gflops:.0f} GFLOP/s")
     print(f"ratio engine / bare GEMM: {engine_gflops / gemm_gflops:.2f}")
     print(f"peak RSS of the engine process after the engine ran: {engine_rss:.0f} MB")
     m = min(args.naive_tokens, args.tokens)
-    from store.activation_file import ActivationReader
+    from actdb.store.activation_file import ActivationReader
 
     data = []
     for s in sets:
@@ -117,9 +94,11 @@ def main() -> None:
     t0 = time.perf_counter()
     full = np.corrcoef(np.concatenate(data, axis=1).T)
     naive_s = time.perf_counter() - t0
-    print(f"naive np.corrcoef on {m} tokens: {naive_s:.1f}s ({full.nbytes / 1e9:.1f} GB matrix), "
-          f"extrapolated to {n} tokens: {naive_s * n / m:.0f}s and {args.sets * n_neurons * n * 8 / 1e9:.1f} GB "
-          "of float64 input")
+    print(
+        f"naive np.corrcoef on {m} tokens: {naive_s:.1f}s ({full.nbytes / 1e9:.1f} GB matrix), "
+        f"extrapolated to {n} tokens: {naive_s * n / m:.0f}s and {args.sets * n_neurons * n * 8 / 1e9:.1f} GB "
+        "of float64 input"
+    )
 
 
 if __name__ == "__main__":

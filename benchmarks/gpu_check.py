@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from synthetic_sets import SEQ_LEN, write_sets
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.correlate import SEQ_LEN, write_sets  # noqa: E402
-from compute.backend import cupy_usable, get_backend  # noqa: E402
-from compute.correlation import CorrelationOptions, correlate_sets  # noqa: E402
+from actdb.compute.backend import cupy_usable, get_backend
+from actdb.compute.correlation import CorrelationOptions, correlate_sets
 
 
 def main() -> None:
@@ -75,8 +73,10 @@ def main() -> None:
     cupy.cuda.Stream.null.synchronize()
     del c
     gemm_s = (time.perf_counter() - t0) * n / (reps * 8192)
-    print(f"engine {flops / engine_s / 1e9:.0f} GFLOP/s, bare CuPy GEMM {flops / gemm_s / 1e9:.0f} GFLOP/s, "
-          f"ratio {gemm_s / engine_s:.2f}")
+    print(
+        f"engine {flops / engine_s / 1e9:.0f} GFLOP/s, bare CuPy GEMM {flops / gemm_s / 1e9:.0f} GFLOP/s, "
+        f"ratio {gemm_s / engine_s:.2f}"
+    )
     print(f"agreement with NumPy: max |difference| {worst:.2e} -> {'OK' if worst <= 1e-4 else 'FAILED'} (<= 1e-4)")
     sys.exit(0 if worst <= 1e-4 else 1)
 

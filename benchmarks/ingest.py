@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,15 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from store.config import StoreConfig  # noqa: E402
-from store.database import Store  # noqa: E402
-from store.dataset_registry import add_dataset  # noqa: E402
-from store.ingest import IngestRequest, ingest  # noqa: E402
-from store.model_loading import load_model  # noqa: E402
-from store.token_file import TokenDataset  # noqa: E402
-from store.zoo import save_tiny_model, stdlib_files, stdlib_texts, train_tokenizer  # noqa: E402
+from actdb.store.config import StoreConfig
+from actdb.store.database import Store
+from actdb.store.dataset_registry import add_dataset
+from actdb.store.ingest import IngestRequest, ingest
+from actdb.store.model_loading import load_model
+from actdb.store.token_file import TokenDataset
+from actdb.store.zoo import save_tiny_model, stdlib_files, stdlib_texts, train_tokenizer
 
 
 def main() -> None:
@@ -43,22 +40,26 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="actdb-ingest-bench-"))
     tok = train_tokenizer(stdlib_texts(max_files=40), 1000, root / "tok")
-    src = save_tiny_model("gpt2", root / "model", tok, n_layers=args.layers, d_model=args.d_model,
-                          d_mlp=args.d_mlp, n_ctx=args.seq_len)
+    src = save_tiny_model(
+        "gpt2", root / "model", tok, n_layers=args.layers, d_model=args.d_model, d_mlp=args.d_mlp, n_ctx=args.seq_len
+    )
     store = Store.init(StoreConfig.resolve(root / "store"))
     add_dataset(store, "bench", [str(p) for p in stdlib_files()], str(tok), args.seq_len, args.tokens, seed=0)
     ds = TokenDataset.load(store.config.dataset_path("bench"))
     n_tokens = ds.tokens.size
-    req = IngestRequest("bench", 0, "bench", source=str(src), device=args.device, batch_size=args.batch_size,
-                        progress=False)
+    req = IngestRequest(
+        "bench", 0, "bench", source=str(src), device=args.device, batch_size=args.batch_size, progress=False
+    )
     model = load_model(str(src), None, torch.device("cuda" if args.device == "cuda" else "cpu"))
     device = next(model.parameters()).device
     with torch.inference_mode():
         model.base_model(input_ids=torch.from_numpy(ds.tokens[:1].astype(np.int64)).to(device))
         t0 = time.perf_counter()
         for s0 in range(0, ds.n_sequences, args.batch_size):
-            model.base_model(input_ids=torch.from_numpy(ds.tokens[s0 : s0 + args.batch_size].astype(np.int64))
-                             .to(device), use_cache=False)
+            model.base_model(
+                input_ids=torch.from_numpy(ds.tokens[s0 : s0 + args.batch_size].astype(np.int64)).to(device),
+                use_cache=False,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         bare_s = time.perf_counter() - t0
@@ -66,11 +67,15 @@ def main() -> None:
     result = ingest(store, req, log=lambda _m: None)
     bare_tps, ingest_tps = n_tokens / bare_s, n_tokens / result.seconds
     neurons = args.layers * args.d_mlp
-    print(f"model: {args.layers} layers x {args.d_mlp} neurons (d_model {args.d_model}); {n_tokens} tokens, "
-          f"batch {args.batch_size} x {args.seq_len}; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {args.layers} layers x {args.d_mlp} neurons (d_model {args.d_model}); {n_tokens} tokens, "
+        f"batch {args.batch_size} x {args.seq_len}; torch threads {torch.get_num_threads()}"
+    )
     print(f"bare forward: {bare_tps:,.0f} tokens/s ({bare_s:.1f}s)")
-    print(f"actdb ingest: {ingest_tps:,.0f} tokens/s ({result.seconds:.1f}s, {result.bytes / 1e6:.0f} MB written, "
-          f"{n_tokens * neurons * 2 / result.seconds / 1e6:.0f} MB/s)")
+    print(
+        f"actdb ingest: {ingest_tps:,.0f} tokens/s ({result.seconds:.1f}s, {result.bytes / 1e6:.0f} MB written, "
+        f"{n_tokens * neurons * 2 / result.seconds / 1e6:.0f} MB/s)"
+    )
     print(f"ratio ingest / bare forward: {ingest_tps / bare_tps:.2f}")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -20,12 +19,10 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert, text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from query.queries import neuron_story, universal_neurons  # noqa: E402
-from store.config import StoreConfig  # noqa: E402
-from store.database import Store  # noqa: E402
-from store.schema import (  # noqa: E402
+from actdb.query.queries import neuron_story, universal_neurons
+from actdb.store.config import StoreConfig
+from actdb.store.database import Store
+from actdb.store.schema import (
     ActivationSet,
     Checkpoint,
     CorrelationRun,
@@ -45,22 +42,69 @@ def fill(store: Store, d_mlp: int) -> None:
     n = LAYERS * d_mlp
     layer, neuron = np.divmod(np.arange(n), d_mlp)
     with store.session() as s:
-        s.add(Dataset(id=1, name="pile", tokenizer="gpt2", tokenizer_fingerprint="f", vocab_size=50257, seq_len=512,
-                      n_sequences=10, n_tokens=5120, n_counted=5000, token_sha256="x", source="gen", seed=0, path="-"))
+        s.add(
+            Dataset(
+                id=1,
+                name="pile",
+                tokenizer="gpt2",
+                tokenizer_fingerprint="f",
+                vocab_size=50257,
+                seq_len=512,
+                n_sequences=10,
+                n_tokens=5120,
+                n_counted=5000,
+                token_sha256="x",
+                source="gen",
+                seed=0,
+                path="-",
+            )
+        )
         for m in range(MODELS):
-            s.add(Model(id=m + 1, name=f"m{m}", family="gpt2", architecture="gpt2", n_layers=LAYERS, d_mlp=d_mlp,
-                        source="gen"))
+            s.add(
+                Model(
+                    id=m + 1,
+                    name=f"m{m}",
+                    family="gpt2",
+                    architecture="gpt2",
+                    n_layers=LAYERS,
+                    d_mlp=d_mlp,
+                    source="gen",
+                )
+            )
         s.flush()
         for m in range(MODELS):
             for k in range(STEPS):
                 cid = m * STEPS + k + 1
                 s.add(Checkpoint(id=cid, model_id=m + 1, step=k * 100000, source="gen"))
                 s.flush()
-                s.add(ActivationSet(id=cid, checkpoint_id=cid, dataset_id=1, hook="mlp.post", dtype="float16",
-                                    path="-", status="complete", tokens_done=5120, n_tokens=5120))
+                s.add(
+                    ActivationSet(
+                        id=cid,
+                        checkpoint_id=cid,
+                        dataset_id=1,
+                        hook="mlp.post",
+                        dtype="float16",
+                        path="-",
+                        status="complete",
+                        tokens_done=5120,
+                        n_tokens=5120,
+                    )
+                )
         for k in range(STEPS):
-            s.add(CorrelationRun(id=k + 1, request_key=f"k{k}", dataset_id=1, kind="cross_model", control="none",
-                                 threshold=0.5, baseline_seed=0, topk=0, backend="numpy", status="complete"))
+            s.add(
+                CorrelationRun(
+                    id=k + 1,
+                    request_key=f"k{k}",
+                    dataset_id=1,
+                    kind="cross_model",
+                    control="none",
+                    threshold=0.5,
+                    baseline_seed=0,
+                    topk=0,
+                    backend="numpy",
+                    status="complete",
+                )
+            )
             s.flush()
             for m in range(MODELS):
                 s.add(RunMember(run_id=k + 1, set_id=m * STEPS + k + 1, position=m))
@@ -70,19 +114,53 @@ def fill(store: Store, d_mlp: int) -> None:
             sid = m * STEPS + k + 1
             mx = rng.uniform(0.1, 0.95, (MODELS - 1, n))
             base = rng.uniform(0.1, 0.3, (MODELS - 1, n))
-            stats = [{"set_id": sid, "layer": int(layer[i]), "neuron": int(neuron[i]), "count": 5000,
-                      "mean": 0.1, "std": 1.0, "skew": 0.5, "kurtosis": 3.0, "frac_active": 0.2, "min": -0.17,
-                      "max": 5.0} for i in range(n)]
-            univ = [{"run_id": k + 1, "set_id": sid, "layer": int(layer[i]), "neuron": int(neuron[i]),
-                     "mean_max_corr": float(mx[:, i].mean()), "min_max_corr": float(mx[:, i].min()),
-                     "mean_baseline": float(base[:, i].mean()), "excess_corr": float((mx[:, i] - base[:, i]).mean()),
-                     "is_universal": bool((mx[:, i] - base[:, i]).mean() > 0.5), "is_dead": False}
-                    for i in range(n)]
+            stats = [
+                {
+                    "set_id": sid,
+                    "layer": int(layer[i]),
+                    "neuron": int(neuron[i]),
+                    "count": 5000,
+                    "mean": 0.1,
+                    "std": 1.0,
+                    "skew": 0.5,
+                    "kurtosis": 3.0,
+                    "frac_active": 0.2,
+                    "min": -0.17,
+                    "max": 5.0,
+                }
+                for i in range(n)
+            ]
+            univ = [
+                {
+                    "run_id": k + 1,
+                    "set_id": sid,
+                    "layer": int(layer[i]),
+                    "neuron": int(neuron[i]),
+                    "mean_max_corr": float(mx[:, i].mean()),
+                    "min_max_corr": float(mx[:, i].min()),
+                    "mean_baseline": float(base[:, i].mean()),
+                    "excess_corr": float((mx[:, i] - base[:, i]).mean()),
+                    "is_universal": bool((mx[:, i] - base[:, i]).mean() > 0.5),
+                    "is_dead": False,
+                }
+                for i in range(n)
+            ]
             others = [o * STEPS + k + 1 for o in range(MODELS) if o != m]
-            matches = [{"run_id": k + 1, "set_id": sid, "other_set_id": o, "layer": int(layer[i]),
-                        "neuron": int(neuron[i]), "max_corr": float(mx[j, i]), "best_layer": int(layer[i]),
-                        "best_neuron": int(neuron[i]), "baseline_max_corr": float(base[j, i])}
-                       for j, o in enumerate(others) for i in range(n)]
+            matches = [
+                {
+                    "run_id": k + 1,
+                    "set_id": sid,
+                    "other_set_id": o,
+                    "layer": int(layer[i]),
+                    "neuron": int(neuron[i]),
+                    "max_corr": float(mx[j, i]),
+                    "best_layer": int(layer[i]),
+                    "best_neuron": int(neuron[i]),
+                    "baseline_max_corr": float(base[j, i]),
+                }
+                for j, o in enumerate(others)
+                for i in range(n)
+            ]
             with store.session() as s:
                 for table, rows in ((NeuronStat, stats), (Universality, univ), (NeuronMatch, matches)):
                     for b in range(0, len(rows), batch):
@@ -121,8 +199,10 @@ def main() -> None:
         t0 = time.perf_counter()
         fill(store, args.neurons)
         n_rows = MODELS * STEPS * LAYERS * args.neurons
-        print(f"filled {store.engine.dialect.name}: {n_rows:,} universality + neuron_stat rows, {4 * n_rows:,} "
-              f"neuron_match rows in {time.perf_counter() - t0:.0f}s")
+        print(
+            f"filled {store.engine.dialect.name}: {n_rows:,} universality + neuron_stat rows, {4 * n_rows:,} "
+            f"neuron_match rows in {time.perf_counter() - t0:.0f}s"
+        )
         with store.engine.begin() as conn:
             conn.execute(text("ANALYZE"))
         u = timed(lambda: universal_neurons(store, model="m2", step=300000, layer=5, threshold=0.3))
@@ -131,8 +211,12 @@ def main() -> None:
         print(f"actdb neuron m2@300000 5.1234: {nrn:.0f} ms (median of 7)")
         explain = "EXPLAIN QUERY PLAN " if store.engine.dialect.name == "sqlite" else "EXPLAIN "
         with store.engine.connect() as conn:
-            plan = conn.execute(text(explain + "SELECT * FROM v_universality WHERE run_id = 4 AND model = 'm2' "
-                                     "AND step = 300000 AND dataset = 'pile' AND layer = 5")).fetchall()
+            plan = conn.execute(
+                text(
+                    explain + "SELECT * FROM v_universality WHERE run_id = 4 AND model = 'm2' "
+                    "AND step = 300000 AND dataset = 'pile' AND layer = 5"
+                )
+            ).fetchall()
         print("plan of the universal query:")
         for row in plan:
             print("  ", " | ".join(str(c) for c in row))

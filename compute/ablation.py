@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from store.architectures import (
+from actdb.store.architectures import (
     LayerOutputs,
     MLPEditor,
     MLPRecorder,
@@ -24,7 +24,7 @@ from store.architectures import (
     mlp_shape,
     resume_after_layer,
 )
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 Neuron = tuple[int, int]
 

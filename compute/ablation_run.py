@@ -9,15 +9,15 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from compute.ablation import AblationOutcome, LossEvaluator, Neuron, ablate
-from compute.correlation_run import SetRef
-from compute.persistence import latest_universality_run
-from store.database import Store
-from store.errors import ActdbError
-from store.model_loading import load_model, resolve_device
-from store.registry import find_set, get_checkpoint, get_dataset
-from store.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat, Universality
-from store.token_file import TokenDataset
+from actdb.compute.ablation import AblationOutcome, LossEvaluator, Neuron, ablate
+from actdb.compute.correlation_run import SetRef
+from actdb.compute.persistence import latest_universality_run
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError
+from actdb.store.model_loading import load_model, resolve_device
+from actdb.store.registry import find_set, get_checkpoint, get_dataset
+from actdb.store.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat, Universality
+from actdb.store.token_file import TokenDataset
 
 
 def parse_neuron_list(text: str) -> list[Neuron]:

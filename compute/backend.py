@@ -7,7 +7,7 @@ from types import ModuleType
 
 import numpy as np
 
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,10 @@ class Backend:
     name: str
     xp: ModuleType
 
-    def asarray(self, a: np.ndarray, dtype=None):  # noqa: ANN001, ANN201
+    def asarray(self, a: np.ndarray, dtype=None):
         return self.xp.asarray(a, dtype=dtype)
 
-    def to_numpy(self, a) -> np.ndarray:  # noqa: ANN001
+    def to_numpy(self, a) -> np.ndarray:
         return a.get() if self.name == "cupy" else np.asarray(a)
 
     def free_memory(self) -> int:
@@ -35,7 +35,7 @@ class Backend:
         except OSError:
             return 8 * 2**30
 
-    def segment_sum(self, values, segments, n_segments: int):  # noqa: ANN001, ANN201
+    def segment_sum(self, values, segments, n_segments: int):
         """Row sums of `values (T, N)` grouped by `segments (T,)` into `(n_segments, N)` float64."""
         xp = self.xp
         out = xp.zeros((n_segments, values.shape[1]), dtype=xp.float64)
@@ -58,7 +58,7 @@ def cupy_usable() -> bool:
         import cupy
 
         return bool(cupy.is_available())
-    except Exception:  # noqa: BLE001 - any import or driver failure means "not usable"
+    except Exception:
         return False
 
 
@@ -69,8 +69,10 @@ def get_backend(device: str = "auto") -> Backend:
     if device == "cpu" or (device == "auto" and not cupy_usable()):
         return Backend("numpy", np)
     if not cupy_usable():
-        raise ActdbError("--device cuda was asked for but CuPy cannot use a CUDA device "
-                         "(install the `gpu` extra: pip install 'actdb[gpu]')")
+        raise ActdbError(
+            "--device cuda was asked for but CuPy cannot use a CUDA device "
+            "(install the `gpu` extra: pip install 'actdb[gpu]')"
+        )
     import cupy
 
     return Backend("cupy", cupy)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compute.backend import Backend
-from compute.baseline import random_rotation
-from store.activation_file import ActivationReader
-from store.errors import ActdbError
+from actdb.compute.backend import Backend
+from actdb.compute.baseline import random_rotation
+from actdb.store.activation_file import ActivationReader
+from actdb.store.errors import ActdbError
 
 SD_EPS = 1e-6  # a neuron whose standard deviation is below this is dead/constant: it has no correlation
 
@@ -128,16 +128,22 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
         fixed += s.n_neurons * 8 + s.n_layers * s.d_mlp**2 * 8 + 2 * chunk * s.n_neurons * 4 * 2
         if options.control == "token":
             fixed += n_vocab * s.n_neurons * 8
-    tasks = [Task(i, j, layer) for i in range(len(inputs)) for j in range(i + 1, len(inputs))
-             for layer in range(inputs[i].n_layers)]
+    tasks = [
+        Task(i, j, layer)
+        for i in range(len(inputs))
+        for j in range(i + 1, len(inputs))
+        for layer in range(inputs[i].n_layers)
+    ]
     sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 12 for t in tasks]  # float64 sum + float32 GEMM out
     finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4
     room = budget - fixed - finalize
     if room < max(sizes, default=0):
         need = fixed + finalize + max(sizes, default=0)
         hint = " (the token control alone needs vocab x neurons per set)" if options.control == "token" else ""
-        raise ActdbError(f"correlation needs at least {need / 2**20:.1f} MiB of memory for one layer block but the "
-                         f"budget is {budget / 2**20:.1f} MiB{hint}; lower --chunk-tokens or raise --memory-budget")
+        raise ActdbError(
+            f"correlation needs at least {need / 2**20:.1f} MiB of memory for one layer block but the "
+            f"budget is {budget / 2**20:.1f} MiB{hint}; lower --chunk-tokens or raise --memory-budget"
+        )
     passes: list[list[Task]] = [[]]
     used = 0
     for task, size in zip(tasks, sizes, strict=True):
@@ -149,8 +155,15 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
     return passes
 
 
-def _read_chunks(readers: list[ActivationReader], sets: list[SetInput], wanted: list[int], tokens: np.ndarray,
-                 mask: np.ndarray, seq_len: int, chunk_tokens: int) -> Iterator[tuple[int, np.ndarray, dict]]:
+def _read_chunks(
+    readers: list[ActivationReader],
+    sets: list[SetInput],
+    wanted: list[int],
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    seq_len: int,
+    chunk_tokens: int,
+) -> Iterator[tuple[int, np.ndarray, dict]]:
     """Yield (n_rows, token ids, {set: shifted float32 (n_counted, N)}) for chunks of whole sequences.
 
     `tokens` and `mask` are flat over all positions.
@@ -185,7 +198,7 @@ def _read_ahead(chunks: Iterator, depth: int = 2) -> Iterator:
         try:
             for item in chunks:
                 q.put(item)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+        except BaseException as exc:
             q.put(exc)
             return
         q.put(None)
@@ -199,8 +212,14 @@ def _read_ahead(chunks: Iterator, depth: int = 2) -> Iterator:
     thread.join()
 
 
-def correlate_sets(inputs: list[SetInput], tokens: np.ndarray, mask: np.ndarray, options: CorrelationOptions,
-                   backend: Backend, progress: Callable[[int], None] | None = None) -> CorrelationResult:
+def correlate_sets(
+    inputs: list[SetInput],
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    options: CorrelationOptions,
+    backend: Backend,
+    progress: Callable[[int], None] | None = None,
+) -> CorrelationResult:
     """Correlate every pair of `inputs` over the counted positions of `tokens (n_seq, seq_len)`."""
     if len(inputs) < 2:
         raise ActdbError("correlation needs at least two activation sets")
@@ -216,20 +235,25 @@ def correlate_sets(inputs: list[SetInput], tokens: np.ndarray, mask: np.ndarray,
     passes = plan_passes(inputs, n_vocab, options, budget)
     readers = [ActivationReader(s.path) for s in inputs]
     try:
-        return _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options,
-                    backend, progress)
+        return _run(
+            inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options, backend, progress
+        )
     finally:
         for r in readers:
             r.close()
 
 
-def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options, backend,  # noqa: ANN001, PLR0913
-         progress) -> CorrelationResult:
+def _run(
+    inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options, backend, progress
+) -> CorrelationResult:
     xp = backend.xp
     control = options.control == "token"
     moments = [
-        _SetMoments(xp.zeros(s.n_neurons), [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
-                    xp.zeros((n_vocab, s.n_neurons)) if control else None)
+        _SetMoments(
+            xp.zeros(s.n_neurons),
+            [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
+            xp.zeros((n_vocab, s.n_neurons)) if control else None,
+        )
         for s in inputs
     ]
     token_counts = np.zeros(n_vocab)
@@ -276,8 +300,17 @@ def _run(inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len,
             d = inputs[g.a].d_mlp
             for layer in range(g.start, g.stop):
                 rows = block[(layer - g.start) * d : (layer - g.start + 1) * d]
-                _finalize_task(Task(g.a, g.b, layer), rows, inputs, moments, n, inv_counts if control else None,
-                               options, backend, results)
+                _finalize_task(
+                    Task(g.a, g.b, layer),
+                    rows,
+                    inputs,
+                    moments,
+                    n,
+                    inv_counts if control else None,
+                    options,
+                    backend,
+                    results,
+                )
             del block
     dead = {s.key: backend.to_numpy(m.sd <= SD_EPS) for s, m in zip(inputs, moments, strict=True)}
     matches = {(inputs[a].key, inputs[b].key): r for (a, b), r in results.items()}
@@ -297,7 +330,9 @@ def _empty_results(inputs: list[SetInput], topk: int) -> dict[tuple[int, int], M
                 continue
             n_a = sa.n_neurons
             out[(a, b)] = MatchResult(
-                np.full(n_a, -np.inf), np.full(n_a, -1, dtype=np.int64), np.full(n_a, -np.inf),
+                np.full(n_a, -np.inf),
+                np.full(n_a, -1, dtype=np.int64),
+                np.full(n_a, -np.inf),
                 np.full(n_a, np.nan) if sa.n_neurons == sb.n_neurons else None,
                 np.full((n_a, topk), -1, dtype=np.int64) if topk else None,
                 np.full((n_a, topk), -np.inf) if topk else None,
@@ -305,7 +340,7 @@ def _empty_results(inputs: list[SetInput], topk: int) -> dict[tuple[int, int], M
     return out
 
 
-def _finalize_set(s: SetInput, m: _SetMoments, n: int, inv_counts, xp) -> None:  # noqa: ANN001
+def _finalize_set(s: SetInput, m: _SetMoments, n: int, inv_counts, xp) -> None:
     """Covariances from the moments: within-layer Cov (for rotations) and per-neuron standard deviations."""
     mean = m.sums / n
     d = s.d_mlp
@@ -323,7 +358,7 @@ def _finalize_set(s: SetInput, m: _SetMoments, n: int, inv_counts, xp) -> None: 
     m.grams = []
 
 
-def _masked_ratio(num, sd_rows, sd_cols, xp):  # noqa: ANN001, ANN202
+def _masked_ratio(num, sd_rows, sd_cols, xp):
     """num / outer(sd_rows, sd_cols), with -inf wherever either side is dead so it never wins a max."""
     live_r = sd_rows > SD_EPS
     live_c = sd_cols > SD_EPS
@@ -337,19 +372,21 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):  # noqa: ANN001, ANN202
 def _rotations(s: SetInput, m: _SetMoments, seed: int, backend: Backend) -> list:
     """The set's per-layer rotations and its rotated neurons' standard deviations, built once per run."""
     if m.rotations is None:
-        m.rotations = [backend.asarray(random_rotation(s.d_mlp, seed, s.rotation_key, layer))
-                       for layer in range(s.n_layers)]
+        m.rotations = [
+            backend.asarray(random_rotation(s.d_mlp, seed, s.rotation_key, layer)) for layer in range(s.n_layers)
+        ]
         m.rotated_sd = _rotated_sd(m.cov, m.rotations, backend.xp)
     return m.rotations
 
 
-def _rotated_sd(cov_layers: list, rotations: list, xp):  # noqa: ANN001, ANN202
+def _rotated_sd(cov_layers: list, rotations: list, xp):
     """Standard deviations of rotated neurons: sqrt(diag(R^T C R)) per layer, without forming R^T C R."""
-    return xp.concatenate([xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None))
-                           for c, r in zip(cov_layers, rotations, strict=True)])
+    return xp.concatenate(
+        [xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None)) for c, r in zip(cov_layers, rotations, strict=True)]
+    )
 
 
-def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backend, results) -> None:  # noqa: ANN001
+def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backend, results) -> None:
     """Turn one (pair x layer) accumulator into row maxima for a and running column maxima for b."""
     xp = backend.xp
     sa, sb = inputs[t.a], inputs[t.b]
@@ -384,7 +421,7 @@ def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backen
     np.maximum(back.baseline_max, backend.to_numpy(r_rot.max(axis=0)), out=back.baseline_max)
 
 
-def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: Backend) -> None:  # noqa: ANN001
+def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: Backend) -> None:
     xp = backend.xp
     best = xp.argmax(r, axis=1)
     res.best[rows] = backend.to_numpy(best)
@@ -398,7 +435,7 @@ def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: Backend) -> N
         res.topk_val[rows, :k] = backend.to_numpy(xp.take_along_axis(val, order, axis=1))
 
 
-def _col_max(r, res: MatchResult, row_offset: int, topk: int, backend: Backend) -> None:  # noqa: ANN001
+def _col_max(r, res: MatchResult, row_offset: int, topk: int, backend: Backend) -> None:
     xp = backend.xp
     best = xp.argmax(r, axis=0)
     val = backend.to_numpy(xp.take_along_axis(r, best[None, :], axis=0)[0])

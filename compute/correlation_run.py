@@ -12,13 +12,13 @@ import numpy as np
 from sqlalchemy import select, update
 from tqdm.auto import tqdm
 
-from compute.backend import get_backend
-from compute.correlation import CorrelationOptions, CorrelationResult, SetInput, correlate_sets
-from compute.universality import score_universality
-from store.database import Store, finite_or_none, insert_rows
-from store.errors import ActdbError
-from store.registry import get_checkpoint, get_dataset
-from store.schema import (
+from actdb.compute.backend import get_backend
+from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, correlate_sets
+from actdb.compute.universality import score_universality
+from actdb.store.database import Store, finite_or_none, insert_rows
+from actdb.store.errors import ActdbError
+from actdb.store.registry import get_checkpoint, get_dataset
+from actdb.store.schema import (
     ActivationSet,
     Checkpoint,
     CorrelationRun,
@@ -30,7 +30,7 @@ from store.schema import (
     Universality,
     utcnow,
 )
-from store.token_file import TokenDataset
+from actdb.store.token_file import TokenDataset
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def run_correlation(
     return RunOutcome(run.id, False, seconds, result.n_tokens, result.n_passes, n_dead, backend.name)
 
 
-def _set_input(session, aset: ActivationSet) -> SetInput:  # noqa: ANN001
+def _set_input(session, aset: ActivationSet) -> SetInput:
     model = session.scalar(select(Model).join(Checkpoint).where(Checkpoint.id == aset.checkpoint_id))
     means = np.zeros(model.n_layers * model.d_mlp)
     for layer, neuron, mean in session.execute(

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import delete, insert, select
 
-from compute.correlation import CorrelationOptions
-from compute.correlation_run import SetRef, resolve_sets, run_correlation
-from store.database import Store, insert_rows
-from store.errors import ActdbError
-from store.registry import get_dataset, get_model
-from store.schema import (
+from actdb.compute.correlation import CorrelationOptions
+from actdb.compute.correlation_run import SetRef, resolve_sets, run_correlation
+from actdb.store.database import Store, insert_rows
+from actdb.store.errors import ActdbError
+from actdb.store.registry import get_dataset, get_model
+from actdb.store.schema import (
     ActivationSet,
     Checkpoint,
     CorrelationRun,

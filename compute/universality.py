@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compute.correlation import CorrelationResult
+from actdb.compute.correlation import CorrelationResult
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """A small Python API for notebooks: open a store, list what it holds, read activations, run the CLI's queries.
 
-    >>> from query.api import ActdbStore
-    >>> db = ActdbStore.open("actdb-store")
-    >>> db.universal(model="seed1", step=1500)[:3]
-    >>> x = db.read_layer("seed1@1500", layer=1, neurons="5,17", tokens="0:1000")
+>>> from query.api import ActdbStore
+>>> db = ActdbStore.open("actdb-store")
+>>> db.universal(model="seed1", step=1500)[:3]
+>>> x = db.read_layer("seed1@1500", layer=1, neurons="5,17", tokens="0:1000")
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from query import queries
-from query.listings import persistence_rows, single_dataset, status_rows
-from query.sql_console import run_readonly
-from store.activation_file import ActivationReader
-from store.config import StoreConfig
-from store.database import Store
-from store.errors import ActdbError
-from store.registry import find_set
-from store.token_file import TokenDataset
+from actdb.query import queries
+from actdb.query.listings import persistence_rows, single_dataset, status_rows
+from actdb.query.sql_console import run_readonly
+from actdb.store.activation_file import ActivationReader
+from actdb.store.config import StoreConfig
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError
+from actdb.store.registry import find_set
+from actdb.store.token_file import TokenDataset
 
 
 def _dicts(columns: list[str], rows: list[tuple]) -> list[dict[str, Any]]:
@@ -59,8 +59,15 @@ class ActdbStore:
     def models(self) -> list[str]:
         return sorted({r["model"] for r in self.activation_sets()})
 
-    def read_layer(self, target: str, layer: int, neurons: str | list[int] | None = None, tokens: str | None = None,
-                   dataset: str | None = None, counted_only: bool = False) -> np.ndarray:
+    def read_layer(
+        self,
+        target: str,
+        layer: int,
+        neurons: str | list[int] | None = None,
+        tokens: str | None = None,
+        dataset: str | None = None,
+        counted_only: bool = False,
+    ) -> np.ndarray:
         """Activations `(tokens, neurons)` of one layer of MODEL@STEP, as stored (float16)."""
         model, step = queries.parse_target(target)
         dataset = dataset or single_dataset(self.store)

@@ -15,26 +15,35 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from compute.ablation_run import run_ablation
-from compute.correlation import CorrelationOptions
-from compute.correlation_run import SetRef, resolve_sets, run_correlation
-from compute.persistence import compute_persistence
-from query import queries
-from query.output import render
-from query.report import build_report
-from store.database import Store
-from store.dataset_registry import add_dataset
-from store.errors import ActdbError
-from store.ingest import IngestRequest, ingest
-from store.schema import Ablation, Checkpoint, Dataset, Model
-from store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
+from actdb.compute.ablation_run import run_ablation
+from actdb.compute.correlation import CorrelationOptions
+from actdb.compute.correlation_run import SetRef, resolve_sets, run_correlation
+from actdb.compute.persistence import compute_persistence
+from actdb.query import queries
+from actdb.query.output import render
+from actdb.query.report import build_report
+from actdb.store.database import Store
+from actdb.store.dataset_registry import add_dataset
+from actdb.store.errors import ActdbError
+from actdb.store.ingest import IngestRequest, ingest
+from actdb.store.schema import Ablation, Checkpoint, Dataset, Model
+from actdb.store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
 
 DATASET = "stdlib-heldout"
 
 
-def run_demo(store: Store, seeds: int = 4, checkpoints: tuple[int, ...] = (0, 50, 200, 800), tokens: int = 24576,
-             controls: int = 8, threshold: float = 0.2, zoo: Path | None = None, report_dir: Path | None = None,
-             progress: bool = True, echo: Callable[[str], None] = print) -> Path:
+def run_demo(
+    store: Store,
+    seeds: int = 4,
+    checkpoints: tuple[int, ...] = (0, 50, 200, 800),
+    tokens: int = 24576,
+    controls: int = 8,
+    threshold: float = 0.2,
+    zoo: Path | None = None,
+    report_dir: Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
     """Run every stage; returns the report's path. Prints what the data shows, nothing it did not measure.
 
     The default threshold is 0.2, not the paper's 0.5: a tiny model's MLP reads a 128-dimensional residual
@@ -75,8 +84,14 @@ def run_demo(store: Store, seeds: int = 4, checkpoints: tuple[int, ...] = (0, 50
     for step in steps:
         sets = resolve_sets(store, [SetRef(m, step) for m in models], DATASET)
         for control in ("none", "token"):
-            run_correlation(store, sets, CorrelationOptions(control=control), threshold, progress=progress,
-                            log=lambda m: echo("  " + m))
+            run_correlation(
+                store,
+                sets,
+                CorrelationOptions(control=control),
+                threshold,
+                progress=progress,
+                log=lambda m: echo("  " + m),
+            )
     stage("persistence: consecutive steps of every seed")
     for model in models:
         compute_persistence(store, model, DATASET, steps, "none", progress=False, log=lambda _m: None)
@@ -135,8 +150,10 @@ def _ablate_once(store: Store, target: str, controls: int, echo: Callable[[str],
 
 
 def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> None:
-    echo(f"\n== Universal neurons: % of each layer with excess corr > {threshold} (and > 0.5, the paper's "
-         "threshold), mean over seeds ==")
+    echo(
+        f"\n== Universal neurons: % of each layer with excess corr > {threshold} (and > 0.5, the paper's "
+        "threshold), mean over seeds =="
+    )
     rows = []
     for control in ("none", "token"):
         _cols, by_layer = queries.universal_by_layer(store, control=control)
@@ -148,10 +165,14 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         for (step, layer), vals in sorted(acc.items()):
             v = np.array(vals, dtype=float).mean(axis=0)
             rows.append((control, step, layer, round(v[0], 2), round(v[1], 2), round(v[2], 3), round(v[3], 3)))
-    echo(render(["control", "step", "layer", f"pct_univ_{threshold}", "pct_univ_0.5", "mean_max_corr",
-                 "mean_baseline"], rows))
+    echo(
+        render(
+            ["control", "step", "layer", f"pct_univ_{threshold}", "pct_univ_0.5", "mean_max_corr", "mean_baseline"],
+            rows,
+        )
+    )
     echo("\n== Persistence of universal neurons (mean over seeds) ==")
-    from query.listings import persistence_rows
+    from actdb.query.listings import persistence_rows
 
     _cols, prow = persistence_rows(store)
     acc2: dict[tuple, list] = defaultdict(list)

@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from store.database import Store
-from store.schema import ActivationSet, Checkpoint, Dataset, Model
+from actdb.store.database import Store
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model
 
 
 def status_rows(store: Store) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -24,10 +24,20 @@ def status_rows(store: Store) -> tuple[list[str], list[tuple[Any, ...]]]:
         rows = []
         for m, c, a, d in s.execute(q):
             progress = f"{100.0 * a.tokens_done / a.n_tokens:.0f}%" if a is not None and a.n_tokens else None
-            rows.append((
-                m.name, m.family, m.n_layers, m.d_mlp, c.step if c else None, d.name if d else None,
-                a.status if a else None, progress, a.bytes if a else None, a.path if a else None,
-            ))
+            rows.append(
+                (
+                    m.name,
+                    m.family,
+                    m.n_layers,
+                    m.d_mlp,
+                    c.step if c else None,
+                    d.name if d else None,
+                    a.status if a else None,
+                    progress,
+                    a.bytes if a else None,
+                    a.path if a else None,
+                )
+            )
     return columns, rows
 
 
@@ -38,7 +48,7 @@ def dataset_rows(store: Store, name: str | None = None, full: bool = False) -> t
     with store.session() as s:
         q = select(Dataset).order_by(Dataset.name)
         if name is not None:
-            from store.registry import get_dataset
+            from actdb.store.registry import get_dataset
 
             get_dataset(s, name)
             q = q.where(Dataset.name == name)
@@ -53,23 +63,49 @@ def single_dataset(store: Store) -> str:
     with store.session() as s:
         names = list(s.scalars(select(Dataset.name)))
     if len(names) != 1:
-        from store.errors import ActdbError
+        from actdb.store.errors import ActdbError
 
         raise ActdbError(f"the store has {len(names)} datasets; pass --dataset")
     return names[0]
 
 
 def persistence_rows(store: Store, model: str | None = None, control: str | None = None) -> tuple[list[str], list]:
-    from store.schema import Persistence
+    from actdb.store.schema import Persistence
 
-    columns = ["model", "dataset", "control", "from_step", "to_step", "layer", "n_universal_from", "n_universal_to",
-               "n_kept", "p_persist", "jaccard", "mean_self_corr"]
+    columns = [
+        "model",
+        "dataset",
+        "control",
+        "from_step",
+        "to_step",
+        "layer",
+        "n_universal_from",
+        "n_universal_to",
+        "n_kept",
+        "p_persist",
+        "jaccard",
+        "mean_self_corr",
+    ]
     with store.session() as s:
-        q = (select(Model.name, Dataset.name, Persistence.control, Persistence.from_step, Persistence.to_step,
-                    Persistence.layer, Persistence.n_universal_from, Persistence.n_universal_to, Persistence.n_kept,
-                    Persistence.p_persist, Persistence.jaccard, Persistence.mean_self_corr)
-             .join(Model, Model.id == Persistence.model_id).join(Dataset, Dataset.id == Persistence.dataset_id)
-             .order_by(Model.name, Persistence.control, Persistence.from_step, Persistence.layer))
+        q = (
+            select(
+                Model.name,
+                Dataset.name,
+                Persistence.control,
+                Persistence.from_step,
+                Persistence.to_step,
+                Persistence.layer,
+                Persistence.n_universal_from,
+                Persistence.n_universal_to,
+                Persistence.n_kept,
+                Persistence.p_persist,
+                Persistence.jaccard,
+                Persistence.mean_self_corr,
+            )
+            .join(Model, Model.id == Persistence.model_id)
+            .join(Dataset, Dataset.id == Persistence.dataset_id)
+            .order_by(Model.name, Persistence.control, Persistence.from_step, Persistence.layer)
+        )
         if model:
             q = q.where(Model.name == model)
         if control:

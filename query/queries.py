@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from store.database import Store
-from store.errors import ActdbError
-from store.registry import get_model
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError
+from actdb.store.registry import get_model
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
 
@@ -179,8 +179,12 @@ def max_corr_by_step(store: Store, control: str = "none") -> Rows:
     """(step, mean_max_corr, mean_baseline) of every live neuron in each set's newest cross-model run."""
     runs = latest_runs(store, control)
     params: dict[str, Any] = {}
-    return _fetch(store, "SELECT step, mean_max_corr, mean_baseline FROM v_universality "
-                         f"WHERE is_dead = FALSE AND {_set_filter(runs, params)}", params)
+    return _fetch(
+        store,
+        "SELECT step, mean_max_corr, mean_baseline FROM v_universality "
+        f"WHERE is_dead = FALSE AND {_set_filter(runs, params)}",
+        params,
+    )
 
 
 def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -> dict[str, Rows]:

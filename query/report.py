@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from query import queries
-from query.listings import persistence_rows
-from query.output import render
-from store.database import Store
-from store.errors import ActdbError
+from actdb.query import queries
+from actdb.query.listings import persistence_rows
+from actdb.query.output import render
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError
 
 
 def _plt():
@@ -24,7 +24,7 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> str:  # noqa: ANN001
+def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
     _plt().close(fig)
@@ -114,8 +114,15 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
     for i, r in enumerate(rows):
         ax.plot(r[10], i, "o", color="C3", label="ablated set" if i == 0 else None)
         if r[12] is not None:
-            ax.errorbar(r[12], i, xerr=[[r[12] - r[14]], [r[15] - r[12]]], fmt="s", color="grey", capsize=3,
-                        label="random controls (mean, 95% CI)" if i == 0 else None)
+            ax.errorbar(
+                r[12],
+                i,
+                xerr=[[r[12] - r[14]], [r[15] - r[12]]],
+                fmt="s",
+                color="grey",
+                capsize=3,
+                label="random controls (mean, 95% CI)" if i == 0 else None,
+            )
     ax.set_yticks(range(len(rows)), [f"#{r[0]} {r[1]}@{r[2]} {r[4]} {r[5][:18]} ({r[6]})" for r in rows], fontsize=7)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("Δ cross-entropy (nats)")
@@ -129,8 +136,9 @@ def _similarity_plot(store: Store, out: Path) -> str | None:
     if not rows:
         return None
     plt = _plt()
-    labels = sorted({r[0] for r in rows} | {r[1] for r in rows},
-                    key=lambda s: (s.rsplit("@", 1)[0], int(s.rsplit("@", 1)[1])))
+    labels = sorted(
+        {r[0] for r in rows} | {r[1] for r in rows}, key=lambda s: (s.rsplit("@", 1)[0], int(s.rsplit("@", 1)[1]))
+    )
     grid = np.full((len(labels), len(labels)), np.nan)
     for src, dst, value, _run in rows:
         grid[labels.index(src), labels.index(dst)] = value
@@ -160,10 +168,17 @@ def build_report(store: Store, out: Path) -> Path:
 
     for control in ("none", "token"):
         img, table = _universal_by_layer_plot(store, out, control)
-        section(f"Universal neurons by layer ({control} control)", img, table,
-                "no correlation run yet: `actdb correlate` (with `--control token` for the token control)")
-        section(f"Excess correlation ({control} control)", _excess_histogram(store, out, control),
-                missing="no correlation run yet")
+        section(
+            f"Universal neurons by layer ({control} control)",
+            img,
+            table,
+            "no correlation run yet: `actdb correlate` (with `--control token` for the token control)",
+        )
+        section(
+            f"Excess correlation ({control} control)",
+            _excess_histogram(store, out, control),
+            missing="no correlation run yet",
+        )
     img, table = _persistence_heatmap(store, out)
     section("Persistence across checkpoints", img, table, "no persistence yet: `actdb persistence --model M`")
     img, table = _ablation_plot(store, out)
@@ -174,5 +189,5 @@ def build_report(store: Store, out: Path) -> Path:
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}img{{max-width:100%}}
 pre{{font-size:11px;overflow:auto}}.missing{{color:#888}}</style></head><body>
 <h1>actdb report</h1><p>store {html.escape(str(store.config.home))}, generated {datetime.now():%Y-%m-%d %H:%M}</p>
-{''.join(sections)}</body></html>""")
+{"".join(sections)}</body></html>""")
     return page

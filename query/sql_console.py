@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from store.config import StoreConfig
-from store.database import make_engine
-from store.errors import ActdbError
+from actdb.store.config import StoreConfig
+from actdb.store.database import make_engine
+from actdb.store.errors import ActdbError
 
 WRITE_HINTS = ("readonly", "read-only", "read only")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 FORMAT_VERSION = 1
 CHUNK_TOKENS = 1024

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 HOOK_NAME = "mlp.post"
 
@@ -74,7 +74,7 @@ class _HookSet:
         for h in self.handles:
             h.remove()
 
-    def __enter__(self):  # noqa: ANN204
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,7 +92,7 @@ class MLPRecorder(_HookSet):
             for i, layer in enumerate(adapter.layers(model))
         ]
 
-    def _hook(self, index: int):  # noqa: ANN202
+    def _hook(self, index: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             self.outputs[index] = args[0].detach()
 
@@ -110,8 +110,11 @@ class MLPEditor(_HookSet):
         layers = adapter.layers(model)
         self.handles = []
         for index, edit in edits.items():
-            self.handles.append(adapter.out_proj(layers[index]).register_forward_pre_hook(
-                lambda _m, args, edit=edit: (edit(args[0]),) + tuple(args[1:])))
+            self.handles.append(
+                adapter.out_proj(layers[index]).register_forward_pre_hook(
+                    lambda _m, args, edit=edit: (edit(args[0]),) + tuple(args[1:])
+                )
+            )
 
 
 class LayerOutputs(_HookSet):
@@ -120,8 +123,10 @@ class LayerOutputs(_HookSet):
     def __init__(self, model: nn.Module) -> None:
         layers = adapter_for(model).layers(model)
         self.outputs: list[object] = [None] * len(layers)
-        self.handles = [layer.register_forward_hook(lambda _m, _a, out, i=i: self.outputs.__setitem__(i, out))
-                        for i, layer in enumerate(layers)]
+        self.handles = [
+            layer.register_forward_hook(lambda _m, _a, out, i=i: self.outputs.__setitem__(i, out))
+            for i, layer in enumerate(layers)
+        ]
 
 
 def hidden_of(layer_output: object) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 from alembic import command
@@ -15,10 +16,10 @@ from sqlalchemy import Engine, create_engine, event, insert, make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.config import StoreConfig
-from store.errors import ActdbError, SchemaBehindError
+from actdb.store.config import StoreConfig
+from actdb.store.errors import ActdbError, SchemaBehindError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(str(resources.files("actdb.migrations")))
 
 
 def alembic_config(url: str) -> Config:
@@ -40,7 +41,7 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             if not read_only:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from store.database import Store
-from store.errors import ActdbError
-from store.schema import Dataset
-from store.token_datasets import iter_documents, load_tokenizer, pack_documents
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError
+from actdb.store.schema import Dataset
+from actdb.store.token_datasets import iter_documents, load_tokenizer, pack_documents
 
 
-def add_dataset(store: Store, name: str, sources: list[str], tokenizer: str, seq_len: int, n_tokens: int | None,
-                seed: int, field: str = "text") -> Dataset:
+def add_dataset(
+    store: Store,
+    name: str,
+    sources: list[str],
+    tokenizer: str,
+    seq_len: int,
+    n_tokens: int | None,
+    seed: int,
+    field: str = "text",
+) -> Dataset:
     """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it."""
     with store.session() as s:
         if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
@@ -27,9 +35,17 @@ def add_dataset(store: Store, name: str, sources: list[str], tokenizer: str, seq
     except OSError as exc:
         raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
     row = Dataset(
-        name=name, tokenizer=tokenizer, tokenizer_fingerprint=packed.tokenizer_fingerprint,
-        vocab_size=len(tok), seq_len=seq_len, n_sequences=packed.n_sequences, n_tokens=int(packed.tokens.size),
-        n_counted=int(packed.mask.sum()), token_sha256=packed.sha256, source=", ".join(sources), seed=seed,
+        name=name,
+        tokenizer=tokenizer,
+        tokenizer_fingerprint=packed.tokenizer_fingerprint,
+        vocab_size=len(tok),
+        seq_len=seq_len,
+        n_sequences=packed.n_sequences,
+        n_tokens=int(packed.tokens.size),
+        n_counted=int(packed.mask.sum()),
+        token_sha256=packed.sha256,
+        source=", ".join(sources),
+        seed=seed,
         path=str(path),
     )
     with store.session() as s:

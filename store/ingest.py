@@ -21,16 +21,16 @@ import torch
 from sqlalchemy import delete, select, update
 from tqdm.auto import tqdm
 
-from store.activation_file import ActivationHeader, ActivationWriter, partial_path
-from store.architectures import HOOK_NAME, MLPRecorder, mlp_shape
-from store.database import Store, finite_or_none, insert_rows
-from store.errors import ActdbError
-from store.model_loading import default_revision_template, load_model, model_family, resolve_device
-from store.neuron_stats import StreamingMoments, Workspace
-from store.registry import claim_set, find_set, get_dataset, get_or_create
-from store.schema import ActivationSet, Checkpoint, Model, NeuronStat, utcnow
-from store.token_datasets import load_tokenizer, tokenizer_fingerprint
-from store.token_file import TokenDataset
+from actdb.store.activation_file import ActivationHeader, ActivationWriter, partial_path
+from actdb.store.architectures import HOOK_NAME, MLPRecorder, mlp_shape
+from actdb.store.database import Store, finite_or_none, insert_rows
+from actdb.store.errors import ActdbError
+from actdb.store.model_loading import default_revision_template, load_model, model_family, resolve_device
+from actdb.store.neuron_stats import StreamingMoments, Workspace
+from actdb.store.registry import claim_set, find_set, get_dataset, get_or_create
+from actdb.store.schema import ActivationSet, Checkpoint, Model, NeuronStat, utcnow
+from actdb.store.token_datasets import load_tokenizer, tokenizer_fingerprint
+from actdb.store.token_file import TokenDataset
 
 FLUSH_SECONDS = float(os.environ.get("ACTDB_INGEST_FLUSH_SECONDS", "2.0"))
 QUEUE_DEPTH = 4
@@ -82,8 +82,9 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     source_template = req.source or existing.source
     if Path(source_template.format(step=req.step)).expanduser().exists():
         source_template = os.path.abspath(os.path.expanduser(source_template))
-    revision_template = req.revision or (existing.revision_template if existing is not None
-                                         else default_revision_template(source_template))
+    revision_template = req.revision or (
+        existing.revision_template if existing is not None else default_revision_template(source_template)
+    )
     source = _format_template(source_template, req.step)
     revision = _format_template(revision_template, req.step)
     if revision and Path(source).expanduser().is_dir():
@@ -94,27 +95,51 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     _check_tokenizer(source, revision, ds.tokenizer_fingerprint, tokens, model)
     n_layers, d_mlp = mlp_shape(model)
     if existing is not None and (existing.n_layers, existing.d_mlp) != (n_layers, d_mlp):
-        raise ActdbError(f"{source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
-                         f"with {existing.n_layers} x {existing.d_mlp}; use another model name")
-    model_row = get_or_create(store, Model, {"name": req.model}, {
-        "family": model_family(source_template, model.config.model_type),
-        "architecture": model.config.model_type, "n_layers": n_layers, "d_mlp": d_mlp,
-        "source": source_template, "revision_template": revision_template,
-        "seed": None,
-    })
-    ckpt = get_or_create(store, Checkpoint, {"model_id": model_row.id, "step": req.step},
-                         {"source": source, "revision": revision,
-                          "source_sha": getattr(model.config, "_commit_hash", None)})
+        raise ActdbError(
+            f"{source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
+            f"with {existing.n_layers} x {existing.d_mlp}; use another model name"
+        )
+    model_row = get_or_create(
+        store,
+        Model,
+        {"name": req.model},
+        {
+            "family": model_family(source_template, model.config.model_type),
+            "architecture": model.config.model_type,
+            "n_layers": n_layers,
+            "d_mlp": d_mlp,
+            "source": source_template,
+            "revision_template": revision_template,
+            "seed": None,
+        },
+    )
+    ckpt = get_or_create(
+        store,
+        Checkpoint,
+        {"model_id": model_row.id, "step": req.step},
+        {"source": source, "revision": revision, "source_sha": getattr(model.config, "_commit_hash", None)},
+    )
     path = store.config.activation_path(req.model, req.step, req.dataset, HOOK_NAME)
-    aset = get_or_create(store, ActivationSet, {"checkpoint_id": ckpt.id, "dataset_id": ds.id, "hook": HOOK_NAME},
-                         {"dtype": req.dtype, "path": str(path), "status": "pending", "tokens_done": 0,
-                          "n_tokens": tokens.tokens.size})
+    aset = get_or_create(
+        store,
+        ActivationSet,
+        {"checkpoint_id": ckpt.id, "dataset_id": ds.id, "hook": HOOK_NAME},
+        {"dtype": req.dtype, "path": str(path), "status": "pending", "tokens_done": 0, "n_tokens": tokens.tokens.size},
+    )
     prior = claim_set(store, aset.id, req.force)
     if prior == "complete" and not req.force:
         log(f"{req.model}@{req.step} on {req.dataset}: already complete ({aset.path})")
         return IngestResult(aset.id, "already complete", path, aset.n_tokens, 0.0, aset.bytes or 0)
-    header = ActivationHeader(model=req.model, step=req.step, dataset_fingerprint=ds.token_sha256, hook=HOOK_NAME,
-                              n_layers=n_layers, d_mlp=d_mlp, n_tokens=int(tokens.tokens.size), dtype=req.dtype)
+    header = ActivationHeader(
+        model=req.model,
+        step=req.step,
+        dataset_fingerprint=ds.token_sha256,
+        hook=HOOK_NAME,
+        n_layers=n_layers,
+        d_mlp=d_mlp,
+        n_tokens=int(tokens.tokens.size),
+        dtype=req.dtype,
+    )
     started = time.perf_counter()
     try:
         committed = 0
@@ -129,43 +154,71 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         seconds = time.perf_counter() - started
         _store_stats(store, aset.id, run.moments)
         with store.session() as s:
-            s.execute(update(ActivationSet).where(ActivationSet.id == aset.id).values(
-                status="complete", tokens_done=header.n_tokens, bytes=size, finished_at=utcnow(),
-                seconds=seconds, owner=None, error=None))
+            s.execute(
+                update(ActivationSet)
+                .where(ActivationSet.id == aset.id)
+                .values(
+                    status="complete",
+                    tokens_done=header.n_tokens,
+                    bytes=size,
+                    finished_at=utcnow(),
+                    seconds=seconds,
+                    owner=None,
+                    error=None,
+                )
+            )
     except BaseException as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         with store.session() as s:
-            s.execute(update(ActivationSet).where(ActivationSet.id == aset.id).values(
-                status="failed", error=message[:2000], owner=None, finished_at=utcnow()))
+            s.execute(
+                update(ActivationSet)
+                .where(ActivationSet.id == aset.id)
+                .values(status="failed", error=message[:2000], owner=None, finished_at=utcnow())
+            )
         if isinstance(exc, OSError):
             raise ActdbError(f"writing {path} failed: {exc.strerror or message}") from None
         raise
     status = "resumed" if resumed_from else "ingested"
-    log(f"{req.model}@{req.step} on {req.dataset}: {status}"
+    log(
+        f"{req.model}@{req.step} on {req.dataset}: {status}"
         + (f" from token {resumed_from}" if resumed_from else "")
-        + f", {header.n_tokens} tokens in {seconds:.1f}s -> {path}")
+        + f", {header.n_tokens} tokens in {seconds:.1f}s -> {path}"
+    )
     return IngestResult(aset.id, status, path, header.n_tokens, seconds, size)
 
 
-def _check_tokenizer(source: str, revision: str | None, fingerprint: str, tokens: TokenDataset, model) -> None:  # noqa: ANN001
+def _check_tokenizer(source: str, revision: str | None, fingerprint: str, tokens: TokenDataset, model) -> None:
     try:
         tokenizer = load_tokenizer(source, revision)
     except ActdbError:
         tokenizer = None  # checkpoints saved without a tokenizer: only the vocabulary-size check applies
     if tokenizer is not None and tokenizer_fingerprint(tokenizer) != fingerprint:
-        raise ActdbError(f"tokenizer mismatch: {source} ships a tokenizer whose vocabulary differs from the one "
-                         "the dataset was built with")
+        raise ActdbError(
+            f"tokenizer mismatch: {source} ships a tokenizer whose vocabulary differs from the one "
+            "the dataset was built with"
+        )
     vocab = int(model.config.vocab_size)
     if int(tokens.tokens.max()) >= vocab:
-        raise ActdbError(f"tokenizer mismatch: dataset token ids reach {int(tokens.tokens.max())} but {source} "
-                         f"has a vocabulary of {vocab}")
+        raise ActdbError(
+            f"tokenizer mismatch: dataset token ids reach {int(tokens.tokens.max())} but {source} "
+            f"has a vocabulary of {vocab}"
+        )
 
 
 class _IngestRun:
     """State of one ingest: the writer thread, the statistics, and progress reporting."""
 
-    def __init__(self, store: Store, set_id: int, path: Path, header: ActivationHeader, tokens: TokenDataset,
-                 model, device: torch.device, req: IngestRequest) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        store: Store,
+        set_id: int,
+        path: Path,
+        header: ActivationHeader,
+        tokens: TokenDataset,
+        model,
+        device: torch.device,
+        req: IngestRequest,
+    ) -> None:
         self.store, self.set_id, self.path, self.header = store, set_id, path, header
         self.tokens, self.model, self.device, self.req = tokens, model, device, req
         workspace = Workspace()
@@ -219,15 +272,22 @@ class _IngestRun:
                         writer.flush()
                         committed[0] = end
                         last_flush = time.monotonic()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            except BaseException as exc:
                 failure.append(exc)
                 while work.get() is not None:
                     pass
 
         thread = threading.Thread(target=write_loop, name="actdb-writer", daemon=True)
         thread.start()
-        bar = tqdm(total=n_rows, initial=start_row, unit="tok", unit_scale=True, disable=not self.req.progress,
-                   desc=f"ingest {self.header.model}@{self.header.step}", dynamic_ncols=True)
+        bar = tqdm(
+            total=n_rows,
+            initial=start_row,
+            unit="tok",
+            unit_scale=True,
+            disable=not self.req.progress,
+            desc=f"ingest {self.header.model}@{self.header.step}",
+            dynamic_ncols=True,
+        )
         last_report = time.monotonic()
         base = self.model.base_model
         flat = self.tokens.tokens
@@ -254,8 +314,11 @@ class _IngestRun:
 
     def _report(self, committed: int) -> None:
         with self.store.session() as s:
-            s.execute(update(ActivationSet).where(ActivationSet.id == self.set_id).values(
-                tokens_done=committed, heartbeat_at=utcnow()))
+            s.execute(
+                update(ActivationSet)
+                .where(ActivationSet.id == self.set_id)
+                .values(tokens_done=committed, heartbeat_at=utcnow())
+            )
 
 
 def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments]) -> None:
@@ -263,11 +326,21 @@ def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments]) -> 
     for layer, m in enumerate(moments):
         r = m.result()
         for i in range(len(r.mean)):
-            rows.append({
-                "set_id": set_id, "layer": layer, "neuron": i, "count": r.count, "mean": float(r.mean[i]),
-                "std": float(r.std[i]), "skew": finite_or_none(r.skew[i]), "kurtosis": finite_or_none(r.kurtosis[i]),
-                "frac_active": float(r.frac_active[i]), "min": float(r.min[i]), "max": float(r.max[i]),
-            })
+            rows.append(
+                {
+                    "set_id": set_id,
+                    "layer": layer,
+                    "neuron": i,
+                    "count": r.count,
+                    "mean": float(r.mean[i]),
+                    "std": float(r.std[i]),
+                    "skew": finite_or_none(r.skew[i]),
+                    "kurtosis": finite_or_none(r.kurtosis[i]),
+                    "frac_active": float(r.frac_active[i]),
+                    "min": float(r.min[i]),
+                    "max": float(r.max[i]),
+                }
+            )
     with store.session() as s:
         s.execute(delete(NeuronStat).where(NeuronStat.set_id == set_id))
         insert_rows(s, NeuronStat, rows)

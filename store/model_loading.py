@@ -7,7 +7,7 @@ import re
 import torch
 from torch import nn
 
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 REVISION_TEMPLATES = {
     # stanford-crfm Mistral GPT-2 seeds (alias, battlestar, caprica, darkmatter, expanse)

@@ -79,11 +79,14 @@ class StreamingMoments:
         delta = mb - self.mean
         d_n = delta / n
         m2 = self.m2 + m2b + delta * d_n * na * nb
-        m3 = (self.m3 + m3b + delta * d_n * d_n * na * nb * (na - nb)
-              + 3.0 * d_n * (na * m2b - nb * self.m2))
-        m4 = (self.m4 + m4b + delta * d_n**3 * na * nb * (na * na - na * nb + nb * nb)
-              + 6.0 * d_n * d_n * (na * na * m2b + nb * nb * self.m2)
-              + 4.0 * d_n * (na * m3b - nb * self.m3))
+        m3 = self.m3 + m3b + delta * d_n * d_n * na * nb * (na - nb) + 3.0 * d_n * (na * m2b - nb * self.m2)
+        m4 = (
+            self.m4
+            + m4b
+            + delta * d_n**3 * na * nb * (na * na - na * nb + nb * nb)
+            + 6.0 * d_n * d_n * (na * na * m2b + nb * nb * self.m2)
+            + 4.0 * d_n * (na * m3b - nb * self.m3)
+        )
         self.n, self.mean, self.m2, self.m3, self.m4 = n, self.mean + d_n * nb, m2, m3, m4
 
     def result(self) -> NeuronMoments:
@@ -93,5 +96,6 @@ class StreamingMoments:
             constant = var <= 0
             skew = np.where(constant, np.nan, (self.m3 / n) / var**1.5)
             kurt = np.where(constant, np.nan, (self.m4 / n) / var**2 - 3.0)
-        return NeuronMoments(self.n, self.mean.copy(), np.sqrt(var), skew, kurt, self.active / n,
-                             self.min.copy(), self.max.copy())
+        return NeuronMoments(
+            self.n, self.mean.copy(), np.sqrt(var), skew, kurt, self.active / n, self.min.copy(), self.max.copy()
+        )

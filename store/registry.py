@@ -10,9 +10,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.database import Store
-from store.errors import ActdbError, BusyError
-from store.schema import ActivationSet, Checkpoint, Dataset, Model, utcnow
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError, BusyError
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, utcnow
 
 STALE_AFTER = timedelta(seconds=120)
 
@@ -30,8 +30,9 @@ def _get_named(session: Session, cls: type, name: str, missing: str) -> object:
 
 
 def get_dataset(session: Session, name: str) -> Dataset:
-    return _get_named(session, Dataset, name,
-                      "no dataset named {name!r} (known: {known}); create it with `actdb dataset add`")
+    return _get_named(
+        session, Dataset, name, "no dataset named {name!r} (known: {known}); create it with `actdb dataset add`"
+    )
 
 
 def get_model(session: Session, name: str) -> Model:
@@ -42,8 +43,15 @@ def get_checkpoint(session: Session, model_name: str, step: int) -> Checkpoint:
     model = get_model(session, model_name)
     ckpt = session.scalar(select(Checkpoint).where(Checkpoint.model_id == model.id, Checkpoint.step == step))
     if ckpt is None:
-        steps = ", ".join(str(s) for s in session.scalars(
-            select(Checkpoint.step).where(Checkpoint.model_id == model.id).order_by(Checkpoint.step))) or "none"
+        steps = (
+            ", ".join(
+                str(s)
+                for s in session.scalars(
+                    select(Checkpoint.step).where(Checkpoint.model_id == model.id).order_by(Checkpoint.step)
+                )
+            )
+            or "none"
+        )
         raise ActdbError(f"model {model_name!r} has no step {step} (steps: {steps})")
     return ckpt
 
@@ -96,8 +104,10 @@ def claim_set(store: Store, set_id: int, force: bool) -> str:
         )
         if result.rowcount != 1:
             s.rollback()
-            raise BusyError(f"activation set {set_id} is being ingested by {before.owner} right now; "
-                            "nothing to do here (it resumes from there if that process dies)")
+            raise BusyError(
+                f"activation set {set_id} is being ingested by {before.owner} right now; "
+                "nothing to do here (it resumes from there if that process dies)"
+            )
     return prior
 
 

@@ -26,6 +26,7 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 

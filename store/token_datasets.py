@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from store.errors import ActdbError
-from store.token_file import TokenDataset
+from actdb.store.errors import ActdbError
+from actdb.store.token_file import TokenDataset
 
 TEXT_SUFFIXES_SKIPPED = {".h5", ".hdf5", ".npy", ".npz", ".png", ".jpg", ".gz", ".zip", ".pyc", ".so", ".bin"}
 
 
-def tokenizer_fingerprint(tokenizer) -> str:  # noqa: ANN001
+def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over the vocabulary and special tokens: equal fingerprints mean equal token ids."""
     payload = {
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
@@ -29,7 +29,7 @@ def tokenizer_fingerprint(tokenizer) -> str:  # noqa: ANN001
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def load_tokenizer(source: str, revision: str | None = None):  # noqa: ANN201
+def load_tokenizer(source: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
@@ -81,11 +81,12 @@ def _hub_dataset(name: str, field: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise ActdbError(f"{name!r} is not a file or folder; reading Hugging Face datasets needs "
-                         "`pip install datasets`") from None
+        raise ActdbError(
+            f"{name!r} is not a file or folder; reading Hugging Face datasets needs `pip install datasets`"
+        ) from None
     try:
         ds = datasets.load_dataset(name, split="train", streaming=True)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-facing "not reachable"
+    except Exception as exc:
         raise ActdbError(f"{name!r} is not a file or folder, and not a reachable dataset: {_first_line(exc)}") from None
     for record in ds:
         if field not in record:
@@ -93,7 +94,7 @@ def _hub_dataset(name: str, field: str) -> Iterator[str]:
         yield str(record[field])
 
 
-def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int | None, seed: int) -> TokenDataset:  # noqa: ANN001
+def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int | None, seed: int) -> TokenDataset:
     """Shuffle documents with `seed`, tokenize, and pack into `(n_sequences, seq_len)` with a counted mask."""
     if seq_len < 2:
         raise ActdbError("--seq-len must be at least 2")

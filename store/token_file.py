@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 COMPLETE_ATTR = "actdb_complete"
 

@@ -13,7 +13,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from store.errors import ActdbError
+from actdb.store.errors import ActdbError
 
 SPECIAL_EOS = "<|endoftext|>"
 
@@ -40,35 +40,63 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[SPECIAL_EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_EOS, bos_token=SPECIAL_EOS,
-                                   unk_token=SPECIAL_EOS, pad_token=SPECIAL_EOS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=SPECIAL_EOS, bos_token=SPECIAL_EOS, unk_token=SPECIAL_EOS, pad_token=SPECIAL_EOS
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return out_dir
 
 
-def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 32, d_mlp: int = 128,
-                n_ctx: int = 128):
+def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 32, d_mlp: int = 128, n_ctx: int = 128):
     """A transformers config for a tiny model of the given architecture (gpt2, gpt_neox, llama)."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=4,
-                          n_inner=d_mlp, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=n_ctx,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=4,
+            n_inner=d_mlp,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     if arch == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=n_ctx, hidden_size=d_model,
-                             num_hidden_layers=n_layers, num_attention_heads=4, intermediate_size=d_mlp,
-                             bos_token_id=0, eos_token_id=0)
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=n_ctx,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            intermediate_size=d_mlp,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=n_ctx, hidden_size=d_model,
-                           num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=4,
-                           intermediate_size=d_mlp, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=n_ctx,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=d_mlp,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
     raise ValueError(f"no tiny config for architecture {arch!r}")
 
 
@@ -107,13 +135,34 @@ def read_zoo_manifest(root: Path) -> dict | None:
 ZOO_VERSION = 1
 
 
-def zoo_config(seeds: int, train_steps: int, checkpoints: list[int], vocab_size: int = 2000, d_model: int = 128,
-               d_mlp: int = 512, n_layers: int = 2, seq_len: int = 128, batch_size: int = 8, lr: float = 2e-3,
-               train_files: int = 150) -> dict:
+def zoo_config(
+    seeds: int,
+    train_steps: int,
+    checkpoints: list[int],
+    vocab_size: int = 2000,
+    d_model: int = 128,
+    d_mlp: int = 512,
+    n_layers: int = 2,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    train_files: int = 150,
+) -> dict:
     """Everything that determines the zoo's weights; a cached zoo is reused only when this matches."""
-    return {"version": ZOO_VERSION, "seeds": seeds, "train_steps": train_steps, "checkpoints": sorted(checkpoints),
-            "vocab_size": vocab_size, "d_model": d_model, "d_mlp": d_mlp, "n_layers": n_layers, "seq_len": seq_len,
-            "batch_size": batch_size, "lr": lr, "train_files": train_files}
+    return {
+        "version": ZOO_VERSION,
+        "seeds": seeds,
+        "train_steps": train_steps,
+        "checkpoints": sorted(checkpoints),
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "d_mlp": d_mlp,
+        "n_layers": n_layers,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "lr": lr,
+        "train_files": train_files,
+    }
 
 
 def checkpoint_dir(root: Path, seed: int, step: int) -> Path:
@@ -152,12 +201,20 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
     total = config["train_steps"]
     for seed in todo:
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(tiny_config("gpt2", len(tokenizer), n_layers=config["n_layers"],
-                                            d_model=config["d_model"], d_mlp=config["d_mlp"],
-                                            n_ctx=config["seq_len"]))
+        model = GPT2LMHeadModel(
+            tiny_config(
+                "gpt2",
+                len(tokenizer),
+                n_layers=config["n_layers"],
+                d_model=config["d_model"],
+                d_mlp=config["d_mlp"],
+                n_ctx=config["seq_len"],
+            )
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
         batches = training_batches(stream, config["seq_len"], config["batch_size"], seed)
         bar = tqdm(total=total, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
         for step in range(total + 1):

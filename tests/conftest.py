@@ -22,8 +22,7 @@ PG_ADMIN_URL = os.environ.get("ACTDB_TEST_PG", "postgresql://postgres@127.0.0.1:
 def _pg_admin():
     import psycopg
 
-    return psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True,
-                           connect_timeout=5)
+    return psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True, connect_timeout=5)
 
 
 @contextlib.contextmanager
@@ -31,7 +30,7 @@ def fresh_pg_database(prefix: str = "actdb_test") -> Iterator[str]:
     """Create an empty PostgreSQL database on the local server and drop it afterwards (skip if no server)."""
     try:
         admin = _pg_admin()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.skip(f"PostgreSQL server not reachable at {PG_ADMIN_URL}: {exc}")
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
@@ -59,14 +58,14 @@ def db_url(request, tmp_path) -> str:
 
 @pytest.fixture
 def store_config(tmp_path):
-    from store.config import StoreConfig
+    from actdb.store.config import StoreConfig
 
     return StoreConfig.resolve(tmp_path / "store", None)
 
 
 @pytest.fixture
 def store(store_config):
-    from store.database import Store
+    from actdb.store.database import Store
 
     s = Store.init(store_config)
     yield s
@@ -82,7 +81,7 @@ class CliResult:
 
 def cli_call(home: Path, db: str, *args: object) -> CliResult:
     """Run `actdb --home HOME --db DB ARGS...` in-process through `main`, with its one-line error handling."""
-    from query.cli import main
+    from actdb.query.cli import main
 
     runner = CliRunner()
     with runner.isolation() as streams:
@@ -108,7 +107,7 @@ def run_cli(store_config):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained on standard-library source, saved like a hub tokenizer."""
-    from store.zoo import stdlib_texts, train_tokenizer
+    from actdb.store.zoo import stdlib_texts, train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(stdlib_texts(max_files=40), vocab_size=300, out_dir=out)
@@ -118,17 +117,19 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """Tiny randomly initialised GPT-2, GPT-NeoX and Llama models (2 layers x 128 neurons) saved by path."""
-    from store.zoo import save_tiny_model
+    from actdb.store.zoo import save_tiny_model
 
     root = tmp_path_factory.mktemp("models")
-    return {arch: save_tiny_model(arch, root / arch, tokenizer_dir, seed=i)
-            for i, arch in enumerate(["gpt2", "gpt_neox", "llama"])}
+    return {
+        arch: save_tiny_model(arch, root / arch, tokenizer_dir, seed=i)
+        for i, arch in enumerate(["gpt2", "gpt_neox", "llama"])
+    }
 
 
 @pytest.fixture(scope="session")
 def text_dir(tmp_path_factory) -> Path:
     """A few standard-library source files copied into a folder, as a user's text corpus."""
-    from store.zoo import stdlib_texts
+    from actdb.store.zoo import stdlib_texts
 
     out = tmp_path_factory.mktemp("texts")
     for i, text in enumerate(stdlib_texts(max_files=12, offset=40)):

@@ -3,14 +3,22 @@
 import numpy as np
 import pytest
 
-from store.activation_file import ActivationHeader, ActivationReader, ActivationWriter, partial_path
-from store.errors import ActdbError
-from store.token_file import TokenDataset
+from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter, partial_path
+from actdb.store.errors import ActdbError
+from actdb.store.token_file import TokenDataset
 
 
 def header(n_tokens=3000, d=96, layers=2):
-    return ActivationHeader(model="m", step=10, dataset_fingerprint="abc", hook="mlp.post", n_layers=layers,
-                            d_mlp=d, n_tokens=n_tokens, dtype="float16")
+    return ActivationHeader(
+        model="m",
+        step=10,
+        dataset_fingerprint="abc",
+        hook="mlp.post",
+        n_layers=layers,
+        d_mlp=d,
+        n_tokens=n_tokens,
+        dtype="float16",
+    )
 
 
 def test_round_trip_and_resume(tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 from sqlalchemy import text
 
-from store.database import make_engine
+from actdb.store.database import make_engine
 
 
 def test_init_status_on_sqlite(run_cli, store_config):
@@ -50,5 +50,5 @@ def test_user_mistakes_are_one_line(run_cli, tmp_path):
 
 
 def test_console_script_version():
-    out = subprocess.run([sys.executable, "-m", "query.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "actdb.query.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "actdb, version" in out.stdout

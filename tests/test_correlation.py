@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from compute.backend import get_backend
-from compute.baseline import random_rotation
-from compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
-from store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
-from store.database import Store
-from store.schema import CorrelationRun, NeuronMatch, Universality
-from store.token_file import TokenDataset
+from actdb.compute.backend import get_backend
+from actdb.compute.baseline import random_rotation
+from actdb.compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
+from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.store.database import Store
+from actdb.store.schema import CorrelationRun, NeuronMatch, Universality
+from actdb.store.token_file import TokenDataset
 
 N_SEQ, SEQ_LEN, D, L = 48, 32, 16, 2
 CPU = get_backend("cpu")
@@ -48,9 +48,14 @@ def synthetic(tmp_path_factory):
         w.finish()
         counted = x[mask.reshape(-1)].astype(np.float64)
         sets.append(SetInput(100 + k, str(path), L, D, counted.mean(axis=0), rotation_key=100 + k))
-    return {"sets": sets, "tokens": tokens, "mask": mask, "perm": perm,
-            "counted": [x[mask.reshape(-1)].astype(np.float64) for x in data],
-            "ids": tokens.reshape(-1)[mask.reshape(-1)]}
+    return {
+        "sets": sets,
+        "tokens": tokens,
+        "mask": mask,
+        "perm": perm,
+        "counted": [x[mask.reshape(-1)].astype(np.float64) for x in data],
+        "ids": tokens.reshape(-1)[mask.reshape(-1)],
+    }
 
 
 def _ref_corr(a, b):
@@ -91,8 +96,9 @@ def test_chunk_and_block_invariance(synthetic):
     budget = 2_000_000
     while len(plan_passes(s["sets"][:3], 40, CorrelationOptions(chunk_tokens=500), budget)) < 3:
         budget -= 1000  # the smallest budgets that still fit one layer block force one task per pass
-    many = correlate_sets(s["sets"][:3], s["tokens"], s["mask"],
-                          CorrelationOptions(chunk_tokens=500, topk=3, memory_budget=budget), CPU)
+    many = correlate_sets(
+        s["sets"][:3], s["tokens"], s["mask"], CorrelationOptions(chunk_tokens=500, topk=3, memory_budget=budget), CPU
+    )
     assert base.n_passes == 1 and many.n_passes > 2
     for key, m in base.matches.items():
         o = many.matches[key]
@@ -100,8 +106,7 @@ def test_chunk_and_block_invariance(synthetic):
         np.testing.assert_allclose(o.baseline_max, m.baseline_max, atol=1e-6, equal_nan=True)
         np.testing.assert_allclose(o.topk_val, m.topk_val, atol=1e-6)
         assert (o.best == m.best).all()
-        np.testing.assert_allclose(m.topk_val[:, 0], np.where(np.isnan(m.max_corr), -np.inf, m.max_corr),
-                                   atol=1e-12)
+        np.testing.assert_allclose(m.topk_val[:, 0], np.where(np.isnan(m.max_corr), -np.inf, m.max_corr), atol=1e-12)
 
 
 def test_permuting_other_set_permutes_argmax(synthetic):
@@ -134,8 +139,9 @@ def test_baseline_equals_direct_rotated_computation(synthetic):
 
 def test_token_control_matches_residualized_reference(synthetic):
     s = synthetic
-    res = correlate_sets(s["sets"][:3], s["tokens"], s["mask"], CorrelationOptions(control="token", chunk_tokens=90),
-                         CPU)
+    res = correlate_sets(
+        s["sets"][:3], s["tokens"], s["mask"], CorrelationOptions(control="token", chunk_tokens=90), CPU
+    )
     ra = _residualize(s["counted"][0], s["ids"])
     rb = _residualize(s["counted"][2], s["ids"])
     ref = _ref_corr(ra, rb)
@@ -147,11 +153,15 @@ def test_token_control_matches_residualized_reference(synthetic):
 @pytest.fixture
 def ingested(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
     """A store with three random tiny GPT-2 seeds and an exact copy of seed 0, all at step 0."""
-    from store.zoo import save_tiny_model
+    from actdb.store.zoo import save_tiny_model
 
     assert run_cli("init").exit_code == 0
-    assert run_cli("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64,
-                   "--tokens", 4000).exit_code == 0
+    assert (
+        run_cli(
+            "dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 4000
+        ).exit_code
+        == 0
+    )
     sources = {"s0": tiny_models["gpt2"], "s0copy": tiny_models["gpt2"]}
     for seed in (1, 2):
         sources[f"s{seed}"] = save_tiny_model("gpt2", tmp_path / f"gpt2-{seed}", tokenizer_dir, seed=10 + seed)
@@ -177,7 +187,7 @@ def test_cli_correlate_on_real_activations(ingested, store_config):
     assert run.status == "complete" and run.n_tokens > 0
     paths = {}
     store = Store.open(store_config)
-    from store.schema import ActivationSet
+    from actdb.store.schema import ActivationSet
 
     with store.session() as s:
         for a in s.scalars(select(ActivationSet)):
@@ -206,8 +216,9 @@ def test_cli_correlate_on_real_activations(ingested, store_config):
     assert len(univ) == 3 * 2 * 128
     r2 = ingested("correlate", "--dataset", "d", "--step", 0, "--models", "s0,s1,s0copy", "--topk", 2, "--quiet")
     assert r2.exit_code == 0 and "already holds" in r2.stdout
-    r3 = ingested("correlate", "--dataset", "d", "--step", 0, "--models", "s0,s1,s0copy", "--topk", 2, "--quiet",
-                  "--force")
+    r3 = ingested(
+        "correlate", "--dataset", "d", "--step", 0, "--models", "s0,s1,s0copy", "--topk", 2, "--quiet", "--force"
+    )
     assert r3.exit_code == 0 and "already holds" not in r3.stdout
 
 
@@ -220,8 +231,12 @@ def test_identical_sets_have_max_corr_one(ingested, store_config):
 
 
 def test_correlate_bad_input(ingested, store_config, tokenizer_dir, text_dir, tiny_models):
-    assert ingested("dataset", "add", "e", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 32,
-                    "--tokens", 1000).exit_code == 0
+    assert (
+        ingested(
+            "dataset", "add", "e", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 32, "--tokens", 1000
+        ).exit_code
+        == 0
+    )
     assert ingested("ingest", "s1", "--step", 0, "--dataset", "e", "--quiet").exit_code == 0
     cases = {
         "different datasets": ("--sets", "s0@0/d,s1@0/e"),
@@ -241,7 +256,7 @@ def test_correlate_bad_input(ingested, store_config, tokenizer_dir, text_dir, ti
 
 def test_incomplete_or_missing_set_fails_clearly(ingested, store_config):
     store = Store.open(store_config)
-    from store.schema import ActivationSet
+    from actdb.store.schema import ActivationSet
 
     with store.session() as s:
         sets = {name: a for a in s.scalars(select(ActivationSet)) for name in ("s1", "s2") if f"/{name}/" in a.path}

@@ -4,13 +4,12 @@ import json
 
 from sqlalchemy import func, select
 
-from store.database import Store
-from store.schema import Ablation, ActivationSet, CorrelationRun, NeuronStat, Persistence, Universality
+from actdb.store.database import Store
+from actdb.store.schema import Ablation, ActivationSet, CorrelationRun, NeuronStat, Persistence, Universality
 
 
 def test_reduced_demo_end_to_end(run_cli, store_config):
-    args = ("demo", "--seeds", 2, "--steps", "0,30", "--tokens", 2048, "--controls", 2, "--threshold", 0.05,
-            "--quiet")
+    args = ("demo", "--seeds", 2, "--steps", "0,30", "--tokens", 2048, "--controls", 2, "--threshold", 0.05, "--quiet")
     r = run_cli(*args)
     assert r.exit_code == 0, r.stderr
     assert "Universal neurons" in r.stdout and "report:" in r.stdout
@@ -25,8 +24,11 @@ def test_reduced_demo_end_to_end(run_cli, store_config):
         assert s.scalar(select(func.count()).select_from(ActivationSet).where(ActivationSet.status == "complete")) == 4
         assert s.scalar(select(func.count()).select_from(NeuronStat)) == 4 * 2 * 512
         runs = s.scalars(select(CorrelationRun)).all()
-        assert {(r.kind, r.control) for r in runs} == {("cross_model", "none"), ("cross_model", "token"),
-                                                       ("within_model", "none")}
+        assert {(r.kind, r.control) for r in runs} == {
+            ("cross_model", "none"),
+            ("cross_model", "token"),
+            ("within_model", "none"),
+        }
         assert all(r.status == "complete" for r in runs)
         assert s.scalar(select(func.count()).select_from(Universality)) > 0
         assert s.scalar(select(func.count()).select_from(Persistence)) == 2 * 2

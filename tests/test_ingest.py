@@ -15,12 +15,12 @@ import scipy.stats
 import torch
 from sqlalchemy import select
 
-from store.activation_file import ActivationReader
-from store.architectures import MLPRecorder, adapter_for
-from store.database import Store
-from store.model_loading import load_model
-from store.schema import ActivationSet, NeuronStat
-from store.token_file import TokenDataset
+from actdb.store.activation_file import ActivationReader
+from actdb.store.architectures import MLPRecorder, adapter_for
+from actdb.store.database import Store
+from actdb.store.model_loading import load_model
+from actdb.store.schema import ActivationSet, NeuronStat
+from actdb.store.token_file import TokenDataset
 
 
 @pytest.fixture
@@ -69,8 +69,10 @@ def test_hook_records_mlp_post_activation(tiny_models, arch):
     model = load_model(str(tiny_models[arch]), None, torch.device("cpu"))
     adapter = adapter_for(model)
     mlp_inputs = {}
-    handles = [adapter.layers(model)[i].mlp.register_forward_pre_hook(
-        lambda _m, a, i=i: mlp_inputs.__setitem__(i, a[0])) for i in range(2)]
+    handles = [
+        adapter.layers(model)[i].mlp.register_forward_pre_hook(lambda _m, a, i=i: mlp_inputs.__setitem__(i, a[0]))
+        for i in range(2)
+    ]
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     with MLPRecorder(model) as rec, torch.inference_mode():
         model(ids)
@@ -118,7 +120,7 @@ def test_ingest_stats_match_scipy(run_cli, tiny_dataset, tiny_models, store_conf
 
 
 def test_streaming_moments_are_batch_invariant():
-    from store.neuron_stats import StreamingMoments
+    from actdb.store.neuron_stats import StreamingMoments
 
     rng = np.random.default_rng(1)
     x = rng.gamma(2.0, size=(5000, 7)) + 3.0
@@ -146,18 +148,28 @@ def test_reingest_is_noop_and_force_redoes(run_cli, tiny_dataset, tiny_models, s
 
 
 def _cli(store_config, *args, env=None):
-    return [sys.executable, "-m", "query.cli", "--home", str(store_config.home), "--db", store_config.database_url,
-            *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "actdb.query.cli",
+        "--home",
+        str(store_config.home),
+        "--db",
+        store_config.database_url,
+        *map(str, args),
+    ]
 
 
-def test_killed_ingest_resumes_to_identical_file(run_cli, tiny_dataset, tiny_models, store_config, tmp_path,
-                                                 tokenizer_dir, text_dir):
+def test_killed_ingest_resumes_to_identical_file(
+    run_cli, tiny_dataset, tiny_models, store_config, tmp_path, tokenizer_dir, text_dir
+):
     src = tiny_models["gpt2"]
     big = ("dataset", "add", "big", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 16000)
     assert run_cli(*big).exit_code == 0
     env = dict(os.environ, ACTDB_INGEST_FLUSH_SECONDS="0.02")
-    cmd = _cli(store_config, "ingest", "g", "--step", 0, "--dataset", "big", "--source", src, "--batch-size", 1,
-               "--quiet")
+    cmd = _cli(
+        store_config, "ingest", "g", "--step", 0, "--dataset", "big", "--source", src, "--batch-size", 1, "--quiet"
+    )
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = Store.open(store_config)
     killed_at = None
@@ -182,10 +194,41 @@ def test_killed_ingest_resumes_to_identical_file(run_cli, tiny_dataset, tiny_mod
     other_home = tmp_path / "fresh"
     assert run_cli("init", home=other_home, db=f"sqlite:///{other_home}/actdb.sqlite").exit_code == 0
     fresh_db = f"sqlite:///{other_home}/actdb.sqlite"
-    assert run_cli("dataset", "add", "big", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 16000,
-                   home=other_home, db=fresh_db).exit_code == 0
-    assert run_cli("ingest", "g", "--step", 0, "--dataset", "big", "--source", src, "--batch-size", 1, "--quiet",
-                   home=other_home, db=fresh_db).exit_code == 0
+    assert (
+        run_cli(
+            "dataset",
+            "add",
+            "big",
+            text_dir,
+            "--tokenizer",
+            tokenizer_dir,
+            "--seq-len",
+            64,
+            "--tokens",
+            16000,
+            home=other_home,
+            db=fresh_db,
+        ).exit_code
+        == 0
+    )
+    assert (
+        run_cli(
+            "ingest",
+            "g",
+            "--step",
+            0,
+            "--dataset",
+            "big",
+            "--source",
+            src,
+            "--batch-size",
+            1,
+            "--quiet",
+            home=other_home,
+            db=fresh_db,
+        ).exit_code
+        == 0
+    )
     fresh_path = other_home / "activations" / "g" / "step-0" / "big.mlp.post.h5"
     with ActivationReader(resumed.path) as a, ActivationReader(fresh_path) as b:
         assert dict(a.file.attrs) == dict(b.file.attrs)
@@ -193,12 +236,18 @@ def test_killed_ingest_resumes_to_identical_file(run_cli, tiny_dataset, tiny_mod
             np.testing.assert_array_equal(la[:], lb[:])
     stats = []
     for home, db in ((store_config.home, store_config.database_url), (other_home, fresh_db)):
-        from store.config import StoreConfig
+        from actdb.store.config import StoreConfig
 
         st = Store.open(StoreConfig.resolve(home, db))
         with st.session() as s:
-            stats.append(np.array([[n.mean, n.std, n.skew, n.kurtosis] for n in s.scalars(
-                select(NeuronStat).order_by(NeuronStat.layer, NeuronStat.neuron))]))
+            stats.append(
+                np.array(
+                    [
+                        [n.mean, n.std, n.skew, n.kurtosis]
+                        for n in s.scalars(select(NeuronStat).order_by(NeuronStat.layer, NeuronStat.neuron))
+                    ]
+                )
+            )
         st.close()
     np.testing.assert_allclose(stats[0], stats[1], rtol=1e-9)
 
@@ -206,10 +255,43 @@ def test_killed_ingest_resumes_to_identical_file(run_cli, tiny_dataset, tiny_mod
 def test_concurrent_ingests_do_the_work_once(db_url, tmp_path, tokenizer_dir, text_dir, tiny_models, run_cli):
     home = tmp_path / "conc"
     assert run_cli("init", home=home, db=db_url).exit_code == 0
-    assert run_cli("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 8000,
-                   home=home, db=db_url).exit_code == 0
-    cmd = [sys.executable, "-m", "query.cli", "--home", str(home), "--db", db_url, "ingest", "g", "--step", "0",
-           "--dataset", "d", "--source", str(tiny_models["gpt2"]), "--batch-size", "1", "--quiet"]
+    assert (
+        run_cli(
+            "dataset",
+            "add",
+            "d",
+            text_dir,
+            "--tokenizer",
+            tokenizer_dir,
+            "--seq-len",
+            64,
+            "--tokens",
+            8000,
+            home=home,
+            db=db_url,
+        ).exit_code
+        == 0
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "actdb.query.cli",
+        "--home",
+        str(home),
+        "--db",
+        db_url,
+        "ingest",
+        "g",
+        "--step",
+        "0",
+        "--dataset",
+        "d",
+        "--source",
+        str(tiny_models["gpt2"]),
+        "--batch-size",
+        "1",
+        "--quiet",
+    ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     did_work = [o for o, _ in outs if ": ingested" in o]
@@ -220,18 +302,21 @@ def test_concurrent_ingests_do_the_work_once(db_url, tmp_path, tokenizer_dir, te
 
 
 def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path, tokenizer_dir, text_dir):
-    from store.zoo import save_tiny_model, stdlib_texts, train_tokenizer
+    from actdb.store.zoo import save_tiny_model, stdlib_texts, train_tokenizer
 
     other_tok = train_tokenizer(stdlib_texts(max_files=5, offset=100), 280, tmp_path / "tok2")
     mismatched = save_tiny_model("gpt2", tmp_path / "mismatch", other_tok)
     wide = save_tiny_model("gpt2", tmp_path / "wide", tokenizer_dir, d_mlp=64)
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    BertForMaskedLM(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    BertForMaskedLM(
+        BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path / "bert")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "bert")
-    assert run_cli("ingest", "g", "--step", 0, "--dataset", "tiny", "--source", tiny_models["gpt2"],
-                   "--quiet").exit_code == 0
+    assert (
+        run_cli("ingest", "g", "--step", 0, "--dataset", "tiny", "--source", tiny_models["gpt2"], "--quiet").exit_code
+        == 0
+    )
     cases = {
         "cannot load model": ("ingest", "x", "--step", 0, "--dataset", "tiny", "--source", tmp_path / "nope"),
         "not registered yet": ("ingest", "y", "--step", 0, "--dataset", "tiny"),
@@ -246,8 +331,7 @@ def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path
         r = run_cli(*args, "--quiet")
         assert r.exit_code != 0, expected
         assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, (expected, r.stderr)
-    hub = run_cli("ingest", "h", "--step", 100, "--dataset", "tiny", "--source", "nobody-here/no-such-model",
-                  "--quiet")
+    hub = run_cli("ingest", "h", "--step", 100, "--dataset", "tiny", "--source", "nobody-here/no-such-model", "--quiet")
     assert hub.exit_code == 1 and "cannot load model" in hub.stderr and "checkpoint" not in hub.stderr
 
 

@@ -5,8 +5,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from store.database import alembic_config, current_revision, head_revision, make_engine
-from store.schema import Base
+from actdb.store.database import alembic_config, current_revision, head_revision, make_engine
+from actdb.store.schema import Base
 
 
 def test_upgrade_downgrade_upgrade(db_url):

@@ -9,26 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from compute.ablation import LossEvaluator, ablate, matched_controls, set_edits
-from compute.persistence import emergence_steps, layer_overlap
-from store.model_loading import load_model
-from store.token_file import TokenDataset
+from actdb.compute.ablation import LossEvaluator, ablate, matched_controls, set_edits
+from actdb.compute.persistence import emergence_steps, layer_overlap
+from actdb.store.model_loading import load_model
+from actdb.store.token_file import TokenDataset
 
 
 @pytest.fixture
 def two_models(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
     """Models a and b, each at steps 0 and 1 with identical weights at both steps, correlated at both steps."""
-    from store.zoo import save_tiny_model
+    from actdb.store.zoo import save_tiny_model
 
     assert run_cli("init").exit_code == 0
-    assert run_cli("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64,
-                   "--tokens", 3000).exit_code == 0
+    assert (
+        run_cli(
+            "dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 3000
+        ).exit_code
+        == 0
+    )
     b_src = save_tiny_model("gpt2", tmp_path / "b", tokenizer_dir, seed=5)
     a_src = tmp_path / "a"
     shutil.copytree(tiny_models["gpt2"], a_src)
     for name, src in (("a", a_src), ("b", b_src)):
-        assert run_cli("ingest", name, "--steps", "0,1", "--dataset", "d", "--source", src,
-                       "--quiet").exit_code == 0
+        assert run_cli("ingest", name, "--steps", "0,1", "--dataset", "d", "--source", src, "--quiet").exit_code == 0
     for step in (0, 1):
         r = run_cli("correlate", "--dataset", "d", "--step", step, "--models", "a,b", "--threshold", 0.05, "--quiet")
         assert r.exit_code == 0, r.stderr
@@ -57,16 +60,19 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config
     assert listing.exit_code == 0 and len(listing.stdout.strip().splitlines()) == 3
     from sqlalchemy import func, select
 
-    from store.database import Store
-    from store.schema import CorrelationRun, NeuronMatch, Universality
+    from actdb.store.database import Store
+    from actdb.store.schema import CorrelationRun, NeuronMatch, Universality
 
     store = Store.open(store_config)
     with store.session() as s:
         kinds = dict(s.execute(select(CorrelationRun.id, CorrelationRun.kind)).all())
         for run_id, kind in kinds.items():
             n_univ = s.scalar(select(func.count()).select_from(Universality).where(Universality.run_id == run_id))
-            n_self = s.scalar(select(func.count()).select_from(NeuronMatch).where(
-                NeuronMatch.run_id == run_id, NeuronMatch.self_corr.is_not(None)))
+            n_self = s.scalar(
+                select(func.count())
+                .select_from(NeuronMatch)
+                .where(NeuronMatch.run_id == run_id, NeuronMatch.self_corr.is_not(None))
+            )
             if kind == "cross_model":
                 assert n_univ > 0 and n_self == 0  # a different model's neuron i is no "self"
             else:
@@ -75,8 +81,7 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config
 
 
 def test_persistence_without_universality_names_the_command(two_models, run_cli):
-    assert run_cli("ingest", "a", "--step", 2, "--dataset", "d", "--source", two_models["a"],
-                   "--quiet").exit_code == 0
+    assert run_cli("ingest", "a", "--step", 2, "--dataset", "d", "--source", two_models["a"], "--quiet").exit_code == 0
     r = run_cli("persistence", "--model", "a", "--steps", "0,1,2", "--quiet")
     assert r.exit_code == 1 and "actdb correlate --dataset d --step 2 --models a," in r.stderr
 
@@ -95,8 +100,9 @@ def _reference_loss(model, tokens, mask):
     with torch.inference_mode():
         ids = torch.from_numpy(tokens.astype(np.int64))
         logits = model(input_ids=ids).logits[:, :-1]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                               reduction="none").view(ids.shape[0], -1)
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(ids.shape[0], -1)
         m = torch.from_numpy(mask[:, 1:])
         return float((ce * m).sum() / m.sum())
 
@@ -156,15 +162,28 @@ def test_controls_are_matched_per_layer_and_seeded():
 
 
 def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_config):
-    r = run_cli("ablate", "a@1", "--neurons", "universal:1", "--controls", 4, "--each", "--variants-per-pass", 3,
-                "--tokens", 1000,
-                "--method", "mean", "--quiet")
+    r = run_cli(
+        "ablate",
+        "a@1",
+        "--neurons",
+        "universal:1",
+        "--controls",
+        4,
+        "--each",
+        "--variants-per-pass",
+        3,
+        "--tokens",
+        1000,
+        "--method",
+        "mean",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.stderr
     assert "controls (4)" in r.stdout and "p = " in r.stdout
     from sqlalchemy import select
 
-    from store.database import Store
-    from store.schema import Ablation, AblationNeuron
+    from actdb.store.database import Store
+    from actdb.store.schema import Ablation, AblationNeuron
 
     store = Store.open(store_config)
     with store.session() as s:

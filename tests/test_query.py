@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from store.activation_file import ActivationReader
-from store.database import make_engine
+from actdb.store.activation_file import ActivationReader
+from actdb.store.database import make_engine
 from tests.conftest import cli_call, fresh_pg_database
 
-VIEWS = ["v_universal_neurons", "v_universal_by_layer", "v_neuron_matches", "v_persistence", "v_ablation_summary",
-         "v_neuron_history"]
+VIEWS = [
+    "v_universal_neurons",
+    "v_universal_by_layer",
+    "v_neuron_matches",
+    "v_persistence",
+    "v_ablation_summary",
+    "v_neuron_history",
+]
 
 
 def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
@@ -25,8 +31,20 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
         ("ingest", "b", "--steps", "0,1", "--dataset", "d", "--source", b_src, "--quiet"),
         ("correlate", "--dataset", "d", "--step", 0, "--models", "a,b", "--threshold", 0.05, "--quiet"),
         ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--threshold", 0.05, "--quiet"),
-        ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--threshold", 0.05, "--control", "token",
-         "--quiet"),
+        (
+            "correlate",
+            "--dataset",
+            "d",
+            "--step",
+            1,
+            "--models",
+            "a,b",
+            "--threshold",
+            0.05,
+            "--control",
+            "token",
+            "--quiet",
+        ),
         ("persistence", "--model", "a", "--quiet"),
         ("ablate", "a@1", "--neurons", "universal:1", "--controls", 2, "--each", "--tokens", 600, "--quiet"),
     ]
@@ -37,7 +55,7 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tokenizer_dir, tiny_models):
-    from store.zoo import save_tiny_model
+    from actdb.store.zoo import save_tiny_model
 
     root = tmp_path_factory.mktemp("srcs")
     a = root / "a"
@@ -101,17 +119,22 @@ def test_universal_listing_formats(lite):
     rows = json.loads(r.stdout)
     assert r.exit_code == 0 and rows and all(x["excess_corr"] > 0.05 for x in rows)
     assert {"model", "step", "layer", "neuron", "excess_corr", "mean_max_corr", "mean_baseline", "act_kurtosis"} <= set(
-        rows[0])
+        rows[0]
+    )
     assert rows == sorted(rows, key=lambda x: -x["excess_corr"])
-    one = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--layer", 1, "--limit", 2,
-                              "--format", "json").stdout)
+    one = json.loads(
+        cli_call(
+            home, db, "universal", "--model", "a", "--step", 1, "--layer", 1, "--limit", 2, "--format", "json"
+        ).stdout
+    )
     assert len(one) <= 2 and all(x["layer"] == 1 for x in one)
     strict = json.loads(cli_call(home, db, "universal", "--model", "a", "--threshold", 0.3, "--format", "json").stdout)
     assert all(x["excess_corr"] > 0.3 for x in strict)
     by_layer = json.loads(cli_call(home, db, "universal", "--by-layer", "--format", "json").stdout)
     assert {(x["model"], x["step"]) for x in by_layer} == {("a", 0), ("a", 1), ("b", 0), ("b", 1)}
-    assert all(x["n_neurons"] == 128 and x["pct_universal"] == pytest.approx(100 * x["n_universal"] / 128)
-               for x in by_layer)
+    assert all(
+        x["n_neurons"] == 128 and x["pct_universal"] == pytest.approx(100 * x["n_universal"] / 128) for x in by_layer
+    )
     csv = cli_call(home, db, "universal", "--control", "token", "--format", "csv")
     assert csv.exit_code == 0 and csv.stdout.startswith("model,step,dataset,layer,neuron")
     table = cli_call(home, db, "universal", "--by-layer")
@@ -164,8 +187,14 @@ def test_query_errors(lite, tmp_path):
 @pytest.mark.parametrize("which", ["lite", "pg"])
 def test_sql_is_read_only(which, request):
     home, db = request.getfixturevalue(which)
-    r = cli_call(home, db, "sql", "SELECT model, COUNT(*) AS n FROM v_universal_neurons GROUP BY model ORDER BY model",
-                 "--format", "json")
+    r = cli_call(
+        home,
+        db,
+        "sql",
+        "SELECT model, COUNT(*) AS n FROM v_universal_neurons GROUP BY model ORDER BY model",
+        "--format",
+        "json",
+    )
     assert r.exit_code == 0 and [x["model"] for x in json.loads(r.stdout)] == ["a", "b"]
     for stmt in ("DELETE FROM model", "INSERT INTO model (name) VALUES ('x')", "DROP TABLE neuron_stat"):
         bad = cli_call(home, db, "sql", stmt)
@@ -189,13 +218,14 @@ def test_export_and_api(lite, tmp_path):
     assert np.loadtxt(csv, delimiter=",").shape == (4, 128)
     bad = cli_call(home, db, "export", "a@1", "--layer", 0, "--tokens", "5:1", "--out", csv)
     assert bad.exit_code == 1 and "outside" in bad.stderr
-    from query.api import ActdbStore
+    from actdb.query.api import ActdbStore
 
     api = ActdbStore.open(home, db)
     assert api.models() == ["a", "b"]
     cli_rows = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json").stdout)
     assert [(r["layer"], r["neuron"]) for r in api.universal(model="a", step=1)] == [
-        (r["layer"], r["neuron"]) for r in cli_rows]
+        (r["layer"], r["neuron"]) for r in cli_rows
+    ]
     assert api.neuron("a@1", "0.2")["statistics"]
     assert api.read_layer("a@1", 0, counted_only=True).shape[1] == 128
     assert api.sql("SELECT COUNT(*) AS n FROM dataset") == [{"n": 1}]
@@ -206,6 +236,12 @@ def test_report(lite, tmp_path):
     r = cli_call(home, db, "report", "--out", tmp_path / "rep")
     assert r.exit_code == 0, r.stderr
     page = (tmp_path / "rep" / "index.html").read_text()
-    for png in ("universal_by_layer_none.png", "universal_by_layer_token.png", "excess_hist_none.png",
-                "persistence.png", "ablations.png", "similarity.png"):
+    for png in (
+        "universal_by_layer_none.png",
+        "universal_by_layer_token.png",
+        "excess_hist_none.png",
+        "persistence.png",
+        "ablations.png",
+        "similarity.png",
+    ):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in page

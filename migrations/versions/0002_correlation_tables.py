@@ -94,9 +94,7 @@ def upgrade() -> None:
             name=op.f("fk_neuron_match_set_id_activation_set"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint(
-            "run_id", "set_id", "other_set_id", "layer", "neuron", name=op.f("pk_neuron_match")
-        ),
+        sa.PrimaryKeyConstraint("run_id", "set_id", "other_set_id", "layer", "neuron", name=op.f("pk_neuron_match")),
     )
     op.create_table(
         "universality",

@@ -27,7 +27,7 @@ VIEWS = {
                st.frac_active AS act_frac_active
         FROM universality u
         JOIN correlation_run r ON r.id = u.run_id
-        JOIN {SET_LABELS.format(key='u.set_id')}
+        JOIN {SET_LABELS.format(key="u.set_id")}
         LEFT JOIN neuron_stat st ON st.set_id = u.set_id AND st.layer = u.layer AND st.neuron = u.neuron
         WHERE r.status = 'complete'
     """,
@@ -45,7 +45,7 @@ VIEWS = {
                AVG(u.excess_corr) AS mean_excess_corr
         FROM universality u
         JOIN correlation_run r ON r.id = u.run_id
-        JOIN {SET_LABELS.format(key='u.set_id')}
+        JOIN {SET_LABELS.format(key="u.set_id")}
         WHERE r.status = 'complete'
         GROUP BY u.run_id, r.control, r.threshold, m.name, c.step, d.name, u.layer
     """,
@@ -55,7 +55,7 @@ VIEWS = {
                nm.baseline_max_corr, nm.self_corr
         FROM neuron_match nm
         JOIN correlation_run r ON r.id = nm.run_id
-        JOIN {SET_LABELS.format(key='nm.set_id')}
+        JOIN {SET_LABELS.format(key="nm.set_id")}
         JOIN activation_set os ON os.id = nm.other_set_id
         JOIN checkpoint oc ON oc.id = os.checkpoint_id
         JOIN model om ON om.id = oc.model_id

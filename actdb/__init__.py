@@ -1,0 +1,31 @@
+"""actdb: an activation store and query tool for neuron-level studies of language models across seeds and
+checkpoints.
+
+    >>> import actdb
+    >>> db = actdb.open(home="actdb-demo")          # the store's folder; db= for PostgreSQL
+    >>> db.universal(step=800)[:3]                  # rows as dicts keyed by column name
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actdb.query.api import ActdbStore
+
+try:
+    __version__ = version("actdb")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "open"]
+
+
+def open(home: str | os.PathLike | None = None, db: str | None = None) -> ActdbStore:
+    """Open an existing store for reading: `home` is its folder (default $ACTDB_HOME or ./actdb-store), `db` a
+    database URL (default $ACTDB_DATABASE_URL or the SQLite file in `home`)."""
+    from actdb.query.api import ActdbStore
+
+    return ActdbStore.open(home, db)

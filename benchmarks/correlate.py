@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.backend import get_backend
 from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.store.device import resolve_device
 
 
 def peak_rss_mb() -> float:
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", help="reuse/keep the data in this folder")
     args = ap.parse_args()
-    backend = get_backend(args.device)
+    backend = resolve_device(args.device).array
     root = Path(args.dir or tempfile.mkdtemp(prefix="actdb-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

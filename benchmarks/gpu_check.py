@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.backend import cupy_usable, get_backend
 from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.store.device import cupy_usable, resolve_device
 
 
 def main() -> None:
@@ -41,10 +41,10 @@ def main() -> None:
     for control in ("none", "token"):
         opts = CorrelationOptions(control=control, topk=3)
         t0 = time.perf_counter()
-        gpu = correlate_sets(sets, tokens, mask, opts, get_backend("cuda"))
+        gpu = correlate_sets(sets, tokens, mask, opts, resolve_device("cuda").array)
         gpu_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cpu = correlate_sets(sets, tokens, mask, opts, get_backend("cpu"))
+        cpu = correlate_sets(sets, tokens, mask, opts, resolve_device("cpu").array)
         cpu_s = time.perf_counter() - t0
         for key, m in cpu.matches.items():
             g = gpu.matches[key]
@@ -58,7 +58,7 @@ def main() -> None:
     pairs = args.sets * (args.sets - 1) // 2
     flops = pairs * n_neurons * n_neurons * n * 2 + args.sets * args.layers * args.d_mlp**2 * n * 2
     t0 = time.perf_counter()
-    correlate_sets(sets, tokens, mask, CorrelationOptions(), get_backend("cuda"))
+    correlate_sets(sets, tokens, mask, CorrelationOptions(), resolve_device("cuda").array)
     engine_s = time.perf_counter() - t0
     a = cupy.random.standard_normal((8192, n_neurons), dtype=cupy.float32)
     g = cupy.ascontiguousarray(a[:, : args.d_mlp])

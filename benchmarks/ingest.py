@@ -45,7 +45,7 @@ def main() -> None:
     )
     store = Store.init(StoreConfig.resolve(root / "store"))
     add_dataset(store, "bench", [str(p) for p in stdlib_files()], str(tok), args.seq_len, args.tokens, seed=0)
-    ds = TokenDataset.load(store.config.dataset_path("bench"))
+    ds = TokenDataset.load(store.config.file(store.config.dataset_path("bench")))
     n_tokens = ds.tokens.size
     req = IngestRequest(
         "bench", 0, "bench", source=str(src), device=args.device, batch_size=args.batch_size, progress=False

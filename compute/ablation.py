@@ -15,18 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from actdb.store.architectures import (
-    LayerOutputs,
-    MLPEditor,
-    MLPRecorder,
-    adapter_for,
-    hidden_of,
-    mlp_shape,
-    resume_after_layer,
-)
+from actdb.compute.ablation_hooks import LayerOutputs, MLPEditor, hidden_of, resume_after_layer
+from actdb.store.architectures import MLPRecorder, adapter_for, mlp_shape
 from actdb.store.errors import ActdbError
-
-Neuron = tuple[int, int]
+from actdb.store.refs import Neuron
 
 
 @dataclass
@@ -95,6 +87,8 @@ class LossEvaluator:
                         value = 0.0 if method == "zero" else means[neurons[k]]
                         x[g, :, :, n] = value - p[:, :, n]
                     proj = adapter.out_proj(adapter.layers(self.model)[layer])
+                    # proj is affine (W x + b): proj(x) - proj(0) = W x is the change of the layer's output,
+                    # without counting its bias a second time
                     delta = proj(x.view(-1, *p.shape[1:])) - proj(torch.zeros_like(p[:1, :1]))
                     template = outs.outputs[layer]
                     hidden = hidden_of(template).repeat(len(members), 1, 1) + delta

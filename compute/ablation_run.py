@@ -1,136 +1,112 @@
-"""`actdb ablate`: resolve a checkpoint, a neuron selector and a dataset, run the ablation, store the result."""
+"""`actdb ablate`: resolve a checkpoint, a neuron selector and a dataset, run the ablation under the run
+lifecycle, and record the outcome. An identical request reuses its complete ablation unless `force`."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from actdb.compute.ablation import AblationOutcome, LossEvaluator, Neuron, ablate
-from actdb.compute.correlation_run import SetRef
-from actdb.compute.persistence import latest_universality_run
+from actdb.compute.ablation import AblationOutcome, LossEvaluator, ablate
 from actdb.store.database import Store
+from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.model_loading import load_model, resolve_device
-from actdb.store.registry import find_set, get_checkpoint, get_dataset
-from actdb.store.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat, Universality
+from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
+from actdb.store.lifecycle import RunBusy, request_key, running, start_run, wait_for
+from actdb.store.model_loading import load_model
+from actdb.store.refs import Neuron, parse_int, parse_neuron_list, parse_set_ref, read_neuron_file
+from actdb.store.registry import complete_set, get_checkpoint
+from actdb.store.schema import Ablation, AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronStat
 from actdb.store.token_file import TokenDataset
 
 
-def parse_neuron_list(text: str) -> list[Neuron]:
-    """`3.1234,11.3030`: L.N items separated by commas, spaces or newlines; `#` starts a comment."""
-    out = []
-    for line in text.splitlines():
-        for item in line.split("#", 1)[0].replace(",", " ").split():
-            layer, dot, neuron = item.partition(".")
-            if not dot or not layer.isdigit() or not neuron.isdigit():
-                raise ActdbError(f"malformed neuron {item!r}; write LAYER.NEURON, e.g. 3.1234")
-            out.append((int(layer), int(neuron)))
-    return sorted(set(out))
+@dataclass(kw_only=True)
+class AblationRequest:
+    """Ablate `selector` neurons of `target` (MODEL@STEP): `universal[:LAYER]`, `L.N,...` or `@FILE`."""
+
+    target: str
+    selector: str
+    method: str = "zero"
+    dataset: str | None = None
+    tokens: int | None = None
+    controls: int = 0
+    seed: int = 0
+    each: bool = False
+    control: str = "none"
+    threshold: float | None = None
+    run_id: int | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    variants_per_pass: int | None = None
+    force: bool = False
+    progress: bool = True
 
 
-def resolve_selector(
-    store: Store, selector: str, set_id: int, control: str, run_id: int | None
-) -> tuple[list[Neuron], int | None]:
-    """`universal[:LAYER]`, an explicit `L.N,...` list, or `@FILE` holding such a list."""
-    if selector.startswith("universal"):
-        _, _, layer = selector.partition(":")
-        run = run_id or latest_universality_run(store, set_id, control)
-        if run is None:
-            raise ActdbError("no correlation run has classified this checkpoint; run `actdb correlate` first")
-        with store.session() as s:
-            q = select(Universality.layer, Universality.neuron).where(
-                Universality.run_id == run, Universality.set_id == set_id, Universality.is_universal.is_(True)
-            )
-            if layer:
-                if not layer.isdigit():
-                    raise ActdbError(f"malformed selector {selector!r}; write universal or universal:LAYER")
-                q = q.where(Universality.layer == int(layer))
-            neurons = [(int(a), int(b)) for a, b in s.execute(q)]
-        return sorted(neurons), run
-    if selector.startswith("@"):
-        path = Path(selector[1:])
-        try:
-            return parse_neuron_list(path.read_text()), None
-        except OSError as exc:
-            raise ActdbError(f"cannot read neuron file {path}: {exc.strerror or exc}") from None
-    return parse_neuron_list(selector), None
+@dataclass
+class _Target:
+    checkpoint_id: int
+    dataset_id: int
+    set_id: int
+    source: str
+    revision: str | None
+    dataset_path: str
+    means: dict[Neuron, float]
+
+
+@dataclass
+class _Selection:
+    neurons: list[Neuron]
+    run_id: int | None
+    threshold: float | None
 
 
 def run_ablation(
-    store: Store,
-    target: str,
-    selector: str,
-    method: str = "zero",
-    dataset: str | None = None,
-    n_tokens: int | None = None,
-    n_controls: int = 0,
-    seed: int = 0,
-    each: bool = False,
-    control: str = "none",
-    run_id: int | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
-    variants_per_pass: int | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> tuple[int, AblationOutcome]:
-    """Ablate neurons of MODEL@STEP on a dataset and record the outcome in the `ablation` table."""
-    if method not in ("zero", "mean"):
-        raise ActdbError(f"unknown method {method!r}; use zero or mean")
-    ref = SetRef.parse(target)
-    with store.session() as s:
-        ckpt = get_checkpoint(s, ref.model, ref.step)
-        if dataset is None:
-            names = list(
-                s.scalars(
-                    select(Dataset.name)
-                    .join(ActivationSet)
-                    .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.status == "complete")
-                )
-            )
-            if len(names) != 1:
-                raise ActdbError(f"{target} has complete sets on {len(names)} datasets; pass --dataset")
-            dataset = names[0]
-        ds = get_dataset(s, dataset)
-        aset = find_set(s, ref.model, ref.step, dataset, "mlp.post")
-        if aset is None or aset.status != "complete":
-            raise ActdbError(f"{target} has no complete activation set on {dataset}; run `actdb ingest` first")
-        means = {
-            (layer, n): mean
-            for layer, n, mean in s.execute(
-                select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
-            )
-        }
-        source, revision, ckpt_id, ds_id, ds_path = ckpt.source, ckpt.revision, ckpt.id, ds.id, ds.path
-    neurons, used_run = resolve_selector(store, selector, aset.id, control, run_id)
-    if not neurons:
-        raise ActdbError(f"selector {selector!r} resolves to no neurons")
-    tokens = TokenDataset.load(ds_path)
-    n_seq = tokens.n_sequences if n_tokens is None else max(1, min(tokens.n_sequences, -(-n_tokens // tokens.seq_len)))
-    torch_device = resolve_device(device)
-    if not Path(source).exists() and source.startswith(("/", ".", "~")):
-        raise ActdbError(f"the files of {target} are gone: {source} does not exist")
-    model = load_model(source, revision, torch_device)
-    evaluator = LossEvaluator(model, tokens.tokens[:n_seq], tokens.mask[:n_seq], batch_size, torch_device)
-    started = time.perf_counter()
-    outcome = ablate(evaluator, neurons, method, means, n_controls, seed, each, variants_per_pass, progress=progress)
-    seconds = time.perf_counter() - started
-    c_mean, c_std, c_lo, c_hi, p = outcome.control_stats
-    with store.session() as s:
-        row = Ablation(
-            checkpoint_id=ckpt_id,
-            dataset_id=ds_id,
-            run_id=used_run,
-            method=method,
-            selector=selector,
-            neurons=json.dumps([f"{a}.{b}" for a, b in neurons]),
-            n_neurons=len(neurons),
+    store: Store, req: AblationRequest, log: Callable[[str], None] = print
+) -> tuple[int, AblationOutcome | None]:
+    """Ablate and record in the `ablation` table; returns its id and the outcome (None when reused)."""
+    _validate(req)
+    target = _resolve_target(store, req)
+    selection = _select(store, req, target.set_id)
+    tokens = TokenDataset.load(store.config.file(target.dataset_path))
+    n_seq = (
+        tokens.n_sequences if req.tokens is None else max(1, min(tokens.n_sequences, -(-req.tokens // tokens.seq_len)))
+    )
+    values = _row_values(req, target, selection, n_seq)
+    while True:
+        done = None if req.force else _complete(store, values["request_key"])
+        if done is not None:
+            log(f"ablation {done} already measured these neurons (complete); --force measures again")
+            return done, None
+        try:
+            ablation_id = start_run(store, Ablation, values)
+            break
+        except RunBusy as busy:
+            log(f"ablation {busy.run_id} is measuring the same request in another process; waiting for it")
+            wait_for(store, Ablation, busy.run_id)
+    with running(store, Ablation, ablation_id) as handle:
+        device = resolve_device(req.device).torch
+        if not Path(target.source).exists() and target.source.startswith(("/", ".", "~")):
+            raise ActdbError(f"the files of {req.target} are gone: {target.source} does not exist")
+        model = load_model(target.source, target.revision, device)
+        evaluator = LossEvaluator(model, tokens.tokens[:n_seq], tokens.mask[:n_seq], req.batch_size, device)
+        outcome = ablate(
+            evaluator,
+            selection.neurons,
+            req.method,
+            target.means,
+            n_controls=req.controls,
+            seed=req.seed,
+            each=req.each,
+            variants_per_pass=req.variants_per_pass,
+            progress=req.progress,
+        )
+        _store_each(store, ablation_id, outcome)
+        c_mean, c_std, c_lo, c_hi, p = outcome.control_stats
+        handle.complete(
             tokens=evaluator.n_targets,
-            seed=seed,
             base_loss=outcome.base_loss,
             ablated_loss=outcome.ablated_loss,
             delta=outcome.delta,
@@ -140,32 +116,146 @@ def run_ablation(
             control_ci_low=c_lo,
             control_ci_high=c_hi,
             p_value=p,
-            each=each,
-            seconds=seconds,
             forward_passes=outcome.forward_passes,
         )
-        s.add(row)
-        s.flush()
-        if outcome.each:
-            s.execute(
-                insert(AblationNeuron),
-                [
-                    {
-                        "ablation_id": row.id,
-                        "layer": lay,
-                        "neuron": n,
-                        "ablated_loss": loss,
-                        "delta": loss - outcome.base_loss,
-                    }
-                    for (lay, n), loss in outcome.each
-                ],
-            )
-        ablation_id = row.id
     ctrl = ""
     if c_mean is not None:
         ctrl = f"; controls ({len(outcome.control_deltas)}): mean delta {c_mean:+.5f} ± {c_std:.5f}, p = {p:.3f}"
     log(
-        f"ablation {ablation_id}: {target} {method}-ablating {len(neurons)} neurons on {evaluator.n_targets} "
-        f"tokens: loss {outcome.base_loss:.5f} -> {outcome.ablated_loss:.5f} (delta {outcome.delta:+.5f}){ctrl}"
+        f"ablation {ablation_id}: {req.target} {req.method}-ablating {len(selection.neurons)} neurons on "
+        f"{evaluator.n_targets} tokens: loss {outcome.base_loss:.5f} -> {outcome.ablated_loss:.5f} "
+        f"(delta {outcome.delta:+.5f}){ctrl}"
     )
     return ablation_id, outcome
+
+
+def _validate(req: AblationRequest) -> None:
+    if req.method not in ("zero", "mean"):
+        raise ActdbError(f"unknown method {req.method!r}; use zero or mean")
+    if req.control not in CONTROLS:
+        raise ActdbError(f"unknown control {req.control!r}; use none or token")
+    check_threshold(req.threshold)
+    if req.controls < 0 or req.batch_size < 1 or (req.tokens is not None and req.tokens < 1):
+        raise ActdbError("--controls must be >= 0, --batch-size and --tokens >= 1")
+    parse_int(str(req.seed), "--seed", 0, 2**32 - 1)
+
+
+def _resolve_target(store: Store, req: AblationRequest) -> _Target:
+    ref = parse_set_ref(req.target)
+    with store.session() as s:
+        ckpt = get_checkpoint(s, ref.model, ref.step)
+        if req.dataset is None and ref.dataset is None:
+            names = list(
+                s.scalars(
+                    select(Dataset.name)
+                    .join(ActivationSet)
+                    .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.status == "complete")
+                )
+            )
+            if len(names) != 1:
+                raise ActdbError(f"{req.target} has complete sets on {len(names)} datasets; pass --dataset")
+        aset = complete_set(s, ref, req.dataset)
+        means = {
+            (layer, n): mean
+            for layer, n, mean in s.execute(
+                select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
+            )
+        }
+        ds_path = s.get(Dataset, aset.dataset_id).path
+        return _Target(ckpt.id, aset.dataset_id, aset.id, ckpt.source, ckpt.revision, ds_path, means)
+
+
+def _select(store: Store, req: AblationRequest, set_id: int) -> _Selection:
+    """`universal[:LAYER]` (labels at the threshold), an explicit `L.N,...` list, or `@FILE` holding one."""
+    selector = req.selector
+    if selector.startswith("universal"):
+        _, sep, layer = selector.partition(":")
+        if selector != "universal" and (not sep or not layer.isdigit()):
+            raise ActdbError(f"malformed selector {selector!r}; write universal or universal:LAYER")
+        run_id, threshold = _labelling_run(store, req, set_id)
+        neurons = universal_neurons_of(store, run_id, set_id, threshold)
+        if layer:
+            neurons = [n for n in neurons if n[0] == int(layer)]
+        selection = _Selection(neurons, run_id, threshold)
+    elif selector.startswith("@"):
+        selection = _Selection(read_neuron_file(selector[1:]), None, None)
+    else:
+        selection = _Selection(parse_neuron_list(selector), None, None)
+    if not selection.neurons:
+        at = f" at threshold {selection.threshold}" if selection.threshold is not None else ""
+        raise ActdbError(f"selector {selector!r} resolves to no neurons{at}")
+    return selection
+
+
+def _labelling_run(store: Store, req: AblationRequest, set_id: int) -> tuple[int, float]:
+    if req.run_id is not None:
+        with store.session() as s:
+            run = s.get(CorrelationRun, req.run_id)
+            if run is None or run.status != "complete" or run.kind != "cross_model":
+                raise ActdbError(f"run {req.run_id} is not a complete cross-model correlation run")
+            recorded = run.threshold
+        found = (req.run_id, recorded)
+    else:
+        found = latest_universality_run(store, set_id, req.control)
+        if found is None:
+            raise ActdbError("no correlation run has scored this checkpoint; run `actdb correlate` first")
+    run_id, recorded = found
+    return run_id, recorded if req.threshold is None else req.threshold
+
+
+def _row_values(req: AblationRequest, target: _Target, selection: _Selection, n_seq: int) -> dict:
+    neurons = [f"{a}.{b}" for a, b in selection.neurons]
+    key = request_key(
+        kind="ablate",
+        checkpoint=target.checkpoint_id,
+        dataset=target.dataset_id,
+        method=req.method,
+        neurons=neurons,
+        sequences=n_seq,
+        controls=req.controls,
+        seed=req.seed,
+        each=req.each,
+    )
+    return {
+        "request_key": key,
+        "checkpoint_id": target.checkpoint_id,
+        "dataset_id": target.dataset_id,
+        "run_id": selection.run_id,
+        "method": req.method,
+        "selector": req.selector,
+        "threshold": selection.threshold,
+        "neurons": json.dumps(neurons),
+        "n_neurons": len(neurons),
+        "tokens": 0,
+        "seed": req.seed,
+        "n_controls": req.controls,
+        "each": req.each,
+    }
+
+
+def _complete(store: Store, key: str) -> int | None:
+    return store.scalar(
+        select(Ablation.id)
+        .where(Ablation.request_key == key, Ablation.status == "complete")
+        .order_by(Ablation.id.desc())
+        .limit(1)
+    )
+
+
+def _store_each(store: Store, ablation_id: int, outcome: AblationOutcome) -> None:
+    if not outcome.each:
+        return
+    with store.session() as s:
+        s.execute(
+            insert(AblationNeuron),
+            [
+                {
+                    "ablation_id": ablation_id,
+                    "layer": lay,
+                    "neuron": n,
+                    "ablated_loss": loss,
+                    "delta": loss - outcome.base_loss,
+                }
+                for (lay, n), loss in outcome.each
+            ],
+        )

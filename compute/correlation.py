@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actdb.compute.backend import Backend
 from actdb.compute.baseline import random_rotation
 from actdb.store.activation_file import ActivationReader
+from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
 
 SD_EPS = 1e-6  # a neuron whose standard deviation is below this is dead/constant: it has no correlation
@@ -125,9 +125,11 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
     chunk = options.chunk_tokens
     fixed = 0
     for s in inputs:
+        # per set: float64 sums (N) + within-layer Grams (L d^2) + the chunk as float32, twice (the device copy
+        # and, on GPUs, the chunk read ahead on the host)
         fixed += s.n_neurons * 8 + s.n_layers * s.d_mlp**2 * 8 + 2 * chunk * s.n_neurons * 4 * 2
         if options.control == "token":
-            fixed += n_vocab * s.n_neurons * 8
+            fixed += n_vocab * s.n_neurons * 8  # float64 per-token-id sums
     tasks = [
         Task(i, j, layer)
         for i in range(len(inputs))
@@ -135,6 +137,8 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
         for layer in range(inputs[i].n_layers)
     ]
     sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 12 for t in tasks]  # float64 sum + float32 GEMM out
+    # finalizing one block holds about six float64 temporaries of its size (cov, r, Cov_ab R, its ratio, R^T Cov,
+    # and the maxima's working copies) plus one more chunk of the widest set
     finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4
     room = budget - fixed - finalize
     if room < max(sizes, default=0):
@@ -217,7 +221,7 @@ def correlate_sets(
     tokens: np.ndarray,
     mask: np.ndarray,
     options: CorrelationOptions,
-    backend: Backend,
+    backend: ArrayBackend,
     progress: Callable[[int], None] | None = None,
 ) -> CorrelationResult:
     """Correlate every pair of `inputs` over the counted positions of `tokens (n_seq, seq_len)`."""
@@ -225,101 +229,122 @@ def correlate_sets(
         raise ActdbError("correlation needs at least two activation sets")
     if options.control not in ("none", "token"):
         raise ActdbError(f"unknown control {options.control!r}; use none or token")
-    seq_len = tokens.shape[1]
-    flat_tokens, flat_mask = tokens.reshape(-1), mask.reshape(-1)
-    used_ids = np.unique(flat_tokens[flat_mask])
-    vocab_index = np.full(int(flat_tokens.max()) + 1, -1, dtype=np.int64)
-    vocab_index[used_ids] = np.arange(len(used_ids))
-    n_vocab = len(used_ids)
-    budget = options.memory_budget or int(backend.free_memory() * 0.6)
-    passes = plan_passes(inputs, n_vocab, options, budget)
     readers = [ActivationReader(s.path) for s in inputs]
     try:
-        return _run(
-            inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options, backend, progress
-        )
+        return _Engine(inputs, readers, tokens, mask, options, backend, progress).run()
     finally:
         for r in readers:
             r.close()
 
 
-def _run(
-    inputs, readers, flat_tokens, flat_mask, vocab_index, n_vocab, seq_len, passes, options, backend, progress
-) -> CorrelationResult:
-    xp = backend.xp
-    control = options.control == "token"
-    moments = [
-        _SetMoments(
-            xp.zeros(s.n_neurons),
-            [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
-            xp.zeros((n_vocab, s.n_neurons)) if control else None,
-        )
-        for s in inputs
-    ]
-    token_counts = np.zeros(n_vocab)
-    n = 0
-    results = _empty_results(inputs, options.topk)
-    for p, tasks in enumerate(passes):
-        first = p == 0
+class _Engine:
+    """One correlation request: the flat token stream, the per-set moments, and the per-pair results."""
+
+    def __init__(
+        self,
+        inputs: list[SetInput],
+        readers: list[ActivationReader],
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        options: CorrelationOptions,
+        backend: ArrayBackend,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self.inputs, self.readers, self.options, self.backend = inputs, readers, options, backend
+        self.progress = progress
+        self.seq_len = tokens.shape[1]
+        self.flat_tokens, self.flat_mask = tokens.reshape(-1), mask.reshape(-1)
+        used_ids = np.unique(self.flat_tokens[self.flat_mask])
+        # dense index of the token ids that occur, so per-token sums need (distinct ids x neurons), not vocab x
+        self.vocab_index = np.full(int(self.flat_tokens.max()) + 1, -1, dtype=np.int64)
+        self.vocab_index[used_ids] = np.arange(len(used_ids))
+        self.n_vocab = len(used_ids)
+        self.control = options.control == "token"
+        budget = options.memory_budget or int(backend.free_memory() * 0.6)
+        self.passes = plan_passes(inputs, self.n_vocab, options, budget)
+        xp = backend.xp
+        self.moments = [
+            _SetMoments(
+                xp.zeros(s.n_neurons),
+                [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
+                xp.zeros((self.n_vocab, s.n_neurons)) if self.control else None,
+            )
+            for s in inputs
+        ]
+        self.token_counts = np.zeros(self.n_vocab)
+        self.inv_counts = None
+        self.n = 0
+        self.results = _empty_results(inputs, options.topk)
+
+    def run(self) -> CorrelationResult:
+        for p, tasks in enumerate(self.passes):
+            acc = self._accumulate(tasks, first=p == 0)
+            if p == 0:
+                self._finalize_sets()
+            for g in list(acc):
+                block = acc.pop(g)  # freed as soon as its maxima are taken
+                d = self.inputs[g.a].d_mlp
+                for layer in range(g.start, g.stop):
+                    rows = block[(layer - g.start) * d : (layer - g.start + 1) * d]
+                    _finalize_task(Task(g.a, g.b, layer), rows, self)
+                del block
+        return self._result()
+
+    def _accumulate(self, tasks: list[Task], first: bool) -> dict[TaskGroup, object]:
+        """One pass over the tokens: every group's `X_a^T X_b` (and, in the first pass, the sets' moments)."""
+        xp, backend, inputs = self.backend.xp, self.backend, self.inputs
         wanted = sorted(range(len(inputs))) if first else sorted({t.a for t in tasks} | {t.b for t in tasks})
         groups = group_tasks(tasks)
         acc = {g: xp.zeros(((g.stop - g.start) * inputs[g.a].d_mlp, inputs[g.b].n_neurons)) for g in groups}
         out = {g: xp.empty(a.shape, dtype=xp.float32) for g, a in acc.items()}
-        chunks = _read_chunks(readers, inputs, wanted, flat_tokens, flat_mask, seq_len, options.chunk_tokens)
+        chunks = _read_chunks(
+            self.readers, inputs, wanted, self.flat_tokens, self.flat_mask, self.seq_len, self.options.chunk_tokens
+        )
         for n_rows, ids, chunk in _read_ahead(chunks) if backend.name == "cupy" else chunks:
             xs = {i: backend.asarray(x) for i, x in chunk.items()}
             if first:
-                n += ids.shape[0]
-                seg = vocab_index[ids]
-                if control:
-                    token_counts += np.bincount(seg, minlength=n_vocab)
-                    seg_dev = backend.asarray(seg)
-                for i, x in xs.items():
-                    s, m = inputs[i], moments[i]
-                    m.sums += x.sum(axis=0, dtype=xp.float64)
-                    for layer in range(s.n_layers):
-                        xl = x[:, layer * s.d_mlp : (layer + 1) * s.d_mlp]
-                        m.grams[layer] += xl.T @ xl
-                    if control:
-                        m.token_sums += backend.segment_sum(x, seg_dev, n_vocab)
+                self._accumulate_moments(ids, xs)
             for g in groups:
                 d = inputs[g.a].d_mlp
                 xp.matmul(xs[g.a][:, g.start * d : g.stop * d].T, xs[g.b], out=out[g])
                 acc[g] += out[g]
-            if progress:
-                progress(n_rows)
-        if first:
-            if n < 2:
-                raise ActdbError("the dataset has fewer than two counted positions")
-            inv_counts = backend.asarray(1.0 / np.maximum(token_counts, 1))
-            for s, m in zip(inputs, moments, strict=True):
-                _finalize_set(s, m, n, inv_counts if control else None, xp)
-        del out
-        for g in groups:
-            block = acc.pop(g)
-            d = inputs[g.a].d_mlp
-            for layer in range(g.start, g.stop):
-                rows = block[(layer - g.start) * d : (layer - g.start + 1) * d]
-                _finalize_task(
-                    Task(g.a, g.b, layer),
-                    rows,
-                    inputs,
-                    moments,
-                    n,
-                    inv_counts if control else None,
-                    options,
-                    backend,
-                    results,
-                )
-            del block
-    dead = {s.key: backend.to_numpy(m.sd <= SD_EPS) for s, m in zip(inputs, moments, strict=True)}
-    matches = {(inputs[a].key, inputs[b].key): r for (a, b), r in results.items()}
-    for (a, _b), r in matches.items():
-        undefined = dead[a] | ~np.isfinite(r.max_corr)
-        r.max_corr[undefined] = np.nan
-        r.baseline_max[undefined | ~np.isfinite(r.baseline_max)] = np.nan
-        r.best[undefined] = -1
-    return CorrelationResult(matches, dead, n, len(passes))
+            if self.progress:
+                self.progress(n_rows)
+        return acc
+
+    def _accumulate_moments(self, ids: np.ndarray, xs: dict[int, object]) -> None:
+        xp, backend = self.backend.xp, self.backend
+        self.n += ids.shape[0]
+        seg = self.vocab_index[ids]
+        if self.control:
+            self.token_counts += np.bincount(seg, minlength=self.n_vocab)
+            seg_dev = backend.asarray(seg)
+        for i, x in xs.items():
+            s, m = self.inputs[i], self.moments[i]
+            m.sums += x.sum(axis=0, dtype=xp.float64)
+            for layer in range(s.n_layers):
+                xl = x[:, layer * s.d_mlp : (layer + 1) * s.d_mlp]
+                m.grams[layer] += xl.T @ xl
+            if self.control:
+                m.token_sums += backend.segment_sum(x, seg_dev, self.n_vocab)
+
+    def _finalize_sets(self) -> None:
+        if self.n < 2:
+            raise ActdbError("the dataset has fewer than two counted positions")
+        if self.control:
+            self.inv_counts = self.backend.asarray(1.0 / np.maximum(self.token_counts, 1))
+        for s, m in zip(self.inputs, self.moments, strict=True):
+            _finalize_set(s, m, self.n, self.inv_counts, self.backend.xp)
+
+    def _result(self) -> CorrelationResult:
+        dead = {s.key: self.backend.to_numpy(m.sd <= SD_EPS) for s, m in zip(self.inputs, self.moments, strict=True)}
+        matches = {(self.inputs[a].key, self.inputs[b].key): r for (a, b), r in self.results.items()}
+        for (a, _b), r in matches.items():
+            undefined = dead[a] | ~np.isfinite(r.max_corr)
+            r.max_corr[undefined] = np.nan
+            r.baseline_max[undefined | ~np.isfinite(r.baseline_max)] = np.nan
+            r.best[undefined] = -1
+        return CorrelationResult(matches, dead, self.n, len(self.passes))
 
 
 def _empty_results(inputs: list[SetInput], topk: int) -> dict[tuple[int, int], MatchResult]:
@@ -369,7 +394,7 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):
     return r
 
 
-def _rotations(s: SetInput, m: _SetMoments, seed: int, backend: Backend) -> list:
+def _rotations(s: SetInput, m: _SetMoments, seed: int, backend: ArrayBackend) -> list:
     """The set's per-layer rotations and its rotated neurons' standard deviations, built once per run."""
     if m.rotations is None:
         m.rotations = [
@@ -386,30 +411,33 @@ def _rotated_sd(cov_layers: list, rotations: list, xp):
     )
 
 
-def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backend, results) -> None:
+def _finalize_task(t: Task, acc: object, engine: _Engine) -> None:
     """Turn one (pair x layer) accumulator into row maxima for a and running column maxima for b."""
+    backend, inputs, moments, n = engine.backend, engine.inputs, engine.moments, engine.n
     xp = backend.xp
     sa, sb = inputs[t.a], inputs[t.b]
     ma, mb = moments[t.a], moments[t.b]
     d = sa.d_mlp
     rows = slice(t.layer * d, (t.layer + 1) * d)
     mean_a, mean_b = ma.sums[rows] / n, mb.sums / n
-    if inv_counts is None:
+    if engine.inv_counts is None:
         cov = acc / n - xp.outer(mean_a, mean_b)
-    else:
-        cov = acc / n - (ma.token_sums[:, rows].T * inv_counts) @ mb.token_sums / n
+    else:  # remove the between-token part: Cov_ab - S_a^T diag(1/n_v) S_b / n
+        cov = acc / n - (ma.token_sums[:, rows].T * engine.inv_counts) @ mb.token_sums / n
     del acc
     sd_a, sd_b = ma.sd[rows], mb.sd
     r = _masked_ratio(cov, sd_a, sd_b, xp)
-    fwd, back = results[(t.a, t.b)], results[(t.b, t.a)]
-    _row_max(r, fwd, rows, options.topk, backend)
-    _col_max(r, back, t.layer * d, options.topk, backend)
+    fwd, back = engine.results[(t.a, t.b)], engine.results[(t.b, t.a)]
+    topk = engine.options.topk
+    _row_max(r, fwd, rows, topk, backend)
+    _col_max(r, back, t.layer * d, topk, backend)
     if fwd.self_corr is not None:
         diag = backend.to_numpy(xp.diagonal(r[:, rows]))
         fwd.self_corr[rows] = np.where(np.isfinite(diag), diag, np.nan)
         back.self_corr[rows] = fwd.self_corr[rows]
     del r
-    seed = options.baseline_seed
+    # Rotation baseline from the moments: corr(a_i, (bR)_j) = (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)).
+    seed = engine.options.baseline_seed
     rot_b = _rotations(sb, mb, seed, backend)
     db = sb.d_mlp
     cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot_b[lb] for lb in range(sb.n_layers)], axis=1)
@@ -421,7 +449,7 @@ def _finalize_task(t: Task, acc, inputs, moments, n, inv_counts, options, backen
     np.maximum(back.baseline_max, backend.to_numpy(r_rot.max(axis=0)), out=back.baseline_max)
 
 
-def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: Backend) -> None:
+def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: ArrayBackend) -> None:
     xp = backend.xp
     best = xp.argmax(r, axis=1)
     res.best[rows] = backend.to_numpy(best)
@@ -435,7 +463,7 @@ def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: Backend) -> N
         res.topk_val[rows, :k] = backend.to_numpy(xp.take_along_axis(val, order, axis=1))
 
 
-def _col_max(r, res: MatchResult, row_offset: int, topk: int, backend: Backend) -> None:
+def _col_max(r, res: MatchResult, row_offset: int, topk: int, backend: ArrayBackend) -> None:
     xp = backend.xp
     best = xp.argmax(r, axis=0)
     val = backend.to_numpy(xp.take_along_axis(r, best[None, :], axis=0)[0])

@@ -1,10 +1,13 @@
-"""`actdb correlate`: resolve activation sets, reuse or record a correlation run, and store its results."""
+"""`actdb correlate`: resolve activation sets, reuse or claim a correlation run, compute it, store its results.
+
+A request is identified by its sets, control, baseline seed and top-k; the threshold is not part of it (it only
+sets the run's default for displaying labels). An identical complete run is reused; an identical running one
+is waited for; otherwise this process claims a new run row and computes it under the run lifecycle.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,13 +15,17 @@ import numpy as np
 from sqlalchemy import select, update
 from tqdm.auto import tqdm
 
-from actdb.compute.backend import get_backend
 from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, correlate_sets
 from actdb.compute.universality import score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
+from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.registry import get_checkpoint, get_dataset
+from actdb.store.labels import CONTROLS, check_threshold
+from actdb.store.lifecycle import RunBusy, RunHandle, request_key, running, start_run, wait_for
+from actdb.store.refs import SetRef
+from actdb.store.registry import resolve_sets
 from actdb.store.schema import (
+    DEFAULT_THRESHOLD,
     ActivationSet,
     Checkpoint,
     CorrelationRun,
@@ -28,26 +35,42 @@ from actdb.store.schema import (
     NeuronStat,
     RunMember,
     Universality,
-    utcnow,
 )
 from actdb.store.token_file import TokenDataset
 
+MAX_SEED = 2**32 - 1
 
-@dataclass(frozen=True)
-class SetRef:
-    """A `model@step` reference, optionally pinned to a dataset."""
 
-    model: str
-    step: int
+@dataclass(kw_only=True)
+class CorrelationRequest:
+    """What `actdb correlate` asks for; `threshold` is the run's display default (0.5 when None)."""
+
+    sets: list[SetRef]
     dataset: str | None = None
+    control: str = "none"
+    threshold: float | None = None
+    seed: int = 0
+    topk: int = 0
+    chunk_tokens: int = 8192
+    memory_budget: int | None = None
+    device: str = "auto"
+    force: bool = False
+    progress: bool = True
 
-    @classmethod
-    def parse(cls, text: str) -> SetRef:
-        body, _, dataset = text.partition("/")
-        model, sep, step = body.rpartition("@")
-        if not sep or not model or not step.lstrip("-").isdigit():
-            raise ActdbError(f"malformed set {text!r}; write MODEL@STEP (optionally MODEL@STEP/DATASET)")
-        return cls(model, int(step), dataset or None)
+    def options(self) -> CorrelationOptions:
+        if self.control not in CONTROLS:
+            raise ActdbError(f"unknown control {self.control!r}; use none or token")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ActdbError(f"--seed must be in 0..{MAX_SEED}")
+        if self.topk < 0 or self.chunk_tokens < 1:
+            raise ActdbError("--topk must be >= 0 and --chunk-tokens >= 1")
+        return CorrelationOptions(
+            control=self.control,
+            baseline_seed=self.seed,
+            topk=self.topk,
+            chunk_tokens=self.chunk_tokens,
+            memory_budget=self.memory_budget,
+        )
 
 
 @dataclass
@@ -61,189 +84,165 @@ class RunOutcome:
     backend: str
 
 
-def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None, hook: str = "mlp.post") -> list[ActivationSet]:
-    """Complete activation sets for the references, all on one dataset, or a one-line error."""
-    if len(refs) < 2:
+def correlate(store: Store, req: CorrelationRequest, log: Callable[[str], None] = print) -> RunOutcome:
+    """Resolve the request's sets and correlate them."""
+    options = req.options()
+    check_threshold(req.threshold)
+    if len(req.sets) < 2:
         raise ActdbError("correlation needs at least two activation sets (models x steps)")
-    if len(set(refs)) != len(refs):
-        raise ActdbError("the same activation set is listed twice")
-    found = []
-    with store.session() as s:
-        if dataset:
-            get_dataset(s, dataset)
-        for ref in refs:
-            ckpt = get_checkpoint(s, ref.model, ref.step)
-            q = (
-                select(ActivationSet, Dataset)
-                .join(Dataset)
-                .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.hook == hook)
-            )
-            want = ref.dataset or dataset
-            if want:
-                q = q.where(Dataset.name == want)
-            rows = s.execute(q).all()
-            if not rows:
-                on = f" on dataset {want!r}" if want else ""
-                raise ActdbError(
-                    f"{ref.model}@{ref.step} has no activation set{on}; run `actdb ingest "
-                    f"{ref.model} --step {ref.step} --dataset {want or 'DATASET'}` first"
-                )
-            if len(rows) > 1:
-                names = ", ".join(d.name for _a, d in rows)
-                raise ActdbError(f"{ref.model}@{ref.step} has sets on several datasets ({names}); pass --dataset")
-            aset, ds = rows[0]
-            if aset.status != "complete":
-                raise ActdbError(
-                    f"activation set of {ref.model}@{ref.step} on {ds.name} is {aset.status}, not "
-                    "complete; finish it with `actdb ingest` first"
-                )
-            found.append((aset, ds.name))
-    datasets = sorted({name for _a, name in found})
-    if len(datasets) > 1:
-        raise ActdbError(f"the sets are on different datasets ({', '.join(datasets)}); correlate sets of one dataset")
-    return [a for a, _ in found]
-
-
-def request_key(set_ids: list[int], options: CorrelationOptions, threshold: float) -> str:
-    payload = json.dumps(
-        {
-            "sets": sorted(set_ids),
-            "control": options.control,
-            "seed": options.baseline_seed,
-            "topk": options.topk,
-            "threshold": threshold,
-        },
-        sort_keys=True,
+    sets = resolve_sets(store, req.sets, req.dataset)
+    return run_correlation(
+        store,
+        sets,
+        options,
+        threshold=req.threshold,
+        device=req.device,
+        force=req.force,
+        progress=req.progress,
+        log=log,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def correlation_key(set_ids: list[int], options: CorrelationOptions) -> str:
+    """The request key; migration 0005 computes the same for runs recorded before it."""
+    return request_key(
+        kind="correlate",
+        sets=sorted(set_ids),
+        control=options.control,
+        seed=options.baseline_seed,
+        topk=options.topk,
+    )
 
 
 def run_correlation(
     store: Store,
     sets: list[ActivationSet],
     options: CorrelationOptions,
-    threshold: float = 0.5,
+    *,
+    threshold: float | None = None,
     device: str = "auto",
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> RunOutcome:
-    """Correlate `sets`, or reuse an identical complete run; the run row records failure if anything breaks."""
-    key = request_key([a.id for a in sets], options, threshold)
+    """Correlate `sets`, or reuse (or wait for) an identical run; a failure leaves the run marked failed."""
+    key = correlation_key([a.id for a in sets], options)
+    while True:
+        done = None if force else _complete_run(store, key)
+        if done is not None:
+            return _reuse(store, done, threshold, log)
+        try:
+            run_id = start_run(store, CorrelationRun, _run_values(store, sets, options, key, threshold, device))
+        except RunBusy as busy:
+            log(f"run {busy.run_id} is computing the same request in another process; waiting for it")
+            if wait_for(store, CorrelationRun, busy.run_id) == "complete":
+                force = False
+            continue
+        with running(store, CorrelationRun, run_id) as handle:
+            return _compute(store, handle, sets, options, device, progress, log)
+
+
+def _complete_run(store: Store, key: str) -> CorrelationRun | None:
     with store.session() as s:
-        done = s.scalar(
+        return s.scalar(
             select(CorrelationRun)
             .where(CorrelationRun.request_key == key, CorrelationRun.status == "complete")
             .order_by(CorrelationRun.id.desc())
+            .limit(1)
         )
-    if done is not None and not force:
-        log(f"run {done.id} already holds these results (complete); --force recomputes")
-        return RunOutcome(
-            done.id, True, done.seconds or 0.0, done.n_tokens or 0, done.n_passes or 0, done.n_dead or 0, done.backend
-        )
-    backend = get_backend(device)
+
+
+def _reuse(store: Store, done: CorrelationRun, threshold: float | None, log: Callable[[str], None]) -> RunOutcome:
+    note = ""
+    if threshold is not None and threshold != done.threshold:
+        with store.session() as s:
+            s.execute(update(CorrelationRun).where(CorrelationRun.id == done.id).values(threshold=threshold))
+        note = f"; its display threshold is now {threshold} (was {done.threshold})"
+    log(f"run {done.id} already holds these results (complete){note}; --force recomputes")
+    return RunOutcome(
+        done.id, True, done.seconds or 0.0, done.n_tokens or 0, done.n_passes or 0, done.n_dead or 0, done.backend
+    )
+
+
+def _run_values(
+    store: Store, sets: list[ActivationSet], options: CorrelationOptions, key: str, threshold: float | None, device: str
+) -> dict:
     with store.session() as s:
-        ds = s.get(Dataset, sets[0].dataset_id)
         models = {s.scalar(select(Checkpoint.model_id).where(Checkpoint.id == a.checkpoint_id)) for a in sets}
-        kind = "cross_model" if len(models) == len(sets) else "within_model"
-        run = CorrelationRun(
-            request_key=key,
-            dataset_id=ds.id,
-            kind=kind,
-            control=options.control,
-            threshold=threshold,
-            baseline_seed=options.baseline_seed,
-            topk=options.topk,
-            backend=backend.name,
-            status="running",
-            started_at=utcnow(),
-        )
-        s.add(run)
-        s.flush()
+    return {
+        "request_key": key,
+        "dataset_id": sets[0].dataset_id,
+        "kind": "cross_model" if len(models) == len(sets) else "within_model",
+        "control": options.control,
+        "threshold": DEFAULT_THRESHOLD if threshold is None else threshold,
+        "baseline_seed": options.baseline_seed,
+        "topk": options.topk,
+        "backend": resolve_device(device).array.name,
+    }
+
+
+def _compute(
+    store: Store,
+    handle: RunHandle,
+    sets: list[ActivationSet],
+    options: CorrelationOptions,
+    device: str,
+    progress: bool,
+    log: Callable[[str], None],
+) -> RunOutcome:
+    backend = resolve_device(device).array
+    with store.session() as s:
         for pos, a in enumerate(sets):
-            s.add(RunMember(run_id=run.id, set_id=a.id, position=pos))
-        inputs = [_set_input(s, a) for a in sets]
-        dataset_path = ds.path
-    started = time.perf_counter()
+            s.add(RunMember(run_id=handle.row_id, set_id=a.id, position=pos))
+        inputs = [_set_input(store, s, a) for a in sets]
+        kind = s.get(CorrelationRun, handle.row_id).kind
+        dataset_path = s.get(Dataset, sets[0].dataset_id).path
+    tokens = TokenDataset.load(store.config.file(dataset_path))
+    total = tokens.tokens.size
+    bar = tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"correlate run {handle.row_id}",
+        dynamic_ncols=True,
+    )
+
+    def advance(n_rows: int) -> None:
+        if bar.n + n_rows > bar.total:  # later passes read the tokens again
+            bar.total += total
+        bar.update(n_rows)
+
     try:
-        tokens = TokenDataset.load(dataset_path)
-        total = tokens.tokens.size
-        bar = tqdm(
-            total=total,
-            unit="tok",
-            unit_scale=True,
-            disable=not progress,
-            desc=f"correlate run {run.id}",
-            dynamic_ncols=True,
-        )
-        try:
-
-            def advance(n_rows: int) -> None:
-                if bar.n + n_rows > bar.total:
-                    bar.total += total
-                bar.update(n_rows)
-
-            result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
-        finally:
-            bar.close()
-        n_dead = _store_results(store, run.id, sets, inputs, result, threshold, kind)
-        seconds = time.perf_counter() - started
-        with store.session() as s:
-            s.execute(
-                update(CorrelationRun)
-                .where(CorrelationRun.id == run.id)
-                .values(
-                    status="complete",
-                    finished_at=utcnow(),
-                    seconds=seconds,
-                    n_tokens=result.n_tokens,
-                    n_passes=result.n_passes,
-                    n_dead=n_dead,
-                )
-            )
-    except BaseException as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        with store.session() as s:
-            s.execute(
-                update(CorrelationRun)
-                .where(CorrelationRun.id == run.id)
-                .values(status="failed", error=message[:2000], finished_at=utcnow())
-            )
-        raise
+        result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
+    finally:
+        bar.close()
+    n_dead = _store_results(store, handle.row_id, inputs, result, kind)
+    seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead)
     log(
-        f"run {run.id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
+        f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
         f"{n_dead} dead neurons, {seconds:.1f}s on {backend.name}"
     )
-    return RunOutcome(run.id, False, seconds, result.n_tokens, result.n_passes, n_dead, backend.name)
+    return RunOutcome(handle.row_id, False, seconds, result.n_tokens, result.n_passes, n_dead, backend.name)
 
 
-def _set_input(session, aset: ActivationSet) -> SetInput:
+def _set_input(store: Store, session, aset: ActivationSet) -> SetInput:
     model = session.scalar(select(Model).join(Checkpoint).where(Checkpoint.id == aset.checkpoint_id))
     means = np.zeros(model.n_layers * model.d_mlp)
     for layer, neuron, mean in session.execute(
         select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
     ):
         means[layer * model.d_mlp + neuron] = mean
-    return SetInput(aset.id, aset.path, model.n_layers, model.d_mlp, means, rotation_key=model.id)
+    path = str(store.config.file(aset.path))
+    return SetInput(aset.id, path, model.n_layers, model.d_mlp, means, rotation_key=model.id)
 
 
-def _store_results(
-    store: Store,
-    run_id: int,
-    sets: list[ActivationSet],
-    inputs: list[SetInput],
-    result: CorrelationResult,
-    threshold: float,
-    kind: str,
-) -> int:
-    """Bulk-insert neuron_match rows, and universality rows for cross-model runs; returns the dead neurons.
-
-    `self_corr` (a neuron against the same-index neuron of the other set) is kept only between checkpoints of
-    one model, where it means something; universality is only defined across models.
-    """
+def _match_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) -> list[dict]:
+    """neuron_match rows. `self_corr` (a neuron against the same-index neuron of the other set) is kept only
+    between checkpoints of one model, where it means something."""
     shapes = {s.key: s.d_mlp for s in inputs}
     model_of = {s.key: s.rotation_key for s in inputs}
-    matches = []
+    rows = []
     for (a, b), m in result.matches.items():
         da, db = shapes[a], shapes[b]
         same_model = m.self_corr is not None and model_of[a] == model_of[b]
@@ -258,7 +257,7 @@ def _store_results(
                         if j >= 0
                     ]
                 )
-            matches.append(
+            rows.append(
                 {
                     "run_id": run_id,
                     "set_id": a,
@@ -273,12 +272,16 @@ def _store_results(
                     "self_corr": finite_or_none(m.self_corr[i]) if same_model else None,
                 }
             )
-    scores = score_universality(result, threshold) if kind == "cross_model" else {}
-    univ = []
-    for key, sc in scores.items():
+    return rows
+
+
+def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) -> list[dict]:
+    shapes = {s.key: s.d_mlp for s in inputs}
+    rows = []
+    for key, sc in score_universality(result).items():
         d = shapes[key]
         for i in range(len(sc.excess_corr)):
-            univ.append(
+            rows.append(
                 {
                     "run_id": run_id,
                     "set_id": key,
@@ -288,11 +291,17 @@ def _store_results(
                     "min_max_corr": finite_or_none(sc.min_max_corr[i]),
                     "mean_baseline": finite_or_none(sc.mean_baseline[i]),
                     "excess_corr": finite_or_none(sc.excess_corr[i]),
-                    "is_universal": bool(sc.is_universal[i]),
                     "is_dead": bool(sc.is_dead[i]),
                 }
             )
+    return rows
+
+
+def _store_results(store: Store, run_id: int, inputs: list[SetInput], result: CorrelationResult, kind: str) -> int:
+    """Bulk-insert neuron_match rows, and universality scores for cross-model runs (universality is only defined
+    across models); returns the number of dead neurons."""
+    univ = _universality_rows(run_id, inputs, result) if kind == "cross_model" else []
     with store.session() as s:
-        for table, rows in ((NeuronMatch, matches), (Universality, univ)):
-            insert_rows(s, table, rows)
+        insert_rows(s, NeuronMatch, _match_rows(run_id, inputs, result))
+        insert_rows(s, Universality, univ)
     return int(sum(dead.sum() for dead in result.dead.values()))

@@ -10,20 +10,35 @@ import numpy as np
 from sqlalchemy import delete, insert, select
 
 from actdb.compute.correlation import CorrelationOptions
-from actdb.compute.correlation_run import SetRef, resolve_sets, run_correlation
+from actdb.compute.correlation_run import run_correlation
 from actdb.store.database import Store, insert_rows
 from actdb.store.errors import ActdbError
-from actdb.store.registry import get_dataset, get_model
+from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
+from actdb.store.lifecycle import RunBusy, request_key, running, start_run, wait_for
+from actdb.store.refs import SetRef
+from actdb.store.registry import get_dataset, get_model, resolve_sets
 from actdb.store.schema import (
     ActivationSet,
     Checkpoint,
-    CorrelationRun,
     NeuronEmergence,
     NeuronMatch,
     Persistence,
-    RunMember,
-    Universality,
+    PersistenceRun,
 )
+
+
+@dataclass(kw_only=True)
+class PersistenceRequest:
+    """Persistence of `model` on `dataset` over `steps` (default: every ingested step). Labels use `threshold`,
+    or the recorded display threshold of the runs involved when they agree."""
+
+    model: str
+    dataset: str
+    steps: list[int] | None = None
+    control: str = "none"
+    threshold: float | None = None
+    device: str = "auto"
+    progress: bool = True
 
 
 @dataclass
@@ -37,6 +52,22 @@ class LayerPersistence:
     p_persist: float | None
     jaccard: float | None
     mean_self_corr: float | None
+
+
+@dataclass
+class PersistenceOutcome:
+    """The rows computed, and the threshold that labelled them (the requested one or the runs')."""
+
+    threshold: float
+    layers: list[LayerPersistence]
+
+
+@dataclass
+class _Model:
+    id: int
+    dataset_id: int
+    n_layers: int
+    d_mlp: int
 
 
 def layer_overlap(u_from: set[int], u_to: set[int]) -> tuple[int, float | None, float | None]:
@@ -57,38 +88,68 @@ def emergence_steps(universal_by_step: list[np.ndarray], steps: list[int]) -> np
     return out
 
 
-def latest_universality_run(store: Store, set_id: int, control: str) -> int | None:
-    """The newest complete cross-model run with this control that classified this set (its universal labels)."""
-    with store.session() as s:
-        return s.scalar(
-            select(CorrelationRun.id)
-            .join(RunMember, RunMember.run_id == CorrelationRun.id)
-            .where(
-                RunMember.set_id == set_id,
-                CorrelationRun.status == "complete",
-                CorrelationRun.kind == "cross_model",
-                CorrelationRun.control == control,
-                CorrelationRun.id.in_(select(Universality.run_id).where(Universality.set_id == set_id)),
-            )
-            .order_by(CorrelationRun.id.desc())
-            .limit(1)
-        )
-
-
 def compute_persistence(
-    store: Store,
-    model: str,
-    dataset: str,
-    steps: list[int] | None = None,
-    control: str = "none",
-    device: str = "auto",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> list[LayerPersistence]:
-    """Compute and store persistence rows for consecutive analysed steps of `model` on `dataset`."""
+    store: Store, req: PersistenceRequest, log: Callable[[str], None] = print
+) -> PersistenceOutcome:
+    """Compute and store persistence rows for consecutive analysed steps of `req.model` on `req.dataset`."""
+    if req.control not in CONTROLS:
+        raise ActdbError(f"unknown control {req.control!r}; use none or token")
+    check_threshold(req.threshold)
+    model, steps = _analysed_steps(store, req)
+    sets = resolve_sets(store, [SetRef(req.model, st) for st in steps], req.dataset)
+    runs = [_universality_run(store, req, st, a.id) for st, a in zip(steps, sets, strict=True)]
+    threshold = _threshold(req, steps, runs)
+    values = {
+        "request_key": request_key(
+            kind="persistence",
+            model=model.id,
+            dataset=model.dataset_id,
+            control=req.control,
+            threshold=threshold,
+            steps=steps,
+            runs=[r for r, _t in runs],
+        ),
+        "model_id": model.id,
+        "dataset_id": model.dataset_id,
+        "control": req.control,
+        "threshold": threshold,
+        "steps": ",".join(map(str, steps)),
+    }
+    while True:
+        try:
+            run_id = start_run(store, PersistenceRun, values)
+            break
+        except RunBusy as busy:
+            log(f"persistence run {busy.run_id} is computing the same request in another process; waiting for it")
+            wait_for(store, PersistenceRun, busy.run_id)
+    with running(store, PersistenceRun, run_id) as handle:
+        flags = [_flags(store, run, a.id, threshold, model) for (run, _t), a in zip(runs, sets, strict=True)]
+        results, rows = [], []
+        for k in range(len(steps) - 1):
+            self_run, self_corr = _self_correlation(store, sets[k], sets[k + 1], req, model, log)
+            for lp in _layer_rows(steps[k], steps[k + 1], flags[k], flags[k + 1], self_corr, model):
+                results.append(lp)
+                rows.append(
+                    {
+                        **vars(lp),
+                        "model_id": model.id,
+                        "dataset_id": model.dataset_id,
+                        "control": req.control,
+                        "threshold": threshold,
+                        "from_run_id": runs[k][0],
+                        "to_run_id": runs[k + 1][0],
+                        "self_run_id": self_run,
+                    }
+                )
+        _store(store, model, req.control, threshold, steps, rows, emergence_steps(flags, steps))
+        handle.complete()
+    return PersistenceOutcome(threshold, results)
+
+
+def _analysed_steps(store: Store, req: PersistenceRequest) -> tuple[_Model, list[int]]:
     with store.session() as s:
-        m = get_model(s, model)
-        ds = get_dataset(s, dataset)
+        m = get_model(s, req.model)
+        ds = get_dataset(s, req.dataset)
         available = list(
             s.scalars(
                 select(Checkpoint.step)
@@ -99,105 +160,116 @@ def compute_persistence(
                 .order_by(Checkpoint.step)
             )
         )
-        model_id, dataset_id, d_mlp, n_layers = m.id, ds.id, m.d_mlp, m.n_layers
-    steps = sorted(steps) if steps else available
+        model = _Model(m.id, ds.id, m.n_layers, m.d_mlp)
+    steps = sorted(req.steps) if req.steps else available
     if len(steps) < 2:
         raise ActdbError(
-            f"persistence needs at least two analysed steps of {model} on {dataset}; found "
+            f"persistence needs at least two analysed steps of {req.model} on {req.dataset}; found "
             f"{', '.join(map(str, steps)) or 'none'}"
         )
-    sets = resolve_sets(store, [SetRef(model, st) for st in steps], dataset)
-    runs, flags = [], []
-    for st, aset in zip(steps, sets, strict=True):
-        run_id = latest_universality_run(store, aset.id, control)
-        if run_id is None:
-            flag = " --control token" if control == "token" else ""
-            raise ActdbError(
-                f"no universality for {model}@{st} ({control} control); run `actdb correlate --dataset "
-                f"{dataset} --step {st} --models {model},OTHER_MODELS{flag}` first"
-            )
-        runs.append(run_id)
-        with store.session() as s:
-            rows = s.execute(
-                select(Universality.layer, Universality.neuron, Universality.is_universal).where(
-                    Universality.run_id == run_id, Universality.set_id == aset.id
-                )
-            ).all()
-        f = np.zeros(n_layers * d_mlp, dtype=bool)
-        for layer, neuron, is_u in rows:
-            f[layer * d_mlp + neuron] = is_u
-        flags.append(f)
-    results, rows = [], []
-    for k in range(len(steps) - 1):
-        outcome = run_correlation(
-            store,
-            [sets[k], sets[k + 1]],
-            CorrelationOptions(control=control),
-            device=device,
-            progress=progress,
-            log=log,
+    return model, steps
+
+
+def _universality_run(store: Store, req: PersistenceRequest, step: int, set_id: int) -> tuple[int, float]:
+    found = latest_universality_run(store, set_id, req.control)
+    if found is None:
+        flag = " --control token" if req.control == "token" else ""
+        raise ActdbError(
+            f"no universality for {req.model}@{step} ({req.control} control); run `actdb correlate --dataset "
+            f"{req.dataset} --step {step} --models {req.model},OTHER_MODELS{flag}` first"
         )
-        with store.session() as s:
-            self_corr = np.full(n_layers * d_mlp, np.nan)
-            for layer, neuron, sc in s.execute(
-                select(NeuronMatch.layer, NeuronMatch.neuron, NeuronMatch.self_corr).where(
-                    NeuronMatch.run_id == outcome.run_id, NeuronMatch.set_id == sets[k].id
-                )
-            ):
-                self_corr[layer * d_mlp + neuron] = np.nan if sc is None else sc
-        for layer in range(n_layers):
-            sl = slice(layer * d_mlp, (layer + 1) * d_mlp)
-            u1 = set(np.flatnonzero(flags[k][sl]).tolist())
-            u2 = set(np.flatnonzero(flags[k + 1][sl]).tolist())
-            kept, p, jac = layer_overlap(u1, u2)
-            sc = self_corr[sl]
-            mean_sc = float(np.nanmean(sc)) if np.isfinite(sc).any() else None
-            lp = LayerPersistence(steps[k], steps[k + 1], layer, len(u1), len(u2), kept, p, jac, mean_sc)
-            results.append(lp)
-            rows.append(
-                {
-                    **vars(lp),
-                    "model_id": model_id,
-                    "dataset_id": dataset_id,
-                    "control": control,
-                    "from_run_id": runs[k],
-                    "to_run_id": runs[k + 1],
-                    "self_run_id": outcome.run_id,
-                }
+    return found
+
+
+def _threshold(req: PersistenceRequest, steps: list[int], runs: list[tuple[int, float]]) -> float:
+    """The requested threshold, or the runs' recorded one when they all agree."""
+    if req.threshold is not None:
+        return req.threshold
+    recorded = sorted({t for _r, t in runs})
+    if len(recorded) > 1:
+        detail = ", ".join(f"{st}: {t}" for st, (_r, t) in zip(steps, runs, strict=True))
+        raise ActdbError(
+            f"the runs of these steps were recorded with different thresholds ({detail}); pass --threshold"
+        )
+    return recorded[0]
+
+
+def _flags(store: Store, run_id: int, set_id: int, threshold: float, model: _Model) -> np.ndarray:
+    flags = np.zeros(model.n_layers * model.d_mlp, dtype=bool)
+    for layer, neuron in universal_neurons_of(store, run_id, set_id, threshold):
+        flags[layer * model.d_mlp + neuron] = True
+    return flags
+
+
+def _self_correlation(
+    store: Store,
+    a: ActivationSet,
+    b: ActivationSet,
+    req: PersistenceRequest,
+    model: _Model,
+    log: Callable[[str], None],
+) -> tuple[int, np.ndarray]:
+    """Each neuron's correlation with itself between two checkpoints (a within-model correlation run)."""
+    outcome = run_correlation(
+        store, [a, b], CorrelationOptions(control=req.control), device=req.device, progress=req.progress, log=log
+    )
+    self_corr = np.full(model.n_layers * model.d_mlp, np.nan)
+    with store.session() as s:
+        for layer, neuron, sc in s.execute(
+            select(NeuronMatch.layer, NeuronMatch.neuron, NeuronMatch.self_corr).where(
+                NeuronMatch.run_id == outcome.run_id, NeuronMatch.set_id == a.id
             )
-    emergence = emergence_steps(flags, steps)
+        ):
+            self_corr[layer * model.d_mlp + neuron] = np.nan if sc is None else sc
+    return outcome.run_id, self_corr
+
+
+def _layer_rows(
+    from_step: int, to_step: int, u1: np.ndarray, u2: np.ndarray, self_corr: np.ndarray, model: _Model
+) -> list[LayerPersistence]:
+    out = []
+    d = model.d_mlp
+    for layer in range(model.n_layers):
+        sl = slice(layer * d, (layer + 1) * d)
+        a, b = set(np.flatnonzero(u1[sl]).tolist()), set(np.flatnonzero(u2[sl]).tolist())
+        kept, p, jac = layer_overlap(a, b)
+        sc = self_corr[sl]
+        mean_sc = float(np.nanmean(sc)) if np.isfinite(sc).any() else None
+        out.append(LayerPersistence(from_step, to_step, layer, len(a), len(b), kept, p, jac, mean_sc))
+    return out
+
+
+def _store(
+    store: Store,
+    model: _Model,
+    control: str,
+    threshold: float,
+    steps: list[int],
+    rows: list[dict],
+    emergence: np.ndarray,
+) -> None:
+    """Replace this (model, dataset, control, threshold)'s rows for these steps, and its emergence steps."""
+    key = {"model_id": model.id, "dataset_id": model.dataset_id, "control": control, "threshold": threshold}
     steps_text = ",".join(map(str, steps))
     with store.session() as s:
         s.execute(
             delete(Persistence).where(
-                Persistence.model_id == model_id,
-                Persistence.dataset_id == dataset_id,
-                Persistence.control == control,
-                Persistence.from_step.in_(steps[:-1]),
+                *(getattr(Persistence, k) == v for k, v in key.items()), Persistence.from_step.in_(steps[:-1])
             )
         )
         s.execute(insert(Persistence), rows)
-        s.execute(
-            delete(NeuronEmergence).where(
-                NeuronEmergence.model_id == model_id,
-                NeuronEmergence.dataset_id == dataset_id,
-                NeuronEmergence.control == control,
-            )
-        )
+        s.execute(delete(NeuronEmergence).where(*(getattr(NeuronEmergence, k) == v for k, v in key.items())))
         insert_rows(
             s,
             NeuronEmergence,
             [
                 {
-                    "model_id": model_id,
-                    "dataset_id": dataset_id,
-                    "control": control,
-                    "layer": i // d_mlp,
-                    "neuron": i % d_mlp,
+                    **key,
+                    "layer": i // model.d_mlp,
+                    "neuron": i % model.d_mlp,
                     "emergence_step": int(e) if e >= 0 else None,
                     "steps": steps_text,
                 }
                 for i, e in enumerate(emergence)
             ],
         )
-    return results

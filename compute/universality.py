@@ -1,5 +1,6 @@
-"""Universal-neuron labels: excess of each neuron's max correlation over the rotation baseline, averaged over
-every other set of the run (Gurnee et al. 2024). Dead or constant neurons get `is_dead` and no scores."""
+"""Universality scores: excess of each neuron's max correlation over the rotation baseline, averaged over every
+other set of the run (Gurnee et al. 2024). Dead or constant neurons get `is_dead` and no scores. The label
+(`excess > threshold`) is not stored: readers apply it (`actdb.store.labels`)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ class UniversalityScores:
     min_max_corr: np.ndarray
     mean_baseline: np.ndarray
     excess_corr: np.ndarray
-    is_universal: np.ndarray
     is_dead: np.ndarray
 
 
-def score_universality(result: CorrelationResult, threshold: float) -> dict[int, UniversalityScores]:
+def score_universality(result: CorrelationResult) -> dict[int, UniversalityScores]:
     """Scores for every neuron of every set: means over the other sets of max corr and baseline."""
     out = {}
     for key, dead in result.dead.items():
@@ -35,7 +35,6 @@ def score_universality(result: CorrelationResult, threshold: float) -> dict[int,
                 min_max_corr=np.where(undefined, np.nan, max_corr.min(axis=0)),
                 mean_baseline=np.where(undefined, np.nan, baseline.mean(axis=0)),
                 excess_corr=excess,
-                is_universal=~undefined & (np.nan_to_num(excess, nan=-np.inf) > threshold),
                 is_dead=dead.copy(),
             )
     return out

@@ -7,6 +7,11 @@ from actdb.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata
+NOT_SCHEMA = {"sql_reader"}  # credentials of the `actdb sql` reader role (actdb.store.sql_reader), not schema
+
+
+def include_object(obj, name, type_, reflected, compare_to) -> bool:
+    return not (type_ == "table" and name in NOT_SCHEMA)
 
 
 def run_migrations_offline() -> None:
@@ -27,16 +32,27 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(config.get_main_option("sqlalchemy.url"))
     try:
-        with engine.begin() as conn:
+        with engine.connect() as conn:
             _run(conn)
+            conn.commit()
     finally:
         engine.dispose()
 
 
 def _run(connection) -> None:
+    if connection.dialect.name == "sqlite":
+        # Batch migrations recreate tables (copy, drop, rename). With foreign keys on, dropping a parent table
+        # would cascade-delete its children's rows, so they are off while revisions run (before any BEGIN,
+        # where SQLite ignores the pragma), and checked afterwards.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
+    if connection.dialect.name == "sqlite":
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"foreign keys broken by a migration: {broken[:5]}")
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

@@ -1,9 +1,9 @@
-"""A small Python API for notebooks: open a store, list what it holds, read activations, run the CLI's queries.
+"""The Python API for scripts and notebooks: `actdb.open(...)` returns an `ActdbStore`.
 
->>> from query.api import ActdbStore
->>> db = ActdbStore.open("actdb-store")
->>> db.universal(model="seed1", step=1500)[:3]
->>> x = db.read_layer("seed1@1500", layer=1, neurons="5,17", tokens="0:1000")
+>>> import actdb
+>>> db = actdb.open(home="actdb-demo")
+>>> db.universal(model="seed1", step=800)[:3]          # list of dicts keyed by column name
+>>> x = db.read_layer("seed1@800", layer=1, neurons="5,17", tokens="0:1000")
 """
 
 from __future__ import annotations
@@ -15,46 +15,33 @@ from typing import Any
 import numpy as np
 
 from actdb.query import queries
-from actdb.query.listings import persistence_rows, single_dataset, status_rows
+from actdb.query.listings import status_rows
 from actdb.query.sql_console import run_readonly
 from actdb.store.activation_file import ActivationReader
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
+from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
-from actdb.store.registry import find_set
+from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, parse_token_range
+from actdb.store.registry import complete_set
 from actdb.store.token_file import TokenDataset
 
 
-def _dicts(columns: list[str], rows: list[tuple]) -> list[dict[str, Any]]:
-    return [dict(zip(columns, r, strict=True)) for r in rows]
-
-
-def _parse_range(text: str | None, n: int) -> slice:
-    if text is None:
-        return slice(0, n)
-    start, sep, stop = text.partition(":")
-    try:
-        lo = int(start) if start else 0
-        hi = int(stop) if stop else n
-    except ValueError:
-        raise ActdbError(f"malformed token range {text!r}; write START:END") from None
-    if not sep or not (0 <= lo < hi <= n):
-        raise ActdbError(f"token range {text!r} is outside 0:{n}")
-    return slice(lo, hi)
-
-
 class ActdbStore:
-    """Read access to a store for scripts and notebooks; every method returns plain Python/NumPy values."""
+    """Read access to a store; every method returns plain Python values (lists of dicts) or NumPy arrays."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, database_url: str | None = None) -> ActdbStore:
-        return cls(Store.open(StoreConfig.resolve(home, database_url)))
+        """Open a store read-only (SQLite `mode=ro`, PostgreSQL read-only transactions)."""
+        return cls(Store.open(StoreConfig.resolve(home, database_url), read_only=True))
+
+    def close(self) -> None:
+        self.store.close()
 
     def activation_sets(self) -> list[dict[str, Any]]:
-        return _dicts(*status_rows(self.store))
+        return status_rows(self.store).dicts()
 
     def models(self) -> list[str]:
         return sorted({r["model"] for r in self.activation_sets()})
@@ -69,29 +56,22 @@ class ActdbStore:
         counted_only: bool = False,
     ) -> np.ndarray:
         """Activations `(tokens, neurons)` of one layer of MODEL@STEP, as stored (float16)."""
-        model, step = queries.parse_target(target)
-        dataset = dataset or single_dataset(self.store)
         with self.store.session() as s:
-            aset = find_set(s, model, step, dataset, "mlp.post")
-            if aset is None or aset.status != "complete":
-                raise ActdbError(f"{target} has no complete activation set on {dataset}")
+            aset = complete_set(s, parse_set_ref(target), dataset)
             ds_path = aset.dataset.path
-        with ActivationReader(aset.path) as reader:
+        with ActivationReader(self.store.config.file(aset.path)) as reader:
             h = reader.header
             if not 0 <= layer < h.n_layers:
                 raise ActdbError(f"layer {layer} does not exist ({h.n_layers} layers)")
             if isinstance(neurons, str):
-                try:
-                    neurons = [int(x) for x in neurons.split(",") if x.strip()]
-                except ValueError:
-                    raise ActdbError(f"malformed neuron list {neurons!r}; write e.g. 5,17") from None
+                neurons = parse_index_list(neurons)
             cols = sorted(set(neurons)) if neurons else list(range(h.d_mlp))
             if cols[0] < 0 or cols[-1] >= h.d_mlp:
                 raise ActdbError(f"neuron indices must be in 0..{h.d_mlp - 1}")
-            rows = _parse_range(tokens, h.n_tokens)
+            rows = parse_token_range(tokens, h.n_tokens)
             arr = reader.read_neurons(layer, cols if neurons else slice(None), rows.start, rows.stop)
         if counted_only:
-            arr = arr[TokenDataset.load(ds_path).mask.reshape(-1)[rows]]
+            arr = arr[TokenDataset.load(self.store.config.file(ds_path)).mask.reshape(-1)[rows]]
         return arr
 
     @staticmethod
@@ -108,24 +88,31 @@ class ActdbStore:
             raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def universal(self, **filters: Any) -> list[dict[str, Any]]:
-        return _dicts(*queries.universal_neurons(self.store, **filters))
+        """Universal neurons; filters as `actdb universal` (model, step, layer, run, threshold, control, sort,
+        limit)."""
+        return queries.universal_neurons(self.store, **filters).dicts()
 
     def universal_by_layer(self, **filters: Any) -> list[dict[str, Any]]:
-        return _dicts(*queries.universal_by_layer(self.store, **filters))
+        return queries.universal_by_layer(self.store, **filters).dicts()
 
     def neuron(self, target: str, neuron: str) -> dict[str, list[dict[str, Any]]]:
-        model, step = queries.parse_target(target)
-        layer, index = queries.parse_neuron(neuron)
-        return {k: _dicts(*v) for k, v in queries.neuron_story(self.store, model, step, layer, index).items()}
+        ref = parse_set_ref(target)
+        layer, index = parse_neuron(neuron)
+        story = queries.neuron_story(self.store, ref.model, ref.step, layer, index)
+        return {k: rows.dicts() for k, rows in story.items()}
 
-    def persistence(self, model: str | None = None, control: str | None = None) -> list[dict[str, Any]]:
-        return _dicts(*persistence_rows(self.store, model, control))
+    def persistence(
+        self, model: str | None = None, control: str | None = None, threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        return queries.persistence_listing(self.store, model, control, threshold).dicts()
 
     def ablations(self, model: str | None = None) -> list[dict[str, Any]]:
-        return _dicts(*queries.ablations_listing(self.store, model))
+        return queries.ablations_listing(self.store, model).dicts()
 
     def runs(self) -> list[dict[str, Any]]:
-        return _dicts(*queries.runs_listing(self.store))
+        return queries.runs_listing(self.store).dicts()
 
-    def sql(self, query: str) -> list[dict[str, Any]]:
-        return _dicts(*run_readonly(self.store.config, query))
+    def sql(self, query: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """One read-only SQL statement (see `actdb sql`)."""
+        columns, rows = run_readonly(self.store.config, query, timeout=timeout)
+        return Rows.from_tuples(columns, rows).dicts()

@@ -1,19 +1,35 @@
-"""The `actdb` command line: every user-facing command, with one-line errors and non-zero exits."""
+"""The `actdb` command line. Each command opens the store, calls one library function with keyword arguments
+and renders its rows; user mistakes become one line on stderr and a non-zero exit (`main`)."""
 
 from __future__ import annotations
 
-import re
+import json
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
-from actdb.query.output import FORMATS, render
+from actdb import __version__
+from actdb.query.options import (
+    COUNT,
+    INDEX,
+    SEED,
+    SET_REF,
+    SIZE,
+    STEP,
+    STEPS,
+    control_option,
+    dataset_option,
+    device_option,
+    force_option,
+    format_option,
+    quiet_option,
+    threshold_option,
+)
+from actdb.query.output import json_records, render
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
-from actdb.store.errors import ActdbError
+from actdb.store.database import Rows, Store
+from actdb.store.errors import ActdbError, first_line
 
 
 class AppContext:
@@ -30,11 +46,10 @@ class AppContext:
 
 
 pass_app = click.make_pass_decorator(AppContext)
-format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(version("actdb"), prog_name="actdb")
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="actdb")
 @click.option("--home", envvar="ACTDB_HOME", help="Store folder for HDF5 files [env ACTDB_HOME; ./actdb-store].")
 @click.option(
     "--db",
@@ -48,12 +63,20 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None) -> None:
     ctx.obj = AppContext(StoreConfig.resolve(home, database_url))
 
 
+def _echo(message: str) -> None:
+    click.echo(message)
+
+
 @cli.command()
 @pass_app
 def init(app: AppContext) -> None:
     """Create the store (folder + database) or upgrade its schema to the latest revision."""
+    from actdb.store.database import safe_url
+
     store = Store.init(app.config)
-    click.echo(f"store ready: {app.config.home} (database {store.engine.url.render_as_string(hide_password=True)})")
+    click.echo(f"store ready: {app.config.home} (database {safe_url(app.config.database_url)})")
+    for note in store.notes:
+        click.echo(f"actdb: warning: {note}", err=True)
 
 
 @cli.command()
@@ -63,8 +86,7 @@ def status(app: AppContext, fmt: str) -> None:
     """Models, checkpoints and activation sets with their ingest status and bytes on disk."""
     from actdb.query.listings import status_rows
 
-    columns, rows = status_rows(app.store())
-    click.echo(render(columns, rows, fmt))
+    click.echo(render(status_rows(app.store()), fmt))
 
 
 @cli.group()
@@ -77,8 +99,8 @@ def dataset() -> None:
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--tokenizer", required=True, help="Tokenizer hub id or local folder (usually the model's).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), help="Target token count (whole sequences).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the document shuffle.")
+@click.option("--tokens", "n_tokens", type=COUNT, help="Target token count (whole sequences).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the document shuffle.")
 @click.option("--field", default="text", show_default=True, help="Text field of JSONL records / hub datasets.")
 @pass_app
 def dataset_add(
@@ -94,7 +116,16 @@ def dataset_add(
     """Tokenize SOURCES (files, folders, JSONL, or a Hugging Face dataset name) into dataset NAME."""
     from actdb.store.dataset_registry import add_dataset
 
-    row = add_dataset(app.store(), name, list(sources), tokenizer, seq_len, n_tokens, seed, field)
+    row = add_dataset(
+        app.store(),
+        name=name,
+        sources=list(sources),
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        n_tokens=n_tokens,
+        seed=seed,
+        field=field,
+    )
     click.echo(
         f"dataset {row.name}: {row.n_sequences} sequences x {row.seq_len} = {row.n_tokens} tokens "
         f"({row.n_counted} counted), sha256 {row.token_sha256[:12]}"
@@ -108,7 +139,7 @@ def dataset_list(app: AppContext, fmt: str) -> None:
     """All token datasets."""
     from actdb.query.listings import dataset_rows
 
-    click.echo(render(*dataset_rows(app.store()), fmt))
+    click.echo(render(dataset_rows(app.store()), fmt))
 
 
 @dataset.command("show")
@@ -119,39 +150,34 @@ def dataset_show(app: AppContext, name: str, fmt: str) -> None:
     """Everything recorded about one dataset."""
     from actdb.query.listings import dataset_rows
 
-    columns, rows = dataset_rows(app.store(), name=name, full=True)
-    click.echo(render(["field", "value"], list(zip(columns, rows[0], strict=True)), fmt))
+    row = dataset_rows(app.store(), name=name, full=True)[0]
+    click.echo(render(Rows(["field", "value"], [{"field": k, "value": v} for k, v in row.items()]), fmt))
 
 
-def _parse_steps(step: int | None, steps: str | None) -> list[int]:
+def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     if (step is None) == (steps is None):
         raise click.UsageError("give exactly one of --step N or --steps N,M,...")
-    if step is not None:
-        return [step]
-    try:
-        return [int(s) for s in steps.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"--steps must be comma-separated integers, got {steps!r}") from None
+    return [step] if step is not None else steps
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--step", type=int, help="Training step to ingest.")
-@click.option("--steps", help="Several steps, comma-separated.")
-@click.option("--dataset", "dataset_name", required=True, help="Token dataset to run the model on.")
+@click.option("--step", type=STEP, help="Training step to ingest.")
+@click.option("--steps", type=STEPS, help="Several steps, comma-separated.")
+@dataset_option("Token dataset to run the model on.", required=True)
 @click.option("--source", help="Hub id or local folder; `{step}` is replaced by the step. Registers MODEL.")
 @click.option("--revision", help="Revision template, e.g. checkpoint-{step} (default per family).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per pass.")
 @click.option("--dtype", type=click.Choice(["float16"]), default="float16", show_default=True)
-@click.option("--force", is_flag=True, help="Redo a set that is already complete.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@force_option("Redo a complete set; accept another source or weights identical to another step's.")
+@quiet_option
 @pass_app
 def ingest(
     app: AppContext,
     model: str,
     step: int | None,
-    steps: str | None,
+    steps: list[int] | None,
     dataset_name: str,
     source: str | None,
     revision: str | None,
@@ -166,46 +192,36 @@ def ingest(
     from actdb.store.ingest import ingest as run_ingest
 
     store = app.store()
-    for s in _parse_steps(step, steps):
-        run_ingest(
-            store,
-            IngestRequest(
-                model, s, dataset_name, source, revision, device, batch_size, dtype, force, progress=not quiet
-            ),
-            log=click.echo,
+    for s in _steps(step, steps):
+        request = IngestRequest(
+            model=model,
+            step=s,
+            dataset=dataset_name,
+            source=source,
+            revision=revision,
+            device=device,
+            batch_size=batch_size,
+            dtype=dtype,
+            force=force,
+            progress=not quiet,
         )
-
-
-def _parse_bytes(text: str | None) -> int | None:
-    """'512MB', '4GB', '1.5GiB' or plain bytes."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
-    if not m:
-        raise click.BadParameter(f"cannot read a size from {text!r} (e.g. 512MB, 4GB)")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+        run_ingest(store, request, log=_echo)
 
 
 @cli.command()
-@click.option("--dataset", "dataset_name", help="Token dataset the sets were ingested on.")
-@click.option("--step", type=int, help="Step of every model in --models.")
+@dataset_option("Token dataset the sets were ingested on.")
+@click.option("--step", type=STEP, help="Step of every model in --models.")
 @click.option("--models", help="Comma-separated models, all at --step.")
 @click.option("--sets", "set_specs", help="Explicit sets, comma-separated MODEL@STEP (e.g. a@100,a@400).")
-@click.option(
-    "--control",
-    type=click.Choice(["none", "token"]),
-    default="none",
-    show_default=True,
-    help="`token` removes each neuron's per-token-id mean first (current-token detectors drop out).",
-)
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Excess correlation for universal.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the rotation baseline.")
-@click.option("--topk", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the K best matches.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@control_option("`token` removes each neuron's per-token-id mean first (current-token detectors drop out).")
+@threshold_option("Default threshold recorded on the run for displaying labels (0.5); not part of the request.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the rotation baseline.")
+@click.option("--topk", type=click.IntRange(min=0, max=1000), default=0, show_default=True, help="Keep K best matches.")
+@device_option
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
-@click.option("--memory-budget", help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
-@click.option("--force", is_flag=True, help="Recompute even if an identical complete run exists.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
+@force_option("Recompute even if an identical complete run exists.")
+@quiet_option
 @pass_app
 def correlate(
     app: AppContext,
@@ -214,78 +230,85 @@ def correlate(
     models: str | None,
     set_specs: str | None,
     control: str,
-    threshold: float,
+    threshold: float | None,
     seed: int,
     topk: int,
     device: str,
     chunk_tokens: int,
-    memory_budget: str | None,
+    memory_budget: int | None,
     force: bool,
     quiet: bool,
 ) -> None:
-    """Correlate every neuron of each set with all neurons of the others; label universal neurons."""
-    from actdb.compute.correlation import CorrelationOptions
-    from actdb.compute.correlation_run import SetRef, resolve_sets, run_correlation
+    """Correlate every neuron of each set with all neurons of the others; score universality."""
+    from actdb.compute.correlation_run import CorrelationRequest
+    from actdb.compute.correlation_run import correlate as run_correlate
+    from actdb.store.refs import SetRef, parse_list, parse_set_refs
 
     if (models is None) == (set_specs is None):
         raise click.UsageError("give either --models (with --step) or --sets")
     if models is not None:
         if step is None:
             raise click.UsageError("--models needs --step")
-        refs = [SetRef(m.strip(), step) for m in models.split(",") if m.strip()]
+        refs = [SetRef(m, step) for m in parse_list(models, "models")]
     else:
-        refs = [SetRef.parse(x.strip()) for x in set_specs.split(",") if x.strip()]
-    store = app.store()
-    sets = resolve_sets(store, refs, dataset_name)
-    options = CorrelationOptions(
+        refs = parse_set_refs(set_specs)
+    request = CorrelationRequest(
+        sets=refs,
+        dataset=dataset_name,
         control=control,
-        baseline_seed=seed,
+        threshold=threshold,
+        seed=seed,
         topk=topk,
         chunk_tokens=chunk_tokens,
-        memory_budget=_parse_bytes(memory_budget),
+        memory_budget=memory_budget,
+        device=device,
+        force=force,
+        progress=not quiet,
     )
-    run_correlation(store, sets, options, threshold, device, force, progress=not quiet, log=click.echo)
+    run_correlate(app.store(), request, log=_echo)
 
 
 @cli.command()
 @click.option("--model", "model_name", help="Compute persistence of this model (omit to list stored results).")
-@click.option("--dataset", "dataset_name", help="Dataset of the analysed sets (default: the only one).")
-@click.option("--steps", help="Analysed steps, comma-separated (default: every ingested step).")
-@click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@dataset_option("Dataset of the analysed sets (default: the only one).")
+@click.option("--steps", type=STEPS, help="Analysed steps, comma-separated (default: every ingested step).")
+@control_option()
+@threshold_option()
+@device_option
+@quiet_option
 @format_option
 @pass_app
 def persistence(
     app: AppContext,
     model_name: str | None,
     dataset_name: str | None,
-    steps: str | None,
+    steps: list[int] | None,
     control: str,
+    threshold: float | None,
     device: str,
     quiet: bool,
     fmt: str,
 ) -> None:
     """Do universal neurons last? Per layer overlap between consecutive steps, self-correlation, emergence."""
-    from actdb.query.listings import persistence_rows, single_dataset
+    from actdb.query.queries import persistence_listing
+    from actdb.store.registry import only_dataset
 
     store = app.store()
     if model_name is not None:
-        from actdb.compute.persistence import compute_persistence
+        from actdb.compute.persistence import PersistenceRequest, compute_persistence
 
-        dataset_name = dataset_name or single_dataset(store)
-        step_list = _parse_steps(None, steps) if steps else None
-        compute_persistence(
-            store,
-            model_name,
-            dataset_name,
-            step_list,
-            control,
-            device,
+        request = PersistenceRequest(
+            model=model_name,
+            dataset=dataset_name or only_dataset(store),
+            steps=steps,
+            control=control,
+            threshold=threshold,
+            device=device,
             progress=not quiet,
-            log=lambda m: click.echo(m, err=True),
         )
-    click.echo(render(*persistence_rows(store, model_name, control), fmt))
+        outcome = compute_persistence(store, request, log=lambda m: click.echo(m, err=True))
+        threshold = outcome.threshold
+    click.echo(render(persistence_listing(store, model_name, control if model_name else None, threshold), fmt))
 
 
 @cli.command()
@@ -297,33 +320,25 @@ def persistence(
     help="universal, universal:LAYER, a list like 3.1234,11.3030, or @FILE with such a list.",
 )
 @click.option("--method", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
-@click.option("--dataset", "dataset_name", help="Dataset to measure loss on (default: the set's only one).")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), help="Evaluate only the first N tokens.")
+@dataset_option("Dataset to measure loss on (default: the set's only one).")
+@click.option("--tokens", "n_tokens", type=COUNT, help="Evaluate only the first N tokens.")
 @click.option(
-    "--controls",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Random neuron sets matched per layer in size.",
+    "--controls", type=click.IntRange(0, 100000), default=0, show_default=True, help="Random sets matched per layer."
 )
 @click.option("--each", is_flag=True, help="Also ablate each selected neuron on its own (batched).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the control draws.")
-@click.option("--run", "run_id", type=int, help="Correlation run whose universal labels to use.")
-@click.option(
-    "--control",
-    type=click.Choice(["none", "token"]),
-    default="none",
-    show_default=True,
-    help="Which correlation control's universal labels `universal` means.",
-)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draws.")
+@click.option("--run", "run_id", type=INDEX, help="Correlation run whose scores choose `universal` neurons.")
+@control_option("Which correlation control's scores `universal` means.")
+@threshold_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--variants-per-pass",
     type=click.IntRange(min=1),
     help="Single-neuron variants stacked per forward call with --each (default: 16 on GPU, 1 on CPU).",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@device_option
+@force_option("Measure again even if an identical ablation is complete.")
+@quiet_option
 @pass_app
 def ablate(
     app: AppContext,
@@ -337,41 +352,44 @@ def ablate(
     seed: int,
     run_id: int | None,
     control: str,
+    threshold: float | None,
     batch_size: int,
     variants_per_pass: int | None,
     device: str,
+    force: bool,
     quiet: bool,
 ) -> None:
     """Does the model need these neurons? Cross-entropy with them replaced, against matched random controls."""
-    from actdb.compute.ablation_run import run_ablation
+    from actdb.compute.ablation_run import AblationRequest, run_ablation
 
-    run_ablation(
-        app.store(),
-        target,
-        selector,
-        method,
-        dataset_name,
-        n_tokens,
-        controls,
-        seed,
-        each,
-        control,
-        run_id,
-        batch_size,
-        device,
-        variants_per_pass,
+    request = AblationRequest(
+        target=target,
+        selector=selector,
+        method=method,
+        dataset=dataset_name,
+        tokens=n_tokens,
+        controls=controls,
+        seed=seed,
+        each=each,
+        control=control,
+        threshold=threshold,
+        run_id=run_id,
+        batch_size=batch_size,
+        device=device,
+        variants_per_pass=variants_per_pass,
+        force=force,
         progress=not quiet,
-        log=click.echo,
     )
+    run_ablation(app.store(), request, log=_echo)
 
 
 @cli.command()
 @click.option("--model", help="Only this model.")
-@click.option("--step", type=int, help="Only this step.")
-@click.option("--layer", type=int, help="Only this layer.")
-@click.option("--run", "run_id", type=int, help="Read this correlation run (default: each set's newest).")
-@click.option("--threshold", type=float, help="Re-label with this excess-correlation threshold.")
-@click.option("--control", type=click.Choice(["none", "token"]), default="none", show_default=True)
+@click.option("--step", type=STEP, help="Only this step.")
+@click.option("--layer", type=INDEX, help="Only this layer.")
+@click.option("--run", "run_id", type=INDEX, help="Read this correlation run (default: each set's newest).")
+@threshold_option()
+@control_option("Which correlation control's runs to read.")
 @click.option(
     "--sort", type=click.Choice(["excess", "layer", "max_corr", "kurtosis"]), default="excess", show_default=True
 )
@@ -395,38 +413,34 @@ def universal(
     """Universal neurons with excess correlation, max-corr, baseline and activation statistics."""
     from actdb.query.queries import universal_by_layer, universal_neurons
 
-    store = app.store()
+    scope = {"model": model, "step": step, "layer": layer, "run": run_id, "threshold": threshold, "control": control}
     if by_layer:
-        columns, rows = universal_by_layer(store, model, step, run_id, threshold, control)
-        if layer is not None:
-            rows = [r for r in rows if r[3] == layer]
+        rows = universal_by_layer(app.store(), **scope)
     else:
-        columns, rows = universal_neurons(store, model, step, layer, run_id, threshold, control, sort, limit)
-    click.echo(render(columns, rows, fmt))
+        rows = universal_neurons(app.store(), **scope, sort=sort, limit=limit)
+    click.echo(render(rows, fmt))
 
 
 @cli.command()
-@click.argument("target", metavar="MODEL@STEP")
+@click.argument("target", metavar="MODEL@STEP", type=SET_REF)
 @click.argument("neuron_id", metavar="L.N")
 @format_option
 @pass_app
-def neuron(app: AppContext, target: str, neuron_id: str, fmt: str) -> None:
+def neuron(app: AppContext, target, neuron_id: str, fmt: str) -> None:
     """Everything known about one neuron: statistics, matches, universality, history, ablations."""
-    import json as _json
+    from actdb.query.queries import neuron_story
+    from actdb.store.refs import parse_neuron
 
-    from actdb.query.queries import neuron_story, parse_neuron, parse_target
-
-    model, step = parse_target(target)
     layer, index = parse_neuron(neuron_id)
-    story = neuron_story(app.store(), model, step, layer, index)
+    story = neuron_story(app.store(), target.model, target.step, layer, index)
     if fmt == "json":
-        doc = {"model": model, "step": step, "layer": layer, "neuron": index}
-        doc.update({k: _json.loads(render(c, r, "json")) for k, (c, r) in story.items()})
-        click.echo(_json.dumps(doc, indent=2))
+        doc = {"model": target.model, "step": target.step, "layer": layer, "neuron": index}
+        doc.update({k: json_records(rows) for k, rows in story.items()})
+        click.echo(json.dumps(doc, indent=2))
         return
-    for title, (columns, rows) in story.items():
-        click.echo(f"# {title}" if fmt == "csv" else f"\n{title.replace('_', ' ')} of {model}@{step} {layer}.{index}")
-        click.echo(render(columns, rows, fmt))
+    for title, rows in story.items():
+        click.echo(f"# {title}" if fmt == "csv" else f"\n{title.replace('_', ' ')} of {target} {layer}.{index}")
+        click.echo(render(rows, fmt))
 
 
 @cli.command()
@@ -436,7 +450,7 @@ def runs(app: AppContext, fmt: str) -> None:
     """Correlation runs with members, parameters, backend, status and timings."""
     from actdb.query.queries import runs_listing
 
-    click.echo(render(*runs_listing(app.store()), fmt))
+    click.echo(render(runs_listing(app.store()), fmt))
 
 
 @cli.command()
@@ -447,33 +461,36 @@ def ablations(app: AppContext, model: str | None, fmt: str) -> None:
     """Ablation results: clean and ablated loss, delta, and the matched random controls."""
     from actdb.query.queries import ablations_listing
 
-    click.echo(render(*ablations_listing(app.store(), model), fmt))
+    click.echo(render(ablations_listing(app.store(), model), fmt))
 
 
 @cli.command()
 @click.argument("query", required=False)
 @click.option("--schema", is_flag=True, help="List tables and views with their columns.")
+@click.option(
+    "--timeout", type=click.FloatRange(0.1, 86400), default=30.0, show_default=True, help="Cancel after SECONDS."
+)
 @format_option
 @pass_app
-def sql(app: AppContext, query: str | None, schema: bool, fmt: str) -> None:
-    """Run one read-only SQL statement against the store (writes are refused)."""
+def sql(app: AppContext, query: str | None, schema: bool, timeout: float, fmt: str) -> None:
+    """Run one read-only SQL statement against the store (it cannot write, by construction)."""
     from actdb.query.sql_console import run_readonly, schema_listing
 
     app.store()
     if schema:
-        click.echo(render(*schema_listing(app.config), fmt))
+        click.echo(render(Rows.from_tuples(*schema_listing(app.config)), fmt))
     elif query:
-        click.echo(render(*run_readonly(app.config, query), fmt))
+        click.echo(render(Rows.from_tuples(*run_readonly(app.config, query, timeout=timeout)), fmt))
     else:
         raise click.UsageError("give a SQL query or --schema")
 
 
 @cli.command()
 @click.argument("target", metavar="MODEL@STEP")
-@click.option("--layer", type=int, required=True)
+@click.option("--layer", type=INDEX, required=True)
 @click.option("--neurons", help="Comma-separated neuron indices (default: all).")
 @click.option("--tokens", "token_range", help="START:END token rows (default: all).")
-@click.option("--dataset", "dataset_name", help="Dataset of the set (default: the only one).")
+@dataset_option("Dataset of the set (default: the only one).")
 @click.option("--counted-only", is_flag=True, help="Drop positions that are not counted (BOS/EOS/padding).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="FILE.npy or FILE.csv")
 @pass_app
@@ -500,19 +517,21 @@ def export(
 
 @cli.command()
 @click.option("--out", "out_dir", default="actdb-report", show_default=True, type=click.Path(file_okay=False))
+@threshold_option()
 @pass_app
-def report(app: AppContext, out_dir: str) -> None:
+def report(app: AppContext, out_dir: str, threshold: float | None) -> None:
     """A static HTML page with PNG plots of everything in the store."""
     from actdb.query.report import build_report
 
-    path = build_report(app.store(), Path(out_dir))
+    path = build_report(app.store(), Path(out_dir), threshold=threshold)
     click.echo(f"report written to {path}")
 
 
 @cli.command()
-@click.option("--seeds", type=click.IntRange(min=2), default=4, show_default=True, help="Independently seeded models.")
+@click.option("--seeds", type=click.IntRange(2, 64), default=4, show_default=True, help="Independently seeded models.")
 @click.option(
     "--steps",
+    type=STEPS,
     default="0,50,200,800",
     show_default=True,
     help="Checkpoints to analyse (the last one is the training length).",
@@ -520,56 +539,49 @@ def report(app: AppContext, out_dir: str) -> None:
 @click.option(
     "--tokens",
     "n_tokens",
-    type=click.IntRange(min=256),
+    type=click.IntRange(min=256, max=10_000_000),
     default=24576,
     show_default=True,
     help="Tokens in the analysis dataset.",
 )
 @click.option(
-    "--controls", type=click.IntRange(min=0), default=8, show_default=True, help="Random neuron sets in the ablation."
+    "--controls", type=click.IntRange(0, 1000), default=8, show_default=True, help="Random sets in the ablation."
 )
-@click.option(
-    "--threshold",
-    type=float,
-    default=0.2,
-    show_default=True,
-    help="Excess correlation for universal (tiny models' rotation baseline is ~0.4; see README).",
-)
+@threshold_option("Excess correlation for universal (tiny models' rotation baseline is ~0.4; see README).")
 @click.option("--zoo", type=click.Path(file_okay=False), help="Folder of the model zoo (default: <home>/zoo).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @pass_app
 def demo(
     app: AppContext,
     seeds: int,
-    steps: str,
+    steps: list[int],
     n_tokens: int,
     controls: int,
-    threshold: float,
+    threshold: float | None,
     zoo: str | None,
     quiet: bool,
 ) -> None:
     """The whole study on a local zoo of tiny GPT-2 seeds: train, ingest, correlate, persist, ablate, report."""
-    from actdb.query.demo import run_demo
+    from actdb.query.demo import DemoRequest, run_demo
 
-    step_list = _parse_steps(None, steps)
-    if len(step_list) < 2 or min(step_list) < 0:
-        raise click.BadParameter("--steps needs at least two non-negative steps")
-    store = Store.init(app.config)
-    run_demo(
-        store,
-        seeds,
-        tuple(step_list),
-        n_tokens,
-        controls,
-        threshold,
-        Path(zoo) if zoo else None,
+    if len(steps) < 2:
+        raise click.BadParameter("--steps needs at least two steps")
+    request = DemoRequest(
+        seeds=seeds,
+        checkpoints=tuple(steps),
+        tokens=n_tokens,
+        controls=controls,
+        threshold=0.2 if threshold is None else threshold,
+        zoo=Path(zoo) if zoo else None,
         progress=not quiet,
-        echo=click.echo,
     )
+    run_demo(Store.init(app.config), request, echo=_echo)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit status 1 (2 for usage errors)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         cli.main(args=argv, prog_name="actdb", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -579,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.UsageError as exc:
         ctx = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        click.echo(f"actdb: {exc.format_message()}{ctx}", err=True)
+        click.echo(f"actdb: {first_line(click.ClickException(exc.format_message()))}{ctx}", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         click.echo(f"actdb: {exc.format_message()}", err=True)
@@ -588,8 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"actdb: error: {exc}", err=True)
         sys.exit(1)
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        click.echo(f"actdb: database error: {detail}", err=True)
+        click.echo(f"actdb: database error: {first_line(exc)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("actdb: interrupted", err=True)

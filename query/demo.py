@@ -10,96 +10,103 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select
 
-from actdb.compute.ablation_run import run_ablation
-from actdb.compute.correlation import CorrelationOptions
-from actdb.compute.correlation_run import SetRef, resolve_sets, run_correlation
-from actdb.compute.persistence import compute_persistence
+from actdb.compute.ablation_run import AblationRequest, run_ablation
+from actdb.compute.correlation_run import CorrelationRequest, correlate
+from actdb.compute.persistence import PersistenceRequest, compute_persistence
 from actdb.query import queries
 from actdb.query.output import render
 from actdb.query.report import build_report
-from actdb.store.database import Store
+from actdb.store.database import Rows, Store
 from actdb.store.dataset_registry import add_dataset
 from actdb.store.errors import ActdbError
 from actdb.store.ingest import IngestRequest, ingest
-from actdb.store.schema import Ablation, Checkpoint, Dataset, Model
+from actdb.store.refs import SetRef
+from actdb.store.schema import Dataset
 from actdb.store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
 
 DATASET = "stdlib-heldout"
 
 
-def run_demo(
-    store: Store,
-    seeds: int = 4,
-    checkpoints: tuple[int, ...] = (0, 50, 200, 800),
-    tokens: int = 24576,
-    controls: int = 8,
-    threshold: float = 0.2,
-    zoo: Path | None = None,
-    report_dir: Path | None = None,
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
-) -> Path:
-    """Run every stage; returns the report's path. Prints what the data shows, nothing it did not measure.
+@dataclass(kw_only=True)
+class DemoRequest:
+    """The demo's zoo and study. The default threshold is 0.2, not the paper's 0.5: a tiny model's MLP reads a
+    128-dimensional residual stream, so its rotation baseline is ~0.4 (GPT-2 small: ~0.17) and excess
+    correlations are smaller. The summary also reports the share above 0.5, so the difference stays visible."""
 
-    The default threshold is 0.2, not the paper's 0.5: a tiny model's MLP reads a 128-dimensional residual
-    stream, so its rotation baseline is ~0.4 (GPT-2 small: ~0.17) and excess correlations are smaller. The
-    summary also reports the share above 0.5, so the difference stays visible.
-    """
+    seeds: int = 4
+    checkpoints: tuple[int, ...] = (0, 50, 200, 800)
+    tokens: int = 24576
+    controls: int = 8
+    threshold: float = 0.2
+    zoo: Path | None = None
+    report_dir: Path | None = None
+    progress: bool = True
+
+
+def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print) -> Path:
+    """Run every stage; returns the report's path. Prints what the data shows, nothing it did not measure."""
     started = time.perf_counter()
-    zoo = Path(zoo or store.config.home / "zoo")
-    steps = sorted(checkpoints)
-    config = zoo_config(seeds, max(steps), steps)
+    zoo = Path(req.zoo or store.config.home / "zoo")
+    steps = sorted(req.checkpoints)
+    config = zoo_config(req.seeds, max(steps), steps)
     stage = _stages(echo)
-    stage(f"zoo: {seeds} tiny GPT-2 seeds trained on Python standard-library source ({zoo})")
-    tok_dir = train_zoo(zoo, config, progress=progress)
+    stage(f"zoo: {req.seeds} tiny GPT-2 seeds trained on Python standard-library source ({zoo})")
+    tok_dir = train_zoo(zoo, config, progress=req.progress)
     stage("dataset: held-out standard-library files")
     with store.session() as s:
         have = s.scalar(select(Dataset).where(Dataset.name == DATASET))
     if have is None:
         held_out = [str(p) for p in stdlib_files()[config["train_files"] :]]
-        ds = add_dataset(store, DATASET, held_out, str(tok_dir), seq_len=config["seq_len"], n_tokens=tokens, seed=0)
+        ds = add_dataset(
+            store,
+            name=DATASET,
+            sources=held_out,
+            tokenizer=str(tok_dir),
+            seq_len=config["seq_len"],
+            n_tokens=req.tokens,
+            seed=0,
+        )
         echo(f"  {ds.n_sequences} sequences x {ds.seq_len} tokens ({ds.n_counted} counted)")
-    stage(f"ingest: {seeds} seeds x {len(steps)} steps")
-    models = [f"seed{k}" for k in range(seeds)]
+    indent = lambda m: echo("  " + m)  # noqa: E731
+    stage(f"ingest: {req.seeds} seeds x {len(steps)} steps")
+    models = [f"seed{k}" for k in range(req.seeds)]
     for k, model in enumerate(models):
+        source = str(checkpoint_dir(zoo, k, 0).parent / "step-{step}")
         for step in steps:
             ingest(
                 store,
-                IngestRequest(
-                    model,
-                    step,
-                    DATASET,
-                    source=str(checkpoint_dir(zoo, k, 0).parent / "step-{step}"),
-                    batch_size=16,
-                    progress=False,
-                ),
-                log=lambda m: echo("  " + m),
+                IngestRequest(model=model, step=step, dataset=DATASET, source=source, batch_size=16, progress=False),
+                log=indent,
             )
     stage("correlate: every step, rotation baseline and token control")
     for step in steps:
-        sets = resolve_sets(store, [SetRef(m, step) for m in models], DATASET)
         for control in ("none", "token"):
-            run_correlation(
-                store,
-                sets,
-                CorrelationOptions(control=control),
-                threshold,
-                progress=progress,
-                log=lambda m: echo("  " + m),
+            request = CorrelationRequest(
+                sets=[SetRef(m, step) for m in models],
+                dataset=DATASET,
+                control=control,
+                threshold=req.threshold,
+                progress=req.progress,
             )
+            correlate(store, request, log=indent)
     stage("persistence: consecutive steps of every seed")
     for model in models:
-        compute_persistence(store, model, DATASET, steps, "none", progress=False, log=lambda _m: None)
-    stage(f"ablation: universal neurons of seed0@{steps[-1]} against {controls} matched random sets")
-    _ablate_once(store, f"seed0@{steps[-1]}", controls, echo)
+        compute_persistence(
+            store,
+            PersistenceRequest(model=model, dataset=DATASET, steps=steps, threshold=req.threshold, progress=False),
+            log=lambda _m: None,
+        )
+    stage(f"ablation: universal neurons of seed0@{steps[-1]} against {req.controls} matched random sets")
+    _ablate(store, f"seed0@{steps[-1]}", req, indent)
     stage("report")
-    report = build_report(store, report_dir or store.config.home / "report")
-    _summary(store, threshold, echo)
+    report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
+    _summary(store, req.threshold, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
     return report
 
@@ -115,38 +122,21 @@ def _stages(echo: Callable[[str], None]) -> Callable[[str], None]:
     return stage
 
 
-def _ablate_once(store: Store, target: str, controls: int, echo: Callable[[str], None]) -> None:
-    model, step = queries.parse_target(target)
-    with store.session() as s:
-        done = s.scalar(
-            select(Ablation.id)
-            .join(Checkpoint)
-            .join(Model)
-            .where(
-                Model.name == model,
-                Checkpoint.step == step,
-                Ablation.selector == "universal",
-                Ablation.n_controls == controls,
-            )
-        )
-    if done is not None:
-        echo(f"  ablation {done} already measured")
-        return
+def _ablate(store: Store, target: str, req: DemoRequest, echo: Callable[[str], None]) -> None:
+    request = AblationRequest(
+        target=target,
+        selector="universal",
+        method="mean",
+        dataset=DATASET,
+        tokens=8192,
+        controls=req.controls,
+        threshold=req.threshold,
+        progress=False,
+    )
     try:
-        run_ablation(
-            store,
-            target,
-            "universal",
-            "mean",
-            DATASET,
-            n_tokens=8192,
-            n_controls=controls,
-            seed=0,
-            progress=False,
-            log=lambda m: echo("  " + m),
-        )
+        run_ablation(store, request, log=echo)
     except ActdbError as exc:  # an empty universal set is a finding, not a failure
-        echo(f"  no ablation: {exc}")
+        echo(f"no ablation: {exc}")
 
 
 def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> None:
@@ -154,52 +144,55 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         f"\n== Universal neurons: % of each layer with excess corr > {threshold} (and > 0.5, the paper's "
         "threshold), mean over seeds =="
     )
+    pct = f"pct_univ_{threshold}"
     rows = []
     for control in ("none", "token"):
-        _cols, by_layer = queries.universal_by_layer(store, control=control)
-        _cols, strict = queries.universal_by_layer(store, control=control, threshold=0.5)
-        paper = {(r[0], r[1], r[3]): r[7] for r in strict}
+        by_layer = queries.universal_by_layer(store, control=control, threshold=threshold)
+        strict = queries.universal_by_layer(store, control=control, threshold=0.5)
+        paper = {(r["model"], r["step"], r["layer"]): r["pct_universal"] for r in strict}
         acc: dict[tuple[int, int], list] = defaultdict(list)
         for r in by_layer:
-            acc[(r[1], r[3])].append((r[7], paper[(r[0], r[1], r[3])], r[8], r[9]))
-        for (step, layer), vals in sorted(acc.items()):
-            v = np.array(vals, dtype=float).mean(axis=0)
-            rows.append((control, step, layer, round(v[0], 2), round(v[1], 2), round(v[2], 3), round(v[3], 3)))
-    echo(
-        render(
-            ["control", "step", "layer", f"pct_univ_{threshold}", "pct_univ_0.5", "mean_max_corr", "mean_baseline"],
-            rows,
-        )
-    )
-    echo("\n== Persistence of universal neurons (mean over seeds) ==")
-    from actdb.query.listings import persistence_rows
-
-    _cols, prow = persistence_rows(store)
-    acc2: dict[tuple, list] = defaultdict(list)
-    for r in prow:
-        acc2[(r[2], r[3], r[4], r[5])].append((r[6], r[8], r[9], r[11]))
-    out = []
-    for key, vals in sorted(acc2.items()):
-        n_from = sum(v[0] for v in vals)
-        kept = sum(v[1] for v in vals)
-        self_corr = [v[3] for v in vals if v[3] is not None]
-        out.append(
-            (
-                *key,
-                n_from,
-                kept,
-                round(kept / n_from, 3) if n_from else None,
-                round(float(np.mean(self_corr)), 3) if self_corr else None,
+            key = (r["model"], r["step"], r["layer"])
+            acc[(r["step"], r["layer"])].append(
+                (r["pct_universal"], paper[key], r["mean_max_corr"], r["mean_baseline"])
             )
+        for (step, layer), vals in sorted(acc.items()):
+            m = np.array(vals, dtype=float).mean(axis=0)
+            rows.append(
+                {
+                    "control": control,
+                    "step": step,
+                    "layer": layer,
+                    pct: round(m[0], 2),
+                    "pct_univ_0.5": round(m[1], 2),
+                    "mean_max_corr": round(m[2], 3),
+                    "mean_baseline": round(m[3], 3),
+                }
+            )
+    echo(render(Rows(["control", "step", "layer", pct, "pct_univ_0.5", "mean_max_corr", "mean_baseline"], rows)))
+    echo("\n== Persistence of universal neurons (mean over seeds) ==")
+    grouped: dict[tuple, list] = defaultdict(list)
+    for r in queries.persistence_listing(store, threshold=threshold):
+        grouped[(r["control"], r["from_step"], r["to_step"], r["layer"])].append(r)
+    out = []
+    for (control, from_step, to_step, layer), group in sorted(grouped.items()):
+        n_from = sum(r["n_universal_from"] for r in group)
+        kept = sum(r["n_kept"] for r in group)
+        self_corr = [r["mean_self_corr"] for r in group if r["mean_self_corr"] is not None]
+        out.append(
+            {
+                "control": control,
+                "from_step": from_step,
+                "to_step": to_step,
+                "layer": layer,
+                "n_universal_from": n_from,
+                "n_kept": kept,
+                "p_persist": round(kept / n_from, 3) if n_from else None,
+                "mean_self_corr": round(float(np.mean(self_corr)), 3) if self_corr else None,
+            }
         )
-    echo(
-        render(
-            ["control", "from_step", "to_step", "layer", "n_universal_from", "n_kept", "p_persist", "mean_self_corr"],
-            out,
-        )
-    )
+    echo(render(Rows(list(out[0]) if out else ["control"], out)))
     echo("\n== Ablation: universal neurons vs matched random controls ==")
-    cols, arows = queries.ablations_listing(store)
     keep = [
         "model",
         "step",
@@ -212,4 +205,4 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         "control_std",
         "p_value",
     ]
-    echo(render(keep, [tuple(r[cols.index(c)] for c in keep) for r in arows]))
+    echo(render(Rows(keep, queries.ablations_listing(store))))

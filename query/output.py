@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
 from typing import Any
+
+from actdb.store.database import Rows
 
 FORMATS = ("table", "csv", "json")
 
@@ -30,17 +31,23 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def render(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "table") -> str:
-    """Rows as text; JSON is a list of objects keyed by column name (non-finite floats become null)."""
+def json_records(rows: Rows) -> list[dict[str, Any]]:
+    """Rows as JSON-ready objects keyed by column name (non-finite floats become null, datetimes ISO text)."""
+    return [{c: _json_value(r[c]) for c in rows.columns} for r in rows]
+
+
+def render(rows: Rows, fmt: str = "table") -> str:
+    """Rows as an aligned table, CSV with a header, or JSON (a list of objects keyed by column name)."""
+    columns = rows.columns
     if fmt == "json":
-        return json.dumps([{c: _json_value(v) for c, v in zip(columns, r, strict=True)} for r in rows], indent=2)
+        return json.dumps(json_records(rows), indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows([[("" if v is None else v) for v in r] for r in rows])
+        writer.writerows([[("" if r[c] is None else r[c]) for c in columns] for r in rows])
         return buf.getvalue().rstrip("\n")
-    cells = [[_cell(v) for v in r] for r in rows]
+    cells = [[_cell(r[c]) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

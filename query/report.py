@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from actdb.query import queries
-from actdb.query.listings import persistence_rows
 from actdb.query.output import render
 from actdb.store.database import Store
 from actdb.store.errors import ActdbError
@@ -31,48 +30,49 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def _universal_by_layer_plot(store: Store, out: Path, control: str) -> tuple[str | None, str]:
+def _universal_by_layer_plot(store: Store, out: Path, control: str, threshold: float | None) -> tuple[str | None, str]:
     try:
-        columns, rows = queries.universal_by_layer(store, control=control)
+        rows = queries.universal_by_layer(store, control=control, threshold=threshold)
     except ActdbError:
         return None, ""
     plt = _plt()
-    steps = sorted({r[1] for r in rows})
-    top = max((r[7] for r in rows), default=1.0) or 1.0
+    steps = sorted({r["step"] for r in rows})
+    top = max((r["pct_universal"] for r in rows), default=1.0) or 1.0
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps) + 1, 3.2), squeeze=False, sharey=True)
+    layers = sorted({r["layer"] for r in rows})
     for ax, step in zip(axes[0], steps, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
-        for r in rows:
-            if r[1] == step:
-                series.setdefault(r[0], []).append((r[3], r[7]))
+        for r in rows.where(step=step):
+            series.setdefault(r["model"], []).append((r["layer"], r["pct_universal"]))
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        layers = sorted({r[3] for r in rows})
         ax.set_xticks(layers)
         ax.set_ylim(0, top * 1.15)
         ax.set_title(f"step {step}")
         ax.set_xlabel("layer")
     axes[0][0].set_ylabel("% universal neurons")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"Universal neurons by layer ({control} control)")
-    return _save(fig, out, f"universal_by_layer_{control}.png"), render(columns, rows, "table")
+    at = "each run's recorded threshold" if threshold is None else f"excess > {threshold}"
+    fig.suptitle(f"Universal neurons by layer ({control} control, {at})")
+    return _save(fig, out, f"universal_by_layer_{control}.png"), render(rows, "table")
 
 
 def _excess_histogram(store: Store, out: Path, control: str) -> str | None:
     try:
-        _cols, rows = queries.max_corr_by_step(store, control)
+        rows = queries.max_corr_by_step(store, control)
     except ActdbError:
         return None
     if not rows:
         return None
     plt = _plt()
-    steps = sorted({r[0] for r in rows})
+    steps = sorted({r["step"] for r in rows})
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3), squeeze=False, sharey=True)
     bins = np.linspace(-0.1, 1.0, 45)
     for ax, step in zip(axes[0], steps, strict=True):
-        mx = [r[1] for r in rows if r[0] == step and r[1] is not None]
-        base = [r[2] for r in rows if r[0] == step and r[2] is not None]
+        at_step = rows.where(step=step)
+        mx = [r["mean_max_corr"] for r in at_step if r["mean_max_corr"] is not None]
+        base = [r["mean_baseline"] for r in at_step if r["mean_baseline"] is not None]
         ax.hist(base, bins=bins, alpha=0.6, label="rotation baseline", color="grey")
         ax.hist(mx, bins=bins, alpha=0.6, label="max corr", color="C0")
         ax.set_title(f"step {step}")
@@ -82,66 +82,72 @@ def _excess_histogram(store: Store, out: Path, control: str) -> str | None:
     return _save(fig, out, f"excess_hist_{control}.png")
 
 
-def _persistence_heatmap(store: Store, out: Path) -> tuple[str | None, str]:
-    columns, rows = persistence_rows(store, control="none")
+def _persistence_heatmap(store: Store, out: Path, threshold: float | None) -> tuple[str | None, str]:
+    rows = queries.persistence_listing(store, control="none", threshold=threshold)
     if not rows:
         return None, ""
     plt = _plt()
-    models = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in rows if r[0] == model]
-        pairs = sorted({(r[3], r[4]) for r in mine})
-        layers = sorted({r[5] for r in mine})
+    panels = sorted({(r["model"], r["threshold"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (model, t) in zip(axes[0], panels, strict=True):
+        mine = rows.where(model=model, threshold=t)
+        pairs = sorted({(r["from_step"], r["to_step"]) for r in mine})
+        layers = sorted({r["layer"] for r in mine})
         grid = np.full((len(layers), len(pairs)), np.nan)
         for r in mine:
-            grid[layers.index(r[5]), pairs.index((r[3], r[4]))] = np.nan if r[9] is None else r[9]
+            value = np.nan if r["p_persist"] is None else r["p_persist"]
+            grid[layers.index(r["layer"]), pairs.index((r["from_step"], r["to_step"]))] = value
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(pairs)), [f"{a}→{b}" for a, b in pairs], rotation=45, fontsize=7)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-        ax.set_title(model)
+        ax.set_title(f"{model} (excess > {t})")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, label="p_persist")
-    return _save(fig, out, "persistence.png"), render(columns, rows, "table")
+    return _save(fig, out, "persistence.png"), render(rows, "table")
 
 
 def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
-    columns, rows = queries.ablations_listing(store)
+    rows = queries.ablations_listing(store)
     if not rows:
         return None, ""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 1.8 + 0.45 * len(rows)))
     for i, r in enumerate(rows):
-        ax.plot(r[10], i, "o", color="C3", label="ablated set" if i == 0 else None)
-        if r[12] is not None:
+        ax.plot(r["delta"], i, "o", color="C3", label="ablated set" if i == 0 else None)
+        if r["control_mean"] is not None:
+            mean = r["control_mean"]
             ax.errorbar(
-                r[12],
+                mean,
                 i,
-                xerr=[[r[12] - r[14]], [r[15] - r[12]]],
+                xerr=[[mean - r["control_ci_low"]], [r["control_ci_high"] - mean]],
                 fmt="s",
                 color="grey",
                 capsize=3,
                 label="random controls (mean, 95% CI)" if i == 0 else None,
             )
-    ax.set_yticks(range(len(rows)), [f"#{r[0]} {r[1]}@{r[2]} {r[4]} {r[5][:18]} ({r[6]})" for r in rows], fontsize=7)
+    labels = [
+        f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']})"
+        for r in rows
+    ]
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("Δ cross-entropy (nats)")
     ax.set_ylim(-0.8, len(rows) - 0.2)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(rows)), ncol=2)
-    return _save(fig, out, "ablations.png"), render(columns, rows, "table")
+    return _save(fig, out, "ablations.png"), render(rows, "table")
 
 
 def _similarity_plot(store: Store, out: Path) -> str | None:
-    _cols, rows = queries.similarity_matrix(store)
+    rows = queries.similarity_matrix(store)
     if not rows:
         return None
     plt = _plt()
-    labels = sorted(
-        {r[0] for r in rows} | {r[1] for r in rows}, key=lambda s: (s.rsplit("@", 1)[0], int(s.rsplit("@", 1)[1]))
-    )
+    cells = {(f"{r['model']}@{r['step']}", f"{r['other_model']}@{r['other_step']}"): r["mean_max_corr"] for r in rows}
+    keys = {(r["model"], r["step"]) for r in rows} | {(r["other_model"], r["other_step"]) for r in rows}
+    labels = [f"{m}@{s}" for m, s in sorted(keys)]
     grid = np.full((len(labels), len(labels)), np.nan)
-    for src, dst, value, _run in rows:
-        grid[labels.index(src), labels.index(dst)] = value
+    for (src, dst), value in cells.items():
+        grid[labels.index(src), labels.index(dst)] = np.nan if value is None else value
     np.fill_diagonal(grid, 1.0)
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(labels), 1 + 0.45 * len(labels)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
@@ -152,7 +158,7 @@ def _similarity_plot(store: Store, out: Path) -> str | None:
     return _save(fig, out, "similarity.png")
 
 
-def build_report(store: Store, out: Path) -> Path:
+def build_report(store: Store, out: Path, threshold: float | None = None) -> Path:
     """Write `index.html` and its PNGs into `out`; sections without data say which command produces them."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +173,7 @@ def build_report(store: Store, out: Path) -> Path:
         sections.append(f"<h2>{html.escape(title)}</h2>{body}")
 
     for control in ("none", "token"):
-        img, table = _universal_by_layer_plot(store, out, control)
+        img, table = _universal_by_layer_plot(store, out, control, threshold)
         section(
             f"Universal neurons by layer ({control} control)",
             img,
@@ -179,15 +185,26 @@ def build_report(store: Store, out: Path) -> Path:
             _excess_histogram(store, out, control),
             missing="no correlation run yet",
         )
-    img, table = _persistence_heatmap(store, out)
-    section("Persistence across checkpoints", img, table, "no persistence yet: `actdb persistence --model M`")
+    img, table = _persistence_heatmap(store, out, threshold)
+    flag = "" if threshold is None else f" --threshold {threshold}"
+    section("Persistence across checkpoints", img, table, f"no persistence yet: `actdb persistence --model M{flag}`")
     img, table = _ablation_plot(store, out)
     section("Ablations against matched random controls", img, table, "no ablation yet: `actdb ablate`")
     section("Similarity of every activation set", _similarity_plot(store, out), missing="no correlation run yet")
     page = out / "index.html"
-    page.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>actdb report</title>
+    _write(
+        page,
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>actdb report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}img{{max-width:100%}}
 pre{{font-size:11px;overflow:auto}}.missing{{color:#888}}</style></head><body>
 <h1>actdb report</h1><p>store {html.escape(str(store.config.home))}, generated {datetime.now():%Y-%m-%d %H:%M}</p>
-{"".join(sections)}</body></html>""")
+{"".join(sections)}</body></html>""",
+    )
     return page
+
+
+def _write(page: Path, text: str) -> None:
+    try:
+        page.write_text(text)
+    except OSError as exc:
+        raise ActdbError(f"cannot write {page}: {exc.strerror or exc}") from None

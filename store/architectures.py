@@ -7,16 +7,14 @@ Hooking that input is exact by construction and lets ablation replace neurons at
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from actdb.store.errors import ActdbError
-
-HOOK_NAME = "mlp.post"
+from actdb.store.hook_names import HOOK_NAME  # noqa: F401 - re-exported for callers that hook models
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def mlp_shape(model: nn.Module) -> tuple[int, int]:
     return len(adapter.layers(model)), int(adapter.d_mlp(model.config))
 
 
-class _HookSet:
+class HookSet:
     """Registered hook handles, removed together (also as a context manager)."""
 
     handles: list
@@ -81,7 +79,7 @@ class _HookSet:
         self.remove()
 
 
-class MLPRecorder(_HookSet):
+class MLPRecorder(HookSet):
     """Forward pre-hooks that keep each layer's MLP post-activation from the latest forward pass."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -97,61 +95,3 @@ class MLPRecorder(_HookSet):
             self.outputs[index] = args[0].detach()
 
         return hook
-
-
-class MLPEditor(_HookSet):
-    """Forward pre-hooks that rewrite chosen neurons of each layer's MLP post-activation (ablation).
-
-    `edits[layer]` is a callable taking the `(batch, seq, d_mlp)` activation and returning the edited one.
-    """
-
-    def __init__(self, model: nn.Module, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> None:
-        adapter = adapter_for(model)
-        layers = adapter.layers(model)
-        self.handles = []
-        for index, edit in edits.items():
-            self.handles.append(
-                adapter.out_proj(layers[index]).register_forward_pre_hook(
-                    lambda _m, args, edit=edit: (edit(args[0]),) + tuple(args[1:])
-                )
-            )
-
-
-class LayerOutputs(_HookSet):
-    """Forward hooks keeping each decoder layer's output (whatever object the layer returns) from the last pass."""
-
-    def __init__(self, model: nn.Module) -> None:
-        layers = adapter_for(model).layers(model)
-        self.outputs: list[object] = [None] * len(layers)
-        self.handles = [
-            layer.register_forward_hook(lambda _m, _a, out, i=i: self.outputs.__setitem__(i, out))
-            for i, layer in enumerate(layers)
-        ]
-
-
-def hidden_of(layer_output: object) -> torch.Tensor:
-    """The hidden-state tensor inside a decoder layer's output (a tensor, or a tuple starting with it)."""
-    return layer_output[0] if isinstance(layer_output, tuple) else layer_output
-
-
-@contextlib.contextmanager
-def resume_after_layer(model: nn.Module, layer: int, hidden: torch.Tensor, template: object) -> Iterator[None]:
-    """Within the block, a forward pass skips layers 0..`layer`: earlier layers pass their input through and
-    `layer` returns `hidden` (shaped like `template`, a captured output of that layer), so only the layers
-    after it, the final norm and the unembedding run. Used to share the clean prefix across ablations."""
-    layers = adapter_for(model).layers(model)
-
-    def shaped(h: torch.Tensor) -> object:
-        return (h, *template[1:]) if isinstance(template, tuple) else h
-
-    def passthrough(*args: object, **kwargs: object) -> object:
-        return shaped(args[0] if args else kwargs["hidden_states"])
-
-    for i in range(layer):
-        layers[i].forward = passthrough
-    layers[layer].forward = lambda *_a, **_k: shaped(hidden)
-    try:
-        yield
-    finally:
-        for i in range(layer + 1):
-            del layers[i].forward

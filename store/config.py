@@ -1,4 +1,9 @@
-"""Where a store lives: the root folder for HDF5 files and the SQL database URL."""
+"""Where a store lives: the folder for HDF5 files and the SQL database URL, and the rule from names to files.
+
+File paths are derived from names by an injective rule (percent-encoding every character other than letters,
+digits, `_`, `-` and a non-leading `.`) and stored relative to the store folder, so two names never share a
+file and a store folder copied or moved together with its SQLite file works from its new place.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,19 @@ from pathlib import Path
 
 DEFAULT_HOME = "actdb-store"
 SQLITE_NAME = "actdb.sqlite"
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def file_name_of(name: str) -> str:
+    """Injective, filesystem-safe form of a name: unsafe characters (and `%` itself, and a leading `.`) become
+    `%XX` escapes of their UTF-8 bytes, so distinct names always give distinct file names."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch in _SAFE and not (ch == "." and i == 0):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -28,13 +46,16 @@ class StoreConfig:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
-    def activation_path(self, model: str, step: int, dataset: str, hook: str) -> Path:
-        """Path of one activation set's HDF5 file, relative names kept filesystem-safe."""
-        return self.home / "activations" / _safe(model) / f"step-{step}" / f"{_safe(dataset)}.{_safe(hook)}.h5"
+    def file(self, stored_path: str) -> Path:
+        """The file a path recorded in SQL refers to (recorded paths are relative to the store folder)."""
+        return self.home / stored_path
 
-    def dataset_path(self, dataset: str) -> Path:
-        return self.home / "datasets" / f"{_safe(dataset)}.tokens.h5"
+    @staticmethod
+    def activation_path(model: str, step: int, dataset: str, hook: str) -> str:
+        """Path, relative to the store folder, of one activation set's HDF5 file."""
+        return f"activations/{file_name_of(model)}/step-{step}/{file_name_of(dataset)}.{file_name_of(hook)}.h5"
 
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    @staticmethod
+    def dataset_path(dataset: str) -> str:
+        """Path, relative to the store folder, of a token dataset's HDF5 file."""
+        return f"datasets/{file_name_of(dataset)}.tokens.h5"

@@ -1,37 +1,46 @@
-"""Connecting to a store's SQL database, upgrading its schema through Alembic, and guarding against old schemas."""
+"""The one way to reach a store's SQL database: `Store` owns the engine (read-write or read-only), upgrades the
+schema through Alembic, and returns query results as rows addressed by column name."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, insert, make_url
+from sqlalchemy import Engine, Executable, RowMapping, create_engine, event, insert, make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from actdb.store.config import StoreConfig
-from actdb.store.errors import ActdbError, SchemaBehindError
+from actdb.store.errors import ActdbError, SchemaBehindError, first_line
 
 MIGRATIONS_DIR = Path(str(resources.files("actdb.migrations")))
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str):
     """An Alembic configuration pointing at the packaged migrations and the given database."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
+def safe_url(url: str) -> str:
+    """The URL as it may be shown to a user: never with its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://…"
+
+
 def make_engine(url: str, read_only: bool = False) -> Engine:
-    """An engine for `url`; SQLite gets foreign keys, a busy timeout and WAL so ingests can run side by side."""
+    """An engine for `url`. SQLite gets foreign keys, a busy timeout and WAL so ingests can run side by side;
+    `read_only` opens SQLite with `mode=ro` and PostgreSQL sessions with read-only transactions."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
@@ -49,10 +58,13 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
             cur.close()
 
         return engine
+    connect_args: dict[str, Any] = {"connect_timeout": 10}
+    if read_only:
+        connect_args["options"] = "-c default_transaction_read_only=on"
     try:
-        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ActdbError(f"invalid database URL {url!r}: {exc}") from None
+        raise ActdbError(f"invalid database URL {safe_url(url)}: {first_line(exc)}") from None
 
 
 def _check_connect(engine: Engine) -> None:
@@ -60,8 +72,7 @@ def _check_connect(engine: Engine) -> None:
         with engine.connect():
             pass
     except OperationalError as exc:
-        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise ActdbError(f"cannot reach database {engine.url.render_as_string(hide_password=True)}: {first}") from None
+        raise ActdbError(f"cannot reach database {safe_url(str(engine.url))}: {first_line(exc)}") from None
 
 
 INSERT_BATCH = 20000
@@ -79,39 +90,93 @@ def finite_or_none(x: float) -> float | None:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-class Store:
-    """An opened store: configuration, SQL engine and session factory."""
+class Rows(Sequence[RowMapping]):
+    """Query results: `.columns` in order, rows as read-only mappings addressed by column name."""
 
-    def __init__(self, config: StoreConfig, engine: Engine) -> None:
+    def __init__(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        self.columns = list(columns)
+        self._rows = list(rows)
+
+    @classmethod
+    def from_tuples(cls, columns: Sequence[str], tuples: Sequence[Sequence[Any]]) -> Rows:
+        """Rows from positional results (free-form SQL), repeated column names made unique (`x`, `x_2`)."""
+        names: list[str] = []
+        for c in columns:
+            name, k = c, 1
+            while name in names:
+                k += 1
+                name = f"{c}_{k}"
+            names.append(name)
+        return cls(names, [dict(zip(names, t, strict=True)) for t in tuples])
+
+    def __getitem__(self, index):
+        return self._rows[index]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def first(self) -> RowMapping | None:
+        return self._rows[0] if self._rows else None
+
+    def column(self, name: str) -> list[Any]:
+        return [r[name] for r in self._rows]
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows]
+
+    def where(self, **equal: Any) -> Rows:
+        """The rows whose columns equal the given values."""
+        return Rows(self.columns, [r for r in self._rows if all(r[k] == v for k, v in equal.items())])
+
+
+class Store:
+    """An opened store: configuration, the SQL engine (read-write or read-only) and sessions on it."""
+
+    def __init__(self, config: StoreConfig, engine: Engine, read_only: bool = False) -> None:
         self.config = config
         self.engine = engine
+        self.read_only = read_only
+        self.notes: list[str] = []  # what `init` could not do itself and a person must (e.g. create a role)
         self.sessionmaker = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    def open(cls, config: StoreConfig, check_schema: bool = True) -> Store:
-        """Open an existing store; a missing or older schema is reported with the command that fixes it."""
+    def open(cls, config: StoreConfig, check_schema: bool = True, read_only: bool = False) -> Store:
+        """Open an existing store; a missing or older schema is reported with the command that fixes it.
+
+        A read-write open also marks runs whose process has died as abandoned (`store.lifecycle`)."""
         if config.is_sqlite:
             db_file = make_url(config.database_url).database
             if db_file and db_file != ":memory:" and not Path(db_file).exists():
                 raise ActdbError(f"no actdb database at {db_file}; run `actdb init` first")
-        engine = make_engine(config.database_url)
+        engine = make_engine(config.database_url, read_only=read_only)
         _check_connect(engine)
-        store = cls(config, engine)
+        store = cls(config, engine, read_only)
         if check_schema:
             store.require_current_schema()
+            if not read_only:
+                from actdb.store.lifecycle import reap_abandoned
+
+                reap_abandoned(store)
         return store
 
     @classmethod
     def init(cls, config: StoreConfig) -> Store:
         """Create the store's folder and database if needed and upgrade the schema to head."""
+        from alembic import command
+        from alembic.util import CommandError
+
         try:
             config.home.mkdir(parents=True, exist_ok=True)
             probe = config.home / ".actdb-write-test"
@@ -121,24 +186,44 @@ class Store:
             raise ActdbError(f"cannot write to store folder {config.home}: {exc.strerror or exc}") from None
         engine = make_engine(config.database_url)
         _check_connect(engine)
-        with engine.begin() as conn:
+        current, head = current_revision(engine), head_revision()
+        if current is not None and current != head and not _known_revision(current):
+            raise ActdbError(
+                f"database schema is at revision {current}, which this actdb ({head}) does not know: "
+                "it was written by a newer actdb; upgrade actdb instead"
+            )
+        with engine.connect() as conn:
             cfg = alembic_config(config.database_url)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-        return cls(config, engine)
+            try:
+                command.upgrade(cfg, "head")
+            except CommandError as exc:
+                raise ActdbError(f"cannot upgrade the schema: {first_line(exc)}") from None
+            conn.commit()
+        store = cls(config, engine)
+        from actdb.store.sql_reader import provision_sql_reader
+
+        note = provision_sql_reader(engine)
+        if note:
+            store.notes.append(note)
+        return store
 
     def require_current_schema(self) -> None:
         current, head = current_revision(self.engine), head_revision()
         if current is None:
             raise SchemaBehindError("database has no actdb schema; run `actdb init`")
         if current != head:
+            if not _known_revision(current):
+                raise SchemaBehindError(
+                    f"database schema is at revision {current}, newer than this actdb ({head}); upgrade actdb"
+                )
             raise SchemaBehindError(
                 f"database schema is at revision {current}, this actdb needs {head}; run `actdb init` to upgrade"
             )
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A session committed on success and rolled back on error."""
+        """An ORM session committed on success and rolled back on error."""
         with self.sessionmaker() as sess:
             try:
                 yield sess
@@ -147,5 +232,25 @@ class Store:
                 sess.rollback()
                 raise
 
+    def query(self, statement: Executable) -> Rows:
+        """Run a Core SELECT and return its rows, addressed by column name."""
+        with self.engine.connect() as conn:
+            result = conn.execute(statement)
+            return Rows(list(result.keys()), list(result.mappings()))
+
+    def scalar(self, statement: Executable) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(statement).scalar()
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision(revision) is not None
+    except CommandError:
+        return False

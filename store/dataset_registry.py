@@ -6,6 +6,8 @@ from sqlalchemy import select
 
 from actdb.store.database import Store
 from actdb.store.errors import ActdbError
+from actdb.store.refs import check_name
+from actdb.store.registry import check_new_name
 from actdb.store.schema import Dataset
 from actdb.store.token_datasets import iter_documents, load_tokenizer, pack_documents
 
@@ -21,15 +23,18 @@ def add_dataset(
     field: str = "text",
 ) -> Dataset:
     """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it."""
+    check_name(name, "dataset name")
     with store.session() as s:
         if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
             raise ActdbError(f"dataset {name!r} already exists; pick another name")
+        check_new_name(s, Dataset, name, "dataset name")
     tok = load_tokenizer(tokenizer)
     documents = list(iter_documents(sources, field))
     if not documents:
         raise ActdbError("no documents found in " + ", ".join(sources))
     packed = pack_documents(documents, tok, seq_len, n_tokens, seed)
-    path = store.config.dataset_path(name)
+    rel_path = store.config.dataset_path(name)
+    path = store.config.file(rel_path)
     try:
         packed.save(path)
     except OSError as exc:
@@ -46,7 +51,7 @@ def add_dataset(
         token_sha256=packed.sha256,
         source=", ".join(sources),
         seed=seed,
-        path=str(path),
+        path=rel_path,
     )
     with store.session() as s:
         s.add(row)

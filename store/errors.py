@@ -1,4 +1,6 @@
-"""The one exception type for user-facing mistakes; the CLI prints its message as one line."""
+"""The exception types for user-facing problems; the CLI prints their message as one line."""
+
+from __future__ import annotations
 
 
 class ActdbError(Exception):
@@ -11,3 +13,10 @@ class SchemaBehindError(ActdbError):
 
 class BusyError(ActdbError):
     """Another process already holds the work this process was asked to do."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (of its DB-API cause for SQLAlchemy errors), or its
+    type name: what a one-line error or a run's `error` column shows."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

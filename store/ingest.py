@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import string
 import threading
 import time
 from collections.abc import Callable
@@ -22,13 +23,23 @@ from sqlalchemy import delete, select, update
 from tqdm.auto import tqdm
 
 from actdb.store.activation_file import ActivationHeader, ActivationWriter, partial_path
-from actdb.store.architectures import HOOK_NAME, MLPRecorder, mlp_shape
+from actdb.store.architectures import MLPRecorder, mlp_shape
 from actdb.store.database import Store, finite_or_none, insert_rows
-from actdb.store.errors import ActdbError
-from actdb.store.model_loading import default_revision_template, load_model, model_family, resolve_device
+from actdb.store.device import resolve_device
+from actdb.store.errors import ActdbError, first_line
+from actdb.store.hook_names import HOOK_NAME
+from actdb.store.lifecycle import RunHandle, claim_row, running
+from actdb.store.model_loading import (
+    context_length,
+    default_revision_template,
+    load_model,
+    model_family,
+    weights_fingerprint,
+)
 from actdb.store.neuron_stats import StreamingMoments, Workspace
-from actdb.store.registry import claim_set, find_set, get_dataset, get_or_create
-from actdb.store.schema import ActivationSet, Checkpoint, Model, NeuronStat, utcnow
+from actdb.store.refs import check_name
+from actdb.store.registry import check_new_name, find_set, get_dataset, get_or_create
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, NeuronStat
 from actdb.store.token_datasets import load_tokenizer, tokenizer_fingerprint
 from actdb.store.token_file import TokenDataset
 
@@ -36,7 +47,7 @@ FLUSH_SECONDS = float(os.environ.get("ACTDB_INGEST_FLUSH_SECONDS", "2.0"))
 QUEUE_DEPTH = 4
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestRequest:
     model: str
     step: int
@@ -60,8 +71,53 @@ class IngestResult:
     bytes: int
 
 
-def _format_template(template: str | None, step: int) -> str | None:
-    return template.format(step=step) if template else None
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where one step of a model loads from: the templates recorded on the model, and their values."""
+
+    source_template: str
+    revision_template: str | None
+    source: str
+    revision: str | None
+
+
+def _placeholders(template: str, flag: str) -> None:
+    """Only `{step}` may be substituted; anything else in braces is a mistake caught before loading."""
+    try:
+        fields = [f for _t, f, _s, _c in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ActdbError(f"malformed {flag} {template!r}: {exc}") from None
+    unknown = sorted({f for f in fields if f != "step"})
+    if unknown:
+        raise ActdbError(f"{flag} {template!r} uses {{{unknown[0]}}}; only {{step}} is replaced")
+
+
+def resolve_source(existing: Model | None, req: IngestRequest) -> ResolvedSource:
+    """The source and revision of `req.step`, from the request or from what the model was registered with."""
+    if existing is None and not req.source:
+        raise ActdbError(f"model {req.model!r} is not registered yet; give --source (hub id or local path)")
+    for template, flag in ((req.source, "--source"), (req.revision, "--revision")):
+        if template:
+            _placeholders(template, flag)
+    source_template = req.source or existing.source
+    if Path(source_template.format(step=req.step)).expanduser().exists():
+        source_template = os.path.abspath(os.path.expanduser(source_template))
+    if existing is not None and req.source and source_template != existing.source and not req.force:
+        raise ActdbError(
+            f"model {req.model!r} was registered from {existing.source}, not {source_template}; a different source "
+            "is another model (pick another name), or say --force to record this source for this step"
+        )
+    if req.revision:
+        revision_template = req.revision
+    elif existing is not None and source_template == existing.source:
+        revision_template = existing.revision_template
+    else:
+        revision_template = default_revision_template(source_template)
+    source = source_template.format(step=req.step)
+    revision = revision_template.format(step=req.step) if revision_template else None
+    if revision and Path(source).expanduser().is_dir():
+        revision = None
+    return ResolvedSource(source_template, revision_template, source, revision)
 
 
 def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print) -> IngestResult:
@@ -73,62 +129,37 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     with store.session() as s:
         ds = get_dataset(s, req.dataset)
         existing = s.scalar(select(Model).where(Model.name == req.model))
-        done = find_set(s, req.model, req.step, req.dataset, HOOK_NAME)
+        if existing is None:
+            check_name(req.model, "model name")
+            check_new_name(s, Model, req.model, "model name")
+        done = find_set(s, req.model, req.step, req.dataset)
     if done is not None and done.status == "complete" and not req.force:
         log(f"{req.model}@{req.step} on {req.dataset}: already complete ({done.path}); --force redoes it")
-        return IngestResult(done.id, "already complete", Path(done.path), done.n_tokens, 0.0, done.bytes or 0)
-    if existing is None and not req.source:
-        raise ActdbError(f"model {req.model!r} is not registered yet; give --source (hub id or local path)")
-    source_template = req.source or existing.source
-    if Path(source_template.format(step=req.step)).expanduser().exists():
-        source_template = os.path.abspath(os.path.expanduser(source_template))
-    revision_template = req.revision or (
-        existing.revision_template if existing is not None else default_revision_template(source_template)
-    )
-    source = _format_template(source_template, req.step)
-    revision = _format_template(revision_template, req.step)
-    if revision and Path(source).expanduser().is_dir():
-        revision = None
-    tokens = TokenDataset.load(ds.path)
-    device = resolve_device(req.device)
-    model = load_model(source, revision, device)
-    _check_tokenizer(source, revision, ds.tokenizer_fingerprint, tokens, model)
+        path = store.config.file(done.path)
+        return IngestResult(done.id, "already complete", path, done.n_tokens, 0.0, done.bytes or 0)
+    where = resolve_source(existing, req)
+    tokens = TokenDataset.load(store.config.file(ds.path))
+    device = resolve_device(req.device).torch
+    model = load_model(where.source, where.revision, device)
+    _check_model_fits(where, model, ds, tokens)
     n_layers, d_mlp = mlp_shape(model)
     if existing is not None and (existing.n_layers, existing.d_mlp) != (n_layers, d_mlp):
         raise ActdbError(
-            f"{source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
+            f"{where.source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
             f"with {existing.n_layers} x {existing.d_mlp}; use another model name"
         )
-    model_row = get_or_create(
-        store,
-        Model,
-        {"name": req.model},
-        {
-            "family": model_family(source_template, model.config.model_type),
-            "architecture": model.config.model_type,
-            "n_layers": n_layers,
-            "d_mlp": d_mlp,
-            "source": source_template,
-            "revision_template": revision_template,
-            "seed": None,
-        },
-    )
-    ckpt = get_or_create(
-        store,
-        Checkpoint,
-        {"model_id": model_row.id, "step": req.step},
-        {"source": source, "revision": revision, "source_sha": getattr(model.config, "_commit_hash", None)},
-    )
-    path = store.config.activation_path(req.model, req.step, req.dataset, HOOK_NAME)
+    ckpt = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
+    rel_path = store.config.activation_path(req.model, req.step, req.dataset, HOOK_NAME)
     aset = get_or_create(
         store,
         ActivationSet,
         {"checkpoint_id": ckpt.id, "dataset_id": ds.id, "hook": HOOK_NAME},
-        {"dtype": req.dtype, "path": str(path), "status": "pending", "tokens_done": 0, "n_tokens": tokens.tokens.size},
+        {"dtype": req.dtype, "path": rel_path, "status": "pending", "tokens_done": 0, "n_tokens": tokens.tokens.size},
     )
-    prior = claim_set(store, aset.id, req.force)
-    if prior == "complete" and not req.force:
+    what = f"{req.model}@{req.step} on {req.dataset} (ingest)"
+    if claim_row(store, ActivationSet, aset.id, req.force, what) == "complete" and not req.force:
         log(f"{req.model}@{req.step} on {req.dataset}: already complete ({aset.path})")
+        path = store.config.file(aset.path)
         return IngestResult(aset.id, "already complete", path, aset.n_tokens, 0.0, aset.bytes or 0)
     header = ActivationHeader(
         model=req.model,
@@ -140,59 +171,107 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         n_tokens=int(tokens.tokens.size),
         dtype=req.dtype,
     )
-    started = time.perf_counter()
-    try:
-        committed = 0
-        if req.force:  # redo from scratch, whatever a partial file holds
-            partial_path(path).unlink(missing_ok=True)
-        else:
-            with store.session() as s:
-                committed = s.get(ActivationSet, aset.id).tokens_done
-        run = _IngestRun(store, aset.id, path, header, tokens, model, device, req)
-        resumed_from = run.execute(committed)
+    path = store.config.file(aset.path)
+    with running(store, ActivationSet, aset.id) as handle:
+        try:
+            resumed_from, run = _write_set(store, handle, path, header, tokens, model, device, req)
+            _store_stats(store, aset.id, run.moments)
+        except OSError as exc:
+            raise ActdbError(
+                f"writing {path} failed: {exc.strerror or first_line(exc)}; the rows written so far are kept and "
+                "`actdb ingest` resumes from them"
+            ) from None
         size = path.stat().st_size
-        seconds = time.perf_counter() - started
-        _store_stats(store, aset.id, run.moments)
-        with store.session() as s:
-            s.execute(
-                update(ActivationSet)
-                .where(ActivationSet.id == aset.id)
-                .values(
-                    status="complete",
-                    tokens_done=header.n_tokens,
-                    bytes=size,
-                    finished_at=utcnow(),
-                    seconds=seconds,
-                    owner=None,
-                    error=None,
-                )
-            )
-    except BaseException as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        with store.session() as s:
-            s.execute(
-                update(ActivationSet)
-                .where(ActivationSet.id == aset.id)
-                .values(status="failed", error=message[:2000], owner=None, finished_at=utcnow())
-            )
-        if isinstance(exc, OSError):
-            raise ActdbError(f"writing {path} failed: {exc.strerror or message}") from None
-        raise
+        seconds = handle.complete(tokens_done=header.n_tokens, bytes=size)
     status = "resumed" if resumed_from else "ingested"
     log(
         f"{req.model}@{req.step} on {req.dataset}: {status}"
         + (f" from token {resumed_from}" if resumed_from else "")
-        + f", {header.n_tokens} tokens in {seconds:.1f}s -> {path}"
+        + f", {header.n_tokens} tokens in {seconds:.1f}s -> {aset.path}"
     )
     return IngestResult(aset.id, status, path, header.n_tokens, seconds, size)
 
 
-def _check_tokenizer(source: str, revision: str | None, fingerprint: str, tokens: TokenDataset, model) -> None:
+def _write_set(
+    store: Store,
+    handle: RunHandle,
+    path: Path,
+    header: ActivationHeader,
+    tokens: TokenDataset,
+    model: torch.nn.Module,
+    device: torch.device,
+    req: IngestRequest,
+) -> tuple[int, _IngestRun]:
+    committed = 0
+    if req.force:  # redo from scratch, whatever a partial file holds
+        partial_path(path).unlink(missing_ok=True)
+    else:
+        with store.session() as s:
+            committed = s.get(ActivationSet, handle.row_id).tokens_done
+    run = _IngestRun(handle, path, header, tokens, model, device, req)
+    return run.execute(committed), run
+
+
+def _register_checkpoint(
+    store: Store, req: IngestRequest, where: ResolvedSource, model: torch.nn.Module, n_layers: int, d_mlp: int
+) -> Checkpoint:
+    """The model and checkpoint rows, after checking that these weights are what MODEL@STEP means: not another
+    step's weights (a source without `{step}`) and not different from what this step was ingested from."""
+    weights = weights_fingerprint(model)
+    model_row = get_or_create(
+        store,
+        Model,
+        {"name": req.model},
+        {
+            "family": model_family(where.source_template, model.config.model_type),
+            "architecture": model.config.model_type,
+            "n_layers": n_layers,
+            "d_mlp": d_mlp,
+            "source": where.source_template,
+            "revision_template": where.revision_template,
+            "seed": None,
+        },
+    )
+    with store.session() as s:
+        twin = s.scalar(
+            select(Checkpoint.step).where(
+                Checkpoint.model_id == model_row.id, Checkpoint.weights_sha256 == weights, Checkpoint.step != req.step
+            )
+        )
+        known = s.scalar(select(Checkpoint).where(Checkpoint.model_id == model_row.id, Checkpoint.step == req.step))
+    if twin is not None and not req.force:
+        rule = "--source has no {step}" if "{step}" not in where.source_template else "the source names no step"
+        if where.revision_template is None:
+            rule += " and no revision rule (--revision) gives each step its own revision"
+        raise ActdbError(
+            f"{where.source} at step {req.step} has exactly the weights of {req.model}@{twin}: {rule}; "
+            "fix the source (or say --force if the weights really did not change)"
+        )
+    if known is not None and known.weights_sha256 not in (None, weights) and not req.force:
+        raise ActdbError(
+            f"{req.model}@{req.step} was ingested from other weights ({known.source}); say --force to replace it"
+        )
+    values = {
+        "source": where.source,
+        "revision": where.revision,
+        "source_sha": getattr(model.config, "_commit_hash", None),
+        "weights_sha256": weights,
+    }
+    ckpt = get_or_create(store, Checkpoint, {"model_id": model_row.id, "step": req.step}, values)
+    with store.session() as s:
+        s.execute(update(Checkpoint).where(Checkpoint.id == ckpt.id).values(**values))
+    return ckpt
+
+
+def _check_model_fits(where: ResolvedSource, model: torch.nn.Module, ds: Dataset, tokens: TokenDataset) -> None:
+    """The dataset must be readable by this model: same tokenizer, ids within its vocabulary, sequences within
+    its context."""
+    source = where.source
     try:
-        tokenizer = load_tokenizer(source, revision)
+        tokenizer = load_tokenizer(source, where.revision)
     except ActdbError:
         tokenizer = None  # checkpoints saved without a tokenizer: only the vocabulary-size check applies
-    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != fingerprint:
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != ds.tokenizer_fingerprint:
         raise ActdbError(
             f"tokenizer mismatch: {source} ships a tokenizer whose vocabulary differs from the one "
             "the dataset was built with"
@@ -203,6 +282,12 @@ def _check_tokenizer(source: str, revision: str | None, fingerprint: str, tokens
             f"tokenizer mismatch: dataset token ids reach {int(tokens.tokens.max())} but {source} "
             f"has a vocabulary of {vocab}"
         )
+    limit = context_length(model)
+    if limit is not None and tokens.seq_len > limit:
+        raise ActdbError(
+            f"dataset {ds.name!r} has sequences of {tokens.seq_len} tokens but {source} reads at most {limit}; "
+            "build a dataset with a smaller --seq-len"
+        )
 
 
 class _IngestRun:
@@ -210,27 +295,23 @@ class _IngestRun:
 
     def __init__(
         self,
-        store: Store,
-        set_id: int,
+        handle: RunHandle,
         path: Path,
         header: ActivationHeader,
         tokens: TokenDataset,
-        model,
+        model: torch.nn.Module,
         device: torch.device,
         req: IngestRequest,
     ) -> None:
-        self.store, self.set_id, self.path, self.header = store, set_id, path, header
+        self.handle, self.path, self.header = handle, path, header
         self.tokens, self.model, self.device, self.req = tokens, model, device, req
         workspace = Workspace()
         self.moments = [StreamingMoments(header.d_mlp, workspace) for _ in range(header.n_layers)]
         self.seq_len = tokens.seq_len
         self.rows_per_batch = req.batch_size * self.seq_len
 
-    def _batch_mask(self, start_row: int, stop_row: int) -> np.ndarray:
-        return self.tokens.mask.reshape(-1)[start_row:stop_row]
-
     def _fold(self, start_row: int, rows: list[np.ndarray]) -> None:
-        mask = self._batch_mask(start_row, start_row + rows[0].shape[0])
+        mask = self.tokens.mask.reshape(-1)[start_row : start_row + rows[0].shape[0]]
         for moments, block in zip(self.moments, rows, strict=True):
             moments.update(block[mask])
 
@@ -272,7 +353,7 @@ class _IngestRun:
                         writer.flush()
                         committed[0] = end
                         last_flush = time.monotonic()
-            except BaseException as exc:
+            except BaseException as exc:  # handed to the main thread
                 failure.append(exc)
                 while work.get() is not None:
                     pass
@@ -302,7 +383,7 @@ class _IngestRun:
                     work.put((seq0 * self.seq_len, rows))
                     bar.update(rows[0].shape[0])
                     if time.monotonic() - last_report > FLUSH_SECONDS:
-                        self._report(committed[0])
+                        self.handle.beat(tokens_done=committed[0])
                         last_report = time.monotonic()
         finally:
             work.put(None)
@@ -310,15 +391,7 @@ class _IngestRun:
             bar.close()
         if failure:
             raise failure[0]
-        self._report(committed[0])
-
-    def _report(self, committed: int) -> None:
-        with self.store.session() as s:
-            s.execute(
-                update(ActivationSet)
-                .where(ActivationSet.id == self.set_id)
-                .values(tokens_done=committed, heartbeat_at=utcnow())
-            )
+        self.handle.beat(tokens_done=committed[0])
 
 
 def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
 from torch import nn
 
-from actdb.store.errors import ActdbError
+from actdb.store.errors import ActdbError, first_line
 
 REVISION_TEMPLATES = {
     # stanford-crfm Mistral GPT-2 seeds (alias, battlestar, caprica, darkmatter, expanse)
@@ -33,14 +34,6 @@ def model_family(source: str, model_type: str) -> str:
     return model_type
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ActdbError("--device cuda was asked for but no CUDA device is available to torch")
-    return torch.device(device)
-
-
 def load_model(source: str, revision: str | None, device: torch.device) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained(source, revision=...)` in eval mode, failing with one line."""
     from transformers import AutoModelForCausalLM
@@ -50,9 +43,30 @@ def load_model(source: str, revision: str | None, device: torch.device) -> nn.Mo
     try:
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         where = f" at revision {revision!r}" if revision else ""
         if re.search(r"revision|not a valid git identifier", message, re.I) and revision:
             raise ActdbError(f"revision {revision!r} not found for model {source!r}: {message}") from None
         raise ActdbError(f"cannot load model {source!r}{where}: {message}") from None
     return model.to(device).eval()
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, shapes, dtypes and bytes): equal fingerprints mean the same
+    weights, which tells two training steps apart even when their sources look alike."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

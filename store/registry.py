@@ -1,24 +1,17 @@
-"""Finding and registering models, checkpoints, datasets and activation sets; claiming a set for one writer."""
+"""Finding and registering models, checkpoints, datasets and activation sets, with one-line errors that say
+what exists and which command creates what is missing."""
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
-
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from actdb.store.database import Store
-from actdb.store.errors import ActdbError, BusyError
-from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, utcnow
-
-STALE_AFTER = timedelta(seconds=120)
-
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+from actdb.store.errors import ActdbError
+from actdb.store.hook_names import HOOK_NAME
+from actdb.store.refs import SetRef
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model
 
 
 def _get_named(session: Session, cls: type, name: str, missing: str) -> object:
@@ -43,20 +36,25 @@ def get_checkpoint(session: Session, model_name: str, step: int) -> Checkpoint:
     model = get_model(session, model_name)
     ckpt = session.scalar(select(Checkpoint).where(Checkpoint.model_id == model.id, Checkpoint.step == step))
     if ckpt is None:
-        steps = (
-            ", ".join(
-                str(s)
-                for s in session.scalars(
-                    select(Checkpoint.step).where(Checkpoint.model_id == model.id).order_by(Checkpoint.step)
-                )
+        steps = ", ".join(
+            str(s)
+            for s in session.scalars(
+                select(Checkpoint.step).where(Checkpoint.model_id == model.id).order_by(Checkpoint.step)
             )
-            or "none"
         )
-        raise ActdbError(f"model {model_name!r} has no step {step} (steps: {steps})")
+        raise ActdbError(f"model {model_name!r} has no step {step} (steps: {steps or 'none'})")
     return ckpt
 
 
-def find_set(session: Session, model_name: str, step: int, dataset: str, hook: str) -> ActivationSet | None:
+def check_new_name(session: Session, cls: type, name: str, what: str) -> None:
+    """Refuse a new name that differs from an existing one only in case: their files would be one file on a
+    case-insensitive file system."""
+    clash = session.scalar(select(cls.name).where(func.lower(cls.name) == name.lower(), cls.name != name))
+    if clash is not None:
+        raise ActdbError(f"{what} {name!r} differs from the existing {clash!r} only in case; pick another name")
+
+
+def find_set(session: Session, model_name: str, step: int, dataset: str, hook: str = HOOK_NAME) -> ActivationSet | None:
     return session.scalar(
         select(ActivationSet)
         .join(Checkpoint, ActivationSet.checkpoint_id == Checkpoint.id)
@@ -64,6 +62,55 @@ def find_set(session: Session, model_name: str, step: int, dataset: str, hook: s
         .join(Dataset, ActivationSet.dataset_id == Dataset.id)
         .where(Model.name == model_name, Checkpoint.step == step, Dataset.name == dataset, ActivationSet.hook == hook)
     )
+
+
+def only_dataset(store: Store) -> str:
+    """The store's only dataset, or a one-line error asking for --dataset."""
+    with store.session() as s:
+        names = list(s.scalars(select(Dataset.name)))
+    if len(names) != 1:
+        raise ActdbError(f"the store has {len(names)} datasets; pass --dataset")
+    return names[0]
+
+
+def complete_set(session: Session, ref: SetRef, dataset: str | None, hook: str = HOOK_NAME) -> ActivationSet:
+    """The complete activation set of MODEL@STEP (on `dataset`, or its only dataset), or a one-line error."""
+    ckpt = get_checkpoint(session, ref.model, ref.step)
+    q = (
+        select(ActivationSet, Dataset.name)
+        .join(Dataset)
+        .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.hook == hook)
+    )
+    want = ref.dataset or dataset
+    if want:
+        get_dataset(session, want)
+        q = q.where(Dataset.name == want)
+    rows = session.execute(q).all()
+    if not rows:
+        on = f" on dataset {want!r}" if want else ""
+        raise ActdbError(
+            f"{ref} has no activation set{on}; run `actdb ingest {ref.model} --step {ref.step} "
+            f"--dataset {want or 'DATASET'}` first"
+        )
+    if len(rows) > 1:
+        raise ActdbError(f"{ref} has sets on several datasets ({', '.join(n for _a, n in rows)}); pass --dataset")
+    aset, ds_name = rows[0]
+    if aset.status != "complete":
+        raise ActdbError(
+            f"the activation set of {ref} on {ds_name} is {aset.status}, not complete; finish it with `actdb ingest`"
+        )
+    return aset
+
+
+def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None) -> list[ActivationSet]:
+    """Complete activation sets for the references, all on one dataset, or a one-line error."""
+    if len(set(refs)) != len(refs):
+        raise ActdbError("the same activation set is listed twice")
+    with store.session() as s:
+        found = [complete_set(s, ref, dataset) for ref in refs]
+    if len({a.dataset_id for a in found}) > 1:
+        raise ActdbError("the sets are on different datasets; correlate sets of one dataset (pass --dataset)")
+    return found
 
 
 def get_or_create(store: Store, cls: type, lookup: dict, defaults: dict) -> object:
@@ -80,45 +127,3 @@ def get_or_create(store: Store, cls: type, lookup: dict, defaults: dict) -> obje
     except IntegrityError:
         with store.session() as s:
             return s.scalar(select(cls).filter_by(**lookup))
-
-
-def claim_set(store: Store, set_id: int, force: bool) -> str:
-    """Atomically make this process the set's only writer; returns the status it had before."""
-    me = owner_id()
-    now = utcnow()
-    with store.session() as s:
-        before = s.get(ActivationSet, set_id)
-        if before.status == "complete" and not force:
-            return "complete"
-        prior = before.status
-        claimable = [ActivationSet.status.in_(("pending", "failed"))]
-        if force:
-            claimable.append(ActivationSet.status == "complete")
-        claimable.append((ActivationSet.status == "running") & (ActivationSet.heartbeat_at < now - STALE_AFTER))
-        if before.status == "running" and before.owner and _owner_is_dead(before.owner):
-            claimable.append((ActivationSet.status == "running") & (ActivationSet.owner == before.owner))
-        result = s.execute(
-            update(ActivationSet)
-            .where(ActivationSet.id == set_id, or_(*claimable))
-            .values(status="running", owner=me, heartbeat_at=now, started_at=now, error=None)
-        )
-        if result.rowcount != 1:
-            s.rollback()
-            raise BusyError(
-                f"activation set {set_id} is being ingested by {before.owner} right now; "
-                "nothing to do here (it resumes from there if that process dies)"
-            )
-    return prior
-
-
-def _owner_is_dead(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

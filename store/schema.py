@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -33,6 +34,30 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+DEFAULT_THRESHOLD = 0.5  # excess correlation above which a neuron is universal (Gurnee et al. 2024)
+
+
+class RunState:
+    """Lifecycle columns shared by every run table (`store.lifecycle`): claim -> running -> complete | failed,
+    or `abandoned` when the owning process (host, pid) died or stopped sending heartbeats."""
+
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+def running_unique(table: str) -> Index:
+    """At most one running row per request key: the database itself decides which of two identical concurrent
+    requests computes (a partial unique index, on SQLite and PostgreSQL alike)."""
+    where = text("status = 'running'")
+    return Index(f"uq_{table}_running_request", "request_key", unique=True, sqlite_where=where, postgresql_where=where)
 
 
 class Model(Base):
@@ -53,7 +78,8 @@ class Model(Base):
 
 
 class Checkpoint(Base):
-    """A model at one training step, loaded from `source` at `revision`."""
+    """A model at one training step, loaded from `source` at `revision`; `weights_sha256` fingerprints the
+    weights that were loaded, so another step's or another model's weights are never stored under this name."""
 
     __tablename__ = "checkpoint"
     __table_args__ = (UniqueConstraint("model_id", "step"),)
@@ -63,6 +89,7 @@ class Checkpoint(Base):
     source: Mapped[str] = mapped_column(Text)
     revision: Mapped[str | None] = mapped_column(String(200))
     source_sha: Mapped[str | None] = mapped_column(String(100))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     model: Mapped[Model] = relationship(back_populates="checkpoints")
 
@@ -83,11 +110,11 @@ class Dataset(Base):
     token_sha256: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # relative to the store folder
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class ActivationSet(Base):
+class ActivationSet(RunState, Base):
     """One checkpoint's activations on one dataset at one hook: an HDF5 file and its ingest state."""
 
     __tablename__ = "activation_set"
@@ -97,17 +124,10 @@ class ActivationSet(Base):
     dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
     hook: Mapped[str] = mapped_column(String(50))
     dtype: Mapped[str] = mapped_column(String(20))
-    path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    path: Mapped[str] = mapped_column(Text)  # relative to the store folder
     tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     bytes: Mapped[int | None] = mapped_column(BigInteger)
-    owner: Mapped[str | None] = mapped_column(String(200))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-    seconds: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[str | None] = mapped_column(Text)
     checkpoint: Mapped[Checkpoint] = relationship()
     dataset: Mapped[Dataset] = relationship()
 
@@ -129,14 +149,17 @@ class NeuronStat(Base):
     max: Mapped[float] = mapped_column(Float)
 
 
-class CorrelationRun(Base):
+class CorrelationRun(RunState, Base):
     """One request to correlate a list of activation sets on one dataset, and its outcome.
 
-    `kind` is `cross_model` when every member is a different model (its universality labels are the ones
+    `kind` is `cross_model` when every member is a different model (its universality scores are the ones
     listings and ablations use) and `within_model` when a model appears at several steps (persistence).
+    `threshold` is not part of the request: it is the default for displaying labels (`excess_corr > threshold`),
+    which every reader may override.
     """
 
     __tablename__ = "correlation_run"
+    __table_args__ = (running_unique("correlation_run"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     request_key: Mapped[str] = mapped_column(String(64), index=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
@@ -146,14 +169,9 @@ class CorrelationRun(Base):
     baseline_seed: Mapped[int] = mapped_column(Integer)
     topk: Mapped[int] = mapped_column(Integer)
     backend: Mapped[str] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(20))
     n_tokens: Mapped[int | None] = mapped_column(BigInteger)
     n_passes: Mapped[int | None] = mapped_column(Integer)
     n_dead: Mapped[int | None] = mapped_column(Integer)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-    seconds: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[str | None] = mapped_column(Text)
 
 
 class RunMember(Base):
@@ -183,7 +201,8 @@ class NeuronMatch(Base):
 
 
 class Universality(Base):
-    """Whether a neuron has a twin in every other set of a run: excess of max corr over the baseline."""
+    """How much a neuron's best match in the other sets beats the rotation baseline; universal when
+    `excess_corr > threshold`, evaluated where it is read (`store.labels`)."""
 
     __tablename__ = "universality"
     __table_args__ = (Index("ix_universality_set_layer", "set_id", "layer"),)
@@ -195,23 +214,45 @@ class Universality(Base):
     min_max_corr: Mapped[float | None] = mapped_column(Float)
     mean_baseline: Mapped[float | None] = mapped_column(Float)
     excess_corr: Mapped[float | None] = mapped_column(Float)
-    is_universal: Mapped[bool] = mapped_column(Boolean)
     is_dead: Mapped[bool] = mapped_column(Boolean)
 
 
+class PersistenceRun(RunState, Base):
+    """One request to compute persistence of a model's universal neurons across analysed steps."""
+
+    __tablename__ = "persistence_run"
+    __table_args__ = (running_unique("persistence_run"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    control: Mapped[str] = mapped_column(String(20))
+    threshold: Mapped[float] = mapped_column(Float)
+    steps: Mapped[str] = mapped_column(Text)
+
+
 class Persistence(Base):
-    """How many of one layer's universal neurons at `from_step` are still universal at `to_step`."""
+    """How many of one layer's universal neurons (excess > threshold) at `from_step` are still universal at
+    `to_step`."""
 
     __tablename__ = "persistence"
     __table_args__ = (
         UniqueConstraint(
-            "model_id", "dataset_id", "control", "from_step", "to_step", "layer", name="uq_persistence_key"
+            "model_id",
+            "dataset_id",
+            "control",
+            "threshold",
+            "from_step",
+            "to_step",
+            "layer",
+            name="uq_persistence_key",
         ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
     dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
     control: Mapped[str] = mapped_column(String(20))
+    threshold: Mapped[float] = mapped_column(Float)
     from_step: Mapped[int] = mapped_column(BigInteger)
     to_step: Mapped[int] = mapped_column(BigInteger)
     layer: Mapped[int] = mapped_column(Integer)
@@ -234,27 +275,33 @@ class NeuronEmergence(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True)
     control: Mapped[str] = mapped_column(String(20), primary_key=True)
+    threshold: Mapped[float] = mapped_column(Float, primary_key=True)
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     emergence_step: Mapped[int | None] = mapped_column(BigInteger)
     steps: Mapped[str] = mapped_column(Text)
 
 
-class Ablation(Base):
-    """Cross-entropy of a checkpoint with chosen neurons replaced, against the clean run and random controls."""
+class Ablation(RunState, Base):
+    """Cross-entropy of a checkpoint with chosen neurons replaced, against the clean run and random controls.
+
+    `threshold` is the excess correlation that chose the neurons when the selector was `universal`."""
 
     __tablename__ = "ablation"
+    __table_args__ = (running_unique("ablation"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str | None] = mapped_column(String(64), index=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
     dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
     run_id: Mapped[int | None] = mapped_column(ForeignKey("correlation_run.id", ondelete="SET NULL"))
     method: Mapped[str] = mapped_column(String(20))
     selector: Mapped[str] = mapped_column(Text)
+    threshold: Mapped[float | None] = mapped_column(Float)
     neurons: Mapped[str] = mapped_column(Text)
     n_neurons: Mapped[int] = mapped_column(Integer)
     tokens: Mapped[int] = mapped_column(BigInteger)
     seed: Mapped[int] = mapped_column(Integer)
-    base_loss: Mapped[float] = mapped_column(Float)
+    base_loss: Mapped[float | None] = mapped_column(Float)
     ablated_loss: Mapped[float | None] = mapped_column(Float)
     delta: Mapped[float | None] = mapped_column(Float)
     n_controls: Mapped[int] = mapped_column(Integer)
@@ -264,8 +311,7 @@ class Ablation(Base):
     control_ci_high: Mapped[float | None] = mapped_column(Float)
     p_value: Mapped[float | None] = mapped_column(Float)
     each: Mapped[bool] = mapped_column(Boolean)
-    seconds: Mapped[float] = mapped_column(Float)
-    forward_passes: Mapped[int] = mapped_column(Integer)
+    forward_passes: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

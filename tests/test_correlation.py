@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from actdb.compute.backend import get_backend
 from actdb.compute.baseline import random_rotation
 from actdb.compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
 from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 from actdb.store.database import Store
+from actdb.store.device import resolve_device
 from actdb.store.schema import CorrelationRun, NeuronMatch, Universality
 from actdb.store.token_file import TokenDataset
 
 N_SEQ, SEQ_LEN, D, L = 48, 32, 16, 2
-CPU = get_backend("cpu")
+CPU = resolve_device("cpu").array
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +191,9 @@ def test_cli_correlate_on_real_activations(ingested, store_config):
 
     with store.session() as s:
         for a in s.scalars(select(ActivationSet)):
-            paths[a.id] = a.path
+            paths[a.id] = str(store_config.file(a.path))
     store.close()
-    mask = TokenDataset.load(store_config.dataset_path("d")).mask.reshape(-1)
+    mask = TokenDataset.load(store_config.home / store_config.dataset_path("d")).mask.reshape(-1)
 
     def load(set_id):
         with ActivationReader(paths[set_id]) as rd:
@@ -243,7 +243,7 @@ def test_correlate_bad_input(ingested, store_config, tokenizer_dir, text_dir, ti
         "at least two": ("--dataset", "d", "--step", 0, "--models", "s0"),
         "unknown model": ("--dataset", "d", "--step", 0, "--models", "s0,nope"),
         "has no step 9": ("--dataset", "d", "--step", 9, "--models", "s0,s1"),
-        "malformed set": ("--sets", "s0,s1"),
+        "malformed checkpoint": ("--sets", "s0,s1"),
         "either --models": ("--dataset", "d"),
         "no activation set on dataset": ("--dataset", "e", "--step", 0, "--models", "s0,s1"),
         "CuPy cannot use a CUDA device": ("--sets", "s0@0/d,s1@0/d", "--device", "cuda"),
@@ -265,7 +265,8 @@ def test_incomplete_or_missing_set_fails_clearly(ingested, store_config):
     assert r.exit_code == 1 and "not complete" in r.stderr
     import os
 
-    os.rename(sets["s2"].path, sets["s2"].path + ".moved")
+    moved = store_config.file(sets["s2"].path)
+    os.rename(moved, str(moved) + ".moved")
     r = ingested("correlate", "--sets", "s0@0,s2@0", "--quiet")
     assert r.exit_code == 1 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     with store.session() as s:

@@ -43,7 +43,7 @@ def test_dataset_packing_and_mask(run_cli, tiny_dataset, store_config, tokenizer
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ds = TokenDataset.load(store_config.dataset_path("tiny"))
+    ds = TokenDataset.load(store_config.home / store_config.dataset_path("tiny"))
     assert ds.tokens.shape == (47, 64)  # ceil(3000 / 64) sequences
     assert (ds.tokens[:, 0] == tok.bos_token_id).all()
     special = ds.tokens == tok.eos_token_id
@@ -56,7 +56,7 @@ def test_dataset_packing_and_mask(run_cli, tiny_dataset, store_config, tokenizer
     shown = [json.loads(run_cli("dataset", "show", n, "--format", "json").stdout) for n in ("js", "js2")]
     sha = [{d["field"]: d["value"] for d in s}["token_sha256"] for s in shown]
     assert r2.exit_code == 0 and sha[0] == sha[1]
-    js = TokenDataset.load(store_config.dataset_path("js"))
+    js = TokenDataset.load(store_config.home / store_config.dataset_path("js"))
     assert not js.mask[-1, -1]  # the last sequence is padded and its padding not counted
     bad = run_cli("dataset", "add", "js3", jsonl, "--tokenizer", tokenizer_dir, "--field", "text")
     assert bad.exit_code == 1 and "no field 'text'" in bad.stderr
@@ -98,13 +98,13 @@ def test_ingest_stats_match_scipy(run_cli, tiny_dataset, tiny_models, store_conf
     assert r.exit_code == 0, r.stderr
     aset = _set_row(store_config, arch)
     assert aset.status == "complete" and aset.bytes > 0
-    mask = TokenDataset.load(store_config.dataset_path("tiny")).mask.reshape(-1)
+    mask = TokenDataset.load(store_config.home / store_config.dataset_path("tiny")).mask.reshape(-1)
     store = Store.open(store_config)
     with store.session() as s:
         stats = {(n.layer, n.neuron): n for n in s.scalars(select(NeuronStat).where(NeuronStat.set_id == aset.id))}
     store.close()
     assert len(stats) == 2 * 128
-    with ActivationReader(aset.path) as reader:
+    with ActivationReader(store_config.file(aset.path)) as reader:
         for layer in range(2):
             x = reader.read_rows(0, reader.header.n_tokens, [layer])[0][mask].astype(np.float64)
             for j in range(0, 128, 7):
@@ -230,7 +230,7 @@ def test_killed_ingest_resumes_to_identical_file(
         == 0
     )
     fresh_path = other_home / "activations" / "g" / "step-0" / "big.mlp.post.h5"
-    with ActivationReader(resumed.path) as a, ActivationReader(fresh_path) as b:
+    with ActivationReader(store_config.file(resumed.path)) as a, ActivationReader(fresh_path) as b:
         assert dict(a.file.attrs) == dict(b.file.attrs)
         for la, lb in zip(a.layers, b.layers, strict=True):
             np.testing.assert_array_equal(la[:], lb[:])
@@ -297,7 +297,7 @@ def test_concurrent_ingests_do_the_work_once(db_url, tmp_path, tokenizer_dir, te
     did_work = [o for o, _ in outs if ": ingested" in o]
     assert len(did_work) == 1, outs
     other = [(p.returncode, o + e) for p, (o, e) in zip(procs, outs, strict=True) if ": ingested" not in o][0]
-    assert "being ingested by" in other[1] or "already complete" in other[1], other
+    assert "is being worked on by process" in other[1] or "already complete" in other[1], other
     assert "Traceback" not in other[1] and len(other[1].strip().splitlines()) == 1
 
 
@@ -323,7 +323,8 @@ def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path
         "no dataset named": ("ingest", "g", "--step", 0, "--dataset", "missing"),
         "tokenizer mismatch": ("ingest", "z", "--step", 0, "--dataset", "tiny", "--source", mismatched),
         "unsupported architecture": ("ingest", "b", "--step", 0, "--dataset", "tiny", "--source", tmp_path / "bert"),
-        "registered with 2 x 128": ("ingest", "g", "--step", 5, "--dataset", "tiny", "--source", wide),
+        "registered with 2 x 128": ("ingest", "g", "--step", 5, "--dataset", "tiny", "--source", wide, "--force"),
+        "a different source is another model": ("ingest", "g", "--step", 5, "--dataset", "tiny", "--source", wide),
         "exactly one of": ("ingest", "g", "--dataset", "tiny"),
         "no CUDA device": ("ingest", "g", "--step", 0, "--dataset", "tiny", "--device", "cuda", "--force"),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_holds_only_the_actdb_package(tmp_path):
+    source = tmp_path / "src"  # a copy, so setuptools' build/ folder never lands in the working tree
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "actdb-*"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
         capture_output=True,
         text=True,
     )
@@ -21,8 +35,14 @@ def test_wheel_holds_only_the_actdb_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith((".dist-info", ".data"))}
     assert top == {"actdb"}
-    for module in ("store/database.py", "compute/correlation.py", "query/cli.py", "migrations/env.py",
-                   "migrations/script.py.mako", "migrations/versions/0001_ingestion_tables.py"):
+    for module in (
+        "store/database.py",
+        "compute/correlation.py",
+        "query/cli.py",
+        "migrations/env.py",
+        "migrations/script.py.mako",
+        "migrations/versions/0001_ingestion_tables.py",
+    ):
         assert f"actdb/{module}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "actdb = actdb.query.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

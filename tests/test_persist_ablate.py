@@ -31,7 +31,10 @@ def two_models(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
     a_src = tmp_path / "a"
     shutil.copytree(tiny_models["gpt2"], a_src)
     for name, src in (("a", a_src), ("b", b_src)):
-        assert run_cli("ingest", name, "--steps", "0,1", "--dataset", "d", "--source", src, "--quiet").exit_code == 0
+        assert (
+            run_cli("ingest", name, "--steps", "0,1", "--dataset", "d", "--source", src, "--quiet", "--force").exit_code
+            == 0
+        )
     for step in (0, 1):
         r = run_cli("correlate", "--dataset", "d", "--step", step, "--models", "a,b", "--threshold", 0.05, "--quiet")
         assert r.exit_code == 0, r.stderr
@@ -81,7 +84,12 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config
 
 
 def test_persistence_without_universality_names_the_command(two_models, run_cli):
-    assert run_cli("ingest", "a", "--step", 2, "--dataset", "d", "--source", two_models["a"], "--quiet").exit_code == 0
+    assert (
+        run_cli(
+            "ingest", "a", "--step", 2, "--dataset", "d", "--source", two_models["a"], "--quiet", "--force"
+        ).exit_code
+        == 0
+    )
     r = run_cli("persistence", "--model", "a", "--steps", "0,1,2", "--quiet")
     assert r.exit_code == 1 and "actdb correlate --dataset d --step 2 --models a," in r.stderr
 
@@ -90,7 +98,7 @@ def test_persistence_without_universality_names_the_command(two_models, run_cli)
 def evaluator(tiny_models, run_cli, tokenizer_dir, text_dir, store_config):
     run_cli("init")
     run_cli("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 1500)
-    ds = TokenDataset.load(store_config.dataset_path("d"))
+    ds = TokenDataset.load(store_config.home / store_config.dataset_path("d"))
     model = load_model(str(tiny_models["gpt2"]), None, torch.device("cpu"))
     return LossEvaluator(model, ds.tokens, ds.mask, batch_size=8)
 

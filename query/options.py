@@ -1,0 +1,86 @@
+"""Shared click options and parameter types of the `actdb` commands; every type parses through `store.refs`, so
+the CLI, the API and the library accept the same spellings and reject the same mistakes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from actdb.query.output import FORMATS
+from actdb.store.device import DEVICES
+from actdb.store.errors import ActdbError
+from actdb.store.labels import CONTROLS, check_threshold
+from actdb.store.refs import MAX_STEP, parse_bytes, parse_set_ref, parse_step, parse_steps
+
+
+class _Parsed(click.ParamType):
+    """A click type backed by one of the `store.refs` parsers; their one-line errors become usage errors."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except ActdbError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ActdbError(f"malformed threshold {text!r}; write a number in [0, 1]") from None
+    return check_threshold(value)
+
+
+STEP = _Parsed("step", parse_step)
+STEPS = _Parsed("steps", parse_steps)
+SET_REF = _Parsed("model@step", parse_set_ref)
+SIZE = _Parsed("size", parse_bytes)
+THRESHOLD = _Parsed("threshold", _threshold)
+SEED = click.IntRange(0, 2**32 - 1)
+INDEX = click.IntRange(0, 2**31 - 1)
+COUNT = click.IntRange(1, MAX_STEP)
+
+
+def format_option(f: Callable) -> Callable:
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)(f)
+
+
+def device_option(f: Callable) -> Callable:
+    return click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default="auto",
+        show_default=True,
+        help="auto uses a GPU where there is one (CUDA for torch, CuPy for arrays).",
+    )(f)
+
+
+def control_option(help: str = "`token` removes each neuron's per-token-id mean first.") -> Callable:
+    return click.option("--control", type=click.Choice(CONTROLS), default="none", show_default=True, help=help)
+
+
+def dataset_option(help: str = "Token dataset (default: the only one).", required: bool = False) -> Callable:
+    return click.option("--dataset", "dataset_name", required=required, help=help)
+
+
+def quiet_option(f: Callable) -> Callable:
+    return click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+
+
+def force_option(help: str) -> Callable:
+    return click.option("--force", is_flag=True, help=help)
+
+
+def threshold_option(
+    help: str = "Excess correlation above which a neuron is universal (default: each run's recorded one, 0.5 "
+    "unless `correlate --threshold` set it).",
+) -> Callable:
+    return click.option("--threshold", type=THRESHOLD, help=help)

@@ -1,0 +1,95 @@
+"""What "universal" means, in one place.
+
+A correlation run stores each neuron's max-corr, baseline and excess; nothing stores a label. A neuron is
+universal in a run when `excess_corr > threshold`, where the threshold is the reader's (`--threshold`) or, by
+default, the one recorded on the run for display (0.5 unless `actdb correlate --threshold` said otherwise).
+The analyst views apply the same rule with the recorded threshold. Listings, persistence, ablation and the
+report all read labels through here, so they agree for any threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+from sqlalchemy import ColumnElement, Select, Subquery, and_, func, literal, select
+
+from actdb.store.database import Store
+from actdb.store.errors import ActdbError
+from actdb.store.schema import ActivationSet, Checkpoint, CorrelationRun, Dataset, Model, RunMember
+from actdb.store.views import v_universality
+
+CONTROLS = ("none", "token")
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """A threshold must be a finite excess correlation in [0, 1] (None: each run's recorded one)."""
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ActdbError(f"threshold {threshold} is not a number in [0, 1]")
+    return threshold
+
+
+def universal_condition(threshold: float | None, view=v_universality) -> ColumnElement[bool]:
+    """`excess_corr > threshold` on a universality view, with each run's recorded threshold when None."""
+    bound = view.c.threshold if threshold is None else literal(check_threshold(threshold))
+    return view.c.excess_corr > bound
+
+
+def newest_runs(control: str = "none", run: int | None = None) -> Subquery:
+    """(set_id, run_id): for each activation set, its newest complete cross-model run with this control (or the
+    sets of one given run). A re-run thus replaces what readers see without deleting history."""
+    q = (
+        select(RunMember.set_id, func.max(CorrelationRun.id).label("run_id"))
+        .join(CorrelationRun, CorrelationRun.id == RunMember.run_id)
+        .where(CorrelationRun.status == "complete", CorrelationRun.kind == "cross_model")
+        .group_by(RunMember.set_id)
+    )
+    q = q.where(CorrelationRun.id == run) if run is not None else q.where(CorrelationRun.control == control)
+    return q.subquery("newest")
+
+
+def newest_run_listing(newest: Subquery) -> Select:
+    """Each set's newest run with names: run_id, set_id, model, step, dataset, threshold."""
+    return (
+        select(
+            newest.c.run_id,
+            newest.c.set_id,
+            Model.name.label("model"),
+            Checkpoint.step,
+            Dataset.name.label("dataset"),
+            CorrelationRun.threshold,
+        )
+        .join(ActivationSet, ActivationSet.id == newest.c.set_id)
+        .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+        .join(Model, Model.id == Checkpoint.model_id)
+        .join(Dataset, Dataset.id == ActivationSet.dataset_id)
+        .join(CorrelationRun, CorrelationRun.id == newest.c.run_id)
+        .order_by(Model.name, Checkpoint.step)
+    )
+
+
+def on_newest(view, newest: Subquery) -> ColumnElement[bool]:
+    """Join condition restricting a universality view to each set's newest run."""
+    return and_(view.c.run_id == newest.c.run_id, view.c.set_id == newest.c.set_id)
+
+
+def latest_universality_run(store: Store, set_id: int, control: str) -> tuple[int, float] | None:
+    """(run_id, recorded threshold) of the newest complete cross-model run with this control that scored the
+    set, or None."""
+    newest = newest_runs(control)
+    row = store.query(
+        select(newest.c.run_id, CorrelationRun.threshold)
+        .join(CorrelationRun, CorrelationRun.id == newest.c.run_id)
+        .where(newest.c.set_id == set_id)
+    ).first()
+    return None if row is None else (row.run_id, row.threshold)
+
+
+def universal_neurons_of(store: Store, run_id: int, set_id: int, threshold: float) -> list[tuple[int, int]]:
+    """(layer, neuron) of the set's universal neurons in a run at a threshold, sorted."""
+    v = v_universality
+    rows = store.query(
+        select(v.c.layer, v.c.neuron)
+        .where(v.c.run_id == run_id, v.c.set_id == set_id, universal_condition(threshold))
+        .order_by(v.c.layer, v.c.neuron)
+    )
+    return [(r.layer, r.neuron) for r in rows]

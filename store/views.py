@@ -1,0 +1,135 @@
+"""The analyst views (created by Alembic revisions, never here) as SQLAlchemy Core tables, so code queries them
+by column name with bound parameters. A test checks these columns against the views on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table
+
+VIEWS = MetaData()  # separate from the ORM metadata: Alembic must not think these are tables
+
+
+def _view(name: str, *columns: Column) -> Table:
+    return Table(name, VIEWS, *columns)
+
+
+def _universality_columns() -> list[Column]:
+    return [
+        Column("run_id", Integer),
+        Column("control", String),
+        Column("threshold", Float),
+        Column("model", String),
+        Column("step", BigInteger),
+        Column("dataset", String),
+        Column("layer", Integer),
+        Column("neuron", Integer),
+        Column("excess_corr", Float),
+        Column("mean_max_corr", Float),
+        Column("min_max_corr", Float),
+        Column("mean_baseline", Float),
+        Column("is_universal", Boolean),
+        Column("is_dead", Boolean),
+        Column("act_mean", Float),
+        Column("act_std", Float),
+        Column("act_skew", Float),
+        Column("act_kurtosis", Float),
+        Column("act_frac_active", Float),
+        Column("set_id", Integer),
+    ]
+
+
+v_universality = _view("v_universality", *_universality_columns())
+v_universal_neurons = _view("v_universal_neurons", *_universality_columns())
+v_universal_by_layer = _view(
+    "v_universal_by_layer",
+    Column("run_id", Integer),
+    Column("control", String),
+    Column("threshold", Float),
+    Column("model", String),
+    Column("step", BigInteger),
+    Column("dataset", String),
+    Column("layer", Integer),
+    Column("n_neurons", Integer),
+    Column("n_universal", Integer),
+    Column("n_dead", Integer),
+    Column("pct_universal", Float),
+    Column("mean_max_corr", Float),
+    Column("mean_baseline", Float),
+    Column("mean_excess_corr", Float),
+)
+v_neuron_matches = _view(
+    "v_neuron_matches",
+    Column("run_id", Integer),
+    Column("control", String),
+    Column("model", String),
+    Column("step", BigInteger),
+    Column("dataset", String),
+    Column("layer", Integer),
+    Column("neuron", Integer),
+    Column("other_model", String),
+    Column("other_step", BigInteger),
+    Column("max_corr", Float),
+    Column("best_layer", Integer),
+    Column("best_neuron", Integer),
+    Column("baseline_max_corr", Float),
+    Column("self_corr", Float),
+)
+v_persistence = _view(
+    "v_persistence",
+    Column("model", String),
+    Column("dataset", String),
+    Column("control", String),
+    Column("threshold", Float),
+    Column("from_step", BigInteger),
+    Column("to_step", BigInteger),
+    Column("layer", Integer),
+    Column("n_universal_from", Integer),
+    Column("n_universal_to", Integer),
+    Column("n_kept", Integer),
+    Column("p_persist", Float),
+    Column("jaccard", Float),
+    Column("mean_self_corr", Float),
+    Column("from_run_id", Integer),
+    Column("to_run_id", Integer),
+    Column("self_run_id", Integer),
+)
+v_ablation_summary = _view(
+    "v_ablation_summary",
+    Column("ablation_id", Integer),
+    Column("model", String),
+    Column("step", BigInteger),
+    Column("dataset", String),
+    Column("method", String),
+    Column("selector", String),
+    Column("threshold", Float),
+    Column("n_neurons", Integer),
+    Column("tokens", BigInteger),
+    Column("base_loss", Float),
+    Column("ablated_loss", Float),
+    Column("delta", Float),
+    Column("n_controls", Integer),
+    Column("control_mean", Float),
+    Column("control_std", Float),
+    Column("control_ci_low", Float),
+    Column("control_ci_high", Float),
+    Column("p_value", Float),
+    Column("delta_vs_controls", Float),
+    Column("run_id", Integer),
+    Column("created_at", DateTime),
+)
+v_neuron_history = _view(
+    "v_neuron_history",
+    Column("model", String),
+    Column("dataset", String),
+    Column("control", String),
+    Column("threshold", Float),
+    Column("step", BigInteger),
+    Column("layer", Integer),
+    Column("neuron", Integer),
+    Column("run_id", Integer),
+    Column("excess_corr", Float),
+    Column("mean_max_corr", Float),
+    Column("mean_baseline", Float),
+    Column("is_universal", Boolean),
+    Column("is_dead", Boolean),
+    Column("emergence_step", BigInteger),
+)

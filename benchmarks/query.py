@@ -140,7 +140,6 @@ def fill(store: Store, d_mlp: int) -> None:
                     "min_max_corr": float(mx[:, i].min()),
                     "mean_baseline": float(base[:, i].mean()),
                     "excess_corr": float((mx[:, i] - base[:, i]).mean()),
-                    "is_universal": bool((mx[:, i] - base[:, i]).mean() > 0.5),
                     "is_dead": False,
                 }
                 for i in range(n)

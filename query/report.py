@@ -55,6 +55,7 @@ def _universal_by_layer_plot(store: Store, out: Path, control: str, threshold: f
     axes[0][-1].legend(fontsize=7)
     at = "each run's recorded threshold" if threshold is None else f"excess > {threshold}"
     fig.suptitle(f"Universal neurons by layer ({control} control, {at})")
+    _write(out / f"universal_by_layer_{control}.csv", render(rows, "csv") + "\n")
     return _save(fig, out, f"universal_by_layer_{control}.png"), render(rows, "table")
 
 

@@ -47,6 +47,8 @@ class AblationRequest:
 
 @dataclass
 class _Target:
+    n_layers: int
+    d_mlp: int
     checkpoint_id: int
     dataset_id: int
     set_id: int
@@ -70,6 +72,9 @@ def run_ablation(
     _validate(req)
     target = _resolve_target(store, req)
     selection = _select(store, req, target.set_id)
+    for layer, n in selection.neurons:
+        if not (layer < target.n_layers and n < target.d_mlp):
+            raise ActdbError(f"neuron {layer}.{n} is out of range ({target.n_layers} layers x {target.d_mlp} neurons)")
     tokens = TokenDataset.load(store.config.file(target.dataset_path))
     n_seq = (
         tokens.n_sequences if req.tokens is None else max(1, min(tokens.n_sequences, -(-req.tokens // tokens.seq_len)))
@@ -162,7 +167,10 @@ def _resolve_target(store: Store, req: AblationRequest) -> _Target:
             )
         }
         ds_path = s.get(Dataset, aset.dataset_id).path
-        return _Target(ckpt.id, aset.dataset_id, aset.id, ckpt.source, ckpt.revision, ds_path, means)
+        model = ckpt.model
+        return _Target(
+            model.n_layers, model.d_mlp, ckpt.id, aset.dataset_id, aset.id, ckpt.source, ckpt.revision, ds_path, means
+        )
 
 
 def _select(store: Store, req: AblationRequest, set_id: int) -> _Selection:

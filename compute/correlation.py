@@ -159,6 +159,20 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
     return passes
 
 
+def memory_budget(options: CorrelationOptions, backend: ArrayBackend) -> int:
+    """Bytes the accumulators may use: `--memory-budget`, or 60% of what the device has free."""
+    return options.memory_budget or int(backend.free_memory() * 0.6)
+
+
+def check_fits(
+    inputs: list[SetInput], tokens: np.ndarray, mask: np.ndarray, options: CorrelationOptions, backend: ArrayBackend
+) -> int:
+    """The number of passes the request needs; a one-line error when not even one layer block fits, so a
+    request that cannot run is refused before anything is recorded."""
+    n_vocab = len(np.unique(tokens.reshape(-1)[mask.reshape(-1)]))
+    return len(plan_passes(inputs, n_vocab, options, memory_budget(options, backend)))
+
+
 def _read_chunks(
     readers: list[ActivationReader],
     sets: list[SetInput],
@@ -260,8 +274,7 @@ class _Engine:
         self.vocab_index[used_ids] = np.arange(len(used_ids))
         self.n_vocab = len(used_ids)
         self.control = options.control == "token"
-        budget = options.memory_budget or int(backend.free_memory() * 0.6)
-        self.passes = plan_passes(inputs, self.n_vocab, options, budget)
+        self.passes = plan_passes(inputs, self.n_vocab, options, memory_budget(options, backend))
         xp = backend.xp
         self.moments = [
             _SetMoments(

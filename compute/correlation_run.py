@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, update
 from tqdm.auto import tqdm
 
-from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, correlate_sets
+from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
 from actdb.compute.universality import score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
@@ -127,6 +128,8 @@ def run_correlation(
 ) -> RunOutcome:
     """Correlate `sets`, or reuse (or wait for) an identical run; a failure leaves the run marked failed."""
     key = correlation_key([a.id for a in sets], options)
+    if force or _complete_run(store, key) is None:
+        _check_request(store, sets, options, device)
     while True:
         done = None if force else _complete_run(store, key)
         if done is not None:
@@ -140,6 +143,19 @@ def run_correlation(
             continue
         with running(store, CorrelationRun, run_id) as handle:
             return _compute(store, handle, sets, options, device, progress, log)
+
+
+def _check_request(store: Store, sets: list[ActivationSet], options: CorrelationOptions, device: str) -> None:
+    """Everything that can refuse the request does so before a run is recorded: device, files, memory."""
+    backend = resolve_device(device).array
+    with store.session() as s:
+        inputs = [_set_input(store, s, a) for a in sets]
+        dataset_path = s.get(Dataset, sets[0].dataset_id).path
+    for i in inputs:
+        if not Path(i.path).exists():
+            raise ActdbError(f"activation file {i.path} does not exist; `actdb check` lists what is missing")
+    tokens = TokenDataset.load(store.config.file(dataset_path))
+    check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
 
 
 def _complete_run(store: Store, key: str) -> CorrelationRun | None:

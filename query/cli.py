@@ -89,6 +89,24 @@ def status(app: AppContext, fmt: str) -> None:
     click.echo(render(status_rows(app.store()), fmt))
 
 
+@cli.command()
+@click.option("--quick", is_flag=True, help="Check existence, headers and shapes only (skip reading every checksum).")
+@format_option
+@quiet_option
+@pass_app
+def check(app: AppContext, quick: bool, fmt: str, quiet: bool) -> None:
+    """Verify every complete set's file: present, of the recorded shape, and passing its checksums (exit 1 if not)."""
+    from actdb.store.check import check_store
+
+    problems = check_store(app.store(), quick=quick, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    if problems or fmt != "table":
+        click.echo(render(problems, fmt))
+    else:
+        click.echo("everything the database records as complete is present and intact")
+    if problems:
+        sys.exit(1)
+
+
 @cli.group()
 def dataset() -> None:
     """Token datasets shared by every model: add, list, show."""
@@ -98,7 +116,7 @@ def dataset() -> None:
 @click.argument("name")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--tokenizer", required=True, help="Tokenizer hub id or local folder (usually the model's).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--seq-len", type=click.IntRange(2, 2**20), default=512, show_default=True)
 @click.option("--tokens", "n_tokens", type=COUNT, help="Target token count (whole sequences).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the document shuffle.")
 @click.option("--field", default="text", show_default=True, help="Text field of JSONL records / hub datasets.")
@@ -125,6 +143,7 @@ def dataset_add(
         n_tokens=n_tokens,
         seed=seed,
         field=field,
+        log=lambda m: click.echo(f"actdb: {m}", err=True),
     )
     click.echo(
         f"dataset {row.name}: {row.n_sequences} sequences x {row.seq_len} = {row.n_tokens} tokens "

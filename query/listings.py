@@ -24,6 +24,9 @@ def status_rows(store: Store) -> Rows:
     with store.session() as s:
         for m, c, a, d in s.execute(query):
             progress = f"{100.0 * a.tokens_done / a.n_tokens:.0f}%" if a is not None and a.n_tokens else None
+            state = a.status if a else None
+            if state == "complete" and not store.config.file(a.path).exists():
+                state = "missing"  # recorded complete, but its file is gone (see `actdb check`)
             rows.append(
                 {
                     "model": m.name,
@@ -32,7 +35,7 @@ def status_rows(store: Store) -> Rows:
                     "d_mlp": m.d_mlp,
                     "step": c.step if c else None,
                     "dataset": d.name if d else None,
-                    "status": a.status if a else None,
+                    "status": state,
                     "progress": progress,
                     "bytes": a.bytes if a else None,
                     "path": a.path if a else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import select
 
 from actdb.store.database import Store
@@ -21,6 +23,7 @@ def add_dataset(
     n_tokens: int | None,
     seed: int,
     field: str = "text",
+    log: Callable[[str], None] = print,
 ) -> Dataset:
     """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it."""
     check_name(name, "dataset name")
@@ -33,6 +36,11 @@ def add_dataset(
     if not documents:
         raise ActdbError("no documents found in " + ", ".join(sources))
     packed = pack_documents(documents, tok, seq_len, n_tokens, seed)
+    if n_tokens is not None and packed.tokens.size < n_tokens:
+        log(
+            f"note: the documents fill only {packed.tokens.size} token positions ({int(packed.mask.sum())} counted), "
+            f"fewer than --tokens {n_tokens}"
+        )
     rel_path = store.config.dataset_path(name)
     path = store.config.file(rel_path)
     try:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from actdb.store.errors import ActdbError, first_line
+from actdb.store.hub import hub_options
 
 REVISION_TEMPLATES = {
     # stanford-crfm Mistral GPT-2 seeds (alias, battlestar, caprica, darkmatter, expanse)
@@ -40,14 +41,15 @@ def load_model(source: str, revision: str | None, device: torch.device) -> nn.Mo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    options, note = hub_options(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32, **options)
     except (OSError, ValueError, KeyError) as exc:
         message = first_line(exc)
         where = f" at revision {revision!r}" if revision else ""
         if re.search(r"revision|not a valid git identifier", message, re.I) and revision:
             raise ActdbError(f"revision {revision!r} not found for model {source!r}: {message}") from None
-        raise ActdbError(f"cannot load model {source!r}{where}: {message}") from None
+        raise ActdbError(f"cannot load model {source!r}{where}{note}: {message}") from None
     return model.to(device).eval()
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actdb.store.errors import ActdbError
+from actdb.store.errors import ActdbError, first_line
+from actdb.store.hub import hub_options
 from actdb.store.token_file import TokenDataset
 
 TEXT_SUFFIXES_SKIPPED = {".h5", ".hdf5", ".npy", ".npz", ".png", ".jpg", ".gz", ".zip", ".pyc", ".so", ".bin"}
@@ -32,29 +33,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def load_tokenizer(source: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    options, note = hub_options(source)
     try:
-        return AutoTokenizer.from_pretrained(source, revision=revision)
+        return AutoTokenizer.from_pretrained(source, revision=revision, **options)
     except (OSError, ValueError) as exc:
-        raise ActdbError(f"cannot load tokenizer {source!r}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ActdbError(f"cannot load tokenizer {source!r}{note}: {first_line(exc)}") from None
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ActdbError(f"{path}:{lineno}: not valid JSON") from None
-            if not isinstance(record, dict) or field not in record:
-                raise ActdbError(f"{path}:{lineno}: no field {field!r} (choose one with --field)")
-            yield str(record[field])
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ActdbError(f"{path}:{lineno}: not valid JSON") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ActdbError(f"{path}:{lineno}: no field {field!r} (choose one with --field)")
+        yield str(record[field])
 
 
 def iter_documents(sources: Iterable[str], field: str = "text") -> Iterator[str]:
@@ -74,7 +70,21 @@ def iter_documents(sources: Iterable[str], field: str = "text") -> Iterator[str]
             if f.suffix == ".jsonl":
                 yield from _read_jsonl(f, field)
             else:
-                yield f.read_text(encoding="utf-8", errors="replace")
+                yield _read_text(f)
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; binary files (NUL bytes, or not UTF-8) are refused rather than tokenized."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ActdbError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"\0" in data[:65536]:
+        raise ActdbError(f"{path} is a binary file, not text; give text, JSONL or folders of text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ActdbError(f"{path} is not UTF-8 text (byte {exc.start}); convert it or leave it out") from None
 
 
 def _hub_dataset(name: str, field: str) -> Iterator[str]:
@@ -87,7 +97,7 @@ def _hub_dataset(name: str, field: str) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as exc:
-        raise ActdbError(f"{name!r} is not a file or folder, and not a reachable dataset: {_first_line(exc)}") from None
+        raise ActdbError(f"{name!r} is not a file or folder, and not a reachable dataset: {first_line(exc)}") from None
     for record in ds:
         if field not in record:
             raise ActdbError(f"dataset {name!r} has no field {field!r} (choose one with --field)")
@@ -110,6 +120,8 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int 
     sequences: list[list[int]] = []
     for i in order:
         ids = tokenizer(documents[i], add_special_tokens=False)["input_ids"]
+        if not ids:
+            continue
         stream.extend(ids)
         if eos is not None:
             stream.append(eos)
@@ -122,10 +134,19 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int 
     if stream and (want_seqs is None or len(sequences) < want_seqs):
         tail = ([bos] if bos is not None else []) + stream
         tail_len = len(tail)
-        sequences.append(tail + [pad] * (seq_len - tail_len))
+        padding = seq_len - tail_len
+        if 2 * padding > (len(sequences) + 1) * seq_len:  # checked before the padding is allocated
+            have = len(sequences) * body + len(stream)
+            raise ActdbError(
+                f"the documents hold {have} tokens, too few for --seq-len {seq_len}: most of the dataset would be "
+                "padding; give more text or a smaller --seq-len"
+            )
+        sequences.append(tail + [pad] * padding)
     if not sequences:
-        raise ActdbError("the documents produced no tokens")
+        raise ActdbError("the documents hold no text to tokenize")
     tokens = np.asarray(sequences, dtype=np.int32)
     mask = ~np.isin(tokens, special)
     mask[-1, tail_len:] = False
+    if mask.sum() < 2:
+        raise ActdbError("the documents hold fewer than two tokens that count; give more text")
     return TokenDataset(tokens, mask, tokenizer_fingerprint(tokenizer))

@@ -1,0 +1,109 @@
+"""`actdb check`: is every file the database calls complete really there, of the recorded shape, and intact?
+
+Token files are read whole and compared with their recorded sha256; activation files are opened (completion
+marker, header against SQL) and, unless `quick`, read through once so that HDF5 verifies every chunk's
+Fletcher-32 checksum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from tqdm.auto import tqdm
+
+from actdb.store.activation_file import ActivationReader
+from actdb.store.database import Rows, Store
+from actdb.store.errors import ActdbError
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model
+from actdb.store.token_file import TokenDataset
+
+READ_ROWS = 16384
+
+
+@dataclass
+class _Expected:
+    what: str
+    path: str
+    model: str
+    step: int
+    hook: str
+    n_layers: int
+    d_mlp: int
+    n_tokens: int
+    fingerprint: str
+
+
+def check_store(store: Store, quick: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Rows:
+    """One row per problem found (kind, name, path, problem); no rows when everything is intact."""
+    problems: list[dict] = []
+    with store.session() as s:
+        datasets = [(d.name, d.path, d.token_sha256) for d in s.scalars(select(Dataset).order_by(Dataset.name))]
+        sets = [
+            _Expected(
+                f"{m.name}@{c.step} on {d.name}",
+                a.path,
+                m.name,
+                c.step,
+                a.hook,
+                m.n_layers,
+                m.d_mlp,
+                a.n_tokens,
+                d.token_sha256,
+            )
+            for a, c, m, d in s.execute(
+                select(ActivationSet, Checkpoint, Model, Dataset)
+                .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+                .join(Model, Model.id == Checkpoint.model_id)
+                .join(Dataset, Dataset.id == ActivationSet.dataset_id)
+                .where(ActivationSet.status == "complete")
+                .order_by(Model.name, Checkpoint.step, Dataset.name)
+            )
+        ]
+    for name, path, sha in datasets:
+        problem = _check_tokens(store, path, sha)
+        if problem:
+            problems.append({"kind": "dataset", "name": name, "path": path, "problem": problem})
+    for expected in sets:
+        problem = _check_activations(store, expected, quick, progress)
+        if problem:
+            problems.append(
+                {"kind": "activation set", "name": expected.what, "path": expected.path, "problem": problem}
+            )
+    log(f"checked {len(datasets)} token files and {len(sets)} activation sets" + (" (quick)" if quick else ""))
+    return Rows(["kind", "name", "path", "problem"], problems)
+
+
+def _check_tokens(store: Store, path: str, sha: str) -> str | None:
+    try:
+        tokens = TokenDataset.load(store.config.file(path))
+    except ActdbError as exc:
+        return str(exc)
+    return None if tokens.sha256 == sha else "token ids differ from the sha256 recorded in SQL"
+
+
+def _check_activations(store: Store, e: _Expected, quick: bool, progress: bool) -> str | None:
+    file = store.config.file(e.path)
+    if not file.exists():
+        return "file missing"
+    try:
+        with ActivationReader(file) as reader:
+            h = reader.header
+            got = (h.model, h.step, h.hook, h.n_layers, h.d_mlp, h.n_tokens, h.dataset_fingerprint)
+            want = (e.model, e.step, e.hook, e.n_layers, e.d_mlp, e.n_tokens, e.fingerprint)
+            if got != want:
+                fields = ["model", "step", "hook", "n_layers", "d_mlp", "n_tokens", "dataset fingerprint"]
+                wrong = [f"{f} {g!r} (SQL: {w!r})" for f, g, w in zip(fields, got, want, strict=True) if g != w]
+                return "header disagrees with SQL: " + ", ".join(wrong)
+            if any(ds.shape != (e.n_tokens, e.d_mlp) for ds in reader.layers):
+                return "a layer's shape disagrees with SQL"
+            if not quick:
+                bar = tqdm(total=e.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=f"check {e.what}")
+                for start in range(0, e.n_tokens, READ_ROWS):
+                    reader.read_rows(start, min(start + READ_ROWS, e.n_tokens))
+                    bar.update(min(READ_ROWS, e.n_tokens - start))
+                bar.close()
+    except ActdbError as exc:
+        return str(exc)
+    return None

@@ -4,6 +4,7 @@ and renders its rows; user mistakes become one line on stderr and a non-zero exi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -599,31 +600,47 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit status 1 (2 for usage errors)."""
+    _exit(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
         cli.main(args=argv, prog_name="actdb", standalone_mode=False)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.Abort:
-        click.echo("actdb: aborted", err=True)
-        sys.exit(130)
+        return _fail("aborted", 130)
     except click.UsageError as exc:
         ctx = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        click.echo(f"actdb: {first_line(click.ClickException(exc.format_message()))}{ctx}", err=True)
-        sys.exit(2)
+        return _fail(f"{first_line(click.ClickException(exc.format_message()))}{ctx}", 2)
     except click.ClickException as exc:
-        click.echo(f"actdb: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        return _fail(exc.format_message(), exc.exit_code)
     except ActdbError as exc:
-        click.echo(f"actdb: error: {exc}", err=True)
-        sys.exit(1)
+        return _fail(f"error: {exc}", 1)
     except SQLAlchemyError as exc:
-        click.echo(f"actdb: database error: {first_line(exc)}", err=True)
-        sys.exit(1)
+        return _fail(f"database error: {first_line(exc)}", 1)
     except KeyboardInterrupt:
-        click.echo("actdb: interrupted", err=True)
-        sys.exit(130)
+        return _fail("interrupted", 130)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"actdb: {message}", err=True)
+    return code
+
+
+def _exit(code: int) -> None:
+    from actdb.store.activation_file import unclosable_files
+
+    if unclosable_files():  # HDF5 would fail (or crash) finalizing a file it cannot flush; end here
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ a killed ingest resumes from the last flushed row. `finish()` stamps the complet
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,14 @@ CHUNK_TOKENS = 1024
 CHUNK_NEURONS = 128
 WRITE_CACHE_BYTES = 64 * 2**20
 COMPLETE_ATTR = "actdb_complete"
+
+
+_UNCLOSABLE: list[ActivationWriter] = []
+
+
+def unclosable_files() -> bool:
+    """Whether an activation file could not be closed (a full disk); see `ActivationWriter.close`."""
+    return bool(_UNCLOSABLE)
 
 
 def layer_key(layer: int) -> str:
@@ -66,6 +76,7 @@ class ActivationWriter:
 
     def _open_or_create(self) -> h5py.File:
         if self.tmp.exists():
+            _restore_length(self.tmp)
             try:
                 f = h5py.File(self.tmp, "r+", rdcc_nbytes=WRITE_CACHE_BYTES)
                 if _read_header(f) == self.header:
@@ -120,9 +131,30 @@ class ActivationWriter:
         return self.path.stat().st_size
 
     def close(self) -> None:
-        if self.file.id.valid:
+        """Flush and close, after a failure too. When the disk is full HDF5 cannot write its cached chunks, the
+        close fails, and the file's objects would fail again (and can crash the interpreter) when they are
+        garbage-collected; such a writer is kept referenced and `unclosable_files()` tells the CLI to end the
+        process without running those finalizers (the `.partial` file keeps every flushed row)."""
+        if not self.file.id.valid:
+            return
+        with contextlib.suppress(OSError, RuntimeError):  # h5py raises either for a failed write
             self.file.flush()
+        try:
             self.file.close()
+        except (OSError, RuntimeError):
+            _UNCLOSABLE.append(self)
+
+
+def _restore_length(path: Path) -> None:
+    """A write that failed for lack of space leaves the file shorter than the end HDF5 recorded, and HDF5 then
+    refuses to open it. Growing it back (with zeros) lets the rows flushed before the failure be reused: they
+    are read back through their checksums before the ingest continues, and a file that fails that is redone."""
+    try:
+        h5py.File(path, "r").close()
+    except OSError as exc:
+        found = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+        if found and int(found.group(2)) > int(found.group(1)):
+            os.truncate(path, int(found.group(2)))
 
 
 def _read_header(f: h5py.File) -> ActivationHeader:

@@ -8,18 +8,23 @@ already-written rows are rebuilt from the file on resume, batch by batch, exactl
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import queue
+import re
+import shutil
 import string
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import OperationalError
 from tqdm.auto import tqdm
 
 from actdb.store.activation_file import ActivationHeader, ActivationWriter, partial_path
@@ -148,8 +153,10 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
             f"{where.source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
             f"with {existing.n_layers} x {existing.d_mlp}; use another model name"
         )
-    ckpt = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
     rel_path = store.config.activation_path(req.model, req.step, req.dataset, HOOK_NAME)
+    needed = n_layers * d_mlp * int(tokens.tokens.size) * np.dtype(req.dtype).itemsize
+    _check_space(store.config.file(rel_path), needed, req.force)
+    ckpt = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
     aset = get_or_create(
         store,
         ActivationSet,
@@ -174,13 +181,11 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     path = store.config.file(aset.path)
     with running(store, ActivationSet, aset.id) as handle:
         try:
-            resumed_from, run = _write_set(store, handle, path, header, tokens, model, device, req)
-            _store_stats(store, aset.id, run.moments)
-        except OSError as exc:
-            raise ActdbError(
-                f"writing {path} failed: {exc.strerror or first_line(exc)}; the rows written so far are kept and "
-                "`actdb ingest` resumes from them"
-            ) from None
+            with _space_reserve(store.config.home):  # released first on failure, so the failure can be recorded
+                resumed_from, run = _write_set(store, handle, path, header, tokens, model, device, req)
+                _store_stats(store, aset.id, run.moments)
+        except (OSError, RuntimeError, OperationalError) as exc:  # h5py reports failed writes as either error
+            raise ActdbError(f"writing {path} failed: {_write_error(exc)}; {RESUME}") from None
         size = path.stat().st_size
         seconds = handle.complete(tokens_done=header.n_tokens, bytes=size)
     status = "resumed" if resumed_from else "ingested"
@@ -190,6 +195,58 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         + f", {header.n_tokens} tokens in {seconds:.1f}s -> {aset.path}"
     )
     return IngestResult(aset.id, status, path, header.n_tokens, seconds, size)
+
+
+RESUME = "the rows flushed so far are kept in the .partial file and `actdb ingest` resumes from them"
+RESERVE_BYTES = 8 * 2**20  # room kept free while writing, so a full disk can still record the failure in SQL
+SPACE_MARGIN = 1.02  # HDF5 chunk index, checksums and attributes on top of the raw float16 rows
+
+
+def _check_space(path: Path, needed: int, force: bool) -> None:
+    """Refuse an ingest the disk cannot hold before anything is written (a resumed file counts as written)."""
+    partial = partial_path(path)
+    have = partial.stat().st_size if partial.exists() and not force else 0
+    folder = next(p for p in (path.parent, *path.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    short = int(needed * SPACE_MARGIN) + RESERVE_BYTES - have - free
+    if short > 0:
+        raise ActdbError(
+            f"the activation file needs about {_size(needed)} but {folder} has {_size(free)} free; free space, or "
+            "ingest fewer tokens (a smaller dataset)"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@contextlib.contextmanager
+def _space_reserve(home: Path) -> Iterator[None]:
+    """A ballast file held while writing and removed first when anything fails: if the disk fills up anyway
+    (another process), its space lets the database record the failure."""
+    ballast = home / f".actdb-reserve-{os.getpid()}"
+    try:
+        with ballast.open("wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        ballast.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        ballast.unlink(missing_ok=True)
+
+
+def _write_error(exc: Exception) -> str:
+    """One line for a failed write (HDF5's own messages span lines and name buffers and offsets)."""
+    found = re.search(r"errno = (\d+)", str(exc))
+    code = getattr(exc, "errno", None) or (int(found.group(1)) if found else None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in first_line(exc):
+        return "no space left on the device"
+    if code == errno.EFBIG:
+        return "the file grew beyond what this file system (or a file-size limit) allows"
+    return getattr(exc, "strerror", None) or first_line(exc)
 
 
 def _write_set(
@@ -322,7 +379,14 @@ class _IngestRun:
             start = min(writer.tokens_done, committed)
             start -= start % self.rows_per_batch
             writer.file.attrs["tokens_done"] = start
-            self._rebuild_stats(writer, start)
+            try:
+                self._rebuild_stats(writer, start)
+            except (ActdbError, OSError, RuntimeError, KeyError):  # the kept rows do not read back: redo them
+                writer.close()
+                partial_path(self.path).unlink(missing_ok=True)
+                workspace = Workspace()
+                self.moments = [StreamingMoments(self.header.d_mlp, workspace) for _ in self.moments]
+                writer, start = ActivationWriter(self.path, self.header), 0
             self._forward_all(writer, start)
         except BaseException:
             writer.close()

@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from actdb.store.errors import BusyError, first_line
 from actdb.store.schema import (
@@ -92,7 +92,7 @@ def reap_abandoned(store: Store) -> list[tuple[str, int]]:
     stale = utcnow() - STALE_AFTER
     reaped = []
     for table, cleanup in RUN_TABLES.items():
-        with store.session() as s:
+        with contextlib.suppress(SQLAlchemyError), store.session() as s:  # a store that cannot be written is read
             running = s.execute(
                 select(table.id, table.host, table.pid, table.heartbeat_at).where(table.status == "running")
             )
@@ -211,7 +211,9 @@ class RunHandle:
         return seconds
 
     def fail(self, exc: BaseException) -> None:
-        with self.store.session() as s:
+        """Record the failure; when the database cannot be written either (a full disk), the run stays running
+        and the next command reaps it as abandoned once this process has exited."""
+        with contextlib.suppress(SQLAlchemyError), self.store.session() as s:
             s.execute(
                 update(self.table)
                 .where(self.table.id == self.row_id, self.table.status == "running")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +346,90 @@ def test_unwritable_store_marks_nothing_complete(run_cli, tiny_dataset, tiny_mod
     r = run_cli("ingest", "g", "--step", 0, "--dataset", "tiny", "--source", tiny_models["gpt2"], "--quiet")
     assert r.exit_code == 1 and "cannot create folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert _set_row(store_config, "g").status == "failed"
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_write_failure_mid_ingest_is_one_line_and_resumable(
+    run_cli, tiny_dataset, tiny_models, store_config, tokenizer_dir, text_dir
+):
+    """A disk that fills up mid-ingest (here: a file-size limit, the same failed write as ENOSPC) ends in one
+    line, no segfault, the set failed, the .partial kept; the next ingest resumes and the file checks out."""
+    assert (
+        run_cli(
+            "dataset", "add", "big", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 16000
+        ).exit_code
+        == 0
+    )
+    cmd = _cli(
+        store_config,
+        "ingest",
+        "g",
+        "--step",
+        0,
+        "--dataset",
+        "big",
+        "--source",
+        tiny_models["gpt2"],
+        "--batch-size",
+        4,
+        "--quiet",
+    )
+    env = dict(os.environ, ACTDB_INGEST_FLUSH_SECONDS="0")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(3 * 2**20))
+    assert out.returncode == 1, out
+    assert "beyond what this file system" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    row = _set_row(store_config, "g")
+    assert row.status == "failed" and 0 < row.tokens_done < row.n_tokens
+    assert store_config.file(row.path + ".partial").exists()
+    assert not list(store_config.home.glob(".actdb-reserve-*"))
+    r = run_cli("ingest", "g", "--step", 0, "--dataset", "big", "--batch-size", 4, "--quiet")
+    assert r.exit_code == 0 and "resumed from token" in r.stdout, r.stdout + r.stderr
+    assert run_cli("check", "--quiet").exit_code == 0
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/proc/filesystems").read_text().count("tmpfs"),
+    reason="needs root to mount a small tmpfs",
+)
+def test_ingest_that_cannot_fit_is_refused_before_writing(tmp_path, tokenizer_dir, text_dir, tiny_models):
+    from tests.conftest import cli_call
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mount is not permitted here")
+    try:
+        home, db = mount / "store", f"sqlite:///{mount}/store/actdb.sqlite"
+        assert cli_call(home, db, "init").exit_code == 0
+        assert (
+            cli_call(
+                home,
+                db,
+                "dataset",
+                "add",
+                "d",
+                text_dir,
+                "--tokenizer",
+                tokenizer_dir,
+                "--seq-len",
+                64,
+                "--tokens",
+                4000,
+            ).exit_code
+            == 0
+        )
+        r = cli_call(home, db, "ingest", "g", "--step", 0, "--dataset", "d", "--source", tiny_models["gpt2"], "--quiet")
+        assert r.exit_code == 1 and "free space" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (home / "activations").exists()
+        assert "(no rows)" in cli_call(home, db, "status").stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])  # lazily: the test process may still hold the file

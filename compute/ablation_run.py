@@ -15,7 +15,7 @@ from actdb.store.database import Store
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
-from actdb.store.lifecycle import RunBusy, request_key, running, start_run, wait_for
+from actdb.store.lifecycle import request_key, running, start_or_wait
 from actdb.store.model_loading import load_model
 from actdb.store.refs import Neuron, parse_int, parse_neuron_list, parse_set_ref, read_neuron_file
 from actdb.store.registry import complete_set, get_checkpoint
@@ -85,12 +85,9 @@ def run_ablation(
         if done is not None:
             log(f"ablation {done} already measured these neurons (complete); --force measures again")
             return done, None
-        try:
-            ablation_id = start_run(store, Ablation, values)
+        ablation_id = start_or_wait(store, Ablation, values, log)
+        if ablation_id is not None:
             break
-        except RunBusy as busy:
-            log(f"ablation {busy.run_id} is measuring the same request in another process; waiting for it")
-            wait_for(store, Ablation, busy.run_id)
     with running(store, Ablation, ablation_id) as handle:
         device = resolve_device(req.device).torch
         if not Path(target.source).exists() and target.source.startswith(("/", ".", "~")):

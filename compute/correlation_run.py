@@ -22,7 +22,7 @@ from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.labels import CONTROLS, check_threshold
-from actdb.store.lifecycle import RunBusy, RunHandle, request_key, running, start_run, wait_for
+from actdb.store.lifecycle import RunHandle, request_key, running, start_or_wait
 from actdb.store.refs import SetRef
 from actdb.store.registry import resolve_sets
 from actdb.store.schema import (
@@ -134,12 +134,9 @@ def run_correlation(
         done = None if force else _complete_run(store, key)
         if done is not None:
             return _reuse(store, done, threshold, log)
-        try:
-            run_id = start_run(store, CorrelationRun, _run_values(store, sets, options, key, threshold, device))
-        except RunBusy as busy:
-            log(f"run {busy.run_id} is computing the same request in another process; waiting for it")
-            if wait_for(store, CorrelationRun, busy.run_id) == "complete":
-                force = False
+        run_id = start_or_wait(store, CorrelationRun, _run_values(store, sets, options, key, threshold, device), log)
+        if run_id is None:  # an identical request completed meanwhile: reuse it
+            force = False
             continue
         with running(store, CorrelationRun, run_id) as handle:
             return _compute(store, handle, sets, options, device, progress, log)

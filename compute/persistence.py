@@ -14,7 +14,7 @@ from actdb.compute.correlation_run import run_correlation
 from actdb.store.database import Store, insert_rows
 from actdb.store.errors import ActdbError
 from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
-from actdb.store.lifecycle import RunBusy, request_key, running, start_run, wait_for
+from actdb.store.lifecycle import request_key, running, start_or_wait
 from actdb.store.refs import SetRef
 from actdb.store.registry import get_dataset, get_model, resolve_sets
 from actdb.store.schema import (
@@ -115,13 +115,8 @@ def compute_persistence(
         "threshold": threshold,
         "steps": ",".join(map(str, steps)),
     }
-    while True:
-        try:
-            run_id = start_run(store, PersistenceRun, values)
-            break
-        except RunBusy as busy:
-            log(f"persistence run {busy.run_id} is computing the same request in another process; waiting for it")
-            wait_for(store, PersistenceRun, busy.run_id)
+    while (run_id := start_or_wait(store, PersistenceRun, values, log)) is None:
+        pass  # an identical request finished meanwhile; recomputing it reuses its correlation runs and is cheap
     with running(store, PersistenceRun, run_id) as handle:
         flags = [_flags(store, run, a.id, threshold, model) for (run, _t), a in zip(runs, sets, strict=True)]
         results, rows = [], []

@@ -182,7 +182,8 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     with running(store, ActivationSet, aset.id) as handle:
         try:
             with _space_reserve(store.config.home):  # released first on failure, so the failure can be recorded
-                resumed_from, run = _write_set(store, handle, path, header, tokens, model, device, req)
+                run = _IngestRun(handle, path, header, tokens, model, device, req)
+                resumed_from = run.execute(_committed_rows(store, aset.id, path, req.force))
                 _store_stats(store, aset.id, run.moments)
         except (OSError, RuntimeError, OperationalError) as exc:  # h5py reports failed writes as either error
             raise ActdbError(f"writing {path} failed: {_write_error(exc)}; {RESUME}") from None
@@ -249,24 +250,13 @@ def _write_error(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or first_line(exc)
 
 
-def _write_set(
-    store: Store,
-    handle: RunHandle,
-    path: Path,
-    header: ActivationHeader,
-    tokens: TokenDataset,
-    model: torch.nn.Module,
-    device: torch.device,
-    req: IngestRequest,
-) -> tuple[int, _IngestRun]:
-    committed = 0
-    if req.force:  # redo from scratch, whatever a partial file holds
+def _committed_rows(store: Store, set_id: int, path: Path, force: bool) -> int:
+    """Rows surely on disk from an earlier attempt (0 with `force`, which discards any partial file)."""
+    if force:
         partial_path(path).unlink(missing_ok=True)
-    else:
-        with store.session() as s:
-            committed = s.get(ActivationSet, handle.row_id).tokens_done
-    run = _IngestRun(handle, path, header, tokens, model, device, req)
-    return run.execute(committed), run
+        return 0
+    with store.session() as s:
+        return s.get(ActivationSet, set_id).tokens_done
 
 
 def _register_checkpoint(

@@ -118,6 +118,14 @@ def _owner_values() -> dict[str, Any]:
     return {"status": "running", "host": HOST, "pid": os.getpid(), "heartbeat_at": now, "started_at": now}
 
 
+class RunBusy(BusyError):
+    """An identical request is already running as row `run_id` of `table`."""
+
+    def __init__(self, table: type, run_id: int) -> None:
+        super().__init__(f"{table.__tablename__} {run_id} is computing the same request right now")
+        self.table, self.run_id = table, run_id
+
+
 def start_run(store: Store, table: type, values: dict[str, Any]) -> int:
     """Insert a running row for a new request; BusyError(run_id) when the same request is already running."""
     try:
@@ -134,14 +142,6 @@ def start_run(store: Store, table: type, values: dict[str, Any]) -> int:
         if other is None:  # it finished between our insert and this read: the caller may look again
             raise BusyError("an identical request finished just now; run the command again") from None
         raise RunBusy(table, other) from None
-
-
-class RunBusy(BusyError):
-    """An identical request is already running as row `run_id` of `table`."""
-
-    def __init__(self, table: type, run_id: int) -> None:
-        super().__init__(f"{table.__tablename__} {run_id} is computing the same request right now")
-        self.table, self.run_id = table, run_id
 
 
 def claim_row(store: Store, table: type, row_id: int, force: bool = False, what: str | None = None) -> str:
@@ -167,6 +167,18 @@ def claim_row(store: Store, table: type, row_id: int, force: bool = False, what:
                 f"{holder.host} right now; nothing to do here (it is taken over if that process dies)"
             )
     return prior
+
+
+def start_or_wait(store: Store, table: type, values: dict[str, Any], log: Callable[[str], None]) -> int | None:
+    """A new running row for this request, or None after waiting for an identical request that another process
+    was running and that completed (its results can be reused). A waited-for run that failed is claimed anew."""
+    while True:
+        try:
+            return start_run(store, table, values)
+        except RunBusy as busy:
+            log(f"{table.__tablename__} {busy.run_id} is computing the same request in another process; waiting")
+            if wait_for(store, table, busy.run_id) == "complete":
+                return None
 
 
 def wait_for(store: Store, table: type, row_id: int, poll: float = 1.0) -> str:

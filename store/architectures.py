@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from actdb.store.errors import ActdbError
-from actdb.store.hook_names import HOOK_NAME  # noqa: F401 - re-exported for callers that hook models
 
 
 @dataclass(frozen=True)

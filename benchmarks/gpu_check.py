@@ -48,7 +48,7 @@ def main() -> None:
         cpu_s = time.perf_counter() - t0
         for key, m in cpu.matches.items():
             g = gpu.matches[key]
-            for a, b in ((m.max_corr, g.max_corr), (m.baseline_max, g.baseline_max), (m.topk_val, g.topk_val)):
+            for a, b in ((m.max_corr, g.max_corr), (m.baseline, g.baseline), (m.topk_val, g.topk_val)):
                 worst = max(worst, float(np.nanmax(np.abs(a - b))))
         print(f"control {control}: cupy {gpu_s:.1f}s, numpy {cpu_s:.1f}s, max |difference| so far {worst:.2e}")
     import cupy

@@ -158,6 +158,48 @@ def default_variants_per_pass(device: torch.device) -> int:
     return 16 if device.type == "cuda" else 1
 
 
+P_SIGNIFICANT = 0.05
+MIN_CONTROLS_FOR_SIGNIFICANCE = 19  # (1 + 0) / (1 + 19) = 0.05 is the smallest p-value 19 controls can give
+
+
+@dataclass(frozen=True)
+class ControlStats:
+    """How the ablated set's delta compares with K matched random controls."""
+
+    n: int
+    mean: float
+    sd: float | None  # None with one control
+    min: float
+    max: float
+    ci_low: float | None  # 95% t-interval of the controls' mean (K - 1 degrees of freedom)
+    ci_high: float | None
+    p_value: float  # permutation p: (1 + #controls with delta >= observed) / (1 + K), one-sided
+    p_floor: float  # the smallest p-value K controls can reach: 1 / (1 + K)
+
+    @classmethod
+    def of(cls, deltas: np.ndarray, observed: float) -> ControlStats:
+        from scipy import stats
+
+        k = len(deltas)
+        mean = float(deltas.mean())
+        sd = float(deltas.std(ddof=1)) if k > 1 else None
+        low = high = None
+        if sd is not None:
+            half = float(stats.t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
+            low, high = mean - half, mean + half
+        p = (1 + int((deltas >= observed).sum())) / (k + 1)
+        return cls(k, mean, sd, float(deltas.min()), float(deltas.max()), low, high, p, 1 / (k + 1))
+
+    def floor_note(self) -> str | None:
+        """One line when K controls cannot show significance at 0.05."""
+        if self.n >= MIN_CONTROLS_FOR_SIGNIFICANCE:
+            return None
+        return (
+            f"note: with {self.n} controls the smallest reachable p-value is 1/{self.n + 1} = {self.p_floor:.3f}; "
+            f"p < {P_SIGNIFICANT} needs at least {MIN_CONTROLS_FOR_SIGNIFICANCE} (--controls)"
+        )
+
+
 @dataclass
 class AblationOutcome:
     base_loss: float
@@ -168,16 +210,8 @@ class AblationOutcome:
     forward_passes: int
 
     @property
-    def control_stats(self) -> tuple[float | None, float | None, float | None, float | None, float | None]:
-        """(mean, std, 95% CI low, high of the control mean, empirical one-sided p-value of delta)."""
-        c = self.control_deltas
-        if len(c) == 0:
-            return None, None, None, None, None
-        mean = float(c.mean())
-        std = float(c.std(ddof=1)) if len(c) > 1 else 0.0
-        half = 1.96 * std / math.sqrt(len(c))
-        p = (1 + int((c >= self.delta).sum())) / (len(c) + 1)
-        return mean, std, mean - half, mean + half, p
+    def controls(self) -> ControlStats | None:
+        return ControlStats.of(self.control_deltas, self.delta) if len(self.control_deltas) else None
 
 
 def ablate(

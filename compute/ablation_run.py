@@ -106,29 +106,50 @@ def run_ablation(
             progress=req.progress,
         )
         _store_each(store, ablation_id, outcome)
-        c_mean, c_std, c_lo, c_hi, p = outcome.control_stats
         handle.complete(
             tokens=evaluator.n_targets,
             base_loss=outcome.base_loss,
             ablated_loss=outcome.ablated_loss,
             delta=outcome.delta,
             n_controls=len(outcome.control_deltas),
-            control_mean=c_mean,
-            control_std=c_std,
-            control_ci_low=c_lo,
-            control_ci_high=c_hi,
-            p_value=p,
             forward_passes=outcome.forward_passes,
+            **_control_columns(outcome),
         )
-    ctrl = ""
-    if c_mean is not None:
-        ctrl = f"; controls ({len(outcome.control_deltas)}): mean delta {c_mean:+.5f} ± {c_std:.5f}, p = {p:.3f}"
     log(
         f"ablation {ablation_id}: {req.target} {req.method}-ablating {len(selection.neurons)} neurons on "
         f"{evaluator.n_targets} tokens: loss {outcome.base_loss:.5f} -> {outcome.ablated_loss:.5f} "
-        f"(delta {outcome.delta:+.5f}){ctrl}"
+        f"(delta {outcome.delta:+.5f}){_control_summary(outcome)}"
     )
+    if outcome.controls is not None and outcome.controls.floor_note():
+        log(outcome.controls.floor_note())
     return ablation_id, outcome
+
+
+def _control_columns(outcome: AblationOutcome) -> dict:
+    c = outcome.controls
+    if c is None:
+        return {}
+    return {
+        "control_mean": c.mean,
+        "control_std": c.sd,
+        "control_min": c.min,
+        "control_max": c.max,
+        "control_ci_low": c.ci_low,
+        "control_ci_high": c.ci_high,
+        "control_deltas": json.dumps([round(float(x), 8) for x in outcome.control_deltas]),
+        "p_value": c.p_value,
+    }
+
+
+def _control_summary(outcome: AblationOutcome) -> str:
+    c = outcome.controls
+    if c is None:
+        return ""
+    spread = f" ± {c.sd:.5f} (sd)" if c.sd is not None else ""
+    return (
+        f"; controls ({c.n}): mean delta {c.mean:+.5f}{spread}, range {c.min:+.5f}..{c.max:+.5f}, "
+        f"p = {c.p_value:.3f} (floor {c.p_floor:.3f})"
+    )
 
 
 def _validate(req: AblationRequest) -> None:

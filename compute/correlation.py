@@ -56,6 +56,7 @@ class CorrelationOptions:
     topk: int = 0
     chunk_tokens: int = 8192
     memory_budget: int | None = None
+    baseline_draws: int = 8  # independent rotations per model; each costs products with covariances, no pass
 
 
 @dataclass
@@ -64,10 +65,21 @@ class MatchResult:
 
     max_corr: np.ndarray
     best: np.ndarray
-    baseline_max: np.ndarray
+    baseline: np.ndarray  # (draws, n_a): the max corr against each rotated copy of b
     self_corr: np.ndarray | None = None
     topk_idx: np.ndarray | None = None
     topk_val: np.ndarray | None = None
+
+    @property
+    def baseline_mean(self) -> np.ndarray:
+        return self.baseline.mean(axis=0)
+
+    @property
+    def baseline_sd(self) -> np.ndarray:
+        """Standard deviation over draws (NaN with a single draw)."""
+        if self.baseline.shape[0] < 2:
+            return np.full(self.baseline.shape[1], np.nan)
+        return self.baseline.std(axis=0, ddof=1)
 
 
 @dataclass
@@ -116,8 +128,6 @@ class _SetMoments:
     token_sums: object | None = None
     cov: list = field(default_factory=list)
     sd: object = None
-    rotations: list | None = None
-    rotated_sd: object = None
 
 
 def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> list[list[Task]]:
@@ -138,8 +148,10 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
     ]
     sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 12 for t in tasks]  # float64 sum + float32 GEMM out
     # finalizing one block holds about six float64 temporaries of its size (cov, r, Cov_ab R, its ratio, R^T Cov,
-    # and the maxima's working copies) plus one more chunk of the widest set
-    finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4
+    # and the maxima's working copies) plus one more chunk of the widest set, and one set's rotations of one
+    # baseline draw (L d^2, with as much again while they are built)
+    rotations = max(2 * s.n_layers * s.d_mlp**2 * 8 for s in inputs)
+    finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4 + rotations
     room = budget - fixed - finalize
     if room < max(sizes, default=0):
         need = fixed + finalize + max(sizes, default=0)
@@ -287,21 +299,57 @@ class _Engine:
         self.token_counts = np.zeros(self.n_vocab)
         self.inv_counts = None
         self.n = 0
-        self.results = _empty_results(inputs, options.topk)
+        if options.baseline_draws < 1:
+            raise ActdbError("--baseline-draws must be at least 1")
+        self.results = _empty_results(inputs, options.topk, options.baseline_draws)
 
     def run(self) -> CorrelationResult:
         for p, tasks in enumerate(self.passes):
             acc = self._accumulate(tasks, first=p == 0)
             if p == 0:
                 self._finalize_sets()
-            for g in list(acc):
-                block = acc.pop(g)  # freed as soon as its maxima are taken
-                d = self.inputs[g.a].d_mlp
-                for layer in range(g.start, g.stop):
-                    rows = block[(layer - g.start) * d : (layer - g.start + 1) * d]
-                    _finalize_task(Task(g.a, g.b, layer), rows, self)
-                del block
+            self._finalize_pass(acc)
+            del acc
         return self._result()
+
+    def _finalize_pass(self, acc: dict[TaskGroup, object]) -> None:
+        """Turn a pass's accumulators into covariances (in place), take the maxima of each (pair x layer), then
+        the rotation baseline: for each set and draw, its rotations are built once and applied to every block
+        that involves the set, so one set's rotations of one draw are in memory at a time."""
+        for g, block in acc.items():
+            self._to_covariance(g, block)
+            for layer in range(g.start, g.stop):
+                _task_maxima(Task(g.a, g.b, layer), self._rows(g, block, layer), self)
+        for key in sorted({g.a for g in acc} | {g.b for g in acc}):
+            for draw in range(self.options.baseline_draws):
+                rot, rot_sd = _rotations(
+                    self.inputs[key], self.moments[key], self.options.baseline_seed, draw, self.backend
+                )
+                for g, block in acc.items():
+                    for layer in range(g.start, g.stop) if key in (g.a, g.b) else ():
+                        rows = self._rows(g, block, layer)
+                        if g.b == key:
+                            _baseline_forward(Task(g.a, g.b, layer), rows, rot, rot_sd, draw, self)
+                        if g.a == key:
+                            _baseline_backward(Task(g.a, g.b, layer), rows, rot[layer], rot_sd, draw, self)
+                del rot, rot_sd
+
+    def _rows(self, g: TaskGroup, block: object, layer: int) -> object:
+        d = self.inputs[g.a].d_mlp
+        return block[(layer - g.start) * d : (layer - g.start + 1) * d]
+
+    def _to_covariance(self, g: TaskGroup, block: object) -> None:
+        """acc / n - mean_a mean_b^T, or without the between-token part under the token control:
+        Cov_ab - S_a^T diag(1/n_v) S_b / n. In place: the accumulator is not needed afterwards."""
+        xp, n = self.backend.xp, self.n
+        ma, mb = self.moments[g.a], self.moments[g.b]
+        d = self.inputs[g.a].d_mlp
+        rows = slice(g.start * d, g.stop * d)
+        block /= n
+        if self.inv_counts is None:
+            block -= xp.outer(ma.sums[rows] / n, mb.sums / n)
+        else:
+            block -= (ma.token_sums[:, rows].T * self.inv_counts) @ mb.token_sums / n
 
     def _accumulate(self, tasks: list[Task], first: bool) -> dict[TaskGroup, object]:
         """One pass over the tokens: every group's `X_a^T X_b` (and, in the first pass, the sets' moments)."""
@@ -355,12 +403,12 @@ class _Engine:
         for (a, _b), r in matches.items():
             undefined = dead[a] | ~np.isfinite(r.max_corr)
             r.max_corr[undefined] = np.nan
-            r.baseline_max[undefined | ~np.isfinite(r.baseline_max)] = np.nan
+            r.baseline[:, undefined | ~np.isfinite(r.baseline).any(axis=0)] = np.nan
             r.best[undefined] = -1
         return CorrelationResult(matches, dead, self.n, len(self.passes))
 
 
-def _empty_results(inputs: list[SetInput], topk: int) -> dict[tuple[int, int], MatchResult]:
+def _empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:
     out = {}
     for a, sa in enumerate(inputs):
         for b, sb in enumerate(inputs):
@@ -370,7 +418,7 @@ def _empty_results(inputs: list[SetInput], topk: int) -> dict[tuple[int, int], M
             out[(a, b)] = MatchResult(
                 np.full(n_a, -np.inf),
                 np.full(n_a, -1, dtype=np.int64),
-                np.full(n_a, -np.inf),
+                np.full((draws, n_a), -np.inf),
                 np.full(n_a, np.nan) if sa.n_neurons == sb.n_neurons else None,
                 np.full((n_a, topk), -1, dtype=np.int64) if topk else None,
                 np.full((n_a, topk), -np.inf) if topk else None,
@@ -407,59 +455,52 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):
     return r
 
 
-def _rotations(s: SetInput, m: _SetMoments, seed: int, backend: ArrayBackend) -> list:
-    """The set's per-layer rotations and its rotated neurons' standard deviations, built once per run."""
-    if m.rotations is None:
-        m.rotations = [
-            backend.asarray(random_rotation(s.d_mlp, seed, s.rotation_key, layer)) for layer in range(s.n_layers)
-        ]
-        m.rotated_sd = _rotated_sd(m.cov, m.rotations, backend.xp)
-    return m.rotations
-
-
-def _rotated_sd(cov_layers: list, rotations: list, xp):
-    """Standard deviations of rotated neurons: sqrt(diag(R^T C R)) per layer, without forming R^T C R."""
-    return xp.concatenate(
-        [xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None)) for c, r in zip(cov_layers, rotations, strict=True)]
-    )
-
-
-def _finalize_task(t: Task, acc: object, engine: _Engine) -> None:
-    """Turn one (pair x layer) accumulator into row maxima for a and running column maxima for b."""
-    backend, inputs, moments, n = engine.backend, engine.inputs, engine.moments, engine.n
+def _rotations(s: SetInput, m: _SetMoments, seed: int, draw: int, backend: ArrayBackend) -> tuple[list, object]:
+    """One draw's per-layer rotations of a set and its rotated neurons' standard deviations
+    sqrt(diag(R^T C R)), computed without forming R^T C R."""
     xp = backend.xp
-    sa, sb = inputs[t.a], inputs[t.b]
-    ma, mb = moments[t.a], moments[t.b]
-    d = sa.d_mlp
+    rot = [backend.asarray(random_rotation(s.d_mlp, seed, s.rotation_key, layer, draw)) for layer in range(s.n_layers)]
+    rot_sd = xp.concatenate(
+        [xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None)) for c, r in zip(m.cov, rot, strict=True)]
+    )
+    return rot, rot_sd
+
+
+def _task_maxima(t: Task, cov: object, engine: _Engine) -> None:
+    """Row maxima of one (pair x layer) correlation block for a, running column maxima for b, self-correlation."""
+    backend, inputs, moments = engine.backend, engine.inputs, engine.moments
+    xp = backend.xp
+    d = inputs[t.a].d_mlp
     rows = slice(t.layer * d, (t.layer + 1) * d)
-    mean_a, mean_b = ma.sums[rows] / n, mb.sums / n
-    if engine.inv_counts is None:
-        cov = acc / n - xp.outer(mean_a, mean_b)
-    else:  # remove the between-token part: Cov_ab - S_a^T diag(1/n_v) S_b / n
-        cov = acc / n - (ma.token_sums[:, rows].T * engine.inv_counts) @ mb.token_sums / n
-    del acc
-    sd_a, sd_b = ma.sd[rows], mb.sd
-    r = _masked_ratio(cov, sd_a, sd_b, xp)
+    r = _masked_ratio(cov, moments[t.a].sd[rows], moments[t.b].sd, xp)
     fwd, back = engine.results[(t.a, t.b)], engine.results[(t.b, t.a)]
-    topk = engine.options.topk
-    _row_max(r, fwd, rows, topk, backend)
-    _col_max(r, back, t.layer * d, topk, backend)
+    _row_max(r, fwd, rows, engine.options.topk, backend)
+    _col_max(r, back, t.layer * d, engine.options.topk, backend)
     if fwd.self_corr is not None:
         diag = backend.to_numpy(xp.diagonal(r[:, rows]))
         fwd.self_corr[rows] = np.where(np.isfinite(diag), diag, np.nan)
         back.self_corr[rows] = fwd.self_corr[rows]
-    del r
-    # Rotation baseline from the moments: corr(a_i, (bR)_j) = (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)).
-    seed = engine.options.baseline_seed
-    rot_b = _rotations(sb, mb, seed, backend)
-    db = sb.d_mlp
-    cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot_b[lb] for lb in range(sb.n_layers)], axis=1)
-    r_rot = _masked_ratio(cov_rb, sd_a, mb.rotated_sd, xp)
-    fwd.baseline_max[rows] = backend.to_numpy(r_rot.max(axis=1))
-    del cov_rb, r_rot
-    rot_a = _rotations(sa, ma, seed, backend)[t.layer]
-    r_rot = _masked_ratio(rot_a.T @ cov, ma.rotated_sd[rows], sd_b, xp)
-    np.maximum(back.baseline_max, backend.to_numpy(r_rot.max(axis=0)), out=back.baseline_max)
+
+
+def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int, engine: _Engine) -> None:
+    """Max over b's rotated neurons for each neuron of a's layer: corr(a_i, (bR)_j) =
+    (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone."""
+    xp, sb = engine.backend.xp, engine.inputs[t.b]
+    d, db = engine.inputs[t.a].d_mlp, sb.d_mlp
+    rows = slice(t.layer * d, (t.layer + 1) * d)
+    cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot[lb] for lb in range(sb.n_layers)], axis=1)
+    r_rot = _masked_ratio(cov_rb, engine.moments[t.a].sd[rows], rot_sd, xp)
+    engine.results[(t.a, t.b)].baseline[draw, rows] = engine.backend.to_numpy(r_rot.max(axis=1))
+
+
+def _baseline_backward(t: Task, cov: object, rot_a: object, rot_sd: object, draw: int, engine: _Engine) -> None:
+    """Running max, for every neuron of b, over the rotated neurons of a's layer: (R_a^T Cov_ab)."""
+    xp = engine.backend.xp
+    d = engine.inputs[t.a].d_mlp
+    rows = slice(t.layer * d, (t.layer + 1) * d)
+    r_rot = _masked_ratio(rot_a.T @ cov, rot_sd[rows], engine.moments[t.b].sd, xp)
+    target = engine.results[(t.b, t.a)].baseline[draw]
+    np.maximum(target, engine.backend.to_numpy(r_rot.max(axis=0)), out=target)
 
 
 def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: ArrayBackend) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from tqdm.auto import tqdm
 
 from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
@@ -21,7 +21,7 @@ from actdb.compute.universality import score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.labels import CONTROLS, check_threshold
+from actdb.store.labels import CONTROLS, check_threshold, format_draws, stability_at
 from actdb.store.lifecycle import RunHandle, request_key, running, start_or_wait
 from actdb.store.refs import SetRef
 from actdb.store.registry import resolve_sets
@@ -40,6 +40,7 @@ from actdb.store.schema import (
 from actdb.store.token_file import TokenDataset
 
 MAX_SEED = 2**32 - 1
+MAX_DRAWS = 1000
 
 
 @dataclass(kw_only=True)
@@ -51,6 +52,7 @@ class CorrelationRequest:
     control: str = "none"
     threshold: float | None = None
     seed: int = 0
+    baseline_draws: int = 8
     topk: int = 0
     chunk_tokens: int = 8192
     memory_budget: int | None = None
@@ -65,9 +67,12 @@ class CorrelationRequest:
             raise ActdbError(f"--seed must be in 0..{MAX_SEED}")
         if self.topk < 0 or self.chunk_tokens < 1:
             raise ActdbError("--topk must be >= 0 and --chunk-tokens >= 1")
+        if not 1 <= self.baseline_draws <= MAX_DRAWS:
+            raise ActdbError(f"--baseline-draws must be in 1..{MAX_DRAWS}")
         return CorrelationOptions(
             control=self.control,
             baseline_seed=self.seed,
+            baseline_draws=self.baseline_draws,
             topk=self.topk,
             chunk_tokens=self.chunk_tokens,
             memory_budget=self.memory_budget,
@@ -105,14 +110,12 @@ def correlate(store: Store, req: CorrelationRequest, log: Callable[[str], None] 
 
 
 def correlation_key(set_ids: list[int], options: CorrelationOptions) -> str:
-    """The request key; migration 0005 computes the same for runs recorded before it."""
-    return request_key(
-        kind="correlate",
-        sets=sorted(set_ids),
-        control=options.control,
-        seed=options.baseline_seed,
-        topk=options.topk,
-    )
+    """The request key; migration 0005 computes the same for runs recorded before it (one baseline draw, which
+    is left out of the key so that those runs keep theirs)."""
+    fields = {"control": options.control, "seed": options.baseline_seed, "topk": options.topk}
+    if options.baseline_draws != 1:
+        fields["draws"] = options.baseline_draws
+    return request_key(kind="correlate", sets=sorted(set_ids), **fields)
 
 
 def run_correlation(
@@ -168,13 +171,31 @@ def _complete_run(store: Store, key: str) -> CorrelationRun | None:
 def _reuse(store: Store, done: CorrelationRun, threshold: float | None, log: Callable[[str], None]) -> RunOutcome:
     note = ""
     if threshold is not None and threshold != done.threshold:
-        with store.session() as s:
-            s.execute(update(CorrelationRun).where(CorrelationRun.id == done.id).values(threshold=threshold))
+        _set_display_threshold(store, done.id, threshold)
         note = f"; its display threshold is now {threshold} (was {done.threshold})"
     log(f"run {done.id} already holds these results (complete){note}; --force recomputes")
     return RunOutcome(
         done.id, True, done.seconds or 0.0, done.n_tokens or 0, done.n_passes or 0, done.n_dead or 0, done.backend
     )
+
+
+def _set_display_threshold(store: Store, run_id: int, threshold: float) -> None:
+    """Record a new display threshold and re-stamp the stored stability, which is relative to it."""
+    u = Universality.__table__.c
+    with store.session() as s:
+        rows = s.execute(select(u.set_id, u.layer, u.neuron, u.excess_draws).where(u.run_id == run_id)).all()
+        stamped = [
+            {"s": r.set_id, "l": r.layer, "n": r.neuron, "v": stability_at(r.excess_draws, threshold)} for r in rows
+        ]
+        stmt = (
+            update(Universality.__table__)
+            .where(u.run_id == run_id, u.set_id == bindparam("s"), u.layer == bindparam("l"))
+            .where(u.neuron == bindparam("n"))
+            .values(stability=bindparam("v"))
+        )
+        if stamped:
+            s.connection().execute(stmt, stamped)
+        s.execute(update(CorrelationRun).where(CorrelationRun.id == run_id).values(threshold=threshold))
 
 
 def _run_values(
@@ -189,6 +210,7 @@ def _run_values(
         "control": options.control,
         "threshold": DEFAULT_THRESHOLD if threshold is None else threshold,
         "baseline_seed": options.baseline_seed,
+        "baseline_draws": options.baseline_draws,
         "topk": options.topk,
         "backend": resolve_device(device).array.name,
     }
@@ -208,7 +230,8 @@ def _compute(
         for pos, a in enumerate(sets):
             s.add(RunMember(run_id=handle.row_id, set_id=a.id, position=pos))
         inputs = [_set_input(store, s, a) for a in sets]
-        kind = s.get(CorrelationRun, handle.row_id).kind
+        run = s.get(CorrelationRun, handle.row_id)
+        kind, threshold = run.kind, run.threshold
         dataset_path = s.get(Dataset, sets[0].dataset_id).path
     tokens = TokenDataset.load(store.config.file(dataset_path))
     total = tokens.tokens.size
@@ -230,7 +253,7 @@ def _compute(
         result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
     finally:
         bar.close()
-    n_dead = _store_results(store, handle.row_id, inputs, result, kind)
+    n_dead = _store_results(store, handle.row_id, inputs, result, kind, threshold)
     seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead)
     log(
         f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
@@ -259,6 +282,8 @@ def _match_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) 
     for (a, b), m in result.matches.items():
         da, db = shapes[a], shapes[b]
         same_model = m.self_corr is not None and model_of[a] == model_of[b]
+        with np.errstate(invalid="ignore"):
+            baseline_mean, baseline_sd = m.baseline_mean, m.baseline_sd
         for i in range(len(m.max_corr)):
             best = int(m.best[i])
             topk = None
@@ -280,7 +305,8 @@ def _match_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) 
                     "max_corr": finite_or_none(m.max_corr[i]),
                     "best_layer": best // db if best >= 0 else None,
                     "best_neuron": best % db if best >= 0 else None,
-                    "baseline_max_corr": finite_or_none(m.baseline_max[i]),
+                    "baseline_max_corr": finite_or_none(baseline_mean[i]),
+                    "baseline_sd": finite_or_none(baseline_sd[i]),
                     "topk": topk,
                     "self_corr": finite_or_none(m.self_corr[i]) if same_model else None,
                 }
@@ -288,11 +314,12 @@ def _match_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) 
     return rows
 
 
-def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) -> list[dict]:
+def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult, threshold: float) -> list[dict]:
     shapes = {s.key: s.d_mlp for s in inputs}
     rows = []
     for key, sc in score_universality(result).items():
         d = shapes[key]
+        z, stability = sc.z, sc.stability(threshold)
         for i in range(len(sc.excess_corr)):
             rows.append(
                 {
@@ -303,17 +330,23 @@ def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationR
                     "mean_max_corr": finite_or_none(sc.mean_max_corr[i]),
                     "min_max_corr": finite_or_none(sc.min_max_corr[i]),
                     "mean_baseline": finite_or_none(sc.mean_baseline[i]),
+                    "baseline_sd": finite_or_none(sc.baseline_sd[i]),
                     "excess_corr": finite_or_none(sc.excess_corr[i]),
+                    "z": finite_or_none(z[i]),
+                    "stability": finite_or_none(stability[i]),
+                    "excess_draws": format_draws(sc.excess_draws[:, i]),
                     "is_dead": bool(sc.is_dead[i]),
                 }
             )
     return rows
 
 
-def _store_results(store: Store, run_id: int, inputs: list[SetInput], result: CorrelationResult, kind: str) -> int:
+def _store_results(
+    store: Store, run_id: int, inputs: list[SetInput], result: CorrelationResult, kind: str, threshold: float
+) -> int:
     """Bulk-insert neuron_match rows, and universality scores for cross-model runs (universality is only defined
     across models); returns the number of dead neurons."""
-    univ = _universality_rows(run_id, inputs, result) if kind == "cross_model" else []
+    univ = _universality_rows(run_id, inputs, result, threshold) if kind == "cross_model" else []
     with store.session() as s:
         insert_rows(s, NeuronMatch, _match_rows(run_id, inputs, result))
         insert_rows(s, Universality, univ)

@@ -206,7 +206,12 @@ def _self_correlation(
 ) -> tuple[int, np.ndarray]:
     """Each neuron's correlation with itself between two checkpoints (a within-model correlation run)."""
     outcome = run_correlation(
-        store, [a, b], CorrelationOptions(control=req.control), device=req.device, progress=req.progress, log=log
+        store,
+        [a, b],
+        CorrelationOptions(control=req.control, baseline_draws=1),
+        device=req.device,
+        progress=req.progress,
+        log=log,
     )
     self_corr = np.full(model.n_layers * model.d_mlp, np.nan)
     with store.session() as s:

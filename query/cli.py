@@ -121,6 +121,11 @@ def dataset() -> None:
 @click.option("--tokens", "n_tokens", type=COUNT, help="Target token count (whole sequences).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the document shuffle.")
 @click.option("--field", default="text", show_default=True, help="Text field of JSONL records / hub datasets.")
+@click.option(
+    "--exclude-tokens",
+    help="Tokens that never count, besides BOS/EOS/padding: comma-separated ids, vocabulary tokens or text like "
+    "\\n; `gurnee` = the newline token, as in Gurnee et al. 2024.",
+)
 @pass_app
 def dataset_add(
     app: AppContext,
@@ -131,6 +136,7 @@ def dataset_add(
     n_tokens: int | None,
     seed: int,
     field: str,
+    exclude_tokens: str | None,
 ) -> None:
     """Tokenize SOURCES (files, folders, JSONL, or a Hugging Face dataset name) into dataset NAME."""
     from actdb.store.dataset_registry import add_dataset
@@ -144,6 +150,7 @@ def dataset_add(
         n_tokens=n_tokens,
         seed=seed,
         field=field,
+        exclude_tokens=exclude_tokens,
         log=lambda m: click.echo(f"actdb: {m}", err=True),
     )
     click.echo(
@@ -236,6 +243,13 @@ def ingest(
 @control_option("`token` removes each neuron's per-token-id mean first (current-token detectors drop out).")
 @threshold_option("Default threshold recorded on the run for displaying labels (0.5); not part of the request.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the rotation baseline.")
+@click.option(
+    "--baseline-draws",
+    type=click.IntRange(1, 1000),
+    default=8,
+    show_default=True,
+    help="Random rotations per model; each neuron gets the baseline's mean, sd, a z-score and its stability.",
+)
 @click.option("--topk", type=click.IntRange(min=0, max=1000), default=0, show_default=True, help="Keep K best matches.")
 @device_option
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
@@ -252,6 +266,7 @@ def correlate(
     control: str,
     threshold: float | None,
     seed: int,
+    baseline_draws: int,
     topk: int,
     device: str,
     chunk_tokens: int,
@@ -278,6 +293,7 @@ def correlate(
         control=control,
         threshold=threshold,
         seed=seed,
+        baseline_draws=baseline_draws,
         topk=topk,
         chunk_tokens=chunk_tokens,
         memory_budget=memory_budget,
@@ -343,7 +359,11 @@ def persistence(
 @dataset_option("Dataset to measure loss on (default: the set's only one).")
 @click.option("--tokens", "n_tokens", type=COUNT, help="Evaluate only the first N tokens.")
 @click.option(
-    "--controls", type=click.IntRange(0, 100000), default=0, show_default=True, help="Random sets matched per layer."
+    "--controls",
+    type=click.IntRange(0, 100000),
+    default=19,
+    show_default=True,
+    help="Random sets matched per layer (19 is the fewest that can reach p < 0.05).",
 )
 @click.option("--each", is_flag=True, help="Also ablate each selected neuron on its own (batched).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draws.")
@@ -414,6 +434,11 @@ def ablate(
     "--sort", type=click.Choice(["excess", "layer", "max_corr", "kurtosis"]), default="excess", show_default=True
 )
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@click.option(
+    "--min-stability",
+    type=click.FloatRange(0, 1),
+    help="Only neurons universal in at least this share of baseline draws (at the same threshold).",
+)
 @click.option("--by-layer", is_flag=True, help="Per layer counts and percentages instead of neurons.")
 @format_option
 @pass_app
@@ -427,17 +452,18 @@ def universal(
     control: str,
     sort: str,
     limit: int | None,
+    min_stability: float | None,
     by_layer: bool,
     fmt: str,
 ) -> None:
-    """Universal neurons with excess correlation, max-corr, baseline and activation statistics."""
+    """Universal neurons: excess correlation, stability over baseline draws, z, max-corr, baseline, statistics."""
     from actdb.query.queries import universal_by_layer, universal_neurons
 
     scope = {"model": model, "step": step, "layer": layer, "run": run_id, "threshold": threshold, "control": control}
     if by_layer:
         rows = universal_by_layer(app.store(), **scope)
     else:
-        rows = universal_neurons(app.store(), **scope, sort=sort, limit=limit)
+        rows = universal_neurons(app.store(), **scope, sort=sort, limit=limit, min_stability=min_stability)
     click.echo(render(rows, fmt))
 
 
@@ -565,7 +591,7 @@ def report(app: AppContext, out_dir: str, threshold: float | None) -> None:
     help="Tokens in the analysis dataset.",
 )
 @click.option(
-    "--controls", type=click.IntRange(0, 1000), default=8, show_default=True, help="Random sets in the ablation."
+    "--controls", type=click.IntRange(0, 1000), default=19, show_default=True, help="Random sets in the ablation."
 )
 @threshold_option("Excess correlation for universal (tiny models' rotation baseline is ~0.4; see README).")
 @click.option("--zoo", type=click.Path(file_okay=False), help="Folder of the model zoo (default: <home>/zoo).")

@@ -42,7 +42,7 @@ class DemoRequest:
     seeds: int = 4
     checkpoints: tuple[int, ...] = (0, 50, 200, 800)
     tokens: int = 24576
-    controls: int = 8
+    controls: int = 19
     threshold: float = 0.2
     zoo: Path | None = None
     report_dir: Path | None = None
@@ -58,7 +58,7 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     stage = _stages(echo)
     stage(f"zoo: {req.seeds} tiny GPT-2 seeds trained on Python standard-library source ({zoo})")
     tok_dir = train_zoo(zoo, config, progress=req.progress)
-    stage("dataset: held-out standard-library files")
+    stage("dataset: held-out standard-library files (BOS/EOS, padding and the newline token do not count)")
     with store.session() as s:
         have = s.scalar(select(Dataset).where(Dataset.name == DATASET))
     if have is None:
@@ -66,6 +66,7 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
         ds = add_dataset(
             store,
             name=DATASET,
+            exclude_tokens="gurnee",
             sources=held_out,
             tokenizer=str(tok_dir),
             seq_len=config["seq_len"],
@@ -142,7 +143,8 @@ def _ablate(store: Store, target: str, req: DemoRequest, echo: Callable[[str], N
 def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> None:
     echo(
         f"\n== Universal neurons: % of each layer with excess corr > {threshold} (and > 0.5, the paper's "
-        "threshold), mean over seeds =="
+        "threshold), mean over seeds; stability: mean share of baseline draws in which those neurons pass "
+        f"{threshold} =="
     )
     pct = f"pct_univ_{threshold}"
     rows = []
@@ -150,6 +152,9 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         by_layer = queries.universal_by_layer(store, control=control, threshold=threshold)
         strict = queries.universal_by_layer(store, control=control, threshold=0.5)
         paper = {(r["model"], r["step"], r["layer"]): r["pct_universal"] for r in strict}
+        stability: dict[tuple[int, int], list] = defaultdict(list)
+        for r in queries.universal_neurons(store, control=control, threshold=threshold):
+            stability[(r["step"], r["layer"])].append(r["stability"])
         acc: dict[tuple[int, int], list] = defaultdict(list)
         for r in by_layer:
             key = (r["model"], r["step"], r["layer"])
@@ -158,19 +163,23 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
             )
         for (step, layer), vals in sorted(acc.items()):
             m = np.array(vals, dtype=float).mean(axis=0)
+            stable = stability.get((step, layer))
             rows.append(
                 {
                     "control": control,
                     "step": step,
                     "layer": layer,
                     pct: round(m[0], 2),
+                    "stability": round(float(np.mean(stable)), 2) if stable else None,
                     "pct_univ_0.5": round(m[1], 2),
                     "mean_max_corr": round(m[2], 3),
                     "mean_baseline": round(m[3], 3),
                 }
             )
-    echo(render(Rows(["control", "step", "layer", pct, "pct_univ_0.5", "mean_max_corr", "mean_baseline"], rows)))
-    echo("\n== Persistence of universal neurons (mean over seeds) ==")
+    columns = ["control", "step", "layer", pct, "stability", "pct_univ_0.5", "mean_max_corr", "mean_baseline"]
+    echo(render(Rows(columns, rows)))
+    _top_neurons(store, threshold, echo)
+    echo(f"\n== Persistence of universal neurons (excess corr > {threshold}, summed over seeds) ==")
     grouped: dict[tuple, list] = defaultdict(list)
     for r in queries.persistence_listing(store, threshold=threshold):
         grouped[(r["control"], r["from_step"], r["to_step"], r["layer"])].append(r)
@@ -192,17 +201,18 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
             }
         )
     echo(render(Rows(list(out[0]) if out else ["control"], out)))
-    echo("\n== Ablation: universal neurons vs matched random controls ==")
-    keep = [
-        "model",
-        "step",
-        "method",
-        "n_neurons",
-        "tokens",
-        "base_loss",
-        "delta",
-        "control_mean",
-        "control_std",
-        "p_value",
-    ]
-    echo(render(Rows(keep, queries.ablations_listing(store))))
+    echo(f"\n== Ablation: universal neurons (excess corr > {threshold}) vs matched random controls ==")
+    keep = "model step method n_neurons tokens base_loss delta n_controls control_mean control_std control_max p_value"
+    echo(render(Rows([*keep.split(), "p_floor"], queries.ablations_listing(store))))
+
+
+def _top_neurons(store: Store, threshold: float, echo: Callable[[str], None], n: int = 8) -> None:
+    """The most universal neurons at the last step, with how stable their label is across baseline draws."""
+    rows = queries.universal_neurons(store, threshold=threshold)
+    if not rows:
+        return
+    last = max(r["step"] for r in rows)
+    top = [r for r in rows if r["step"] == last][:n]
+    echo(f"\n== Most universal neurons at step {last} (excess corr > {threshold}; z in baseline sds) ==")
+    keep = "model layer neuron excess_corr stability z mean_max_corr mean_baseline baseline_sd act_frac_active"
+    echo(render(Rows(keep.split(), top)))

@@ -45,7 +45,16 @@ def status_rows(store: Store) -> Rows:
 
 
 DATASET_COLUMNS = ["name", "n_sequences", "seq_len", "n_tokens", "n_counted", "tokenizer", "token_sha256"]
-DATASET_DETAIL = ["vocab_size", "tokenizer_fingerprint", "seed", "source", "path", "created_at"]
+DATASET_DETAIL = [
+    "excluded_tokens",
+    "fingerprint",
+    "vocab_size",
+    "tokenizer_fingerprint",
+    "seed",
+    "source",
+    "path",
+    "created_at",
+]
 
 
 def dataset_rows(store: Store, name: str | None = None, full: bool = False) -> Rows:

@@ -8,11 +8,20 @@ run's recorded one (`actdb.store.labels`).
 
 from __future__ import annotations
 
-from sqlalchemy import Float, Select, and_, case, cast, func, literal, select
+import json
+
+from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, select
 
 from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
-from actdb.store.labels import check_threshold, newest_run_listing, newest_runs, on_newest, universal_condition
+from actdb.store.labels import (
+    check_threshold,
+    newest_run_listing,
+    newest_runs,
+    on_newest,
+    stability_at,
+    universal_condition,
+)
 from actdb.store.registry import get_model
 from actdb.store.schema import (
     Ablation,
@@ -41,9 +50,13 @@ UNIVERSAL_COLUMNS = [
     "layer",
     "neuron",
     "excess_corr",
+    "stability",
+    "z",
     "mean_max_corr",
     "min_max_corr",
     "mean_baseline",
+    "baseline_sd",
+    "n_draws",
     "act_mean",
     "act_std",
     "act_skew",
@@ -111,19 +124,35 @@ def universal_neurons(
     control: str = "none",
     sort: str = "excess",
     limit: int | None = None,
+    min_stability: float | None = None,
 ) -> Rows:
-    """Universal neurons with their scores, activation statistics and the threshold that labelled them."""
+    """Universal neurons with their scores, their stability across baseline draws (at the same threshold as
+    the label), activation statistics, and the threshold that labelled them."""
     check_threshold(threshold)
-    query = select(*(v.c[c] for c in UNIVERSAL_COLUMNS), _threshold_column(threshold)).where(
+    if min_stability is not None and not 0.0 <= min_stability <= 1.0:
+        raise ActdbError(f"--min-stability {min_stability} is not a share in [0, 1]")
+    query = select(*(v.c[c] for c in UNIVERSAL_COLUMNS), _threshold_column(threshold), v.c.excess_draws).where(
         universal_condition(threshold)
     )
     query = _scoped(store, query, control, model, step, run)
     if layer is not None:
         query = query.where(v.c.layer == layer)
     query = query.order_by(*SORTS[sort], v.c.model, v.c.step, v.c.layer, v.c.neuron)
-    if limit:
+    restamp = threshold is not None  # the stored stability is relative to each run's recorded threshold
+    if min_stability is not None and not restamp:
+        query = query.where(v.c.stability >= min_stability)
+    if limit and not (restamp and min_stability is not None):
         query = query.limit(limit)
-    return store.query(query)
+    rows = []
+    for r in store.query(query):
+        row = dict(r)
+        draws = row.pop("excess_draws")
+        if restamp:
+            row["stability"] = stability_at(draws, threshold)
+            if min_stability is not None and (row["stability"] or 0.0) < min_stability:
+                continue
+        rows.append(row)
+    return Rows([*UNIVERSAL_COLUMNS, "threshold"], rows[:limit] if limit else rows)
 
 
 def universal_by_layer(
@@ -167,6 +196,21 @@ def max_corr_by_step(store: Store, control: str = "none") -> Rows:
     return store.query(_scoped(store, query, control, None, None, None))
 
 
+MATCH_COLUMNS = (
+    "run_id control other_model other_step max_corr best_layer best_neuron baseline_max_corr baseline_sd self_corr"
+)
+STORY_UNIVERSALITY = (
+    "run_id control threshold excess_corr stability z mean_max_corr min_max_corr mean_baseline baseline_sd n_draws "
+    "is_universal is_dead"
+)
+STORY_ABLATION = "ablation_id method selector threshold n_neurons tokens delta control_mean p_value p_floor"
+HISTORY_COLUMNS = "step control threshold run_id excess_corr stability mean_max_corr is_universal emergence_step"
+
+
+def _cols(view: Table, names: str) -> list:
+    return [view.c[name] for name in names.split()]
+
+
 def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -> dict[str, Rows]:
     """Everything known about one neuron: statistics, matches, universality, history, ablations."""
     shape = store.query(
@@ -200,61 +244,15 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
     return {
         "statistics": store.query(stats),
         "matches": store.query(
-            select(
-                *(
-                    m.c[c]
-                    for c in (
-                        "run_id",
-                        "control",
-                        "other_model",
-                        "other_step",
-                        "max_corr",
-                        "best_layer",
-                        "best_neuron",
-                        "baseline_max_corr",
-                        "self_corr",
-                    )
-                )
-            )
-            .where(here)
-            .order_by(m.c.run_id.desc(), m.c.other_model, m.c.other_step)
+            select(*_cols(m, MATCH_COLUMNS)).where(here).order_by(m.c.run_id.desc(), m.c.other_model, m.c.other_step)
         ),
         "universality": store.query(
-            select(
-                *(
-                    v.c[c]
-                    for c in (
-                        "run_id",
-                        "control",
-                        "threshold",
-                        "excess_corr",
-                        "mean_max_corr",
-                        "min_max_corr",
-                        "mean_baseline",
-                        "is_universal",
-                        "is_dead",
-                    )
-                )
-            )
+            select(*_cols(v, STORY_UNIVERSALITY))
             .where(v.c.model == model, v.c.step == step, v.c.layer == layer, v.c.neuron == neuron)
             .order_by(v.c.run_id.desc())
         ),
         "history": store.query(
-            select(
-                *(
-                    h.c[c]
-                    for c in (
-                        "step",
-                        "control",
-                        "threshold",
-                        "run_id",
-                        "excess_corr",
-                        "mean_max_corr",
-                        "is_universal",
-                        "emergence_step",
-                    )
-                )
-            )
+            select(*_cols(h, HISTORY_COLUMNS))
             .where(h.c.model == model, h.c.layer == layer, h.c.neuron == neuron)
             .order_by(h.c.control, h.c.step, h.c.run_id)
         ),
@@ -273,23 +271,7 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
             .order_by(m.c.control, m.c.step, m.c.other_step)
         ),
         "ablations": store.query(
-            select(
-                *(
-                    a.c[c]
-                    for c in (
-                        "ablation_id",
-                        "method",
-                        "selector",
-                        "threshold",
-                        "n_neurons",
-                        "tokens",
-                        "delta",
-                        "control_mean",
-                        "p_value",
-                    )
-                ),
-                AblationNeuron.delta.label("own_delta"),
-            )
+            select(*_cols(a, STORY_ABLATION), AblationNeuron.delta.label("own_delta"))
             .join(Ablation, Ablation.id == a.c.ablation_id)
             .outerjoin(
                 AblationNeuron,
@@ -348,9 +330,12 @@ ABLATION_COLUMNS = [
     "n_controls",
     "control_mean",
     "control_std",
+    "control_min",
+    "control_max",
     "control_ci_low",
     "control_ci_high",
     "p_value",
+    "p_floor",
 ]
 
 
@@ -411,3 +396,13 @@ def similarity_matrix(store: Store, control: str = "none") -> Rows:
         .group_by(m.c.model, m.c.step, m.c.other_model, m.c.other_step)
         .order_by(m.c.model, m.c.step, m.c.other_model, m.c.other_step)
     )
+
+
+def ablation_control_deltas(store: Store) -> dict[int, list[float]]:
+    """Each complete ablation's control deltas, one per random set."""
+    rows = store.query(
+        select(Ablation.id, Ablation.control_deltas).where(
+            Ablation.status == "complete", Ablation.control_deltas.isnot(None)
+        )
+    )
+    return {r.id: json.loads(r.control_deltas) for r in rows}

@@ -10,7 +10,7 @@ import numpy as np
 
 from actdb.query import queries
 from actdb.query.output import render
-from actdb.store.database import Store
+from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
 
 
@@ -111,31 +111,75 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
     rows = queries.ablations_listing(store)
     if not rows:
         return None, ""
+    deltas = queries.ablation_control_deltas(store)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 1.8 + 0.45 * len(rows)))
     for i, r in enumerate(rows):
-        ax.plot(r["delta"], i, "o", color="C3", label="ablated set" if i == 0 else None)
-        if r["control_mean"] is not None:
+        controls = deltas.get(r["ablation_id"], [])
+        ax.plot(
+            controls,
+            [i - 0.15] * len(controls),
+            "|",
+            color="grey",
+            ms=9,
+            label="each random control" if i == 0 and controls else None,
+        )
+        if r["control_mean"] is not None and r["control_ci_low"] is not None:
             mean = r["control_mean"]
             ax.errorbar(
                 mean,
-                i,
+                i - 0.15,
                 xerr=[[mean - r["control_ci_low"]], [r["control_ci_high"] - mean]],
                 fmt="s",
-                color="grey",
+                color="black",
+                ms=4,
                 capsize=3,
-                label="random controls (mean, 95% CI)" if i == 0 else None,
+                label="controls' mean (95% t-interval)" if i == 0 else None,
             )
+        ax.plot(r["delta"], i + 0.15, "o", color="C3", label="ablated set" if i == 0 else None)
     labels = [
-        f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']})"
+        f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']}), "
+        f"p = {r['p_value']:.3f} ≥ {r['p_floor']:.3f}"
+        if r["p_value"] is not None
+        else f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']})"
         for r in rows
     ]
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("Δ cross-entropy (nats)")
     ax.set_ylim(-0.8, len(rows) - 0.2)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(rows)), ncol=2)
-    return _save(fig, out, "ablations.png"), render(rows, "table")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(rows)), ncol=3)
+    notes = [
+        f"ablation {r['ablation_id']}: {r['n_controls']} controls cannot reach p < 0.05 (floor {r['p_floor']:.3f})"
+        for r in rows
+        if r["n_controls"] and r["n_controls"] < 19
+    ]
+    return _save(fig, out, "ablations.png"), render(rows, "table") + "".join(f"\n{n}" for n in notes)
+
+
+def _top_universal(store: Store, threshold: float | None) -> str:
+    """The most universal neurons with their stability over baseline draws, as a table."""
+    try:
+        rows = queries.universal_neurons(store, threshold=threshold, limit=25)
+    except ActdbError:
+        return ""
+    keep = [
+        "model",
+        "step",
+        "layer",
+        "neuron",
+        "threshold",
+        "excess_corr",
+        "stability",
+        "z",
+        "mean_max_corr",
+        "mean_baseline",
+        "baseline_sd",
+        "n_draws",
+        "act_kurtosis",
+        "act_frac_active",
+    ]
+    return render(Rows(keep, rows), "table")
 
 
 def _similarity_plot(store: Store, out: Path) -> str | None:
@@ -185,6 +229,12 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             f"Excess correlation ({control} control)",
             _excess_histogram(store, out, control),
             missing="no correlation run yet",
+        )
+    top = _top_universal(store, threshold)
+    if top:
+        sections.append(
+            "<h2>Most universal neurons (none control)</h2><p>stability: share of baseline draws in which the neuron "
+            f"is universal at the same threshold</p><pre>{html.escape(top)}</pre>"
         )
     img, table = _persistence_heatmap(store, out, threshold)
     flag = "" if threshold is None else f" --threshold {threshold}"

@@ -39,7 +39,7 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
     """One row per problem found (kind, name, path, problem); no rows when everything is intact."""
     problems: list[dict] = []
     with store.session() as s:
-        datasets = [(d.name, d.path, d.token_sha256) for d in s.scalars(select(Dataset).order_by(Dataset.name))]
+        datasets = [(d.name, d.path, d.fingerprint) for d in s.scalars(select(Dataset).order_by(Dataset.name))]
         sets = [
             _Expected(
                 f"{m.name}@{c.step} on {d.name}",
@@ -50,7 +50,7 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
                 m.n_layers,
                 m.d_mlp,
                 a.n_tokens,
-                d.token_sha256,
+                d.fingerprint,
             )
             for a, c, m, d in s.execute(
                 select(ActivationSet, Checkpoint, Model, Dataset)
@@ -80,7 +80,7 @@ def _check_tokens(store: Store, path: str, sha: str) -> str | None:
         tokens = TokenDataset.load(store.config.file(path))
     except ActdbError as exc:
         return str(exc)
-    return None if tokens.sha256 == sha else "token ids differ from the sha256 recorded in SQL"
+    return None if tokens.fingerprint == sha else "token ids or exclusions differ from the fingerprint recorded in SQL"
 
 
 def _check_activations(store: Store, e: _Expected, quick: bool, progress: bool) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from sqlalchemy import select
@@ -11,7 +12,7 @@ from actdb.store.errors import ActdbError
 from actdb.store.refs import check_name
 from actdb.store.registry import check_new_name
 from actdb.store.schema import Dataset
-from actdb.store.token_datasets import iter_documents, load_tokenizer, pack_documents
+from actdb.store.token_datasets import iter_documents, load_tokenizer, pack_documents, resolve_exclusions
 
 
 def add_dataset(
@@ -23,6 +24,7 @@ def add_dataset(
     n_tokens: int | None,
     seed: int,
     field: str = "text",
+    exclude_tokens: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Dataset:
     """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it."""
@@ -32,10 +34,11 @@ def add_dataset(
             raise ActdbError(f"dataset {name!r} already exists; pick another name")
         check_new_name(s, Dataset, name, "dataset name")
     tok = load_tokenizer(tokenizer)
+    excluded = resolve_exclusions(tok, exclude_tokens)
     documents = list(iter_documents(sources, field))
     if not documents:
         raise ActdbError("no documents found in " + ", ".join(sources))
-    packed = pack_documents(documents, tok, seq_len, n_tokens, seed)
+    packed = pack_documents(documents, tok, seq_len, n_tokens, seed, [i for i, _t in excluded])
     if n_tokens is not None and packed.tokens.size < n_tokens:
         log(
             f"note: the documents fill only {packed.tokens.size} token positions ({int(packed.mask.sum())} counted), "
@@ -57,6 +60,8 @@ def add_dataset(
         n_tokens=int(packed.tokens.size),
         n_counted=int(packed.mask.sum()),
         token_sha256=packed.sha256,
+        excluded_tokens=json.dumps(excluded),
+        fingerprint=packed.fingerprint,
         source=", ".join(sources),
         seed=seed,
         path=rel_path,

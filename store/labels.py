@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from sqlalchemy import ColumnElement, Select, Subquery, and_, func, literal, select
 
 from actdb.store.database import Store
@@ -70,6 +71,20 @@ def newest_run_listing(newest: Subquery) -> Select:
 def on_newest(view, newest: Subquery) -> ColumnElement[bool]:
     """Join condition restricting a universality view to each set's newest run."""
     return and_(view.c.run_id == newest.c.run_id, view.c.set_id == newest.c.set_id)
+
+
+def format_draws(values: np.ndarray) -> str | None:
+    """The per-draw excess of one neuron as stored: sorted, comma-separated, 9 significant digits."""
+    finite = np.sort(values[np.isfinite(values)])
+    return ",".join(f"{v:.9g}" for v in finite) if len(finite) == len(values) else None
+
+
+def stability_at(draws: str | None, threshold: float) -> float | None:
+    """Share of baseline draws in which the neuron is universal at `threshold` (None when undefined)."""
+    if not draws:
+        return None
+    values = [float(x) for x in draws.split(",")]
+    return sum(v > threshold for v in values) / len(values)
 
 
 def latest_universality_run(store: Store, set_id: int, control: str) -> tuple[int, float] | None:

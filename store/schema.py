@@ -108,6 +108,8 @@ class Dataset(Base):
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     n_counted: Mapped[int] = mapped_column(BigInteger)
     token_sha256: Mapped[str] = mapped_column(String(64))
+    excluded_tokens: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of token ids that never count
+    fingerprint: Mapped[str] = mapped_column(String(64))  # token ids + exclusions; what activation files name
     source: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)  # relative to the store folder
@@ -167,6 +169,7 @@ class CorrelationRun(RunState, Base):
     control: Mapped[str] = mapped_column(String(20))
     threshold: Mapped[float] = mapped_column(Float)
     baseline_seed: Mapped[int] = mapped_column(Integer)
+    baseline_draws: Mapped[int] = mapped_column(Integer, default=1)
     topk: Mapped[int] = mapped_column(Integer)
     backend: Mapped[str] = mapped_column(String(20))
     n_tokens: Mapped[int | None] = mapped_column(BigInteger)
@@ -195,7 +198,8 @@ class NeuronMatch(Base):
     max_corr: Mapped[float | None] = mapped_column(Float)
     best_layer: Mapped[int | None] = mapped_column(Integer)
     best_neuron: Mapped[int | None] = mapped_column(Integer)
-    baseline_max_corr: Mapped[float | None] = mapped_column(Float)
+    baseline_max_corr: Mapped[float | None] = mapped_column(Float)  # mean over baseline draws
+    baseline_sd: Mapped[float | None] = mapped_column(Float)  # sd over baseline draws
     topk: Mapped[str | None] = mapped_column(Text)
     self_corr: Mapped[float | None] = mapped_column(Float)
 
@@ -213,7 +217,11 @@ class Universality(Base):
     mean_max_corr: Mapped[float | None] = mapped_column(Float)
     min_max_corr: Mapped[float | None] = mapped_column(Float)
     mean_baseline: Mapped[float | None] = mapped_column(Float)
+    baseline_sd: Mapped[float | None] = mapped_column(Float)
     excess_corr: Mapped[float | None] = mapped_column(Float)
+    z: Mapped[float | None] = mapped_column(Float)
+    stability: Mapped[float | None] = mapped_column(Float)  # share of draws universal at the run's threshold
+    excess_draws: Mapped[str | None] = mapped_column(Text)  # the excess against each draw, sorted, comma-separated
     is_dead: Mapped[bool] = mapped_column(Boolean)
 
 
@@ -309,6 +317,9 @@ class Ablation(RunState, Base):
     control_std: Mapped[float | None] = mapped_column(Float)
     control_ci_low: Mapped[float | None] = mapped_column(Float)
     control_ci_high: Mapped[float | None] = mapped_column(Float)
+    control_min: Mapped[float | None] = mapped_column(Float)
+    control_max: Mapped[float | None] = mapped_column(Float)
+    control_deltas: Mapped[str | None] = mapped_column(Text)  # JSON list, one delta per control set
     p_value: Mapped[float | None] = mapped_column(Float)
     each: Mapped[bool] = mapped_column(Boolean)
     forward_passes: Mapped[int | None] = mapped_column(Integer)

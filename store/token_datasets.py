@@ -6,6 +6,7 @@ the last sequence is padded. BOS, EOS and padding positions are not counted, as 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import random
@@ -104,7 +105,46 @@ def _hub_dataset(name: str, field: str) -> Iterator[str]:
         yield str(record[field])
 
 
-def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int | None, seed: int) -> TokenDataset:
+EXCLUSION_PRESETS = {
+    # Gurnee et al. (2024) drop the newline token from every statistic, besides BOS/EOS/padding
+    "gurnee": ["\n"],
+}
+
+
+def resolve_exclusions(tokenizer, spec: str | None) -> list[tuple[int, str]]:
+    """(id, token) pairs from `--exclude-tokens`: comma-separated token ids, tokens as the vocabulary spells
+    them, or text with Python escapes (`\\n`) that is exactly one token; a preset name (`gurnee`) expands."""
+    if not spec:
+        return []
+    vocab = tokenizer.get_vocab()
+    out: dict[int, str] = {}
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        for text in EXCLUSION_PRESETS.get(item, [item]):
+            if text.isdigit():
+                token_id = int(text)
+                if token_id >= len(tokenizer):
+                    raise ActdbError(f"token id {token_id} is outside the vocabulary ({len(tokenizer)} tokens)")
+            elif text in vocab:
+                token_id = vocab[text]
+            else:
+                try:
+                    decoded = codecs.decode(text, "unicode_escape")
+                except UnicodeDecodeError:
+                    raise ActdbError(f"cannot read token {text!r}; write an id, a token, or text like \\n") from None
+                ids = tokenizer(decoded, add_special_tokens=False)["input_ids"]
+                if len(ids) != 1:
+                    raise ActdbError(f"{text!r} is {len(ids)} tokens for this tokenizer, not one; give its id")
+                token_id = ids[0]
+            out[token_id] = tokenizer.convert_ids_to_tokens(token_id)
+    return sorted(out.items())
+
+
+def pack_documents(
+    documents: list[str], tokenizer, seq_len: int, n_tokens: int | None, seed: int, excluded: list[int] = ()
+) -> TokenDataset:
     """Shuffle documents with `seed`, tokenize, and pack into `(n_sequences, seq_len)` with a counted mask."""
     if seq_len < 2:
         raise ActdbError("--seq-len must be at least 2")
@@ -145,8 +185,8 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int, n_tokens: int 
     if not sequences:
         raise ActdbError("the documents hold no text to tokenize")
     tokens = np.asarray(sequences, dtype=np.int32)
-    mask = ~np.isin(tokens, special)
+    mask = ~np.isin(tokens, special + list(excluded))
     mask[-1, tail_len:] = False
     if mask.sum() < 2:
         raise ActdbError("the documents hold fewer than two tokens that count; give more text")
-    return TokenDataset(tokens, mask, tokenizer_fingerprint(tokenizer))
+    return TokenDataset(tokens, mask, tokenizer_fingerprint(tokenizer), sorted(excluded))

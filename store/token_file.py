@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,14 @@ def token_sha256(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
 
 
+def dataset_fingerprint(sha256: str, excluded: list[int]) -> str:
+    """What a dataset is for every model run on it: its token ids and the token ids that never count (equal to
+    the ids' sha256 when nothing beyond BOS/EOS/padding is excluded, as for datasets made before exclusions)."""
+    if not excluded:
+        return sha256
+    return hashlib.sha256(json.dumps({"tokens": sha256, "excluded": sorted(excluded)}).encode()).hexdigest()
+
+
 @dataclass
 class TokenDataset:
     """Token ids and the mask of counted positions (False for padding and BOS/EOS)."""
@@ -27,6 +36,7 @@ class TokenDataset:
     tokens: np.ndarray
     mask: np.ndarray
     tokenizer_fingerprint: str
+    excluded: list[int] = field(default_factory=list)  # token ids masked like BOS/EOS/padding
 
     @property
     def n_sequences(self) -> int:
@@ -40,6 +50,10 @@ class TokenDataset:
     def sha256(self) -> str:
         return token_sha256(self.tokens)
 
+    @property
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.sha256, self.excluded)
+
     def save(self, path: Path) -> None:
         """Write under a temporary name and rename, so a visible file is always whole."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +63,7 @@ class TokenDataset:
             f.create_dataset("mask", data=self.mask.astype(bool), fletcher32=True, chunks=True)
             f.attrs["tokenizer_fingerprint"] = self.tokenizer_fingerprint
             f.attrs["token_sha256"] = self.sha256
+            f.attrs["excluded_token_ids"] = json.dumps(sorted(self.excluded))
             f.attrs[COMPLETE_ATTR] = True
         os.replace(tmp, path)
 
@@ -59,7 +74,8 @@ class TokenDataset:
             with h5py.File(path, "r") as f:
                 if not f.attrs.get(COMPLETE_ATTR, False):
                     raise ActdbError(f"token file {path} is unfinished")
-                ds = cls(f["tokens"][:], f["mask"][:], str(f.attrs["tokenizer_fingerprint"]))
+                excluded = json.loads(str(f.attrs.get("excluded_token_ids", "[]")))
+                ds = cls(f["tokens"][:], f["mask"][:], str(f.attrs["tokenizer_fingerprint"]), excluded)
                 expected = str(f.attrs["token_sha256"])
         except (OSError, KeyError) as exc:
             raise ActdbError(f"token file {path} is missing or corrupt: {exc}") from None

@@ -23,9 +23,13 @@ def _universality_columns() -> list[Column]:
         Column("layer", Integer),
         Column("neuron", Integer),
         Column("excess_corr", Float),
+        Column("stability", Float),
+        Column("z", Float),
         Column("mean_max_corr", Float),
         Column("min_max_corr", Float),
         Column("mean_baseline", Float),
+        Column("baseline_sd", Float),
+        Column("n_draws", Integer),
         Column("is_universal", Boolean),
         Column("is_dead", Boolean),
         Column("act_mean", Float),
@@ -34,6 +38,7 @@ def _universality_columns() -> list[Column]:
         Column("act_kurtosis", Float),
         Column("act_frac_active", Float),
         Column("set_id", Integer),
+        Column("excess_draws", String),
     ]
 
 
@@ -71,6 +76,7 @@ v_neuron_matches = _view(
     Column("best_layer", Integer),
     Column("best_neuron", Integer),
     Column("baseline_max_corr", Float),
+    Column("baseline_sd", Float),
     Column("self_corr", Float),
 )
 v_persistence = _view(
@@ -109,9 +115,12 @@ v_ablation_summary = _view(
     Column("n_controls", Integer),
     Column("control_mean", Float),
     Column("control_std", Float),
+    Column("control_min", Float),
+    Column("control_max", Float),
     Column("control_ci_low", Float),
     Column("control_ci_high", Float),
     Column("p_value", Float),
+    Column("p_floor", Float),
     Column("delta_vs_controls", Float),
     Column("run_id", Integer),
     Column("created_at", DateTime),
@@ -127,6 +136,7 @@ v_neuron_history = _view(
     Column("neuron", Integer),
     Column("run_id", Integer),
     Column("excess_corr", Float),
+    Column("stability", Float),
     Column("mean_max_corr", Float),
     Column("mean_baseline", Float),
     Column("is_universal", Boolean),

@@ -103,7 +103,7 @@ def test_chunk_and_block_invariance(synthetic):
     for key, m in base.matches.items():
         o = many.matches[key]
         np.testing.assert_allclose(o.max_corr, m.max_corr, atol=1e-6, equal_nan=True)
-        np.testing.assert_allclose(o.baseline_max, m.baseline_max, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(o.baseline, m.baseline, atol=1e-6, equal_nan=True)
         np.testing.assert_allclose(o.topk_val, m.topk_val, atol=1e-6)
         assert (o.best == m.best).all()
         np.testing.assert_allclose(m.topk_val[:, 0], np.where(np.isnan(m.max_corr), -np.inf, m.max_corr), atol=1e-12)
@@ -121,19 +121,45 @@ def test_permuting_other_set_permutes_argmax(synthetic):
     assert (s["perm"][self_match.best] == np.arange(L * D)).all()
 
 
-def test_baseline_equals_direct_rotated_computation(synthetic):
-    s = synthetic
-    opts = CorrelationOptions(baseline_seed=7)
-    res = correlate_sets(s["sets"][:2], s["tokens"], s["mask"], opts, CPU)
-    a, b = s["counted"][0], s["counted"][1]
-    rot_b = np.concatenate([b[:, i * D : (i + 1) * D] @ random_rotation(D, 7, 101, i) for i in range(L)], axis=1)
-    ref = _ref_corr(a, rot_b).max(axis=1)
-    np.testing.assert_allclose(res.matches[(100, 101)].baseline_max, ref, atol=1e-4)
-    rot_a = np.concatenate([a[:, i * D : (i + 1) * D] @ random_rotation(D, 7, 100, i) for i in range(L)], axis=1)
-    ref_back = _ref_corr(b, rot_a).max(axis=1)
-    live = ~res.dead[101]
-    np.testing.assert_allclose(res.matches[(101, 100)].baseline_max[live], ref_back[live], atol=1e-4)
-    q = random_rotation(D, 7, 101, 0)
+def _rotated(x, key, draw, seed=7):
+    return np.concatenate(
+        [x[:, i * D : (i + 1) * D] @ random_rotation(D, seed, key, i, draw) for i in range(L)], axis=1
+    )
+
+
+def test_baseline_draws_equal_direct_rotated_passes(synthetic):
+    """Each of K draws equals a direct second pass over rotated float64 data; so do their mean and sd, the
+    universality scores' excess per draw, and the stability computed from those passes."""
+    from actdb.compute.universality import score_universality
+
+    s, draws = synthetic, 5
+    opts = CorrelationOptions(baseline_seed=7, baseline_draws=draws)
+    res = correlate_sets(s["sets"][:3], s["tokens"], s["mask"], opts, CPU)
+    a, b, c = s["counted"][:3]
+    live_b = ~res.dead[101]
+    forward = np.stack([_ref_corr(a, _rotated(b, 101, k)).max(axis=1) for k in range(draws)])
+    backward = np.stack([_ref_corr(b, _rotated(a, 100, k)).max(axis=1) for k in range(draws)])
+    np.testing.assert_allclose(res.matches[(100, 101)].baseline, forward, atol=1e-4)
+    np.testing.assert_allclose(res.matches[(101, 100)].baseline[:, live_b], backward[:, live_b], atol=1e-4)
+    np.testing.assert_allclose(res.matches[(100, 101)].baseline_mean, forward.mean(axis=0), atol=1e-4)
+    np.testing.assert_allclose(res.matches[(100, 101)].baseline_sd, forward.std(axis=0, ddof=1), atol=1e-4)
+    assert (forward.std(axis=0) > 1e-3).all()  # the draws really differ
+    single = correlate_sets(
+        s["sets"][:2], s["tokens"], s["mask"], CorrelationOptions(baseline_seed=7, baseline_draws=1), CPU
+    )
+    np.testing.assert_allclose(single.matches[(100, 101)].baseline[0], forward[0], atol=1e-4)  # draw 0 = K = 1
+    # universality of set a against b and c, per draw, from direct passes
+    max_corr = np.stack([_ref_corr(a, b).max(axis=1), _ref_corr(a, c).max(axis=1)])
+    per_draw = np.stack([forward, np.stack([_ref_corr(a, _rotated(c, 102, k)).max(axis=1) for k in range(draws)])])
+    excess_draws = max_corr.mean(axis=0)[None, :] - per_draw.mean(axis=0)
+    scores = score_universality(res)[100]
+    np.testing.assert_allclose(scores.excess_draws, excess_draws, atol=1e-4)
+    np.testing.assert_allclose(scores.baseline_sd, per_draw.mean(axis=0).std(axis=0, ddof=1), atol=1e-4)
+    threshold = float(np.median(excess_draws))
+    safe = np.abs(excess_draws - threshold).min(axis=0) > 1e-3  # no draw within rounding of the threshold
+    np.testing.assert_array_equal(scores.stability(threshold)[safe], (excess_draws > threshold).mean(axis=0)[safe])
+    assert 0 < scores.stability(threshold)[safe].mean() < 1
+    q = random_rotation(D, 7, 101, 0, 3)
     np.testing.assert_allclose(q.T @ q, np.eye(D), atol=1e-12)
 
 

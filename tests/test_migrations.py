@@ -102,7 +102,9 @@ def test_store_at_0004_with_data_is_carried_forward(db_url, tmp_path):
     by_layer = queries.universal_by_layer(store, model="a")
     assert [(r["step"], r["n_universal"], r["threshold"]) for r in by_layer] == [(5, 2, 0.2)]
     assert queries.universal_by_layer(store, model="a", threshold=0.28)[0]["n_universal"] == 1
-    assert {r["neuron"] for r in queries.universal_neurons(store, model="b")} == {1, 2}
+    listed = queries.universal_neurons(store, model="b")
+    assert {r["neuron"] for r in listed} == {1, 2}
+    assert {r["stability"] for r in listed} == {1.0}  # one draw: the label either holds or not
     view = store.query(text("SELECT * FROM v_universal_by_layer WHERE run_id = 1 AND model = 'a'")).first()
     assert view["n_universal"] == 2
     (pers,) = queries.persistence_listing(store, "a")
@@ -123,5 +125,6 @@ def test_store_at_0004_with_data_is_carried_forward(db_url, tmp_path):
         assert (stuck.host, stuck.pid) == ("elsewhere", 123)
         old, dead = s.get(CorrelationRun, 1), s.get(CorrelationRun, 2)
         assert dead.status == "abandoned" and s.query(NeuronMatch).filter_by(run_id=2).count() == 0
-        assert old.request_key == correlation_key([1, 2], CorrelationOptions())
+        assert old.request_key == correlation_key([1, 2], CorrelationOptions(baseline_draws=1))
+        assert old.baseline_draws == 1
     store.close()

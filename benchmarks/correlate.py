@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--naive-tokens", type=int, default=20_000, help="tokens for the np.corrcoef comparison")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", help="reuse/keep the data in this folder")
+    ap.add_argument("--baseline-draws", type=int, default=8, help="rotation draws of the engine run")
+    ap.add_argument("--compare-draws", type=int, help="also run the engine with this many draws and compare times")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the np.corrcoef comparison")
     args = ap.parse_args()
     backend = resolve_device(args.device).array
     root = Path(args.dir or tempfile.mkdtemp(prefix="actdb-bench-"))
@@ -53,9 +56,17 @@ def main() -> None:
     tokens = np.zeros((n_seq, SEQ_LEN), dtype=np.int32)
     mask = np.ones_like(tokens, dtype=bool)
     t0 = time.perf_counter()
-    result = correlate_sets(sets, tokens, mask, CorrelationOptions(), backend)
+    result = correlate_sets(sets, tokens, mask, CorrelationOptions(baseline_draws=args.baseline_draws), backend)
     engine_s = time.perf_counter() - t0
     engine_rss = peak_rss_mb()
+    if args.compare_draws is not None:
+        t0 = time.perf_counter()
+        correlate_sets(sets, tokens, mask, CorrelationOptions(baseline_draws=args.compare_draws), backend)
+        other_s = time.perf_counter() - t0
+        print(
+            f"baseline draws: {args.baseline_draws} draws {engine_s:.1f}s, {args.compare_draws} draw(s) "
+            f"{other_s:.1f}s: {100 * (engine_s - other_s) / other_s:+.1f}% for the extra draws"
+        )
     n = result.n_tokens
     pairs = args.sets * (args.sets - 1) // 2
     flops = pairs * n_neurons * n_neurons * n * 2 + args.sets * args.layers * args.d_mlp**2 * n * 2
@@ -84,6 +95,8 @@ def main() -> None:
     print(f"bare GEMM of the same shapes: {gemm_s:.1f}s, {gemm_gflops:.0f} GFLOP/s")
     print(f"ratio engine / bare GEMM: {engine_gflops / gemm_gflops:.2f}")
     print(f"peak RSS of the engine process after the engine ran: {engine_rss:.0f} MB")
+    if args.skip_naive:
+        return
     m = min(args.naive_tokens, args.tokens)
     from actdb.store.activation_file import ActivationReader
 

@@ -1,16 +1,39 @@
-"""Random rotation baseline (Gurnee et al. 2024): a seeded, truly orthogonal rotation of a layer's neurons."""
+"""Random rotation baseline (Gurnee et al. 2024): seeded, truly orthogonal rotations of a layer's neurons.
+
+Draw k of model m's layer l is `R_{m,l} P_k`: `R_{m,l}` is the Haar rotation a single-draw run uses (seeded by
+run seed, model and layer), `P_k` a Haar rotation shared by every model and layer of that width (`P_0 = I`).
+Given `P_k`, the products are independent Haar rotations across models and layers, and given `R_{m,l}` they
+are independent across draws, so K draws cost K - 1 extra QR decompositions per width instead of one per
+model, layer and draw.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+DRAW_STREAM = 0x5EED_D4A3  # keeps the draw rotations' random stream apart from the per-model ones
 
-def random_rotation(d: int, seed: int, key: int, layer: int, draw: int = 0) -> np.ndarray:
-    """Haar-distributed orthogonal `(d, d)` matrix: QR of a Gaussian with the signs of R's diagonal fixed.
 
-    Seeded by (run seed, key, layer, draw); the key is the model, so a model's rotations are reproducible
-    everywhere. Draw 0 keeps the seeding of single-draw runs, so K = 1 reproduces them exactly.
-    """
-    rng = np.random.default_rng([seed, key, layer] if draw == 0 else [seed, key, layer, draw])
+def _haar(rng: np.random.Generator, d: int) -> np.ndarray:
+    """Haar-distributed orthogonal `(d, d)` matrix: QR of a Gaussian with the signs of R's diagonal fixed."""
     q, r = np.linalg.qr(rng.standard_normal((d, d)))
     return q * np.sign(np.diag(r))
+
+
+def random_rotation(d: int, seed: int, key: int, layer: int) -> np.ndarray:
+    """The rotation of a model's layer seeded by (run seed, key, layer); the key is the model, so a model's
+    rotation is reproducible everywhere and every checkpoint of a model is rotated the same way."""
+    return _haar(np.random.default_rng([seed, key, layer]), d)
+
+
+def draw_rotation(d: int, seed: int, draw: int) -> np.ndarray:
+    """`P_k`, the rotation that turns every model's draw-0 rotation into its draw-k rotation."""
+    if draw == 0:
+        return np.eye(d)
+    return _haar(np.random.default_rng([seed, DRAW_STREAM, d, draw]), d)
+
+
+def rotation(d: int, seed: int, key: int, layer: int, draw: int = 0) -> np.ndarray:
+    """Draw `draw` of the rotation of model `key`'s layer: `R_{key,layer} P_draw`."""
+    base = random_rotation(d, seed, key, layer)
+    return base if draw == 0 else base @ draw_rotation(d, seed, draw)

@@ -18,10 +18,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 
-from actdb.compute.baseline import random_rotation
+from actdb.compute.baseline import draw_rotation, random_rotation
 from actdb.store.activation_file import ActivationReader
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
@@ -148,9 +149,11 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
     ]
     sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 12 for t in tasks]  # float64 sum + float32 GEMM out
     # finalizing one block holds about six float64 temporaries of its size (cov, r, Cov_ab R, its ratio, R^T Cov,
-    # and the maxima's working copies) plus one more chunk of the widest set, and one set's rotations of one
-    # baseline draw (L d^2, with as much again while they are built)
-    rotations = max(2 * s.n_layers * s.d_mlp**2 * 8 for s in inputs)
+    # and the maxima's working copies) plus one more chunk of the widest set; the baseline holds one set's draw-0
+    # rotations and one draw's (L d^2 each, with as much again while they are built) and the draw rotations
+    # P_k shared by all sets ((K - 1) d^2)
+    widest = max(s.d_mlp for s in inputs)
+    rotations = max(3 * s.n_layers * s.d_mlp**2 * 8 for s in inputs) + (options.baseline_draws - 1) * widest**2 * 8
     finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4 + rotations
     room = budget - fixed - finalize
     if room < max(sizes, default=0):
@@ -302,6 +305,7 @@ class _Engine:
         if options.baseline_draws < 1:
             raise ActdbError("--baseline-draws must be at least 1")
         self.results = _empty_results(inputs, options.topk, options.baseline_draws)
+        self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}  # (width, draw) -> P_draw, shared by all sets
 
     def run(self) -> CorrelationResult:
         for p, tasks in enumerate(self.passes):
@@ -315,16 +319,25 @@ class _Engine:
     def _finalize_pass(self, acc: dict[TaskGroup, object]) -> None:
         """Turn a pass's accumulators into covariances (in place), take the maxima of each (pair x layer), then
         the rotation baseline: for each set and draw, its rotations are built once and applied to every block
-        that involves the set, so one set's rotations of one draw are in memory at a time."""
-        for g, block in acc.items():
+        that involves the set, so one set's rotations of one draw are in memory at a time. The baseline works on
+        float32 copies of the covariances (the accumulation's float32 buffers are free by then): a baseline
+        maximum only needs ~1e-6, and float32 products run at twice the rate."""
+        xp = self.backend.xp
+        for g in list(acc):
+            block = acc[g]
             self._to_covariance(g, block)
             for layer in range(g.start, g.stop):
                 _task_maxima(Task(g.a, g.b, layer), self._rows(g, block, layer), self)
+            acc[g] = block.astype(xp.float32)
+            del block
         for key in sorted({g.a for g in acc} | {g.b for g in acc}):
+            s = self.inputs[key]
+            base = [
+                random_rotation(s.d_mlp, self.options.baseline_seed, s.rotation_key, layer)
+                for layer in range(s.n_layers)
+            ]
             for draw in range(self.options.baseline_draws):
-                rot, rot_sd = _rotations(
-                    self.inputs[key], self.moments[key], self.options.baseline_seed, draw, self.backend
-                )
+                rot, rot_sd = self._rotations(key, base, draw)
                 for g, block in acc.items():
                     for layer in range(g.start, g.stop) if key in (g.a, g.b) else ():
                         rows = self._rows(g, block, layer)
@@ -333,6 +346,20 @@ class _Engine:
                         if g.a == key:
                             _baseline_backward(Task(g.a, g.b, layer), rows, rot[layer], rot_sd, draw, self)
                 del rot, rot_sd
+
+    def _rotations(self, key: int, base: list[np.ndarray], draw: int) -> tuple[list, object]:
+        """One draw's per-layer rotations of a set (float32, on the device) and its rotated neurons' standard
+        deviations sqrt(diag(R^T C R)), computed in float64 without forming R^T C R."""
+        xp, backend = self.backend.xp, self.backend
+        d = self.inputs[key].d_mlp
+        if draw and (d, draw) not in self.draw_rotations:
+            self.draw_rotations[(d, draw)] = draw_rotation(d, self.options.baseline_seed, draw)
+        rot = [backend.asarray(r if draw == 0 else r @ self.draw_rotations[(d, draw)]) for r in base]
+        covs = self.moments[key].cov
+        rot_sd = xp.concatenate(
+            [xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None)) for c, r in zip(covs, rot, strict=True)]
+        )
+        return [r.astype(xp.float32) for r in rot], rot_sd
 
     def _rows(self, g: TaskGroup, block: object, layer: int) -> object:
         d = self.inputs[g.a].d_mlp
@@ -455,17 +482,6 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):
     return r
 
 
-def _rotations(s: SetInput, m: _SetMoments, seed: int, draw: int, backend: ArrayBackend) -> tuple[list, object]:
-    """One draw's per-layer rotations of a set and its rotated neurons' standard deviations
-    sqrt(diag(R^T C R)), computed without forming R^T C R."""
-    xp = backend.xp
-    rot = [backend.asarray(random_rotation(s.d_mlp, seed, s.rotation_key, layer, draw)) for layer in range(s.n_layers)]
-    rot_sd = xp.concatenate(
-        [xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0), 0, None)) for c, r in zip(m.cov, rot, strict=True)]
-    )
-    return rot, rot_sd
-
-
 def _task_maxima(t: Task, cov: object, engine: _Engine) -> None:
     """Row maxima of one (pair x layer) correlation block for a, running column maxima for b, self-correlation."""
     backend, inputs, moments = engine.backend, engine.inputs, engine.moments
@@ -482,25 +498,44 @@ def _task_maxima(t: Task, cov: object, engine: _Engine) -> None:
         back.self_corr[rows] = fwd.self_corr[rows]
 
 
+def _inverse_sd(sd: object, xp: ModuleType) -> tuple[object, object]:
+    """1 / sd as float32, 0 for dead or constant neurons (their scaled values are then replaced by -inf)."""
+    live = sd > SD_EPS
+    return xp.where(live, 1.0 / xp.where(live, sd, 1.0), 0.0).astype(xp.float32), ~live
+
+
 def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int, engine: _Engine) -> None:
     """Max over b's rotated neurons for each neuron of a's layer: corr(a_i, (bR)_j) =
-    (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone."""
+    (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone. Dividing by sd_a_i > 0 does not
+    change which j is largest, so each row's max is taken over Cov_ab R scaled by the columns' 1/sd only."""
     xp, sb = engine.backend.xp, engine.inputs[t.b]
     d, db = engine.inputs[t.a].d_mlp, sb.d_mlp
     rows = slice(t.layer * d, (t.layer + 1) * d)
-    cov_rb = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot[lb] for lb in range(sb.n_layers)], axis=1)
-    r_rot = _masked_ratio(cov_rb, engine.moments[t.a].sd[rows], rot_sd, xp)
-    engine.results[(t.a, t.b)].baseline[draw, rows] = engine.backend.to_numpy(r_rot.max(axis=1))
+    scaled = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot[lb] for lb in range(sb.n_layers)], axis=1)
+    inv_cols, dead_cols = _inverse_sd(rot_sd, xp)
+    scaled *= inv_cols
+    if bool(dead_cols.any()):
+        scaled[:, dead_cols] = -xp.inf
+    inv_rows, _dead = _inverse_sd(engine.moments[t.a].sd[rows], xp)
+    best = xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0)
+    engine.results[(t.a, t.b)].baseline[draw, rows] = engine.backend.to_numpy(best)
 
 
 def _baseline_backward(t: Task, cov: object, rot_a: object, rot_sd: object, draw: int, engine: _Engine) -> None:
-    """Running max, for every neuron of b, over the rotated neurons of a's layer: (R_a^T Cov_ab)."""
+    """Running max, for every neuron of b, over the rotated neurons of a's layer: (R_a^T Cov_ab), scaled the
+    same way by the rotated neurons' 1/sd before the column max."""
     xp = engine.backend.xp
     d = engine.inputs[t.a].d_mlp
     rows = slice(t.layer * d, (t.layer + 1) * d)
-    r_rot = _masked_ratio(rot_a.T @ cov, rot_sd[rows], engine.moments[t.b].sd, xp)
+    scaled = rot_a.T @ cov
+    inv_rows, dead_rows = _inverse_sd(rot_sd[rows], xp)
+    scaled *= inv_rows[:, None]
+    if bool(dead_rows.any()):
+        scaled[dead_rows, :] = -xp.inf
+    inv_cols, _dead = _inverse_sd(engine.moments[t.b].sd, xp)
+    best = xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0)
     target = engine.results[(t.b, t.a)].baseline[draw]
-    np.maximum(target, engine.backend.to_numpy(r_rot.max(axis=0)), out=target)
+    np.maximum(target, engine.backend.to_numpy(best), out=target)
 
 
 def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: ArrayBackend) -> None:

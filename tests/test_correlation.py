@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from actdb.compute.baseline import random_rotation
+from actdb.compute.baseline import random_rotation, rotation
 from actdb.compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
 from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 from actdb.store.database import Store
@@ -122,9 +122,7 @@ def test_permuting_other_set_permutes_argmax(synthetic):
 
 
 def _rotated(x, key, draw, seed=7):
-    return np.concatenate(
-        [x[:, i * D : (i + 1) * D] @ random_rotation(D, seed, key, i, draw) for i in range(L)], axis=1
-    )
+    return np.concatenate([x[:, i * D : (i + 1) * D] @ rotation(D, seed, key, i, draw) for i in range(L)], axis=1)
 
 
 def test_baseline_draws_equal_direct_rotated_passes(synthetic):
@@ -159,8 +157,9 @@ def test_baseline_draws_equal_direct_rotated_passes(synthetic):
     safe = np.abs(excess_draws - threshold).min(axis=0) > 1e-3  # no draw within rounding of the threshold
     np.testing.assert_array_equal(scores.stability(threshold)[safe], (excess_draws > threshold).mean(axis=0)[safe])
     assert 0 < scores.stability(threshold)[safe].mean() < 1
-    q = random_rotation(D, 7, 101, 0, 3)
-    np.testing.assert_allclose(q.T @ q, np.eye(D), atol=1e-12)
+    for q in (rotation(D, 7, 101, 0, 3), random_rotation(D, 7, 101, 0)):
+        np.testing.assert_allclose(q.T @ q, np.eye(D), atol=1e-12)
+    assert not np.allclose(rotation(D, 7, 101, 0, 3), rotation(D, 7, 101, 1, 3))  # layers differ within a draw
 
 
 def test_token_control_matches_residualized_reference(synthetic):

@@ -14,8 +14,10 @@ Nothing of size n_tokens x neurons is ever held.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -89,6 +91,7 @@ class CorrelationResult:
     dead: dict[int, np.ndarray]
     n_tokens: int
     n_passes: int
+    seconds: dict[str, float] = field(default_factory=dict)  # "accumulate", "maxima", "baseline"
 
 
 @dataclass(frozen=True)
@@ -305,16 +308,28 @@ class _Engine:
         if options.baseline_draws < 1:
             raise ActdbError("--baseline-draws must be at least 1")
         self.results = _empty_results(inputs, options.topk, options.baseline_draws)
-        self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}  # (width, draw) -> P_draw, shared by all sets
+        self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
+        self.seconds: dict[str, float] = {}  # (width, draw) -> P_draw, shared by all sets
 
     def run(self) -> CorrelationResult:
         for p, tasks in enumerate(self.passes):
-            acc = self._accumulate(tasks, first=p == 0)
-            if p == 0:
-                self._finalize_sets()
+            with self._timed("accumulate"):
+                acc = self._accumulate(tasks, first=p == 0)
+                if p == 0:
+                    self._finalize_sets()
             self._finalize_pass(acc)
             del acc
         return self._result()
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.backend.name == "cupy":
+                self.backend.xp.cuda.Stream.null.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
     def _finalize_pass(self, acc: dict[TaskGroup, object]) -> None:
         """Turn a pass's accumulators into covariances (in place), take the maxima of each (pair x layer), then
@@ -323,13 +338,18 @@ class _Engine:
         float32 copies of the covariances (the accumulation's float32 buffers are free by then): a baseline
         maximum only needs ~1e-6, and float32 products run at twice the rate."""
         xp = self.backend.xp
-        for g in list(acc):
-            block = acc[g]
-            self._to_covariance(g, block)
-            for layer in range(g.start, g.stop):
-                _task_maxima(Task(g.a, g.b, layer), self._rows(g, block, layer), self)
-            acc[g] = block.astype(xp.float32)
-            del block
+        with self._timed("maxima"):
+            for g in list(acc):
+                block = acc[g]
+                self._to_covariance(g, block)
+                for layer in range(g.start, g.stop):
+                    _task_maxima(Task(g.a, g.b, layer), self._rows(g, block, layer), self)
+                acc[g] = block.astype(xp.float32)
+                del block
+        with self._timed("baseline"):
+            self._baseline(acc)
+
+    def _baseline(self, acc: dict[TaskGroup, object]) -> None:
         for key in sorted({g.a for g in acc} | {g.b for g in acc}):
             s = self.inputs[key]
             base = [
@@ -432,7 +452,7 @@ class _Engine:
             r.max_corr[undefined] = np.nan
             r.baseline[:, undefined | ~np.isfinite(r.baseline).any(axis=0)] = np.nan
             r.best[undefined] = -1
-        return CorrelationResult(matches, dead, self.n, len(self.passes))
+        return CorrelationResult(matches, dead, self.n, len(self.passes), dict(self.seconds))
 
 
 def _empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:

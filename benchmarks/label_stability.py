@@ -20,6 +20,10 @@ from actdb.store.database import Store
 from actdb.store.refs import SetRef
 
 
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default="actdb-demo")
@@ -32,7 +36,7 @@ def main() -> None:
     shutil.copytree(args.home, copy, ignore=shutil.ignore_patterns("zoo", "report"))
     store = Store.open(StoreConfig.resolve(copy, None))
     sets = [SetRef(m, args.step) for m in args.models.split(",")]
-    labels, seconds = {}, {}
+    labels, stable, seconds = {}, {}, {}
     for draws in (1, args.draws):
         for seed in (101, 202):
             request = CorrelationRequest(sets=sets, seed=seed, baseline_draws=draws, progress=False)
@@ -41,13 +45,15 @@ def main() -> None:
             seconds[(draws, seed)] = time.perf_counter() - t0
             rows = universal_neurons(store, run=outcome.run_id, threshold=args.threshold)
             labels[(draws, seed)] = {(r["model"], r["layer"], r["neuron"]) for r in rows}
+            stable[(draws, seed)] = {(r["model"], r["layer"], r["neuron"]) for r in rows if r["stability"] >= 0.9}
     for draws in (1, args.draws):
         a, b = labels[(draws, 101)], labels[(draws, 202)]
-        jaccard = len(a & b) / len(a | b) if a | b else float("nan")
         print(
             f"K = {draws}: universal sets at excess > {args.threshold} from seeds 101 and 202: {len(a)} and "
-            f"{len(b)} neurons, Jaccard {jaccard:.3f}; correlate {seconds[(draws, 101)]:.1f}s"
+            f"{len(b)} neurons, Jaccard {_jaccard(a, b):.3f}; correlate {seconds[(draws, 101)]:.1f}s"
         )
+    a, b = stable[(args.draws, 101)], stable[(args.draws, 202)]
+    print(f"K = {args.draws}, stability >= 0.9 only: {len(a)} and {len(b)} neurons, Jaccard {_jaccard(a, b):.3f}")
     store.close()
     shutil.rmtree(copy.parent)
 

@@ -242,7 +242,7 @@ def _kill_when_running(proc: subprocess.Popen, store: Store, table: type) -> int
 def test_sigkilled_runs_are_abandoned_and_rerun_cleanly(populated, what):
     home, db = populated
     store = Store.open(StoreConfig.resolve(home, db))
-    slow = ("--chunk-tokens", 64, "--memory-budget", "5MB")  # many passes of small chunks: time to kill it
+    slow = ("--chunk-tokens", 64, "--memory-budget", "6MB")  # many passes of small chunks: time to kill it
     if what == "correlate":
         proc = _spawn(home, db, "correlate", "--dataset", "d", "--step", 0, "--models", "a,b", *slow, "--quiet")
         run_id = _kill_when_running(proc, store, CorrelationRun)

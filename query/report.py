@@ -25,7 +25,7 @@ def _plt():
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return name
 
@@ -113,7 +113,7 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
         return None, ""
     deltas = queries.ablation_control_deltas(store)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.45 * len(rows)))
     for i, r in enumerate(rows):
         controls = deltas.get(r["ablation_id"], [])
         ax.plot(
@@ -137,24 +137,25 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
                 label="controls' mean (95% t-interval)" if i == 0 else None,
             )
         ax.plot(r["delta"], i + 0.15, "o", color="C3", label="ablated set" if i == 0 else None)
-    labels = [
-        f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']}), "
-        f"p = {r['p_value']:.3f} ≥ {r['p_floor']:.3f}"
-        if r["p_value"] is not None
-        else f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']})"
-        for r in rows
-    ]
+    labels = [_ablation_label(r) for r in rows]
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("Δ cross-entropy (nats)")
     ax.set_ylim(-0.8, len(rows) - 0.2)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(rows)), ncol=3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3 - 0.1 / len(rows)), ncol=2)
     notes = [
         f"ablation {r['ablation_id']}: {r['n_controls']} controls cannot reach p < 0.05 (floor {r['p_floor']:.3f})"
         for r in rows
         if r["n_controls"] and r["n_controls"] < 19
     ]
     return _save(fig, out, "ablations.png"), render(rows, "table") + "".join(f"\n{n}" for n in notes)
+
+
+def _ablation_label(r: dict) -> str:
+    label = f"#{r['ablation_id']} {r['model']}@{r['step']} {r['method']} {r['selector'][:18]} ({r['n_neurons']})"
+    if r["p_value"] is not None:
+        label += f"\np = {r['p_value']:.3f} (floor {r['p_floor']:.3f} with {r['n_controls']} controls)"
+    return label
 
 
 def _top_universal(store: Store, threshold: float | None) -> str:

@@ -15,7 +15,7 @@ from actdb.store.database import Store
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
-from actdb.store.lifecycle import request_key, running, start_or_wait
+from actdb.store.lifecycle import release, request_key, running, start_or_wait
 from actdb.store.model_loading import load_model
 from actdb.store.refs import Neuron, parse_int, parse_neuron_list, parse_set_ref, read_neuron_file
 from actdb.store.registry import complete_set, get_checkpoint
@@ -86,8 +86,12 @@ def run_ablation(
             log(f"ablation {done} already measured these neurons (complete); --force measures again")
             return done, None
         ablation_id = start_or_wait(store, Ablation, values, log)
-        if ablation_id is not None:
-            break
+        if ablation_id is None:
+            continue
+        if not req.force and _complete(store, values["request_key"]) is not None:
+            release(store, Ablation, ablation_id)  # it completed between our look and our claim
+            continue
+        break
     with running(store, Ablation, ablation_id) as handle:
         device = resolve_device(req.device).torch
         if not Path(target.source).exists() and target.source.startswith(("/", ".", "~")):

@@ -22,7 +22,7 @@ from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.labels import CONTROLS, check_threshold, format_draws, stability_at
-from actdb.store.lifecycle import RunHandle, request_key, running, start_or_wait
+from actdb.store.lifecycle import RunHandle, release, request_key, running, start_or_wait
 from actdb.store.refs import SetRef
 from actdb.store.registry import resolve_sets
 from actdb.store.schema import (
@@ -140,6 +140,9 @@ def run_correlation(
         run_id = start_or_wait(store, CorrelationRun, _run_values(store, sets, options, key, threshold, device), log)
         if run_id is None:  # an identical request completed meanwhile: reuse it
             force = False
+            continue
+        if not force and _complete_run(store, key) is not None:
+            release(store, CorrelationRun, run_id)  # it completed between our look and our claim
             continue
         with running(store, CorrelationRun, run_id) as handle:
             return _compute(store, handle, sets, options, device, progress, log)

@@ -3,17 +3,28 @@
 The recorded activation ("mlp.post", TransformerLens `blocks.L.mlp.hook_post`) is the input of the MLP's
 output projection: `act(W_in x)` for GPT-2 and GPT-NeoX, `act(gate(x)) * up(x)` for Llama-style gated MLPs.
 Hooking that input is exact by construction and lets ablation replace neurons at the same place.
+
+The adapter is chosen from the config alone (`adapter_for_config`), so an unsupported, mixture-of-experts or
+encoder-only model is refused before any weights load.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from actdb.store.errors import ActdbError
+
+
+def _always(_config: object) -> bool:
+    return True
+
+
+def _no_objection(_config: object) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,36 @@ class Adapter:
     layers: Callable[[nn.Module], list[nn.Module]]
     out_proj: Callable[[nn.Module], nn.Module]
     d_mlp: Callable[[object], int]
+    recorded: str = ""
+    """What the recorded activation is, in the module names of this family (one line, for the README)."""
+    adds_to_residual: Callable[[object], bool] = _always
+    """Whether the output projection's result is added unchanged to the residual stream (no norm after it), so
+    that ablating a neuron changes the layer's output by exactly `out_proj(new) - out_proj(old)`; prefix-shared
+    single-neuron ablation (`LossEvaluator.single_neuron_losses`) is exact only then."""
+    flat_tokens: bool = False
+    """The output projection sees `(batch * seq, d_mlp)` (OPT); the recorder restores `(batch, seq, d_mlp)`."""
+    objection: Callable[[object], str | None] = _no_objection
+    """A reason this family's particular config cannot be recorded exactly, or None."""
+
+
+def _gated(name: str, act: str = "act") -> Adapter:
+    """A Llama-style gated MLP `down_proj(act(gate_proj x) * up_proj x)` under `model.layers[i].mlp`."""
+    return Adapter(
+        name,
+        lambda m: list(m.model.layers),
+        lambda layer: layer.mlp.down_proj,
+        lambda c: c.intermediate_size,
+        f"{act}(gate_proj x) * up_proj x",
+    )
+
+
+def _bloom_objection(config: object) -> str | None:
+    if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
+        return (
+            "bloom with slow_but_exact=True and pretraining_tp > 1 applies dense_4h_to_h by weight slices, "
+            "bypassing the module whose input actdb records"
+        )
+    return None
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -32,34 +73,185 @@ ADAPTERS: dict[str, Adapter] = {
         lambda m: list(m.transformer.h),
         lambda layer: layer.mlp.c_proj,
         lambda c: c.n_inner or 4 * c.n_embd,
+        "act(c_fc x)",
     ),
     "gpt_neox": Adapter(
         "gpt_neox",
         lambda m: list(m.gpt_neox.layers),
         lambda layer: layer.mlp.dense_4h_to_h,
         lambda c: c.intermediate_size,
+        "act(dense_h_to_4h x)",
     ),
-}
-for _llama_like in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"):
-    ADAPTERS[_llama_like] = Adapter(
-        _llama_like,
+    "gpt_neo": Adapter(
+        "gpt_neo",
+        lambda m: list(m.transformer.h),
+        lambda layer: layer.mlp.c_proj,
+        lambda c: c.intermediate_size or 4 * c.hidden_size,
+        "act(c_fc x)",
+    ),
+    "gptj": Adapter(
+        "gptj",
+        lambda m: list(m.transformer.h),
+        lambda layer: layer.mlp.fc_out,
+        lambda c: c.n_inner or 4 * c.n_embd,
+        "act(fc_in x) (attention and MLP in parallel)",
+    ),
+    "bloom": Adapter(
+        "bloom",
+        lambda m: list(m.transformer.h),
+        lambda layer: layer.mlp.dense_4h_to_h,
+        lambda c: 4 * c.hidden_size,
+        "gelu_tanh(dense_h_to_4h x)",
+        objection=_bloom_objection,
+    ),
+    "falcon": Adapter(
+        "falcon",
+        lambda m: list(m.transformer.h),
+        lambda layer: layer.mlp.dense_4h_to_h,
+        lambda c: c.ffn_hidden_size or 4 * c.hidden_size,
+        "act(dense_h_to_4h x) (attention and MLP in parallel unless parallel_attn=False)",
+    ),
+    "opt": Adapter(
+        "opt",
+        lambda m: list(m.model.decoder.layers),
+        lambda layer: layer.fc2,
+        lambda c: c.ffn_dim,
+        "act(fc1 x) (fc1/fc2 on the decoder layer, no mlp submodule)",
+        # OPT-350m (do_layer_norm_before=False) normalises after adding the MLP output to the residual
+        adds_to_residual=lambda c: bool(getattr(c, "do_layer_norm_before", True)),
+        flat_tokens=True,
+    ),
+    "phi": Adapter(
+        "phi",
+        lambda m: list(m.model.layers),
+        lambda layer: layer.mlp.fc2,
+        lambda c: c.intermediate_size,
+        "act(fc1 x) (attention and MLP in parallel)",
+    ),
+    "phi3": Adapter(
+        "phi3",
         lambda m: list(m.model.layers),
         lambda layer: layer.mlp.down_proj,
         lambda c: c.intermediate_size,
-    )
+        "act(gate) * up, where (gate, up) = gate_up_proj x",
+    ),
+}
+for _name in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "stablelm", "gemma", "gemma2", "gemma3_text"):
+    ADAPTERS[_name] = _gated(_name, "gelu_tanh" if _name.startswith("gemma") else "act")
+for _name in ("olmo2", "gemma2", "gemma3_text"):
+    # post_feedforward_layernorm normalises the MLP output before it joins the residual stream
+    ADAPTERS[_name] = replace(ADAPTERS[_name], adds_to_residual=lambda _c: False)
+
+# a reason per model type that is known but deliberately not supported
+REFUSED_TYPES = {
+    "gemma3": (
+        "gemma3 with a vision tower loads as Gemma3ForConditionalGeneration, whose config keeps the text sizes "
+        "under text_config; the text-only form gemma3_text (Gemma3ForCausalLM) is supported"
+    ),
+}
+MOE_TYPES = frozenset(
+    {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "jamba", "granitemoe"}
+)
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+ENCODER_TYPES = frozenset(
+    {
+        "albert",
+        "bert",
+        "big_bird",
+        "camembert",
+        "convbert",
+        "data2vec-text",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "ernie",
+        "esm",
+        "flaubert",
+        "funnel",
+        "ibert",
+        "longformer",
+        "megatron-bert",
+        "mobilebert",
+        "modernbert",
+        "mpnet",
+        "nomic_bert",
+        "rembert",
+        "roberta",
+        "roberta-prelayernorm",
+        "roformer",
+        "squeezebert",
+        "xlm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
+
+
+def _expert_count(config: object) -> int:
+    counts = [getattr(config, key, None) for key in EXPERT_COUNT_KEYS]
+    return max([int(n) for n in counts if isinstance(n, int) and not isinstance(n, bool)] or [0])
+
+
+def _is_causal_lm_type(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def adapter_for_config(config: object) -> Adapter:
+    """The adapter for a transformers config, decided before any weights load; a one-line ActdbError naming the
+    reason (mixture of experts, encoder-only, or simply not supported) and the supported architectures."""
+    model_type = getattr(config, "model_type", None) or "?"
+
+    def refuse(reason: str) -> ActdbError:
+        return ActdbError(
+            f"unsupported architecture {model_type!r}: {reason}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+
+    experts = _expert_count(config)
+    if experts > 1 or model_type in MOE_TYPES:
+        count = f" with {experts} experts" if experts > 1 else ""
+        raise refuse(
+            f"a mixture-of-experts model{count}, and an MoE layer has no single MLP whose neurons mean the same "
+            "thing for every token"
+        )
+    adapter = ADAPTERS.get(model_type)
+    if adapter is not None:
+        reason = adapter.objection(config)
+        if reason:
+            raise refuse(reason)
+        return adapter
+    if model_type in REFUSED_TYPES:
+        raise refuse(REFUSED_TYPES[model_type])
+    if getattr(config, "is_encoder_decoder", False):
+        raise refuse("an encoder-decoder model; actdb records decoder-only causal language models")
+    if model_type in ENCODER_TYPES:
+        raise refuse("an encoder-only model, not a causal language model; actdb records decoder-only causal LMs")
+    if not _is_causal_lm_type(model_type):
+        raise refuse("not a causal language model (transformers has no AutoModelForCausalLM class for it)")
+    raise refuse("no adapter for this model family")
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in ADAPTERS:
-        raise ActdbError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[model_type]
+    """The adapter of a loaded model (see `adapter_for_config`)."""
+    return adapter_for_config(model.config)
+
+
+def supported_architectures() -> list[tuple[str, str]]:
+    """(model_type, what is recorded) for every supported architecture, sorted by model type."""
+    return [(name, ADAPTERS[name].recorded) for name in sorted(ADAPTERS)]
 
 
 def mlp_shape(model: nn.Module) -> tuple[int, int]:
     """(n_layers, d_mlp) of a loaded model."""
     adapter = adapter_for(model)
     return len(adapter.layers(model)), int(adapter.d_mlp(model.config))
+
+
+def mlp_adds_to_residual(model: nn.Module) -> bool:
+    """Whether each MLP's output projection result is added unchanged to the residual stream (see `Adapter`)."""
+    return bool(adapter_for(model).adds_to_residual(model.config))
 
 
 class HookSet:
@@ -79,18 +271,32 @@ class HookSet:
 
 
 class MLPRecorder(HookSet):
-    """Forward pre-hooks that keep each layer's MLP post-activation from the latest forward pass."""
+    """Forward pre-hooks that keep each layer's MLP post-activation `(batch, seq, d_mlp)` from the latest pass."""
 
     def __init__(self, model: nn.Module) -> None:
         adapter = adapter_for(model)
-        self.outputs: list[torch.Tensor | None] = [None] * len(adapter.layers(model))
-        self.handles = [
-            adapter.out_proj(layer).register_forward_pre_hook(self._hook(i))
-            for i, layer in enumerate(adapter.layers(model))
-        ]
+        layers = adapter.layers(model)
+        self.outputs: list[torch.Tensor | None] = [None] * len(layers)
+        self._token_shape: list[tuple[int, ...]] = [()] * len(layers)
+        self.handles = []
+        for i, layer in enumerate(layers):
+            if adapter.flat_tokens:
+                self.handles.append(layer.register_forward_pre_hook(self._shape_hook(i), with_kwargs=True))
+            self.handles.append(adapter.out_proj(layer).register_forward_pre_hook(self._hook(i)))
+
+    def _shape_hook(self, index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._token_shape[index] = tuple(hidden.shape[:-1])
+
+        return hook
 
     def _hook(self, index: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            self.outputs[index] = args[0].detach()
+            x = args[0].detach()
+            shape = self._token_shape[index]
+            if x.dim() == 2 and len(shape) > 1:
+                x = x.view(*shape, x.shape[-1])
+            self.outputs[index] = x
 
         return hook

@@ -181,6 +181,12 @@ def start_or_wait(store: Store, table: type, values: dict[str, Any], log: Callab
                 return None
 
 
+def release(store: Store, table: type, row_id: int) -> None:
+    """Give back a claimed row that never ran (an identical request completed just before the claim)."""
+    with store.session() as s:
+        s.execute(delete(table).where(table.id == row_id, table.status == "running"))
+
+
 def wait_for(store: Store, table: type, row_id: int, poll: float = 1.0) -> str:
     """Wait until another process's run leaves `running` (reaping it if that process dies); returns its status."""
     while True:

@@ -8,6 +8,7 @@ import re
 import torch
 from torch import nn
 
+from actdb.store.architectures import adapter_for_config
 from actdb.store.errors import ActdbError, first_line
 from actdb.store.hub import hub_options
 
@@ -36,21 +37,35 @@ def model_family(source: str, model_type: str) -> str:
 
 
 def load_model(source: str, revision: str | None, device: torch.device) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(source, revision=...)` in eval mode, failing with one line."""
-    from transformers import AutoModelForCausalLM
+    """`AutoModelForCausalLM.from_pretrained(source, revision=...)` in eval mode, failing with one line.
+
+    The config is read first and its architecture checked (`adapter_for_config`), so an unsupported,
+    mixture-of-experts or encoder-only model is refused before any weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     options, note = hub_options(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32, **options)
+        config = AutoConfig.from_pretrained(source, revision=revision, **options)
     except (OSError, ValueError, KeyError) as exc:
-        message = first_line(exc)
-        where = f" at revision {revision!r}" if revision else ""
-        if re.search(r"revision|not a valid git identifier", message, re.I) and revision:
-            raise ActdbError(f"revision {revision!r} not found for model {source!r}: {message}") from None
-        raise ActdbError(f"cannot load model {source!r}{where}{note}: {message}") from None
+        raise _load_error(exc, source, revision, note) from None
+    adapter_for_config(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, config=config, dtype=torch.float32, **options
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(exc, source, revision, note) from None
     return model.to(device).eval()
+
+
+def _load_error(exc: BaseException, source: str, revision: str | None, note: str) -> ActdbError:
+    message = first_line(exc)
+    where = f" at revision {revision!r}" if revision else ""
+    if re.search(r"revision|not a valid git identifier", message, re.I) and revision:
+        return ActdbError(f"revision {revision!r} not found for model {source!r}: {message}")
+    return ActdbError(f"cannot load model {source!r}{where}{note}: {message}")
 
 
 def context_length(model: nn.Module) -> int | None:

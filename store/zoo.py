@@ -56,16 +56,21 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Path:
 
 
 def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 32, d_mlp: int = 128, n_ctx: int = 128):
-    """A transformers config for a tiny model of the given architecture (gpt2, gpt_neox, llama)."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+    """A transformers config for a tiny model of the given architecture (every model type
+    `actdb.store.architectures.supported_architectures()` lists): 4 attention heads, no dropout, token id 0 as
+    bos/eos/pad (the test tokenizer's only special token)."""
+    from transformers import CONFIG_MAPPING
 
+    n_heads = 4
+    head_dim = d_model // n_heads
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     if arch == "gpt2":
-        return GPT2Config(
+        return CONFIG_MAPPING["gpt2"](
             vocab_size=vocab_size,
             n_positions=n_ctx,
             n_embd=d_model,
             n_layer=n_layers,
-            n_head=4,
+            n_head=n_heads,
             n_inner=d_mlp,
             bos_token_id=0,
             eos_token_id=0,
@@ -74,29 +79,87 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 32
             attn_pdrop=0.0,
         )
     if arch == "gpt_neox":
-        return GPTNeoXConfig(
+        return CONFIG_MAPPING["gpt_neox"](
             vocab_size=vocab_size,
             max_position_embeddings=n_ctx,
             hidden_size=d_model,
             num_hidden_layers=n_layers,
-            num_attention_heads=4,
+            num_attention_heads=n_heads,
             intermediate_size=d_mlp,
             bos_token_id=0,
             eos_token_id=0,
         )
-    if arch == "llama":
-        return LlamaConfig(
+    if arch == "gpt_neo":
+        pattern = [[["global", "local"], n_layers // 2]] if n_layers % 2 == 0 else [[["global"], n_layers]]
+        return CONFIG_MAPPING["gpt_neo"](
             vocab_size=vocab_size,
             max_position_embeddings=n_ctx,
             hidden_size=d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
+            num_layers=n_layers,
+            attention_types=pattern,
+            num_heads=n_heads,
             intermediate_size=d_mlp,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
+            window_size=max(1, n_ctx // 4),
+            **special,
         )
+    if arch == "gptj":
+        return CONFIG_MAPPING["gptj"](
+            vocab_size=vocab_size,
+            n_positions=n_ctx,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            rotary_dim=max(2, head_dim // 2),
+            n_inner=d_mlp,
+            **special,
+        )
+    if arch == "bloom":
+        if d_mlp != 4 * d_model:
+            raise ValueError(f"bloom's MLP width is 4 * d_model = {4 * d_model}, not {d_mlp}")
+        return CONFIG_MAPPING["bloom"](
+            vocab_size=vocab_size, hidden_size=d_model, n_layer=n_layers, n_head=n_heads, **special
+        )
+    if arch == "falcon":
+        return CONFIG_MAPPING["falcon"](
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            ffn_hidden_size=d_mlp,
+            max_position_embeddings=n_ctx,
+            **special,
+        )
+    if arch == "opt":
+        return CONFIG_MAPPING["opt"](
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            ffn_dim=d_mlp,
+            max_position_embeddings=n_ctx,
+            num_attention_heads=n_heads,
+            word_embed_proj_dim=d_model,
+            dropout=0.0,
+            **special,
+        )
+    sizes = {
+        "vocab_size": vocab_size,
+        "max_position_embeddings": n_ctx,
+        "hidden_size": d_model,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_heads,
+        "intermediate_size": d_mlp,
+        **special,
+    }
+    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3"):
+        sizes["head_dim"] = head_dim
+    if arch in ("gemma2", "gemma3_text"):
+        sizes.update(query_pre_attn_scalar=head_dim, sliding_window=max(1, n_ctx // 4))
+    if arch == "phi3":
+        sizes["original_max_position_embeddings"] = n_ctx
+    gated = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "stablelm", "gemma", "gemma2", "gemma3_text")
+    if arch in gated or arch in ("phi", "phi3"):
+        return CONFIG_MAPPING[arch](**sizes)
     raise ValueError(f"no tiny config for architecture {arch!r}")
 
 

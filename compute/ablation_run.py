@@ -14,10 +14,18 @@ from actdb.compute.ablation import AblationOutcome, LossEvaluator, ablate
 from actdb.store.database import Store
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
+from actdb.store.labels import latest_universality_run, universal_neurons_of
 from actdb.store.lifecycle import release, request_key, running, start_or_wait
 from actdb.store.model_loading import load_model
-from actdb.store.refs import Neuron, parse_int, parse_neuron_list, parse_set_ref, read_neuron_file
+from actdb.store.refs import (
+    CONTROLS,
+    Neuron,
+    check_threshold,
+    parse_int,
+    parse_neuron_list,
+    parse_set_ref,
+    read_neuron_file,
+)
 from actdb.store.registry import complete_set, get_checkpoint
 from actdb.store.schema import Ablation, AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronStat
 from actdb.store.token_file import TokenDataset

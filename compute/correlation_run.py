@@ -17,13 +17,13 @@ from sqlalchemy import bindparam, select, update
 from tqdm.auto import tqdm
 
 from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
-from actdb.compute.universality import score_universality
+from actdb.compute.universality import format_draws, score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.labels import CONTROLS, check_threshold, format_draws, stability_at
+from actdb.store.labels import stability_at
 from actdb.store.lifecycle import RunHandle, release, request_key, running, start_or_wait
-from actdb.store.refs import SetRef
+from actdb.store.refs import CONTROLS, SetRef, check_threshold
 from actdb.store.registry import resolve_sets
 from actdb.store.schema import (
     DEFAULT_THRESHOLD,

@@ -13,9 +13,9 @@ from actdb.compute.correlation import CorrelationOptions
 from actdb.compute.correlation_run import run_correlation
 from actdb.store.database import Store, insert_rows
 from actdb.store.errors import ActdbError
-from actdb.store.labels import CONTROLS, check_threshold, latest_universality_run, universal_neurons_of
+from actdb.store.labels import latest_universality_run, universal_neurons_of
 from actdb.store.lifecycle import request_key, running, start_or_wait
-from actdb.store.refs import SetRef
+from actdb.store.refs import CONTROLS, SetRef, check_threshold
 from actdb.store.registry import get_dataset, get_model, resolve_sets
 from actdb.store.schema import (
     ActivationSet,

@@ -58,3 +58,9 @@ def score_universality(result: CorrelationResult) -> dict[int, UniversalityScore
                 is_dead=dead.copy(),
             )
     return out
+
+
+def format_draws(values: np.ndarray) -> str | None:
+    """The per-draw excess of one neuron as stored: sorted, comma-separated, 9 significant digits."""
+    finite = np.sort(values[np.isfinite(values)])
+    return ",".join(f"{v:.9g}" for v in finite) if len(finite) == len(values) else None

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -29,8 +30,10 @@ from actdb.query.options import (
 )
 from actdb.query.output import json_records, render
 from actdb.store.config import StoreConfig
-from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError, first_line
+
+if TYPE_CHECKING:
+    from actdb.store.database import Store
 
 
 class AppContext:
@@ -41,7 +44,10 @@ class AppContext:
         self._store: Store | None = None
 
     def store(self) -> Store:
+        """The store, opened on first use (the database layer is imported only by commands that need it)."""
         if self._store is None:
+            from actdb.store.database import Store
+
             self._store = Store.open(self.config)
         return self._store
 
@@ -72,7 +78,7 @@ def _echo(message: str) -> None:
 @pass_app
 def init(app: AppContext) -> None:
     """Create the store (folder + database) or upgrade its schema to the latest revision."""
-    from actdb.store.database import safe_url
+    from actdb.store.database import Store, safe_url
 
     store = Store.init(app.config)
     click.echo(f"store ready: {app.config.home} (database {safe_url(app.config.database_url)})")
@@ -176,6 +182,7 @@ def dataset_list(app: AppContext, fmt: str) -> None:
 def dataset_show(app: AppContext, name: str, fmt: str) -> None:
     """Everything recorded about one dataset."""
     from actdb.query.listings import dataset_rows
+    from actdb.store.database import Rows
 
     row = dataset_rows(app.store(), name=name, full=True)[0]
     click.echo(render(Rows(["field", "value"], [{"field": k, "value": v} for k, v in row.items()]), fmt))
@@ -521,6 +528,7 @@ def ablations(app: AppContext, model: str | None, fmt: str) -> None:
 def sql(app: AppContext, query: str | None, schema: bool, timeout: float, fmt: str) -> None:
     """Run one read-only SQL statement against the store (it cannot write, by construction)."""
     from actdb.query.sql_console import run_readonly, schema_listing
+    from actdb.store.database import Rows
 
     app.store()
     if schema:
@@ -609,6 +617,7 @@ def demo(
 ) -> None:
     """The whole study on a local zoo of tiny GPT-2 seeds: train, ingest, correlate, persist, ablate, report."""
     from actdb.query.demo import DemoRequest, run_demo
+    from actdb.store.database import Store
 
     if len(steps) < 2:
         raise click.BadParameter("--steps needs at least two steps")
@@ -630,8 +639,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str] | None) -> int:
-    from sqlalchemy.exc import SQLAlchemyError
-
     try:
         cli.main(args=argv, prog_name="actdb", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -645,12 +652,15 @@ def _run(argv: list[str] | None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except ActdbError as exc:
         return _fail(f"error: {exc}", 1)
-    except SQLAlchemyError as exc:
-        return _fail(f"database error: {first_line(exc)}", 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:
+        sa = sys.modules.get("sqlalchemy.exc")  # a database error needs the database layer, already imported
+        if sa is not None and isinstance(exc, sa.SQLAlchemyError):
+            return _fail(f"database error: {first_line(exc)}", 1)
+        raise
     return 0
 
 
@@ -660,9 +670,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _exit(code: int) -> None:
-    from actdb.store.activation_file import unclosable_files
-
-    if unclosable_files():  # HDF5 would fail (or crash) finalizing a file it cannot flush; end here
+    files = sys.modules.get("actdb.store.activation_file")  # only commands that opened HDF5 files import it
+    if files is not None and files.unclosable_files():  # HDF5 would fail finalizing a file it cannot flush
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -9,10 +9,17 @@ from typing import Any
 import click
 
 from actdb.query.output import FORMATS
-from actdb.store.device import DEVICES
 from actdb.store.errors import ActdbError
-from actdb.store.labels import CONTROLS, check_threshold
-from actdb.store.refs import MAX_STEP, parse_bytes, parse_set_ref, parse_step, parse_steps
+from actdb.store.refs import (
+    CONTROLS,
+    DEVICES,
+    MAX_STEP,
+    check_threshold,
+    parse_bytes,
+    parse_set_ref,
+    parse_step,
+    parse_steps,
+)
 
 
 class _Parsed(click.ParamType):

@@ -6,9 +6,10 @@ import csv
 import io
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actdb.store.database import Rows
+if TYPE_CHECKING:
+    from actdb.store.database import Rows
 
 FORMATS = ("table", "csv", "json")
 

@@ -15,13 +15,13 @@ from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, se
 from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
 from actdb.store.labels import (
-    check_threshold,
     newest_run_listing,
     newest_runs,
     on_newest,
     stability_at,
     universal_condition,
 )
+from actdb.store.refs import check_threshold
 from actdb.store.registry import get_model
 from actdb.store.schema import (
     Ablation,

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from actdb.store.errors import ActdbError
-
-DEVICES = ("auto", "cpu", "cuda")
+from actdb.store.refs import DEVICES
 
 
 @dataclass(frozen=True)

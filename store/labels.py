@@ -9,24 +9,12 @@ report all read labels through here, so they agree for any threshold.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 from sqlalchemy import ColumnElement, Select, Subquery, and_, func, literal, select
 
 from actdb.store.database import Store
-from actdb.store.errors import ActdbError
+from actdb.store.refs import check_threshold
 from actdb.store.schema import ActivationSet, Checkpoint, CorrelationRun, Dataset, Model, RunMember
 from actdb.store.views import v_universality
-
-CONTROLS = ("none", "token")
-
-
-def check_threshold(threshold: float | None) -> float | None:
-    """A threshold must be a finite excess correlation in [0, 1] (None: each run's recorded one)."""
-    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-        raise ActdbError(f"threshold {threshold} is not a number in [0, 1]")
-    return threshold
 
 
 def universal_condition(threshold: float | None, view=v_universality) -> ColumnElement[bool]:
@@ -71,12 +59,6 @@ def newest_run_listing(newest: Subquery) -> Select:
 def on_newest(view, newest: Subquery) -> ColumnElement[bool]:
     """Join condition restricting a universality view to each set's newest run."""
     return and_(view.c.run_id == newest.c.run_id, view.c.set_id == newest.c.set_id)
-
-
-def format_draws(values: np.ndarray) -> str | None:
-    """The per-draw excess of one neuron as stored: sorted, comma-separated, 9 significant digits."""
-    finite = np.sort(values[np.isfinite(values)])
-    return ",".join(f"{v:.9g}" for v in finite) if len(finite) == len(values) else None
 
 
 def stability_at(draws: str | None, threshold: float) -> float | None:

@@ -3,6 +3,7 @@ lists, token ranges, sizes and the names of models and datasets. Every mistake i
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -15,6 +16,15 @@ MAX_NAME = 200
 NAME_RULE = "1-200 characters, none of / \\ , @ or control characters, not containing '..'"
 
 Neuron = tuple[int, int]
+DEVICES = ("auto", "cpu", "cuda")
+CONTROLS = ("none", "token")
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """A threshold must be a finite excess correlation in [0, 1] (None: each run's recorded one)."""
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ActdbError(f"threshold {threshold} is not a number in [0, 1]")
+    return threshold
 
 
 def check_name(name: str, what: str = "name") -> str:

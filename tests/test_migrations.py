@@ -128,3 +128,15 @@ def test_store_at_0004_with_data_is_carried_forward(db_url, tmp_path):
         assert old.request_key == correlation_key([1, 2], CorrelationOptions(baseline_draws=1))
         assert old.baseline_draws == 1
     store.close()
+
+
+def test_known_revisions_follow_alembic_history():
+    """The light revision check (file names) agrees with Alembic's own linear history."""
+    from alembic.script import ScriptDirectory
+
+    from actdb.store.database import known_revisions
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    history = [r.revision for r in reversed(list(script.walk_revisions()))]
+    assert known_revisions() == history
+    assert head_revision() == script.get_current_head()

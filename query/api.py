@@ -2,15 +2,16 @@
 
 >>> import actdb
 >>> db = actdb.open(home="actdb-demo")
->>> db.universal(model="seed1", step=800)[:3]          # list of dicts keyed by column name
->>> x = db.read_layer("seed1@800", layer=1, neurons="5,17", tokens="0:1000")
+>>> db.universal(model="seed1", step=800).head()        # a pandas DataFrame
+>>> acts = db.activations("seed1@800", layer=1, neurons=[17, 5], tokens="0:1000")
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,9 +26,67 @@ from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, pars
 from actdb.store.registry import complete_set
 from actdb.store.token_file import TokenDataset
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def frame(rows: Rows) -> pd.DataFrame:
+    """Rows as a pandas DataFrame with the rows' columns, in order."""
+    import pandas as pd
+
+    return pd.DataFrame.from_records([dict(r) for r in rows], columns=rows.columns)
+
+
+@dataclass
+class Activations:
+    """One layer's activations for chosen neurons (columns, in the order asked) and token rows, with where each
+    row sits in the dataset: flat token index, sequence, position, token id, and whether it counts."""
+
+    values: np.ndarray  # (rows, neurons), float16 as stored
+    neurons: list[int]
+    layer: int
+    token_index: np.ndarray
+    sequence: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+    counted: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        """Position columns, then one float32 column per neuron named `L.N`."""
+        import pandas as pd
+
+        data = {
+            "token_index": self.token_index,
+            "sequence": self.sequence,
+            "position": self.position,
+            "token_id": self.token_id,
+            "counted": self.counted,
+        }
+        data.update({f"{self.layer}.{n}": self.values[:, k].astype(np.float32) for k, n in enumerate(self.neurons)})
+        return pd.DataFrame(data)
+
+    def write(self, path: str | os.PathLike) -> None:
+        """`.npy` (the values only), `.csv` or `.parquet` (positions and a header, one column per neuron)."""
+        path = Path(path)
+        try:
+            if path.suffix == ".npy":
+                np.save(path, self.values)
+            elif path.suffix == ".csv":
+                self.to_frame().to_csv(path, index=False, float_format="%.6g")
+            elif path.suffix == ".parquet":
+                try:
+                    self.to_frame().to_parquet(path, index=False)
+                except ImportError:
+                    raise ActdbError("writing Parquet needs pyarrow: pip install 'actdb[tables]'") from None
+            else:
+                raise ActdbError(f"unsupported output {path.name!r}; use .npy, .csv or .parquet")
+        except OSError as exc:
+            raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+
 
 class ActdbStore:
-    """Read access to a store; every method returns plain Python values (lists of dicts) or NumPy arrays."""
+    """Read access to a store: listings as pandas DataFrames (columns named as in the CLI's JSON), activations
+    as NumPy arrays with their token positions."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -40,13 +99,13 @@ class ActdbStore:
     def close(self) -> None:
         self.store.close()
 
-    def activation_sets(self) -> list[dict[str, Any]]:
-        return status_rows(self.store).dicts()
+    def activation_sets(self) -> pd.DataFrame:
+        return frame(status_rows(self.store))
 
     def models(self) -> list[str]:
-        return sorted({r["model"] for r in self.activation_sets()})
+        return sorted({r["model"] for r in status_rows(self.store)})
 
-    def read_layer(
+    def activations(
         self,
         target: str,
         layer: int,
@@ -54,8 +113,8 @@ class ActdbStore:
         tokens: str | None = None,
         dataset: str | None = None,
         counted_only: bool = False,
-    ) -> np.ndarray:
-        """Activations `(tokens, neurons)` of one layer of MODEL@STEP, as stored (float16)."""
+    ) -> Activations:
+        """One layer of MODEL@STEP: the neurons in the order asked (each once), token rows `START:END`."""
         with self.store.session() as s:
             aset = complete_set(s, parse_set_ref(target), dataset)
             ds_path = aset.dataset.path
@@ -63,56 +122,69 @@ class ActdbStore:
             h = reader.header
             if not 0 <= layer < h.n_layers:
                 raise ActdbError(f"layer {layer} does not exist ({h.n_layers} layers)")
-            if isinstance(neurons, str):
-                neurons = parse_index_list(neurons)
-            cols = sorted(set(neurons)) if neurons else list(range(h.d_mlp))
-            if cols[0] < 0 or cols[-1] >= h.d_mlp:
-                raise ActdbError(f"neuron indices must be in 0..{h.d_mlp - 1}")
+            cols = _neuron_list(neurons, h.d_mlp)
             rows = parse_token_range(tokens, h.n_tokens)
-            arr = reader.read_neurons(layer, cols if neurons else slice(None), rows.start, rows.stop)
-        if counted_only:
-            arr = arr[TokenDataset.load(self.store.config.file(ds_path)).mask.reshape(-1)[rows]]
-        return arr
+            order = np.argsort(cols, kind="stable")  # HDF5 reads sorted columns; the caller's order is restored
+            stored = reader.read_neurons(layer, sorted(cols), rows.start, rows.stop)
+            values = np.empty_like(stored)
+            values[:, order] = stored
+        ds = TokenDataset.load(self.store.config.file(ds_path))
+        index = np.arange(rows.start, rows.stop)
+        keep = ds.mask.reshape(-1)[rows] if counted_only else np.ones(len(index), dtype=bool)
+        return Activations(
+            values=values[keep],
+            neurons=cols,
+            layer=layer,
+            token_index=index[keep],
+            sequence=index[keep] // ds.seq_len,
+            position=index[keep] % ds.seq_len,
+            token_id=ds.tokens.reshape(-1)[rows][keep],
+            counted=ds.mask.reshape(-1)[rows][keep],
+        )
 
-    @staticmethod
-    def write_array(arr: np.ndarray, path: str | os.PathLike) -> None:
-        path = Path(path)
-        try:
-            if path.suffix == ".npy":
-                np.save(path, arr)
-            elif path.suffix == ".csv":
-                np.savetxt(path, arr.astype(np.float32), delimiter=",", fmt="%.6g")
-            else:
-                raise ActdbError(f"unsupported output {path.name!r}; use .npy or .csv")
-        except OSError as exc:
-            raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+    def read_layer(self, target: str, layer: int, **options: Any) -> np.ndarray:
+        """The values of `activations(...)` alone: `(tokens, neurons)` float16, neurons in the order asked."""
+        return self.activations(target, layer, **options).values
 
-    def universal(self, **filters: Any) -> list[dict[str, Any]]:
+    def universal(self, **filters: Any) -> pd.DataFrame:
         """Universal neurons; filters as `actdb universal` (model, step, layer, run, threshold, control, sort,
-        limit)."""
-        return queries.universal_neurons(self.store, **filters).dicts()
+        limit, min_stability)."""
+        return frame(queries.universal_neurons(self.store, **filters))
 
-    def universal_by_layer(self, **filters: Any) -> list[dict[str, Any]]:
-        return queries.universal_by_layer(self.store, **filters).dicts()
+    def universal_by_layer(self, **filters: Any) -> pd.DataFrame:
+        return frame(queries.universal_by_layer(self.store, **filters))
 
-    def neuron(self, target: str, neuron: str) -> dict[str, list[dict[str, Any]]]:
+    def neuron(self, target: str, neuron: str) -> dict[str, pd.DataFrame]:
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
         story = queries.neuron_story(self.store, ref.model, ref.step, layer, index)
-        return {k: rows.dicts() for k, rows in story.items()}
+        return {k: frame(rows) for k, rows in story.items()}
 
     def persistence(
         self, model: str | None = None, control: str | None = None, threshold: float | None = None
-    ) -> list[dict[str, Any]]:
-        return queries.persistence_listing(self.store, model, control, threshold).dicts()
+    ) -> pd.DataFrame:
+        return frame(queries.persistence_listing(self.store, model, control, threshold))
 
-    def ablations(self, model: str | None = None) -> list[dict[str, Any]]:
-        return queries.ablations_listing(self.store, model).dicts()
+    def ablations(self, model: str | None = None) -> pd.DataFrame:
+        return frame(queries.ablations_listing(self.store, model))
 
-    def runs(self) -> list[dict[str, Any]]:
-        return queries.runs_listing(self.store).dicts()
+    def runs(self) -> pd.DataFrame:
+        return frame(queries.runs_listing(self.store))
 
-    def sql(self, query: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    def sql(self, query: str, timeout: float = 30.0) -> pd.DataFrame:
         """One read-only SQL statement (see `actdb sql`)."""
         columns, rows = run_readonly(self.store.config, query, timeout=timeout)
-        return Rows.from_tuples(columns, rows).dicts()
+        return frame(Rows.from_tuples(columns, rows))
+
+
+def _neuron_list(neurons: str | list[int] | None, d_mlp: int) -> list[int]:
+    if neurons is None:
+        return list(range(d_mlp))
+    cols = parse_index_list(neurons) if isinstance(neurons, str) else [int(n) for n in neurons]
+    if not cols:
+        raise ActdbError("no neurons asked for")
+    if len(set(cols)) != len(cols):
+        raise ActdbError("a neuron is listed twice; list each once")
+    if min(cols) < 0 or max(cols) >= d_mlp:
+        raise ActdbError(f"neuron indices must be in 0..{d_mlp - 1}")
+    return cols

@@ -482,6 +482,7 @@ def universal(
 def neuron(app: AppContext, target, neuron_id: str, fmt: str) -> None:
     """Everything known about one neuron: statistics, matches, universality, history, ablations."""
     from actdb.query.queries import neuron_story
+    from actdb.store.database import Rows
     from actdb.store.refs import parse_neuron
 
     layer, index = parse_neuron(neuron_id)
@@ -491,8 +492,13 @@ def neuron(app: AppContext, target, neuron_id: str, fmt: str) -> None:
         doc.update({k: json_records(rows) for k, rows in story.items()})
         click.echo(json.dumps(doc, indent=2))
         return
+    if fmt == "csv":  # one table: a `section` column, then the union of the sections' columns
+        columns = ["section"] + list(dict.fromkeys(c for rows in story.values() for c in rows.columns))
+        merged = [{"section": title, **dict(r)} for title, rows in story.items() for r in rows]
+        click.echo(render(Rows(columns, [{c: r.get(c) for c in columns} for r in merged]), "csv"))
+        return
     for title, rows in story.items():
-        click.echo(f"# {title}" if fmt == "csv" else f"\n{title.replace('_', ' ')} of {target} {layer}.{index}")
+        click.echo(f"\n{title.replace('_', ' ')} of {target} {layer}.{index}")
         click.echo(render(rows, fmt))
 
 
@@ -546,7 +552,9 @@ def sql(app: AppContext, query: str | None, schema: bool, timeout: float, fmt: s
 @click.option("--tokens", "token_range", help="START:END token rows (default: all).")
 @dataset_option("Dataset of the set (default: the only one).")
 @click.option("--counted-only", is_flag=True, help="Drop positions that are not counted (BOS/EOS/padding).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="FILE.npy or FILE.csv")
+@click.option(
+    "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="FILE.csv, FILE.parquet or FILE.npy"
+)
 @pass_app
 def export(
     app: AppContext,
@@ -558,15 +566,15 @@ def export(
     counted_only: bool,
     out_path: str,
 ) -> None:
-    """Write raw activations of one layer (optionally some neurons / tokens) to .npy or .csv."""
+    """Write activations of one layer (neurons in the order given) to CSV or Parquet, with each row's token
+    index, sequence, position, token id and counted flag, or the bare values to .npy."""
     from actdb.query.api import ActdbStore
 
-    api = ActdbStore(app.store())
-    arr = api.read_layer(
+    acts = ActdbStore(app.store()).activations(
         target, layer, neurons=neurons, tokens=token_range, dataset=dataset_name, counted_only=counted_only
     )
-    api.write_array(arr, out_path)
-    click.echo(f"wrote {arr.shape[0]} tokens x {arr.shape[1]} neurons to {out_path}")
+    acts.write(out_path)
+    click.echo(f"wrote {acts.values.shape[0]} tokens x {acts.values.shape[1]} neurons to {out_path}")
 
 
 @cli.command()

@@ -12,7 +12,7 @@ from actdb.store.errors import ActdbError
 from actdb.store.refs import check_name
 from actdb.store.registry import check_new_name
 from actdb.store.schema import Dataset
-from actdb.store.token_datasets import iter_documents, load_tokenizer, pack_documents, resolve_exclusions
+from actdb.store.token_datasets import document_refs, load_tokenizer, pack_documents, resolve_exclusions
 
 
 def add_dataset(
@@ -35,10 +35,10 @@ def add_dataset(
         check_new_name(s, Dataset, name, "dataset name")
     tok = load_tokenizer(tokenizer)
     excluded = resolve_exclusions(tok, exclude_tokens)
-    documents = list(iter_documents(sources, field))
-    if not documents:
+    refs, reader = document_refs(sources, field)
+    if not refs:
         raise ActdbError("no documents found in " + ", ".join(sources))
-    packed = pack_documents(documents, tok, seq_len, n_tokens, seed, [i for i, _t in excluded])
+    packed = pack_documents(refs, reader, tok, seq_len, n_tokens, seed, [i for i, _t in excluded])
     if n_tokens is not None and packed.tokens.size < n_tokens:
         log(
             f"note: the documents fill only {packed.tokens.size} token positions ({int(packed.mask.sum())} counted), "

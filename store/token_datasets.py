@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,37 +42,129 @@ def load_tokenizer(source: str, revision: str | None = None):
         raise ActdbError(f"cannot load tokenizer {source!r}{note}: {first_line(exc)}") from None
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ActdbError(f"{path}:{lineno}: not valid JSON") from None
-        if not isinstance(record, dict) or field not in record:
-            raise ActdbError(f"{path}:{lineno}: no field {field!r} (choose one with --field)")
-        yield str(record[field])
+TABLE_SUFFIXES = {".parquet", ".arrow"}
 
 
-def iter_documents(sources: Iterable[str], field: str = "text") -> Iterator[str]:
-    """Documents from files, folders (recursively, sorted), JSONL files, or a Hugging Face dataset name."""
+@dataclass(frozen=True)
+class DocumentRef:
+    """Where one document is, so that documents are read one at a time in shuffled order: a text file, a line
+    of a JSONL file (its byte offset), or a row of a table (Parquet, Arrow, a `datasets` folder saved to disk)."""
+
+    kind: str  # "text", "jsonl", "table" or "memory" (hub datasets, which cannot be addressed)
+    source: str
+    index: int = 0
+
+
+def document_refs(sources: Iterable[str], field: str = "text") -> tuple[list[DocumentRef], DocumentReader]:
+    """References to every document of the sources, in a fixed order, and the reader that loads them."""
+    reader = DocumentReader(field)
+    refs: list[DocumentRef] = []
     for source in sources:
         path = Path(source).expanduser()
-        if path.is_dir():
+        if path.is_dir() and (path / "state.json").exists():
+            refs += reader.add_table(path)
+        elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in TEXT_SUFFIXES_SKIPPED)
             if not files:
                 raise ActdbError(f"folder {path} holds no text files")
+            refs += [r for f in files for r in _file_refs(f, reader)]
         elif path.is_file():
-            files = [path]
+            refs += _file_refs(path, reader)
         else:
-            yield from _hub_dataset(source, field)
-            continue
-        for f in files:
-            if f.suffix == ".jsonl":
-                yield from _read_jsonl(f, field)
-            else:
-                yield _read_text(f)
+            refs += reader.add_memory(source, list(_hub_dataset(source, field)))
+    return refs, reader
+
+
+def _file_refs(path: Path, reader: DocumentReader) -> list[DocumentRef]:
+    if path.suffix == ".jsonl":
+        return _jsonl_refs(path)
+    if path.suffix in TABLE_SUFFIXES:
+        return reader.add_table(path)
+    return [DocumentRef("text", str(path))]
+
+
+def _jsonl_refs(path: Path) -> list[DocumentRef]:
+    refs, offset = [], 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                refs.append(DocumentRef("jsonl", str(path), offset))
+            offset += len(line)
+    return refs
+
+
+class DocumentReader:
+    """Loads documents by reference; table columns are kept as Arrow arrays (compact strings), never as Python
+    lists of every document."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.columns: dict[str, object] = {}
+
+    def add_table(self, path: Path) -> list[DocumentRef]:
+        column = _table_column(path, self.field)
+        self.columns[str(path)] = column
+        return [DocumentRef("table", str(path), i) for i in range(len(column))]
+
+    def add_memory(self, name: str, texts: list[str]) -> list[DocumentRef]:
+        self.columns[name] = texts
+        return [DocumentRef("memory", name, i) for i in range(len(texts))]
+
+    def read(self, ref: DocumentRef) -> str:
+        if ref.kind == "text":
+            return _read_text(Path(ref.source))
+        if ref.kind == "jsonl":
+            return self._jsonl(ref)
+        value = self.columns[ref.source][ref.index]
+        value = value.as_py() if hasattr(value, "as_py") else value
+        return "" if value is None else str(value)
+
+    def _jsonl(self, ref: DocumentRef) -> str:
+        with open(ref.source, "rb") as fh:
+            fh.seek(ref.index)
+            raw = fh.readline()
+        where = f"{ref.source} (byte {ref.index})"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ActdbError(f"{where}: not a valid UTF-8 JSON line") from None
+        if not isinstance(record, dict) or self.field not in record:
+            raise ActdbError(f"{where}: no field {self.field!r} (choose one with --field)")
+        return str(record[self.field])
+
+
+def _table_column(path: Path, field: str):
+    """The text column of a Parquet or Arrow file, or of a `datasets` folder saved with `save_to_disk`."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ActdbError(f"reading {path} needs pyarrow: pip install 'actdb[tables]'") from None
+    try:
+        if path.is_dir():
+            state = json.loads((path / "state.json").read_text())
+            tables = [_arrow_file(path / f["filename"], pa) for f in state.get("_data_files", [])]
+            table = pa.concat_tables(tables) if tables else None
+        elif path.suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            table = _arrow_file(path, pa)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        raise ActdbError(f"cannot read table {path}: {first_line(exc)}") from None
+    if table is None or field not in table.column_names:
+        names = ", ".join(table.column_names) if table is not None else "none"
+        raise ActdbError(f"{path} has no column {field!r} (columns: {names}; choose one with --field)")
+    return table.column(field)
+
+
+def _arrow_file(path: Path, pa):
+    """An Arrow IPC file in either layout (`datasets` writes the stream layout)."""
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return pa.ipc.open_stream(source).read_all()
 
 
 def _read_text(path: Path) -> str:
@@ -81,7 +174,7 @@ def _read_text(path: Path) -> str:
     except OSError as exc:
         raise ActdbError(f"cannot read {path}: {exc.strerror or exc}") from None
     if b"\0" in data[:65536]:
-        raise ActdbError(f"{path} is a binary file, not text; give text, JSONL or folders of text files")
+        raise ActdbError(f"{path} is a binary file, not text; give text, JSONL, Parquet/Arrow or folders of text")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -143,31 +236,41 @@ def resolve_exclusions(tokenizer, spec: str | None) -> list[tuple[int, str]]:
 
 
 def pack_documents(
-    documents: list[str], tokenizer, seq_len: int, n_tokens: int | None, seed: int, excluded: list[int] = ()
+    refs: list[DocumentRef],
+    reader: DocumentReader,
+    tokenizer,
+    seq_len: int,
+    n_tokens: int | None,
+    seed: int,
+    excluded: list[int] = (),
 ) -> TokenDataset:
-    """Shuffle documents with `seed`, tokenize, and pack into `(n_sequences, seq_len)` with a counted mask."""
+    """Shuffle documents with `seed`, read and tokenize them one at a time, and pack them into
+    `(n_sequences, seq_len)` with a counted mask; reading stops as soon as `n_tokens` are packed."""
     if seq_len < 2:
         raise ActdbError("--seq-len must be at least 2")
-    order = list(range(len(documents)))
+    order = list(range(len(refs)))
     random.Random(seed).shuffle(order)
     bos = tokenizer.bos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     special = [t for t in (bos, eos, tokenizer.pad_token_id) if t is not None]
-    body = seq_len - (1 if bos is not None else 0)
+    head = [bos] if bos is not None else []
+    body = seq_len - len(head)
     want_seqs = None if n_tokens is None else max(1, -(-n_tokens // seq_len))
     stream: list[int] = []
-    sequences: list[list[int]] = []
+    sequences: list[np.ndarray] = []
     for i in order:
-        ids = tokenizer(documents[i], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(reader.read(refs[i]), add_special_tokens=False)["input_ids"]
         if not ids:
             continue
         stream.extend(ids)
         if eos is not None:
             stream.append(eos)
-        while len(stream) >= body and (want_seqs is None or len(sequences) < want_seqs):
-            sequences.append(([bos] if bos is not None else []) + stream[:body])
-            del stream[:body]
+        used = 0
+        while len(stream) - used >= body and (want_seqs is None or len(sequences) < want_seqs):
+            sequences.append(np.asarray(head + stream[used : used + body], dtype=np.int32))
+            used += body
+        del stream[:used]  # once per document: packing stays linear in the number of tokens
         if want_seqs is not None and len(sequences) >= want_seqs:
             break
     tail_len = seq_len
@@ -181,10 +284,10 @@ def pack_documents(
                 f"the documents hold {have} tokens, too few for --seq-len {seq_len}: most of the dataset would be "
                 "padding; give more text or a smaller --seq-len"
             )
-        sequences.append(tail + [pad] * padding)
+        sequences.append(np.asarray(tail + [pad] * padding, dtype=np.int32))
     if not sequences:
         raise ActdbError("the documents hold no text to tokenize")
-    tokens = np.asarray(sequences, dtype=np.int32)
+    tokens = np.stack(sequences)
     mask = ~np.isin(tokens, special + list(excluded))
     mask[-1, tail_len:] = False
     if mask.sum() < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -11,6 +12,7 @@ from sqlalchemy import text
 
 from actdb.store.activation_file import ActivationReader
 from actdb.store.database import make_engine
+from actdb.store.token_file import TokenDataset
 from tests.conftest import cli_call, fresh_pg_database
 
 VIEWS = [
@@ -207,29 +209,51 @@ def test_sql_is_read_only(which, request):
 
 
 def test_export_and_api(lite, tmp_path):
+    import pandas as pd
+
     home, db = lite
     out = tmp_path / "x.npy"
-    r = cli_call(home, db, "export", "a@1", "--layer", 1, "--neurons", "5,17", "--tokens", "10:110", "--out", out)
+    r = cli_call(home, db, "export", "a@1", "--layer", 1, "--neurons", "17,5", "--tokens", "10:110", "--out", out)
     assert r.exit_code == 0, r.stderr
     arr = np.load(out)
     with ActivationReader(home / "activations" / "a" / "step-1" / "d.mlp.post.h5") as reader:
-        np.testing.assert_array_equal(arr, reader.read_rows(10, 110, [1])[0][:, [5, 17]])
-    csv = tmp_path / "x.csv"
-    assert cli_call(home, db, "export", "a@1", "--layer", 0, "--tokens", "0:4", "--out", csv).exit_code == 0
-    assert np.loadtxt(csv, delimiter=",").shape == (4, 128)
-    bad = cli_call(home, db, "export", "a@1", "--layer", 0, "--tokens", "5:1", "--out", csv)
-    assert bad.exit_code == 1 and "outside" in bad.stderr
+        stored = reader.read_rows(0, reader.header.n_tokens, [1])[0]
+    np.testing.assert_array_equal(arr, stored[10:110][:, [17, 5]])  # the order asked, not sorted
+    ds = TokenDataset.load(home / "datasets" / "d.tokens.h5")
+    for suffix in ("csv", "parquet"):
+        path = tmp_path / f"x.{suffix}"
+        r = cli_call(home, db, "export", "a@1", "--layer", 1, "--neurons", "17,5", "--tokens", "60:70", "--out", path)
+        assert r.exit_code == 0, r.stderr
+        table = pd.read_csv(path) if suffix == "csv" else pd.read_parquet(path)
+        assert list(table.columns) == ["token_index", "sequence", "position", "token_id", "counted", "1.17", "1.5"]
+        np.testing.assert_array_equal(table["token_id"], ds.tokens.reshape(-1)[60:70])
+        np.testing.assert_array_equal(table["position"], np.arange(60, 70) % ds.seq_len)
+        np.testing.assert_allclose(table[["1.17", "1.5"]].to_numpy(), stored[60:70][:, [17, 5]], rtol=1e-5)
+    for args, why in ((("--neurons", "5,5"), "listed twice"), (("--tokens", "5:1"), "outside")):
+        bad = cli_call(home, db, "export", "a@1", "--layer", 0, *args, "--out", tmp_path / "y.csv")
+        assert bad.exit_code == 1 and why in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     from actdb.query.api import ActdbStore
 
     api = ActdbStore.open(home, db)
     assert api.models() == ["a", "b"]
     cli_rows = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json").stdout)
-    assert [(r["layer"], r["neuron"]) for r in api.universal(model="a", step=1)] == [
-        (r["layer"], r["neuron"]) for r in cli_rows
+    listed = api.universal(model="a", step=1)
+    assert isinstance(listed, pd.DataFrame) and list(listed.columns)[:5] == [
+        "model",
+        "step",
+        "dataset",
+        "layer",
+        "neuron",
     ]
-    assert api.neuron("a@1", "0.2")["statistics"]
-    assert api.read_layer("a@1", 0, counted_only=True).shape[1] == 128
-    assert api.sql("SELECT COUNT(*) AS n FROM dataset") == [{"n": 1}]
+    assert list(zip(listed["layer"], listed["neuron"], strict=True)) == [(r["layer"], r["neuron"]) for r in cli_rows]
+    assert len(api.neuron("a@1", "0.2")["statistics"]) == 1
+    acts = api.activations("a@1", 0, neurons=[9, 2], counted_only=True)
+    assert acts.values.shape == (int(ds.mask.sum()), 2) and acts.counted.all()
+    np.testing.assert_array_equal(acts.token_id, ds.tokens.reshape(-1)[ds.mask.reshape(-1)])
+    assert api.sql("SELECT COUNT(*) AS n FROM dataset").to_dict("records") == [{"n": 1}]
+    story = cli_call(home, db, "neuron", "a@1", "0.2", "--format", "csv")
+    table = pd.read_csv(io.StringIO(story.stdout))
+    assert table.columns[0] == "section" and {"statistics", "matches", "universality"} <= set(table["section"])
 
 
 def test_report(lite, tmp_path):

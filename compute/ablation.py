@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actdb.compute.ablation_hooks import LayerOutputs, MLPEditor, hidden_of, resume_after_layer
-from actdb.store.architectures import MLPRecorder, adapter_for, mlp_shape
+from actdb.store.architectures import MLPRecorder, adapter_for, mlp_adds_to_residual, mlp_shape
 from actdb.store.errors import ActdbError
 from actdb.store.refs import Neuron
 
@@ -62,8 +62,12 @@ class LossEvaluator:
         One clean pass per batch records every layer's MLP activation and output. Ablating neuron n of layer L
         changes that layer's output by `W_out[n] * (value - post_n)` (the residual stream is additive), so each
         variant resumes from layer L's cached output plus that delta and runs only the layers above it and the
-        unembedding; `variants_per_pass` variants are stacked in one such call.
+        unembedding; `variants_per_pass` variants are stacked in one such call. Architectures whose MLP output
+        is normalised again before it joins the residual stream (gemma2, gemma3, olmo2) break that additivity,
+        and are measured with one full hooked pass per neuron instead.
         """
+        if not mlp_adds_to_residual(self.model):
+            return np.array([self.loss(set_edits([n], method, means)) for n in neurons])
         adapter = adapter_for(self.model)
         groups = []
         for layer in sorted({lay for lay, _ in neurons}):

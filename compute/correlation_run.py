@@ -21,6 +21,7 @@ from actdb.compute.universality import format_draws, score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import HOOK_NAME
 from actdb.store.labels import stability_at
 from actdb.store.lifecycle import RunHandle, release, request_key, running, start_or_wait
 from actdb.store.refs import CONTROLS, SetRef, check_threshold
@@ -56,6 +57,7 @@ class CorrelationRequest:
     topk: int = 0
     chunk_tokens: int = 8192
     memory_budget: int | None = None
+    hook: str = HOOK_NAME
     device: str = "auto"
     force: bool = False
     progress: bool = True
@@ -96,7 +98,7 @@ def correlate(store: Store, req: CorrelationRequest, log: Callable[[str], None] 
     check_threshold(req.threshold)
     if len(req.sets) < 2:
         raise ActdbError("correlation needs at least two activation sets (models x steps)")
-    sets = resolve_sets(store, req.sets, req.dataset)
+    sets = resolve_sets(store, req.sets, req.dataset, req.hook)
     return run_correlation(
         store,
         sets,

@@ -25,6 +25,7 @@ from actdb.query.options import (
     device_option,
     force_option,
     format_option,
+    hook_option,
     quiet_option,
     threshold_option,
 )
@@ -201,7 +202,24 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
 @dataset_option("Token dataset to run the model on.", required=True)
 @click.option("--source", help="Hub id or local folder; `{step}` is replaced by the step. Registers MODEL.")
 @click.option("--revision", help="Revision template, e.g. checkpoint-{step} (default per family).")
+@click.option(
+    "--revisions",
+    help="Explicit revisions, comma-separated, one per --steps entry (e.g. step1000-tokens4B,step2000-tokens8B).",
+)
+@hook_option
 @device_option
+@click.option(
+    "--torch-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Precision of the forward pass (stored activations are float16 either way).",
+)
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let transformers run the model repository's own code (needed by some hub models; off by default).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per pass.")
 @click.option("--dtype", type=click.Choice(["float16"]), default="float16", show_default=True)
 @force_option("Redo a complete set; accept another source or weights identical to another step's.")
@@ -215,7 +233,11 @@ def ingest(
     dataset_name: str,
     source: str | None,
     revision: str | None,
+    revisions: str | None,
+    hook: str,
     device: str,
+    torch_dtype: str,
+    trust_remote_code: bool,
     batch_size: int,
     dtype: str,
     force: bool,
@@ -225,21 +247,38 @@ def ingest(
     from actdb.store.ingest import IngestRequest
     from actdb.store.ingest import ingest as run_ingest
 
+    step_list = _steps(step, steps)
+    per_step = _paired_revisions(step_list, revision, revisions)
     store = app.store()
-    for s in _steps(step, steps):
+    for s, rev in zip(step_list, per_step, strict=True):
         request = IngestRequest(
             model=model,
             step=s,
             dataset=dataset_name,
             source=source,
-            revision=revision,
+            revision=rev,
+            hook=hook,
             device=device,
+            torch_dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
             batch_size=batch_size,
             dtype=dtype,
             force=force,
             progress=not quiet,
         )
         run_ingest(store, request, log=_echo)
+
+
+def _paired_revisions(steps: list[int], revision: str | None, revisions: str | None) -> list[str | None]:
+    """One revision per step: `--revisions` pairs explicit names with `--steps`; `--revision` is a template."""
+    if revisions is None:
+        return [revision] * len(steps)
+    if revision is not None:
+        raise click.UsageError("give --revision (a template) or --revisions (a list), not both")
+    names = [r.strip() for r in revisions.split(",")]
+    if len(names) != len(steps) or not all(names):
+        raise click.UsageError(f"--revisions names {len(names)} revisions for {len(steps)} steps; give one per step")
+    return names
 
 
 @cli.command()
@@ -259,6 +298,7 @@ def ingest(
 )
 @click.option("--topk", type=click.IntRange(min=0, max=1000), default=0, show_default=True, help="Keep K best matches.")
 @device_option
+@hook_option
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
 @click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
 @force_option("Recompute even if an identical complete run exists.")
@@ -276,6 +316,7 @@ def correlate(
     baseline_draws: int,
     topk: int,
     device: str,
+    hook: str,
     chunk_tokens: int,
     memory_budget: int | None,
     force: bool,
@@ -304,6 +345,7 @@ def correlate(
         topk=topk,
         chunk_tokens=chunk_tokens,
         memory_budget=memory_budget,
+        hook=hook,
         device=device,
         force=force,
         progress=not quiet,

@@ -10,6 +10,7 @@ import click
 
 from actdb.query.output import FORMATS
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import parse_hook
 from actdb.store.refs import (
     CONTROLS,
     DEVICES,
@@ -46,6 +47,7 @@ def _threshold(text: str) -> float:
     return check_threshold(value)
 
 
+HOOK = _Parsed("hook", parse_hook)
 STEP = _Parsed("step", parse_step)
 STEPS = _Parsed("steps", parse_steps)
 SET_REF = _Parsed("model@step", parse_set_ref)
@@ -91,3 +93,14 @@ def threshold_option(
     "unless `correlate --threshold` set it).",
 ) -> Callable:
     return click.option("--threshold", type=THRESHOLD, help=help)
+
+
+def hook_option(f: Callable) -> Callable:
+    return click.option(
+        "--hook",
+        type=HOOK,
+        default="mlp.post",
+        show_default=True,
+        help="mlp.post (after the nonlinearity) or mlp.pre (before it; a gated MLP's gate); TransformerLens names "
+        "(blocks.L.mlp.hook_post / hook_pre) work too.",
+    )(f)

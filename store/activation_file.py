@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import transformer_lens_name
 
 FORMAT_VERSION = 1
 CHUNK_TOKENS = 1024
@@ -95,13 +96,14 @@ class ActivationWriter:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["tokens_done"] = 0
         for layer in range(h.n_layers):
-            f.create_dataset(
+            ds = f.create_dataset(
                 layer_key(layer),
                 shape=(h.n_tokens, h.d_mlp),
                 dtype=h.dtype,
                 chunks=chunk_shape(h.n_tokens, h.d_mlp),
                 fletcher32=True,
             )
+            ds.attrs["transformer_lens_name"] = transformer_lens_name(layer, h.hook)  # reads like a TL cache
         f.flush()
         return f
 

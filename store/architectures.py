@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import HOOK_NAME, HOOKS
 
 
 def _always(_config: object) -> bool:
@@ -45,16 +46,21 @@ class Adapter:
     """The output projection sees `(batch * seq, d_mlp)` (OPT); the recorder restores `(batch, seq, d_mlp)`."""
     objection: Callable[[object], str | None] = _no_objection
     """A reason this family's particular config cannot be recorded exactly, or None."""
+    in_proj: Callable[[nn.Module], nn.Module] | None = None
+    """The MLP's input (or, gated, its gate) projection, whose output is the pre-activation (`mlp.pre`)."""
+    fused_gate: bool = False
+    """`in_proj` computes (gate, up) in one product (phi3): the pre-activation is the first half."""
 
 
-def _gated(name: str, act: str = "act") -> Adapter:
+def _gated(name: str, gelu_tanh: bool = False) -> Adapter:
     """A Llama-style gated MLP `down_proj(act(gate_proj x) * up_proj x)` under `model.layers[i].mlp`."""
     return Adapter(
         name,
         lambda m: list(m.model.layers),
         lambda layer: layer.mlp.down_proj,
         lambda c: c.intermediate_size,
-        f"{act}(gate_proj x) * up_proj x",
+        "act(gate_proj x) * up_proj x" + (" (act: GELU-tanh)" if gelu_tanh else ""),
+        in_proj=lambda layer: layer.mlp.gate_proj,
     )
 
 
@@ -74,6 +80,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.c_proj,
         lambda c: c.n_inner or 4 * c.n_embd,
         "act(c_fc x)",
+        in_proj=lambda layer: layer.mlp.c_fc,
     ),
     "gpt_neox": Adapter(
         "gpt_neox",
@@ -81,6 +88,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.dense_4h_to_h,
         lambda c: c.intermediate_size,
         "act(dense_h_to_4h x)",
+        in_proj=lambda layer: layer.mlp.dense_h_to_4h,
     ),
     "gpt_neo": Adapter(
         "gpt_neo",
@@ -88,6 +96,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.c_proj,
         lambda c: c.intermediate_size or 4 * c.hidden_size,
         "act(c_fc x)",
+        in_proj=lambda layer: layer.mlp.c_fc,
     ),
     "gptj": Adapter(
         "gptj",
@@ -95,6 +104,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.fc_out,
         lambda c: c.n_inner or 4 * c.n_embd,
         "act(fc_in x) (attention and MLP in parallel)",
+        in_proj=lambda layer: layer.mlp.fc_in,
     ),
     "bloom": Adapter(
         "bloom",
@@ -103,6 +113,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda c: 4 * c.hidden_size,
         "gelu_tanh(dense_h_to_4h x)",
         objection=_bloom_objection,
+        in_proj=lambda layer: layer.mlp.dense_h_to_4h,
     ),
     "falcon": Adapter(
         "falcon",
@@ -110,6 +121,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.dense_4h_to_h,
         lambda c: c.ffn_hidden_size or 4 * c.hidden_size,
         "act(dense_h_to_4h x) (attention and MLP in parallel unless parallel_attn=False)",
+        in_proj=lambda layer: layer.mlp.dense_h_to_4h,
     ),
     "opt": Adapter(
         "opt",
@@ -120,6 +132,7 @@ ADAPTERS: dict[str, Adapter] = {
         # OPT-350m (do_layer_norm_before=False) normalises after adding the MLP output to the residual
         adds_to_residual=lambda c: bool(getattr(c, "do_layer_norm_before", True)),
         flat_tokens=True,
+        in_proj=lambda layer: layer.fc1,
     ),
     "phi": Adapter(
         "phi",
@@ -127,6 +140,7 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.fc2,
         lambda c: c.intermediate_size,
         "act(fc1 x) (attention and MLP in parallel)",
+        in_proj=lambda layer: layer.mlp.fc1,
     ),
     "phi3": Adapter(
         "phi3",
@@ -134,10 +148,12 @@ ADAPTERS: dict[str, Adapter] = {
         lambda layer: layer.mlp.down_proj,
         lambda c: c.intermediate_size,
         "act(gate) * up, where (gate, up) = gate_up_proj x",
+        in_proj=lambda layer: layer.mlp.gate_up_proj,
+        fused_gate=True,
     ),
 }
 for _name in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "stablelm", "gemma", "gemma2", "gemma3_text"):
-    ADAPTERS[_name] = _gated(_name, "gelu_tanh" if _name.startswith("gemma") else "act")
+    ADAPTERS[_name] = _gated(_name, _name.startswith("gemma"))
 for _name in ("olmo2", "gemma2", "gemma3_text"):
     # post_feedforward_layernorm normalises the MLP output before it joins the residual stream
     ADAPTERS[_name] = replace(ADAPTERS[_name], adds_to_residual=lambda _c: False)
@@ -271,10 +287,14 @@ class HookSet:
 
 
 class MLPRecorder(HookSet):
-    """Forward pre-hooks that keep each layer's MLP post-activation `(batch, seq, d_mlp)` from the latest pass."""
+    """Hooks that keep each layer's MLP activation `(batch, seq, d_mlp)` from the latest pass: the input of the
+    output projection (`mlp.post`, a forward pre-hook) or the output of the input/gate projection (`mlp.pre`, a
+    forward hook; for a fused gate/up product its gate half)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hook: str = HOOK_NAME) -> None:
         adapter = adapter_for(model)
+        if hook not in HOOKS:
+            raise ActdbError(f"unknown hook {hook!r}; use {' or '.join(HOOKS)}")
         layers = adapter.layers(model)
         self.outputs: list[torch.Tensor | None] = [None] * len(layers)
         self._token_shape: list[tuple[int, ...]] = [()] * len(layers)
@@ -282,7 +302,10 @@ class MLPRecorder(HookSet):
         for i, layer in enumerate(layers):
             if adapter.flat_tokens:
                 self.handles.append(layer.register_forward_pre_hook(self._shape_hook(i), with_kwargs=True))
-            self.handles.append(adapter.out_proj(layer).register_forward_pre_hook(self._hook(i)))
+            if hook == "mlp.post":
+                self.handles.append(adapter.out_proj(layer).register_forward_pre_hook(self._post(i)))
+            else:
+                self.handles.append(adapter.in_proj(layer).register_forward_hook(self._pre(i, adapter.fused_gate)))
 
     def _shape_hook(self, index: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -291,12 +314,21 @@ class MLPRecorder(HookSet):
 
         return hook
 
-    def _hook(self, index: int):
+    def _keep(self, index: int, x: torch.Tensor) -> None:
+        shape = self._token_shape[index]
+        if x.dim() == 2 and len(shape) > 1:
+            x = x.view(*shape, x.shape[-1])
+        self.outputs[index] = x
+
+    def _post(self, index: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
-            shape = self._token_shape[index]
-            if x.dim() == 2 and len(shape) > 1:
-                x = x.view(*shape, x.shape[-1])
-            self.outputs[index] = x
+            self._keep(index, args[0].detach())
+
+        return hook
+
+    def _pre(self, index: int, fused: bool):
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            out = output.detach()
+            self._keep(index, out[..., : out.shape[-1] // 2] if fused else out)
 
         return hook

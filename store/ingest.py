@@ -32,11 +32,12 @@ from actdb.store.architectures import MLPRecorder, mlp_shape
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError, first_line
-from actdb.store.hook_names import HOOK_NAME
+from actdb.store.hook_names import HOOK_NAME, parse_hook
 from actdb.store.lifecycle import RunHandle, claim_row, running
 from actdb.store.model_loading import (
     context_length,
     default_revision_template,
+    load_config,
     load_model,
     model_family,
     weights_fingerprint,
@@ -59,6 +60,9 @@ class IngestRequest:
     dataset: str
     source: str | None = None
     revision: str | None = None
+    hook: str = HOOK_NAME
+    trust_remote_code: bool = False
+    torch_dtype: str = "float32"  # of the forward pass; stored activations are float16 either way
     device: str = "auto"
     batch_size: int = 8
     dtype: str = "float16"
@@ -113,7 +117,7 @@ def resolve_source(existing: Model | None, req: IngestRequest) -> ResolvedSource
             "is another model (pick another name), or say --force to record this source for this step"
         )
     if req.revision:
-        revision_template = req.revision
+        revision_template = req.revision  # a template with {step}, or this step's literal revision
     elif existing is not None and source_template == existing.source:
         revision_template = existing.revision_template
     else:
@@ -125,42 +129,57 @@ def resolve_source(existing: Model | None, req: IngestRequest) -> ResolvedSource
     return ResolvedSource(source_template, revision_template, source, revision)
 
 
+def recorded_revision_template(where: ResolvedSource) -> str | None:
+    """What the model row keeps as its revision rule: a template with `{step}` only (a literal revision names
+    one checkpoint, not a rule for the others)."""
+    return where.revision_template if where.revision_template and "{step}" in where.revision_template else None
+
+
 def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print) -> IngestResult:
     """Ingest one checkpoint of one model on one dataset; a complete set is a no-op unless `force`."""
     if req.dtype != "float16":
         raise ActdbError(f"--dtype {req.dtype} is not supported yet (float16 is)")
     if req.batch_size < 1:
         raise ActdbError("--batch-size must be at least 1")
+    req.hook = parse_hook(req.hook)
     with store.session() as s:
         ds = get_dataset(s, req.dataset)
         existing = s.scalar(select(Model).where(Model.name == req.model))
         if existing is None:
             check_name(req.model, "model name")
             check_new_name(s, Model, req.model, "model name")
-        done = find_set(s, req.model, req.step, req.dataset)
+        done = find_set(s, req.model, req.step, req.dataset, req.hook)
     if done is not None and done.status == "complete" and not req.force:
-        log(f"{req.model}@{req.step} on {req.dataset}: already complete ({done.path}); --force redoes it")
+        log(f"{req.model}@{req.step} on {req.dataset} ({req.hook}): already complete ({done.path}); --force redoes it")
         path = store.config.file(done.path)
         return IngestResult(done.id, "already complete", path, done.n_tokens, 0.0, done.bytes or 0)
     where = resolve_source(existing, req)
     tokens = TokenDataset.load(store.config.file(ds.path))
     device = resolve_device(req.device).torch
-    model = load_model(where.source, where.revision, device)
-    _check_model_fits(where, model, ds, tokens)
+    config = load_config(where.source, where.revision, req.trust_remote_code)
+    _check_model_fits(where, config, ds, tokens)  # before any weights load
+    model = load_model(
+        where.source,
+        where.revision,
+        device,
+        config=config,
+        trust_remote_code=req.trust_remote_code,
+        torch_dtype=req.torch_dtype,
+    )
     n_layers, d_mlp = mlp_shape(model)
     if existing is not None and (existing.n_layers, existing.d_mlp) != (n_layers, d_mlp):
         raise ActdbError(
             f"{where.source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
             f"with {existing.n_layers} x {existing.d_mlp}; use another model name"
         )
-    rel_path = store.config.activation_path(req.model, req.step, req.dataset, HOOK_NAME)
+    rel_path = store.config.activation_path(req.model, req.step, req.dataset, req.hook)
     needed = n_layers * d_mlp * int(tokens.tokens.size) * np.dtype(req.dtype).itemsize
     _check_space(store.config.file(rel_path), needed, req.force)
     ckpt = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
     aset = get_or_create(
         store,
         ActivationSet,
-        {"checkpoint_id": ckpt.id, "dataset_id": ds.id, "hook": HOOK_NAME},
+        {"checkpoint_id": ckpt.id, "dataset_id": ds.id, "hook": req.hook},
         {"dtype": req.dtype, "path": rel_path, "status": "pending", "tokens_done": 0, "n_tokens": tokens.tokens.size},
     )
     what = f"{req.model}@{req.step} on {req.dataset} (ingest)"
@@ -172,7 +191,7 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         model=req.model,
         step=req.step,
         dataset_fingerprint=ds.fingerprint,
-        hook=HOOK_NAME,
+        hook=req.hook,
         n_layers=n_layers,
         d_mlp=d_mlp,
         n_tokens=int(tokens.tokens.size),
@@ -275,7 +294,7 @@ def _register_checkpoint(
             "n_layers": n_layers,
             "d_mlp": d_mlp,
             "source": where.source_template,
-            "revision_template": where.revision_template,
+            "revision_template": recorded_revision_template(where),
             "seed": None,
         },
     )
@@ -310,7 +329,7 @@ def _register_checkpoint(
     return ckpt
 
 
-def _check_model_fits(where: ResolvedSource, model: torch.nn.Module, ds: Dataset, tokens: TokenDataset) -> None:
+def _check_model_fits(where: ResolvedSource, config: object, ds: Dataset, tokens: TokenDataset) -> None:
     """The dataset must be readable by this model: same tokenizer, ids within its vocabulary, sequences within
     its context."""
     source = where.source
@@ -323,13 +342,13 @@ def _check_model_fits(where: ResolvedSource, model: torch.nn.Module, ds: Dataset
             f"tokenizer mismatch: {source} ships a tokenizer whose vocabulary differs from the one "
             "the dataset was built with"
         )
-    vocab = int(model.config.vocab_size)
+    vocab = int(config.vocab_size)
     if int(tokens.tokens.max()) >= vocab:
         raise ActdbError(
             f"tokenizer mismatch: dataset token ids reach {int(tokens.tokens.max())} but {source} "
             f"has a vocabulary of {vocab}"
         )
-    limit = context_length(model)
+    limit = context_length(config)
     if limit is not None and tokens.seq_len > limit:
         raise ActdbError(
             f"dataset {ds.name!r} has sequences of {tokens.seq_len} tokens but {source} reads at most {limit}; "
@@ -427,7 +446,7 @@ class _IngestRun:
         base = self.model.base_model
         flat = self.tokens.tokens
         try:
-            with MLPRecorder(self.model) as rec, torch.inference_mode():
+            with MLPRecorder(self.model, self.req.hook) as rec, torch.inference_mode():
                 for seq0 in range(start_row // self.seq_len, self.tokens.n_sequences, self.req.batch_size):
                     if failure:
                         break

@@ -36,24 +36,50 @@ def model_family(source: str, model_type: str) -> str:
     return model_type
 
 
-def load_model(source: str, revision: str | None, device: torch.device) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(source, revision=...)` in eval mode, failing with one line.
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
-    The config is read first and its architecture checked (`adapter_for_config`), so an unsupported,
-    mixture-of-experts or encoder-only model is refused before any weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+def load_config(source: str, revision: str | None, trust_remote_code: bool = False):
+    """The model's transformers config, with its architecture checked (`adapter_for_config`): an unsupported,
+    mixture-of-experts or encoder-only model is refused here, before any weights are read."""
+    from transformers import AutoConfig
+
     options, note = hub_options(source)
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision, **options)
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **options)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(exc, source, revision, note) from None
     adapter_for_config(config)
+    return config
+
+
+def load_model(
+    source: str,
+    revision: str | None,
+    device: torch.device,
+    *,
+    config: object | None = None,
+    trust_remote_code: bool = False,
+    torch_dtype: str = "float32",
+) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(source, revision=...)` in eval mode, failing with one line. The
+    config is read (and checked) first unless given; `torch_dtype` is the forward pass's precision."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if torch_dtype not in TORCH_DTYPES:
+        raise ActdbError(f"unknown --torch-dtype {torch_dtype!r}; use {', '.join(TORCH_DTYPES)}")
+    hf_logging.disable_progress_bar()
+    config = config or load_config(source, revision, trust_remote_code)
+    options, note = hub_options(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, config=config, dtype=torch.float32, **options
+            source,
+            revision=revision,
+            config=config,
+            dtype=getattr(torch, torch_dtype),
+            trust_remote_code=trust_remote_code,
+            **options,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(exc, source, revision, note) from None
@@ -68,9 +94,8 @@ def _load_error(exc: BaseException, source: str, revision: str | None, note: str
     return ActdbError(f"cannot load model {source!r}{where}{note}: {message}")
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings allow, when its config says."""
-    config = model.config
+def context_length(config: object) -> int | None:
+    """The longest sequence a model's position embeddings allow, when its config says."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:

@@ -88,9 +88,10 @@ def complete_set(session: Session, ref: SetRef, dataset: str | None, hook: str =
     rows = session.execute(q).all()
     if not rows:
         on = f" on dataset {want!r}" if want else ""
+        flag = "" if hook == HOOK_NAME else f" --hook {hook}"
         raise ActdbError(
-            f"{ref} has no activation set{on}; run `actdb ingest {ref.model} --step {ref.step} "
-            f"--dataset {want or 'DATASET'}` first"
+            f"{ref} has no activation set{on} (hook {hook}); run `actdb ingest {ref.model} --step {ref.step} "
+            f"--dataset {want or 'DATASET'}{flag}` first"
         )
     if len(rows) > 1:
         raise ActdbError(f"{ref} has sets on several datasets ({', '.join(n for _a, n in rows)}); pass --dataset")
@@ -102,12 +103,12 @@ def complete_set(session: Session, ref: SetRef, dataset: str | None, hook: str =
     return aset
 
 
-def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None) -> list[ActivationSet]:
-    """Complete activation sets for the references, all on one dataset, or a one-line error."""
+def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None, hook: str = HOOK_NAME) -> list[ActivationSet]:
+    """Complete activation sets for the references, all on one dataset and hook, or a one-line error."""
     if len(set(refs)) != len(refs):
         raise ActdbError("the same activation set is listed twice")
     with store.session() as s:
-        found = [complete_set(s, ref, dataset) for ref in refs]
+        found = [complete_set(s, ref, dataset, hook) for ref in refs]
     if len({a.dataset_id for a in found}) > 1:
         raise ActdbError("the sets are on different datasets; correlate sets of one dataset (pass --dataset)")
     return found

@@ -307,3 +307,11 @@ def test_single_neuron_sweep_is_exact_after_a_post_mlp_norm(saved, arch):
     """A norm between the MLP and the residual stream breaks the shared-prefix shortcut, so these families are
     swept with one hooked pass per neuron; the result equals the one-at-a-time reference."""
     _sweep_matches(_evaluator(saved, arch), variants=1)
+
+
+def test_readme_lists_every_supported_architecture():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, recorded in supported_architectures():
+        assert f"| `{name}` | {recorded} |" in readme, name

@@ -25,6 +25,7 @@ from types import ModuleType
 import numpy as np
 
 from actdb.compute.baseline import draw_rotation, random_rotation
+from actdb.compute.layer_similarity import LayerPair, LayerSimilarity
 from actdb.store.activation_file import ActivationReader
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
@@ -60,6 +61,7 @@ class CorrelationOptions:
     chunk_tokens: int = 8192
     memory_budget: int | None = None
     baseline_draws: int = 8  # independent rotations per model; each costs products with covariances, no pass
+    layer_similarity: bool = False  # also collect layer-pair similarity of every pair of sets (and each with itself)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class CorrelationResult:
     n_tokens: int
     n_passes: int
     seconds: dict[str, float] = field(default_factory=dict)  # "accumulate", "maxima", "baseline"
+    layers: dict[tuple[int, int, int, int], LayerPair] | None = None  # (set key, other key, layer, other layer)
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,7 @@ class _Engine:
             raise ActdbError("--baseline-draws must be at least 1")
         self.results = _empty_results(inputs, options.topk, options.baseline_draws)
         self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
+        self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
         self.seconds: dict[str, float] = {}  # (width, draw) -> P_draw, shared by all sets
 
     def run(self) -> CorrelationResult:
@@ -358,6 +362,19 @@ class _Engine:
             ]
             for draw in range(self.options.baseline_draws):
                 rot, rot_sd = self._rotations(key, base, draw)
+                if self.similarity is not None:
+                    m = self.moments[key]
+                    for layer in range(s.n_layers):
+                        rows = slice(layer * s.d_mlp, (layer + 1) * s.d_mlp)
+                        self.similarity.observe_self_baseline(
+                            key,
+                            layer,
+                            m.cov[layer],
+                            rot[layer].astype(m.cov[layer].dtype),
+                            rot_sd[rows],
+                            m.sd[rows],
+                            draw,
+                        )
                 for g, block in acc.items():
                     for layer in range(g.start, g.stop) if key in (g.a, g.b) else ():
                         rows = self._rows(g, block, layer)
@@ -441,8 +458,12 @@ class _Engine:
             raise ActdbError("the dataset has fewer than two counted positions")
         if self.control:
             self.inv_counts = self.backend.asarray(1.0 / np.maximum(self.token_counts, 1))
-        for s, m in zip(self.inputs, self.moments, strict=True):
+        for i, (s, m) in enumerate(zip(self.inputs, self.moments, strict=True)):
             _finalize_set(s, m, self.n, self.inv_counts, self.backend.xp)
+            if self.similarity is not None:
+                for layer in range(s.n_layers):
+                    rows = slice(layer * s.d_mlp, (layer + 1) * s.d_mlp)
+                    self.similarity.observe_self(i, layer, m.cov[layer], m.sd[rows])
 
     def _result(self) -> CorrelationResult:
         dead = {s.key: self.backend.to_numpy(m.sd <= SD_EPS) for s, m in zip(self.inputs, self.moments, strict=True)}
@@ -452,7 +473,11 @@ class _Engine:
             r.max_corr[undefined] = np.nan
             r.baseline[:, undefined | ~np.isfinite(r.baseline).any(axis=0)] = np.nan
             r.best[undefined] = -1
-        return CorrelationResult(matches, dead, self.n, len(self.passes), dict(self.seconds))
+        layers = None
+        if self.similarity is not None:
+            keys = [s.key for s in self.inputs]
+            layers = {(keys[a], keys[b], la, lb): v for (a, b, la, lb), v in self.similarity.pairs.items()}
+        return CorrelationResult(matches, dead, self.n, len(self.passes), dict(self.seconds), layers)
 
 
 def _empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:
@@ -516,6 +541,9 @@ def _task_maxima(t: Task, cov: object, engine: _Engine) -> None:
         diag = backend.to_numpy(xp.diagonal(r[:, rows]))
         fwd.self_corr[rows] = np.where(np.isfinite(diag), diag, np.nan)
         back.self_corr[rows] = fwd.self_corr[rows]
+    if engine.similarity is not None:
+        ma, mb = moments[t.a], moments[t.b]
+        engine.similarity.observe_block(t.a, t.b, t.layer, r, cov, ma.sd[rows], mb.sd, ma.cov, mb.cov)
 
 
 def _inverse_sd(sd: object, xp: ModuleType) -> tuple[object, object]:
@@ -539,6 +567,8 @@ def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int
     inv_rows, _dead = _inverse_sd(engine.moments[t.a].sd[rows], xp)
     best = xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0)
     engine.results[(t.a, t.b)].baseline[draw, rows] = engine.backend.to_numpy(best)
+    if engine.similarity is not None:
+        engine.similarity.observe_baseline_forward(t.a, t.b, t.layer, scaled, inv_rows, draw, db)
 
 
 def _baseline_backward(t: Task, cov: object, rot_a: object, rot_sd: object, draw: int, engine: _Engine) -> None:
@@ -556,6 +586,9 @@ def _baseline_backward(t: Task, cov: object, rot_a: object, rot_sd: object, draw
     best = xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0)
     target = engine.results[(t.b, t.a)].baseline[draw]
     np.maximum(target, engine.backend.to_numpy(best), out=target)
+    if engine.similarity is not None:
+        db = engine.inputs[t.b].d_mlp
+        engine.similarity.observe_baseline_backward(t.a, t.b, t.layer, scaled, inv_cols, draw, db)
 
 
 def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: ArrayBackend) -> None:

@@ -297,3 +297,44 @@ def test_incomplete_or_missing_set_fails_clearly(ingested, store_config):
     with store.session() as s:  # refused before a run was recorded
         assert s.scalar(select(CorrelationRun).where(CorrelationRun.status != "complete")) is None
     store.close()
+
+
+def _cka(x, y):
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_layer_similarity_equals_direct_computations(synthetic):
+    """Per layer pair: mean max corr, CKA and the Hungarian-matched correlation from the moments equal direct
+    float64 computations on the data, and each draw's baseline equals a direct pass on rotated data."""
+    from scipy.optimize import linear_sum_assignment
+
+    s, draws = synthetic, 3
+    opts = CorrelationOptions(baseline_seed=7, baseline_draws=draws, layer_similarity=True)
+    res = correlate_sets(s["sets"][:3], s["tokens"], s["mask"], opts, CPU)
+    keys = [100, 101, 102]
+    for i, a in enumerate(keys):
+        for j, b in enumerate(keys):
+            xa, xb = s["counted"][i], s["counted"][j]
+            for la in range(L):
+                for lb in range(L):
+                    if a == b and la != lb:  # a set's layers among themselves: no cross-layer Grams are kept
+                        assert (a, b, la, lb) not in res.layers
+                        continue
+                    xl, yl = xa[:, la * D : (la + 1) * D], xb[:, lb * D : (lb + 1) * D]
+                    live_a, live_b = xl.std(axis=0) > 1e-6, yl.std(axis=0) > 1e-6
+                    r = np.corrcoef(xl[:, live_a].T, yl[:, live_b].T)[: live_a.sum(), live_a.sum() :]
+                    got = res.layers[(a, b, la, lb)]
+                    assert got.mean_max_corr == pytest.approx(r.max(axis=1).mean(), abs=1e-5)
+                    assert got.cka == pytest.approx(_cka(xl, yl), abs=1e-6)
+                    if la == lb:
+                        rows, cols = linear_sum_assignment(r, maximize=True)
+                        assert got.matched_corr == pytest.approx(r[rows, cols].mean(), abs=1e-5)
+                    else:
+                        assert got.matched_corr is None
+                    for k in range(draws):
+                        rot = yl @ rotation(D, 7, b, lb, k)
+                        ref = np.corrcoef(xl[:, live_a].T, rot.T)[: live_a.sum(), live_a.sum() :]
+                        assert got.baseline[k] == pytest.approx(ref.max(axis=1).mean(), abs=1e-4), (a, b, la, lb, k)
+    assert res.layers[(100, 100, 0, 0)].mean_max_corr == pytest.approx(1.0)
+    assert res.layers[(100, 100, 0, 0)].cka == 1.0 and res.layers[(100, 100, 0, 0)].matched_corr == pytest.approx(1)

@@ -32,6 +32,7 @@ from actdb.store.schema import (
     Checkpoint,
     CorrelationRun,
     Dataset,
+    LayerSimilarity,
     Model,
     NeuronMatch,
     NeuronStat,
@@ -58,6 +59,7 @@ class CorrelationRequest:
     chunk_tokens: int = 8192
     memory_budget: int | None = None
     hook: str = HOOK_NAME
+    similarity: bool = False  # a similarity run: layer-pair statistics of every pair of sets, no neuron rows
     device: str = "auto"
     force: bool = False
     progress: bool = True
@@ -75,6 +77,7 @@ class CorrelationRequest:
             control=self.control,
             baseline_seed=self.seed,
             baseline_draws=self.baseline_draws,
+            layer_similarity=self.similarity,
             topk=self.topk,
             chunk_tokens=self.chunk_tokens,
             memory_budget=self.memory_budget,
@@ -117,6 +120,8 @@ def correlation_key(set_ids: list[int], options: CorrelationOptions) -> str:
     fields = {"control": options.control, "seed": options.baseline_seed, "topk": options.topk}
     if options.baseline_draws != 1:
         fields["draws"] = options.baseline_draws
+    if options.layer_similarity:
+        fields["similarity"] = True
     return request_key(kind="correlate", sets=sorted(set_ids), **fields)
 
 
@@ -208,10 +213,11 @@ def _run_values(
 ) -> dict:
     with store.session() as s:
         models = {s.scalar(select(Checkpoint.model_id).where(Checkpoint.id == a.checkpoint_id)) for a in sets}
+    kind = "cross_model" if len(models) == len(sets) else "within_model"
     return {
         "request_key": key,
         "dataset_id": sets[0].dataset_id,
-        "kind": "cross_model" if len(models) == len(sets) else "within_model",
+        "kind": "similarity" if options.layer_similarity else kind,
         "control": options.control,
         "threshold": DEFAULT_THRESHOLD if threshold is None else threshold,
         "baseline_seed": options.baseline_seed,
@@ -319,6 +325,27 @@ def _match_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) 
     return rows
 
 
+def _layer_rows(run_id: int, result: CorrelationResult) -> list[dict]:
+    rows = []
+    for (a, b, la, lb), pair in result.layers.items():
+        draws = np.array(list(pair.baseline.values()))
+        rows.append(
+            {
+                "run_id": run_id,
+                "set_id": a,
+                "other_set_id": b,
+                "layer": la,
+                "other_layer": lb,
+                "mean_max_corr": finite_or_none(pair.mean_max_corr),
+                "mean_baseline": finite_or_none(draws.mean()) if draws.size else None,
+                "baseline_sd": finite_or_none(draws.std(ddof=1)) if draws.size > 1 else None,
+                "matched_corr": None if pair.matched_corr is None else finite_or_none(pair.matched_corr),
+                "cka": finite_or_none(pair.cka),
+            }
+        )
+    return rows
+
+
 def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult, threshold: float) -> list[dict]:
     shapes = {s.key: s.d_mlp for s in inputs}
     rows = []
@@ -350,9 +377,12 @@ def _store_results(
     store: Store, run_id: int, inputs: list[SetInput], result: CorrelationResult, kind: str, threshold: float
 ) -> int:
     """Bulk-insert neuron_match rows, and universality scores for cross-model runs (universality is only defined
-    across models); returns the number of dead neurons."""
-    univ = _universality_rows(run_id, inputs, result, threshold) if kind == "cross_model" else []
+    across models), or, for a similarity run, only its layer-pair rows; returns the number of dead neurons."""
     with store.session() as s:
-        insert_rows(s, NeuronMatch, _match_rows(run_id, inputs, result))
-        insert_rows(s, Universality, univ)
+        if kind == "similarity":
+            insert_rows(s, LayerSimilarity, _layer_rows(run_id, result))
+        else:
+            insert_rows(s, NeuronMatch, _match_rows(run_id, inputs, result))
+        if kind == "cross_model":
+            insert_rows(s, Universality, _universality_rows(run_id, inputs, result, threshold))
     return int(sum(dead.sum() for dead in result.dead.values()))

@@ -354,6 +354,75 @@ def correlate(
 
 
 @cli.command()
+@dataset_option("Token dataset the sets were ingested on.")
+@click.option("--models", help="Comma-separated models (with --steps: every model at every step).")
+@click.option("--steps", "step_list", type=STEPS, help="Comma-separated steps of every model in --models.")
+@click.option("--sets", "set_specs", help="Explicit sets, comma-separated MODEL@STEP.")
+@click.option("--run", "run_id", type=INDEX, help="List this similarity run (default: the newest).")
+@control_option("`token` removes each neuron's per-token-id mean first.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the rotation baseline.")
+@click.option("--baseline-draws", type=click.IntRange(1, 1000), default=8, show_default=True)
+@click.option("--by-layer", is_flag=True, help="Every layer pair instead of per-pair means over same-index layers.")
+@hook_option
+@device_option
+@click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
+@force_option("Recompute even if an identical complete run exists.")
+@quiet_option
+@format_option
+@pass_app
+def similarity(
+    app: AppContext,
+    dataset_name: str | None,
+    models: str | None,
+    step_list: list[int] | None,
+    set_specs: str | None,
+    run_id: int | None,
+    control: str,
+    seed: int,
+    baseline_draws: int,
+    by_layer: bool,
+    hook: str,
+    device: str,
+    memory_budget: int | None,
+    force: bool,
+    quiet: bool,
+    fmt: str,
+) -> None:
+    """How alike whole sets are (seeds x steps), in one pass: per layer pair mean max-corr against its rotation
+    baseline, one-to-one matched correlation and linear CKA. Without sets: list the newest similarity run."""
+    from actdb.query.queries import similarity_listing
+    from actdb.store.refs import SetRef, parse_list, parse_set_refs
+
+    store = app.store()
+    if models is not None or set_specs is not None:
+        from actdb.compute.correlation_run import CorrelationRequest
+        from actdb.compute.correlation_run import correlate as run_correlate
+
+        if (models is None) == (set_specs is None) or (models is not None and step_list is None):
+            raise click.UsageError("give --models with --steps, or --sets")
+        refs = (
+            [SetRef(m, st) for m in parse_list(models, "models") for st in step_list]
+            if models is not None
+            else parse_set_refs(set_specs)
+        )
+        request = CorrelationRequest(
+            sets=refs,
+            dataset=dataset_name,
+            control=control,
+            seed=seed,
+            baseline_draws=baseline_draws,
+            memory_budget=memory_budget,
+            hook=hook,
+            similarity=True,
+            device=device,
+            force=force,
+            progress=not quiet,
+        )
+        run_id = run_correlate(store, request, log=lambda m: click.echo(m, err=True)).run_id
+    click.echo(render(similarity_listing(store, run=run_id, control=control, by_layer=by_layer), fmt))
+
+
+@cli.command()
 @click.option("--model", "model_name", help="Compute persistence of this model (omit to list stored results).")
 @dataset_option("Dataset of the analysed sets (default: the only one).")
 @click.option("--steps", type=STEPS, help="Analysed steps, comma-separated (default: every ingested step).")

@@ -39,6 +39,7 @@ from actdb.store.views import (
     v_neuron_history,
     v_neuron_matches,
     v_persistence,
+    v_similarity,
     v_universality,
 )
 
@@ -406,3 +407,48 @@ def ablation_control_deltas(store: Store) -> dict[int, list[float]]:
         )
     )
     return {r.id: json.loads(r.control_deltas) for r in rows}
+
+
+SIMILARITY_LAYER_COLUMNS = (
+    "model step layer other_model other_step other_layer mean_max_corr mean_baseline baseline_sd excess_corr "
+    "matched_corr cka"
+)
+
+
+def similarity_listing(store: Store, *, run: int | None = None, control: str = "none", by_layer: bool = False) -> Rows:
+    """Every pair of sets of a similarity run (default: the newest with this control): per pair the means over
+    same-index layers, or every layer pair with `by_layer`."""
+    sim = v_similarity
+    if run is None:
+        run = store.scalar(
+            select(func.max(CorrelationRun.id)).where(
+                CorrelationRun.kind == "similarity",
+                CorrelationRun.status == "complete",
+                CorrelationRun.control == control,
+            )
+        )
+        if run is None:
+            flag = " --control token" if control == "token" else ""
+            raise ActdbError(f"no similarity run yet; run `actdb similarity --models A,B,... --steps S1,S2,...{flag}`")
+    if by_layer:
+        query = select(*_cols(sim, SIMILARITY_LAYER_COLUMNS)).where(sim.c.run_id == run)
+        return store.query(query.order_by(sim.c.model, sim.c.step, sim.c.other_model, sim.c.other_step, sim.c.layer))
+    query = (
+        select(
+            sim.c.model,
+            sim.c.step,
+            sim.c.other_model,
+            sim.c.other_step,
+            func.avg(sim.c.mean_max_corr).label("mean_max_corr"),
+            func.avg(sim.c.mean_baseline).label("mean_baseline"),
+            func.avg(sim.c.excess_corr).label("excess_corr"),
+            func.avg(sim.c.matched_corr).label("matched_corr"),
+            func.avg(sim.c.cka).label("cka"),
+            func.count().label("n_layers"),
+            sim.c.run_id,
+        )
+        .where(sim.c.run_id == run, sim.c.layer == sim.c.other_layer)
+        .group_by(sim.c.model, sim.c.step, sim.c.other_model, sim.c.other_step, sim.c.run_id)
+        .order_by(sim.c.model, sim.c.step, sim.c.other_model, sim.c.other_step)
+    )
+    return store.query(query)

@@ -31,6 +31,7 @@ from actdb.store.schema import (
     AblationNeuron,
     ActivationSet,
     CorrelationRun,
+    LayerSimilarity,
     NeuronMatch,
     PersistenceRun,
     Universality,
@@ -55,8 +56,8 @@ def request_key(**fields: Any) -> str:
 
 
 def _delete_correlation_results(session, run_id: int) -> None:
-    session.execute(delete(NeuronMatch).where(NeuronMatch.run_id == run_id))
-    session.execute(delete(Universality).where(Universality.run_id == run_id))
+    for table in (NeuronMatch, Universality, LayerSimilarity):
+        session.execute(delete(table).where(table.run_id == run_id))
 
 
 def _delete_ablation_results(session, run_id: int) -> None:

@@ -239,6 +239,24 @@ class PersistenceRun(RunState, Base):
     steps: Mapped[str] = mapped_column(Text)
 
 
+class LayerSimilarity(Base):
+    """How alike one layer of a set is to one layer of another set (or itself) in a similarity run: mean best
+    correlation of its neurons there (and against rotated copies: mean and sd over draws), the one-to-one
+    matched correlation (same-index layers only) and linear CKA."""
+
+    __tablename__ = "layer_similarity"
+    run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"), primary_key=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    other_set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    other_layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mean_max_corr: Mapped[float | None] = mapped_column(Float)
+    mean_baseline: Mapped[float | None] = mapped_column(Float)
+    baseline_sd: Mapped[float | None] = mapped_column(Float)
+    matched_corr: Mapped[float | None] = mapped_column(Float)
+    cka: Mapped[float | None] = mapped_column(Float)
+
+
 class Persistence(Base):
     """How many of one layer's universal neurons (excess > threshold) at `from_step` are still universal at
     `to_step`."""

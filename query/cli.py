@@ -221,6 +221,12 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     help="Let transformers run the model repository's own code (needed by some hub models; off by default).",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per pass.")
+@click.option(
+    "--predictions",
+    "with_predictions",
+    is_flag=True,
+    help="Also record each step's top-1 predictions and losses (a second pass, for `similarity --function`).",
+)
 @click.option("--dtype", type=click.Choice(["float16"]), default="float16", show_default=True)
 @force_option("Redo a complete set; accept another source or weights identical to another step's.")
 @quiet_option
@@ -239,6 +245,7 @@ def ingest(
     torch_dtype: str,
     trust_remote_code: bool,
     batch_size: int,
+    with_predictions: bool,
     dtype: str,
     force: bool,
     quiet: bool,
@@ -267,6 +274,20 @@ def ingest(
             progress=not quiet,
         )
         run_ingest(store, request, log=_echo)
+        if with_predictions:
+            from actdb.compute.predictions import PredictionRequest, compute_predictions
+
+            compute_predictions(
+                store,
+                PredictionRequest(
+                    target=f"{model}@{s}",
+                    dataset=dataset_name,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=not quiet,
+                ),
+                log=_echo,
+            )
 
 
 def _paired_revisions(steps: list[int], revision: str | None, revisions: str | None) -> list[str | None]:
@@ -363,6 +384,20 @@ def correlate(
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the rotation baseline.")
 @click.option("--baseline-draws", type=click.IntRange(1, 1000), default=8, show_default=True)
 @click.option("--by-layer", is_flag=True, help="Every layer pair instead of per-pair means over same-index layers.")
+@click.option(
+    "--function",
+    "by_function",
+    is_flag=True,
+    help="Compare what the checkpoints predict (top-1 agreement, loss correlation) instead of their neurons.",
+)
+@click.option(
+    "--exact",
+    "exact_tokens",
+    type=COUNT,
+    metavar="TOKENS",
+    help="With --function: also the Jensen-Shannon divergence of the full next-token distributions on the first "
+    "TOKENS tokens (runs two models side by side).",
+)
 @hook_option
 @device_option
 @click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
@@ -381,6 +416,8 @@ def similarity(
     seed: int,
     baseline_draws: int,
     by_layer: bool,
+    by_function: bool,
+    exact_tokens: int | None,
     hook: str,
     device: str,
     memory_budget: int | None,
@@ -394,6 +431,8 @@ def similarity(
     from actdb.store.refs import SetRef, parse_list, parse_set_refs
 
     store = app.store()
+    if exact_tokens is not None and not by_function:
+        raise click.UsageError("--exact goes with --function")
     if models is not None or set_specs is not None:
         from actdb.compute.correlation_run import CorrelationRequest
         from actdb.compute.correlation_run import correlate as run_correlate
@@ -405,6 +444,12 @@ def similarity(
             if models is not None
             else parse_set_refs(set_specs)
         )
+        if by_function:
+            from actdb.compute.function_similarity import FunctionRequest, function_similarity
+
+            request = FunctionRequest(sets=refs, dataset=dataset_name, exact_tokens=exact_tokens, device=device)
+            click.echo(render(function_similarity(store, request, log=lambda m: click.echo(m, err=True)), fmt))
+            return
         request = CorrelationRequest(
             sets=refs,
             dataset=dataset_name,
@@ -419,7 +464,41 @@ def similarity(
             progress=not quiet,
         )
         run_id = run_correlate(store, request, log=lambda m: click.echo(m, err=True)).run_id
+    elif by_function:
+        raise click.UsageError("--function needs the checkpoints: --models with --steps, or --sets")
     click.echo(render(similarity_listing(store, run=run_id, control=control, by_layer=by_layer), fmt))
+
+
+@cli.command()
+@click.argument("targets", metavar="MODEL@STEP...", nargs=-1, required=True)
+@dataset_option("Dataset to predict on (default: the set's only one).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@device_option
+@force_option("Predict again even if complete.")
+@quiet_option
+@pass_app
+def predictions(
+    app: AppContext,
+    targets: tuple[str, ...],
+    dataset_name: str | None,
+    batch_size: int,
+    device: str,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Record each checkpoint's top-1 next token and loss at every position (for `similarity --function`)."""
+    from actdb.compute.predictions import PredictionRequest, compute_predictions
+
+    for target in targets:
+        request = PredictionRequest(
+            target=target,
+            dataset=dataset_name,
+            batch_size=batch_size,
+            device=device,
+            force=force,
+            progress=not quiet,
+        )
+        compute_predictions(app.store(), request, log=_echo)
 
 
 @cli.command()

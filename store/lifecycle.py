@@ -34,6 +34,7 @@ from actdb.store.schema import (
     LayerSimilarity,
     NeuronMatch,
     PersistenceRun,
+    PredictionSet,
     Universality,
     utcnow,
 )
@@ -70,6 +71,7 @@ RUN_TABLES: dict[type, Callable | None] = {
     ActivationSet: None,
     CorrelationRun: _delete_correlation_results,
     PersistenceRun: None,
+    PredictionSet: None,
     Ablation: _delete_ablation_results,
 }
 

@@ -239,6 +239,21 @@ class PersistenceRun(RunState, Base):
     steps: Mapped[str] = mapped_column(Text)
 
 
+class PredictionSet(RunState, Base):
+    """A checkpoint's top-1 predictions and per-token losses on a dataset (`actdb predictions`), in an HDF5 file
+    beside its activations."""
+
+    __tablename__ = "prediction_set"
+    __table_args__ = (running_unique("prediction_set"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str] = mapped_column(String(64), index=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)  # relative to the store folder
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    mean_loss: Mapped[float | None] = mapped_column(Float)
+
+
 class LayerSimilarity(Base):
     """How alike one layer of a set is to one layer of another set (or itself) in a similarity run: mean best
     correlation of its neurons there (and against rotated copies: mean and sd over draws), the one-to-one

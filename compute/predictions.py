@@ -1,0 +1,137 @@
+"""What a checkpoint predicts on a token dataset, kept for comparing models by function: per position its top-1
+next token and its cross-entropy on the true next token (NaN where the target does not count), in
+`activations/<model>/step-<N>/<dataset>.predictions.h5`. `actdb predictions MODEL@STEP` computes them (also for
+sets ingested before this existed); `actdb similarity --function` compares them pairwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from sqlalchemy import select
+from tqdm.auto import tqdm
+
+from actdb.store.config import file_name_of
+from actdb.store.database import Store
+from actdb.store.device import resolve_device
+from actdb.store.errors import ActdbError
+from actdb.store.lifecycle import request_key, running, start_or_wait
+from actdb.store.model_loading import load_model
+from actdb.store.refs import parse_set_ref
+from actdb.store.registry import complete_set, get_checkpoint
+from actdb.store.schema import Dataset, PredictionSet
+from actdb.store.token_file import TokenDataset
+
+COMPLETE_ATTR = "actdb_complete"
+
+
+@dataclass(kw_only=True)
+class PredictionRequest:
+    target: str  # MODEL@STEP
+    dataset: str | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Predictions:
+    top1: np.ndarray  # (n_tokens,) int32: the most likely next token at each position
+    loss: np.ndarray  # (n_tokens,) float32: CE on the true next token; NaN where that target does not count
+
+
+def predictions_path(model: str, step: int, dataset: str) -> str:
+    return f"activations/{file_name_of(model)}/step-{step}/{file_name_of(dataset)}.predictions.h5"
+
+
+def compute_predictions(store: Store, req: PredictionRequest, log: Callable[[str], None] = print) -> int:
+    """Run the checkpoint over the dataset once and store its predictions; a complete result is reused."""
+    ref = parse_set_ref(req.target)
+    with store.session() as s:
+        ckpt = get_checkpoint(s, ref.model, ref.step)
+        aset = complete_set(s, ref, req.dataset)
+        ds = s.get(Dataset, aset.dataset_id)
+        source, revision, ckpt_id, ds_id, ds_name, ds_path = (
+            ckpt.source,
+            ckpt.revision,
+            ckpt.id,
+            ds.id,
+            ds.name,
+            ds.path,
+        )
+    rel = predictions_path(ref.model, ref.step, ds_name)
+    key = request_key(kind="predictions", checkpoint=ckpt_id, dataset=ds_id)
+    done = store.scalar(
+        select(PredictionSet.id).where(PredictionSet.request_key == key, PredictionSet.status == "complete")
+    )
+    if done is not None and not req.force and store.config.file(rel).exists():
+        log(f"{req.target} on {ds_name}: predictions already complete ({rel})")
+        return done
+    values = {"request_key": key, "checkpoint_id": ckpt_id, "dataset_id": ds_id, "path": rel}
+    while (row_id := start_or_wait(store, PredictionSet, values, log)) is None:
+        pass
+    with running(store, PredictionSet, row_id) as handle:
+        device = resolve_device(req.device).torch
+        tokens = TokenDataset.load(store.config.file(ds_path))
+        model = load_model(source, revision, device)
+        result = predict(model, tokens, req.batch_size, device, req.progress)
+        _write(store.config.file(rel), result)
+        mean_loss = float(np.nanmean(result.loss))
+        handle.complete(n_tokens=int(result.top1.size), mean_loss=mean_loss)
+    log(f"{req.target} on {ds_name}: predictions of {result.top1.size} positions, mean loss {mean_loss:.5f} -> {rel}")
+    return row_id
+
+
+def predict(
+    model: torch.nn.Module, tokens: TokenDataset, batch_size: int, device: torch.device, progress: bool = False
+) -> Predictions:
+    """Top-1 next token and per-position CE on counted targets, batch by batch."""
+    n_seq, seq_len = tokens.tokens.shape
+    top1 = np.zeros((n_seq, seq_len), dtype=np.int32)
+    loss = np.full((n_seq, seq_len), np.nan, dtype=np.float32)
+    bar = tqdm(total=n_seq * seq_len, unit="tok", unit_scale=True, disable=not progress, desc="predictions")
+    with torch.inference_mode():
+        for s0 in range(0, n_seq, batch_size):
+            ids = torch.from_numpy(tokens.tokens[s0 : s0 + batch_size].astype(np.int64)).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            top1[s0 : s0 + len(ids)] = logits.argmax(dim=-1).cpu().numpy()
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(len(ids), seq_len - 1)
+            counted = tokens.mask[s0 : s0 + len(ids), 1:]  # a target counts when its own position counts
+            block = ce.cpu().numpy()
+            loss[s0 : s0 + len(ids), :-1] = np.where(counted, block, np.nan)
+            bar.update(ids.numel())
+    bar.close()
+    return Predictions(top1.reshape(-1), loss.reshape(-1))
+
+
+def _write(path: Path, result: Predictions) -> None:
+    """Under a temporary name, renamed when complete (like the activation files)."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("top1", data=result.top1, fletcher32=True, chunks=True)
+            f.create_dataset("loss", data=result.loss, fletcher32=True, chunks=True)
+            f.attrs[COMPLETE_ATTR] = True
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def read_predictions(path: Path) -> Predictions:
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get(COMPLETE_ATTR, False):
+                raise ActdbError(f"predictions file {path} is unfinished")
+            return Predictions(f["top1"][:], f["loss"][:])
+    except (OSError, KeyError) as exc:
+        raise ActdbError(f"predictions file {path} is missing or corrupt: {exc}") from None

@@ -1,8 +1,9 @@
 """`actdb demo`: the whole universal-neurons study on a local zoo of tiny GPT-2 seeds, end to end.
 
 zoo (train or reuse) -> dataset -> ingest every seed x step -> correlate each step (rotation baseline, and the
-token control) -> persistence -> ablation of universal neurons against matched random controls -> summary
-tables -> HTML report. Every stage is idempotent, so an interrupted demo continues where it stopped.
+token control) -> persistence -> ablation of universal neurons against matched random controls -> similarity of
+every (seed, step) pair, by representation and by function -> summary tables -> HTML report. Every stage is
+idempotent, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from sqlalchemy import select
 
 from actdb.compute.ablation_run import AblationRequest, run_ablation
 from actdb.compute.correlation_run import CorrelationRequest, correlate
+from actdb.compute.function_similarity import FunctionRequest, function_similarity
 from actdb.compute.persistence import PersistenceRequest, compute_persistence
+from actdb.compute.predictions import PredictionRequest, compute_predictions
 from actdb.query import queries
 from actdb.query.output import render
 from actdb.query.report import build_report
@@ -105,9 +108,12 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
         )
     stage(f"ablation: universal neurons of seed0@{steps[-1]} against {req.controls} matched random sets")
     _ablate(store, f"seed0@{steps[-1]}", req, indent)
+    stage(f"similarity: all {len(models) * len(steps)} sets in one pass, and their predictions")
+    _similarity(store, models, steps, req, indent)
     stage("report")
     report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
     _summary(store, req.threshold, echo)
+    _similarity_summary(store, models, steps, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
     return report
 
@@ -118,9 +124,49 @@ def _stages(echo: Callable[[str], None]) -> Callable[[str], None]:
 
     def stage(text: str) -> None:
         counter[0] += 1
-        echo(f"[{counter[0]}/7 +{time.perf_counter() - started:.0f}s] {text}")
+        echo(f"[{counter[0]}/8 +{time.perf_counter() - started:.0f}s] {text}")
 
     return stage
+
+
+def _similarity(store: Store, models: list[str], steps: list[int], req: DemoRequest, echo: Callable) -> None:
+    """One correlation pass over every (seed, step) set for the layer similarities (one baseline draw keeps the
+    demo inside its time), and each checkpoint's predictions for the function side."""
+    refs = [SetRef(m, st) for m in models for st in steps]
+    request = CorrelationRequest(sets=refs, dataset=DATASET, similarity=True, baseline_draws=1, progress=req.progress)
+    correlate(store, request, log=echo)
+    for ref in refs:
+        compute_predictions(
+            store, PredictionRequest(target=str(ref), dataset=DATASET, progress=False), log=lambda _m: None
+        )
+
+
+def _similarity_summary(store: Store, models: list[str], steps: list[int], echo: Callable[[str], None]) -> None:
+    """Snapshots of one run against independently trained runs, per metric: means over the pairs of each kind."""
+    sim = {
+        (r["model"], r["step"], r["other_model"], r["other_step"]): dict(r) for r in queries.similarity_listing(store)
+    }
+    refs = [SetRef(m, st) for m in models for st in steps]
+    for r in function_similarity(store, FunctionRequest(sets=refs, dataset=DATASET), log=lambda _m: None):
+        sim[(r["model"], r["step"], r["other_model"], r["other_step"])].update(r)
+    first, late, last = steps[0], steps[-2], steps[-1]
+    kinds = [
+        (f"same seed, {late} vs {last}", lambda m, st, om, ost: m == om and {st, ost} == {late, last}),
+        (f"other seed, both at {last}", lambda m, st, om, ost: m != om and st == ost == last),
+        (f"other seed, both at {late}", lambda m, st, om, ost: m != om and st == ost == late),
+        (f"other seed, both at {first} (untrained)", lambda m, st, om, ost: m != om and st == ost == first),
+    ]
+    metrics = ["excess_corr", "matched_corr", "cka", "top1_agreement", "loss_corr"]
+    rows = []
+    for name, match in kinds:
+        chosen = [v for k, v in sim.items() if match(*k)]
+        row = {"pairs": name, "n": len(chosen)}
+        for metric in metrics:
+            values = [v[metric] for v in chosen if v.get(metric) is not None]
+            row[metric] = round(float(np.mean(values)), 3) if values else None
+        rows.append(row)
+    echo("\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs) ==")
+    echo(render(Rows(["pairs", "n", *metrics], rows)))
 
 
 def _ablate(store: Store, target: str, req: DemoRequest, echo: Callable[[str], None]) -> None:

@@ -381,24 +381,6 @@ def persistence_listing(
     return store.query(query)
 
 
-def similarity_matrix(store: Store, control: str = "none") -> Rows:
-    """Mean max-corr between every pair of activation sets correlated together (seeds x steps)."""
-    m = v_neuron_matches
-    return store.query(
-        select(
-            m.c.model,
-            m.c.step,
-            m.c.other_model,
-            m.c.other_step,
-            func.avg(m.c.max_corr).label("mean_max_corr"),
-            func.max(m.c.run_id).label("run_id"),
-        )
-        .where(m.c.control == control)
-        .group_by(m.c.model, m.c.step, m.c.other_model, m.c.other_step)
-        .order_by(m.c.model, m.c.step, m.c.other_model, m.c.other_step)
-    )
-
-
 def ablation_control_deltas(store: Store) -> dict[int, list[float]]:
     """Each complete ablation's control deltas, one per random set."""
     rows = store.query(

@@ -183,25 +183,65 @@ def _top_universal(store: Store, threshold: float | None) -> str:
     return render(Rows(keep, rows), "table")
 
 
-def _similarity_plot(store: Store, out: Path) -> str | None:
-    rows = queries.similarity_matrix(store)
-    if not rows:
-        return None
+SIMILARITY_METRICS = (
+    ("excess_corr", "max-corr − rotation baseline"),
+    ("matched_corr", "one-to-one matched corr"),
+    ("cka", "linear CKA"),
+)
+
+
+def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
+    """Heatmaps over (seed, step) x (seed, step) for each metric of the newest similarity run (diagonal
+    measured), and one figure setting "same seed, other step" against "other seed, same step"."""
+    try:
+        rows = queries.similarity_listing(store)
+    except ActdbError:
+        return [], ""
+    function = _function_rows(store, rows)
+    metrics = list(SIMILARITY_METRICS) + ([("top1_agreement", "top-1 prediction agreement")] if function else [])
+    values = {(r["model"], r["step"], r["other_model"], r["other_step"]): dict(r) for r in rows}
+    for r in function:
+        values.setdefault((r["model"], r["step"], r["other_model"], r["other_step"]), {})["top1_agreement"] = r[
+            "top1_agreement"
+        ]
+    keys = sorted({k[:2] for k in values})
+    labels = [f"{m}@{s}" for m, s in keys]
     plt = _plt()
-    cells = {(f"{r['model']}@{r['step']}", f"{r['other_model']}@{r['other_step']}"): r["mean_max_corr"] for r in rows}
-    keys = {(r["model"], r["step"]) for r in rows} | {(r["other_model"], r["other_step"]) for r in rows}
-    labels = [f"{m}@{s}" for m, s in sorted(keys)]
-    grid = np.full((len(labels), len(labels)), np.nan)
-    for (src, dst), value in cells.items():
-        grid[labels.index(src), labels.index(dst)] = np.nan if value is None else value
-    np.fill_diagonal(grid, 1.0)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(labels), 1 + 0.45 * len(labels)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_title("Mean max-corr between activation sets")
-    fig.colorbar(im, ax=ax)
-    return _save(fig, out, "similarity.png")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 1.5 + 0.32 * len(labels)), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], metrics, strict=True):
+        grid = np.full((len(keys), len(keys)), np.nan)
+        for (m, st, om, ost), v in values.items():
+            if v.get(metric) is not None:
+                grid[keys.index((m, st)), keys.index((om, ost))] = v[metric]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"Similarity of every pair of sets (run {rows[0]['run_id']}; ordered by seed, then step)")
+    heatmaps = _save(fig, out, "similarity.png")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], metrics, strict=True):
+        same_seed = [v[metric] for (m, st, om, ost), v in values.items() if m == om and st != ost and v.get(metric)]
+        same_step = [v[metric] for (m, st, om, ost), v in values.items() if m != om and st == ost and v.get(metric)]
+        ax.boxplot([same_seed, same_step])
+        ax.set_xticks([1, 2], ["same seed,\nother step", "other seed,\nsame step"], fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("Snapshots of one run against independently trained runs")
+    contrast = _save(fig, out, "similarity_contrast.png")
+    return [heatmaps, contrast], render(rows, "table")
+
+
+def _function_rows(store: Store, rows: Rows) -> Rows | list:
+    """Function similarity of the run's checkpoints when all of them have stored predictions."""
+    from actdb.compute.function_similarity import FunctionRequest, function_similarity
+    from actdb.store.refs import SetRef
+
+    refs = sorted({SetRef(r["model"], r["step"]) for r in rows}, key=lambda ref: (ref.model, ref.step))
+    try:
+        return function_similarity(store, FunctionRequest(sets=refs), log=lambda _m: None)
+    except ActdbError:
+        return []
 
 
 def build_report(store: Store, out: Path, threshold: float | None = None) -> Path:
@@ -242,7 +282,18 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
     section("Persistence across checkpoints", img, table, f"no persistence yet: `actdb persistence --model M{flag}`")
     img, table = _ablation_plot(store, out)
     section("Ablations against matched random controls", img, table, "no ablation yet: `actdb ablate`")
-    section("Similarity of every activation set", _similarity_plot(store, out), missing="no correlation run yet")
+    images, table = _similarity_plots(store, out)
+    if images:
+        body = "".join(f'<img src="{i}" alt="similarity">' for i in images)
+        body += f"<details><summary>table</summary><pre>{html.escape(table)}</pre></details>"
+        sections.append(f"<h2>Similarity of seeds x steps</h2>{body}")
+    else:
+        section(
+            "Similarity of seeds x steps",
+            None,
+            missing="no similarity run yet: `actdb similarity --models ... "
+            "--steps ...` (and `actdb predictions` for the function side)",
+        )
     page = out / "index.html"
     _write(
         page,

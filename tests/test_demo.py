@@ -13,6 +13,7 @@ def test_reduced_demo_end_to_end(run_cli, store_config):
     r = run_cli(*args)
     assert r.exit_code == 0, r.stderr
     assert "Universal neurons" in r.stdout and "report:" in r.stdout
+    assert "same seed, 0 vs 30" in r.stdout and "other seed, both at 30" in r.stdout
     home = store_config.home
     for seed in (0, 1):
         for step in (0, 30):
@@ -28,6 +29,7 @@ def test_reduced_demo_end_to_end(run_cli, store_config):
             ("cross_model", "none"),
             ("cross_model", "token"),
             ("within_model", "none"),
+            ("similarity", "none"),
         }
         assert all(r.status == "complete" for r in runs)
         assert s.scalar(select(func.count()).select_from(Universality)) > 0

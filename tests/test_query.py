@@ -22,6 +22,7 @@ VIEWS = [
     "v_persistence",
     "v_ablation_summary",
     "v_neuron_history",
+    "v_similarity",
 ]
 
 
@@ -49,6 +50,7 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
             "--quiet",
         ),
         ("persistence", "--model", "a", "--quiet"),
+        ("similarity", "--models", "a,b", "--steps", "0,1", "--baseline-draws", 1, "--quiet"),
         ("ablate", "a@1", "--neurons", "universal:1", "--controls", 2, "--each", "--tokens", 600, "--quiet"),
     ]
     for args in steps:
@@ -161,7 +163,8 @@ def test_neuron_story(lite):
 def test_listings(lite):
     home, db = lite
     runs = json.loads(cli_call(home, db, "runs", "--format", "json").stdout)
-    assert {r["kind"] for r in runs} == {"cross_model", "within_model"} and all(r["status"] == "complete" for r in runs)
+    assert {r["kind"] for r in runs} == {"cross_model", "within_model", "similarity"}
+    assert all(r["status"] == "complete" for r in runs)
     abl = json.loads(cli_call(home, db, "ablations", "--format", "json").stdout)
     assert abl[0]["n_controls"] == 2 and abl[0]["model"] == "a"
     pers = json.loads(cli_call(home, db, "persistence", "--format", "json").stdout)
@@ -268,5 +271,6 @@ def test_report(lite, tmp_path):
         "persistence.png",
         "ablations.png",
         "similarity.png",
+        "similarity_contrast.png",
     ):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in page

@@ -338,3 +338,17 @@ def test_layer_similarity_equals_direct_computations(synthetic):
                         assert got.baseline[k] == pytest.approx(ref.max(axis=1).mean(), abs=1e-4), (a, b, la, lb, k)
     assert res.layers[(100, 100, 0, 0)].mean_max_corr == pytest.approx(1.0)
     assert res.layers[(100, 100, 0, 0)].cka == 1.0 and res.layers[(100, 100, 0, 0)].matched_corr == pytest.approx(1)
+
+
+def test_layer_similarity_of_one_pass_equals_pairwise_runs(synthetic):
+    s = synthetic
+    opts = CorrelationOptions(baseline_seed=3, baseline_draws=2, layer_similarity=True)
+    together = correlate_sets(s["sets"][:3], s["tokens"], s["mask"], opts, CPU).layers
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        alone = correlate_sets([s["sets"][i], s["sets"][j]], s["tokens"], s["mask"], opts, CPU).layers
+        for key, pair in alone.items():
+            other = together[key]
+            assert pair.mean_max_corr == pytest.approx(other.mean_max_corr, abs=1e-9)
+            assert pair.cka == pytest.approx(other.cka, abs=1e-12)
+            assert pair.matched_corr == pytest.approx(other.matched_corr, abs=1e-9)
+            assert pair.baseline == pytest.approx(other.baseline, abs=1e-6)

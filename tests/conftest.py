@@ -94,6 +94,17 @@ def cli_call(home: Path, db: str, *args: object) -> CliResult:
     return CliResult(code, out, err)
 
 
+def cli_runner(home: Path, db: str):
+    """`run(*args, ok=True)`: the CLI on one store, asserting success unless `ok=False`."""
+
+    def run(*args: object, ok: bool = True) -> CliResult:
+        r = cli_call(home, db, *args)
+        assert not ok or r.exit_code == 0, (args, r.stderr)
+        return r
+
+    return run
+
+
 @pytest.fixture
 def run_cli(store_config):
     """`run_cli(*args)` runs the CLI against the test store (or `home=`/`db=` given)."""

@@ -11,7 +11,7 @@ import scipy.stats
 
 from actdb.compute.ablation import ControlStats
 from actdb.store.token_file import TokenDataset
-from tests.conftest import cli_call
+from tests.conftest import cli_runner
 
 
 def test_control_stats_against_scipy():
@@ -38,10 +38,7 @@ def store(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
     home = tmp_path_factory.mktemp("labels")
     db = f"sqlite:///{home}/actdb.sqlite"
 
-    def run(*args, ok=True):
-        r = cli_call(home, db, *args)
-        assert not ok or r.exit_code == 0, (args, r.stderr)
-        return r
+    run = cli_runner(home, db)
 
     run("init")
     for name, exclude in (("plain", None), ("nonl", "gurnee")):

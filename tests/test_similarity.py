@@ -12,7 +12,7 @@ import torch
 
 from actdb.store.model_loading import load_model
 from actdb.store.token_file import TokenDataset
-from tests.conftest import cli_call
+from tests.conftest import cli_runner
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,7 @@ def store(tmp_path_factory, tokenizer_dir, text_dir):
     home = tmp_path_factory.mktemp("similarity")
     db = f"sqlite:///{home}/actdb.sqlite"
 
-    def run(*args, ok=True):
-        r = cli_call(home, db, *args)
-        assert not ok or r.exit_code == 0, (args, r.stderr)
-        return r
+    run = cli_runner(home, db)
 
     run("init")
     run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 1500)

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
     from actdb.store.zoo import save_tiny_model
-    from tests.conftest import cli_call
+    from tests.conftest import cli_runner
 
     home = tmp_path_factory.mktemp("thresholds")
     db = f"sqlite:///{home}/actdb.sqlite"
@@ -22,10 +22,7 @@ def store(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
     b = save_tiny_model("gpt2", home / "src-b", tokenizer_dir, seed=7)
     c = save_tiny_model("gpt2", home / "src-c", tokenizer_dir, seed=8)
 
-    def run(*args, ok=True):
-        r = cli_call(home, db, *args)
-        assert not ok or r.exit_code == 0, (args, r.stderr)
-        return r
+    run = cli_runner(home, db)
 
     run("init")
     run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 2500)

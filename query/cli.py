@@ -624,7 +624,7 @@ def ablate(
 @click.option("--model", help="Only this model.")
 @click.option("--step", type=STEP, help="Only this step.")
 @click.option("--layer", type=INDEX, help="Only this layer.")
-@click.option("--run", "run_id", type=INDEX, help="Read this correlation run (default: each set's newest).")
+@click.option("--run", "run_id", type=INDEX, help="Read this correlation run (default: each set's widest run, newest among equals).")
 @threshold_option()
 @control_option("Which correlation control's runs to read.")
 @click.option(

@@ -1,8 +1,8 @@
 """Canned analyst queries: SQLAlchemy Core SELECTs over the analyst views, returning rows addressed by column
 name (`Rows`) for the CLI, the Python API and the report.
 
-Unless a run is named, every activation set is read from its newest complete cross-model correlation run with
-the requested control, and "universal" means `excess_corr > threshold` with the reader's threshold or each
+Unless a run is named, every activation set is read from the complete cross-model correlation run with the
+requested control that compared it with the most models, the newest among equals (`newest_runs`), and "universal" means `excess_corr > threshold` with the reader's threshold or each
 run's recorded one (`actdb.store.labels`).
 """
 

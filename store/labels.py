@@ -24,20 +24,37 @@ def universal_condition(threshold: float | None, view=v_universality) -> ColumnE
 
 
 def newest_runs(control: str = "none", run: int | None = None) -> Subquery:
-    """(set_id, run_id): for each activation set, its newest complete cross-model run with this control (or the
-    sets of one given run). A re-run thus replaces what readers see without deleting history."""
-    q = (
-        select(RunMember.set_id, func.max(CorrelationRun.id).label("run_id"))
+    """(set_id, run_id): for each activation set, the complete cross-model run with this control that compared it
+    with the most models, the newest among equals (or the sets of one given run).
+
+    Preferring the widest run keeps a listing on one comparison: after `correlate A,B,C` then `correlate A,B`,
+    C would otherwise be read from the three-model run and A, B from the two-model one. A re-run over the same
+    models replaces what readers see without deleting history."""
+    complete = (CorrelationRun.status == "complete", CorrelationRun.kind == "cross_model")
+    scope = CorrelationRun.id == run if run is not None else CorrelationRun.control == control
+    width = (
+        select(RunMember.run_id, func.count().label("members"))
         .join(CorrelationRun, CorrelationRun.id == RunMember.run_id)
-        .where(CorrelationRun.status == "complete", CorrelationRun.kind == "cross_model")
-        .group_by(RunMember.set_id)
+        .where(*complete, scope)
+        .group_by(RunMember.run_id)
+        .subquery("width")
     )
-    q = q.where(CorrelationRun.id == run) if run is not None else q.where(CorrelationRun.control == control)
-    return q.subquery("newest")
+    ranked = (
+        select(
+            RunMember.set_id,
+            RunMember.run_id,
+            func.row_number()
+            .over(partition_by=RunMember.set_id, order_by=(width.c.members.desc(), RunMember.run_id.desc()))
+            .label("rank"),
+        )
+        .join(width, width.c.run_id == RunMember.run_id)
+        .subquery("ranked")
+    )
+    return select(ranked.c.set_id, ranked.c.run_id).where(ranked.c.rank == 1).subquery("newest")
 
 
 def newest_run_listing(newest: Subquery) -> Select:
-    """Each set's newest run with names: run_id, set_id, model, step, dataset, threshold."""
+    """Each set's chosen run (see `newest_runs`) with names: run_id, set_id, model, step, dataset, threshold."""
     return (
         select(
             newest.c.run_id,
@@ -57,7 +74,7 @@ def newest_run_listing(newest: Subquery) -> Select:
 
 
 def on_newest(view, newest: Subquery) -> ColumnElement[bool]:
-    """Join condition restricting a universality view to each set's newest run."""
+    """Join condition restricting a universality view to each set's chosen run (see `newest_runs`)."""
     return and_(view.c.run_id == newest.c.run_id, view.c.set_id == newest.c.set_id)
 
 
@@ -70,8 +87,7 @@ def stability_at(draws: str | None, threshold: float) -> float | None:
 
 
 def latest_universality_run(store: Store, set_id: int, control: str) -> tuple[int, float] | None:
-    """(run_id, recorded threshold) of the newest complete cross-model run with this control that scored the
-    set, or None."""
+    """(run_id, recorded threshold) of the run `newest_runs` picks for the set with this control, or None."""
     newest = newest_runs(control)
     row = store.query(
         select(newest.c.run_id, CorrelationRun.threshold)

@@ -139,3 +139,16 @@ def test_ablation_reports_its_floor(store):
     assert row["control_ci_low"] == pytest.approx(low, abs=1e-7) and row["control_ci_high"] == pytest.approx(
         high, abs=1e-7
     )
+
+
+def test_listings_read_each_set_from_its_widest_run(store):
+    """A narrower run made later does not split a listing: every model is still read from the three-model run."""
+    home, db, run = store
+    wide = {r["run_id"] for r in json.loads(run("universal", "--format", "json").stdout)}
+    assert len(wide) == 1
+    run("correlate", "--dataset", "plain", "--step", 0, "--models", "a,b", "--threshold", 0.05, "--quiet")
+    after = json.loads(run("universal", "--format", "json").stdout)
+    assert {r["run_id"] for r in after} == wide and {r["model"] for r in after} == {"a", "b", "c"}
+    runs = json.loads(run("sql", "SELECT max(id) AS id FROM correlation_run", "--format", "json").stdout)
+    narrow = json.loads(run("universal", "--run", runs[0]["id"], "--format", "json").stdout)
+    assert narrow and {r["model"] for r in narrow} <= {"a", "b"} and {r["run_id"] for r in narrow} != wide

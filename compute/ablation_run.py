@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import insert, select
 
@@ -88,6 +87,8 @@ def run_ablation(
         tokens.n_sequences if req.tokens is None else max(1, min(tokens.n_sequences, -(-req.tokens // tokens.seq_len)))
     )
     values = _row_values(req, target, selection, n_seq)
+    device = resolve_device(req.device).torch  # a bad device or missing files write no row
+    location = store.config.model_location(target.source, req.target)
     while True:
         done = None if req.force else _complete(store, values["request_key"])
         if done is not None:
@@ -101,10 +102,7 @@ def run_ablation(
             continue
         break
     with running(store, Ablation, ablation_id) as handle:
-        device = resolve_device(req.device).torch
-        if not Path(target.source).exists() and target.source.startswith(("/", ".", "~")):
-            raise ActdbError(f"the files of {req.target} are gone: {target.source} does not exist")
-        model = load_model(target.source, target.revision, device)
+        model = load_model(location, target.revision, device)
         evaluator = LossEvaluator(model, tokens.tokens[:n_seq], tokens.mask[:n_seq], req.batch_size, device)
         outcome = ablate(
             evaluator,

@@ -58,7 +58,8 @@ def function_similarity(store: Store, req: FunctionRequest, log: Callable[[str],
                     f"{ref} has no predictions on {dataset}; run `actdb predictions {ref} --dataset {dataset}` first"
                 )
             preds[ref] = read_predictions(store.config.file(path))
-            sources[ref] = (ckpt.source, ckpt.revision)
+            if req.exact_tokens:
+                sources[ref] = (store.config.model_location(ckpt.source, str(ref)), ckpt.revision)
     rows = []
     for a in req.sets:
         for b in req.sets:

@@ -75,12 +75,13 @@ def compute_predictions(store: Store, req: PredictionRequest, log: Callable[[str
         log(f"{req.target} on {ds_name}: predictions already complete ({rel})")
         return done
     values = {"request_key": key, "checkpoint_id": ckpt_id, "dataset_id": ds_id, "path": rel}
+    device = resolve_device(req.device).torch  # a bad device or missing files write no row
+    location = store.config.model_location(source, req.target)
     while (row_id := start_or_wait(store, PredictionSet, values, log)) is None:
         pass
     with running(store, PredictionSet, row_id) as handle:
-        device = resolve_device(req.device).torch
         tokens = TokenDataset.load(store.config.file(ds_path))
-        model = load_model(source, revision, device)
+        model = load_model(location, revision, device)
         result = predict(model, tokens, req.batch_size, device, req.progress)
         _write(store.config.file(rel), result)
         mean_loss = float(np.nanmean(result.loss))

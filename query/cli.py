@@ -251,12 +251,14 @@ def ingest(
     quiet: bool,
 ) -> None:
     """Record MODEL's MLP activations at each step on a dataset, with per-neuron statistics."""
-    from actdb.store.ingest import IngestRequest
+    from actdb.store.ingest import IngestRequest, check_steps_distinguishable
     from actdb.store.ingest import ingest as run_ingest
 
     step_list = _steps(step, steps)
     per_step = _paired_revisions(step_list, revision, revisions)
     store = app.store()
+    if revisions is None:
+        check_steps_distinguishable(store, model, source, revision, len(step_list))
     for s, rev in zip(step_list, per_step, strict=True):
         request = IngestRequest(
             model=model,
@@ -624,7 +626,12 @@ def ablate(
 @click.option("--model", help="Only this model.")
 @click.option("--step", type=STEP, help="Only this step.")
 @click.option("--layer", type=INDEX, help="Only this layer.")
-@click.option("--run", "run_id", type=INDEX, help="Read this correlation run (default: each set's widest run, newest among equals).")
+@click.option(
+    "--run",
+    "run_id",
+    type=INDEX,
+    help="Read this correlation run (default: each set's widest run, newest among equals).",
+)
 @threshold_option()
 @control_option("Which correlation control's runs to read.")
 @click.option(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 import math
@@ -25,15 +26,28 @@ def _cell(value: Any) -> str:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """A JSON-native form of what a database returns: NUMERIC as int or float, bytes as hex, times as ISO text,
+    anything else unknown as its text."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        return _json_value(int(value) if value == value.to_integral_value() else float(value))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return str(value)
 
 
 def json_records(rows: Rows) -> list[dict[str, Any]]:
-    """Rows as JSON-ready objects keyed by column name (non-finite floats become null, datetimes ISO text)."""
+    """Rows as JSON-ready objects keyed by column name (non-finite floats become null, NUMERIC a number, bytes
+    hex, datetimes ISO text)."""
     return [{c: _json_value(r[c]) for c in rows.columns} for r in rows]
 
 

@@ -2,8 +2,9 @@
 name (`Rows`) for the CLI, the Python API and the report.
 
 Unless a run is named, every activation set is read from the complete cross-model correlation run with the
-requested control that compared it with the most models, the newest among equals (`newest_runs`), and "universal" means `excess_corr > threshold` with the reader's threshold or each
-run's recorded one (`actdb.store.labels`).
+requested control that compared it with the most models, the newest among equals (`newest_runs`), and
+"universal" means `excess_corr > threshold` with the reader's threshold or each run's recorded one
+(`actdb.store.labels`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 File paths are derived from names by an injective rule (percent-encoding every character other than letters,
 digits, `_`, `-` and a non-leading `.`) and stored relative to the store folder, so two names never share a
-file and a store folder copied or moved together with its SQLite file works from its new place.
+file and a store folder copied or moved together with its SQLite file works from its new place. Model sources
+inside the store folder are recorded the same way (`store:<relative path>`), so a zoo kept in the store moves
+with it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from actdb.store.errors import ActdbError
+
 DEFAULT_HOME = "actdb-store"
 SQLITE_NAME = "actdb.sqlite"
+STORE_SOURCE = "store:"
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -49,6 +54,31 @@ class StoreConfig:
     def file(self, stored_path: str) -> Path:
         """The file a path recorded in SQL refers to (recorded paths are relative to the store folder)."""
         return self.home / stored_path
+
+    def recorded_source(self, source: str) -> str:
+        """How a model source (or source template) is recorded: an absolute local path inside the store folder
+        becomes `store:<relative path>`; anything else is kept as given."""
+        if not os.path.isabs(source) or source.startswith(STORE_SOURCE):
+            return source
+        home = os.path.abspath(self.home)
+        if os.path.commonpath([home, source]) != home or source == home:
+            return source
+        return STORE_SOURCE + Path(os.path.relpath(source, home)).as_posix()
+
+    def locate(self, source: str) -> str:
+        """What a recorded source loads from: a `store:` path under this store folder, anything else as recorded
+        (a hub id, or a local path outside the store)."""
+        if source.startswith(STORE_SOURCE):
+            return str(self.home / source.removeprefix(STORE_SOURCE))
+        return source
+
+    def model_location(self, recorded: str, what: str) -> str:
+        """Where a checkpoint recorded with source `recorded` loads from, checked before any run starts: a
+        one-line error when its local files are gone."""
+        location = self.locate(recorded)
+        if (recorded.startswith(STORE_SOURCE) or os.path.isabs(recorded)) and not Path(location).exists():
+            raise ActdbError(f"the files of {what} are gone: {location} does not exist")
+        return location
 
     @staticmethod
     def activation_path(model: str, step: int, dataset: str, hook: str) -> str:

@@ -30,12 +30,18 @@ def alembic_config(url: str):
     return cfg
 
 
+_SECRET_PARAMS = ("password", "passfile", "sslpassword", "sslkey")
+
+
 def safe_url(url: str) -> str:
-    """The URL as it may be shown to a user: never with its password."""
+    """The URL as it may be shown to a user: never with its password, in the userinfo or in a query parameter
+    (`?password=...` is how libpq URLs may carry it too)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:
         return url.split("://", 1)[0] + "://…"
+    hidden = {k: "hidden" for k in parsed.query if k.lower() in _SECRET_PARAMS}
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
 
 
 def make_engine(url: str, read_only: bool = False) -> Engine:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from actdb.store.activation_file import ActivationHeader, ActivationWriter, partial_path
 from actdb.store.architectures import MLPRecorder, mlp_shape
+from actdb.store.config import StoreConfig
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError, first_line
@@ -82,12 +83,14 @@ class IngestResult:
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """Where one step of a model loads from: the templates recorded on the model, and their values."""
+    """Where one step of a model loads from: the templates recorded on the model, their values, and the place
+    the recorded source loads from (`StoreConfig.locate`)."""
 
     source_template: str
     revision_template: str | None
     source: str
     revision: str | None
+    location: str
 
 
 def _placeholders(template: str, flag: str) -> None:
@@ -101,32 +104,61 @@ def _placeholders(template: str, flag: str) -> None:
         raise ActdbError(f"{flag} {template!r} uses {{{unknown[0]}}}; only {{step}} is replaced")
 
 
-def resolve_source(existing: Model | None, req: IngestRequest) -> ResolvedSource:
-    """The source and revision of `req.step`, from the request or from what the model was registered with."""
+def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConfig) -> ResolvedSource:
+    """The source and revision of `req.step`, from the request or from what the model was registered with. A
+    local path is recorded absolute, or relative to the store folder when it lies inside it."""
     if existing is None and not req.source:
         raise ActdbError(f"model {req.model!r} is not registered yet; give --source (hub id or local path)")
     for template, flag in ((req.source, "--source"), (req.revision, "--revision")):
         if template:
             _placeholders(template, flag)
     source_template = req.source or existing.source
-    if Path(source_template.format(step=req.step)).expanduser().exists():
-        source_template = os.path.abspath(os.path.expanduser(source_template))
-    if existing is not None and req.source and source_template != existing.source and not req.force:
-        raise ActdbError(
-            f"model {req.model!r} was registered from {existing.source}, not {source_template}; a different source "
-            "is another model (pick another name), or say --force to record this source for this step"
-        )
+    if req.source and Path(source_template.format(step=req.step)).expanduser().exists():
+        source_template = config.recorded_source(os.path.abspath(os.path.expanduser(source_template)))
+    same = existing is not None and config.locate(source_template) == config.locate(existing.source)
+    if existing is not None and not same:
+        if not req.force:
+            raise ActdbError(
+                f"model {req.model!r} was registered from {config.locate(existing.source)}, not "
+                f"{config.locate(source_template)}; a different source is another model (pick another name), "
+                "or say --force to record this source for this step"
+            )
+    elif existing is not None:
+        source_template = existing.source
     if req.revision:
         revision_template = req.revision  # a template with {step}, or this step's literal revision
-    elif existing is not None and source_template == existing.source:
+    elif same:
         revision_template = existing.revision_template
     else:
         revision_template = default_revision_template(source_template)
     source = source_template.format(step=req.step)
+    location = config.locate(source)
     revision = revision_template.format(step=req.step) if revision_template else None
-    if revision and Path(source).expanduser().is_dir():
+    if revision and Path(location).expanduser().is_dir():
         revision = None
-    return ResolvedSource(source_template, revision_template, source, revision)
+    if req.source and not Path(location).expanduser().exists() and req.source.startswith(("/", ".", "~")):
+        raise ActdbError(f"--source {location} does not exist (for step {req.step})")
+    return ResolvedSource(source_template, revision_template, source, revision, location)
+
+
+def check_steps_distinguishable(
+    store: Store, model: str, source: str | None, revision: str | None, n_steps: int
+) -> None:
+    """Several steps need a rule telling their weights apart (`{step}` in the source or revision, or the
+    family's revision rule); without one every step would load the same weights, so refuse before loading."""
+    if n_steps < 2:
+        return
+    known = store.query(select(Model.source, Model.revision_template).where(Model.name == model)).first()
+    template = source or (known.source if known is not None else None)
+    if template is None or "{step}" in template:
+        return  # resolve_source reports a missing source
+    rule = revision or (known.revision_template if known is not None and not source else None)
+    rule = rule or default_revision_template(template)
+    if rule is None or "{step}" not in rule:
+        raise ActdbError(
+            f"{n_steps} steps of {model} would all load the same weights: {template} has no {{step}} and no "
+            "revision rule; put {step} in --source or --revision, or pair the steps with --revisions"
+        )
 
 
 def recorded_revision_template(where: ResolvedSource) -> str | None:
@@ -149,17 +181,17 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
             check_name(req.model, "model name")
             check_new_name(s, Model, req.model, "model name")
         done = find_set(s, req.model, req.step, req.dataset, req.hook)
+    where = resolve_source(existing, req, store.config)  # a different --source is refused even when complete
     if done is not None and done.status == "complete" and not req.force:
         log(f"{req.model}@{req.step} on {req.dataset} ({req.hook}): already complete ({done.path}); --force redoes it")
         path = store.config.file(done.path)
         return IngestResult(done.id, "already complete", path, done.n_tokens, 0.0, done.bytes or 0)
-    where = resolve_source(existing, req)
     tokens = TokenDataset.load(store.config.file(ds.path))
     device = resolve_device(req.device).torch
-    config = load_config(where.source, where.revision, req.trust_remote_code)
+    config = load_config(where.location, where.revision, req.trust_remote_code)
     _check_model_fits(where, config, ds, tokens)  # before any weights load
     model = load_model(
-        where.source,
+        where.location,
         where.revision,
         device,
         config=config,
@@ -169,7 +201,7 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     n_layers, d_mlp = mlp_shape(model)
     if existing is not None and (existing.n_layers, existing.d_mlp) != (n_layers, d_mlp):
         raise ActdbError(
-            f"{where.source} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
+            f"{where.location} has {n_layers} layers x {d_mlp} neurons but model {req.model!r} was registered "
             f"with {existing.n_layers} x {existing.d_mlp}; use another model name"
         )
     rel_path = store.config.activation_path(req.model, req.step, req.dataset, req.hook)
@@ -310,7 +342,7 @@ def _register_checkpoint(
         if where.revision_template is None:
             rule += " and no revision rule (--revision) gives each step its own revision"
         raise ActdbError(
-            f"{where.source} at step {req.step} has exactly the weights of {req.model}@{twin}: {rule}; "
+            f"{where.location} at step {req.step} has exactly the weights of {req.model}@{twin}: {rule}; "
             "fix the source (or say --force if the weights really did not change)"
         )
     if known is not None and known.weights_sha256 not in (None, weights) and not req.force:
@@ -332,7 +364,7 @@ def _register_checkpoint(
 def _check_model_fits(where: ResolvedSource, config: object, ds: Dataset, tokens: TokenDataset) -> None:
     """The dataset must be readable by this model: same tokenizer, ids within its vocabulary, sequences within
     its context."""
-    source = where.source
+    source = where.location
     try:
         tokenizer = load_tokenizer(source, where.revision)
     except ActdbError:

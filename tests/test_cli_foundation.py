@@ -38,7 +38,7 @@ def test_schema_behind_is_reported(run_cli, store_config):
 
 def test_user_mistakes_are_one_line(run_cli, tmp_path):
     cases = [
-        run_cli("init", db="postgresql://nobody@127.0.0.1:1/none"),
+        run_cli("init", db="postgresql://nobody:sekrit@127.0.0.1:1/none?password=sekrit2"),
         run_cli("status", "--no-such-option"),
         run_cli("no-such-command"),
     ]
@@ -47,6 +47,7 @@ def test_user_mistakes_are_one_line(run_cli, tmp_path):
     for r in cases:
         assert r.exit_code != 0
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot reach" in cases[0].stderr and "sekrit" not in cases[0].stderr
 
 
 def test_console_script_version():

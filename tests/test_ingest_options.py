@@ -131,3 +131,24 @@ def test_context_is_checked_from_the_config_before_weights(home, tiny_models, tm
         weights.unlink()  # were the weights needed before the check, the error would be a load failure
     r = cli_call(home, db, "ingest", "s", "--step", 0, "--dataset", "d", "--source", folder, "--quiet")
     assert r.exit_code == 1 and "reads at most 32" in r.stderr, r.stderr
+
+
+def test_source_mistakes_are_refused_before_anything_is_written(home, tiny_models, tmp_path):
+    home, db = home
+    src = tiny_models["gpt2"]
+    before = sorted(p.name for p in home.rglob("*"))
+    r = cli_call(home, db, "ingest", "g", "--steps", "0,1", "--dataset", "d", "--source", src, "--quiet")
+    assert r.exit_code == 1 and "would all load the same weights" in r.stderr, r.stderr
+    r = cli_call(home, db, "ingest", "g", "--step", 0, "--dataset", "d", "--source", tmp_path / "nowhere", "--quiet")
+    assert r.exit_code == 1 and "does not exist" in r.stderr, r.stderr
+    assert sorted(p.name for p in home.rglob("*")) == before
+    assert cli_call(home, db, "ingest", "g", "--step", 0, "--dataset", "d", "--source", src, "--quiet").exit_code == 0
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    r = cli_call(home, db, "ingest", "g", "--step", 0, "--dataset", "d", "--source", other, "--quiet")
+    assert r.exit_code == 1 and "was registered from" in r.stderr  # even though g@0 is complete
+    models = json.loads(cli_call(home, db, "sql", "SELECT count(*) AS n FROM ablation", "--format", "json").stdout)
+    r = cli_call(home, db, "ablate", "g@0", "--neurons", "0.1", "--controls", 1, "--device", "cuda", "--quiet")
+    assert r.exit_code != 0 and "Traceback" not in r.stderr
+    after = json.loads(cli_call(home, db, "sql", "SELECT count(*) AS n FROM ablation", "--format", "json").stdout)
+    assert after == models == [{"n": 0}]

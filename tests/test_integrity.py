@@ -322,6 +322,9 @@ def test_identical_concurrent_correlations_compute_once(populated):
 def test_store_can_be_copied_and_moved(tmp_path, sources, tokenizer_dir, text_dir):
     home = tmp_path / "original"
     _populate(home, f"sqlite:///{home}/actdb.sqlite", sources, tokenizer_dir, text_dir)
+    shutil.copytree(sources / "a" / "step-0", home / "zoo" / "c" / "step-0")  # a model kept inside the store
+    zoo = ("ingest", "c", "--step", 0, "--dataset", "d", "--source", home / "zoo" / "c" / "step-{step}", "--quiet")
+    assert cli_call(home, f"sqlite:///{home}/actdb.sqlite", *zoo).exit_code == 0
     copy = tmp_path / "copy"
     shutil.copytree(home, copy)
     moved = tmp_path / "moved"
@@ -335,6 +338,14 @@ def test_store_can_be_copied_and_moved(tmp_path, sources, tokenizer_dir, text_di
         assert r.exit_code == 0, r.stderr
         out = place / "x.npy"
         assert cli_call(place, db, "export", "a@1", "--layer", 0, "--tokens", "0:10", "--out", out).exit_code == 0
+        recorded = json.loads(
+            cli_call(place, db, "sql", "SELECT source FROM model WHERE name = 'c'", "--format", "json").stdout
+        )
+        assert recorded == [{"source": "store:zoo/c/step-{step}"}]
+        r = cli_call(place, db, "ablate", "c@0", "--neurons", "0.1", "--controls", 1, "--tokens", 64, "--quiet")
+        assert r.exit_code == 0, r.stderr  # loads the model from the store's new place
+        again = (*zoo[:-2], place / "zoo" / "c" / "step-{step}", "--quiet")
+        assert "already complete" in cli_call(place, db, *again).stdout
     (copy / "activations" / "b" / "step-1" / "d.mlp.post.h5").unlink()
     db = f"sqlite:///{copy}/actdb.sqlite"
     status = json.loads(cli_call(copy, db, "status", "--format", "json").stdout)

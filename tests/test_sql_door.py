@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -16,9 +17,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from actdb.query.output import render
 from actdb.query.sql_console import run_readonly, schema_listing
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
+from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
 from actdb.store.schema import Checkpoint, Model
 from actdb.store.sql_reader import connect_postgres_reader, provision_sql_reader, reader_role_name
@@ -367,3 +369,15 @@ def test_reader_role_names():
     odd = reader_role_name('My-"DB"')
     assert odd.startswith("actdb_reader_my__db__") and odd != reader_role_name("my__db_")
     assert len(reader_role_name("x" * 63)) <= 63
+
+
+def test_json_output_of_every_postgres_type(pg):
+    """NUMERIC, bytea, arrays and intervals come back as JSON, not a traceback."""
+    cols, rows = run_readonly(
+        pg,
+        "SELECT avg(x)::numeric AS mean, sum(x)::numeric AS total, '\\xdead'::bytea AS raw, ARRAY[1, 2] AS arr, "
+        "interval '1 day' AS span, now() AS at FROM (VALUES (1), (2)) AS t(x)",
+    )
+    out = json.loads(render(Rows.from_tuples(cols, rows), "json"))
+    assert out[0]["mean"] == 1.5 and out[0]["total"] == 3 and out[0]["raw"] == "dead" and out[0]["arr"] == [1, 2]
+    assert out[0]["span"] == "1 day, 0:00:00" and isinstance(out[0]["at"], str)

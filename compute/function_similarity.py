@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from actdb.compute.predictions import read_predictions
 from actdb.store.database import Rows, Store
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.model_loading import load_model
+from actdb.store.prediction_file import read_predictions
 from actdb.store.refs import SetRef
 from actdb.store.registry import get_checkpoint, get_dataset, only_dataset
 from actdb.store.schema import PredictionSet

@@ -6,29 +6,23 @@ sets ingested before this existed); `actdb similarity --function` compares them 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from sqlalchemy import select
 from tqdm.auto import tqdm
 
-from actdb.store.config import file_name_of
 from actdb.store.database import Store
 from actdb.store.device import resolve_device
-from actdb.store.errors import ActdbError
 from actdb.store.lifecycle import request_key, running, start_or_wait
 from actdb.store.model_loading import load_model
+from actdb.store.prediction_file import Predictions, predictions_path, write_predictions
 from actdb.store.refs import parse_set_ref
 from actdb.store.registry import complete_set, get_checkpoint
 from actdb.store.schema import Dataset, PredictionSet
 from actdb.store.token_file import TokenDataset
-
-COMPLETE_ATTR = "actdb_complete"
 
 
 @dataclass(kw_only=True)
@@ -39,16 +33,6 @@ class PredictionRequest:
     device: str = "auto"
     force: bool = False
     progress: bool = True
-
-
-@dataclass
-class Predictions:
-    top1: np.ndarray  # (n_tokens,) int32: the most likely next token at each position
-    loss: np.ndarray  # (n_tokens,) float32: CE on the true next token; NaN where that target does not count
-
-
-def predictions_path(model: str, step: int, dataset: str) -> str:
-    return f"activations/{file_name_of(model)}/step-{step}/{file_name_of(dataset)}.predictions.h5"
 
 
 def compute_predictions(store: Store, req: PredictionRequest, log: Callable[[str], None] = print) -> int:
@@ -83,7 +67,7 @@ def compute_predictions(store: Store, req: PredictionRequest, log: Callable[[str
         tokens = TokenDataset.load(store.config.file(ds_path))
         model = load_model(location, revision, device)
         result = predict(model, tokens, req.batch_size, device, req.progress)
-        _write(store.config.file(rel), result)
+        write_predictions(store.config.file(rel), result)
         mean_loss = float(np.nanmean(result.loss))
         handle.complete(n_tokens=int(result.top1.size), mean_loss=mean_loss)
     log(f"{req.target} on {ds_name}: predictions of {result.top1.size} positions, mean loss {mean_loss:.5f} -> {rel}")
@@ -112,27 +96,3 @@ def predict(
             bar.update(ids.numel())
     bar.close()
     return Predictions(top1.reshape(-1), loss.reshape(-1))
-
-
-def _write(path: Path, result: Predictions) -> None:
-    """Under a temporary name, renamed when complete (like the activation files)."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("top1", data=result.top1, fletcher32=True, chunks=True)
-            f.create_dataset("loss", data=result.loss, fletcher32=True, chunks=True)
-            f.attrs[COMPLETE_ATTR] = True
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def read_predictions(path: Path) -> Predictions:
-    try:
-        with h5py.File(path, "r") as f:
-            if not f.attrs.get(COMPLETE_ATTR, False):
-                raise ActdbError(f"predictions file {path} is unfinished")
-            return Predictions(f["top1"][:], f["loss"][:])
-    except (OSError, KeyError) as exc:
-        raise ActdbError(f"predictions file {path} is missing or corrupt: {exc}") from None

@@ -2,7 +2,8 @@
 
 Token files are read whole and compared with their recorded sha256; activation files are opened (completion
 marker, header against SQL) and, unless `quick`, read through once so that HDF5 verifies every chunk's
-Fletcher-32 checksum.
+Fletcher-32 checksum. Prediction files are read whole the same way (their checksums), and their length compared
+with SQL.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tqdm.auto import tqdm
 from actdb.store.activation_file import ActivationReader
 from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
-from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model
+from actdb.store.prediction_file import read_predictions
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, PredictionSet
 from actdb.store.token_file import TokenDataset
 
 READ_ROWS = 16384
@@ -61,6 +63,17 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
                 .order_by(Model.name, Checkpoint.step, Dataset.name)
             )
         ]
+        predictions = {
+            path: (f"{model}@{step} on {dataset}", n_tokens)
+            for path, n_tokens, model, step, dataset in s.execute(
+                select(PredictionSet.path, PredictionSet.n_tokens, Model.name, Checkpoint.step, Dataset.name)
+                .join(Checkpoint, Checkpoint.id == PredictionSet.checkpoint_id)
+                .join(Model, Model.id == Checkpoint.model_id)
+                .join(Dataset, Dataset.id == PredictionSet.dataset_id)
+                .where(PredictionSet.status == "complete")
+                .order_by(PredictionSet.id)
+            )
+        }
     for name, path, sha in datasets:
         problem = _check_tokens(store, path, sha)
         if problem:
@@ -71,7 +84,14 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
             problems.append(
                 {"kind": "activation set", "name": expected.what, "path": expected.path, "problem": problem}
             )
-    log(f"checked {len(datasets)} token files and {len(sets)} activation sets" + (" (quick)" if quick else ""))
+    for path, (name, n_tokens) in predictions.items():
+        problem = _check_predictions(store, path, n_tokens)
+        if problem:
+            problems.append({"kind": "predictions", "name": name, "path": path, "problem": problem})
+    log(
+        f"checked {len(datasets)} token files, {len(sets)} activation sets and {len(predictions)} prediction files"
+        + (" (quick)" if quick else "")
+    )
     return Rows(["kind", "name", "path", "problem"], problems)
 
 
@@ -106,4 +126,17 @@ def _check_activations(store: Store, e: _Expected, quick: bool, progress: bool) 
                 bar.close()
     except ActdbError as exc:
         return str(exc)
+    return None
+
+
+def _check_predictions(store: Store, path: str, n_tokens: int | None) -> str | None:
+    file = store.config.file(path)
+    if not file.exists():
+        return "file missing"
+    try:
+        result = read_predictions(file)  # reads every chunk, so HDF5 verifies its checksum
+    except ActdbError as exc:
+        return str(exc)
+    if len(result.top1) != n_tokens or len(result.loss) != n_tokens:
+        return f"{len(result.top1)} positions, SQL says {n_tokens}"
     return None

@@ -92,3 +92,24 @@ def test_function_similarity_equals_two_forward_passes(store):
     assert rows[("a", "a")]["top1_agreement"] == 1.0 and rows[("a", "a")]["js_divergence"] == 0.0
     missing = run("similarity", "--function", "--sets", "a@0,b@9", ok=False)
     assert missing.exit_code == 1 and "no step 9" in missing.stderr
+
+
+def test_check_reads_prediction_files(store):
+    home, db, run = store
+    path = home / "activations" / "b" / "step-1" / "d.predictions.h5"
+    original = path.read_bytes()
+    try:
+        assert "4 prediction files" in run("check").stderr
+        data = bytearray(original)
+        data[len(data) - 4096] ^= 0xFF  # inside the last chunk of `loss`
+        path.write_bytes(bytes(data))
+        r = run("check", "--quiet", "--format", "json", ok=False)
+        assert r.exit_code == 1
+        (problem,) = json.loads(r.stdout)
+        assert problem["kind"] == "predictions" and problem["name"] == "b@1 on d", problem
+        path.unlink()
+        (problem,) = json.loads(run("check", "--quiet", "--format", "json", ok=False).stdout)
+        assert problem["problem"] == "file missing"
+    finally:
+        path.write_bytes(original)
+    assert run("check", "--quiet").exit_code == 0

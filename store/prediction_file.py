@@ -1,0 +1,52 @@
+"""The file of a checkpoint's predictions on a token dataset: per position its top-1 next token (`top1`, int32)
+and its cross-entropy on the true next token (`loss`, float32, NaN where the target does not count), with
+Fletcher-32 checksums, written under `.partial` and renamed when complete."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from actdb.store.config import file_name_of
+from actdb.store.errors import ActdbError
+
+COMPLETE_ATTR = "actdb_complete"
+
+
+@dataclass
+class Predictions:
+    top1: np.ndarray  # (n_tokens,) int32: the most likely next token at each position
+    loss: np.ndarray  # (n_tokens,) float32: CE on the true next token; NaN where that target does not count
+
+
+def predictions_path(model: str, step: int, dataset: str) -> str:
+    """Path, relative to the store folder, of one checkpoint's predictions on a dataset."""
+    return f"activations/{file_name_of(model)}/step-{step}/{file_name_of(dataset)}.predictions.h5"
+
+
+def write_predictions(path: Path, result: Predictions) -> None:
+    """Under a temporary name, renamed when complete (like the activation files)."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("top1", data=result.top1, fletcher32=True, chunks=True)
+            f.create_dataset("loss", data=result.loss, fletcher32=True, chunks=True)
+            f.attrs[COMPLETE_ATTR] = True
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def read_predictions(path: Path) -> Predictions:
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get(COMPLETE_ATTR, False):
+                raise ActdbError(f"predictions file {path} is unfinished")
+            return Predictions(f["top1"][:], f["loss"][:])
+    except (OSError, KeyError) as exc:
+        raise ActdbError(f"predictions file {path} is missing or corrupt: {exc}") from None

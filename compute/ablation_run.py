@@ -13,7 +13,7 @@ from actdb.compute.ablation import AblationOutcome, LossEvaluator, ablate
 from actdb.store.database import Store
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.labels import latest_universality_run, universal_neurons_of
+from actdb.store.labels import latest_universality_run, require_run, universal_neurons_of
 from actdb.store.lifecycle import release, request_key, running, start_or_wait
 from actdb.store.model_loading import load_model
 from actdb.store.refs import (
@@ -26,7 +26,7 @@ from actdb.store.refs import (
     read_neuron_file,
 )
 from actdb.store.registry import complete_set, get_checkpoint
-from actdb.store.schema import Ablation, AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronStat
+from actdb.store.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat
 from actdb.store.token_file import TokenDataset
 
 
@@ -225,11 +225,7 @@ def _select(store: Store, req: AblationRequest, set_id: int) -> _Selection:
 
 def _labelling_run(store: Store, req: AblationRequest, set_id: int) -> tuple[int, float]:
     if req.run_id is not None:
-        with store.session() as s:
-            run = s.get(CorrelationRun, req.run_id)
-            if run is None or run.status != "complete" or run.kind != "cross_model":
-                raise ActdbError(f"run {req.run_id} is not a complete cross-model correlation run")
-            recorded = run.threshold
+        recorded = require_run(store, req.run_id, "cross_model", set_id, req.target)
         found = (req.run_id, recorded)
     else:
         found = latest_universality_run(store, set_id, req.control)

@@ -258,7 +258,7 @@ def ingest(
     per_step = _paired_revisions(step_list, revision, revisions)
     store = app.store()
     if revisions is None:
-        check_steps_distinguishable(store, model, source, revision, len(step_list))
+        check_steps_distinguishable(store, model, source, revision, len(step_list), force)
     for s, rev in zip(step_list, per_step, strict=True):
         request = IngestRequest(
             model=model,
@@ -398,7 +398,7 @@ def correlate(
     type=COUNT,
     metavar="TOKENS",
     help="With --function: also the Jensen-Shannon divergence of the full next-token distributions on the first "
-    "TOKENS tokens (runs two models side by side).",
+    "TOKENS tokens, rounded up to whole sequences (runs two models side by side).",
 )
 @hook_option
 @device_option
@@ -534,7 +534,7 @@ def persistence(
 
         request = PersistenceRequest(
             model=model_name,
-            dataset=dataset_name or only_dataset(store),
+            dataset=dataset_name or only_dataset(store, model_name),
             steps=steps,
             control=control,
             threshold=threshold,
@@ -556,7 +556,9 @@ def persistence(
 )
 @click.option("--method", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
 @dataset_option("Dataset to measure loss on (default: the set's only one).")
-@click.option("--tokens", "n_tokens", type=COUNT, help="Evaluate only the first N tokens.")
+@click.option(
+    "--tokens", "n_tokens", type=COUNT, help="Evaluate only the first N tokens (rounded up to whole sequences)."
+)
 @click.option(
     "--controls",
     type=click.IntRange(0, 100000),
@@ -664,6 +666,8 @@ def universal(
     from actdb.query.queries import universal_by_layer, universal_neurons
 
     scope = {"model": model, "step": step, "layer": layer, "run": run_id, "threshold": threshold, "control": control}
+    if by_layer and (min_stability is not None or limit is not None):
+        raise click.UsageError("--by-layer counts every neuron; --min-stability and --limit apply to neuron listings")
     if by_layer:
         rows = universal_by_layer(app.store(), **scope)
     else:

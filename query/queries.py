@@ -19,6 +19,7 @@ from actdb.store.labels import (
     newest_run_listing,
     newest_runs,
     on_newest,
+    require_run,
     stability_at,
     universal_condition,
 )
@@ -92,6 +93,8 @@ def _scoped(
     if model is not None:
         with store.session() as s:
             get_model(s, model)
+    if run is not None:
+        require_run(store, run, "cross_model")
     newest = newest_runs(control, run)
     found = newest_run_listing(newest)
     if model is not None:
@@ -99,8 +102,11 @@ def _scoped(
     if step is not None:
         found = found.where(Checkpoint.step == step)
     if not store.query(found.limit(1)):
-        what = f"run {run}" if run is not None else "a cross-model correlation run"
-        what += f" ({control} control)" if control != "none" and run is None else ""
+        if run is not None:
+            target = f"{model}@{step}" if model and step is not None else model or f"anything at step {step}"
+            raise ActdbError(f"run {run} did not score {target}")
+        what = "a cross-model correlation run"
+        what += f" ({control} control)" if control != "none" else ""
         scope = f" for {model}" + (f"@{step}" if step is not None else "") if model else ""
         flag = " --control token" if control == "token" else ""
         raise ActdbError(
@@ -345,6 +351,8 @@ def ablations_listing(store: Store, model: str | None = None) -> Rows:
     a = v_ablation_summary
     query = select(*(a.c[c] for c in ABLATION_COLUMNS)).order_by(a.c.ablation_id)
     if model:
+        with store.session() as s:
+            get_model(s, model)  # an unknown name is an error, not an empty listing
         query = query.where(a.c.model == model)
     return store.query(query)
 
@@ -374,6 +382,8 @@ def persistence_listing(
         p.c.model, p.c.control, p.c.threshold, p.c.from_step, p.c.layer
     )
     if model:
+        with store.session() as s:
+            get_model(s, model)
         query = query.where(p.c.model == model)
     if control:
         query = query.where(p.c.control == control)
@@ -413,6 +423,8 @@ def similarity_listing(store: Store, *, run: int | None = None, control: str = "
         if run is None:
             flag = " --control token" if control == "token" else ""
             raise ActdbError(f"no similarity run yet; run `actdb similarity --models A,B,... --steps S1,S2,...{flag}`")
+    else:
+        require_run(store, run, "similarity")
     if by_layer:
         query = select(*_cols(sim, SIMILARITY_LAYER_COLUMNS)).where(sim.c.run_id == run)
         return store.query(query.order_by(sim.c.model, sim.c.step, sim.c.other_model, sim.c.other_step, sim.c.layer))

@@ -142,11 +142,12 @@ def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConf
 
 
 def check_steps_distinguishable(
-    store: Store, model: str, source: str | None, revision: str | None, n_steps: int
+    store: Store, model: str, source: str | None, revision: str | None, n_steps: int, force: bool = False
 ) -> None:
     """Several steps need a rule telling their weights apart (`{step}` in the source or revision, or the
-    family's revision rule); without one every step would load the same weights, so refuse before loading."""
-    if n_steps < 2:
+    family's revision rule); without one every step would load the same weights, so refuse before loading
+    (unless `force`: the weights really did not change)."""
+    if n_steps < 2 or force:
         return
     known = store.query(select(Model.source, Model.revision_template).where(Model.name == model)).first()
     template = source or (known.source if known is not None else None)
@@ -157,7 +158,8 @@ def check_steps_distinguishable(
     if rule is None or "{step}" not in rule:
         raise ActdbError(
             f"{n_steps} steps of {model} would all load the same weights: {template} has no {{step}} and no "
-            "revision rule; put {step} in --source or --revision, or pair the steps with --revisions"
+            "revision rule; put {step} in --source or --revision, pair the steps with --revisions, or say --force "
+            "if the weights really are the same"
         )
 
 

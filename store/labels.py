@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, Select, Subquery, and_, func, literal, select
 
 from actdb.store.database import Store
+from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
 from actdb.store.schema import ActivationSet, Checkpoint, CorrelationRun, Dataset, Model, RunMember
 from actdb.store.views import v_universality
@@ -84,6 +85,29 @@ def stability_at(draws: str | None, threshold: float) -> float | None:
         return None
     values = [float(x) for x in draws.split(",")]
     return sum(v > threshold for v in values) / len(values)
+
+
+RUN_KINDS = {
+    "cross_model": "a cross-model correlation run (`actdb correlate` over different models)",
+    "within_model": "a within-model run (one model at several steps, from `actdb persistence`)",
+    "similarity": "a similarity run (`actdb similarity`)",
+}
+
+
+def require_run(store: Store, run_id: int, kind: str, set_id: int | None = None, what: str = "") -> float:
+    """The recorded threshold of run `run_id`, after checking that it exists, is complete, is of `kind` and (with
+    `set_id`) scored that set; otherwise a one-line error saying which of these failed."""
+    with store.session() as s:
+        run = s.get(CorrelationRun, run_id)
+        if run is None:
+            raise ActdbError(f"there is no run {run_id}")
+        if run.kind != kind:
+            raise ActdbError(f"run {run_id} is {RUN_KINDS.get(run.kind, run.kind)}; this needs {RUN_KINDS[kind]}")
+        if run.status != "complete":
+            raise ActdbError(f"run {run_id} is {run.status}, not complete")
+        if set_id is not None and s.get(RunMember, (run_id, set_id)) is None:
+            raise ActdbError(f"run {run_id} did not score {what or f'set {set_id}'}")
+        return run.threshold
 
 
 def latest_universality_run(store: Store, set_id: int, control: str) -> tuple[int, float] | None:

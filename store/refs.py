@@ -46,7 +46,7 @@ def check_name(name: str, what: str = "name") -> str:
 def parse_int(text: str, what: str, low: int = 0, high: int = MAX_STEP) -> int:
     """A decimal integer in [low, high]."""
     t = text.strip()
-    if not re.fullmatch(r"[+-]?\d+", t):
+    if not re.fullmatch(r"-?[0-9]+", t):  # ASCII digits only: int() would also take "+5" and "٣"
         raise ActdbError(f"malformed {what} {text!r}; write a whole number")
     value = int(t)
     if not low <= value <= high:
@@ -148,7 +148,9 @@ def parse_token_range(text: str | None, n: int) -> slice:
         raise ActdbError(f"malformed token range {text!r}; write START:END")
     lo = parse_int(start, "token index", 0, MAX_STEP) if start.strip() else 0
     hi = parse_int(stop, "token index", 0, MAX_STEP) if stop.strip() else n
-    if not lo < hi <= n:
+    if lo >= hi:
+        raise ActdbError(f"token range {text!r} is empty: START must be below END")
+    if hi > n:
         raise ActdbError(f"token range {text!r} is outside 0:{n}")
     return slice(lo, hi)
 

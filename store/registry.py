@@ -64,12 +64,24 @@ def find_set(session: Session, model_name: str, step: int, dataset: str, hook: s
     )
 
 
-def only_dataset(store: Store) -> str:
-    """The store's only dataset, or a one-line error asking for --dataset."""
+def only_dataset(store: Store, model: str | None = None) -> str:
+    """The store's only dataset (or the only one `model` has complete sets on), or a one-line error asking for
+    --dataset."""
     with store.session() as s:
-        names = list(s.scalars(select(Dataset.name)))
+        query = select(Dataset.name).distinct()
+        if model is not None:
+            get_model(s, model)
+            query = (
+                query.join(ActivationSet, ActivationSet.dataset_id == Dataset.id)
+                .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+                .join(Model, Model.id == Checkpoint.model_id)
+                .where(Model.name == model, ActivationSet.status == "complete")
+            )
+        names = sorted(s.scalars(query))
     if len(names) != 1:
-        raise ActdbError(f"the store has {len(names)} datasets; pass --dataset")
+        where = f"{model} has complete sets on" if model is not None else "the store has"
+        listed = f" ({', '.join(names)})" if names else ""
+        raise ActdbError(f"{where} {len(names)} datasets{listed}; pass --dataset")
     return names[0]
 
 

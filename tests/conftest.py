@@ -27,7 +27,8 @@ def _pg_admin():
 
 @contextlib.contextmanager
 def fresh_pg_database(prefix: str = "actdb_test") -> Iterator[str]:
-    """Create an empty PostgreSQL database on the local server and drop it afterwards (skip if no server)."""
+    """Create an empty PostgreSQL database on the local server and drop it, and its SQL-door reader role,
+    afterwards (skip if no server)."""
     try:
         admin = _pg_admin()
     except Exception as exc:
@@ -40,7 +41,10 @@ def fresh_pg_database(prefix: str = "actdb_test") -> Iterator[str]:
     try:
         yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
+        from actdb.store.sql_reader import reader_role_name
+
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'DROP ROLE IF EXISTS "{reader_role_name(name)}"')  # roles are cluster-wide
         admin.close()
 
 

@@ -319,7 +319,7 @@ def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path
         == 0
     )
     cases = {
-        "cannot load model": ("ingest", "x", "--step", 0, "--dataset", "tiny", "--source", tmp_path / "nope"),
+        "nope does not exist": ("ingest", "x", "--step", 0, "--dataset", "tiny", "--source", tmp_path / "nope"),
         "not registered yet": ("ingest", "y", "--step", 0, "--dataset", "tiny"),
         "no dataset named": ("ingest", "g", "--step", 0, "--dataset", "missing"),
         "tokenizer mismatch": ("ingest", "z", "--step", 0, "--dataset", "tiny", "--source", mismatched),

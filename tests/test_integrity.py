@@ -96,6 +96,11 @@ def test_bad_input_is_one_line_and_writes_nothing(populated, tmp_path, sources, 
         (("ablate", "a@1", "--neurons", "1.x"), "malformed neuron"),
         (("ablate", "a@1", "--neurons", "9.1"), "out of range"),
         (("ingest", "a", "--steps", ",", "--dataset", "d"), "no steps"),
+        (("ingest", "a", "--step", "+1", "--dataset", "d"), "malformed step"),
+        (("ingest", "a", "--step", "\u0661", "--dataset", "d"), "malformed step"),
+        (("export", "a@1", "--layer", 0, "--tokens", "9:3", "--out", tmp_path / "x.npy"), "START must be below"),
+        (("ingest", "a", "--steps", "3,4", "--dataset", "d", "--source", sources / "a" / "step-0"), "same weights"),
+        (("ablations", "--model", "nobody"), "unknown model"),
         (("ingest", "a", "--steps", "1,1", "--dataset", "d"), "listed twice"),
         (("ingest", "c", "--step", 0, "--dataset", "d", "--source", short_ctx), "reads at most 32"),
         (("ingest", "c", "--step", 0, "--dataset", "d", "--source", sources / "a" / "{stp}"), "only {step}"),
@@ -206,6 +211,10 @@ def test_checkpoint_identity(tmp_path, sources, tokenizer_dir, text_dir):
     )
     fixed = sources / "a" / "step-0"
     r = cli_call(home, db, "ingest", "m", "--steps", "0,1", "--dataset", "d", "--source", fixed, "--quiet")
+    assert r.exit_code == 1 and "would all load the same weights" in r.stderr  # refused before loading anything
+    assert json.loads(cli_call(home, db, "status", "--format", "json").stdout) == []
+    for step in (0, 1):  # one step at a time the rule cannot be seen up front; the weights give it away
+        r = cli_call(home, db, "ingest", "m", "--step", step, "--dataset", "d", "--source", fixed, "--quiet")
     assert r.exit_code == 1 and "exactly the weights of m@0" in r.stderr and "{step}" in r.stderr
     r = cli_call(
         home, db, "ingest", "m", "--step", 1, "--dataset", "d", "--source", sources / "b" / "step-0", "--quiet"

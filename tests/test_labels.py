@@ -125,6 +125,8 @@ def test_universal_shows_stability_and_filters(store):
     story = json.loads(run("neuron", f"{top['model']}@0", f"{top['layer']}.{top['neuron']}", "--format", "json").stdout)
     assert story["universality"][0]["stability"] == top["stability"]
     assert story["matches"][0]["baseline_sd"] > 0
+    mixed = run("universal", "--by-layer", "--min-stability", 0.9, ok=False)
+    assert mixed.exit_code == 2 and "--by-layer counts every neuron" in mixed.stderr
 
 
 def test_ablation_reports_its_floor(store):

@@ -173,15 +173,25 @@ def test_listings(lite):
 
 def test_query_errors(lite, tmp_path):
     home, db = lite
-    cases = {
-        "unknown checkpoint": ("neuron", "zz@1", "0.1"),
-        "malformed neuron": ("neuron", "a@1", "7"),
-        "malformed checkpoint": ("neuron", "a1", "0.1"),
-        "does not exist": ("neuron", "a@1", "9.1"),
-        "no universality results for a@7": ("universal", "--model", "a", "--step", 7),
-        "unknown model 'nobody'": ("universal", "--model", "nobody"),
-    }
-    for expected, args in cases.items():
+    runs = json.loads(cli_call(home, db, "sql", "SELECT id, kind FROM correlation_run", "--format", "json").stdout)
+    by_kind = {r["kind"]: r["id"] for r in runs}
+    step0 = min(r["id"] for r in runs if r["kind"] == "cross_model")
+    cases = [
+        ("unknown checkpoint", ("neuron", "zz@1", "0.1")),
+        ("malformed neuron", ("neuron", "a@1", "7")),
+        ("malformed checkpoint", ("neuron", "a1", "0.1")),
+        ("does not exist", ("neuron", "a@1", "9.1")),
+        ("no universality results for a@7", ("universal", "--model", "a", "--step", 7)),
+        ("unknown model 'nobody'", ("universal", "--model", "nobody")),
+        ("unknown model 'nobody'", ("persistence", "--model", "nobody")),
+        ("there is no run 999", ("universal", "--run", 999)),
+        ("is a similarity run", ("universal", "--run", by_kind["similarity"])),
+        ("is a within-model run", ("ablate", "a@1", "--run", by_kind["within_model"], "--neurons", "universal")),
+        ("is a cross-model correlation run", ("similarity", "--run", step0)),
+        (f"run {step0} did not score a@1", ("universal", "--run", step0, "--model", "a", "--step", 1)),
+        (f"run {step0} did not score a@1", ("ablate", "a@1", "--run", step0, "--neurons", "universal")),
+    ]
+    for expected, args in cases:
         r = cli_call(home, db, *args)
         assert r.exit_code in (1, 2) and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, (expected, r)
     empty = tmp_path / "empty"
@@ -232,7 +242,11 @@ def test_export_and_api(lite, tmp_path):
         np.testing.assert_array_equal(table["token_id"], ds.tokens.reshape(-1)[60:70])
         np.testing.assert_array_equal(table["position"], np.arange(60, 70) % ds.seq_len)
         np.testing.assert_allclose(table[["1.17", "1.5"]].to_numpy(), stored[60:70][:, [17, 5]], rtol=1e-5)
-    for args, why in ((("--neurons", "5,5"), "listed twice"), (("--tokens", "5:1"), "outside")):
+    for args, why in (
+        (("--neurons", "5,5"), "listed twice"),
+        (("--tokens", "5:1"), "START must be below"),
+        (("--tokens", "0:99999"), "outside"),
+    ):
         bad = cli_call(home, db, "export", "a@1", "--layer", 0, *args, "--out", tmp_path / "y.csv")
         assert bad.exit_code == 1 and why in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     from actdb.query.api import ActdbStore

@@ -78,7 +78,6 @@ def pg(tmp_path_factory) -> StoreConfig:
         assert provision_sql_reader(store.engine) is None
         store.close()
         yield cfg
-    _drop_roles(reader_role_name(url.rsplit("/", 1)[1]))  # roles are cluster-wide: drop it with its database
 
 
 @pytest.fixture

@@ -316,8 +316,21 @@ def _register_checkpoint(
     store: Store, req: IngestRequest, where: ResolvedSource, model: torch.nn.Module, n_layers: int, d_mlp: int
 ) -> Checkpoint:
     """The model and checkpoint rows, after checking that these weights are what MODEL@STEP means: not another
-    step's weights (a source without `{step}`) and not different from what this step was ingested from."""
+    model's checkpoint, not another step's weights (a source without `{step}`) and not different from what this
+    step was ingested from."""
     weights = weights_fingerprint(model)
+    elsewhere = store.query(
+        select(Model.name.label("model"), Checkpoint.step)
+        .join(Model, Model.id == Checkpoint.model_id)
+        .where(Checkpoint.weights_sha256 == weights, Model.name != req.model)
+        .limit(1)
+    ).first()
+    if elsewhere is not None and not req.force:
+        raise ActdbError(
+            f"{where.location} has exactly the weights of {elsewhere.model}@{elsewhere.step}: recording them as "
+            f"{req.model}@{req.step} would store one model under two names; check --source (or say --force for a "
+            "deliberate copy)"
+        )
     model_row = get_or_create(
         store,
         Model,

@@ -331,7 +331,9 @@ def test_identical_concurrent_correlations_compute_once(populated):
 def test_store_can_be_copied_and_moved(tmp_path, sources, tokenizer_dir, text_dir):
     home = tmp_path / "original"
     _populate(home, f"sqlite:///{home}/actdb.sqlite", sources, tokenizer_dir, text_dir)
-    shutil.copytree(sources / "a" / "step-0", home / "zoo" / "c" / "step-0")  # a model kept inside the store
+    from actdb.store.zoo import save_tiny_model
+
+    save_tiny_model("gpt2", home / "zoo" / "c" / "step-0", tokenizer_dir, seed=30)  # a model kept inside the store
     zoo = ("ingest", "c", "--step", 0, "--dataset", "d", "--source", home / "zoo" / "c" / "step-{step}", "--quiet")
     assert cli_call(home, f"sqlite:///{home}/actdb.sqlite", *zoo).exit_code == 0
     copy = tmp_path / "copy"

@@ -332,3 +332,86 @@ class MLPRecorder(HookSet):
             self._keep(index, out[..., : out.shape[-1] // 2] if fused else out)
 
         return hook
+
+
+# --- weights for vocabulary statistics (the direct path from an MLP neuron to the logits) ---
+
+# where the final norm (the module applied to the residual stream just before the LM head) sits, by family
+FINAL_NORM_PATHS = (
+    "transformer.ln_f",  # gpt2, gpt_neo, gptj, bloom, falcon
+    "gpt_neox.final_layer_norm",
+    "model.norm",  # llama-style families, phi3, stablelm, olmo, gemma
+    "model.final_layernorm",  # phi
+    "model.decoder.final_layer_norm",  # opt (None when do_layer_norm_before=False)
+)
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The LM head as a (d_model, vocab) matrix plus what the final norm does to the residual stream before it."""
+
+    weight: torch.Tensor
+    """`(d_model, vocab)`: the output embedding's weight, transposed (a view, shared with the input embedding
+    when the model ties them)."""
+    norm_scale: torch.Tensor | None
+    """`(d_model,)`: the final norm's effective per-dimension gain (`1 + weight` for Gemma's RMSNorm), or None when
+    there is no final norm or it has no gain."""
+    norm_centers: bool
+    """Whether the final norm subtracts the mean over d_model (LayerNorm) before scaling; RMSNorm does not."""
+
+
+def mlp_output_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Each layer's MLP output weights as `(d_mlp, d_model)` views, row i being what neuron i writes to the residual
+    stream per unit of activation (GPT-2's Conv1D stores this layout; nn.Linear stores its transpose)."""
+    adapter = adapter_for(model)
+    out = []
+    for layer in adapter.layers(model):
+        proj = adapter.out_proj(layer)
+        if isinstance(proj, nn.Linear):
+            out.append(proj.weight.detach().T)
+        elif type(proj).__name__ == "Conv1D":
+            out.append(proj.weight.detach())
+        else:
+            kind = type(proj).__name__
+            raise ActdbError(f"cannot read MLP output weights from a {kind} module (adapter {adapter.name})")
+    return out
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied to the residual stream before the LM head (see `FINAL_NORM_PATHS`), or None if none."""
+    for path in FINAL_NORM_PATHS:
+        module: object = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def unembedding(model: nn.Module) -> Unembedding:
+    """The LM head `(d_model, vocab)` and the final norm's gain and centring, for folding the norm into the
+    unembedding as TransformerLens does (`fold_ln`); a one-line ActdbError when there is no output embedding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        name = getattr(model.config, "model_type", type(model).__name__)
+        raise ActdbError(f"{name} has no output embedding (LM head) to compose MLP output weights with")
+    norm = final_norm(model)
+    scale: torch.Tensor | None = None
+    centers = False
+    if norm is not None:
+        kind = type(norm).__name__
+        if isinstance(norm, nn.LayerNorm) or ("LayerNorm" in kind and "RMS" not in kind):
+            centers = True
+        elif "RMSNorm" not in kind:
+            raise ActdbError(f"cannot tell whether the final norm {kind} centres the residual stream")
+        gain = getattr(norm, "weight", None)
+        if isinstance(gain, torch.Tensor):
+            gain = gain.detach()
+            scale = 1.0 + gain.double() if kind.startswith("Gemma") else gain  # exact 1 + w, as Gemma adds in fp32
+    d_model = weight.shape[1]
+    if scale is not None and scale.shape != (d_model,):
+        raise ActdbError(f"final norm gain has shape {tuple(scale.shape)}, the LM head reads d_model={d_model}")
+    return Unembedding(weight.detach().T, scale, centers)

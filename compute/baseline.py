@@ -16,8 +16,10 @@ DRAW_STREAM = 0x5EED_D4A3  # keeps the draw rotations' random stream apart from 
 
 def _haar(rng: np.random.Generator, d: int) -> np.ndarray:
     """Haar-distributed orthogonal `(d, d)` matrix: QR of a Gaussian with the signs of R's diagonal fixed."""
-    q, r = np.linalg.qr(rng.standard_normal((d, d)))
-    return q * np.sign(np.diag(r))
+    import torch  # LAPACK's QR through torch (MKL) runs 3-10x faster here than NumPy's, in the engine's thread pool
+
+    q, r = torch.linalg.qr(torch.from_numpy(rng.standard_normal((d, d))))
+    return q.numpy() * np.sign(np.diag(r.numpy()))
 
 
 def random_rotation(d: int, seed: int, key: int, layer: int) -> np.ndarray:

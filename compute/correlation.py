@@ -26,6 +26,7 @@ import numpy as np
 
 from actdb.compute.baseline import draw_rotation, random_rotation
 from actdb.compute.layer_similarity import LayerPair, LayerSimilarity
+from actdb.compute.precision import ProductPrecision, choose_precision, products_in
 from actdb.store.activation_file import ActivationReader
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
@@ -63,6 +64,7 @@ class CorrelationOptions:
     memory_budget: int | None = None
     baseline_draws: int = 8  # independent rotations per model; each costs products with covariances, no pass
     layer_similarity: bool = False  # also collect layer-pair similarity of every pair of sets (and each with itself)
+    precision: str = "auto"  # products on CUDA: "auto" (TF32 where a measured check allows), "tf32" or "float32"
 
 
 @dataclass
@@ -96,6 +98,7 @@ class CorrelationResult:
     n_passes: int
     seconds: dict[str, float] = field(default_factory=dict)  # "accumulate", "maxima", "baseline"
     layers: dict[tuple[int, int, int, int], LayerPair] | None = None  # (set key, other key, layer, other layer)
+    precision: ProductPrecision = field(default_factory=lambda: ProductPrecision("float32"))
 
 
 @dataclass(frozen=True)
@@ -203,36 +206,40 @@ def _read_chunks(
     mask: np.ndarray,
     seq_len: int,
     chunk_tokens: int,
+    ring_size: int = 1,
 ) -> Iterator[tuple[int, np.ndarray, dict]]:
     """Yield (n_rows, token ids, {set: shifted float32 (n_counted, N)}) for chunks of whole sequences.
 
-    `tokens` and `mask` are flat over all positions.
+    `tokens` and `mask` are flat over all positions. Every buffer is allocated once and reused (fresh multi-MB
+    arrays per chunk cost page faults): rows are read straight into a float16 buffer, then converted and shifted
+    in place in the set's float32 chunk. A yielded chunk stays valid until `ring_size` more are yielded (1 when
+    the consumer finishes each chunk before asking for the next).
     """
     import torch  # its float16 -> float32 conversion is vectorised; NumPy's is ~7x slower and was a third of a pass
 
     seqs = max(1, chunk_tokens // seq_len)
+    rows = seqs * seq_len
     n_seq = tokens.shape[0] // seq_len
     shifts = {i: torch.from_numpy(sets[i].shift.astype(np.float32)) for i in wanted}
-    # a ring of reused buffers per set (enough for the read-ahead queue plus the chunk in use): fresh 30 MB
-    # arrays per chunk cost more in page faults than the conversion itself
-    ring = {
-        i: [np.empty((seqs * seq_len, sets[i].n_neurons), dtype=np.float32) for _ in range(READ_AHEAD + 2)]
-        for i in wanted
-    }
+    stored = {i: [np.empty((rows, sets[i].d_mlp), dtype=readers[i].layers[0].dtype) for _ in range(2)] for i in wanted}
+    ring = {i: [np.empty((rows, sets[i].n_neurons), dtype=np.float32) for _ in range(ring_size)] for i in wanted}
     for k, s0 in enumerate(range(0, n_seq, seqs)):
         r0, r1 = s0 * seq_len, min(n_seq, s0 + seqs) * seq_len
         m = mask[r0:r1]
-        every = bool(m.all())
+        keep = None if bool(m.all()) else torch.from_numpy(np.flatnonzero(m))
+        n_counted = r1 - r0 if keep is None else len(keep)
         out = {}
         for i in wanted:
-            blocks = readers[i].read_rows(r0, r1)
-            x = ring[i][k % len(ring[i])][: int(m.sum())]
+            raw, picked = (torch.from_numpy(b) for b in stored[i])
+            x = ring[i][k % ring_size][:n_counted]
             tx, d = torch.from_numpy(x), sets[i].d_mlp
-            for layer, blk in enumerate(blocks):
+            for layer in range(sets[i].n_layers):
+                readers[i].read_rows_into(layer, r0, stored[i][0][: r1 - r0])
+                src = raw[: r1 - r0]
+                if keep is not None:
+                    src = torch.index_select(src, 0, keep, out=picked[:n_counted])
                 cols = slice(layer * d, (layer + 1) * d)
-                target = tx[:, cols]
-                target.copy_(torch.from_numpy(blk if every else blk[m]))
-                target.sub_(shifts[i][cols])
+                tx[:, cols].copy_(src).sub_(shifts[i][cols])  # two vectorised passes: torch.sub(f16, f32) is 3x slower
             out[i] = x
         yield r1 - r0, tokens[r0:r1][m], out
 
@@ -325,7 +332,9 @@ class _Engine:
         self.results = _empty_results(inputs, options.topk, options.baseline_draws)
         self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
         self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
-        self.seconds: dict[str, float] = {}  # (width, draw) -> P_draw, shared by all sets
+        self.seconds: dict[str, float] = {}
+        self.buffers: dict[object, object] = {}
+        self.precision: ProductPrecision | None = None  # chosen on the first chunk
 
     def run(self) -> CorrelationResult:
         for p, tasks in enumerate(self.passes):
@@ -434,23 +443,35 @@ class _Engine:
         groups = group_tasks(tasks)
         acc = {g: xp.zeros(((g.stop - g.start) * inputs[g.a].d_mlp, inputs[g.b].n_neurons)) for g in groups}
         out = {g: xp.empty(a.shape, dtype=xp.float32) for g, a in acc.items()}
+        ahead = backend.name == "cupy"
         chunks = _read_chunks(
-            self.readers, inputs, wanted, self.flat_tokens, self.flat_mask, self.seq_len, self.options.chunk_tokens
+            self.readers,
+            inputs,
+            wanted,
+            self.flat_tokens,
+            self.flat_mask,
+            self.seq_len,
+            self.options.chunk_tokens,
+            ring_size=READ_AHEAD + 2 if ahead else 1,
         )
-        for n_rows, ids, chunk in _read_ahead(chunks) if backend.name == "cupy" else chunks:
+        for n_rows, ids, chunk in _read_ahead(chunks) if ahead else chunks:
+            if self.precision is None:
+                pair = list(chunk.values())[:2]
+                self.precision = choose_precision(self.options.precision, backend, lambda p=pair: (p[0], p[1]))
             xs = {i: backend.asarray(x) for i, x in chunk.items()}
-            if first:
-                self._accumulate_moments(ids, xs)
-            for g in groups:
-                d = inputs[g.a].d_mlp
-                xp.matmul(xs[g.a][:, g.start * d : g.stop * d].T, xs[g.b], out=out[g])
-                acc[g] += out[g]
+            with products_in(backend, self.precision.mode):
+                if first:
+                    self._accumulate_moments(ids, xs)
+                for g in groups:
+                    d = inputs[g.a].d_mlp
+                    backend.matmul(xs[g.a][:, g.start * d : g.stop * d].T, xs[g.b], out=out[g])
+                    acc[g] += out[g]
             if self.progress:
                 self.progress(n_rows)
         return acc
 
     def _accumulate_moments(self, ids: np.ndarray, xs: dict[int, object]) -> None:
-        xp, backend = self.backend.xp, self.backend
+        backend = self.backend
         self.n += ids.shape[0]
         seg = self.vocab_index[ids]
         if self.control:
@@ -458,12 +479,27 @@ class _Engine:
             seg_dev = backend.asarray(seg)
         for i, x in xs.items():
             s, m = self.inputs[i], self.moments[i]
-            m.sums += x.sum(axis=0, dtype=xp.float64)
+            # column sums as a float32 product with ones (the data are shifted, so the sums are small), in the
+            # same thread pool as the Grams; the float64 running total keeps the sum over chunks exact enough
+            m.sums += backend.matmul(self._ones(x.shape[0]), x, out=self._out((1, s.n_neurons)))[0]
+            gram = self._out((s.d_mlp, s.d_mlp))
             for layer in range(s.n_layers):
                 xl = x[:, layer * s.d_mlp : (layer + 1) * s.d_mlp]
-                m.grams[layer] += xl.T @ xl
+                m.grams[layer] += backend.matmul(xl.T, xl, out=gram)
             if self.control:
                 m.token_sums += backend.segment_sum(x, seg_dev, self.n_vocab)
+
+    def _out(self, shape: tuple[int, int]) -> object:
+        """A reused float32 output buffer of this shape for the per-chunk products."""
+        if shape not in self.buffers:
+            self.buffers[shape] = self.backend.xp.empty(shape, dtype=self.backend.xp.float32)
+        return self.buffers[shape]
+
+    def _ones(self, rows: int) -> object:
+        """A (1, rows) row of float32 ones (a view of one reused buffer)."""
+        if "ones" not in self.buffers or self.buffers["ones"].shape[1] < rows:
+            self.buffers["ones"] = self.backend.xp.ones((1, rows), dtype=self.backend.xp.float32)
+        return self.buffers["ones"][:, :rows]
 
     def _finalize_sets(self) -> None:
         if self.n < 2:
@@ -489,7 +525,8 @@ class _Engine:
         if self.similarity is not None:
             keys = [s.key for s in self.inputs]
             layers = {(keys[a], keys[b], la, lb): v for (a, b, la, lb), v in self.similarity.pairs.items()}
-        return CorrelationResult(matches, dead, self.n, len(self.passes), dict(self.seconds), layers)
+        precision = self.precision or ProductPrecision("float32")
+        return CorrelationResult(matches, dead, self.n, len(self.passes), dict(self.seconds), layers, precision)
 
 
 def _empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:

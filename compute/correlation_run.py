@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, select, update
 from tqdm.auto import tqdm
 
 from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
+from actdb.compute.precision import check_precision
 from actdb.compute.universality import format_draws, score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
 from actdb.store.device import resolve_device
@@ -61,6 +62,7 @@ class CorrelationRequest:
     hook: str = HOOK_NAME
     similarity: bool = False  # a similarity run: layer-pair statistics of every pair of sets, no neuron rows
     device: str = "auto"
+    precision: str = "auto"  # of the products on CUDA; not part of the request key (all agree to 1e-4)
     force: bool = False
     progress: bool = True
 
@@ -81,6 +83,7 @@ class CorrelationRequest:
             topk=self.topk,
             chunk_tokens=self.chunk_tokens,
             memory_budget=self.memory_budget,
+            precision=self.precision,
         )
 
 
@@ -158,6 +161,7 @@ def run_correlation(
 def _check_request(store: Store, sets: list[ActivationSet], options: CorrelationOptions, device: str) -> None:
     """Everything that can refuse the request does so before a run is recorded: device, files, memory."""
     backend = resolve_device(device).array
+    check_precision(options.precision, backend)
     with store.session() as s:
         inputs = [_set_input(store, s, a) for a in sets]
         dataset_path = s.get(Dataset, sets[0].dataset_id).path
@@ -265,12 +269,14 @@ def _compute(
     finally:
         bar.close()
     n_dead = _store_results(store, handle.row_id, inputs, result, kind, threshold)
-    seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead)
+    label = result.precision.label(backend)
+    seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead, backend=label)
+    checked = "" if result.precision.error is None else f" (product error {result.precision.error:.1e} of r)"
     log(
         f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
-        f"{n_dead} dead neurons, {seconds:.1f}s on {backend.name}"
+        f"{n_dead} dead neurons, {seconds:.1f}s on {label}{checked}"
     )
-    return RunOutcome(handle.row_id, False, seconds, result.n_tokens, result.n_passes, n_dead, backend.name)
+    return RunOutcome(handle.row_id, False, seconds, result.n_tokens, result.n_passes, n_dead, label)
 
 
 def _set_input(store: Store, session, aset: ActivationSet) -> SetInput:

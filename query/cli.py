@@ -26,6 +26,7 @@ from actdb.query.options import (
     force_option,
     format_option,
     hook_option,
+    precision_option,
     quiet_option,
     threshold_option,
 )
@@ -321,6 +322,7 @@ def _paired_revisions(steps: list[int], revision: str | None, revisions: str | N
 )
 @click.option("--topk", type=click.IntRange(min=0, max=1000), default=0, show_default=True, help="Keep K best matches.")
 @device_option
+@precision_option
 @hook_option
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
 @click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
@@ -339,6 +341,7 @@ def correlate(
     baseline_draws: int,
     topk: int,
     device: str,
+    precision: str,
     hook: str,
     chunk_tokens: int,
     memory_budget: int | None,
@@ -370,6 +373,7 @@ def correlate(
         memory_budget=memory_budget,
         hook=hook,
         device=device,
+        precision=precision,
         force=force,
         progress=not quiet,
     )

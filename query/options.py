@@ -15,6 +15,7 @@ from actdb.store.refs import (
     CONTROLS,
     DEVICES,
     MAX_STEP,
+    PRECISIONS,
     check_threshold,
     parse_bytes,
     parse_set_ref,
@@ -69,6 +70,17 @@ def device_option(f: Callable) -> Callable:
         default="auto",
         show_default=True,
         help="auto uses a GPU where there is one (CUDA for torch, CuPy for arrays).",
+    )(f)
+
+
+def precision_option(f: Callable) -> Callable:
+    return click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        default="auto",
+        show_default=True,
+        help="Products on CUDA: auto uses TF32 tensor cores where a check on the first chunk keeps r within 1e-4 "
+        "of float64; float32 forces full precision. The CPU always computes in float32.",
     )(f)
 
 

@@ -203,6 +203,14 @@ class ActivationReader:
         except OSError as exc:
             raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
 
+    def read_rows_into(self, layer: int, start: int, out: np.ndarray) -> None:
+        """Token rows `[start, start + len(out))` of one layer into a reused buffer of the stored dtype: no fresh
+        array per read (fresh multi-MB arrays cost page faults on every chunk)."""
+        try:
+            self.layers[layer].read_direct(out, np.s_[start : start + out.shape[0]])
+        except OSError as exc:
+            raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
+
     def read_neurons(
         self, layer: int, neurons: list[int] | slice, start: int = 0, stop: int | None = None
     ) -> np.ndarray:

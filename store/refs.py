@@ -17,6 +17,7 @@ NAME_RULE = "1-200 characters, none of / \\ , @ or control characters, not conta
 
 Neuron = tuple[int, int]
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "tf32", "float32")  # of the correlation products on CUDA
 CONTROLS = ("none", "token")
 
 

@@ -1,0 +1,171 @@
+"""The explanation sidecar of an activation set: `<activation file stem>.explain.h5` next to the activation file.
+
+One HDF5 group per kind of explanation, each a set of named arrays with Fletcher-32 checksums; the groups in
+use are `examples` (per neuron top-K `values` and flat token `positions`), `tokens` (`token_r2`, `position_r2`,
+`top_ids`, `top_means`, `top_counts`) and `vocabulary`. The file is written whole under `.partial` and renamed
+when complete (a new group is added by rewriting the file with the groups already there), so a reader either
+sees a complete file or refuses it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from actdb.store.errors import ActdbError
+
+FORMAT_VERSION = 1
+COMPLETE_ATTR = "actdb_complete"
+SUFFIX = ".explain.h5"
+
+
+def explanation_path(activation_path: str | os.PathLike) -> Path:
+    """The sidecar's path: the activation file's path with its suffix replaced by `.explain.h5`."""
+    return Path(activation_path).with_suffix(SUFFIX)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def write_explanations(
+    path: str | os.PathLike,
+    groups: Mapping[str, Mapping[str, np.ndarray]],
+    attrs: Mapping[str, object] | None = None,
+    keep_existing: bool = True,
+) -> None:
+    """Write named groups of arrays (and file attributes) atomically: under `.partial`, then renamed.
+
+    With `keep_existing`, the groups and attributes of a complete file already at `path` that `groups` and
+    `attrs` do not replace are carried over, so explanations computed at different times share one file.
+    Scalars belong in `attrs` (HDF5 cannot checksum a scalar dataset).
+    """
+    path = Path(path)
+    tmp = _partial(path)
+    old: dict[str, object] = {}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source = _keepable(path) if keep_existing else None
+        try:
+            with h5py.File(tmp, "w") as f:
+                if source is not None:
+                    old = dict(source.attrs)
+                    for name in source:
+                        if name not in groups:
+                            source.copy(source[name], f, name=name)
+                for name, arrays in groups.items():
+                    group = f.create_group(name)
+                    for key, value in arrays.items():
+                        data = np.asarray(value)
+                        if data.ndim == 0:
+                            raise ValueError(f"{name}/{key} is a scalar; store it as an attribute")
+                        group.create_dataset(key, data=data, chunks=True, fletcher32=True)
+                for key, value in {**old, **(attrs or {})}.items():
+                    f.attrs[key] = value
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["activation_file"] = _activation_name(path)
+                f.attrs[COMPLETE_ATTR] = True
+        finally:
+            if source is not None:
+                source.close()
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ActdbError(f"cannot write explanation file {path}: {exc.strerror or exc}") from None
+
+
+def _keepable(path: Path) -> h5py.File | None:
+    """The complete sidecar already at `path`, open for reading; None when there is none or it is unusable."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return None
+    if not f.attrs.get(COMPLETE_ATTR, False) or int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+        f.close()
+        return None
+    return f
+
+
+def _activation_name(path: Path) -> str:
+    name = path.name
+    return name[: -len(SUFFIX)] + ".h5" if name.endswith(SUFFIX) else name
+
+
+def _open(path: Path) -> h5py.File:
+    """Open a complete sidecar for reading, or raise a one-line ActdbError saying what is wrong."""
+    if not path.exists():
+        hint = " (its writing is unfinished)" if _partial(path).exists() else ""
+        raise ActdbError(f"explanation file {path} does not exist{hint}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ActdbError(f"explanation file {path} is unreadable or truncated: {_one_line(exc)}") from None
+    if not f.attrs.get(COMPLETE_ATTR, False):
+        f.close()
+        raise ActdbError(f"explanation file {path} is unfinished (no completion marker)")
+    version = int(f.attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        f.close()
+        raise ActdbError(f"explanation file {path} has format version {version}; this actdb reads {FORMAT_VERSION}")
+    return f
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def explanation_groups(path: str | os.PathLike) -> list[str]:
+    """The names of the groups a complete sidecar holds."""
+    with _open(Path(path)) as f:
+        return sorted(f)
+
+
+def read_explanation_attrs(path: str | os.PathLike) -> dict[str, object]:
+    """The file attributes of a complete sidecar (format version, activation file name, k, min_count, ...)."""
+    with _open(Path(path)) as f:
+        return {key: (value.item() if isinstance(value, np.generic) else value) for key, value in f.attrs.items()}
+
+
+def read_explanation_group(path: str | os.PathLike, group: str) -> dict[str, np.ndarray]:
+    """Every array of one group, read through its checksum; an ActdbError if missing, unfinished or corrupt."""
+    path = Path(path)
+    with _open(path) as f:
+        if group not in f:
+            raise ActdbError(f"explanation file {path} has no {group!r} explanations")
+        try:
+            return {name: ds[()] for name, ds in f[group].items()}
+        except OSError as exc:
+            raise ActdbError(
+                f"explanation file {path} is corrupt (checksum or read error in {group!r}): {_one_line(exc)}"
+            ) from None
+
+
+def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None, d_mlp: int | None = None) -> list[str]:
+    """Problems with a sidecar, one line each (none when intact): every dataset is read through its checksum,
+    and with `n_layers` / `d_mlp` each array must start with those dimensions (one row per neuron)."""
+    path = Path(path)
+    try:
+        f = _open(path)
+    except ActdbError as exc:
+        return [str(exc)]
+    problems = []
+    with f:
+        for group in sorted(f):
+            if not isinstance(f[group], h5py.Group):
+                problems.append(f"{group}: not a group of arrays")
+                continue
+            for name, ds in sorted(f[group].items()):
+                try:
+                    ds[()]
+                except OSError as exc:
+                    problems.append(f"{group}/{name}: checksum or read error ({_one_line(exc)})")
+                    continue
+                for axis, (what, want) in enumerate((("layers", n_layers), ("neurons", d_mlp))):
+                    if want is not None and (ds.ndim <= axis or ds.shape[axis] != want):
+                        problems.append(f"{group}/{name}: shape {ds.shape}, expected {want} {what} on axis {axis}")
+    return problems

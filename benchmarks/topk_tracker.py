@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from actdb.compute.top_activations import TopKTracker
+from actdb.store.top_activations import TopKTracker
 from actdb.store.neuron_stats import StreamingMoments, Workspace
 
 

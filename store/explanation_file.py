@@ -145,6 +145,20 @@ def read_explanation_group(path: str | os.PathLike, group: str) -> dict[str, np.
             ) from None
 
 
+def read_neuron(path: str | os.PathLike, layer: int, neuron: int) -> dict[str, dict[str, np.ndarray]]:
+    """One neuron's rows of every per-neuron array (those shaped (n_layers, d_mlp, ...)), by group: reads only the
+    chunks that hold them, through their checksums."""
+    path = Path(path)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with _open(path) as f:
+        try:
+            for group in f:
+                out[group] = {name: ds[layer, neuron] for name, ds in f[group].items() if ds.ndim >= 2}
+        except OSError as exc:
+            raise ActdbError(f"explanation file {path} is corrupt (checksum or read error): {_one_line(exc)}") from None
+    return out
+
+
 def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None, d_mlp: int | None = None) -> list[str]:
     """Problems with a sidecar, one line each (none when intact): every dataset is read through its checksum,
     and with `n_layers` / `d_mlp` each array must start with those dimensions (one row per neuron)."""
@@ -169,3 +183,18 @@ def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None,
                     if want is not None and (ds.ndim <= axis or ds.shape[axis] != want):
                         problems.append(f"{group}/{name}: shape {ds.shape}, expected {want} {what} on axis {axis}")
     return problems
+
+
+def pack_strings(texts: list[str]) -> dict[str, np.ndarray]:
+    """Strings as one UTF-8 byte array and `n + 1` offsets: plain datasets, so they are checksummed like the rest."""
+    encoded = [t.encode("utf-8", "replace") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(e) for e in encoded])
+    blob = np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)
+    return {"blob": blob, "offsets": offsets}
+
+
+def unpack_strings(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """The strings `pack_strings` packed."""
+    blob, offsets = bytes(np.asarray(arrays["blob"], dtype=np.uint8)), arrays["offsets"]
+    return [blob[offsets[i] : offsets[i + 1]].decode("utf-8", "replace") for i in range(len(offsets) - 1)]

@@ -18,7 +18,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ from actdb.store.registry import check_new_name, find_set, get_dataset, get_or_c
 from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, NeuronStat
 from actdb.store.token_datasets import load_tokenizer, tokenizer_fingerprint
 from actdb.store.token_file import TokenDataset
+from actdb.store.top_activations import TopKTracker
 
 FLUSH_SECONDS = float(os.environ.get("ACTDB_INGEST_FLUSH_SECONDS", "2.0"))
 QUEUE_DEPTH = 4
@@ -67,6 +68,7 @@ class IngestRequest:
     device: str = "auto"
     batch_size: int = 8
     dtype: str = "float16"
+    top_k: int = 32  # max-activating examples kept per neuron while streaming (0: none)
     force: bool = False
     progress: bool = True
 
@@ -79,6 +81,10 @@ class IngestResult:
     tokens: int
     seconds: float
     bytes: int
+    examples: tuple[np.ndarray, np.ndarray] | None = None
+    """The streamed top-K (values, flat token positions), each (n_layers, d_mlp, K), when this call ingested."""
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    """The loaded model when this call ingested, for analyses of its weights that follow (vocabulary statistics)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         raise ActdbError(f"--dtype {req.dtype} is not supported yet (float16 is)")
     if req.batch_size < 1:
         raise ActdbError("--batch-size must be at least 1")
+    if not 0 <= req.top_k <= MAX_TOP_K:
+        raise ActdbError(f"--top-k must be in 0..{MAX_TOP_K}")
     req.hook = parse_hook(req.hook)
     with store.session() as s:
         ds = get_dataset(s, req.dataset)
@@ -248,9 +256,11 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         + (f" from token {resumed_from}" if resumed_from else "")
         + f", {header.n_tokens} tokens in {seconds:.1f}s -> {aset.path}"
     )
-    return IngestResult(aset.id, status, path, header.n_tokens, seconds, size)
+    examples = run.tracker.result() if run.tracker is not None else None
+    return IngestResult(aset.id, status, path, header.n_tokens, seconds, size, examples, model)
 
 
+MAX_TOP_K = 1000
 RESUME = "the rows flushed so far are kept in the .partial file and `actdb ingest` resumes from them"
 RESERVE_BYTES = 8 * 2**20  # room kept free while writing, so a full disk can still record the failure in SQL
 SPACE_MARGIN = 1.02  # HDF5 chunk index, checksums and attributes on top of the raw float16 rows
@@ -420,13 +430,18 @@ class _IngestRun:
         self.tokens, self.model, self.device, self.req = tokens, model, device, req
         workspace = Workspace()
         self.moments = [StreamingMoments(header.d_mlp, workspace) for _ in range(header.n_layers)]
+        self.tracker = TopKTracker(header.n_layers, header.d_mlp, req.top_k) if req.top_k else None
         self.seq_len = tokens.seq_len
         self.rows_per_batch = req.batch_size * self.seq_len
 
     def _fold(self, start_row: int, rows: list[np.ndarray]) -> None:
         mask = self.tokens.mask.reshape(-1)[start_row : start_row + rows[0].shape[0]]
-        for moments, block in zip(self.moments, rows, strict=True):
-            moments.update(block[mask])
+        positions = start_row + np.flatnonzero(mask) if self.tracker is not None else None
+        for layer, (moments, block) in enumerate(zip(self.moments, rows, strict=True)):
+            counted = block[mask]
+            moments.update(counted)
+            if self.tracker is not None:
+                self.tracker.update(layer, counted, positions)
 
     def execute(self, committed: int) -> int:
         """Write every remaining batch; returns the row the run resumed from (0 for a fresh start)."""
@@ -442,6 +457,8 @@ class _IngestRun:
                 partial_path(self.path).unlink(missing_ok=True)
                 workspace = Workspace()
                 self.moments = [StreamingMoments(self.header.d_mlp, workspace) for _ in self.moments]
+                if self.tracker is not None:
+                    self.tracker = TopKTracker(self.header.n_layers, self.header.d_mlp, self.req.top_k)
                 writer, start = ActivationWriter(self.path, self.header), 0
             self._forward_all(writer, start)
         except BaseException:

@@ -130,3 +130,19 @@ def universal_neurons_of(store: Store, run_id: int, set_id: int, threshold: floa
         .order_by(v.c.layer, v.c.neuron)
     )
     return [(r.layer, r.neuron) for r in rows]
+
+
+TOKEN_MIN_R2 = 0.5  # a neuron whose variance is at least half explained by the current token id is a token neuron
+POSITION_MIN_R2 = 0.5  # ... by the position in the sequence: a position neuron
+FAMILIES = ("token", "position", "prediction", "suppression", "unexplained")
+
+
+def family_rule(token_min: float, position_min: float, kurtosis_min: float | None, skew_min: float | None) -> str:
+    """The family rule in one line, as `v_neuron_explanations` applies it (the first that holds)."""
+    vocab = (
+        f"prediction if vocab excess kurtosis > {kurtosis_min:g} and skew > {skew_min:g}; suppression if that "
+        f"kurtosis and skew < {-skew_min if skew_min else 0:g}; "
+        if kurtosis_min is not None
+        else ""
+    )
+    return f"token if token_r2 >= {token_min:g}; position if position_r2 >= {position_min:g}; {vocab}else unexplained"

@@ -151,6 +151,46 @@ class NeuronStat(Base):
     max: Mapped[float] = mapped_column(Float)
 
 
+class SetExplanation(Base):
+    """A set's explanation file (examples, token/position fractions, vocabulary statistics) and the thresholds
+    its neuron families use; see `actdb.compute.explanations`."""
+
+    __tablename__ = "set_explanation"
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    top_k: Mapped[int] = mapped_column(Integer)
+    min_count: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    n_token_ids: Mapped[int] = mapped_column(Integer)
+    n_positions: Mapped[int] = mapped_column(Integer)
+    token_min_r2: Mapped[float] = mapped_column(Float)
+    position_min_r2: Mapped[float] = mapped_column(Float)
+    vocab_kurtosis_min: Mapped[float | None] = mapped_column(Float)
+    vocab_skew_min: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime, default=utcnow)
+
+
+class NeuronExplanation(Base):
+    """Per neuron: variance fractions explained by token id and position, the top token by mean activation,
+    and the vocabulary moments of its output weights through the unembedding."""
+
+    __tablename__ = "neuron_explanation"
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    max_activation: Mapped[float | None] = mapped_column(Float)
+    token_r2: Mapped[float | None] = mapped_column(Float)
+    position_r2: Mapped[float | None] = mapped_column(Float)
+    top_token: Mapped[int | None] = mapped_column(Integer)
+    top_token_mean: Mapped[float | None] = mapped_column(Float)
+    top_token_count: Mapped[int | None] = mapped_column(Integer)
+    vocab_mean: Mapped[float | None] = mapped_column(Float)
+    vocab_var: Mapped[float | None] = mapped_column(Float)
+    vocab_skew: Mapped[float | None] = mapped_column(Float)
+    vocab_kurtosis: Mapped[float | None] = mapped_column(Float)
+    vocab_label: Mapped[str | None] = mapped_column(String(20))
+
+
 class CorrelationRun(RunState, Base):
     """One request to correlate a list of activation sets on one dataset, and its outcome.
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actdb.compute.token_explanations import TokenExplanations, block_neurons, explain_tokens
-from actdb.compute.top_activations import TopKTracker, top_activations_from_file
+from actdb.store.top_activations import TopKTracker, top_activations_from_file
 from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 from actdb.store.errors import ActdbError
 from actdb.store.explanation_file import (

@@ -1,0 +1,234 @@
+"""Reading explanations: a neuron's max-activating contexts (decoded from the token texts stored with them), its
+token and vocabulary tables, and the families of universal neurons by the rule `v_neuron_explanations` applies."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import Float, literal, select
+
+from actdb.store.database import Rows, Store
+from actdb.store.errors import ActdbError
+from actdb.store.labels import FAMILIES, family_rule, newest_runs, on_newest, stability_at, universal_condition
+from actdb.store.refs import check_threshold
+from actdb.store.registry import get_checkpoint
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, SetExplanation
+from actdb.store.views import v_neuron_explanations, v_universality
+
+BEFORE, AFTER = 10, 4  # tokens of context shown around a maximum
+MARK = ("«", "»")  # around the maximum's token in a context
+EXPLANATION_COLUMNS = (
+    "dataset",
+    "max_activation",
+    "token_r2",
+    "token_r2_chance",
+    "position_r2",
+    "position_r2_chance",
+    "vocab_mean",
+    "vocab_var",
+    "vocab_skew",
+    "vocab_kurtosis",
+    "vocab_label",
+    "family",
+)
+FAMILY_COLUMNS = (
+    "model",
+    "step",
+    "layer",
+    "neuron",
+    "family",
+    "excess_corr",
+    "stability",
+    "token_r2",
+    "position_r2",
+    "top_token",
+    "vocab_skew",
+    "vocab_kurtosis",
+    "threshold",
+)
+
+
+def _explained_sets(store: Store, model: str, step: int) -> list[tuple[SetExplanation, str, str, str]]:
+    """(explanation row, activation path, dataset name, dataset path) of every explained set of MODEL@STEP."""
+    with store.session() as s:
+        get_checkpoint(s, model, step)
+        rows = s.execute(
+            select(SetExplanation, ActivationSet.path, Dataset.name, Dataset.path)
+            .join(ActivationSet, ActivationSet.id == SetExplanation.set_id)
+            .join(Dataset, Dataset.id == ActivationSet.dataset_id)
+            .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+            .join(Model, Model.id == Checkpoint.model_id)
+            .where(Model.name == model, Checkpoint.step == step)
+            .order_by(Dataset.name)
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+def _display(text: str) -> str:
+    """A token's text on one line: newlines and tabs shown as symbols."""
+    return text.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
+
+
+def neuron_explanation(
+    store: Store, model: str, step: int, layer: int, neuron: int, examples: int = 5, pieces: bool = False
+) -> dict[str, Rows]:
+    """A neuron's explanation, max-activating contexts, top tokens by mean activation and vocabulary extremes;
+    empty sections when its set has not been explained (`actdb examples` builds it). With `pieces`, each context
+    also comes as its raw text before and after the maximum's token (for JSON readers)."""
+    from actdb.store.explanation_file import read_explanation_group, read_neuron, unpack_strings
+    from actdb.store.token_file import TokenDataset
+
+    e = v_neuron_explanations
+    summary, contexts, top_tokens, vocabulary = [], [], [], []
+    for ex, _act_path, dataset, dataset_path in _explained_sets(store, model, step):
+        row = store.query(select(e).where(e.c.set_id == ex.set_id, e.c.layer == layer, e.c.neuron == neuron)).first()
+        if row is None:
+            continue
+        chance = {
+            "token_r2_chance": (ex.n_token_ids - 1) / max(ex.n_tokens - 1, 1),
+            "position_r2_chance": (ex.n_positions - 1) / max(ex.n_tokens - 1, 1),
+        }
+        summary.append({c: ({**dict(row), **chance, "dataset": dataset}).get(c) for c in EXPLANATION_COLUMNS})
+        path = store.config.file(ex.path)
+        arrays = read_neuron(path, layer, neuron)
+        texts = unpack_strings(read_explanation_group(path, "strings"))
+        tokens = TokenDataset.load(store.config.file(dataset_path))
+        contexts += _contexts(arrays["examples"], tokens, texts, dataset, examples)
+        top_tokens += _top_tokens(arrays["tokens"], texts, dataset)
+        if "vocabulary" in arrays:
+            vocabulary += _vocabulary(arrays["vocabulary"], texts, dataset)
+    return {
+        "explanation": Rows(list(EXPLANATION_COLUMNS), summary),
+        "examples": Rows(
+            ["dataset", "rank", "activation", "sequence", "position", "token", "context"]
+            + (["before", "after"] if pieces else []),
+            contexts,
+        ),
+        "top_tokens": Rows(["dataset", "rank", "token_id", "token", "mean_activation", "count"], top_tokens),
+        "vocabulary": Rows(["dataset", "rank", "top_token", "top_value", "bottom_token", "bottom_value"], vocabulary),
+    }
+
+
+def _text(texts: list[str], token_id: int) -> str:
+    return texts[token_id] if 0 <= token_id < len(texts) else f"<{token_id}>"
+
+
+def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[dict]:
+    out = []
+    seq_len = tokens.seq_len
+    for rank, (value, pos) in enumerate(zip(ex["values"][:n], ex["positions"][:n], strict=True)):
+        if pos < 0 or not np.isfinite(value):
+            break
+        seq, p = divmod(int(pos), seq_len)
+        ids = tokens.tokens[seq]
+        before = "".join(_text(texts, int(t)) for t in ids[max(0, p - BEFORE) : p])
+        after = "".join(_text(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER])
+        token = _text(texts, int(ids[p]))
+        out.append(
+            {
+                "dataset": dataset,
+                "rank": rank + 1,
+                "activation": float(value),
+                "sequence": seq,
+                "position": p,
+                "token": token,
+                "context": _display(before) + MARK[0] + _display(token) + MARK[1] + _display(after),
+                "before": before,
+                "after": after,
+            }
+        )
+    return out
+
+
+def _top_tokens(tok: dict, texts: list[str], dataset: str) -> list[dict]:
+    rows = []
+    for rank, (tid, mean, count) in enumerate(zip(tok["top_ids"], tok["top_means"], tok["top_counts"], strict=True)):
+        if tid < 0:
+            break
+        token = _display(_text(texts, int(tid)))
+        rows.append(
+            {"dataset": dataset, "rank": rank + 1, "token_id": int(tid), "token": token, "mean_activation": float(mean)}
+            | {"count": int(count)}
+        )
+    return rows
+
+
+def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
+    rows = []
+    pairs = zip(voc["top_ids"], voc["top_values"], voc["bottom_ids"], voc["bottom_values"], strict=True)
+    for rank, (ti, tv, bi, bv) in enumerate(pairs):
+        rows.append(
+            {
+                "dataset": dataset,
+                "rank": rank + 1,
+                "top_token": _display(_text(texts, int(ti))),
+                "top_value": float(tv),
+                "bottom_token": _display(_text(texts, int(bi))),
+                "bottom_value": float(bv),
+            }
+        )
+    return rows
+
+
+def families(
+    store: Store,
+    *,
+    model: str,
+    step: int,
+    threshold: float | None = None,
+    control: str = "none",
+    run: int | None = None,
+) -> tuple[Rows, Rows, list[str]]:
+    """Universal neurons of MODEL@STEP (each set's widest run, or `run`) with their family, the family counts per
+    layer, and the rule lines (thresholds as recorded with each set)."""
+    check_threshold(threshold)
+    explained = _explained_sets(store, model, step)
+    if not explained:
+        raise ActdbError(f"{model}@{step} has no explanations; build them with `actdb examples {model}@{step}`")
+    u, e = v_universality, v_neuron_explanations
+    newest = newest_runs(control, run)
+    joined = (
+        select(
+            u.c.model,
+            u.c.step,
+            u.c.layer,
+            u.c.neuron,
+            e.c.family,
+            u.c.excess_corr,
+            u.c.stability,
+            e.c.token_r2,
+            e.c.position_r2,
+            e.c.top_token,
+            e.c.vocab_skew,
+            e.c.vocab_kurtosis,
+            (u.c.threshold if threshold is None else literal(threshold, Float)).label("threshold"),
+            u.c.excess_draws,
+        )
+        .join(newest, on_newest(u, newest))
+        .join(e, (e.c.set_id == u.c.set_id) & (e.c.layer == u.c.layer) & (e.c.neuron == u.c.neuron))
+        .where(u.c.model == model, u.c.step == step, universal_condition(threshold))
+        .order_by(u.c.layer, u.c.neuron)
+    )
+    rows = []
+    for r in store.query(joined):
+        row = dict(r)
+        draws = row.pop("excess_draws")
+        if threshold is not None:
+            row["stability"] = stability_at(draws, threshold)
+        rows.append(row)
+    if not rows and not store.query(select(u.c.run_id).join(newest, on_newest(u, newest)).limit(1)):
+        raise ActdbError(f"no universality results for {model}@{step}; run `actdb correlate` first")
+    by_layer: dict[int, dict[str, int]] = {}
+    for row in rows:
+        layer = by_layer.setdefault(row["layer"], dict.fromkeys(FAMILIES, 0))
+        layer[row["family"]] += 1
+    counts = Rows(
+        ["layer", *FAMILIES, "universal"],
+        [{"layer": k, **v, "universal": sum(v.values())} for k, v in sorted(by_layer.items())],
+    )
+    rules = sorted(
+        {
+            f"{dataset}: {family_rule(ex.token_min_r2, ex.position_min_r2, ex.vocab_kurtosis_min, ex.vocab_skew_min)}"
+            for ex, _p, dataset, _d in explained
+        }
+    )
+    return Rows(list(FAMILY_COLUMNS), rows), counts, rules

@@ -1,0 +1,205 @@
+"""What a neuron does, through the store: examples streamed during ingest and rebuilt from the file, token and
+position fractions, vocabulary statistics, decoded contexts in `actdb neuron`, and families by their rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from actdb.compute.vocabulary import vocabulary_statistics
+from actdb.store.activation_file import ActivationReader
+from actdb.store.config import StoreConfig
+from actdb.store.database import Store
+from actdb.store.explanation_file import explanation_path, read_explanation_group, unpack_strings
+from actdb.store.model_loading import load_model
+from actdb.store.schema import NeuronExplanation, SetExplanation
+from actdb.store.token_datasets import load_tokenizer
+from actdb.store.token_file import TokenDataset
+from tests.conftest import cli_runner
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
+    from actdb.store.zoo import save_tiny_model
+
+    root = tmp_path_factory.mktemp("explained")
+    a = root / "a"
+    shutil.copytree(tiny_models["gpt2"], a)
+    b = save_tiny_model("gpt2", root / "b", tokenizer_dir, seed=7)
+    home, db = root / "store", f"sqlite:///{root}/store/actdb.sqlite"
+    run = cli_runner(home, db)
+    run("init")
+    run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 3000)
+    run("ingest", "a", "--step", 0, "--dataset", "d", "--source", a, "--quiet", "--top-k", 8)
+    run("ingest", "b", "--step", 0, "--dataset", "d", "--source", b, "--quiet", "--top-k", 0)
+    run("correlate", "--dataset", "d", "--step", 0, "--models", "a,b", "--baseline-draws", 2, "--quiet")
+    return home, db, run, {"a": a, "b": b}
+
+
+def _store(home, db) -> Store:
+    return Store.open(StoreConfig.resolve(home, db))
+
+
+def _exported(home, db, model):
+    store = _store(home, db)
+    path = next(home.glob(f"activations/{model}/**/*.h5"))
+    path = path if not path.name.endswith(".explain.h5") else next(
+        p for p in home.glob(f"activations/{model}/**/*.h5") if not p.name.endswith(".explain.h5")
+    )
+    tokens = TokenDataset.load(next(home.glob("datasets/*")))
+    with ActivationReader(path) as r:
+        data = np.stack(r.read_rows(0, r.header.n_tokens)).astype(np.float64)  # (layers, tokens, d)
+    store.close()
+    return path, data, tokens
+
+
+def test_streamed_examples_equal_an_argsort_of_the_stored_activations(explained):
+    home, db, _run, _src = explained
+    path, data, tokens = _exported(home, db, "a")
+    mask = tokens.mask.reshape(-1)
+    ex = read_explanation_group(explanation_path(path), "examples")
+    assert ex["values"].shape == (data.shape[0], data.shape[2], 8)
+    counted = np.flatnonzero(mask)
+    for layer in range(data.shape[0]):
+        x = data[layer][counted]  # (counted, d)
+        order = np.argsort(-x, axis=0, kind="stable")[:8]
+        expected = np.take_along_axis(x, order, axis=0).T  # (d, 8)
+        np.testing.assert_array_equal(ex["values"][layer].astype(np.float64), expected)
+        # each reported position is counted and holds the reported value (ties may swap equal values)
+        got = ex["positions"][layer]
+        assert mask[got].all()
+        np.testing.assert_array_equal(data[layer][got, np.arange(data.shape[2])[:, None]], expected)
+
+
+def test_examples_rebuilt_from_the_file_equal_the_streamed_ones_and_fractions_equal_a_groupby(explained):
+    home, db, run, _src = explained
+    path, data, tokens = _exported(home, db, "a")
+    streamed = read_explanation_group(explanation_path(path), "examples")
+    r = run("examples", "a@0", "--quiet")
+    assert "already explained" in r.stdout
+    run("examples", "a@0", "--top-k", 8, "--force", "--quiet")
+    rebuilt = read_explanation_group(explanation_path(path), "examples")
+    np.testing.assert_array_equal(rebuilt["values"], streamed["values"])
+    mask = tokens.mask.reshape(-1)
+    counted = np.flatnonzero(mask)
+    ids = tokens.tokens.reshape(-1)[counted]
+    pos = counted % tokens.seq_len
+    store = _store(home, db)
+    with store.session() as s:
+        rows = {(e.layer, e.neuron): e for e in s.scalars(select(NeuronExplanation))}
+    store.close()
+    for layer in range(data.shape[0]):
+        x = data[layer][counted]
+        total = ((x - x.mean(axis=0)) ** 2).sum(axis=0)
+        for groups, column in ((ids, "token_r2"), (pos, "position_r2")):
+            _u, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+            sums = np.zeros((len(counts), x.shape[1]))
+            np.add.at(sums, inv, x)
+            between = (sums**2 / counts[:, None]).sum(axis=0) - x.sum(axis=0) ** 2 / len(x)
+            for n in range(0, x.shape[1], 17):
+                got = getattr(rows[(layer, n)], column)
+                if total[n] > 0:
+                    assert got == pytest.approx(between[n] / total[n], abs=1e-9)
+
+
+def test_set_without_streamed_examples_is_explained_on_demand_with_vocabulary_from_its_weights(explained):
+    home, db, run, src = explained
+    store = _store(home, db)
+    with store.session() as s:
+        assert s.scalar(select(SetExplanation).where(SetExplanation.set_id == 2)) is None  # b ingested --top-k 0
+    run("examples", "b@0", "--quiet")
+    stats = vocabulary_statistics(load_model(str(src["b"]), None, "cpu"))
+    with store.session() as s:
+        rows = s.scalars(select(NeuronExplanation).where(NeuronExplanation.set_id == 2)).all()
+    store.close()
+    assert len(rows) == stats.mean.size
+    for e in rows[::23]:
+        assert e.vocab_kurtosis == pytest.approx(stats.kurtosis[e.layer, e.neuron], rel=1e-9)
+        assert e.vocab_skew == pytest.approx(stats.skew[e.layer, e.neuron], rel=1e-9)
+        assert (e.vocab_label or "") == stats.labels()[e.layer, e.neuron]
+
+
+def test_neuron_shows_decoded_contexts_with_the_maximum_marked(explained, tokenizer_dir):
+    home, db, run, _src = explained
+    path, data, tokens = _exported(home, db, "a")
+    doc = json.loads(run("neuron", "a@0", "1.5", "--examples", 3, "--format", "json").stdout)
+    examples = doc["examples"]
+    assert len(examples) == 3
+    ex = read_explanation_group(explanation_path(path), "examples")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    for rank, e in enumerate(examples):
+        flat = e["sequence"] * tokens.seq_len + e["position"]
+        assert flat == ex["positions"][1, 5, rank]
+        assert e["activation"] == pytest.approx(float(data[1, flat, 5]))
+        assert e["token"] == tokenizer.decode([int(tokens.tokens[e["sequence"], e["position"]])])
+        assert "«" + e["token"].replace("\n", "⏎").replace("\t", "⇥") + "»" in e["context"]
+    assert doc["explanation"][0]["token_r2"] is not None
+    assert len(doc["top_tokens"]) > 0 and len(doc["vocabulary"]) == 10
+    table = run("neuron", "a@0", "1.5").stdout
+    assert "examples of a@0 1.5" in table and "«" in table
+    strings = unpack_strings(read_explanation_group(explanation_path(path), "strings"))
+    assert strings[:50] == [tokenizer.decode([i]) for i in range(50)]
+
+
+def test_families_follow_their_printed_rule_on_a_hand_made_case(explained):
+    home, db, run, _src = explained
+    store = _store(home, db)
+    e = NeuronExplanation
+    universal = json.loads(run("families", "a@0", "--threshold", 0, "--format", "json").stdout)["neurons"]
+    keys = [(r["layer"], r["neuron"]) for r in universal[:5]]
+    assert len(keys) == 5
+    cases = [  # (token_r2, position_r2, vocab_label) -> expected family
+        ((0.9, 0.8, "prediction"), "token"),
+        ((0.1, 0.6, "prediction"), "position"),
+        ((0.1, 0.2, "prediction"), "prediction"),
+        ((0.1, 0.2, "suppression"), "suppression"),
+        ((0.49, 0.49, None), "unexplained"),
+    ]
+    hand = dict(zip(keys, cases, strict=True))
+    with store.session() as s:
+        for (layer, n), ((tr, pr, label), _fam) in hand.items():
+            s.execute(
+                update(e)
+                .where(e.set_id == 1, e.layer == layer, e.neuron == n)
+                .values(token_r2=tr, position_r2=pr, vocab_label=label)
+            )
+    store.close()
+    doc = json.loads(run("families", "a@0", "--threshold", 0, "--format", "json").stdout)
+    assert doc["rules"] == [
+        "d: token if token_r2 >= 0.5; position if position_r2 >= 0.5; prediction if vocab excess kurtosis > 7 and "
+        "skew > 0; suppression if that kurtosis and skew < 0; else unexplained"
+    ]
+    got = {(r["layer"], r["neuron"]): r["family"] for r in doc["neurons"]}
+    assert {key: got[key] for key in hand} == {key: family for key, (_values, family) in hand.items()}
+    for r in doc["neurons"]:  # every row follows the rule from its own values
+        expect = (
+            "token"
+            if (r["token_r2"] or 0) >= 0.5
+            else "position"
+            if (r["position_r2"] or 0) >= 0.5
+            else r["family"]
+            if r["family"] in ("prediction", "suppression")
+            else "unexplained"
+        )
+        assert r["family"] == expect
+    layers = {row["layer"]: row for row in doc["by_layer"]}
+    assert sum(v["universal"] for v in layers.values()) == len(doc["neurons"])
+    table = run("families", "a@0", "--threshold", 0).stdout
+    assert table.startswith("rule (d: token if") and "per layer" in table
+
+
+def test_explanations_refuse_bad_input_in_one_line(explained):
+    home, db, run, _src = explained
+    for args, needle in (
+        (("examples", "nosuch@0"), "unknown model"),
+        (("examples", "a@0", "--top-k", 0), "0"),
+        (("families", "a@0", "--threshold", 2), "threshold"),
+        (("neuron", "a@0", "9.0"), "does not exist"),
+    ):
+        r = run(*args, ok=False)
+        assert r.exit_code != 0 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1

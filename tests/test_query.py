@@ -23,6 +23,8 @@ VIEWS = [
     "v_ablation_summary",
     "v_neuron_history",
     "v_similarity",
+    "v_neuron_explanations",
+    "v_neuron_families",
 ]
 
 
@@ -116,6 +118,18 @@ def test_views_return_the_same_rows_on_sqlite_and_postgresql(lite, pg):
                     assert float(x) == pytest.approx(float(y), abs=1e-6), view
                 else:
                     assert x == y, view
+
+
+def test_view_tables_in_code_match_the_views_in_the_database(lite, pg):
+    from actdb.store.views import VIEWS as CODE_VIEWS
+
+    for url in (lite[1], pg[1]):
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            for table in CODE_VIEWS.tables.values():
+                result = conn.execute(text(f"SELECT * FROM {table.name} WHERE 1 = 0"))
+                assert list(result.keys()) == [c.name for c in table.columns], (url.split(":")[0], table.name)
+        engine.dispose()
 
 
 def test_universal_listing_formats(lite):

@@ -4,6 +4,7 @@
 >>> db = actdb.open(home="actdb-demo")
 >>> db.universal(model="seed1", step=800).head()        # a pandas DataFrame
 >>> acts = db.activations("seed1@800", layer=1, neurons=[17, 5], tokens="0:1000")
+>>> db.examples("seed1@800", "1.17").head()               # its max-activating contexts
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy import select
 
 from actdb.query import queries
+from actdb.query.explanations import families, neuron_explanation
 from actdb.query.listings import status_rows
 from actdb.query.sql_console import run_readonly
 from actdb.store.activation_file import ActivationReader
@@ -25,6 +28,7 @@ from actdb.store.errors import ActdbError
 from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, parse_token_range
 from actdb.store.registry import complete_set
 from actdb.store.token_file import TokenDataset
+from actdb.store.views import v_neuron_explanations
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -159,6 +163,40 @@ class ActdbStore:
         layer, index = parse_neuron(neuron)
         story = queries.neuron_story(self.store, ref.model, ref.step, layer, index)
         return {k: frame(rows) for k, rows in story.items()}
+
+    def examples(self, target: str, neuron: str, n: int = 32) -> pd.DataFrame:
+        """The neuron's max-activating examples: activation, sequence, position, token, and the context around
+        it (`context` marks the maximum with «»; `before`/`after` are the raw text on each side)."""
+        ref = parse_set_ref(target)
+        layer, index = parse_neuron(neuron)
+        return frame(neuron_explanation(self.store, ref.model, ref.step, layer, index, n, pieces=True)["examples"])
+
+    def explanation(self, target: str, neuron: str) -> dict[str, pd.DataFrame]:
+        """What the neuron does: `explanation` (variance fractions with their chance levels, vocabulary moments,
+        label, family), `examples`, `top_tokens` and `vocabulary` (top and bottom tokens of W_U w_out)."""
+        ref = parse_set_ref(target)
+        layer, index = parse_neuron(neuron)
+        story = neuron_explanation(self.store, ref.model, ref.step, layer, index, 32, pieces=True)
+        return {k: frame(rows) for k, rows in story.items()}
+
+    def explanations(self, model: str | None = None, step: int | None = None) -> pd.DataFrame:
+        """Every explained neuron (`v_neuron_explanations`): token/position fractions, top token, vocabulary
+        moments and label, family by its set's recorded thresholds."""
+        e = v_neuron_explanations
+        query = select(e)
+        if model is not None:
+            query = query.where(e.c.model == model)
+        if step is not None:
+            query = query.where(e.c.step == step)
+        return frame(self.store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.layer, e.c.neuron)))
+
+    def families(self, target: str, threshold: float | None = None, control: str = "none") -> pd.DataFrame:
+        """Universal neurons of MODEL@STEP with their family (see `actdb families`)."""
+        ref = parse_set_ref(target)
+        rows, _counts, _rules = families(
+            self.store, model=ref.model, step=ref.step, threshold=threshold, control=control
+        )
+        return frame(rows)
 
     def persistence(
         self, model: str | None = None, control: str | None = None, threshold: float | None = None

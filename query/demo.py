@@ -1,9 +1,9 @@
 """`actdb demo`: the whole universal-neurons study on a local zoo of tiny GPT-2 seeds, end to end.
 
-zoo (train or reuse) -> dataset -> ingest every seed x step -> correlate each step (rotation baseline, and the
-token control) -> persistence -> ablation of universal neurons against matched random controls -> similarity of
-every (seed, step) pair, by representation and by function -> summary tables -> HTML report. Every stage is
-idempotent, so an interrupted demo continues where it stopped.
+zoo (train or reuse) -> dataset -> ingest every seed x step (with examples and explanations) -> correlate each step
+(rotation baseline, and the token control) -> persistence -> families of universal neurons -> ablation of universal
+neurons against matched random controls -> similarity of every (seed, step) pair, by representation and by
+function -> summary tables -> HTML report. Every stage is idempotent, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ from sqlalchemy import select
 
 from actdb.compute.ablation_run import AblationRequest, run_ablation
 from actdb.compute.correlation_run import CorrelationRequest, correlate
+from actdb.compute.explanations import ingest_and_explain
 from actdb.compute.function_similarity import FunctionRequest, function_similarity
 from actdb.compute.persistence import PersistenceRequest, compute_persistence
 from actdb.compute.predictions import PredictionRequest, compute_predictions
 from actdb.query import queries
+from actdb.query.explanations import families, neuron_explanation
 from actdb.query.output import render
 from actdb.query.report import build_report
 from actdb.store.database import Rows, Store
 from actdb.store.dataset_registry import add_dataset
 from actdb.store.errors import ActdbError
-from actdb.store.ingest import IngestRequest, ingest
+from actdb.store.ingest import IngestRequest
 from actdb.store.refs import SetRef
 from actdb.store.schema import Dataset
 from actdb.store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
@@ -83,10 +85,10 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     for k, model in enumerate(models):
         source = str(checkpoint_dir(zoo, k, 0).parent / "step-{step}")
         for step in steps:
-            ingest(
+            ingest_and_explain(
                 store,
                 IngestRequest(model=model, step=step, dataset=DATASET, source=source, batch_size=16, progress=False),
-                log=indent,
+                log=lambda m: indent(m) if "explained" not in m else None,
             )
     stage("correlate: every step, rotation baseline and token control")
     for step in steps:
@@ -106,6 +108,8 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
             PersistenceRequest(model=model, dataset=DATASET, steps=steps, threshold=req.threshold, progress=False),
             log=lambda _m: None,
         )
+    stage(f"explain: what the universal neurons of seed0@{steps[-1]} do (examples, tokens, vocabulary, families)")
+    _explain(store, "seed0", steps[-1], req.threshold, echo)
     stage(f"ablation: universal neurons of seed0@{steps[-1]} against {req.controls} matched random sets")
     _ablate(store, f"seed0@{steps[-1]}", req, indent)
     stage(f"similarity: all {len(models) * len(steps)} sets in one pass, and their predictions")
@@ -124,7 +128,7 @@ def _stages(echo: Callable[[str], None]) -> Callable[[str], None]:
 
     def stage(text: str) -> None:
         counter[0] += 1
-        echo(f"[{counter[0]}/8 +{time.perf_counter() - started:.0f}s] {text}")
+        echo(f"[{counter[0]}/9 +{time.perf_counter() - started:.0f}s] {text}")
 
     return stage
 
@@ -167,6 +171,23 @@ def _similarity_summary(store: Store, models: list[str], steps: list[int], echo:
         rows.append(row)
     echo("\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs) ==")
     echo(render(Rows(["pairs", "n", *metrics], rows)))
+
+
+def _explain(store: Store, model: str, step: int, threshold: float, echo: Callable[[str], None]) -> None:
+    """Families of the universal neurons per layer (with their rule), then the most universal neuron's top
+    contexts and tokens: what a researcher would look at next."""
+    rows, counts, rules = families(store, model=model, step=step, threshold=threshold)
+    for rule in rules:
+        echo(f"  families by rule ({rule})")
+    echo(render(counts))
+    if not rows:
+        return
+    best = max(rows, key=lambda r: r["excess_corr"])
+    layer, neuron = best["layer"], best["neuron"]
+    story = neuron_explanation(store, model, step, layer, neuron, examples=3)
+    echo(f"\n  {model}@{step} {layer}.{neuron} (excess corr {best['excess_corr']:.3f}, family {best['family']}):")
+    echo(render(Rows(["rank", "activation", "context"], story["examples"])))
+    echo(render(Rows(["rank", "token", "mean_activation", "count"], list(story["top_tokens"])[:5])))
 
 
 def _ablate(store: Store, target: str, req: DemoRequest, echo: Callable[[str], None]) -> None:

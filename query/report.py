@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from actdb.query import queries
+from actdb.query.neuron_pages import family_counts, universal_table
 from actdb.query.output import render
 from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
@@ -158,31 +159,6 @@ def _ablation_label(r: dict) -> str:
     return label
 
 
-def _top_universal(store: Store, threshold: float | None) -> str:
-    """The most universal neurons with their stability over baseline draws, as a table."""
-    try:
-        rows = queries.universal_neurons(store, threshold=threshold, limit=25)
-    except ActdbError:
-        return ""
-    keep = [
-        "model",
-        "step",
-        "layer",
-        "neuron",
-        "threshold",
-        "excess_corr",
-        "stability",
-        "z",
-        "mean_max_corr",
-        "mean_baseline",
-        "baseline_sd",
-        "n_draws",
-        "act_kurtosis",
-        "act_frac_active",
-    ]
-    return render(Rows(keep, rows), "table")
-
-
 SIMILARITY_METRICS = (
     ("excess_corr", "max-corr − rotation baseline"),
     ("matched_corr", "one-to-one matched corr"),
@@ -271,12 +247,17 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             _excess_histogram(store, out, control),
             missing="no correlation run yet",
         )
-    top = _top_universal(store, threshold)
+    top = universal_table(store, out, threshold)
     if top:
         sections.append(
             "<h2>Most universal neurons (none control)</h2><p>stability: share of baseline draws in which the neuron "
-            f"is universal at the same threshold</p><pre>{html.escape(top)}</pre>"
+            f"is universal at the same threshold; each neuron links to its page</p>{top}"
         )
+    counts = family_counts(store, threshold)
+    if counts:
+        sections.append(f"<h2>Neuron families of universal neurons, per layer</h2><pre>{html.escape(counts)}</pre>")
+    else:
+        section("Neuron families", None, missing="no explanations yet: `actdb examples MODEL@STEP`")
     img, table = _persistence_heatmap(store, out, threshold)
     flag = "" if threshold is None else f" --threshold {threshold}"
     section("Persistence across checkpoints", img, table, f"no persistence yet: `actdb persistence --model M{flag}`")

@@ -203,3 +203,39 @@ def test_explanations_refuse_bad_input_in_one_line(explained):
         r = run(*args, ok=False)
         assert r.exit_code != 0 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_api_returns_examples_explanations_and_families_as_frames(explained):
+    import actdb
+
+    home, db, _run, _src = explained
+    api = actdb.open(home=home, db=db)
+    try:
+        ex = api.examples("a@0", "1.5", n=4)
+        assert list(ex["rank"]) == [1, 2, 3, 4] and (ex["activation"].diff().dropna() <= 0).all()
+        parts = api.explanation("a@0", "1.5")
+        assert set(parts) == {"explanation", "examples", "top_tokens", "vocabulary"}
+        every = api.explanations(model="a", step=0)
+        assert len(every) == 2 * 128 and {"token_r2", "vocab_kurtosis", "family"} <= set(every.columns)
+        assert set(api.families("a@0", threshold=0.0)["family"]) <= {
+            "token",
+            "position",
+            "prediction",
+            "suppression",
+            "unexplained",
+        }
+    finally:
+        api.close()
+
+
+def test_report_links_each_universal_neuron_to_its_page(explained, tmp_path):
+    home, db, run, _src = explained
+    run("report", "--out", tmp_path / "rep", "--threshold", 0)
+    index = (tmp_path / "rep" / "index.html").read_text()
+    pages = sorted((tmp_path / "rep" / "neurons").glob("*.html"))
+    assert pages and all(f'href="neurons/{p.name}"' in index for p in pages)
+    assert "Neuron families of universal neurons, per layer" in index and "unexplained" in index
+    page = pages[0].read_text()
+    for heading in ("Max-activating contexts", "Tokens with the highest mean activation", "Vocabulary", "across steps"):
+        assert heading in page
+    assert "<mark>" in page

@@ -1,0 +1,122 @@
+"""Report pages of universal neurons: the universal table linked to one page per neuron (its contexts with the
+maximum highlighted, token table, vocabulary extremes, excess across steps, matches in other seeds), and the
+family counts per layer."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from actdb.query import queries
+from actdb.query.explanations import families, neuron_explanation
+from actdb.query.output import render
+from actdb.store.config import file_name_of
+from actdb.store.database import Rows, Store
+from actdb.store.errors import ActdbError
+
+TABLE_COLUMNS = ("model", "step", "layer", "neuron", "excess_corr", "stability", "z", "mean_max_corr", "mean_baseline")
+STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;font-size:12px}
+td,th{border-bottom:1px solid #ddd;padding:2px 6px;text-align:right}td.text{text-align:left;font-family:monospace;
+white-space:pre}mark{background:#fd4;font-weight:bold}"""
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def html_table(rows: Rows, text_columns: tuple[str, ...] = (), links: dict[int, str] | None = None) -> str:
+    """Rows as an HTML table; `links` maps a row index to the page its first cell links to."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows.columns)
+    body = []
+    for i, r in enumerate(rows):
+        cells = []
+        for j, c in enumerate(rows.columns):
+            text = html.escape(_cell(r[c]))
+            if j == 0 and links and i in links:
+                text = f'<a href="{html.escape(links[i])}">{text}</a>'
+            cls = ' class="text"' if c in text_columns else ""
+            cells.append(f"<td{cls}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def page_name(model: str, step: int, layer: int, neuron: int) -> str:
+    return f"neurons/{file_name_of(model)}@{step}-{layer}.{neuron}.html"
+
+
+def universal_table(store: Store, out: Path, threshold: float | None, limit: int = 25) -> str:
+    """The most universal neurons as an HTML table, each linked to its page (written into `out/neurons`)."""
+    try:
+        rows = queries.universal_neurons(store, threshold=threshold, limit=limit)
+    except ActdbError:
+        return ""
+    (out / "neurons").mkdir(exist_ok=True)
+    links = {}
+    for i, r in enumerate(rows):
+        name = page_name(r["model"], r["step"], r["layer"], r["neuron"])
+        (out / name).write_text(_neuron_page(store, r))
+        links[i] = name
+    return html_table(Rows(list(TABLE_COLUMNS), rows), links=links)
+
+
+def _contexts(rows: Rows) -> str:
+    items = []
+    for r in rows:
+        text = (
+            html.escape(r["before"]) + "<mark>" + html.escape(r["token"]) + "</mark>" + html.escape(r["after"])
+        ).replace("\n", "⏎")
+        items.append(f"<tr><td>{r['rank']}</td><td>{r['activation']:.4g}</td><td class=text>{text}</td></tr>")
+    return "<table><tr><th>rank</th><th>activation</th><th>context</th></tr>" + "".join(items) + "</table>"
+
+
+def _neuron_page(store: Store, row: dict) -> str:
+    model, step, layer, neuron = row["model"], row["step"], row["layer"], row["neuron"]
+    title = f"{model}@{step} neuron {layer}.{neuron}"
+    parts = [
+        f"<h1>{html.escape(title)}</h1><p><a href='../index.html'>report</a> · excess corr "
+        f"{row['excess_corr']:.4f}, stability {_cell(row['stability'])} (threshold {_cell(row['threshold'])})</p>"
+    ]
+    explained = neuron_explanation(store, model, step, layer, neuron, examples=20, pieces=True)
+    if explained["explanation"]:
+        parts.append("<h2>Explanation</h2>" + html_table(explained["explanation"]))
+        parts.append("<h2>Max-activating contexts</h2>" + _contexts(explained["examples"]))
+        parts.append(
+            "<h2>Tokens with the highest mean activation</h2>"
+            + html_table(explained["top_tokens"], text_columns=("token",))
+        )
+        if explained["vocabulary"]:
+            parts.append(
+                "<h2>Vocabulary: tokens its output weights raise and lower (W_U w_out)</h2>"
+                + html_table(explained["vocabulary"], text_columns=("top_token", "bottom_token"))
+            )
+    else:
+        parts.append(f"<p>not explained yet: <code>actdb examples {html.escape(model)}@{step}</code></p>")
+    story = queries.neuron_story(store, model, step, layer, neuron)
+    parts.append("<h2>Excess correlation across steps</h2>" + html_table(story["history"]))
+    parts.append("<h2>Best matches in other sets</h2>" + html_table(story["matches"]))
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
+
+
+def family_counts(store: Store, threshold: float | None) -> str:
+    """Family counts per layer of every explained (model, step) with universal neurons, and the rules used."""
+    try:
+        rows = queries.universal_neurons(store, threshold=threshold)
+    except ActdbError:
+        return ""
+    out, rules = [], set()
+    for model, step in sorted({(r["model"], r["step"]) for r in rows}):
+        try:
+            _neurons, counts, rule = families(store, model=model, step=step, threshold=threshold)
+        except ActdbError:
+            continue
+        rules.update(rule)
+        out += [{"model": model, "step": step, **dict(c)} for c in counts]
+    if not out:
+        return ""
+    table = render(Rows(list(out[0]), out), "table")
+    return "\n".join(f"rule ({r})" for r in sorted(rules)) + "\n" + table

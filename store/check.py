@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from actdb.store.activation_file import ActivationReader
 from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
+from actdb.store.explanation_file import check_explanation_file
 from actdb.store.prediction_file import read_predictions
-from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, PredictionSet
+from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, PredictionSet, SetExplanation
 from actdb.store.token_file import TokenDataset
 
 READ_ROWS = 16384
@@ -74,6 +75,17 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
                 .order_by(PredictionSet.id)
             )
         }
+        explanations = [
+            (f"{m.name}@{c.step} on {d.name}", x.path, m.n_layers, m.d_mlp)
+            for x, c, m, d in s.execute(
+                select(SetExplanation, Checkpoint, Model, Dataset)
+                .join(ActivationSet, ActivationSet.id == SetExplanation.set_id)
+                .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+                .join(Model, Model.id == Checkpoint.model_id)
+                .join(Dataset, Dataset.id == ActivationSet.dataset_id)
+                .order_by(Model.name, Checkpoint.step, Dataset.name)
+            )
+        ]
     for name, path, sha in datasets:
         problem = _check_tokens(store, path, sha)
         if problem:
@@ -88,9 +100,15 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
         problem = _check_predictions(store, path, n_tokens)
         if problem:
             problems.append({"kind": "predictions", "name": name, "path": path, "problem": problem})
+    for name, path, n_layers, d_mlp in explanations:
+        if quick:
+            found = [] if store.config.file(path).exists() else [f"explanation file {path} does not exist"]
+        else:
+            found = check_explanation_file(store.config.file(path), n_layers, d_mlp)
+        problems += [{"kind": "explanations", "name": name, "path": path, "problem": p} for p in found]
     log(
-        f"checked {len(datasets)} token files, {len(sets)} activation sets and {len(predictions)} prediction files"
-        + (" (quick)" if quick else "")
+        f"checked {len(datasets)} token files, {len(sets)} activation sets, {len(predictions)} prediction files and "
+        f"{len(explanations)} explanation files" + (" (quick)" if quick else "")
     )
     return Rows(["kind", "name", "path", "problem"], problems)
 

@@ -21,6 +21,7 @@ from actdb.store.errors import ActdbError
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "actdb_complete"
 SUFFIX = ".explain.h5"
+SHARED_GROUPS = ("strings",)  # groups that are not one row per neuron (the token texts)
 
 
 def explanation_path(activation_path: str | os.PathLike) -> Path:
@@ -161,7 +162,7 @@ def read_neuron(path: str | os.PathLike, layer: int, neuron: int) -> dict[str, d
 
 def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None, d_mlp: int | None = None) -> list[str]:
     """Problems with a sidecar, one line each (none when intact): every dataset is read through its checksum,
-    and with `n_layers` / `d_mlp` each array must start with those dimensions (one row per neuron)."""
+    and with `n_layers` / `d_mlp` each per-neuron array must start with those dimensions (one row per neuron)."""
     path = Path(path)
     try:
         f = _open(path)
@@ -178,6 +179,8 @@ def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None,
                     ds[()]
                 except OSError as exc:
                     problems.append(f"{group}/{name}: checksum or read error ({_one_line(exc)})")
+                    continue
+                if group in SHARED_GROUPS:
                     continue
                 for axis, (what, want) in enumerate((("layers", n_layers), ("neurons", d_mlp))):
                     if want is not None and (ds.ndim <= axis or ds.shape[axis] != want):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 from sqlalchemy import select, update
@@ -239,3 +240,23 @@ def test_report_links_each_universal_neuron_to_its_page(explained, tmp_path):
     for heading in ("Max-activating contexts", "Tokens with the highest mean activation", "Vocabulary", "across steps"):
         assert heading in page
     assert "<mark>" in page
+
+
+def test_check_reads_explanation_files_through_their_checksums(explained, tmp_path):
+    home, db, run, _src = explained
+    r = run("check", ok=False)
+    assert "explanation files" in r.stderr and r.exit_code == 0, r.stdout
+    path, _data, _tokens = _exported(home, db, "a")
+    target = explanation_path(path)
+    saved = target.read_bytes()
+    try:
+        with h5py.File(target, "r") as f:
+            offset = f["examples/values"].id.get_offset() or f["examples/values"].id.get_chunk_info(0).byte_offset
+        raw = bytearray(saved)
+        raw[offset + 5] ^= 0xFF
+        target.write_bytes(bytes(raw))
+        r = run("check", "--format", "json", ok=False)
+        problems = json.loads(r.stdout)
+        assert r.exit_code == 1 and any(p["kind"] == "explanations" for p in problems)
+    finally:
+        target.write_bytes(saved)

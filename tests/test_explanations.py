@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from actdb.compute.token_explanations import TokenExplanations, block_neurons, explain_tokens
-from actdb.store.top_activations import TopKTracker, top_activations_from_file
 from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 from actdb.store.errors import ActdbError
 from actdb.store.explanation_file import (
@@ -20,6 +19,7 @@ from actdb.store.explanation_file import (
     read_explanation_group,
     write_explanations,
 )
+from actdb.store.top_activations import TopKTracker, top_activations_from_file
 
 N_SEQ, SEQ_LEN, LAYERS, D = 40, 64, 2, 200  # 2560 positions; 200 neurons: two storage chunks, one partial
 K = 8

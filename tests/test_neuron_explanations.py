@@ -47,10 +47,7 @@ def _store(home, db) -> Store:
 
 def _exported(home, db, model):
     store = _store(home, db)
-    path = next(home.glob(f"activations/{model}/**/*.h5"))
-    path = path if not path.name.endswith(".explain.h5") else next(
-        p for p in home.glob(f"activations/{model}/**/*.h5") if not p.name.endswith(".explain.h5")
-    )
+    path = next(p for p in home.glob(f"activations/{model}/**/*.h5") if not p.name.endswith(".explain.h5"))
     tokens = TokenDataset.load(next(home.glob("datasets/*")))
     with ActivationReader(path) as r:
         data = np.stack(r.read_rows(0, r.header.n_tokens)).astype(np.float64)  # (layers, tokens, d)

@@ -85,7 +85,24 @@ INSERT_BATCH = 20000
 
 
 def insert_rows(session: Session, table: type, rows: list[dict]) -> None:
-    """Bulk-insert dict rows in batches (executemany), fast enough for ~10^6 rows per run at paper scale."""
+    """Bulk-insert dict rows (all with the same keys) in the session's transaction, by each backend's fast path:
+    COPY on PostgreSQL, the driver's own executemany on SQLite (SQLAlchemy's per-row processing cost more than
+    the database's work: 0.3 s of a 0.8 s correlation on the demo)."""
+    if not rows:
+        return
+    conn = session.connection()
+    name, columns = table.__table__.name, list(rows[0])
+    listed = ", ".join(f'"{c}"' for c in columns)
+    raw = conn.connection.driver_connection
+    if conn.dialect.name == "postgresql":
+        with raw.cursor() as cur, cur.copy(f'COPY "{name}" ({listed}) FROM STDIN') as copy:
+            for r in rows:
+                copy.write_row([r[c] for c in columns])
+        return
+    if conn.dialect.name == "sqlite":
+        marks = ", ".join("?" for _ in columns)
+        raw.executemany(f'INSERT INTO "{name}" ({listed}) VALUES ({marks})', ([r[c] for c in columns] for r in rows))
+        return
     for begin in range(0, len(rows), INSERT_BATCH):
         session.execute(insert(table), rows[begin : begin + INSERT_BATCH])
 

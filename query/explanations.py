@@ -68,6 +68,11 @@ def _display(text: str) -> str:
     return text.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
 
 
+def _quoted(text: str) -> str:
+    """A token alone, quoted so its leading and trailing spaces show."""
+    return "'" + _display(text) + "'"
+
+
 def neuron_explanation(
     store: Store, model: str, step: int, layer: int, neuron: int, examples: int = 5, pieces: bool = False
 ) -> dict[str, Rows]:
@@ -144,7 +149,7 @@ def _top_tokens(tok: dict, texts: list[str], dataset: str) -> list[dict]:
     for rank, (tid, mean, count) in enumerate(zip(tok["top_ids"], tok["top_means"], tok["top_counts"], strict=True)):
         if tid < 0:
             break
-        token = _display(_text(texts, int(tid)))
+        token = _quoted(_text(texts, int(tid)))
         rows.append(
             {"dataset": dataset, "rank": rank + 1, "token_id": int(tid), "token": token, "mean_activation": float(mean)}
             | {"count": int(count)}
@@ -160,9 +165,9 @@ def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
             {
                 "dataset": dataset,
                 "rank": rank + 1,
-                "top_token": _display(_text(texts, int(ti))),
+                "top_token": _quoted(_text(texts, int(ti))),
                 "top_value": float(tv),
-                "bottom_token": _display(_text(texts, int(bi))),
+                "bottom_token": _quoted(_text(texts, int(bi))),
                 "bottom_value": float(bv),
             }
         )

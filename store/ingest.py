@@ -434,14 +434,25 @@ class _IngestRun:
         self.seq_len = tokens.seq_len
         self.rows_per_batch = req.batch_size * self.seq_len
 
-    def _fold(self, start_row: int, rows: list[np.ndarray]) -> None:
+    def _fold(self, start_row: int, rows: list[np.ndarray], moments: bool = True) -> None:
+        """Fold written rows into the statistics (unless the forward device already did) and the top-K."""
+        if not moments and self.tracker is None:
+            return
         mask = self.tokens.mask.reshape(-1)[start_row : start_row + rows[0].shape[0]]
         positions = start_row + np.flatnonzero(mask) if self.tracker is not None else None
-        for layer, (moments, block) in enumerate(zip(self.moments, rows, strict=True)):
+        for layer, (stats, block) in enumerate(zip(self.moments, rows, strict=True)):
             counted = block[mask]
-            moments.update(counted)
+            if moments:
+                stats.update(counted)
             if self.tracker is not None:
                 self.tracker.update(layer, counted, positions)
+
+    def _fold_on_device(self, start_row: int, halves: list[torch.Tensor]) -> None:
+        """Statistics of a batch where the forward pass ran (a GPU): only per-neuron sums reach the host."""
+        mask = self.tokens.mask.reshape(-1)[start_row : start_row + halves[0].shape[0]]
+        keep = torch.from_numpy(mask).to(halves[0].device)
+        for stats, half in zip(self.moments, halves, strict=True):
+            stats.update(half[keep])
 
     def execute(self, committed: int) -> int:
         """Write every remaining batch; returns the row the run resumed from (0 for a fresh start)."""
@@ -474,6 +485,7 @@ class _IngestRun:
 
     def _forward_all(self, writer: ActivationWriter, start_row: int) -> None:
         n_rows = self.header.n_tokens
+        on_device = self.device.type != "cpu"  # a GPU computes the statistics; the writer thread only writes
         work: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         failure: list[BaseException] = []
         committed = [start_row]
@@ -484,7 +496,7 @@ class _IngestRun:
                 while (item := work.get()) is not None:
                     begin, rows = item
                     writer.write_rows(begin, rows)
-                    self._fold(begin, rows)
+                    self._fold(begin, rows, moments=not on_device)
                     end = begin + rows[0].shape[0]
                     if time.monotonic() - last_flush > FLUSH_SECONDS or end == n_rows:
                         writer.flush()
@@ -516,7 +528,10 @@ class _IngestRun:
                         break
                     ids = torch.from_numpy(flat[seq0 : seq0 + self.req.batch_size].astype(np.int64)).to(self.device)
                     base(input_ids=ids, use_cache=False)
-                    rows = [o.reshape(-1, o.shape[-1]).to(torch.float16).cpu().numpy() for o in rec.outputs]
+                    halves = [o.reshape(-1, o.shape[-1]).to(torch.float16) for o in rec.outputs]
+                    if on_device:
+                        self._fold_on_device(seq0 * self.seq_len, halves)
+                    rows = [h.cpu().numpy() for h in halves]
                     work.put((seq0 * self.seq_len, rows))
                     bar.update(rows[0].shape[0])
                     if time.monotonic() - last_report > FLUSH_SECONDS:

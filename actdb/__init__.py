@@ -9,16 +9,12 @@ checkpoints.
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from actdb.query.api import ActdbStore
 
-try:
-    __version__ = version("actdb")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+__version__ = "0.1.0"  # the package's version (pyproject reads it from here); no metadata lookup at start-up
 
 __all__ = ["__version__", "open"]
 

@@ -302,3 +302,34 @@ def test_report(lite, tmp_path):
         "similarity_contrast.png",
     ):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in page
+
+
+HEAVY = ("torch", "transformers", "cupy", "alembic", "scipy", "pandas", "matplotlib", "dask")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--version",),
+        ("--help",),
+        ("universal", "--limit", "1"),
+        ("runs",),
+        ("status",),
+        ("sql", "SELECT 1"),
+        ("neuron", "a@1", "0.1"),
+        ("families", "a@1"),
+    ],
+)
+def test_query_commands_import_no_heavy_machinery(lite, args):
+    """Query commands answer without importing torch, transformers, CuPy, Alembic, SciPy or pandas."""
+    import subprocess
+    import sys
+
+    home, db = lite
+    code = (
+        "import sys; from actdb.query.cli import _run; "
+        f"rc = _run({['--home', str(home), '--db', db, *args]!r}); "
+        f"print('RC', rc, sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().splitlines()[-1] == "RC 0 []", out[-500:]

@@ -16,17 +16,8 @@ DRAW_STREAM = 0x5EED_D4A3  # keeps the draw rotations' random stream apart from 
 
 def _haar(rng: np.random.Generator, d: int) -> np.ndarray:
     """Haar-distributed orthogonal `(d, d)` matrix: QR of a Gaussian with the signs of R's diagonal fixed."""
-    import torch
-
-    # LAPACK's QR through torch (MKL) on one thread: 20 ms for d = 512 where NumPy's took 25-95 ms and a
-    # multi-threaded one, next to the BLAS threads of the products around it, up to 360 ms
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        q, r = torch.linalg.qr(torch.from_numpy(rng.standard_normal((d, d))))
-    finally:
-        torch.set_num_threads(threads)
-    return q.numpy() * np.sign(np.diag(r.numpy()))
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
 
 
 def random_rotation(d: int, seed: int, key: int, layer: int) -> np.ndarray:

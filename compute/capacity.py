@@ -134,7 +134,7 @@ class Accelerator:
     name: str
     tf32: float  # TF32 tensor cores: the engine's products under --precision auto/tf32
     fp32: float  # plain float32: products under --precision float32, the baseline's products, a float32 forward
-    fp64: float  # FP64 tensor cores: the float64 products on the device (Cov R, the token control's)
+    fp64: float  # FP64 tensor cores: the token control's float64 products
     bf16: float  # BF16/FP16 tensor cores: a 16-bit forward pass
     memory: int
     source: str
@@ -161,11 +161,10 @@ class Rates:
     rates for the work the engine always does on the host."""
 
     products: float  # the device's pair products and Grams (float32; TF32 on CUDA under --precision auto/tf32)
-    baseline: float  # the device's float32 baseline products
-    float64: float  # the device's float64 products: Cov R for the rotated sd, the token control's
+    baseline: float  # the device's float32 products of the baseline phase (with covariances and rotations)
+    float64: float  # the device's float64 products: the token control's between-token part
     forward: float  # the ingest forward pass
-    host_float64: float  # R P_k, float64 on the host (NumPy) for every device
-    host_qr: float  # Haar rotations' QRs on the host (torch), counted as `qr_flops`
+    host_qr: float  # Haar rotations' QRs on the host (torch, one thread), counted as `qr_flops`
     stream: float  # bytes/s of stored activations the host reads, checks and converts to float32
     overlapped: bool = False  # reads run on a thread ahead of the products (the CuPy backend), not between them
     startup: float = 0.0  # seconds a correlation process spends before its first chunk (importing torch)
@@ -359,9 +358,9 @@ class CorrelationFlops:
     grams: int  # _accumulate_moments: X_l^T X_l per chunk, set and layer (float32 / TF32)
     sums: int  # _accumulate_moments: column sums as a product with a row of ones
     baseline: int  # per draw: Cov_ab R_b (_baseline_forward) and R_a^T Cov_ab (_baseline_backward), float32
-    rotation_sd: int  # _rotations, per pass, set, draw and layer: Cov R (float64) for the rotated neurons' sd
-    draw_products: int  # _rotations, per pass, set, draw > 0 and layer: R P_k (float64, on the host)
-    qr: int  # Haar QRs: each set's layers in every pass it takes part in, and P_k once per width and draw
+    rotation_sd: int  # _rotations, per pass, set, draw and layer: Cov R for the rotated neurons' sd, float32
+    draw_products: int  # _rotations, per pass, set, draw > 0 and layer: R P_k, float32
+    qr: int  # Haar QRs on the host: each set's layers in every pass it takes part in, P_k once per width and draw
     control: int = 0  # the token control: S_a^T diag(1/n_v) S_b per block and per set's layers (float64)
 
     @property
@@ -413,8 +412,8 @@ class StepTime:
     products: float  # the per-chunk products
     stream: float  # the host reading, checking and converting the chunks
     read: float  # storage reads at --read-speed (0 when not given)
-    baseline: float  # the device's baseline and float64 products
-    host: float  # R P_k and the QRs on the host
+    baseline: float  # the device's products of the baseline phase (and the token control's)
+    host: float  # the QRs on the host
     startup: float
     overlapped: bool
 
@@ -510,8 +509,9 @@ def plan_study(request: PlanRequest, rates: Rates | None = None, free_memory: in
         products=flops.accumulate / rates.products,
         stream=memory.read_bytes / rates.stream,
         read=memory.read_bytes / request.read_speed if request.read_speed else 0.0,
-        baseline=flops.baseline / rates.baseline + (flops.rotation_sd + flops.control) / rates.float64,
-        host=flops.draw_products / rates.host_float64 + flops.qr / rates.host_qr,
+        baseline=(flops.baseline + flops.rotation_sd + flops.draw_products) / rates.baseline
+        + (flops.control / rates.float64 if flops.control else 0.0),
+        host=flops.qr / rates.host_qr,
         startup=rates.startup,
         overlapped=rates.overlapped,
     )
@@ -563,8 +563,8 @@ def torch_gemm_rate(dtype: str = "float32", size: int = 4096, device: str = "cpu
 
 
 def numpy_gemm_rate(dtype: str, size: int) -> float:
-    """FLOP/s of a square NumPy product, how the engine's baseline (float32) and rotations (float64) multiply
-    on the host."""
+    """FLOP/s of a square NumPy product, how the engine's baseline phase (float32) and the token control
+    (float64) multiply on the CPU."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
     out = np.empty_like(a)
@@ -584,17 +584,15 @@ def _mean_seconds_after(run, before, repeats: int) -> float:
     return total / repeats
 
 
-def qr_rate(size: int, repeats: int = 4) -> float:
-    """`qr_flops`/s of the QR the baseline draws its Haar rotations with (`baseline._haar`: torch, float64), each
-    right after a NumPy product as in the engine. Measured alone it runs several times faster on a small machine:
-    NumPy's BLAS threads keep spinning after a product and take the cores from torch's."""
-    import torch
+def qr_rate(size: int, repeats: int = 3) -> float:
+    """`qr_flops`/s of the engine's own Haar rotation (`baseline._haar`), each drawn right after a NumPy product
+    as in the baseline phase (on a small machine NumPy's BLAS threads keep spinning after a product)."""
+    from actdb.compute.baseline import _haar
 
     rng = np.random.default_rng(0)
-    a = torch.from_numpy(rng.standard_normal((size, size)))
-    b = rng.standard_normal((size, size))
+    b = rng.standard_normal((size, size)).astype(np.float32)
     out = np.empty_like(b)
-    return qr_flops(size) / _mean_seconds_after(lambda: torch.linalg.qr(a), lambda: np.matmul(b, b, out=out), repeats)
+    return qr_flops(size) / _mean_seconds_after(lambda: _haar(rng, size), lambda: np.matmul(b, b, out=out), repeats)
 
 
 def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 3) -> float:
@@ -606,7 +604,7 @@ def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 
     from actdb.compute.correlation import _read_chunks
     from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 
-    width, seq_len = min(d_mlp, 1024), 512
+    width, seq_len = min(d_mlp, 512), 512
     tokens = (chunks + 1) * max(seq_len, chunk_tokens // seq_len * seq_len)
     with tempfile.TemporaryDirectory(prefix="actdb-plan-") as tmp:
         path = Path(tmp) / "probe.h5"
@@ -638,8 +636,9 @@ def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 
 @dataclass(frozen=True)
 class HostRates:
     """This machine's measured rates: torch's float32 products (the engine's per-chunk products on the CPU),
-    NumPy's float32 and float64 products (the baseline, R P_k and Cov R on the CPU), torch's QR, the engine's
-    reader, a forward pass in the requested dtype, and the seconds `import torch` took."""
+    NumPy's float32 products (the baseline phase on the CPU) and float64 ones (the token control's; 0 when not
+    measured), the engine's QR, its reader, a forward pass in the requested dtype, and the seconds
+    `import torch` took."""
 
     products: float
     float32: float
@@ -652,9 +651,9 @@ class HostRates:
 
 
 def measure_host(request: PlanRequest) -> HostRates:
-    """Time this machine for a few seconds: 4096-wide float32 products through torch, NumPy products and a QR
-    at the architecture's width (at most 2048 and 1024), the engine's reader on a small file, and importing
-    torch when it is not imported yet (a correlation process pays that once, before its first chunk)."""
+    """Time this machine for a few seconds: 4096-wide float32 products through torch, NumPy products and the
+    engine's QR at the architecture's width (at most 2048 and 1024), the engine's reader on a small file, and
+    importing torch when it is not imported yet (a correlation process pays that once, before its first chunk)."""
     started = time.perf_counter()
     fresh = "torch" not in sys.modules
     import torch  # noqa: F401
@@ -667,7 +666,7 @@ def measure_host(request: PlanRequest) -> HostRates:
     return HostRates(
         products=products,
         float32=numpy_gemm_rate("float32", width),
-        float64=numpy_gemm_rate("float64", width),
+        float64=numpy_gemm_rate("float64", width) if request.control == "token" else 0.0,
         qr=qr_rate(min(d, 1024)),
         stream=stream_rate(d, request.chunk_tokens),
         forward=forward,
@@ -679,15 +678,10 @@ def measure_host(request: PlanRequest) -> HostRates:
 def rates_for(request: PlanRequest, host: HostRates, gpu: Rates | None = None) -> Rates:
     """The rates of a run on the request's device: all of this machine's on `cpu`; a named accelerator's
     published dense peaks for the products it runs (`ACCELERATORS`), `gpu`'s (measured) for `cuda`, with this
-    machine's for the host's share (R P_k, the QRs, reading and converting chunks: the engine does those on the
-    host wherever its products run)."""
-    shared = {
-        "host_float64": host.float64,
-        "host_qr": host.qr,
-        "stream": host.stream,
-        "startup": host.startup,
-    }
-    note = f"R P_k, QRs and reading at this machine's measured rates (NumPy at width {host.width})"
+    machine's for the host's share (the QRs, reading and converting chunks: the engine does those on the host
+    wherever its products run)."""
+    shared = {"host_qr": host.qr, "stream": host.stream, "startup": host.startup}
+    note = f"QRs and reading at this machine's measured rates (QR at width {min(host.width, 1024)})"
     if request.device == "cpu":
         return Rates(
             host.products,
@@ -695,7 +689,8 @@ def rates_for(request: PlanRequest, host: HostRates, gpu: Rates | None = None) -
             host.float64,
             host.forward,
             **shared,
-            source=f"measured on this machine: float32 4096-wide products through torch; {note}",
+            source=f"measured on this machine: float32 4096-wide products through torch, NumPy's at width "
+            f"{host.width} for the baseline phase; {note}",
         )
     if request.device in ACCELERATORS:
         acc = ACCELERATORS[request.device]
@@ -731,7 +726,6 @@ def measure_rates(request: PlanRequest) -> tuple[Rates, int | None]:
         baseline=torch_gemm_rate("float32", 4096, "cuda"),
         float64=torch_gemm_rate("float64", 4096, "cuda"),
         forward=torch_gemm_rate(request.torch_dtype, 4096, "cuda"),
-        host_float64=0.0,
         host_qr=0.0,
         stream=0.0,
     )

@@ -213,33 +213,31 @@ def _read_chunks(
     `tokens` and `mask` are flat over all positions. Every buffer is allocated once and reused (fresh multi-MB
     arrays per chunk cost page faults): rows are read straight into a float16 buffer, then converted and shifted
     in place in the set's float32 chunk. A yielded chunk stays valid until `ring_size` more are yielded (1 when
-    the consumer finishes each chunk before asking for the next).
+    the consumer finishes each chunk before asking for the next). NumPy only: the products that follow run in
+    NumPy's BLAS, and a second thread pool (torch's) next to it slowed both.
     """
-    import torch  # its float16 -> float32 conversion is vectorised; NumPy's is ~7x slower and was a third of a pass
-
     seqs = max(1, chunk_tokens // seq_len)
     rows = seqs * seq_len
     n_seq = tokens.shape[0] // seq_len
-    shifts = {i: torch.from_numpy(sets[i].shift.astype(np.float32)) for i in wanted}
-    stored = {i: [np.empty((rows, sets[i].d_mlp), dtype=readers[i].layers[0].dtype) for _ in range(2)] for i in wanted}
+    shifts = {i: sets[i].shift.astype(np.float32) for i in wanted}
+    stored = {i: np.empty((rows, sets[i].d_mlp), dtype=readers[i].layers[0].dtype) for i in wanted}
     ring = {i: [np.empty((rows, sets[i].n_neurons), dtype=np.float32) for _ in range(ring_size)] for i in wanted}
     for k, s0 in enumerate(range(0, n_seq, seqs)):
         r0, r1 = s0 * seq_len, min(n_seq, s0 + seqs) * seq_len
         m = mask[r0:r1]
-        keep = None if bool(m.all()) else torch.from_numpy(np.flatnonzero(m))
+        keep = None if bool(m.all()) else np.flatnonzero(m)
         n_counted = r1 - r0 if keep is None else len(keep)
         out = {}
         for i in wanted:
-            raw, picked = (torch.from_numpy(b) for b in stored[i])
+            raw = stored[i][: r1 - r0]
             x = ring[i][k % ring_size][:n_counted]
-            tx, d = torch.from_numpy(x), sets[i].d_mlp
+            d = sets[i].d_mlp
             for layer in range(sets[i].n_layers):
-                readers[i].read_rows_into(layer, r0, stored[i][0][: r1 - r0])
-                src = raw[: r1 - r0]
-                if keep is not None:
-                    src = torch.index_select(src, 0, keep, out=picked[:n_counted])
+                readers[i].read_rows_into(layer, r0, raw)
+                src = raw if keep is None else raw[keep]  # faster than compress/take into a buffer
                 cols = slice(layer * d, (layer + 1) * d)
-                tx[:, cols].copy_(src).sub_(shifts[i][cols])  # two vectorised passes: torch.sub(f16, f32) is 3x slower
+                np.copyto(x[:, cols], src)
+                np.subtract(x[:, cols], shifts[i][cols], out=x[:, cols])
             out[i] = x
         yield r1 - r0, tokens[r0:r1][m], out
 
@@ -480,7 +478,7 @@ class _Engine:
         return acc
 
     def _accumulate_moments(self, ids: np.ndarray, xs: dict[int, object]) -> None:
-        backend = self.backend
+        xp, backend = self.backend.xp, self.backend
         self.n += ids.shape[0]
         seg = self.vocab_index[ids]
         if self.control:
@@ -488,9 +486,7 @@ class _Engine:
             seg_dev = backend.asarray(seg)
         for i, x in xs.items():
             s, m = self.inputs[i], self.moments[i]
-            # column sums as a float32 product with ones (the data are shifted, so the sums are small), in the
-            # same thread pool as the Grams; the float64 running total keeps the sum over chunks exact enough
-            m.sums += backend.matmul(self._ones(x.shape[0]), x, out=self._out((1, s.n_neurons)))[0]
+            m.sums += x.sum(axis=0, dtype=xp.float64)
             gram = self._out((s.d_mlp, s.d_mlp))
             for layer in range(s.n_layers):
                 xl = x[:, layer * s.d_mlp : (layer + 1) * s.d_mlp]
@@ -503,12 +499,6 @@ class _Engine:
         if shape not in self.buffers:
             self.buffers[shape] = self.backend.xp.empty(shape, dtype=self.backend.xp.float32)
         return self.buffers[shape]
-
-    def _ones(self, rows: int) -> object:
-        """A (1, rows) row of float32 ones (a view of one reused buffer)."""
-        if "ones" not in self.buffers or self.buffers["ones"].shape[1] < rows:
-            self.buffers["ones"] = self.backend.xp.ones((1, rows), dtype=self.backend.xp.float32)
-        return self.buffers["ones"][:, :rows]
 
     def _finalize_sets(self) -> None:
         if self.n < 2:

@@ -102,17 +102,21 @@ def ingest_and_explain(store: Store, req: IngestRequest, log: Callable[[str], No
         return result
     with store.session() as s:
         aset = s.get(ActivationSet, result.set_id)
-    explain_set(
-        store,
-        aset,
-        top_k=req.top_k,
-        examples=result.examples,
-        model=result.model,
-        device=req.device,
-        progress=req.progress,
-        log=log,
-        what=f"{req.model}@{req.step}",
-    )
+    what = f"{req.model}@{req.step}"
+    try:
+        explain_set(
+            store,
+            aset,
+            top_k=req.top_k,
+            examples=result.examples,
+            model=result.model,
+            device=req.device,
+            progress=req.progress,
+            log=log,
+            what=what,
+        )
+    except (ActdbError, OSError) as exc:  # the activations are complete and stay so; explaining can be redone
+        log(f"{what}: ingested, but explaining it failed ({exc}); `actdb examples {what}` retries")
     result.model = None
     return result
 

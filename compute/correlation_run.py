@@ -8,6 +8,7 @@ is waited for; otherwise this process claims a new run row and computes it under
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,17 +265,21 @@ def _compute(
             bar.total += total
         bar.update(n_rows)
 
+    started = time.perf_counter()
     try:
         result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
     finally:
         bar.close()
+    engine = time.perf_counter() - started
     n_dead = _store_results(store, handle.row_id, inputs, result, kind, threshold)
+    writing = time.perf_counter() - started - engine
     label = result.precision.label(backend)
     seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead, backend=label)
-    checked = "" if result.precision.error is None else f" (product error {result.precision.error:.1e} of r)"
+    checked = "" if result.precision.error is None else f"; product error {result.precision.error:.1e} of r"
     log(
         f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
-        f"{n_dead} dead neurons, {seconds:.1f}s on {label}{checked}"
+        f"{n_dead} dead neurons, {seconds:.1f}s on {label} (engine {engine:.2f}s, results written in "
+        f"{writing:.2f}s{checked})"
     )
     return RunOutcome(handle.row_id, False, seconds, result.n_tokens, result.n_passes, n_dead, label)
 

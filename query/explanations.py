@@ -41,6 +41,7 @@ FAMILY_COLUMNS = (
     "token_r2",
     "position_r2",
     "top_token",
+    "token",
     "vocab_skew",
     "vocab_kurtosis",
     "threshold",
@@ -79,7 +80,7 @@ def neuron_explanation(
     """A neuron's explanation, max-activating contexts, top tokens by mean activation and vocabulary extremes;
     empty sections when its set has not been explained (`actdb examples` builds it). With `pieces`, each context
     also comes as its raw text before and after the maximum's token (for JSON readers)."""
-    from actdb.store.explanation_file import read_explanation_group, read_neuron, unpack_strings
+    from actdb.store.explanation_file import read_neuron
     from actdb.store.token_file import TokenDataset
 
     e = v_neuron_explanations
@@ -95,7 +96,7 @@ def neuron_explanation(
         summary.append({c: ({**dict(row), **chance, "dataset": dataset}).get(c) for c in EXPLANATION_COLUMNS})
         path = store.config.file(ex.path)
         arrays = read_neuron(path, layer, neuron)
-        texts = unpack_strings(read_explanation_group(path, "strings"))
+        texts = _set_texts(store, ex)
         tokens = TokenDataset.load(store.config.file(dataset_path))
         contexts += _contexts(arrays["examples"], tokens, texts, dataset, examples)
         top_tokens += _top_tokens(arrays["tokens"], texts, dataset)
@@ -111,6 +112,13 @@ def neuron_explanation(
         "top_tokens": Rows(["dataset", "rank", "token_id", "token", "mean_activation", "count"], top_tokens),
         "vocabulary": Rows(["dataset", "rank", "top_token", "top_value", "bottom_token", "bottom_value"], vocabulary),
     }
+
+
+def _set_texts(store: Store, ex: SetExplanation) -> list[str]:
+    """The token texts stored with a set's explanations."""
+    from actdb.store.explanation_file import read_explanation_group, unpack_strings
+
+    return unpack_strings(read_explanation_group(store.config.file(ex.path), "strings"))
 
 
 def _text(texts: list[str], token_id: int) -> str:
@@ -207,16 +215,20 @@ def families(
             e.c.vocab_kurtosis,
             (u.c.threshold if threshold is None else literal(threshold, Float)).label("threshold"),
             u.c.excess_draws,
+            u.c.set_id,
         )
         .join(newest, on_newest(u, newest))
         .join(e, (e.c.set_id == u.c.set_id) & (e.c.layer == u.c.layer) & (e.c.neuron == u.c.neuron))
         .where(u.c.model == model, u.c.step == step, universal_condition(threshold))
         .order_by(u.c.layer, u.c.neuron)
     )
+    texts = {ex.set_id: _set_texts(store, ex) for ex, *_rest in explained}
     rows = []
     for r in store.query(joined):
         row = dict(r)
         draws = row.pop("excess_draws")
+        known = texts.get(row.pop("set_id"), [])
+        row["token"] = _quoted(_text(known, row["top_token"])) if row["top_token"] is not None else None
         if threshold is not None:
             row["stability"] = stability_at(draws, threshold)
         rows.append(row)

@@ -85,11 +85,18 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     for k, model in enumerate(models):
         source = str(checkpoint_dir(zoo, k, 0).parent / "step-{step}")
         for step in steps:
-            ingest_and_explain(
-                store,
-                IngestRequest(model=model, step=step, dataset=DATASET, source=source, batch_size=16, progress=False),
-                log=lambda m: indent(m) if "explained" not in m else None,
+            # the last step is explained while it is ingested (examples streamed); earlier ones stay to
+            # `actdb examples`, which the report names on their neurons' pages
+            request = IngestRequest(
+                model=model,
+                step=step,
+                dataset=DATASET,
+                source=source,
+                batch_size=16,
+                top_k=32 if step == steps[-1] else 0,
+                progress=False,
             )
+            ingest_and_explain(store, request, log=lambda m: indent(m) if "explained" not in m else None)
     stage("correlate: every step, rotation baseline and token control")
     for step in steps:
         for control in ("none", "token"):
@@ -112,12 +119,13 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     _explain(store, "seed0", steps[-1], req.threshold, echo)
     stage(f"ablation: universal neurons of seed0@{steps[-1]} against {req.controls} matched random sets")
     _ablate(store, f"seed0@{steps[-1]}", req, indent)
-    stage(f"similarity: all {len(models) * len(steps)} sets in one pass, and their predictions")
-    _similarity(store, models, steps, req, indent)
+    compared = sorted({steps[0], steps[-2], steps[-1]})  # untrained, late and last: the contrasts the summary shows
+    stage(f"similarity: all {len(models) * len(compared)} sets of steps {compared} in one pass, and their predictions")
+    _similarity(store, models, compared, req, indent)
     stage("report")
     report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
     _summary(store, req.threshold, echo)
-    _similarity_summary(store, models, steps, echo)
+    _similarity_summary(store, models, compared, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
     return report
 

@@ -67,9 +67,9 @@ def main() -> None:
     runs = {}
     for top_k in (0, 32):  # without and with the streaming top-K examples (two models, so neither is a no-op)
         req = IngestRequest(
-            f"bench{top_k}",
-            0,
-            "bench",
+            model=f"bench{top_k}",
+            step=0,
+            dataset="bench",
             source=str(src),
             device=args.device,
             batch_size=args.batch_size,

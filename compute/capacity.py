@@ -9,15 +9,17 @@ from the engine itself wherever it can be:
 - the FLOPs follow the products `correlation._Engine` computes (`correlation_flops` names each one), counted as
   2 FLOPs per multiply-add; each unordered pair of sets is multiplied once (`X_a^T X_b`), and both directions'
   maxima and baselines come from that one product;
-- times divide FLOPs by rates: this machine's, measured in a few seconds by `measure_rates` (injectable, so
-  tests time nothing), or an accelerator's published dense peaks (`ACCELERATORS`) for its products.
+- times divide FLOPs by rates: this machine's, measured in a few seconds by `measure_host` with the engine's
+  own library, shapes, QR and reader (`measure_rates`; injectable, so tests time nothing) and scaled by the
+  share of them the CPU engine sustains (`CPU_ENGINE_EFFICIENCY`, measured on the engine); or, for the products
+  of a named accelerator, its published dense peaks (`ACCELERATORS`: a bound), with this machine's rates for the
+  work the engine does on the host (the QRs, reading and converting chunks).
 """
 
 from __future__ import annotations
 
 import decimal
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -34,6 +36,11 @@ TOKEN_BYTES = 4 + 1  # the token file holds an int32 id and a bool mask per posi
 STORED_DTYPES = ("float16",)  # what ingest writes (`ingest --dtype`)
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the forward pass (`ingest --torch-dtype`)
 CONTROLS = ("none", "token")
+# The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end: the rest is
+# work no rate covers (maxima, finalizing, buffers). Measured on the engine itself on the development machine
+# (2 cores): 0.82 and 0.85 at 2 sets x 2 layers x 512 neurons x 24,576 tokens and at 3 x 4 x 1,024 x 98,304 (in
+# process, `correlate_sets` against `plan_study` with this machine's rates, one after the other).
+CPU_ENGINE_EFFICIENCY = 0.84
 
 
 def qr_flops(d: int) -> int:
@@ -137,21 +144,30 @@ class Accelerator:
     fp64: float  # FP64 tensor cores: the token control's float64 products
     bf16: float  # BF16/FP16 tensor cores: a 16-bit forward pass
     memory: int
+    bandwidth: float  # bytes/s of device memory: the accumulators' additions
     source: str
 
 
 # NVIDIA's spec sheets print the tensor-core TF32/BF16 peaks "with sparsity"; the dense peak is half of that.
 ACCELERATORS: dict[str, Accelerator] = {
     # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: FP64 Tensor Core 67, FP32 67, TF32 Tensor Core
-    # 989*, BF16 Tensor Core 1,979* TFLOPS (* with sparsity), 80 GB HBM3.
-    "h100": Accelerator("H100 SXM", 494.7e12, 66.9e12, 66.9e12, 989.4e12, 80 * 10**9, "NVIDIA H100 datasheet, SXM"),
+    # 989*, BF16 Tensor Core 1,979* TFLOPS (* with sparsity); 80 GB HBM3 at 3.35 TB/s.
+    "h100": Accelerator(
+        "H100 SXM", 494.7e12, 66.9e12, 66.9e12, 989.4e12, 80 * 10**9, 3.35e12, "NVIDIA H100 datasheet, SXM"
+    ),
     # NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), A100 80GB SXM:
-    # FP64 Tensor Core 19.5, FP32 19.5, TF32 Tensor Core 156 (312*), BF16 Tensor Core 312 (624*) TFLOPS, 80 GB.
-    "a100": Accelerator("A100 SXM 80GB", 156e12, 19.5e12, 19.5e12, 312e12, 80 * 10**9, "NVIDIA A100 datasheet, SXM"),
+    # FP64 Tensor Core 19.5, FP32 19.5, TF32 Tensor Core 156 (312*), BF16 Tensor Core 312 (624*) TFLOPS; 80 GB
+    # HBM2e at 2,039 GB/s.
+    "a100": Accelerator(
+        "A100 SXM 80GB", 156e12, 19.5e12, 19.5e12, 312e12, 80 * 10**9, 2.039e12, "NVIDIA A100 datasheet, SXM"
+    ),
     # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM: the H100 SXM's peaks (FP64 Tensor Core 67, FP32 67, TF32
-    # Tensor Core 989*, BF16 Tensor Core 1,979* TFLOPS) with 141 GB HBM3e.
-    "h200": Accelerator("H200 SXM", 494.7e12, 66.9e12, 66.9e12, 989.4e12, 141 * 10**9, "NVIDIA H200 datasheet, SXM"),
+    # Tensor Core 989*, BF16 Tensor Core 1,979* TFLOPS); 141 GB HBM3e at 4.8 TB/s.
+    "h200": Accelerator(
+        "H200 SXM", 494.7e12, 66.9e12, 66.9e12, 989.4e12, 141 * 10**9, 4.8e12, "NVIDIA H200 datasheet, SXM"
+    ),
 }
+ADD_BYTES = 8 + 4 + 8  # `acc += out`: a float64 and a float32 read, a float64 written per value
 DEVICES = ("cpu", "cuda", *ACCELERATORS)
 
 
@@ -160,14 +176,16 @@ class Rates:
     """What the estimate divides by: FLOP/s of each kind of product where the engine runs it, and this host's
     rates for the work the engine always does on the host."""
 
-    products: float  # the device's pair products and Grams (float32; TF32 on CUDA under --precision auto/tf32)
+    products: float  # the device's pair products (float32; TF32 on CUDA under --precision auto/tf32)
+    grams: float  # the device's within-layer Grams, counted as `correlation_flops` counts them
+    adds: float  # values/s added into the float64 accumulators (and summed into the column sums)
     baseline: float  # the device's float32 products of the baseline phase (with covariances and rotations)
     float64: float  # the device's float64 products: the token control's between-token part
     forward: float  # the ingest forward pass
-    host_qr: float  # Haar rotations' QRs on the host (torch, one thread), counted as `qr_flops`
+    host_qr: float  # Haar rotations' QRs on the host (NumPy), counted as `qr_flops`
     stream: float  # bytes/s of stored activations the host reads, checks and converts to float32
     overlapped: bool = False  # reads run on a thread ahead of the products (the CuPy backend), not between them
-    startup: float = 0.0  # seconds a correlation process spends before its first chunk (importing torch)
+    efficiency: float = 1.0  # the share of these rates the engine sustains end to end (CPU_ENGINE_EFFICIENCY)
     source: str = ""
 
 
@@ -352,11 +370,12 @@ def plan_memory(
 
 @dataclass(frozen=True)
 class CorrelationFlops:
-    """FLOPs (2 per multiply-add) of one correlation run, by the product of `correlation._Engine` they count."""
+    """FLOPs (2 per multiply-add) of one correlation run, by the operation of `correlation._Engine` they count."""
 
     pair_products: int  # _accumulate: X_a^T X_b per chunk, each unordered pair once (float32 / TF32)
-    grams: int  # _accumulate_moments: X_l^T X_l per chunk, set and layer (float32 / TF32)
-    sums: int  # _accumulate_moments: column sums as a product with a row of ones
+    grams: int  # _accumulate_moments: X_l^T X_l per chunk, set and layer (a SYRK on the CPU: one triangle)
+    sums: int  # _accumulate_moments: column sums (one addition per value)
+    adds: int  # _accumulate: each chunk's float32 products added into the float64 accumulators
     baseline: int  # per draw: Cov_ab R_b (_baseline_forward) and R_a^T Cov_ab (_baseline_backward), float32
     rotation_sd: int  # _rotations, per pass, set, draw and layer: Cov R for the rotated neurons' sd, float32
     draw_products: int  # _rotations, per pass, set, draw > 0 and layer: R P_k, float32
@@ -364,27 +383,42 @@ class CorrelationFlops:
     control: int = 0  # the token control: S_a^T diag(1/n_v) S_b per block and per set's layers (float64)
 
     @property
-    def accumulate(self) -> int:
-        """The per-chunk products, which grow with the tokens."""
-        return self.pair_products + self.grams + self.sums
+    def products(self) -> int:
+        """The per-chunk products (pair products and Grams), which grow with the tokens."""
+        return self.pair_products + self.grams
+
+    @property
+    def baseline_phase(self) -> int:
+        """The float32 products of the baseline phase, which grow with the draws and the passes, not the tokens."""
+        return self.baseline + self.rotation_sd + self.draw_products
 
     @property
     def total(self) -> int:
-        return self.accumulate + self.baseline + self.rotation_sd + self.draw_products + self.qr + self.control
+        return self.products + self.sums + self.adds + self.baseline_phase + self.qr + self.control
 
 
 def correlation_flops(
-    inputs: list[SetInput], passes: list[list[Task]], n_tokens: int, options: CorrelationOptions, n_vocab: int
+    inputs: list[SetInput],
+    passes: list[list[Task]],
+    n_tokens: int,
+    options: CorrelationOptions,
+    n_vocab: int,
+    syrk: bool = True,
 ) -> CorrelationFlops:
-    """Count the engine's products for one run over `n_tokens` counted positions, pass by pass as planned."""
+    """Count the engine's operations for one run over `n_tokens` counted positions, pass by pass as planned.
+    `syrk`: the Grams `x^T x` run as a SYRK, which computes one triangle (d (d + 1) FLOPs per token and layer):
+    NumPy does that on the CPU; CuPy runs a full GEMM (2 d^2)."""
     t, draws = n_tokens, options.baseline_draws
     pair = sum(2 * a.n_neurons * b.n_neurons * t for i, a in enumerate(inputs) for b in inputs[i + 1 :])
-    grams = sum(2 * s.n_layers * s.d_mlp**2 * t for s in inputs)
-    sums = sum(2 * s.n_neurons * t for s in inputs)
-    baseline = rotation_sd = draw_products = qr = control = 0
+    per_gram = (lambda d: d * (d + 1)) if syrk else (lambda d: 2 * d * d)
+    grams = sum(s.n_layers * per_gram(s.d_mlp) * t for s in inputs)
+    sums = sum(s.n_neurons * t for s in inputs)
+    chunks = -(-t // options.chunk_tokens)
+    baseline = rotation_sd = draw_products = qr = control = adds = 0
     for tasks in passes:
         for task in tasks:
             a, b = inputs[task.a], inputs[task.b]
+            adds += chunks * a.d_mlp * b.n_neurons
             # forward: the (d_a x N_b) block times each of b's layers' rotations; backward: R_a^T times the block
             baseline += draws * (2 * a.d_mlp * b.n_neurons * b.d_mlp + 2 * a.d_mlp**2 * b.n_neurons)
             if options.control == "token":
@@ -397,7 +431,7 @@ def correlation_flops(
     qr += sum((draws - 1) * qr_flops(d) for d in {s.d_mlp for s in inputs})  # P_k, cached for the whole run
     if options.control == "token":
         control += sum(2 * s.n_layers * s.d_mlp**2 * n_vocab for s in inputs)  # _finalize_set's covariances
-    return CorrelationFlops(pair, grams, sums, baseline, rotation_sd, draw_products, qr, control)
+    return CorrelationFlops(pair, grams, sums, adds, baseline, rotation_sd, draw_products, qr, control)
 
 
 def ingest_flops(arch: Architecture, tokens: int) -> int:
@@ -414,7 +448,6 @@ class StepTime:
     read: float  # storage reads at --read-speed (0 when not given)
     baseline: float  # the device's products of the baseline phase (and the token control's)
     host: float  # the QRs on the host
-    startup: float
     overlapped: bool
 
     @property
@@ -425,7 +458,7 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return self.startup + self.accumulate + self.baseline + self.host
+        return self.accumulate + self.baseline + self.host
 
 
 @dataclass(frozen=True)
@@ -504,15 +537,17 @@ def plan_study(request: PlanRequest, rates: Rates | None = None, free_memory: in
     inputs = synthetic_inputs(arch, request.models)
     budget, budget_source = default_budget(request, free_memory)
     memory = plan_memory(inputs, request.n_vocab, request.options, budget, request.tokens, itemsize)
-    flops = correlation_flops(inputs, memory.passes, request.tokens, request.options, request.n_vocab)
+    syrk = _backend(request.device).name == "numpy"
+    flops = correlation_flops(inputs, memory.passes, request.tokens, request.options, request.n_vocab, syrk)
+    slower = 1 / rates.efficiency
     step = StepTime(
-        products=flops.accumulate / rates.products,
-        stream=memory.read_bytes / rates.stream,
+        products=slower
+        * (flops.pair_products / rates.products + flops.grams / rates.grams + (flops.adds + flops.sums) / rates.adds),
+        stream=slower * memory.read_bytes / rates.stream,
         read=memory.read_bytes / request.read_speed if request.read_speed else 0.0,
-        baseline=(flops.baseline + flops.rotation_sd + flops.draw_products) / rates.baseline
-        + (flops.control / rates.float64 if flops.control else 0.0),
-        host=flops.qr / rates.host_qr,
-        startup=rates.startup,
+        baseline=slower
+        * (flops.baseline_phase / rates.baseline + (flops.control / rates.float64 if flops.control else 0.0)),
+        host=slower * flops.qr / rates.host_qr,
         overlapped=rates.overlapped,
     )
     return CapacityPlan(
@@ -540,8 +575,8 @@ def _best_seconds(run, repeats: int) -> float:
 
 
 def torch_gemm_rate(dtype: str = "float32", size: int = 4096, device: str = "cpu", tf32: bool = False) -> float:
-    """FLOP/s of a (size x size) @ (size x size) product through torch, the library the engine's per-chunk
-    products go through on the CPU (best of 2 after a warm-up)."""
+    """FLOP/s of a (size x size) @ (size x size) product through torch: how ingest's forward pass multiplies, and
+    the products of a CUDA device (best of 2 after a warm-up)."""
     import torch
 
     kind = getattr(torch, dtype)
@@ -563,12 +598,50 @@ def torch_gemm_rate(dtype: str = "float32", size: int = 4096, device: str = "cpu
 
 
 def numpy_gemm_rate(dtype: str, size: int) -> float:
-    """FLOP/s of a square NumPy product, how the engine's baseline phase (float32) and the token control
-    (float64) multiply on the CPU."""
+    """FLOP/s of a square NumPy product (best of 2 after a warm-up): how the CPU engine multiplies, per chunk
+    (float32, 4096 wide), in the baseline phase (float32, the layers' width) and for the token control
+    (float64)."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
     out = np.empty_like(a)
     return 2 * size**3 / _best_seconds(lambda: np.matmul(a, b, out=out), 2)
+
+
+def chunk_product_rate(width: int, rows: int) -> float:
+    """FLOP/s of the CPU engine's per-chunk pair product `x_a^T x_b`, (width x rows) @ (rows x width) on float32
+    chunks as the engine holds them (best of 2 after a warm-up)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((rows, width), dtype=np.float32) for _ in range(2))
+    out = np.empty((width, width), dtype=np.float32)
+    return 2 * width * width * rows / _best_seconds(lambda: np.matmul(a.T, b, out=out), 2)
+
+
+def add_rate(values: int = 1 << 22) -> float:
+    """Values/s of the accumulation `acc += out` (float64 += float32), a pass over memory per chunk and task."""
+    acc = np.zeros(values)
+    out = np.ones(values, dtype=np.float32)
+    return values / _best_seconds(lambda: np.add(acc, out, out=acc), 3)
+
+
+def torch_add_rate(device: str, values: int = 1 << 26) -> float:
+    """`add_rate` on a torch device (CuPy's `+=` does the same pass over the device's memory)."""
+    import torch
+
+    acc = torch.zeros(values, dtype=torch.float64, device=device)
+    out = torch.ones(values, dtype=torch.float32, device=device)
+
+    def run() -> None:
+        acc.add_(out)
+        torch.cuda.synchronize()
+
+    return values / _best_seconds(run, 3)
+
+
+def gram_rate(size: int, rows: int = 8192) -> float:
+    """`d (d + 1)` FLOPs per row / s of a chunk's Gram `x^T x` in NumPy (a SYRK), as the CPU engine forms them."""
+    x = np.random.default_rng(0).standard_normal((rows, size)).astype(np.float32)
+    out = np.empty((size, size), dtype=np.float32)
+    return size * (size + 1) * rows / _best_seconds(lambda: np.matmul(x.T, x, out=out), 2)
 
 
 def _mean_seconds_after(run, before, repeats: int) -> float:
@@ -586,7 +659,7 @@ def _mean_seconds_after(run, before, repeats: int) -> float:
 
 def qr_rate(size: int, repeats: int = 3) -> float:
     """`qr_flops`/s of the engine's own Haar rotation (`baseline._haar`), each drawn right after a NumPy product
-    as in the baseline phase (on a small machine NumPy's BLAS threads keep spinning after a product)."""
+    as in the baseline phase."""
     from actdb.compute.baseline import _haar
 
     rng = np.random.default_rng(0)
@@ -598,9 +671,7 @@ def qr_rate(size: int, repeats: int = 3) -> float:
 def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 3) -> float:
     """Bytes/s at which the engine's own reader (`correlation._read_chunks`) reads, checks and converts a
     freshly written activation file (from the page cache: the storage's speed is --read-speed's business), with
-    a product through torch after each chunk as the engine does."""
-    import torch
-
+    a NumPy product after each chunk as in the engine."""
     from actdb.compute.correlation import _read_chunks
     from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
 
@@ -619,7 +690,7 @@ def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 
             writer.close()
         probe = SetInput(0, str(path), n_layers, width, np.zeros(n_layers * width, dtype=np.float32))
         ids, mask = np.zeros(tokens, dtype=np.int32), np.ones(tokens, dtype=bool)
-        gram = torch.empty(min(width, 512), min(width, 512))
+        gram = np.empty((width, width), dtype=np.float32)
         with ActivationReader(path) as reader:
             stream = _read_chunks([reader], [probe], [0], ids, mask, seq_len, chunk_tokens)
             rows, seconds = 0, 0.0
@@ -628,49 +699,45 @@ def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 
                 n, _ids, chunk = next(stream)
                 if k:  # the first chunk allocates the reused buffers
                     rows, seconds = rows + n, seconds + time.perf_counter() - started
-                x = torch.from_numpy(chunk[0][:, : gram.shape[0]])
-                torch.matmul(x.T, x, out=gram)
+                x = chunk[0][:, :width]
+                np.matmul(x.T, x, out=gram)
     return rows * n_layers * width * 2 / seconds
 
 
 @dataclass(frozen=True)
 class HostRates:
-    """This machine's measured rates: torch's float32 products (the engine's per-chunk products on the CPU),
-    NumPy's float32 products (the baseline phase on the CPU) and float64 ones (the token control's; 0 when not
-    measured), the engine's QR, its reader, a forward pass in the requested dtype, and the seconds
-    `import torch` took."""
+    """This machine's measured rates: NumPy's per-chunk pair products (the CPU engine's), its Grams (SYRK), the
+    accumulators' additions, float32 products at the layers' width (the baseline phase) and float64 ones (the
+    token control's; 0 when not measured), the engine's QR and reader, and torch's products in the forward
+    pass's dtype (ingest)."""
 
     products: float
+    grams: float
+    adds: float
     float32: float
     float64: float
     qr: float
     stream: float
     forward: float
-    startup: float = 0.0
-    width: int = 0  # the width the NumPy products and the QR were measured at
+    width: int = 0  # the width the baseline-phase products were measured at
 
 
 def measure_host(request: PlanRequest) -> HostRates:
-    """Time this machine for a few seconds: 4096-wide float32 products through torch, NumPy products and the
-    engine's QR at the architecture's width (at most 2048 and 1024), the engine's reader on a small file, and
-    importing torch when it is not imported yet (a correlation process pays that once, before its first chunk)."""
-    started = time.perf_counter()
-    fresh = "torch" not in sys.modules
-    import torch  # noqa: F401
-
-    startup = time.perf_counter() - started if fresh else 0.0
+    """Time this machine for a few seconds, with the engine's own libraries and shapes: a chunk's pair product
+    (at most 4096 neurons a side), Grams and baseline-phase products at the architecture's width (at most 2048),
+    the accumulators' additions, the engine's QR (at most 1024 wide; FLOPs scale as d^3) and its reader on a small
+    file, and a torch product for ingest's forward pass."""
     d = request.arch.d_mlp
-    products = torch_gemm_rate("float32", 4096)
-    forward = products if request.torch_dtype == "float32" else torch_gemm_rate(request.torch_dtype, 2048)
     width = min(d, 2048)
     return HostRates(
-        products=products,
+        products=chunk_product_rate(min(request.arch.n_neurons, 4096), request.chunk_tokens),
+        grams=gram_rate(width, request.chunk_tokens),
+        adds=add_rate(),
         float32=numpy_gemm_rate("float32", width),
         float64=numpy_gemm_rate("float64", width) if request.control == "token" else 0.0,
         qr=qr_rate(min(d, 1024)),
         stream=stream_rate(d, request.chunk_tokens),
-        forward=forward,
-        startup=startup,
+        forward=torch_gemm_rate(request.torch_dtype, 4096 if request.torch_dtype == "float32" else 2048),
         width=width,
     )
 
@@ -680,22 +747,28 @@ def rates_for(request: PlanRequest, host: HostRates, gpu: Rates | None = None) -
     published dense peaks for the products it runs (`ACCELERATORS`), `gpu`'s (measured) for `cuda`, with this
     machine's for the host's share (the QRs, reading and converting chunks: the engine does those on the host
     wherever its products run)."""
-    shared = {"host_qr": host.qr, "stream": host.stream, "startup": host.startup}
+    shared = {"host_qr": host.qr, "stream": host.stream}
     note = f"QRs and reading at this machine's measured rates (QR at width {min(host.width, 1024)})"
     if request.device == "cpu":
         return Rates(
             host.products,
+            host.grams,
+            host.adds,
             host.float32,
             host.float64,
             host.forward,
             **shared,
-            source=f"measured on this machine: float32 4096-wide products through torch, NumPy's at width "
-            f"{host.width} for the baseline phase; {note}",
+            efficiency=CPU_ENGINE_EFFICIENCY,
+            source=f"measured on this machine: NumPy (the CPU engine's library) on a chunk's pair product, Grams "
+            f"and baseline-phase products {host.width} wide; torch for ingest; {note}",
         )
     if request.device in ACCELERATORS:
         acc = ACCELERATORS[request.device]
+        products = acc.fp32 if request.precision == "float32" else acc.tf32
         return Rates(
-            acc.fp32 if request.precision == "float32" else acc.tf32,
+            products,
+            products,
+            acc.bandwidth / ADD_BYTES,
             acc.fp32,
             acc.fp64,
             acc.fp32 if request.torch_dtype == "float32" else acc.bf16,
@@ -721,8 +794,11 @@ def measure_rates(request: PlanRequest) -> tuple[Rates, int | None]:
             "--device cuda measures this machine's GPU, but torch sees none here; name an accelerator "
             f"({', '.join(ACCELERATORS)}) to plan from its published peaks"
         )
+    products = torch_gemm_rate("float32", 4096, "cuda", tf32=request.precision != "float32")
     gpu = Rates(
-        products=torch_gemm_rate("float32", 4096, "cuda", tf32=request.precision != "float32"),
+        products=products,
+        grams=products,
+        adds=torch_add_rate("cuda"),
         baseline=torch_gemm_rate("float32", 4096, "cuda"),
         float64=torch_gemm_rate("float64", 4096, "cuda"),
         forward=torch_gemm_rate(request.torch_dtype, 4096, "cuda"),

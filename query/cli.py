@@ -31,6 +31,7 @@ from actdb.query.options import (
     threshold_option,
 )
 from actdb.query.output import json_records, render
+from actdb.query.plan_command import register as register_plan
 from actdb.store.config import StoreConfig
 from actdb.store.errors import ActdbError, first_line
 
@@ -950,6 +951,9 @@ def demo(
         progress=not quiet,
     )
     run_demo(Store.init(app.config), request, echo=_echo)
+
+
+register_plan(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

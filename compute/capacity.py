@@ -45,7 +45,7 @@ CPU_ENGINE_EFFICIENCY = 0.84
 
 def qr_flops(d: int) -> int:
     """FLOPs of one Haar rotation: Householder QR of a d x d matrix (geqrf, 4/3 d^3) and forming Q (orgqr, 4/3
-    d^3), the LAPACK count; `baseline._haar` calls `torch.linalg.qr`, which does both."""
+    d^3), the LAPACK count; `baseline._haar` calls `numpy.linalg.qr`, which does both."""
     return 8 * d**3 // 3
 
 

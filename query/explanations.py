@@ -95,6 +95,8 @@ def neuron_explanation(
         }
         summary.append({c: ({**dict(row), **chance, "dataset": dataset}).get(c) for c in EXPLANATION_COLUMNS})
         path = store.config.file(ex.path)
+        if not path.exists():  # `actdb check` reports it; the SQL summary above still stands
+            continue
         arrays = read_neuron(path, layer, neuron)
         texts = _set_texts(store, ex)
         tokens = TokenDataset.load(store.config.file(dataset_path))
@@ -115,10 +117,11 @@ def neuron_explanation(
 
 
 def _set_texts(store: Store, ex: SetExplanation) -> list[str]:
-    """The token texts stored with a set's explanations."""
+    """The token texts stored with a set's explanations (none when its file is gone: ids then show as `<id>`)."""
     from actdb.store.explanation_file import read_explanation_group, unpack_strings
 
-    return unpack_strings(read_explanation_group(store.config.file(ex.path), "strings"))
+    path = store.config.file(ex.path)
+    return unpack_strings(read_explanation_group(path, "strings")) if path.exists() else []
 
 
 def _text(texts: list[str], token_id: int) -> str:

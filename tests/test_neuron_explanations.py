@@ -257,3 +257,20 @@ def test_check_reads_explanation_files_through_their_checksums(explained, tmp_pa
         assert r.exit_code == 1 and any(p["kind"] == "explanations" for p in problems)
     finally:
         target.write_bytes(saved)
+
+
+def test_a_missing_explanation_file_leaves_the_sql_summary(explained, tmp_path):
+    home, db, run, _src = explained
+    path, _data, _tokens = _exported(home, db, "a")
+    target = explanation_path(path)
+    moved = tmp_path / target.name
+    target.rename(moved)
+    try:
+        doc = json.loads(run("neuron", "a@0", "1.5", "--format", "json").stdout)
+        assert doc["explanation"] and doc["examples"] == []
+        rows = json.loads(run("families", "a@0", "--threshold", 0, "--format", "json").stdout)["neurons"]
+        assert rows and all(r["token"].startswith("'<") for r in rows if r["token"] is not None)
+        r = run("check", ok=False)
+        assert r.exit_code == 1 and "explanation file" in r.stdout
+    finally:
+        moved.rename(target)

@@ -2,7 +2,7 @@
 
 One HDF5 group per kind of explanation, each a set of named arrays with Fletcher-32 checksums; the groups in
 use are `examples` (per neuron top-K `values` and flat token `positions`), `tokens` (`token_r2`, `position_r2`,
-`top_ids`, `top_means`, `top_counts`) and `vocabulary`. The file is written whole under `.partial` and renamed
+`top_ids`, `top_means`, `top_counts`) and `vocabulary`. The file is written whole under `.partial-<pid>` and renamed
 when complete (a new group is added by rewriting the file with the groups already there), so a reader either
 sees a complete file or refuses it.
 """
@@ -30,7 +30,9 @@ def explanation_path(activation_path: str | os.PathLike) -> Path:
 
 
 def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
+    """This process's temporary file: two processes explaining one set each write their own and the last rename
+    wins (their contents are the same computation on the same data)."""
+    return path.with_name(f"{path.name}.partial-{os.getpid()}")
 
 
 def write_explanations(
@@ -99,7 +101,7 @@ def _activation_name(path: Path) -> str:
 def _open(path: Path) -> h5py.File:
     """Open a complete sidecar for reading, or raise a one-line ActdbError saying what is wrong."""
     if not path.exists():
-        hint = " (its writing is unfinished)" if _partial(path).exists() else ""
+        hint = " (its writing is unfinished)" if any(path.parent.glob(f"{path.name}.partial-*")) else ""
         raise ActdbError(f"explanation file {path} does not exist{hint}")
     try:
         f = h5py.File(path, "r")

@@ -332,6 +332,7 @@ class _Engine:
         self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
         self.seconds: dict[str, float] = {}
         self.buffers: dict[object, object] = {}
+        self.base_cache: dict[int, list[np.ndarray]] = {}  # draw-0 rotations kept across passes (see _base_rotations)
         self.precision: ProductPrecision | None = None  # chosen on the first chunk
 
     def run(self) -> CorrelationResult:
@@ -375,12 +376,7 @@ class _Engine:
     def _baseline(self, acc: dict[TaskGroup, object]) -> None:
         for key in sorted({g.a for g in acc} | {g.b for g in acc}):
             s = self.inputs[key]
-            base = [
-                self.backend.asarray(
-                    random_rotation(s.d_mlp, self.options.baseline_seed, s.rotation_key, layer).astype(np.float32)
-                )
-                for layer in range(s.n_layers)
-            ]
+            base = [self.backend.asarray(r) for r in self._base_rotations(key)]
             covs = [c.astype(self.backend.xp.float32) for c in self.moments[key].cov]
             for draw in range(self.options.baseline_draws):
                 rot, rot_sd = self._rotations(key, base, covs, draw)
@@ -405,6 +401,21 @@ class _Engine:
                         if g.a == key:
                             _baseline_backward(Task(g.a, g.b, layer), rows, rot[layer], rot_sd, draw, self)
                 del rot, rot_sd
+
+    def _base_rotations(self, key: int) -> list[np.ndarray]:
+        """A set's draw-0 rotations (float32, host). Each is a d x d QR (seconds at d = 3072), so with several
+        passes they are kept for the next pass when all sets' fit in a tenth of the memory budget."""
+        if key in self.base_cache:
+            return self.base_cache[key]
+        s = self.inputs[key]
+        rotations = [
+            random_rotation(s.d_mlp, self.options.baseline_seed, s.rotation_key, layer).astype(np.float32)
+            for layer in range(s.n_layers)
+        ]
+        keep = sum(i.n_layers * i.d_mlp**2 * 4 for i in self.inputs) <= memory_budget(self.options, self.backend) / 10
+        if len(self.passes) > 1 and keep:
+            self.base_cache[key] = rotations
+        return rotations
 
     def _rotations(self, key: int, base: list, covs: list, draw: int) -> tuple[list, object]:
         """One draw's per-layer rotations of a set and its rotated neurons' standard deviations

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from actdb.compute.correlation import CorrelationOptions, SetInput, Task, memory_budget, plan_passes
+from actdb.compute.correlation import (
+    CorrelationOptions,
+    SetInput,
+    Task,
+    keeps_rotations,
+    memory_budget,
+    plan_passes,
+)
 from actdb.compute.precision import check_precision
 from actdb.store.device import NUMPY, ArrayBackend
 from actdb.store.errors import ActdbError
@@ -379,7 +386,7 @@ class CorrelationFlops:
     baseline: int  # per draw: Cov_ab R_b (_baseline_forward) and R_a^T Cov_ab (_baseline_backward), float32
     rotation_sd: int  # _rotations, per pass, set, draw and layer: Cov R for the rotated neurons' sd, float32
     draw_products: int  # _rotations, per pass, set, draw > 0 and layer: R P_k, float32
-    qr: int  # Haar QRs on the host: each set's layers in every pass it takes part in, P_k once per width and draw
+    qr: int  # Haar QRs on the host: each set's layers per pass it takes part in (once when kept), P_k once per draw
     control: int = 0  # the token control: S_a^T diag(1/n_v) S_b per block and per set's layers (float64)
 
     @property
@@ -404,10 +411,12 @@ def correlation_flops(
     options: CorrelationOptions,
     n_vocab: int,
     syrk: bool = True,
+    budget: int | None = None,
 ) -> CorrelationFlops:
     """Count the engine's operations for one run over `n_tokens` counted positions, pass by pass as planned.
     `syrk`: the Grams `x^T x` run as a SYRK, which computes one triangle (d (d + 1) FLOPs per token and layer):
-    NumPy does that on the CPU; CuPy runs a full GEMM (2 d^2)."""
+    NumPy does that on the CPU; CuPy runs a full GEMM (2 d^2). `budget` (default: the options') decides, as in the
+    engine, whether the draw-0 rotations are kept across passes (`keeps_rotations`) or drawn again in each."""
     t, draws = n_tokens, options.baseline_draws
     pair = sum(2 * a.n_neurons * b.n_neurons * t for i, a in enumerate(inputs) for b in inputs[i + 1 :])
     per_gram = (lambda d: d * (d + 1)) if syrk else (lambda d: 2 * d * d)
@@ -415,6 +424,9 @@ def correlation_flops(
     sums = sum(s.n_neurons * t for s in inputs)
     chunks = -(-t // options.chunk_tokens)
     baseline = rotation_sd = draw_products = qr = control = adds = 0
+    budget = budget if budget is not None else options.memory_budget
+    kept = budget is not None and keeps_rotations(inputs, len(passes), budget)
+    drawn: set[int] = set()
     for tasks in passes:
         for task in tasks:
             a, b = inputs[task.a], inputs[task.b]
@@ -427,7 +439,9 @@ def correlation_flops(
             s = inputs[key]
             rotation_sd += draws * s.n_layers * 2 * s.d_mlp**3
             draw_products += (draws - 1) * s.n_layers * 2 * s.d_mlp**3
-            qr += s.n_layers * qr_flops(s.d_mlp)
+            if not (kept and key in drawn):
+                qr += s.n_layers * qr_flops(s.d_mlp)
+            drawn.add(key)
     qr += sum((draws - 1) * qr_flops(d) for d in {s.d_mlp for s in inputs})  # P_k, cached for the whole run
     if options.control == "token":
         control += sum(2 * s.n_layers * s.d_mlp**2 * n_vocab for s in inputs)  # _finalize_set's covariances
@@ -538,7 +552,9 @@ def plan_study(request: PlanRequest, rates: Rates | None = None, free_memory: in
     budget, budget_source = default_budget(request, free_memory)
     memory = plan_memory(inputs, request.n_vocab, request.options, budget, request.tokens, itemsize)
     syrk = _backend(request.device).name == "numpy"
-    flops = correlation_flops(inputs, memory.passes, request.tokens, request.options, request.n_vocab, syrk)
+    flops = correlation_flops(
+        inputs, memory.passes, request.tokens, request.options, request.n_vocab, syrk, memory.budget
+    )
     slower = 1 / rates.efficiency
     step = StepTime(
         products=slower

@@ -184,6 +184,12 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
     return passes
 
 
+def keeps_rotations(inputs: list[SetInput], n_passes: int, budget: int) -> bool:
+    """Whether a run keeps every set's draw-0 rotations (float32, host) from one pass to the next instead of
+    redrawing them (a QR each): with several passes, when they all fit in a tenth of the memory budget."""
+    return n_passes > 1 and sum(s.n_layers * s.d_mlp**2 * 4 for s in inputs) <= budget / 10
+
+
 def memory_budget(options: CorrelationOptions, backend: ArrayBackend) -> int:
     """Bytes the accumulators may use: `--memory-budget`, or 60% of what the device has free."""
     return options.memory_budget or int(backend.free_memory() * 0.6)
@@ -412,8 +418,7 @@ class _Engine:
             random_rotation(s.d_mlp, self.options.baseline_seed, s.rotation_key, layer).astype(np.float32)
             for layer in range(s.n_layers)
         ]
-        keep = sum(i.n_layers * i.d_mlp**2 * 4 for i in self.inputs) <= memory_budget(self.options, self.backend) / 10
-        if len(self.passes) > 1 and keep:
+        if keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
         return rotations
 

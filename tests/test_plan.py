@@ -194,7 +194,7 @@ def test_flops_equal_the_engines_own_calls(tiny_sets, monkeypatch):
         assert len(passes) == n_passes
         result = correlate_sets(tiny_sets, tokens, mask, replace(options, memory_budget=budget), Counting("numpy", np))
         assert result.n_passes == n_passes
-        f = correlation_flops(tiny_sets, passes, 2048, options, 1)
+        f = correlation_flops(tiny_sets, passes, 2048, options, 1, budget=budget)
         assert counted["products"] == f.products
         assert counted["qr"] == f.qr
 

@@ -23,6 +23,7 @@ from actdb.store.errors import ActdbError
 
 DENSE_COLUMNS = 128  # the dense path transposes and partitions this many columns at a time (cache-sized blocks)
 MANY_CANDIDATES = 16  # above rows * d_mlp / this many passing values, count them per column instead of listing them
+SEED_STRIDE = 4  # a layer's first big chunk: top-K of every 4th row first, then the rows that beat it (see update)
 
 
 class TopKTracker:
@@ -63,27 +64,48 @@ class TopKTracker:
                 cand = values.T.astype(np.float32)
                 cand[np.isnan(cand)] = -np.inf
                 self._merge(layer, slice(None), cand, np.broadcast_to(positions, cand.shape))
+            elif rows >= SEED_STRIDE * self.heavy:
+                # seed the table with every 4th row's top-K (a quarter of the dense work), then only the other
+                # rows that beat it are merged: about 4K per column, where the dense path partitions all rows
+                seed = slice(None, None, SEED_STRIDE)
+                self._dense(layer, np.arange(self.d_mlp), values[seed], positions[seed])
+                self._filtered(layer, values, positions, exclude=seed, limit=4 * SEED_STRIDE * self.k)
             else:
                 self._dense(layer, np.arange(self.d_mlp), values, positions)
             self.seen[layer] += rows
             return
+        self._filtered(layer, values, positions)
+        self.seen[layer] += rows
+
+    def _filtered(
+        self,
+        layer: int,
+        values: np.ndarray,
+        positions: np.ndarray,
+        exclude: slice | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """Merge the chunk's values that beat their neuron's current K-th largest (rows in `exclude` are already
+        merged); a column with more than `limit` (default `self.heavy`) passing values takes the dense path."""
+        limit = self.heavy if limit is None else limit
         mask = self._passing(layer, values)
+        if exclude is not None:
+            mask[exclude] = False
         total = int(np.count_nonzero(mask))
         if total:
             if total > mask.size // MANY_CANDIDATES:
-                heavy = np.flatnonzero(np.count_nonzero(mask, axis=0) > self.heavy)
+                heavy = np.flatnonzero(np.count_nonzero(mask, axis=0) > limit)
                 mask[:, heavy] = False
                 flat = np.flatnonzero(mask)
             else:
                 flat = np.flatnonzero(mask)
                 counts = np.bincount(flat % self.d_mlp, minlength=self.d_mlp)
-                heavy = np.flatnonzero(counts > self.heavy)
+                heavy = np.flatnonzero(counts > limit)
                 if len(heavy):
                     flat = flat[~np.isin(flat % self.d_mlp, heavy)]
             if len(heavy):
-                self._dense(layer, heavy, values, positions)
+                self._dense(layer, heavy, values, positions, exclude)
             self._sparse(layer, flat, values, positions)
-        self.seen[layer] += rows
 
     def _passing(self, layer: int, values: np.ndarray) -> np.ndarray:
         """Boolean `(rows, d_mlp)`: which values are above their neuron's current K-th largest (which they must
@@ -111,8 +133,11 @@ class TopKTracker:
             np.greater(keys, _sortable(t_bits), out=mask)
         return mask
 
-    def _dense(self, layer: int, cols: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
-        """Each of `cols`' own top-K over all rows of the chunk (more than `heavy` of them), merged K + K."""
+    def _dense(
+        self, layer: int, cols: np.ndarray, values: np.ndarray, positions: np.ndarray, exclude: slice | None = None
+    ) -> None:
+        """Each of `cols`' own top-K over all rows of the chunk (more than `heavy` of them) except those in
+        `exclude` (already merged), merged K + K."""
         rows, k = values.shape[0], self.k
         for start in range(0, len(cols), DENSE_COLUMNS):
             block = cols[start : start + DENSE_COLUMNS]
@@ -122,6 +147,8 @@ class TopKTracker:
             nan = np.isnan(sub)
             if nan.any():
                 sub[nan] = -np.inf
+            if exclude is not None:
+                sub[:, exclude] = -np.inf
             idx = np.argpartition(sub, rows - k, axis=1)[:, rows - k :]  # rows > self.heavy > k here
             self._merge(layer, block, np.take_along_axis(sub, idx, axis=1), positions[idx])
 

@@ -311,3 +311,22 @@ def test_incomplete_or_corrupt_sidecar_is_refused(tmp_path):
     truncated.write_bytes(bytes(raw[: len(raw) // 3]))
     with pytest.raises(ActdbError, match="unreadable or truncated"):
         read_explanation_attrs(truncated)
+
+
+def test_a_big_first_chunk_seeded_from_every_fourth_row_equals_an_argsort():
+    """The first chunk of a layer (rows >= 4 x 4K) is merged from every 4th row's top-K plus the rows beating it:
+    the same top-K, each position once."""
+    rng = np.random.default_rng(7)
+    rows, d, k = 4096, 300, 32
+    values = rng.standard_normal((rows, d)).astype(np.float32)
+    values[:, 5] = np.linspace(-1, 1, rows)  # rising: the top rows are all at the end, none of them every 4th
+    values[:, 6] = 2.0  # constant: ties everywhere
+    positions = np.arange(rows, dtype=np.int64) * 3 + 11
+    tracker = TopKTracker(1, d, k)
+    tracker.update(0, values, positions)
+    got_v, got_p = tracker.result()
+    expected = -np.sort(-values, axis=0)[:k].T
+    np.testing.assert_array_equal(got_v[0], expected)
+    for n in range(d):
+        assert len(set(got_p[0, n])) == k  # no row counted twice
+        np.testing.assert_array_equal(values[(got_p[0, n] - 11) // 3, n], got_v[0, n])

@@ -8,6 +8,7 @@ ingested before, from the stored activations and the checkpoint's weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,11 @@ def explain_set(
     return target
 
 
+@functools.lru_cache(maxsize=4)
 def token_texts(tokenizer_source: str, n: int) -> list[str]:
     """Each token id's text as the dataset's tokenizer decodes it alone, stored with the explanations so readers
-    show contexts without loading a tokenizer (ids past the tokenizer's vocabulary read as `<id>`)."""
+    show contexts without loading a tokenizer (ids past the tokenizer's vocabulary read as `<id>`). Kept per
+    tokenizer: every set of a dataset stores the same texts, and loading and decoding 50k ids is not free."""
     tokenizer = load_tokenizer(tokenizer_source)
     known = min(n, len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in range(known)], clean_up_tokenization_spaces=False)

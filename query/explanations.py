@@ -3,6 +3,9 @@ token and vocabulary tables, and the families of universal neurons by the rule `
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 from sqlalchemy import Float, literal, select
 
@@ -81,7 +84,6 @@ def neuron_explanation(
     empty sections when its set has not been explained (`actdb examples` builds it). With `pieces`, each context
     also comes as its raw text before and after the maximum's token (for JSON readers)."""
     from actdb.store.explanation_file import read_neuron
-    from actdb.store.token_file import TokenDataset
 
     e = v_neuron_explanations
     summary, contexts, top_tokens, vocabulary = [], [], [], []
@@ -99,7 +101,7 @@ def neuron_explanation(
             continue
         arrays = read_neuron(path, layer, neuron)
         texts = _set_texts(store, ex)
-        tokens = TokenDataset.load(store.config.file(dataset_path))
+        tokens = _file_contents(store.config.file(dataset_path), "tokens")
         contexts += _contexts(arrays["examples"], tokens, texts, dataset, examples)
         top_tokens += _top_tokens(arrays["tokens"], texts, dataset)
         if "vocabulary" in arrays:
@@ -118,10 +120,24 @@ def neuron_explanation(
 
 def _set_texts(store: Store, ex: SetExplanation) -> list[str]:
     """The token texts stored with a set's explanations (none when its file is gone: ids then show as `<id>`)."""
-    from actdb.store.explanation_file import read_explanation_group, unpack_strings
-
     path = store.config.file(ex.path)
-    return unpack_strings(read_explanation_group(path, "strings")) if path.exists() else []
+    return _file_contents(path, "strings") if path.exists() else []
+
+
+def _file_contents(path: Path, kind: str) -> object:
+    """A token file's dataset or an explanation file's token texts, read once per version of the file: a report
+    asks for them once per neuron page."""
+    return _read_contents(path, kind, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_contents(path: Path, kind: str, _version: int) -> object:
+    from actdb.store.explanation_file import read_explanation_group, unpack_strings
+    from actdb.store.token_file import TokenDataset
+
+    if kind == "tokens":
+        return TokenDataset.load(path)
+    return unpack_strings(read_explanation_group(path, "strings"))
 
 
 def _text(texts: list[str], token_id: int) -> str:

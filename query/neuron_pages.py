@@ -9,7 +9,7 @@ from pathlib import Path
 
 from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
-from actdb.query.output import render
+from actdb.query.output import cell, render
 from actdb.store.config import file_name_of
 from actdb.store.database import Rows, Store
 from actdb.store.errors import ActdbError
@@ -20,12 +20,6 @@ td,th{border-bottom:1px solid #ddd;padding:2px 6px;text-align:right}td.text{text
 white-space:pre}mark{background:#fd4;font-weight:bold}"""
 
 
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
 def html_table(rows: Rows, text_columns: tuple[str, ...] = (), links: dict[int, str] | None = None) -> str:
     """Rows as an HTML table; `links` maps a row index to the page its first cell links to."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows.columns)
@@ -33,7 +27,7 @@ def html_table(rows: Rows, text_columns: tuple[str, ...] = (), links: dict[int, 
     for i, r in enumerate(rows):
         cells = []
         for j, c in enumerate(rows.columns):
-            text = html.escape(_cell(r[c]))
+            text = html.escape(cell(r[c]))
             if j == 0 and links and i in links:
                 text = f'<a href="{html.escape(links[i])}">{text}</a>'
             cls = ' class="text"' if c in text_columns else ""
@@ -76,7 +70,7 @@ def _neuron_page(store: Store, row: dict) -> str:
     title = f"{model}@{step} neuron {layer}.{neuron}"
     parts = [
         f"<h1>{html.escape(title)}</h1><p><a href='../index.html'>report</a> · excess corr "
-        f"{row['excess_corr']:.4f}, stability {_cell(row['stability'])} (threshold {_cell(row['threshold'])})</p>"
+        f"{row['excess_corr']:.4f}, stability {cell(row['stability'])} (threshold {cell(row['threshold'])})</p>"
     ]
     explained = neuron_explanation(store, model, step, layer, neuron, examples=20, pieces=True)
     if explained["explanation"]:

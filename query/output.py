@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 FORMATS = ("table", "csv", "json")
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """One value as the tables show it: blank for NULL, yes/no, floats to 4 significant digits."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -62,7 +63,7 @@ def render(rows: Rows, fmt: str = "table") -> str:
         writer.writerow(columns)
         writer.writerows([[("" if r[c] is None else r[c]) for c in columns] for r in rows])
         return buf.getvalue().rstrip("\n")
-    cells = [[_cell(r[c]) for c in columns] for r in rows]
+    cells = [[cell(r[c]) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

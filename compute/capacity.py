@@ -6,9 +6,9 @@ from the engine itself wherever it can be:
 
 - passes, and the memory a run holds, come from `correlation.plan_passes` run on synthetic `SetInput`s of the
   architecture's shape, the default budget from `correlation.memory_budget` (its share of free memory);
-- the FLOPs follow the products `correlation._Engine` computes (`correlation_flops` names each one), counted as
-  2 FLOPs per multiply-add; each unordered pair of sets is multiplied once (`X_a^T X_b`), and both directions'
-  maxima and baselines come from that one product;
+- the FLOPs follow the products `correlation.CorrelationEngine` computes (`correlation_flops` names each one),
+  counted as 2 FLOPs per multiply-add; each unordered pair of sets is multiplied once (`X_a^T X_b`), and both
+  directions' maxima and baselines come from that one product;
 - times divide FLOPs by rates: this machine's, measured in a few seconds by `measure_host` with the engine's
   own library, shapes, QR and reader (`measure_rates`; injectable, so tests time nothing) and scaled by the
   share of them the CPU engine sustains (`CPU_ENGINE_EFFICIENCY`, measured on the engine); or, for the products
@@ -377,7 +377,7 @@ def plan_memory(
 
 @dataclass(frozen=True)
 class CorrelationFlops:
-    """FLOPs (2 per multiply-add) of one correlation run, by the operation of `correlation._Engine` they count."""
+    """FLOPs (2 per multiply-add) of one correlation run, by the engine operation (`CorrelationEngine`) they count."""
 
     pair_products: int  # _accumulate: X_a^T X_b per chunk, each unordered pair once (float32 / TF32)
     grams: int  # _accumulate_moments: X_l^T X_l per chunk, set and layer (a SYRK on the CPU: one triangle)

@@ -133,7 +133,9 @@ def group_tasks(tasks: list[Task]) -> list[TaskGroup]:
 
 
 @dataclass
-class _SetMoments:
+class SetMoments:
+    """A set's float64 sums, within-layer Grams and per-token-id sums; then its covariances and sds."""
+
     sums: object
     grams: list
     token_sums: object | None = None
@@ -213,22 +215,25 @@ def _read_chunks(
     seq_len: int,
     chunk_tokens: int,
     ring_size: int = 1,
+    sequences: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, dict]]:
     """Yield (n_rows, token ids, {set: shifted float32 (n_counted, N)}) for chunks of whole sequences.
 
-    `tokens` and `mask` are flat over all positions. Every buffer is allocated once and reused (fresh multi-MB
-    arrays per chunk cost page faults): rows are read straight into a float16 buffer, then converted and shifted
-    in place in the set's float32 chunk. A yielded chunk stays valid until `ring_size` more are yielded (1 when
-    the consumer finishes each chunk before asking for the next). NumPy only: the products that follow run in
+    `tokens` and `mask` are flat over all positions; `sequences` = [first, stop) restricts the chunks to a shard
+    (`first` a multiple of the chunk's sequences, so a shard's chunks are exactly the whole run's). Every buffer
+    is allocated once and reused (fresh multi-MB arrays per chunk cost page faults): rows are read straight into
+    a buffer of the stored values, then converted and shifted in place in the set's float32 chunk. A yielded
+    chunk stays valid until `ring_size` more are yielded (1 when the consumer finishes each chunk before asking
+    for the next). NumPy only: the products that follow run in
     NumPy's BLAS, and a second thread pool (torch's) next to it slowed both.
     """
     seqs = max(1, chunk_tokens // seq_len)
     rows = seqs * seq_len
-    n_seq = tokens.shape[0] // seq_len
+    first_seq, n_seq = sequences or (0, tokens.shape[0] // seq_len)
     shifts = {i: sets[i].shift.astype(np.float32) for i in wanted}
-    stored = {i: np.empty((rows, sets[i].d_mlp), dtype=readers[i].layers[0].dtype) for i in wanted}
+    stored = {i: np.empty((rows, sets[i].d_mlp), dtype=readers[i].value_dtype) for i in wanted}
     ring = {i: [np.empty((rows, sets[i].n_neurons), dtype=np.float32) for _ in range(ring_size)] for i in wanted}
-    for k, s0 in enumerate(range(0, n_seq, seqs)):
+    for k, s0 in enumerate(range(first_seq, n_seq, seqs)):
         r0, r1 = s0 * seq_len, min(n_seq, s0 + seqs) * seq_len
         m = mask[r0:r1]
         keep = None if bool(m.all()) else np.flatnonzero(m)
@@ -289,13 +294,13 @@ def correlate_sets(
         raise ActdbError(f"unknown control {options.control!r}; use none or token")
     readers = [ActivationReader(s.path) for s in inputs]
     try:
-        return _Engine(inputs, readers, tokens, mask, options, backend, progress).run()
+        return CorrelationEngine(inputs, readers, tokens, mask, options, backend, progress).run()
     finally:
         for r in readers:
             r.close()
 
 
-class _Engine:
+class CorrelationEngine:
     """One correlation request: the flat token stream, the per-set moments, and the per-pair results."""
 
     def __init__(
@@ -320,20 +325,13 @@ class _Engine:
         self.control = options.control == "token"
         self.passes = plan_passes(inputs, self.n_vocab, options, memory_budget(options, backend))
         xp = backend.xp
-        self.moments = [
-            _SetMoments(
-                xp.zeros(s.n_neurons),
-                [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
-                xp.zeros((self.n_vocab, s.n_neurons)) if self.control else None,
-            )
-            for s in inputs
-        ]
+        self.moments: list[SetMoments] = []  # allocated by the pass that accumulates them (the first)
         self.token_counts = np.zeros(self.n_vocab)
         self.inv_counts = None
         self.n = 0
         if options.baseline_draws < 1:
             raise ActdbError("--baseline-draws must be at least 1")
-        self.results = _empty_results(inputs, options.topk, options.baseline_draws)
+        self.results = empty_results(inputs, options.topk, options.baseline_draws)
         self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
         self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
         self.seconds: dict[str, float] = {}
@@ -413,11 +411,7 @@ class _Engine:
         passes they are kept for the next pass when all sets' fit in a tenth of the memory budget."""
         if key in self.base_cache:
             return self.base_cache[key]
-        s = self.inputs[key]
-        rotations = [
-            random_rotation(s.d_mlp, self.options.baseline_seed, s.rotation_key, layer).astype(np.float32)
-            for layer in range(s.n_layers)
-        ]
+        rotations = base_rotations(self.inputs[key], self.options.baseline_seed)
         if keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
         return rotations
@@ -459,10 +453,22 @@ class _Engine:
         else:
             block -= (ma.token_sums[:, rows].T * self.inv_counts) @ mb.token_sums / n
 
-    def _accumulate(self, tasks: list[Task], first: bool) -> dict[TaskGroup, object]:
-        """One pass over the tokens: every group's `X_a^T X_b` (and, in the first pass, the sets' moments)."""
+    def _accumulate(
+        self, tasks: list[Task], first: bool, sequences: tuple[int, int] | None = None
+    ) -> dict[TaskGroup, object]:
+        """One pass over the tokens (or a shard of its `sequences`): every group's `X_a^T X_b` (and, in the
+        first pass, the sets' moments)."""
         xp, backend, inputs = self.backend.xp, self.backend, self.inputs
         wanted = sorted(range(len(inputs))) if first else sorted({t.a for t in tasks} | {t.b for t in tasks})
+        if first:
+            self.moments = [
+                SetMoments(
+                    xp.zeros(s.n_neurons),
+                    [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
+                    xp.zeros((self.n_vocab, s.n_neurons)) if self.control else None,
+                )
+                for s in inputs
+            ]
         groups = group_tasks(tasks)
         acc = {g: xp.zeros(((g.stop - g.start) * inputs[g.a].d_mlp, inputs[g.b].n_neurons)) for g in groups}
         out = {g: xp.empty(a.shape, dtype=xp.float32) for g, a in acc.items()}
@@ -476,6 +482,7 @@ class _Engine:
             self.seq_len,
             self.options.chunk_tokens,
             ring_size=READ_AHEAD + 2 if ahead else 1,
+            sequences=sequences,
         )
         for n_rows, ids, chunk in _read_ahead(chunks) if ahead else chunks:
             if self.precision is None:
@@ -529,22 +536,45 @@ class _Engine:
                     self.similarity.observe_self(i, layer, m.cov[layer], m.sd[rows])
 
     def _result(self) -> CorrelationResult:
-        dead = {s.key: self.backend.to_numpy(m.sd <= SD_EPS) for s, m in zip(self.inputs, self.moments, strict=True)}
-        matches = {(self.inputs[a].key, self.inputs[b].key): r for (a, b), r in self.results.items()}
-        for (a, _b), r in matches.items():
-            undefined = dead[a] | ~np.isfinite(r.max_corr)
-            r.max_corr[undefined] = np.nan
-            r.baseline[:, undefined | ~np.isfinite(r.baseline).any(axis=0)] = np.nan
-            r.best[undefined] = -1
-        layers = None
-        if self.similarity is not None:
-            keys = [s.key for s in self.inputs]
-            layers = {(keys[a], keys[b], la, lb): v for (a, b, la, lb), v in self.similarity.pairs.items()}
-        precision = self.precision or ProductPrecision("float32")
-        return CorrelationResult(matches, dead, self.n, len(self.passes), dict(self.seconds), layers, precision)
+        sds = [self.backend.to_numpy(m.sd) for m in self.moments]
+        pairs = None if self.similarity is None else self.similarity.pairs
+        return assemble_result(
+            self.inputs, self.results, sds, self.n, len(self.passes), self.seconds, pairs, self.precision
+        )
 
 
-def _empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:
+def assemble_result(
+    inputs: list[SetInput],
+    results: dict[tuple[int, int], MatchResult],
+    sds: list[np.ndarray],
+    n: int,
+    n_passes: int,
+    seconds: dict[str, float],
+    layer_pairs: dict[tuple[int, int, int, int], LayerPair] | None,
+    precision: ProductPrecision | None,
+) -> CorrelationResult:
+    """The finished result keyed by set keys: dead neurons (and maxima that never became finite) read as NaN."""
+    dead = {s.key: sd <= SD_EPS for s, sd in zip(inputs, sds, strict=True)}
+    matches = {(inputs[a].key, inputs[b].key): r for (a, b), r in results.items()}
+    for (a, _b), r in matches.items():
+        undefined = dead[a] | ~np.isfinite(r.max_corr)
+        r.max_corr[undefined] = np.nan
+        r.baseline[:, undefined | ~np.isfinite(r.baseline).any(axis=0)] = np.nan
+        r.best[undefined] = -1
+    layers = None
+    if layer_pairs is not None:
+        keys = [s.key for s in inputs]
+        layers = {(keys[a], keys[b], la, lb): v for (a, b, la, lb), v in layer_pairs.items()}
+    precision = precision or ProductPrecision("float32")
+    return CorrelationResult(matches, dead, n, n_passes, dict(seconds), layers, precision)
+
+
+def base_rotations(s: SetInput, seed: int) -> list[np.ndarray]:
+    """A set's draw-0 rotation of every layer (float32): the same for every checkpoint of its model."""
+    return [random_rotation(s.d_mlp, seed, s.rotation_key, layer).astype(np.float32) for layer in range(s.n_layers)]
+
+
+def empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:
     out = {}
     for a, sa in enumerate(inputs):
         for b, sb in enumerate(inputs):
@@ -562,7 +592,7 @@ def _empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[
     return out
 
 
-def _finalize_set(s: SetInput, m: _SetMoments, n: int, inv_counts, xp) -> None:
+def _finalize_set(s: SetInput, m: SetMoments, n: int, inv_counts, xp) -> None:
     """Covariances from the moments: within-layer Cov (for rotations) and per-neuron standard deviations."""
     mean = m.sums / n
     d = s.d_mlp
@@ -591,7 +621,7 @@ def _masked_ratio(num, sd_rows, sd_cols, xp):
     return r
 
 
-def _task_maxima(t: Task, cov: object, engine: _Engine) -> None:
+def _task_maxima(t: Task, cov: object, engine: CorrelationEngine) -> None:
     """Row maxima of one (pair x layer) correlation block for a, running column maxima for b, self-correlation."""
     backend, inputs, moments = engine.backend, engine.inputs, engine.moments
     xp = backend.xp
@@ -616,7 +646,7 @@ def _inverse_sd(sd: object, xp: ModuleType) -> tuple[object, object]:
     return xp.where(live, 1.0 / xp.where(live, sd, 1.0), 0.0).astype(xp.float32), ~live
 
 
-def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int, engine: _Engine) -> None:
+def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int, engine: CorrelationEngine) -> None:
     """Max over b's rotated neurons for each neuron of a's layer: corr(a_i, (bR)_j) =
     (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone. Dividing by sd_a_i > 0 does not
     change which j is largest, so each row's max is taken over Cov_ab R scaled by the columns' 1/sd only."""
@@ -635,7 +665,9 @@ def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int
         engine.similarity.observe_baseline_forward(t.a, t.b, t.layer, scaled, inv_rows, draw, db)
 
 
-def _baseline_backward(t: Task, cov: object, rot_a: object, rot_sd: object, draw: int, engine: _Engine) -> None:
+def _baseline_backward(
+    t: Task, cov: object, rot_a: object, rot_sd: object, draw: int, engine: CorrelationEngine
+) -> None:
     """Running max, for every neuron of b, over the rotated neurons of a's layer: (R_a^T Cov_ab), scaled the
     same way by the rotated neurons' 1/sd before the column max."""
     xp = engine.backend.xp
@@ -680,9 +712,14 @@ def _col_max(r, res: MatchResult, row_offset: int, topk: int, backend: ArrayBack
         k = min(topk, r.shape[0])
         idx = xp.argpartition(-r, k - 1, axis=0)[:k].T
         cand_val = backend.to_numpy(xp.take_along_axis(r.T, idx, axis=1))
-        cand_idx = backend.to_numpy(idx) + row_offset
-        all_val = np.concatenate([res.topk_val, cand_val], axis=1)
-        all_idx = np.concatenate([res.topk_idx, cand_idx], axis=1)
-        order = np.argsort(-all_val, axis=1, kind="stable")[:, :topk]
-        res.topk_val[:] = np.take_along_axis(all_val, order, axis=1)
-        res.topk_idx[:] = np.take_along_axis(all_idx, order, axis=1)
+        merge_topk(res, cand_val, backend.to_numpy(idx) + row_offset)
+
+
+def merge_topk(res: MatchResult, cand_val: np.ndarray, cand_idx: np.ndarray) -> None:
+    """Keep each neuron's `topk` best of its current list and the candidates (earlier entries win ties)."""
+    topk = res.topk_val.shape[1]
+    all_val = np.concatenate([res.topk_val, cand_val], axis=1)
+    all_idx = np.concatenate([res.topk_idx, cand_idx], axis=1)
+    order = np.argsort(-all_val, axis=1, kind="stable")[:, :topk]
+    res.topk_val[:] = np.take_along_axis(all_val, order, axis=1)
+    res.topk_idx[:] = np.take_along_axis(all_idx, order, axis=1)

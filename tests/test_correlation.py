@@ -114,7 +114,8 @@ def test_permuting_other_set_permutes_argmax(synthetic):
     sets = [s["sets"][0], s["sets"][2], s["sets"][3]]
     res = correlate_sets(sets, s["tokens"], s["mask"], CorrelationOptions(), CPU)
     to_plain, to_perm = res.matches[(100, 102)], res.matches[(100, 103)]
-    np.testing.assert_allclose(to_perm.max_corr, to_plain.max_corr, atol=1e-9)
+    # float32 chunk products: some BLAS kernels (AVX2 here, unlike AVX-512) round permuted columns differently
+    np.testing.assert_allclose(to_perm.max_corr, to_plain.max_corr, atol=1e-6)
     assert (s["perm"][to_perm.best] == to_plain.best).all()
     self_match = res.matches[(102, 103)]
     np.testing.assert_allclose(self_match.max_corr, 1.0, atol=1e-5)  # identical data: every neuron finds itself

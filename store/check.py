@@ -1,9 +1,10 @@
 """`actdb check`: is every file the database calls complete really there, of the recorded shape, and intact?
 
 Token files are read whole and compared with their recorded sha256; activation files are opened (completion
-marker, header against SQL) and, unless `quick`, read through once so that HDF5 verifies every chunk's
-Fletcher-32 checksum. Prediction files are read whole the same way (their checksums), and their length compared
-with SQL.
+marker, header against SQL, the shapes of an int8 file's scales and offsets) and, unless `quick`, read through
+once so that HDF5 verifies every chunk's Fletcher-32 checksum (int8: of the codes, scales and offsets, which
+must also be finite with scales >= 0). Prediction files are read whole the same way (their checksums), and
+their length compared with SQL.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import select
 from tqdm.auto import tqdm
 
@@ -36,6 +38,7 @@ class _Expected:
     d_mlp: int
     n_tokens: int
     fingerprint: str
+    dtype: str
 
 
 def check_store(store: Store, quick: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Rows:
@@ -54,6 +57,7 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
                 m.d_mlp,
                 a.n_tokens,
                 d.fingerprint,
+                a.dtype,
             )
             for a, c, m, d in s.execute(
                 select(ActivationSet, Checkpoint, Model, Dataset)
@@ -128,10 +132,10 @@ def _check_activations(store: Store, e: _Expected, quick: bool, progress: bool) 
     try:
         with ActivationReader(file) as reader:
             h = reader.header
-            got = (h.model, h.step, h.hook, h.n_layers, h.d_mlp, h.n_tokens, h.dataset_fingerprint)
-            want = (e.model, e.step, e.hook, e.n_layers, e.d_mlp, e.n_tokens, e.fingerprint)
+            got = (h.model, h.step, h.hook, h.n_layers, h.d_mlp, h.n_tokens, h.dataset_fingerprint, h.dtype)
+            want = (e.model, e.step, e.hook, e.n_layers, e.d_mlp, e.n_tokens, e.fingerprint, e.dtype)
             if got != want:
-                fields = ["model", "step", "hook", "n_layers", "d_mlp", "n_tokens", "dataset fingerprint"]
+                fields = ["model", "step", "hook", "n_layers", "d_mlp", "n_tokens", "dataset fingerprint", "dtype"]
                 wrong = [f"{f} {g!r} (SQL: {w!r})" for f, g, w in zip(fields, got, want, strict=True) if g != w]
                 return "header disagrees with SQL: " + ", ".join(wrong)
             if any(ds.shape != (e.n_tokens, e.d_mlp) for ds in reader.layers):
@@ -142,8 +146,24 @@ def _check_activations(store: Store, e: _Expected, quick: bool, progress: bool) 
                     reader.read_rows(start, min(start + READ_ROWS, e.n_tokens))
                     bar.update(min(READ_ROWS, e.n_tokens - start))
                 bar.close()
+                return _check_quantisation(reader)
     except ActdbError as exc:
         return str(exc)
+    return None
+
+
+def _check_quantisation(reader: ActivationReader) -> str | None:
+    """An int8 file's scales and offsets must be finite, and its scales non-negative."""
+    if reader.quantisation is None:
+        return None
+    scales, offsets, _rows = reader.quantisation
+    for scale, offset in zip(scales, offsets, strict=True):
+        try:
+            s, o = scale[:], offset[:]
+        except OSError as exc:
+            return f"activation file {reader.path} is corrupt (checksum or read error): {exc}"
+        if not (np.isfinite(s).all() and np.isfinite(o).all() and (s >= 0).all()):
+            return f"{scale.name.lstrip('/')} or its offsets hold non-finite or negative values"
     return None
 
 

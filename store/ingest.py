@@ -1,9 +1,17 @@
 """The ingest pipeline: one checkpoint x one token dataset -> an HDF5 activation file + neuron statistics.
 
 Forward passes run on the main thread (GPU when there is one); a writer thread casts nothing, it only writes
-float16 rows, folds them into the streaming statistics, and flushes. After each flush the committed row count
-is recorded in SQL, so a killed ingest resumes from a point whose rows are surely on disk. The statistics of
-already-written rows are rebuilt from the file on resume, batch by batch, exactly as they were first computed.
+float16 rows (or quantises them to int8, block by block), folds them into the streaming statistics, and flushes.
+After each flush the committed row count is recorded in SQL, so a killed ingest resumes from a point whose rows
+are surely on disk. The statistics of already-written rows are rebuilt from the file on resume, batch by batch
+(int8: block by block), exactly as they were first computed.
+
+Statistics and the streamed top-K describe the values as stored, which are the values every reader gets back:
+the float16 rows, or for `--dtype int8` the dequantised values (offset + scale * code), not the float16 rows
+they were quantised from. So `neuron_stat` (mean, std, min, max, frac_active...) and the examples agree exactly
+with what `actdb activations`, explanations and the correlation engine read, and a resume rebuilds them from the
+file bit for bit. (The correlation engine uses the stored means only as a numerical shift.) int8 therefore folds
+its statistics on the writer thread, after quantising, also when the forward pass runs on a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
 from tqdm.auto import tqdm
 
-from actdb.store.activation_file import ActivationHeader, ActivationWriter, partial_path
+from actdb.store.activation_file import STORED_DTYPES, ActivationHeader, ActivationWriter, partial_path
 from actdb.store.architectures import MLPRecorder, mlp_shape
 from actdb.store.config import StoreConfig
 from actdb.store.database import Store, finite_or_none, insert_rows
@@ -64,10 +72,10 @@ class IngestRequest:
     revision: str | None = None
     hook: str = HOOK_NAME
     trust_remote_code: bool = False
-    torch_dtype: str = "float32"  # of the forward pass; stored activations are float16 either way
+    torch_dtype: str = "float32"  # of the forward pass; stored activations are `dtype` either way
     device: str = "auto"
     batch_size: int = 8
-    dtype: str = "float16"
+    dtype: str = "float16"  # stored: float16, or int8 (per block of 1024 tokens and neuron affine codes)
     top_k: int = 32  # max-activating examples kept per neuron while streaming (0: none)
     force: bool = False
     progress: bool = True
@@ -177,8 +185,8 @@ def recorded_revision_template(where: ResolvedSource) -> str | None:
 
 def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print) -> IngestResult:
     """Ingest one checkpoint of one model on one dataset; a complete set is a no-op unless `force`."""
-    if req.dtype != "float16":
-        raise ActdbError(f"--dtype {req.dtype} is not supported yet (float16 is)")
+    if req.dtype not in STORED_DTYPES:
+        raise ActdbError(f"--dtype {req.dtype} is not supported (use {' or '.join(STORED_DTYPES)})")
     if req.batch_size < 1:
         raise ActdbError("--batch-size must be at least 1")
     if not 0 <= req.top_k <= MAX_TOP_K:
@@ -193,7 +201,11 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         done = find_set(s, req.model, req.step, req.dataset, req.hook)
     where = resolve_source(existing, req, store.config)  # a different --source is refused even when complete
     if done is not None and done.status == "complete" and not req.force:
-        log(f"{req.model}@{req.step} on {req.dataset} ({req.hook}): already complete ({done.path}); --force redoes it")
+        stored = f", stored as {done.dtype}" if done.dtype != req.dtype else ""
+        log(
+            f"{req.model}@{req.step} on {req.dataset} ({req.hook}): already complete ({done.path}{stored}); "
+            "--force redoes it"
+        )
         path = store.config.file(done.path)
         return IngestResult(done.id, "already complete", path, done.n_tokens, 0.0, done.bytes or 0)
     tokens = TokenDataset.load(store.config.file(ds.path))
@@ -229,6 +241,9 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         log(f"{req.model}@{req.step} on {req.dataset}: already complete ({aset.path})")
         path = store.config.file(aset.path)
         return IngestResult(aset.id, "already complete", path, aset.n_tokens, 0.0, aset.bytes or 0)
+    if aset.dtype != req.dtype:  # a redone or resumed set takes the requested dtype (a mismatched .partial is redone)
+        with store.session() as s:
+            s.execute(update(ActivationSet).where(ActivationSet.id == aset.id).values(dtype=req.dtype))
     header = ActivationHeader(
         model=req.model,
         step=req.step,
@@ -435,7 +450,7 @@ class _IngestRun:
         self.rows_per_batch = req.batch_size * self.seq_len
 
     def _fold(self, start_row: int, rows: list[np.ndarray], moments: bool = True) -> None:
-        """Fold written rows into the statistics (unless the forward device already did) and the top-K."""
+        """Fold rows as stored into the statistics (unless the forward device already did) and the top-K."""
         if not moments and self.tracker is None:
             return
         mask = self.tokens.mask.reshape(-1)[start_row : start_row + rows[0].shape[0]]
@@ -458,9 +473,7 @@ class _IngestRun:
         """Write every remaining batch; returns the row the run resumed from (0 for a fresh start)."""
         writer = ActivationWriter(self.path, self.header)
         try:
-            start = min(writer.tokens_done, committed)
-            start -= start % self.rows_per_batch
-            writer.file.attrs["tokens_done"] = start
+            start = writer.rewind(min(writer.tokens_done, committed), self.rows_per_batch)
             try:
                 self._rebuild_stats(writer, start)
             except (ActdbError, OSError, RuntimeError, KeyError):  # the kept rows do not read back: redo them
@@ -479,28 +492,38 @@ class _IngestRun:
         return start
 
     def _rebuild_stats(self, writer: ActivationWriter, stop: int) -> None:
-        for begin in range(0, stop, self.rows_per_batch):
-            end = min(begin + self.rows_per_batch, stop)
-            self._fold(begin, [ds[begin:end] for ds in writer.layers])
+        """Fold the kept rows `[0, stop)` in the pieces they were first folded in (batches, or int8 blocks)."""
+        unit = writer.fold_rows or self.rows_per_batch
+        for begin in range(0, stop, unit):
+            self._fold(begin, writer.stored_rows(begin, min(begin + unit, stop)))
 
-    def _forward_all(self, writer: ActivationWriter, start_row: int) -> None:
+    def _forward_all(self, writer: ActivationWriter, resume_row: int) -> None:
+        """Forward passes from the batch holding `resume_row`; rows before it (the file has them) are not written
+        again."""
         n_rows = self.header.n_tokens
-        on_device = self.device.type != "cpu"  # a GPU computes the statistics; the writer thread only writes
+        start_row = resume_row - resume_row % self.rows_per_batch
+        # a GPU computes the statistics of float16 rows; int8 rows are folded as stored, on the writer thread
+        on_device = self.device.type != "cpu" and self.header.dtype == "float16"
         work: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         failure: list[BaseException] = []
-        committed = [start_row]
+        committed = [resume_row]
+
+        def fold(begin: int, rows: list[np.ndarray]) -> None:
+            self._fold(begin, rows, moments=not on_device)
 
         def write_loop() -> None:
             last_flush = time.monotonic()
             try:
                 while (item := work.get()) is not None:
                     begin, rows = item
-                    writer.write_rows(begin, rows)
-                    self._fold(begin, rows, moments=not on_device)
                     end = begin + rows[0].shape[0]
+                    if begin < resume_row:  # the first batch of a resumed int8 ingest: the file has its start
+                        rows, begin = [r[resume_row - begin :] for r in rows], resume_row
+                    if begin < end:
+                        writer.write_rows(begin, rows, on_stored=fold)
                     if time.monotonic() - last_flush > FLUSH_SECONDS or end == n_rows:
                         writer.flush()
-                        committed[0] = end
+                        committed[0] = writer.tokens_done
                         last_flush = time.monotonic()
             except BaseException as exc:  # handed to the main thread
                 failure.append(exc)

@@ -66,7 +66,7 @@ def open_client(spec: ClusterSpec) -> Iterator[Any]:
         n_workers=spec.workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: several clusters may run on one machine
         silence_logs=logging.ERROR,
     )
     with cluster, Client(cluster) as client:

@@ -7,16 +7,20 @@ is waited for; otherwise this process claims a new run row and computes it under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import bindparam, select, update
 from tqdm.auto import tqdm
 
+from actdb.compute.cluster import ClusterSpec, open_client, worker_threads
+from actdb.compute.cluster_correlation import cluster_options, correlate_on_cluster
 from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
 from actdb.compute.precision import check_precision
 from actdb.compute.universality import format_draws, score_universality
@@ -64,6 +68,7 @@ class CorrelationRequest:
     similarity: bool = False  # a similarity run: layer-pair statistics of every pair of sets, no neuron rows
     device: str = "auto"
     precision: str = "auto"  # of the products on CUDA; not part of the request key (all agree to 1e-4)
+    cluster: ClusterSpec = ClusterSpec()  # where the engine's tasks run; not part of the request key
     force: bool = False
     progress: bool = True
 
@@ -115,6 +120,7 @@ def correlate(store: Store, req: CorrelationRequest, log: Callable[[str], None] 
         force=req.force,
         progress=req.progress,
         log=log,
+        cluster=req.cluster,
     )
 
 
@@ -139,30 +145,40 @@ def run_correlation(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    cluster: ClusterSpec = ClusterSpec(),
 ) -> RunOutcome:
-    """Correlate `sets`, or reuse (or wait for) an identical run; a failure leaves the run marked failed."""
+    """Correlate `sets`, or reuse (or wait for) an identical run; a failure leaves the run marked failed. With
+    `cluster`, the engine's tasks run on Dask workers (started only when something is to be computed)."""
     key = correlation_key([a.id for a in sets], options)
-    if force or _complete_run(store, key) is None:
-        _check_request(store, sets, options, device)
-    while True:
-        done = None if force else _complete_run(store, key)
-        if done is not None:
-            return _reuse(store, done, threshold, log)
-        run_id = start_or_wait(store, CorrelationRun, _run_values(store, sets, options, key, threshold, device), log)
-        if run_id is None:  # an identical request completed meanwhile: reuse it
-            force = False
-            continue
-        if not force and _complete_run(store, key) is not None:
-            release(store, CorrelationRun, run_id)  # it completed between our look and our claim
-            continue
-        with running(store, CorrelationRun, run_id) as handle:
-            return _compute(store, handle, sets, options, device, progress, log)
+    if not force and (done := _complete_run(store, key)) is not None:
+        return _reuse(store, done, threshold, log)
+    with open_client(cluster) if cluster.enabled else contextlib.nullcontext() as client:
+        _check_request(store, sets, options, device, client)
+        while True:
+            done = None if force else _complete_run(store, key)
+            if done is not None:
+                return _reuse(store, done, threshold, log)
+            values = _run_values(store, sets, options, key, threshold, device)
+            run_id = start_or_wait(store, CorrelationRun, values, log)
+            if run_id is None:  # an identical request completed meanwhile: reuse it
+                force = False
+                continue
+            if not force and _complete_run(store, key) is not None:
+                release(store, CorrelationRun, run_id)  # it completed between our look and our claim
+                continue
+            with running(store, CorrelationRun, run_id) as handle:
+                return _compute(store, handle, sets, options, device, progress, log, client)
 
 
-def _check_request(store: Store, sets: list[ActivationSet], options: CorrelationOptions, device: str) -> None:
-    """Everything that can refuse the request does so before a run is recorded: device, files, memory."""
+def _check_request(
+    store: Store, sets: list[ActivationSet], options: CorrelationOptions, device: str, client: Any = None
+) -> None:
+    """Everything that can refuse the request does so before a run is recorded: device, files, memory (of one
+    cluster task, on a cluster)."""
     backend = resolve_device(device).array
     check_precision(options.precision, backend)
+    if client is not None:
+        options = cluster_options(client, options)
     with store.session() as s:
         inputs = [_set_input(store, s, a) for a in sets]
         dataset_path = s.get(Dataset, sets[0].dataset_id).path
@@ -240,6 +256,7 @@ def _compute(
     device: str,
     progress: bool,
     log: Callable[[str], None],
+    client: Any = None,
 ) -> RunOutcome:
     backend = resolve_device(device).array
     with store.session() as s:
@@ -267,7 +284,10 @@ def _compute(
 
     started = time.perf_counter()
     try:
-        result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
+        if client is None:
+            result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
+        else:
+            result = correlate_on_cluster(client, inputs, tokens.tokens, tokens.mask, options, device, advance)
     finally:
         bar.close()
     engine = time.perf_counter() - started
@@ -276,6 +296,8 @@ def _compute(
     label = result.precision.label(backend)
     seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead, backend=label)
     checked = "" if result.precision.error is None else f"; product error {result.precision.error:.1e} of r"
+    if client is not None:
+        checked += f"; {worker_threads(client)} Dask worker thread(s)"
     log(
         f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
         f"{n_dead} dead neurons, {seconds:.1f}s on {label} (engine {engine:.2f}s, results written in "

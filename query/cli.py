@@ -20,6 +20,7 @@ from actdb.query.options import (
     SIZE,
     STEP,
     STEPS,
+    cluster_option,
     control_option,
     dataset_option,
     device_option,
@@ -36,6 +37,7 @@ from actdb.store.config import StoreConfig
 from actdb.store.errors import ActdbError, first_line
 
 if TYPE_CHECKING:
+    from actdb.compute.cluster import ClusterSpec
     from actdb.store.database import Store
 
 
@@ -245,6 +247,7 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     help="Max-activating examples kept per neuron while streaming; with them the set is explained (token and "
     "position variance fractions, vocabulary statistics). 0 skips both.",
 )
+@cluster_option
 @force_option("Redo a complete set; accept another source or weights identical to another step's.")
 @quiet_option
 @pass_app
@@ -265,11 +268,13 @@ def ingest(
     with_predictions: bool,
     dtype: str,
     top_k: int,
+    cluster: ClusterSpec,
     force: bool,
     quiet: bool,
 ) -> None:
-    """Record MODEL's MLP activations at each step on a dataset, with per-neuron statistics and explanations."""
-    from actdb.compute.explanations import ingest_and_explain
+    """Record MODEL's MLP activations at each step on a dataset, with per-neuron statistics and explanations.
+    With --workers or --scheduler, each step is one task on a Dask cluster."""
+    from actdb.compute.step_ingest import ingest_on_cluster, ingest_step
     from actdb.store.ingest import IngestRequest, check_steps_distinguishable
 
     step_list = _steps(step, steps)
@@ -277,8 +282,8 @@ def ingest(
     store = app.store()
     if revisions is None:
         check_steps_distinguishable(store, model, source, revision, len(step_list), force)
-    for s, rev in zip(step_list, per_step, strict=True):
-        request = IngestRequest(
+    requests = [
+        IngestRequest(
             model=model,
             step=s,
             dataset=dataset_name,
@@ -294,21 +299,13 @@ def ingest(
             force=force,
             progress=not quiet,
         )
-        ingest_and_explain(store, request, log=_echo)
-        if with_predictions:
-            from actdb.compute.predictions import PredictionRequest, compute_predictions
-
-            compute_predictions(
-                store,
-                PredictionRequest(
-                    target=f"{model}@{s}",
-                    dataset=dataset_name,
-                    batch_size=batch_size,
-                    device=device,
-                    progress=not quiet,
-                ),
-                log=_echo,
-            )
+        for s, rev in zip(step_list, per_step, strict=True)
+    ]
+    if cluster.enabled:
+        ingest_on_cluster(store.config, requests, cluster, predictions=with_predictions, progress=not quiet, log=_echo)
+        return
+    for request in requests:
+        ingest_step(store, request, with_predictions, log=_echo)
 
 
 def _paired_revisions(steps: list[int], revision: str | None, revisions: str | None) -> list[str | None]:
@@ -343,7 +340,12 @@ def _paired_revisions(steps: list[int], revision: str | None, revisions: str | N
 @precision_option
 @hook_option
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=8192, show_default=True)
-@click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
+@click.option(
+    "--memory-budget",
+    type=SIZE,
+    help="Accumulator memory, e.g. 8GB (default: 60% of free memory; on a cluster, a share of a worker's).",
+)
+@cluster_option
 @force_option("Recompute even if an identical complete run exists.")
 @quiet_option
 @pass_app
@@ -363,6 +365,7 @@ def correlate(
     hook: str,
     chunk_tokens: int,
     memory_budget: int | None,
+    cluster: ClusterSpec,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -392,6 +395,7 @@ def correlate(
         hook=hook,
         device=device,
         precision=precision,
+        cluster=cluster,
         force=force,
         progress=not quiet,
     )
@@ -425,6 +429,7 @@ def correlate(
 @hook_option
 @device_option
 @click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: 60% of free memory).")
+@cluster_option
 @force_option("Recompute even if an identical complete run exists.")
 @quiet_option
 @format_option
@@ -445,6 +450,7 @@ def similarity(
     hook: str,
     device: str,
     memory_budget: int | None,
+    cluster: ClusterSpec,
     force: bool,
     quiet: bool,
     fmt: str,
@@ -484,6 +490,7 @@ def similarity(
             hook=hook,
             similarity=True,
             device=device,
+            cluster=cluster,
             force=force,
             progress=not quiet,
         )

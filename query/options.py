@@ -3,6 +3,7 @@ the CLI, the API and the library accept the same spellings and reject the same m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,28 @@ def threshold_option(
     "unless `correlate --threshold` set it).",
 ) -> Callable:
     return click.option("--threshold", type=THRESHOLD, help=help)
+
+
+def cluster_option(f: Callable) -> Callable:
+    """`--scheduler ADDRESS` or `--workers N`, handed to the command as one `cluster` (a `ClusterSpec`)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, scheduler: str | None, workers: int | None, **kwargs: Any) -> Any:
+        from actdb.compute.cluster import ClusterSpec
+
+        return f(*args, cluster=ClusterSpec(scheduler, workers), **kwargs)
+
+    command = click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        help="Run the tasks on a local Dask cluster of N worker processes (one thread each).",
+    )(command)
+    return click.option(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="Run the tasks on an existing Dask cluster (e.g. tcp://head:8786, from dask-jobqueue or dask-cuda); "
+        "workers need the store's folder at the same path.",
+    )(command)
 
 
 def hook_option(f: Callable) -> Callable:

@@ -35,12 +35,13 @@ from actdb.compute.correlation import (
     memory_budget,
     plan_passes,
 )
+from actdb.compute.correlation_shards import default_shards
 from actdb.compute.precision import check_precision
 from actdb.store.device import NUMPY, ArrayBackend
 from actdb.store.errors import ActdbError
 
 TOKEN_BYTES = 4 + 1  # the token file holds an int32 id and a bool mask per position (store.token_file)
-STORED_DTYPES = ("float16",)  # what ingest writes (`ingest --dtype`)
+STORED_DTYPES = ("float16", "int8")  # what ingest writes (`ingest --dtype`; int8 adds 8 B of scale/offset a 1024)
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the forward pass (`ingest --torch-dtype`)
 CONTROLS = ("none", "token")
 # The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end: the rest is
@@ -309,6 +310,8 @@ class MemoryPlan:
     read_bytes: int
     step_bytes: int
     fitting_chunk: int | None = None
+    pass_reads: tuple[int, ...] = ()  # bytes each pass reads
+    pass_sums: tuple[int, ...] = ()  # bytes of each pass's float64 X_a^T X_b sums (what a shard task sends)
 
     @property
     def n_passes(self) -> int:
@@ -368,11 +371,36 @@ def plan_memory(
             fitting = chunk
         chunk //= 2
     per_set = [n_tokens * s.n_neurons * itemsize for s in inputs]
-    read = 0
+    reads, sums = [], []
     for p, tasks in enumerate(passes):
         wanted = range(len(inputs)) if p == 0 else {t.a for t in tasks} | {t.b for t in tasks}
-        read += sum(per_set[i] for i in wanted)
-    return MemoryPlan(budget, fits, passes, peak, minimum, single, read, sum(per_set), fitting)
+        reads.append(sum(per_set[i] for i in wanted))
+        sums.append(sum(inputs[t.a].d_mlp * inputs[t.b].n_neurons * 8 for t in tasks))
+    return MemoryPlan(
+        budget, fits, passes, peak, minimum, single, sum(reads), sum(per_set), fitting, tuple(reads), tuple(sums)
+    )
+
+
+@dataclass(frozen=True)
+class ClusterTasks:
+    """How `correlate --workers/--scheduler` cuts one step: each pass into `shards` token shards, one task each,
+    whose sums a tree of additions joins; every task holds at most the per-task budget."""
+
+    shards: int
+    tasks: int
+    read_per_task: int  # the largest: its pass's reads over its shards
+    sent_per_task: int  # the largest shard sums a task hands to the reduction
+
+
+def cluster_tasks(memory: MemoryPlan, threads: int) -> ClusterTasks:
+    """The accumulating tasks of one step on `threads` worker threads (the engine's own shard rule)."""
+    shards = default_shards(threads, memory.n_passes)
+    return ClusterTasks(
+        shards,
+        shards * memory.n_passes,
+        max(memory.pass_reads, default=0) // shards,
+        max(memory.pass_sums, default=0) if shards > 1 else 0,
+    )
 
 
 @dataclass(frozen=True)

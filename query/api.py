@@ -46,7 +46,7 @@ class Activations:
     """One layer's activations for chosen neurons (columns, in the order asked) and token rows, with where each
     row sits in the dataset: flat token index, sequence, position, token id, and whether it counts."""
 
-    values: np.ndarray  # (rows, neurons), float16 as stored
+    values: np.ndarray  # (rows, neurons): float16 as stored, float32 for int8 sets (dequantised)
     neurons: list[int]
     layer: int
     token_index: np.ndarray
@@ -147,7 +147,8 @@ class ActdbStore:
         )
 
     def read_layer(self, target: str, layer: int, **options: Any) -> np.ndarray:
-        """The values of `activations(...)` alone: `(tokens, neurons)` float16, neurons in the order asked."""
+        """The values of `activations(...)` alone: `(tokens, neurons)` (float16; float32 for int8 sets), neurons in
+        the order asked."""
         return self.activations(target, layer, **options).values
 
     def universal(self, **filters: Any) -> pd.DataFrame:

@@ -57,7 +57,9 @@ def register(group: click.Group) -> None:
 @click.option("--params", type=COUNT, help="Custom shape: parameters, e.g. 124M.")
 @click.option("--d-model", type=click.IntRange(min=1), help="Custom shape: residual width (shown only).")
 @click.option("--vocab", type=click.IntRange(min=1), help="Custom shape: vocabulary (needed by --control token).")
-@click.option("--dtype", type=click.Choice(["float16"]), default="float16", show_default=True, help="Stored dtype.")
+@click.option(
+    "--dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Stored dtype."
+)
 @click.option(
     "--torch-dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -80,7 +82,13 @@ def register(group: click.Group) -> None:
     help="Products on CUDA, as `correlate --precision`: auto and tf32 are planned at the TF32 rate (auto falls "
     "back to float32 when its first-chunk check fails).",
 )
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Machines in parallel.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Workers in parallel (Dask worker threads, or machines each running one).",
+)
 @click.option("--memory-budget", type=SIZE, help="Accumulator memory, e.g. 8GB (default: the engine's default).")
 @click.option("--chunk-tokens", type=click.IntRange(min=1), help="As `correlate --chunk-tokens` (default 8192).")
 @click.option("--baseline-draws", type=click.IntRange(1, 1000), help="As `correlate --baseline-draws` (default 8).")
@@ -183,6 +191,7 @@ def _seconds(s: float) -> str:
 def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
     """The plan as rows of quantity, value and note: values as readable text for a table, as numbers with
     their unit (B, FLOP, s, FLOP/s, B/s) for CSV and JSON."""
+    from actdb.compute.capacity import cluster_tasks
     from actdb.store.database import Rows
 
     r, a, m, f, t = p.request, p.request.arch, p.memory, p.flops, p.step
@@ -256,6 +265,17 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
         f"read amplification {m.amplification:.3g}x over {_bytes(m.step_bytes)}: the first pass reads all {k} "
         "sets, each later pass the sets its tasks involve",
     )
+    if r.workers > 1:
+        c = cluster_tasks(m, r.workers)
+        add(
+            "cluster tasks per step",
+            c.tasks,
+            "tasks",
+            f"{m.n_passes} passes x {c.shards} token shards = {c.tasks}",
+            f"`correlate --workers {r.workers}` (or --scheduler, one thread a worker): each task holds at most the "
+            f"budget; it reads at most {_bytes(c.read_per_task)}"
+            + (f" and hands {_bytes(c.sent_per_task)} of sums to the reduction" if c.sent_per_task else ""),
+        )
     add(
         "ingest FLOPs per set",
         p.ingest_flops,

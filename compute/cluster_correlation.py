@@ -10,7 +10,6 @@ the same BLAS (see `correlation_shards`).
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from actdb.compute.correlation import (
 from actdb.compute.correlation_shards import (
     EngineSpec,
     accumulate_shard,
+    default_shards,
     draw_rotations,
     finalize_pass,
     finalize_sets,
@@ -74,7 +74,7 @@ def correlate_on_cluster(
     n_seq, seq_len = tokens.shape
     n_vocab = len(np.unique(tokens[mask]))
     passes = plan_passes(inputs, n_vocab, options, options.memory_budget)
-    shards = shards or math.ceil(worker_threads(client) / len(passes))
+    shards = shards or default_shards(worker_threads(client), len(passes))
     ranges = shard_ranges(n_seq, seq_len, options.chunk_tokens, shards)
     run = uuid.uuid4().hex[:8]
     started = time.perf_counter()

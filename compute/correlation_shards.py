@@ -83,6 +83,11 @@ class PassResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def default_shards(threads: int, n_passes: int) -> int:
+    """Token shards per pass that give every worker thread an accumulating task (passes already spread)."""
+    return max(1, math.ceil(threads / n_passes))
+
+
 def shard_ranges(n_seq: int, seq_len: int, chunk_tokens: int, shards: int) -> list[tuple[int, int]]:
     """Split the sequences into at most `shards` ranges of whole engine chunks (so shard chunks are the run's)."""
     per_chunk = max(1, chunk_tokens // seq_len)

@@ -43,8 +43,8 @@ from actdb.compute.correlation_shards import (
     shard_ranges,
     sum_shards,
 )
-from actdb.compute.precision import ProductPrecision
-from actdb.store.device import NUMPY
+from actdb.compute.precision import ProductPrecision, check_precision
+from actdb.store.device import NUMPY, resolve_device
 from actdb.store.errors import ActdbError
 
 
@@ -54,6 +54,18 @@ def cluster_options(client: Any, options: CorrelationOptions) -> CorrelationOpti
     budget = options.memory_budget or task_budget(client, fallback=memory_budget(options, NUMPY))
     precision = "float32" if options.precision == "auto" else options.precision
     return replace(options, memory_budget=budget, precision=precision)
+
+
+def worker_backend(client: Any, device: str, precision: str) -> str:
+    """The array backend's name for `device` as a worker resolves it (workers may have GPUs the client lacks),
+    after checking there that it can run `precision`; a one-line error when it cannot."""
+    return client.submit(_resolve_backend, device, precision, pure=False).result()
+
+
+def _resolve_backend(device: str, precision: str) -> str:
+    backend = resolve_device(device).array
+    check_precision(precision, backend)
+    return backend.name
 
 
 def correlate_on_cluster(

@@ -20,12 +20,12 @@ from sqlalchemy import bindparam, select, update
 from tqdm.auto import tqdm
 
 from actdb.compute.cluster import ClusterSpec, open_client, worker_threads
-from actdb.compute.cluster_correlation import cluster_options, correlate_on_cluster
+from actdb.compute.cluster_correlation import cluster_options, correlate_on_cluster, worker_backend
 from actdb.compute.correlation import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
 from actdb.compute.precision import check_precision
 from actdb.compute.universality import format_draws, score_universality
 from actdb.store.database import Store, finite_or_none, insert_rows
-from actdb.store.device import resolve_device
+from actdb.store.device import NUMPY, resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.hook_names import HOOK_NAME
 from actdb.store.labels import stability_at
@@ -153,12 +153,12 @@ def run_correlation(
     if not force and (done := _complete_run(store, key)) is not None:
         return _reuse(store, done, threshold, log)
     with open_client(cluster) if cluster.enabled else contextlib.nullcontext() as client:
-        _check_request(store, sets, options, device, client)
+        backend = _check_request(store, sets, options, device, client)
         while True:
             done = None if force else _complete_run(store, key)
             if done is not None:
                 return _reuse(store, done, threshold, log)
-            values = _run_values(store, sets, options, key, threshold, device)
+            values = _run_values(store, sets, options, key, threshold, backend)
             run_id = start_or_wait(store, CorrelationRun, values, log)
             if run_id is None:  # an identical request completed meanwhile: reuse it
                 force = False
@@ -167,18 +167,20 @@ def run_correlation(
                 release(store, CorrelationRun, run_id)  # it completed between our look and our claim
                 continue
             with running(store, CorrelationRun, run_id) as handle:
-                return _compute(store, handle, sets, options, device, progress, log, client)
+                return _compute(store, handle, sets, options, device, backend, progress, log, client)
 
 
 def _check_request(
     store: Store, sets: list[ActivationSet], options: CorrelationOptions, device: str, client: Any = None
-) -> None:
-    """Everything that can refuse the request does so before a run is recorded: device, files, memory (of one
-    cluster task, on a cluster)."""
-    backend = resolve_device(device).array
-    check_precision(options.precision, backend)
-    if client is not None:
-        options = cluster_options(client, options)
+) -> str:
+    """Everything that can refuse the request does so before a run is recorded: device (on a worker, on a
+    cluster), files, memory (of one cluster task, on a cluster). Returns the array backend's name."""
+    if client is None:
+        backend = resolve_device(device).array
+        check_precision(options.precision, backend)
+    else:
+        name = worker_backend(client, device, options.precision)
+        options, backend = cluster_options(client, options), NUMPY  # the budget is the task's: no device lookup
     with store.session() as s:
         inputs = [_set_input(store, s, a) for a in sets]
         dataset_path = s.get(Dataset, sets[0].dataset_id).path
@@ -187,6 +189,7 @@ def _check_request(
             raise ActdbError(f"activation file {i.path} does not exist; `actdb check` lists what is missing")
     tokens = TokenDataset.load(store.config.file(dataset_path))
     check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
+    return backend.name if client is None else name
 
 
 def _complete_run(store: Store, key: str) -> CorrelationRun | None:
@@ -230,7 +233,12 @@ def _set_display_threshold(store: Store, run_id: int, threshold: float) -> None:
 
 
 def _run_values(
-    store: Store, sets: list[ActivationSet], options: CorrelationOptions, key: str, threshold: float | None, device: str
+    store: Store,
+    sets: list[ActivationSet],
+    options: CorrelationOptions,
+    key: str,
+    threshold: float | None,
+    backend: str,
 ) -> dict:
     with store.session() as s:
         models = {s.scalar(select(Checkpoint.model_id).where(Checkpoint.id == a.checkpoint_id)) for a in sets}
@@ -244,7 +252,7 @@ def _run_values(
         "baseline_seed": options.baseline_seed,
         "baseline_draws": options.baseline_draws,
         "topk": options.topk,
-        "backend": resolve_device(device).array.name,
+        "backend": backend,
     }
 
 
@@ -254,11 +262,11 @@ def _compute(
     sets: list[ActivationSet],
     options: CorrelationOptions,
     device: str,
+    backend_name: str,
     progress: bool,
     log: Callable[[str], None],
     client: Any = None,
 ) -> RunOutcome:
-    backend = resolve_device(device).array
     with store.session() as s:
         for pos, a in enumerate(sets):
             s.add(RunMember(run_id=handle.row_id, set_id=a.id, position=pos))
@@ -285,6 +293,7 @@ def _compute(
     started = time.perf_counter()
     try:
         if client is None:
+            backend = resolve_device(device).array
             result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
         else:
             result = correlate_on_cluster(client, inputs, tokens.tokens, tokens.mask, options, device, advance)
@@ -293,7 +302,7 @@ def _compute(
     engine = time.perf_counter() - started
     n_dead = _store_results(store, handle.row_id, inputs, result, kind, threshold)
     writing = time.perf_counter() - started - engine
-    label = result.precision.label(backend)
+    label = result.precision.label(backend_name)
     seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead, backend=label)
     checked = "" if result.precision.error is None else f"; product error {result.precision.error:.1e} of r"
     if client is not None:

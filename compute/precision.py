@@ -31,9 +31,9 @@ class ProductPrecision:
     mode: str
     error: float | None = None
 
-    def label(self, backend: ArrayBackend) -> str:
-        """What the run records as its backend, e.g. `numpy` or `cupy+tf32`."""
-        return backend.name if self.mode == "float32" else f"{backend.name}+{self.mode}"
+    def label(self, backend: str) -> str:
+        """What the run records as its backend (`backend` the array backend's name), e.g. `numpy` or `cupy+tf32`."""
+        return backend if self.mode == "float32" else f"{backend}+{self.mode}"
 
 
 def product_error(a: np.ndarray, b: np.ndarray, fast: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> float:

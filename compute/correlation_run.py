@@ -150,12 +150,12 @@ def run_correlation(
     """Correlate `sets`, or reuse (or wait for) an identical run; a failure leaves the run marked failed. With
     `cluster`, the engine's tasks run on Dask workers (started only when something is to be computed)."""
     key = correlation_key([a.id for a in sets], options)
-    if not force and (done := _complete_run(store, key)) is not None:
+    if not force and (done := complete_run(store, key)) is not None:
         return _reuse(store, done, threshold, log)
     with open_client(cluster) if cluster.enabled else contextlib.nullcontext() as client:
         backend = _check_request(store, sets, options, device, client)
         while True:
-            done = None if force else _complete_run(store, key)
+            done = None if force else complete_run(store, key)
             if done is not None:
                 return _reuse(store, done, threshold, log)
             values = _run_values(store, sets, options, key, threshold, backend)
@@ -163,7 +163,7 @@ def run_correlation(
             if run_id is None:  # an identical request completed meanwhile: reuse it
                 force = False
                 continue
-            if not force and _complete_run(store, key) is not None:
+            if not force and complete_run(store, key) is not None:
                 release(store, CorrelationRun, run_id)  # it completed between our look and our claim
                 continue
             with running(store, CorrelationRun, run_id) as handle:
@@ -181,18 +181,24 @@ def _check_request(
     else:
         name = worker_backend(client, device, options.precision)
         options, backend = cluster_options(client, options), NUMPY  # the budget is the task's: no device lookup
-    with store.session() as s:
-        inputs = [_set_input(store, s, a) for a in sets]
-        dataset_path = s.get(Dataset, sets[0].dataset_id).path
+    inputs, tokens = engine_inputs(store, sets)
     for i in inputs:
         if not Path(i.path).exists():
             raise ActdbError(f"activation file {i.path} does not exist; `actdb check` lists what is missing")
-    tokens = TokenDataset.load(store.config.file(dataset_path))
     check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
     return backend.name if client is None else name
 
 
-def _complete_run(store: Store, key: str) -> CorrelationRun | None:
+def engine_inputs(store: Store, sets: list[ActivationSet]) -> tuple[list[SetInput], TokenDataset]:
+    """What the engine correlates for `sets`: each set's file and stored means, and their token dataset."""
+    with store.session() as s:
+        inputs = [_set_input(store, s, a) for a in sets]
+        dataset_path = s.get(Dataset, sets[0].dataset_id).path
+    return inputs, TokenDataset.load(store.config.file(dataset_path))
+
+
+def complete_run(store: Store, key: str) -> CorrelationRun | None:
+    """The newest complete run of a request key."""
     with store.session() as s:
         return s.scalar(
             select(CorrelationRun)
@@ -270,11 +276,9 @@ def _compute(
     with store.session() as s:
         for pos, a in enumerate(sets):
             s.add(RunMember(run_id=handle.row_id, set_id=a.id, position=pos))
-        inputs = [_set_input(store, s, a) for a in sets]
         run = s.get(CorrelationRun, handle.row_id)
         kind, threshold = run.kind, run.threshold
-        dataset_path = s.get(Dataset, sets[0].dataset_id).path
-    tokens = TokenDataset.load(store.config.file(dataset_path))
+    inputs, tokens = engine_inputs(store, sets)
     total = tokens.tokens.size
     bar = tqdm(
         total=total,

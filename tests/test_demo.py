@@ -1,6 +1,7 @@
 """A reduced `actdb demo` end to end: every stage leaves its rows and files, and a rerun continues."""
 
 import json
+import re
 
 from sqlalchemy import func, select
 
@@ -14,6 +15,8 @@ def test_reduced_demo_end_to_end(run_cli, store_config):
     assert r.exit_code == 0, r.stderr
     assert "Universal neurons" in r.stdout and "report:" in r.stdout
     assert "same seed, 0 vs 30" in r.stdout and "other seed, both at 30" in r.stdout
+    cluster = re.search(r"max \|delta max-corr\| against run \d+: ([0-9.e+-]+)", r.stdout)
+    assert cluster and float(cluster.group(1)) < 1e-5, r.stdout  # the Dask stage recomputes the stored run
     home = store_config.home
     for seed in (0, 1):
         for step in (0, 30):

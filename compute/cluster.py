@@ -67,7 +67,7 @@ def open_client(spec: ClusterSpec) -> Iterator[Any]:
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0",  # a free port: several clusters may run on one machine
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,  # a failed task reaches the client as its one-line error
     )
     with cluster, Client(cluster) as client:
         yield client

@@ -133,6 +133,13 @@ def test_task_that_cannot_fit_is_refused(client, sets):
     assert plan_passes(inputs, 30, CorrelationOptions(memory_budget=10**9), 10**9)
 
 
+def test_worker_error_reaches_the_client_as_one_line(client, sets, tmp_path):
+    inputs, tokens, mask = sets
+    missing = SetInput(99, str(tmp_path / "gone.h5"), L, D, np.zeros(L * D), rotation_key=99)
+    with pytest.raises(ActdbError, match="gone.h5 does not exist"):
+        correlate_on_cluster(client, [inputs[0], missing], tokens, mask, CorrelationOptions())
+
+
 def test_cluster_spec_refuses_both():
     with pytest.raises(ActdbError, match="not both"):
         ClusterSpec(scheduler="tcp://x:8786", workers=2)

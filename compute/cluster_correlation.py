@@ -10,6 +10,7 @@ the same BLAS (see `correlation_shards`).
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable
@@ -88,19 +89,20 @@ def correlate_on_cluster(
     passes = plan_passes(inputs, n_vocab, options, options.memory_budget)
     shards = shards or default_shards(worker_threads(client), len(passes))
     ranges = shard_ranges(n_seq, seq_len, options.chunk_tokens, shards)
-    run = uuid.uuid4().hex[:8]
+    run, counter = uuid.uuid4().hex[:8], itertools.count()
     started = time.perf_counter()
-    futures: list[Any] = []
 
     def submit(name: str, fn: Callable, *args: Any) -> Any:
-        future = client.submit(fn, *args, key=f"actdb-{name}-{run}-{len(futures)}", pure=False)
-        futures.append(future)
-        return future
+        return client.submit(fn, *args, key=f"actdb-{name}-{run}-{next(counter)}", pure=False)
 
+    # Only the futures still needed here are referenced, so that Dask frees each shard's sums once they are added
+    # into the next level of the tree (and the set statistics once the last pass is finalized).
+    rows: dict[Any, int] = {}  # shard futures not yet reported -> positions they read
+    finals: list[Any] = []
+    summary = None
     try:
         spec = client.scatter(EngineSpec(inputs, options, device), broadcast=True, hash=False)
         tok, msk = client.scatter([tokens, mask], broadcast=True, hash=False)
-        rows: dict[Any, int] = {}
         summed = []
         for p, tasks in enumerate(passes):
             parts = []
@@ -118,16 +120,16 @@ def correlate_on_cluster(
         rotations = {i: submit("rotations", base_rotations, s, options.baseline_seed) for i, s in enumerate(inputs)}
         widths = sorted({s.d_mlp for s in inputs})
         draws = submit("draws", _draws, widths, options.baseline_seed, options.baseline_draws)
-        finals = []
         for p, tasks in enumerate(passes):
             involved = {t.a for t in tasks} | {t.b for t in tasks}
             mine = {i: rotations[i] for i in sorted(involved)}
             finals.append(submit(f"finalize-p{p}", finalize_pass, spec, tok, msk, summed[p], stats, mine, draws))
         summary = submit("summary", set_summary, stats)
+        del summed, parts, stats, rotations, mine, draws
         _watch(rows, progress)
         return _collect(inputs, options, passes, summary, finals, started)
     except BaseException:
-        client.cancel(futures)
+        client.cancel([*rows, *finals, *([summary] if summary is not None else [])])
         raise
 
 
@@ -139,8 +141,8 @@ def _draws(widths: list[int], seed: int, draws: int) -> dict[tuple[int, int], np
 
 
 def _watch(rows: dict[Any, int], progress: Callable[[int], None] | None) -> None:
-    """Report each shard as it finishes; a failed shard raises its error here (a one-line ActdbError from a
-    worker stays one line)."""
+    """Report each shard as it finishes, and forget it; a failed shard raises its error here (a one-line
+    ActdbError from a worker stays one line)."""
     from distributed import as_completed
 
     for future in as_completed(list(rows)):
@@ -148,6 +150,7 @@ def _watch(rows: dict[Any, int], progress: Callable[[int], None] | None) -> None
             future.result()
         if progress is not None:
             progress(rows[future])
+        del rows[future]
 
 
 def _collect(
@@ -160,6 +163,7 @@ def _collect(
 ) -> CorrelationResult:
     """Fold the passes' results in order into the run's, as the single-process engine would have them."""
     stats = summary.result()
+    del summary
     results = empty_results(inputs, options.topk, options.baseline_draws)
     pairs = None
     if options.layer_similarity:

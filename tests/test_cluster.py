@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -88,6 +89,12 @@ def test_cluster_equals_single_process(client, sets, control):
     assert ref.n_passes > 1
     got = correlate_on_cluster(client, inputs, tokens, mask, options, shards=3)
     _assert_same(got, ref)
+    deadline = time.monotonic() + 10  # releases travel to the scheduler in batches
+    while (held := client.run_on_scheduler(lambda dask_scheduler: sorted(map(str, dask_scheduler.tasks)))) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert held == [], held  # the run leaves nothing on the cluster
     assert set(got.layers) == set(ref.layers)
     for key, pair in ref.layers.items():
         other = got.layers[key]

@@ -3,13 +3,14 @@
 
 Each task opens the store itself and runs the ordinary ingest (and explanation) of one checkpoint, so the run
 lifecycle applies unchanged: the database claim keeps each set done once, however many tasks or users ask for
-it, and a task whose worker dies leaves a running row that the retry (or anyone) reaps and resumes from its last
-flushed row. Workers on other machines need the store folder at the same path and a database they can all
-reach: PostgreSQL, not an SQLite file.
+it, and a task whose worker dies leaves a running row that the retry reaps (at once on the same machine, once
+its heartbeat is stale on another) and resumes from its last flushed row. Workers on other machines need the
+store folder at the same path and a database they can all reach: PostgreSQL, not an SQLite file.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,8 +22,9 @@ from actdb.compute.explanations import ingest_and_explain
 from actdb.compute.predictions import PredictionRequest, compute_predictions
 from actdb.store.config import StoreConfig
 from actdb.store.database import Store
-from actdb.store.errors import ActdbError, first_line
+from actdb.store.errors import ActdbError, BusyError, first_line
 from actdb.store.ingest import IngestRequest
+from actdb.store.lifecycle import HEARTBEAT_SECONDS, STALE_AFTER
 
 
 def check_cluster_database(config: StoreConfig, cluster: ClusterSpec) -> None:
@@ -49,11 +51,21 @@ def ingest_step(store: Store, request: IngestRequest, predictions: bool, log: Ca
 
 
 def _ingest_task(config: StoreConfig, request: IngestRequest, predictions: bool) -> list[str]:
-    """One step on a worker, with its own connection to the store; returns what it logged."""
+    """One step on a worker, with its own connection to the store; returns what it logged. A set held by
+    another process (a live one, or the dead worker this task replaces on another machine, whose heartbeat turns
+    stale after `STALE_AFTER`) is waited for, then resumed or found complete."""
     messages: list[str] = []
+    deadline = time.monotonic() + STALE_AFTER.total_seconds() + 2 * HEARTBEAT_SECONDS
     store = Store.open(config)
     try:
-        ingest_step(store, request, predictions, log=messages.append)
+        while True:
+            try:
+                ingest_step(store, request, predictions, log=messages.append)
+                break
+            except BusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(HEARTBEAT_SECONDS)
     finally:
         store.close()
     return messages

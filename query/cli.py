@@ -217,7 +217,7 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     type=click.Choice(["float32", "bfloat16", "float16"]),
     default="float32",
     show_default=True,
-    help="Precision of the forward pass (stored activations are float16 either way).",
+    help="Precision of the forward pass (what is stored is --dtype's either way).",
 )
 @click.option(
     "--trust-remote-code",

@@ -29,6 +29,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def worker_peak_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss would include the parent's peak, carried across fork+exec."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+
+
 def max_diff(a, b) -> float:
     return max(float(np.nanmax(np.abs(a.matches[k].max_corr - b.matches[k].max_corr))) for k in a.matches)
 
@@ -68,7 +74,7 @@ def main() -> None:
             started = time.perf_counter()
             got = correlate_on_cluster(client, sets, tokens, mask, options)
             seconds = time.perf_counter() - started
-            peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            peaks = client.run(worker_peak_mb)
         print(
             f"cluster, {workers} worker(s) x 1 thread: {seconds:.2f} s = {t_single / seconds:.2f} of the single "
             f"process's speed ({t_one / seconds:.2f} of one thread's), {got.n_passes} pass(es); max |d max-corr| "

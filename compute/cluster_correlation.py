@@ -34,6 +34,7 @@ from actdb.compute.correlation_shards import (
     EngineSpec,
     accumulate_shard,
     default_shards,
+    draw_ranges,
     draw_rotations,
     finalize_pass,
     finalize_sets,
@@ -79,8 +80,9 @@ def correlate_on_cluster(
     progress: Callable[[int], None] | None = None,
     shards: int | None = None,
 ) -> CorrelationResult:
-    """Correlate every pair of `inputs` on the cluster behind `client`; `shards` token shards per pass (default:
-    enough to give every worker thread a task). `progress(rows)` is called as each shard finishes."""
+    """Correlate every pair of `inputs` on the cluster behind `client`; `shards` token shards per pass, and as
+    many finalize tasks splitting its baseline draws (default: enough to give every worker thread a task).
+    `progress(rows)` is called as each shard finishes."""
     if len(inputs) < 2:
         raise ActdbError("correlation needs at least two activation sets")
     options = cluster_options(client, options)
@@ -120,10 +122,13 @@ def correlate_on_cluster(
         rotations = {i: submit("rotations", base_rotations, s, options.baseline_seed) for i, s in enumerate(inputs)}
         widths = sorted({s.d_mlp for s in inputs})
         draws = submit("draws", _draws, widths, options.baseline_seed, options.baseline_draws)
+        split = draw_ranges(options.baseline_draws, shards)
         for p, tasks in enumerate(passes):
             involved = {t.a for t in tasks} | {t.b for t in tasks}
             mine = {i: rotations[i] for i in sorted(involved)}
-            finals.append(submit(f"finalize-p{p}", finalize_pass, spec, tok, msk, summed[p], stats, mine, draws))
+            for k, which in enumerate(split):  # the first piece also takes the maxima
+                args = (spec, tok, msk, summed[p], stats, mine, draws, k == 0, which)
+                finals.append(submit(f"finalize-p{p}", finalize_pass, *args))
         summary = submit("summary", set_summary, stats)
         del summed, parts, stats, rotations, mine, draws
         _watch(rows, progress)

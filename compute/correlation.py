@@ -359,30 +359,31 @@ class CorrelationEngine:
                 self.backend.xp.cuda.Stream.null.synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
-    def _finalize_pass(self, acc: dict[TaskGroup, object]) -> None:
+    def _finalize_pass(self, acc: dict[TaskGroup, object], maxima: bool = True, draws: range | None = None) -> None:
         """Turn a pass's accumulators into covariances (in place), take the maxima of each (pair x layer), then
         the rotation baseline: for each set and draw, its rotations are built once and applied to every block
         that involves the set, so one set's rotations of one draw are in memory at a time. The baseline works on
         float32 copies of the covariances (the accumulation's float32 buffers are free by then): a baseline
-        maximum only needs ~1e-6, and float32 products run at twice the rate."""
+        maximum only needs ~1e-6, and float32 products run at twice the rate. A cluster splits this work: the
+        maxima (`maxima`) and ranges of baseline `draws` (default: all) in separate tasks."""
         xp = self.backend.xp
         with self._timed("maxima"):
             for g in list(acc):
                 block = acc[g]
                 self._to_covariance(g, block)
-                for layer in range(g.start, g.stop):
+                for layer in range(g.start, g.stop) if maxima else ():
                     _task_maxima(Task(g.a, g.b, layer), self._rows(g, block, layer), self)
                 acc[g] = block.astype(xp.float32)
                 del block
         with self._timed("baseline"):
-            self._baseline(acc)
+            self._baseline(acc, range(self.options.baseline_draws) if draws is None else draws)
 
-    def _baseline(self, acc: dict[TaskGroup, object]) -> None:
+    def _baseline(self, acc: dict[TaskGroup, object], draws: range) -> None:
         for key in sorted({g.a for g in acc} | {g.b for g in acc}):
             s = self.inputs[key]
             base = [self.backend.asarray(r) for r in self._base_rotations(key)]
             covs = [c.astype(self.backend.xp.float32) for c in self.moments[key].cov]
-            for draw in range(self.options.baseline_draws):
+            for draw in draws:
                 rot, rot_sd = self._rotations(key, base, covs, draw)
                 if self.similarity is not None:
                     m = self.moments[key]

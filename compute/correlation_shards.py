@@ -75,17 +75,26 @@ class SetStatistics:
 
 @dataclass
 class PassResult:
-    """One pass's maxima and baselines for the ordered pairs its groups touch."""
+    """A pass's maxima (when `maxima`) and its baselines of `draws`, for the ordered pairs its groups touch."""
 
     groups: list[TaskGroup]
     results: dict[tuple[int, int], MatchResult]
     layer_pairs: LayerPairs | None
+    maxima: bool
+    draws: range
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 def default_shards(threads: int, n_passes: int) -> int:
-    """Token shards per pass that give every worker thread an accumulating task (passes already spread)."""
+    """Token shards per pass that give every worker thread an accumulating task (passes already spread); the
+    same number of finalize tasks per pass split its baseline draws."""
     return max(1, math.ceil(threads / n_passes))
+
+
+def draw_ranges(draws: int, parts: int) -> list[range]:
+    """Baseline draws cut into at most `parts` consecutive ranges (the first finalize task also takes the maxima)."""
+    bounds = np.linspace(0, draws, min(max(1, parts), draws) + 1).round().astype(int)
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def shard_ranges(n_seq: int, seq_len: int, chunk_tokens: int, shards: int) -> list[tuple[int, int]]:
@@ -198,9 +207,11 @@ def finalize_pass(
     stats: SetStatistics,
     rotations: dict[int, list[np.ndarray]],
     draws: dict[tuple[int, int], np.ndarray],
+    maxima: bool = True,
+    which: range | None = None,
 ) -> PassResult:
-    """One pass's maxima and rotation baseline. The summed blocks become covariances in place: this task is their
-    only reader, and when its worker dies Dask recomputes them from the shards."""
+    """One pass's maxima (when `maxima`) and rotation baseline of the draws `which` (default: all). The summed
+    blocks are copied before they become covariances: several such tasks read them."""
     with _engine(spec, tokens, mask) as engine:
         backend = engine.backend
         engine.n, engine.token_counts = stats.n, stats.token_counts
@@ -219,24 +230,28 @@ def finalize_pass(
         engine.base_cache = dict(rotations)
         engine.draw_rotations = {k: backend.asarray(v) for k, v in draws.items()}
         groups = list(sums.blocks)
-        engine._finalize_pass({g: backend.asarray(b) for g, b in sums.blocks.items()})
+        which = range(spec.options.baseline_draws) if which is None else which
+        blocks = {g: backend.asarray(b) for g, b in sums.blocks.items()}
+        blocks = {g: b.copy() if b is sums.blocks[g] else b for g, b in blocks.items()}
+        engine._finalize_pass(blocks, maxima, which)
         touched = {(g.a, g.b) for g in groups} | {(g.b, g.a) for g in groups}
         results = {pair: engine.results[pair] for pair in touched}
         pairs = None if engine.similarity is None else engine.similarity.pairs
-        return PassResult(groups, results, pairs, dict(engine.seconds))
+        return PassResult(groups, results, pairs, maxima, which, dict(engine.seconds))
 
 
 def merge_pass(results: dict[tuple[int, int], MatchResult], part: PassResult, inputs: list[SetInput]) -> None:
-    """Fold one pass into the run's results, passes in order: a's rows of each group are the pass's own; b's
-    running maxima over a's layers keep the earlier value on ties, as the engine does."""
+    """Fold a piece of a pass into the run's results, passes in order: a's rows of each group are the pass's own
+    (its baseline rows per draw range); b's running maxima over a's layers keep the earlier value on ties, as the
+    engine does, and its baselines are maxima too (draws a piece did not compute stay -inf there)."""
+    draws = slice(part.draws.start, part.draws.stop)
     for g in part.groups:
         rows = slice(g.start * inputs[g.a].d_mlp, g.stop * inputs[g.a].d_mlp)
         src, dst = part.results[(g.a, g.b)], results[(g.a, g.b)]
-        dst.max_corr[rows], dst.best[rows], dst.baseline[:, rows] = (
-            src.max_corr[rows],
-            src.best[rows],
-            src.baseline[:, rows],
-        )
+        dst.baseline[draws, rows] = src.baseline[draws, rows]
+        if not part.maxima:
+            continue
+        dst.max_corr[rows], dst.best[rows] = src.max_corr[rows], src.best[rows]
         if dst.topk_idx is not None:
             dst.topk_idx[rows], dst.topk_val[rows] = src.topk_idx[rows], src.topk_val[rows]
         if dst.self_corr is not None:
@@ -244,9 +259,11 @@ def merge_pass(results: dict[tuple[int, int], MatchResult], part: PassResult, in
             results[(g.b, g.a)].self_corr[rows] = part.results[(g.b, g.a)].self_corr[rows]
     for b, a in sorted({(g.b, g.a) for g in part.groups}):
         src, dst = part.results[(b, a)], results[(b, a)]
+        np.maximum(dst.baseline, src.baseline, out=dst.baseline)
+        if not part.maxima:
+            continue
         better = src.max_corr > dst.max_corr
         dst.max_corr[better], dst.best[better] = src.max_corr[better], src.best[better]
-        np.maximum(dst.baseline, src.baseline, out=dst.baseline)
         if dst.topk_idx is not None:
             merge_topk(dst, src.topk_val, src.topk_idx)
 

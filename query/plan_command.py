@@ -272,9 +272,10 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
             c.tasks,
             "tasks",
             f"{m.n_passes} passes x {c.shards} token shards = {c.tasks}",
-            f"`correlate --workers {r.workers}` (or --scheduler, one thread a worker): each task holds at most the "
-            f"budget; it reads at most {_bytes(c.read_per_task)}"
-            + (f" and hands {_bytes(c.sent_per_task)} of sums to the reduction" if c.sent_per_task else ""),
+            f"`correlate --workers {r.workers}` (or --scheduler, one thread a worker): each accumulating task holds "
+            f"at most the budget; it reads at most {_bytes(c.read_per_task)}"
+            + (f" and hands {_bytes(c.sent_per_task)} of sums to the reduction" if c.sent_per_task else "")
+            + f"; each pass's baseline draws split over up to {c.shards} finalize tasks",
         )
     add(
         "ingest FLOPs per set",

@@ -1,7 +1,8 @@
 """A correlation run on a Dask cluster: the engine's pieces (`correlation_shards`) as one task graph.
 
 Per pass of (pair x block of layers) tasks that fit one task's memory, one task per token shard accumulates the
-pass's sums; a fixed binary tree adds the shards; one task finalizes the pass. The first pass also carries every
+pass's sums; a fixed binary tree adds the shards; as many tasks finalize the pass, each a range of the baseline's
+draws (the first also the maxima). The first pass also carries every
 set's moments, finalized once. Rotations are built once per set and per draw and shipped to the finalize tasks
 that need them. Dask reruns the tasks of a worker that dies (a killed process, a preempted node) from what they
 were computed from, so a run survives losing workers; the results equal the single-process engine's run with
@@ -121,7 +122,7 @@ def correlate_on_cluster(
         stats = submit("sets", finalize_sets, spec, tok, msk, submit("moments", moments_only, summed[0]))
         rotations = {i: submit("rotations", base_rotations, s, options.baseline_seed) for i, s in enumerate(inputs)}
         widths = sorted({s.d_mlp for s in inputs})
-        draws = submit("draws", _draws, widths, options.baseline_seed, options.baseline_draws)
+        draws = submit("draws", draw_rotations, widths, options.baseline_seed, options.baseline_draws)
         split = draw_ranges(options.baseline_draws, shards)
         for p, tasks in enumerate(passes):
             involved = {t.a for t in tasks} | {t.b for t in tasks}
@@ -136,13 +137,6 @@ def correlate_on_cluster(
     except BaseException:
         client.cancel([*rows, *finals, *([summary] if summary is not None else [])])
         raise
-
-
-def _draws(widths: list[int], seed: int, draws: int) -> dict[tuple[int, int], np.ndarray]:
-    out: dict[tuple[int, int], np.ndarray] = {}
-    for d in widths:
-        out.update(draw_rotations(d, seed, draws))
-    return out
 
 
 def _watch(rows: dict[Any, int], progress: Callable[[int], None] | None) -> None:
@@ -168,7 +162,6 @@ def _collect(
 ) -> CorrelationResult:
     """Fold the passes' results in order into the run's, as the single-process engine would have them."""
     stats = summary.result()
-    del summary
     results = empty_results(inputs, options.topk, options.baseline_draws)
     pairs = None
     if options.layer_similarity:

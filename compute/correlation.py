@@ -224,8 +224,8 @@ def _read_chunks(
     is allocated once and reused (fresh multi-MB arrays per chunk cost page faults): rows are read straight into
     a buffer of the stored values, then converted and shifted in place in the set's float32 chunk. A yielded
     chunk stays valid until `ring_size` more are yielded (1 when the consumer finishes each chunk before asking
-    for the next). NumPy only: the products that follow run in
-    NumPy's BLAS, and a second thread pool (torch's) next to it slowed both.
+    for the next). NumPy only: the products that follow run in NumPy's BLAS, and a second thread pool (torch's)
+    next to it slowed both.
     """
     seqs = max(1, chunk_tokens // seq_len)
     rows = seqs * seq_len

@@ -93,6 +93,18 @@ class CorrelationRequest:
         )
 
 
+@dataclass(frozen=True)
+class _Work:
+    """What a checked request computes with: the engine's inputs and tokens, the device, the array backend's
+    name, and the Dask client when the tasks run on a cluster."""
+
+    inputs: list[SetInput]
+    tokens: TokenDataset
+    device: str
+    backend: str
+    client: Any = None
+
+
 @dataclass
 class RunOutcome:
     run_id: int
@@ -153,7 +165,7 @@ def run_correlation(
     if not force and (done := complete_run(store, key)) is not None:
         return _reuse(store, done, threshold, log)
     with open_client(cluster) if cluster.enabled else contextlib.nullcontext() as client:
-        backend = _check_request(store, sets, options, device, client)
+        backend, inputs, tokens = _check_request(store, sets, options, device, client)
         while True:
             done = None if force else complete_run(store, key)
             if done is not None:
@@ -167,14 +179,16 @@ def run_correlation(
                 release(store, CorrelationRun, run_id)  # it completed between our look and our claim
                 continue
             with running(store, CorrelationRun, run_id) as handle:
-                return _compute(store, handle, sets, options, device, backend, progress, log, client)
+                work = _Work(inputs, tokens, device, backend, client)
+                return _compute(store, handle, sets, options, work, progress, log)
 
 
 def _check_request(
     store: Store, sets: list[ActivationSet], options: CorrelationOptions, device: str, client: Any = None
-) -> str:
+) -> tuple[str, list[SetInput], TokenDataset]:
     """Everything that can refuse the request does so before a run is recorded: device (on a worker, on a
-    cluster), files, memory (of one cluster task, on a cluster). Returns the array backend's name."""
+    cluster), files, memory (of one cluster task, on a cluster). Returns the array backend's name and the
+    engine's inputs, which the computation then uses."""
     if client is None:
         backend = resolve_device(device).array
         check_precision(options.precision, backend)
@@ -186,7 +200,7 @@ def _check_request(
         if not Path(i.path).exists():
             raise ActdbError(f"activation file {i.path} does not exist; `actdb check` lists what is missing")
     check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
-    return backend.name if client is None else name
+    return (backend.name if client is None else name), inputs, tokens
 
 
 def engine_inputs(store: Store, sets: list[ActivationSet]) -> tuple[list[SetInput], TokenDataset]:
@@ -267,18 +281,16 @@ def _compute(
     handle: RunHandle,
     sets: list[ActivationSet],
     options: CorrelationOptions,
-    device: str,
-    backend_name: str,
+    work: _Work,
     progress: bool,
     log: Callable[[str], None],
-    client: Any = None,
 ) -> RunOutcome:
     with store.session() as s:
         for pos, a in enumerate(sets):
             s.add(RunMember(run_id=handle.row_id, set_id=a.id, position=pos))
         run = s.get(CorrelationRun, handle.row_id)
         kind, threshold = run.kind, run.threshold
-    inputs, tokens = engine_inputs(store, sets)
+    inputs, tokens, client = work.inputs, work.tokens, work.client
     total = tokens.tokens.size
     bar = tqdm(
         total=total,
@@ -297,16 +309,16 @@ def _compute(
     started = time.perf_counter()
     try:
         if client is None:
-            backend = resolve_device(device).array
+            backend = resolve_device(work.device).array
             result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
         else:
-            result = correlate_on_cluster(client, inputs, tokens.tokens, tokens.mask, options, device, advance)
+            result = correlate_on_cluster(client, inputs, tokens.tokens, tokens.mask, options, work.device, advance)
     finally:
         bar.close()
     engine = time.perf_counter() - started
     n_dead = _store_results(store, handle.row_id, inputs, result, kind, threshold)
     writing = time.perf_counter() - started - engine
-    label = result.precision.label(backend_name)
+    label = result.precision.label(work.backend)
     seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead, backend=label)
     checked = "" if result.precision.error is None else f"; product error {result.precision.error:.1e} of r"
     if client is not None:

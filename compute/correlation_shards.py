@@ -6,8 +6,8 @@ One run is, per pass of (pair x block of layers) tasks that fit a task's memory:
    every set's moments) as float64, exactly as the single-process engine accumulates them chunk by chunk;
 2. `sum_shards`: the shards' float64 sums added up (in a fixed tree, so a run is reproducible);
 3. `finalize_sets` once, from the first pass's moments: covariances and standard deviations;
-4. `finalize_pass`: the pass's maxima and rotation baseline, with rotations built once per set (`base_rotations`)
-   and per draw (`draw_rotations`), as the engine builds them;
+4. `finalize_pass`: the pass's maxima and rotation baseline (split by ranges of draws over several tasks), with
+   rotations built once per set (`base_rotations`) and per draw (`draw_rotations`), as the engine builds them;
 5. `merge_pass` on the client, in pass order, with the engine's tie rule (the earlier layer wins).
 
 Shards start on the engine's chunk boundaries, so every chunk product is the one the single-process engine
@@ -194,9 +194,9 @@ def set_summary(stats: SetStatistics) -> SetStatistics:
     return SetStatistics(moments, stats.n, stats.token_counts, stats.layer_pairs)
 
 
-def draw_rotations(d: int, seed: int, draws: int) -> dict[tuple[int, int], np.ndarray]:
-    """The rotations P_k of draws 1.. shared by every set of width `d` (float32), as the engine draws them."""
-    return {(d, k): draw_rotation(d, seed, k).astype(np.float32) for k in range(1, draws)}
+def draw_rotations(widths: list[int], seed: int, draws: int) -> dict[tuple[int, int], np.ndarray]:
+    """The rotations P_k of draws 1.. shared by every set of each width (float32), as the engine draws them."""
+    return {(d, k): draw_rotation(d, seed, k).astype(np.float32) for d in widths for k in range(1, draws)}
 
 
 def finalize_pass(

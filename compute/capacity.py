@@ -39,11 +39,10 @@ from actdb.compute.correlation_shards import default_shards
 from actdb.compute.precision import check_precision
 from actdb.store.device import NUMPY, ArrayBackend
 from actdb.store.errors import ActdbError
+from actdb.store.refs import CONTROLS, STORED_DTYPES
 
 TOKEN_BYTES = 4 + 1  # the token file holds an int32 id and a bool mask per position (store.token_file)
-STORED_DTYPES = ("float16", "int8")  # what ingest writes (`ingest --dtype`; int8 adds 8 B of scale/offset a 1024)
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the forward pass (`ingest --torch-dtype`)
-CONTROLS = ("none", "token")
 # The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end. Measured with
 # `benchmarks/planner_accuracy.py` (the engine against `plan_study` on the same shapes, in one process): 0.82-0.85
 # on a 2-core AVX-512 Intel machine, but 1.0 (200k-token benchmark) and 1.24 (demo step) on a 2-core AVX2 AMD EPYC.

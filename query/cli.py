@@ -29,6 +29,7 @@ from actdb.query.options import (
     hook_option,
     precision_option,
     quiet_option,
+    stored_dtype_option,
     threshold_option,
 )
 from actdb.query.output import json_records, render
@@ -231,13 +232,9 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     is_flag=True,
     help="Also record each step's top-1 predictions and losses (a second pass, for `similarity --function`).",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "int8"]),
-    default="float16",
-    show_default=True,
-    help="Stored values: float16, or int8 (1 byte a value: affine codes with a float32 scale and offset per "
-    "1024-token block and neuron; reads return float32 within half a step of float16).",
+@stored_dtype_option(
+    "Stored values: float16, or int8 (1 byte a value: affine codes with a float32 scale and offset per "
+    "1024-token block and neuron; reads return float32 within half a step of float16)."
 )
 @click.option(
     "--top-k",

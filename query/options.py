@@ -17,6 +17,7 @@ from actdb.store.refs import (
     DEVICES,
     MAX_STEP,
     PRECISIONS,
+    STORED_DTYPES,
     check_threshold,
     parse_bytes,
     parse_set_ref,
@@ -128,6 +129,10 @@ def cluster_option(f: Callable) -> Callable:
         help="Run the tasks on an existing Dask cluster (e.g. tcp://head:8786, from dask-jobqueue or dask-cuda); "
         "workers need the store's folder at the same path.",
     )(command)
+
+
+def stored_dtype_option(help: str = "Stored dtype.") -> Callable:
+    return click.option("--dtype", type=click.Choice(STORED_DTYPES), default="float16", show_default=True, help=help)
 
 
 def hook_option(f: Callable) -> Callable:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from actdb.query.options import SIZE, format_option
+from actdb.query.options import SIZE, format_option, stored_dtype_option
 from actdb.query.output import render
 from actdb.store.errors import ActdbError
 
@@ -57,9 +57,7 @@ def register(group: click.Group) -> None:
 @click.option("--params", type=COUNT, help="Custom shape: parameters, e.g. 124M.")
 @click.option("--d-model", type=click.IntRange(min=1), help="Custom shape: residual width (shown only).")
 @click.option("--vocab", type=click.IntRange(min=1), help="Custom shape: vocabulary (needed by --control token).")
-@click.option(
-    "--dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Stored dtype."
-)
+@stored_dtype_option()
 @click.option(
     "--torch-dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),

@@ -26,9 +26,9 @@ import numpy as np
 
 from actdb.store.errors import ActdbError
 from actdb.store.hook_names import transformer_lens_name
+from actdb.store.refs import STORED_DTYPES
 
 FORMAT_VERSION = 2  # the newest layout this actdb reads: 1 float16 (unchanged), 2 int8 with scales and offsets
-STORED_DTYPES = ("float16", "int8")
 CHUNK_TOKENS = 1024
 CHUNK_NEURONS = 128
 WRITE_CACHE_BYTES = 64 * 2**20

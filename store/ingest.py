@@ -35,7 +35,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
 from tqdm.auto import tqdm
 
-from actdb.store.activation_file import STORED_DTYPES, ActivationHeader, ActivationWriter, partial_path
+from actdb.store.activation_file import ActivationHeader, ActivationWriter, partial_path
 from actdb.store.architectures import MLPRecorder, mlp_shape
 from actdb.store.config import StoreConfig
 from actdb.store.database import Store, finite_or_none, insert_rows
@@ -52,7 +52,7 @@ from actdb.store.model_loading import (
     weights_fingerprint,
 )
 from actdb.store.neuron_stats import StreamingMoments, Workspace
-from actdb.store.refs import check_name
+from actdb.store.refs import STORED_DTYPES, check_name
 from actdb.store.registry import check_new_name, find_set, get_dataset, get_or_create
 from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, NeuronStat
 from actdb.store.token_datasets import load_tokenizer, tokenizer_fingerprint

@@ -19,6 +19,7 @@ Neuron = tuple[int, int]
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "tf32", "float32")  # of the correlation products on CUDA
 CONTROLS = ("none", "token")
+STORED_DTYPES = ("float16", "int8")  # what ingest writes (`ingest --dtype`)
 
 
 def check_threshold(threshold: float | None) -> float | None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actdb.compute.ablation import LossEvaluator, set_edits
-from actdb.store.model_loading import load_model
-from actdb.store.zoo import save_tiny_model, stdlib_texts, train_tokenizer
+from actdb.compute.ablation.loss import LossEvaluator, set_edits
+from actdb.store.ingest.model_loading import load_model
+from actdb.store.ingest.zoo import save_tiny_model, stdlib_texts, train_tokenizer
 
 
 def main() -> None:

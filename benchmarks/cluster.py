@@ -20,8 +20,8 @@ from synthetic_sets import SEQ_LEN, write_sets
 from threadpoolctl import threadpool_limits
 
 from actdb.compute.cluster import ClusterSpec, open_client
-from actdb.compute.cluster_correlation import correlate_on_cluster
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.cluster import correlate_on_cluster
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
 from actdb.store.device import resolve_device
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
 from actdb.store.device import resolve_device
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     if args.skip_naive:
         return
     m = min(args.naive_tokens, args.tokens)
-    from actdb.store.activation_file import ActivationReader
+    from actdb.store.files.activation import ActivationReader
 
     data = []
     for s in sets:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
 from actdb.store.device import resolve_device
 
 CHUNK = 8192

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
 from actdb.store.device import cupy_usable, resolve_device
 
 

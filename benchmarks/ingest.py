@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actdb.compute.explanations import explain_set
+from actdb.compute.explain.run import explain_set
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
-from actdb.store.dataset_registry import add_dataset
-from actdb.store.ingest import IngestRequest, ingest
-from actdb.store.model_loading import load_model
-from actdb.store.schema import ActivationSet
-from actdb.store.token_file import TokenDataset
-from actdb.store.zoo import save_tiny_model, stdlib_files, stdlib_texts, train_tokenizer
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import ActivationSet
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.dataset_registry import add_dataset
+from actdb.store.ingest.model_loading import load_model
+from actdb.store.ingest.pipeline import IngestRequest, ingest
+from actdb.store.ingest.zoo import save_tiny_model, stdlib_files, stdlib_texts, train_tokenizer
 
 
 def main() -> None:

@@ -31,16 +31,16 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from actdb.compute.correlation_run import CorrelationRequest, correlate
-from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.compute.correlation.run import CorrelationRequest, correlate
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
-from actdb.store.dataset_registry import add_dataset
-from actdb.store.ingest import IngestRequest, ingest
-from actdb.store.labels import universal_neurons_of
+from actdb.store.database.connection import Store
+from actdb.store.database.labels import universal_neurons_of
+from actdb.store.database.schema import ActivationSet, NeuronMatch
+from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.store.ingest.dataset_registry import add_dataset
+from actdb.store.ingest.pipeline import IngestRequest, ingest
+from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, stdlib_texts, train_tokenizer, train_zoo, zoo_config
 from actdb.store.refs import SetRef
-from actdb.store.schema import ActivationSet, NeuronMatch
-from actdb.store.zoo import checkpoint_dir, stdlib_files, stdlib_texts, train_tokenizer, train_zoo, zoo_config
 
 DTYPES = ("float16", "int8")
 quiet = lambda _m: None  # noqa: E731
@@ -94,7 +94,7 @@ def compress_sizes(source: Path, work: Path) -> list[str]:
         import hdf5plugin
     except ImportError:
         return ["hdf5plugin is not installed: compression not measured"]
-    from actdb.store.activation_file import chunk_shape, quantise
+    from actdb.store.files.activation import chunk_shape, quantise
 
     with ActivationReader(source) as r:
         h = r.header

@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from actdb.compute.correlation_run import CorrelationRequest, correlate
+from actdb.compute.correlation.run import CorrelationRequest, correlate
 from actdb.query.queries import universal_neurons
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
+from actdb.store.database.connection import Store
 from actdb.store.refs import SetRef
 
 

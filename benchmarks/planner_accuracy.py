@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.capacity import PlanRequest, custom_architecture, plan_study
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
+from actdb.compute.planning.estimate import PlanRequest, custom_architecture, plan_study
 from actdb.store.device import resolve_device
 
 SHAPES = {  # name: (sets, layers, d_mlp, tokens)

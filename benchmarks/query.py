@@ -21,8 +21,8 @@ from sqlalchemy import insert, text
 
 from actdb.query.queries import neuron_story, universal_neurons
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
-from actdb.store.schema import (
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import (
     ActivationSet,
     Checkpoint,
     CorrelationRun,

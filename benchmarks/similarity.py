@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
 from actdb.store.device import resolve_device
 
 

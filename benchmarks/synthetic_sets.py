@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actdb.compute.correlation import SetInput
-from actdb.store.activation_file import ActivationHeader, ActivationWriter
+from actdb.compute.correlation.engine import SetInput
+from actdb.store.files.activation import ActivationHeader, ActivationWriter
 
 SEQ_LEN = 512
 

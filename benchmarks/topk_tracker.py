@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from actdb.store.neuron_stats import StreamingMoments, Workspace
-from actdb.store.top_activations import TopKTracker
+from actdb.store.ingest.neuron_stats import StreamingMoments, Workspace
+from actdb.store.ingest.top_activations import TopKTracker
 
 
 def main() -> None:

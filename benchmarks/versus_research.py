@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
-from actdb.compute.baseline import random_rotation
-from actdb.compute.correlation import CorrelationOptions, correlate_sets
-from actdb.store.activation_file import ActivationReader
+from actdb.compute.correlation.baseline import random_rotation
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
 from actdb.store.device import resolve_device
+from actdb.store.files.activation import ActivationReader
 
 BATCH = 8192
 

@@ -18,13 +18,13 @@ from dataclasses import replace
 from tqdm.auto import tqdm
 
 from actdb.compute.cluster import ClusterSpec, open_client
-from actdb.compute.explanations import ingest_and_explain
-from actdb.compute.predictions import PredictionRequest, compute_predictions
+from actdb.compute.explain.run import ingest_and_explain
+from actdb.compute.similarity.predictions import PredictionRequest, compute_predictions
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
+from actdb.store.database.connection import Store
+from actdb.store.database.lifecycle import HEARTBEAT_SECONDS, STALE_AFTER
 from actdb.store.errors import ActdbError, BusyError, first_line
-from actdb.store.ingest import IngestRequest
-from actdb.store.lifecycle import HEARTBEAT_SECONDS, STALE_AFTER
+from actdb.store.ingest.pipeline import IngestRequest
 
 
 def check_cluster_database(config: StoreConfig, cluster: ClusterSpec) -> None:

@@ -2,12 +2,12 @@
 
 from alembic import context
 
-from actdb.store.database import make_engine
-from actdb.store.schema import Base
+from actdb.store.database.connection import make_engine
+from actdb.store.database.schema import Base
 
 config = context.config
 target_metadata = Base.metadata
-NOT_SCHEMA = {"sql_reader"}  # credentials of the `actdb sql` reader role (actdb.store.sql_reader), not schema
+NOT_SCHEMA = {"sql_reader"}  # credentials of the `actdb sql` reader role (actdb.store.database.sql_reader), not schema
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:

@@ -21,14 +21,14 @@ from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.listings import status_rows
 from actdb.query.sql_console import run_readonly
-from actdb.store.activation_file import ActivationReader
 from actdb.store.config import StoreConfig
-from actdb.store.database import Rows, Store
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.registry import complete_set
+from actdb.store.database.views import v_neuron_explanations
 from actdb.store.errors import ActdbError
+from actdb.store.files.activation import ActivationReader
+from actdb.store.files.token import TokenDataset
 from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, parse_token_range
-from actdb.store.registry import complete_set
-from actdb.store.token_file import TokenDataset
-from actdb.store.views import v_neuron_explanations
 
 if TYPE_CHECKING:
     import pandas as pd

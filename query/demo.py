@@ -18,31 +18,31 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from actdb.compute.ablation_run import AblationRequest, run_ablation
-from actdb.compute.correlation import CorrelationOptions
-from actdb.compute.correlation_run import (
+from actdb.compute.ablation.run import AblationRequest, run_ablation
+from actdb.compute.correlation.engine import CorrelationOptions
+from actdb.compute.correlation.run import (
     CorrelationRequest,
     complete_run,
     correlate,
     correlation_key,
     engine_inputs,
 )
-from actdb.compute.explanations import ingest_and_explain
-from actdb.compute.function_similarity import FunctionRequest, function_similarity
-from actdb.compute.persistence import PersistenceRequest, compute_persistence
-from actdb.compute.predictions import PredictionRequest, compute_predictions
+from actdb.compute.explain.run import ingest_and_explain
+from actdb.compute.persistence.run import PersistenceRequest, compute_persistence
+from actdb.compute.similarity.function import FunctionRequest, function_similarity
+from actdb.compute.similarity.predictions import PredictionRequest, compute_predictions
 from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.output import render
 from actdb.query.report import build_report
-from actdb.store.database import Rows, Store
-from actdb.store.dataset_registry import add_dataset
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.registry import resolve_sets
+from actdb.store.database.schema import Dataset, NeuronMatch
 from actdb.store.errors import ActdbError
-from actdb.store.ingest import IngestRequest
+from actdb.store.ingest.dataset_registry import add_dataset
+from actdb.store.ingest.pipeline import IngestRequest
+from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
 from actdb.store.refs import SetRef
-from actdb.store.registry import resolve_sets
-from actdb.store.schema import Dataset, NeuronMatch
-from actdb.store.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
 
 DATASET = "stdlib-heldout"
 STAGES = 10
@@ -156,7 +156,7 @@ def _stages(echo: Callable[[str], None]) -> Callable[[str], None]:
 def _cluster(store: Store, models: list[str], step: int, echo: Callable[[str], None]) -> None:
     """The step's correlation (default options) computed again by Dask tasks, compared with the stored run."""
     from actdb.compute.cluster import ClusterSpec, open_client
-    from actdb.compute.cluster_correlation import correlate_on_cluster
+    from actdb.compute.correlation.cluster import correlate_on_cluster
 
     sets = resolve_sets(store, [SetRef(m, step) for m in models], DATASET)
     options = CorrelationOptions()

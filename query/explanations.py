@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Float, literal, select
 
-from actdb.store.database import Rows, Store
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.labels import FAMILIES, family_rule, newest_runs, on_newest, stability_at, universal_condition
+from actdb.store.database.registry import get_checkpoint
+from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model, SetExplanation
+from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
-from actdb.store.labels import FAMILIES, family_rule, newest_runs, on_newest, stability_at, universal_condition
 from actdb.store.refs import check_threshold
-from actdb.store.registry import get_checkpoint
-from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, SetExplanation
-from actdb.store.views import v_neuron_explanations, v_universality
 
 BEFORE, AFTER = 10, 4  # tokens of context shown around a maximum
 MARK = ("«", "»")  # around the maximum's token in a context
@@ -83,7 +83,7 @@ def neuron_explanation(
     """A neuron's explanation, max-activating contexts, top tokens by mean activation and vocabulary extremes;
     empty sections when its set has not been explained (`actdb examples` builds it). With `pieces`, each context
     also comes as its raw text before and after the maximum's token (for JSON readers)."""
-    from actdb.store.explanation_file import read_neuron
+    from actdb.store.files.explanation import read_neuron
 
     e = v_neuron_explanations
     summary, contexts, top_tokens, vocabulary = [], [], [], []
@@ -132,8 +132,8 @@ def _file_contents(path: Path, kind: str) -> object:
 
 @functools.lru_cache(maxsize=8)
 def _read_contents(path: Path, kind: str, _version: int) -> object:
-    from actdb.store.explanation_file import read_explanation_group, unpack_strings
-    from actdb.store.token_file import TokenDataset
+    from actdb.store.files.explanation import read_explanation_group, unpack_strings
+    from actdb.store.files.token import TokenDataset
 
     if kind == "tokens":
         return TokenDataset.load(path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from actdb.store.database import Rows, Store
-from actdb.store.registry import get_dataset
-from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.registry import get_dataset
+from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model
 
 STATUS_COLUMNS = ["model", "family", "layers", "d_mlp", "step", "dataset", "status", "progress", "bytes", "path"]
 

@@ -11,7 +11,7 @@ from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.output import cell, render
 from actdb.store.config import file_name_of
-from actdb.store.database import Rows, Store
+from actdb.store.database.connection import Rows, Store
 from actdb.store.errors import ActdbError
 
 TABLE_COLUMNS = ("model", "step", "layer", "neuron", "excess_corr", "stability", "z", "mean_max_corr", "mean_baseline")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +24,29 @@ from actdb.store.refs import (
     parse_step,
     parse_steps,
 )
+
+if TYPE_CHECKING:
+    from actdb.store.config import StoreConfig
+    from actdb.store.database.connection import Store
+
+
+class AppContext:
+    """Resolved store location, opened lazily so `--help` never touches the database."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self._store: Store | None = None
+
+    def store(self) -> Store:
+        """The store, opened on first use (the database layer is imported only by commands that need it)."""
+        if self._store is None:
+            from actdb.store.database.connection import Store
+
+            self._store = Store.open(self.config)
+        return self._store
+
+
+pass_app = click.make_pass_decorator(AppContext)
 
 
 class _Parsed(click.ParamType):

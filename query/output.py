@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from actdb.store.database import Rows
+    from actdb.store.database.connection import Rows
 
 FORMATS = ("table", "csv", "json")
 

@@ -4,7 +4,7 @@ name (`Rows`) for the CLI, the Python API and the report.
 Unless a run is named, every activation set is read from the complete cross-model correlation run with the
 requested control that compared it with the most models, the newest among equals (`newest_runs`), and
 "universal" means `excess_corr > threshold` with the reader's threshold or each run's recorded one
-(`actdb.store.labels`).
+(`actdb.store.database.labels`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import json
 
 from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, select
 
-from actdb.store.database import Rows, Store
-from actdb.store.errors import ActdbError
-from actdb.store.labels import (
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.labels import (
     newest_run_listing,
     newest_runs,
     on_newest,
@@ -23,9 +22,8 @@ from actdb.store.labels import (
     stability_at,
     universal_condition,
 )
-from actdb.store.refs import check_threshold
-from actdb.store.registry import get_model
-from actdb.store.schema import (
+from actdb.store.database.registry import get_model
+from actdb.store.database.schema import (
     Ablation,
     AblationNeuron,
     ActivationSet,
@@ -36,7 +34,7 @@ from actdb.store.schema import (
     NeuronStat,
     RunMember,
 )
-from actdb.store.views import (
+from actdb.store.database.views import (
     v_ablation_summary,
     v_neuron_history,
     v_neuron_matches,
@@ -44,6 +42,8 @@ from actdb.store.views import (
     v_similarity,
     v_universality,
 )
+from actdb.store.errors import ActdbError
+from actdb.store.refs import check_threshold
 
 v = v_universality
 UNIVERSAL_COLUMNS = [

@@ -11,7 +11,7 @@ import numpy as np
 from actdb.query import queries
 from actdb.query.neuron_pages import family_counts, universal_table
 from actdb.query.output import render
-from actdb.store.database import Rows, Store
+from actdb.store.database.connection import Rows, Store
 from actdb.store.errors import ActdbError
 
 
@@ -210,7 +210,7 @@ def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
 
 def _function_rows(store: Store, rows: Rows) -> Rows | list:
     """Function similarity of the run's checkpoints when all of them have stored predictions."""
-    from actdb.compute.function_similarity import FunctionRequest, function_similarity
+    from actdb.compute.similarity.function import FunctionRequest, function_similarity
     from actdb.store.refs import SetRef
 
     refs = sorted({SetRef(r["model"], r["step"]) for r in rows}, key=lambda ref: (ref.model, ref.step))

@@ -3,7 +3,7 @@
 SQLite: a `mode=ro` + `query_only` connection whose authorizer allows nothing but reading and whose progress handler
 ends the statement at the deadline. PostgreSQL: a connection made as the store's reader role (SELECT only), in a READ
 ONLY transaction with a server-side statement_timeout, the statement sent through the extended query protocol, whose
-parser refuses more than one command. Nothing here inspects the SQL text. See `actdb.store.sql_reader`.
+parser refuses more than one command. Nothing here inspects the SQL text. See `actdb.store.database.sql_reader`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import inspect
 
 from actdb.store.config import StoreConfig
-from actdb.store.database import make_engine
+from actdb.store.database.connection import make_engine
+from actdb.store.database.sql_reader import HIDDEN_TABLES, connect_postgres_reader, connect_sqlite_reader
 from actdb.store.errors import ActdbError, first_line
-from actdb.store.sql_reader import HIDDEN_TABLES, connect_postgres_reader, connect_sqlite_reader
 
 DEFAULT_TIMEOUT = 30.0
 READ_ONLY = "refused: `actdb sql` is read-only"

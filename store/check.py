@@ -16,13 +16,13 @@ import numpy as np
 from sqlalchemy import select
 from tqdm.auto import tqdm
 
-from actdb.store.activation_file import ActivationReader
-from actdb.store.database import Rows, Store
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model, PredictionSet, SetExplanation
 from actdb.store.errors import ActdbError
-from actdb.store.explanation_file import check_explanation_file
-from actdb.store.prediction_file import read_predictions
-from actdb.store.schema import ActivationSet, Checkpoint, Dataset, Model, PredictionSet, SetExplanation
-from actdb.store.token_file import TokenDataset
+from actdb.store.files.activation import ActivationReader
+from actdb.store.files.explanation import check_explanation_file
+from actdb.store.files.prediction import read_predictions
+from actdb.store.files.token import TokenDataset
 
 READ_ROWS = 16384
 

@@ -41,7 +41,7 @@ def fresh_pg_database(prefix: str = "actdb_test") -> Iterator[str]:
     try:
         yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
-        from actdb.store.sql_reader import reader_role_name
+        from actdb.store.database.sql_reader import reader_role_name
 
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'DROP ROLE IF EXISTS "{reader_role_name(name)}"')  # roles are cluster-wide
@@ -72,7 +72,7 @@ def store_config(tmp_path):
 
 @pytest.fixture
 def store(store_config):
-    from actdb.store.database import Store
+    from actdb.store.database.connection import Store
 
     s = Store.init(store_config)
     yield s
@@ -125,7 +125,7 @@ def run_cli(store_config):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained on standard-library source, saved like a hub tokenizer."""
-    from actdb.store.zoo import stdlib_texts, train_tokenizer
+    from actdb.store.ingest.zoo import stdlib_texts, train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(stdlib_texts(max_files=40), vocab_size=300, out_dir=out)
@@ -135,7 +135,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """Tiny randomly initialised GPT-2, GPT-NeoX and Llama models (2 layers x 128 neurons) saved by path."""
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -147,7 +147,7 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def text_dir(tmp_path_factory) -> Path:
     """A few standard-library source files copied into a folder, as a user's text corpus."""
-    from actdb.store.zoo import stdlib_texts
+    from actdb.store.ingest.zoo import stdlib_texts
 
     out = tmp_path_factory.mktemp("texts")
     for i, text in enumerate(stdlib_texts(max_files=12, offset=40)):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter, partial_path
 from actdb.store.errors import ActdbError
-from actdb.store.token_file import TokenDataset
+from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter, partial_path
+from actdb.store.files.token import TokenDataset
 
 
 def header(n_tokens=3000, d=96, layers=2):

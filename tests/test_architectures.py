@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from actdb.compute.ablation import LossEvaluator, set_edits
-from actdb.store.architectures import (
+from actdb.compute.ablation.loss import LossEvaluator, set_edits
+from actdb.store.errors import ActdbError
+from actdb.store.ingest.architectures import (
     MLPRecorder,
     adapter_for,
     adapter_for_config,
@@ -20,9 +21,8 @@ from actdb.store.architectures import (
     mlp_shape,
     supported_architectures,
 )
-from actdb.store.errors import ActdbError
-from actdb.store.model_loading import load_model
-from actdb.store.zoo import save_tiny_model
+from actdb.store.ingest.model_loading import load_model
+from actdb.store.ingest.zoo import save_tiny_model
 
 ARCHS = [name for name, _ in supported_architectures()]
 NEW_FAMILIES = [
@@ -257,7 +257,7 @@ def test_refusal_reads_no_weights(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
         assert "mixture-of-experts" in _refused(str(tmp_path / "mixtral-full"))
-    from actdb.store.zoo import tiny_config
+    from actdb.store.ingest.zoo import tiny_config
 
     supported = _config_only(tmp_path, tiny_config("gptj", 300))
     with pytest.raises(ActdbError, match="cannot load model"):

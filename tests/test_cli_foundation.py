@@ -5,7 +5,7 @@ import sys
 
 from sqlalchemy import text
 
-from actdb.store.database import make_engine
+from actdb.store.database.connection import make_engine
 
 
 def test_init_status_on_sqlite(run_cli, store_config):

@@ -13,15 +13,15 @@ from sqlalchemy import select
 from threadpoolctl import threadpool_limits
 
 from actdb.compute.cluster import ClusterSpec, open_client
-from actdb.compute.cluster_correlation import correlate_on_cluster
-from actdb.compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
-from actdb.compute.correlation_shards import shard_ranges
-from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
-from actdb.store.database import Store
+from actdb.compute.correlation.cluster import correlate_on_cluster
+from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets, plan_passes
+from actdb.compute.correlation.shards import shard_ranges
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import ActivationSet, NeuronMatch
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.schema import ActivationSet, NeuronMatch
-from actdb.store.token_file import TokenDataset
+from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.store.files.token import TokenDataset
 
 N_SEQ, SEQ_LEN, D, L = 40, 32, 12, 3
 CPU = resolve_device("cpu").array
@@ -153,7 +153,7 @@ def test_cluster_spec_refuses_both():
 
 
 def test_cli_ingest_and_correlate_on_workers(run_cli, store_config, tokenizer_dir, text_dir, tmp_path):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     assert run_cli("init").exit_code == 0
     r = run_cli("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 3000)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from actdb.compute.baseline import random_rotation, rotation
-from actdb.compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
-from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
-from actdb.store.database import Store
+from actdb.compute.correlation.baseline import random_rotation, rotation
+from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets, plan_passes
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import CorrelationRun, NeuronMatch, Universality
 from actdb.store.device import resolve_device
-from actdb.store.schema import CorrelationRun, NeuronMatch, Universality
-from actdb.store.token_file import TokenDataset
+from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.store.files.token import TokenDataset
 
 N_SEQ, SEQ_LEN, D, L = 48, 32, 16, 2
 CPU = resolve_device("cpu").array
@@ -129,7 +129,7 @@ def _rotated(x, key, draw, seed=7):
 def test_baseline_draws_equal_direct_rotated_passes(synthetic):
     """Each of K draws equals a direct second pass over rotated float64 data; so do their mean and sd, the
     universality scores' excess per draw, and the stability computed from those passes."""
-    from actdb.compute.universality import score_universality
+    from actdb.compute.correlation.universality import score_universality
 
     s, draws = synthetic, 5
     opts = CorrelationOptions(baseline_seed=7, baseline_draws=draws)
@@ -179,7 +179,7 @@ def test_token_control_matches_residualized_reference(synthetic):
 @pytest.fixture
 def ingested(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
     """A store with three random tiny GPT-2 seeds and an exact copy of seed 0, all at step 0."""
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     assert run_cli("init").exit_code == 0
     assert (
@@ -216,7 +216,7 @@ def test_cli_correlate_on_real_activations(ingested, store_config):
     assert run.status == "complete" and run.n_tokens > 0
     paths = {}
     store = Store.open(store_config)
-    from actdb.store.schema import ActivationSet
+    from actdb.store.database.schema import ActivationSet
 
     with store.session() as s:
         for a in s.scalars(select(ActivationSet)):
@@ -285,7 +285,7 @@ def test_correlate_bad_input(ingested, store_config, tokenizer_dir, text_dir, ti
 
 def test_incomplete_or_missing_set_fails_clearly(ingested, store_config):
     store = Store.open(store_config)
-    from actdb.store.schema import ActivationSet
+    from actdb.store.database.schema import ActivationSet
 
     with store.session() as s:
         sets = {name: a for a in s.scalars(select(ActivationSet)) for name in ("s1", "s2") if f"/{name}/" in a.path}

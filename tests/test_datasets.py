@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actdb.store.token_file import TokenDataset
+from actdb.store.files.token import TokenDataset
 from tests.conftest import cli_call
 
 

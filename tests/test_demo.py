@@ -5,8 +5,8 @@ import re
 
 from sqlalchemy import func, select
 
-from actdb.store.database import Store
-from actdb.store.schema import Ablation, ActivationSet, CorrelationRun, NeuronStat, Persistence, Universality
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import Ablation, ActivationSet, CorrelationRun, NeuronStat, Persistence, Universality
 
 
 def test_reduced_demo_end_to_end(run_cli, store_config):

@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from actdb.compute.token_explanations import TokenExplanations, block_neurons, explain_tokens
-from actdb.store.activation_file import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.compute.explain.tokens import TokenExplanations, block_neurons, explain_tokens
 from actdb.store.errors import ActdbError
-from actdb.store.explanation_file import (
+from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter
+from actdb.store.files.explanation import (
     check_explanation_file,
     explanation_groups,
     explanation_path,
@@ -19,7 +19,7 @@ from actdb.store.explanation_file import (
     read_explanation_group,
     write_explanations,
 )
-from actdb.store.top_activations import TopKTracker, top_activations_from_file
+from actdb.store.ingest.top_activations import TopKTracker, top_activations_from_file
 
 N_SEQ, SEQ_LEN, LAYERS, D = 40, 64, 2, 200  # 2560 positions; 200 neurons: two storage chunks, one partial
 K = 8

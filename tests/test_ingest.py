@@ -16,12 +16,12 @@ import scipy.stats
 import torch
 from sqlalchemy import select
 
-from actdb.store.activation_file import ActivationReader
-from actdb.store.architectures import MLPRecorder, adapter_for
-from actdb.store.database import Store
-from actdb.store.model_loading import load_model
-from actdb.store.schema import ActivationSet, NeuronStat
-from actdb.store.token_file import TokenDataset
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import ActivationSet, NeuronStat
+from actdb.store.files.activation import ActivationReader
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.architectures import MLPRecorder, adapter_for
+from actdb.store.ingest.model_loading import load_model
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_statistics_on_the_forward_device_equal_the_host_path():
     """The torch path a GPU runs (exercised here on CPU tensors) merges to the same moments as the NumPy path."""
     import torch
 
-    from actdb.store.neuron_stats import StreamingMoments, device_sums
+    from actdb.store.ingest.neuron_stats import StreamingMoments, device_sums
 
     rng = np.random.default_rng(2)
     x = (rng.gamma(0.5, size=(3000, 9)) - 0.2 + np.arange(9) * 3).astype(np.float16)
@@ -142,7 +142,7 @@ def test_statistics_on_the_forward_device_equal_the_host_path():
 
 
 def test_streaming_moments_are_batch_invariant():
-    from actdb.store.neuron_stats import StreamingMoments
+    from actdb.store.ingest.neuron_stats import StreamingMoments
 
     rng = np.random.default_rng(1)
     x = rng.gamma(2.0, size=(5000, 7)) + 3.0
@@ -324,7 +324,7 @@ def test_concurrent_ingests_do_the_work_once(db_url, tmp_path, tokenizer_dir, te
 
 
 def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path, tokenizer_dir, text_dir):
-    from actdb.store.zoo import save_tiny_model, stdlib_texts, train_tokenizer
+    from actdb.store.ingest.zoo import save_tiny_model, stdlib_texts, train_tokenizer
 
     other_tok = train_tokenizer(stdlib_texts(max_files=5, offset=100), 280, tmp_path / "tok2")
     mismatched = save_tiny_model("gpt2", tmp_path / "mismatch", other_tok)

@@ -18,7 +18,10 @@ import scipy.special
 import scipy.stats
 from sqlalchemy import select
 
-from actdb.store.activation_file import (
+from actdb.store.config import StoreConfig
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import ActivationSet, CorrelationRun, NeuronMatch, NeuronStat
+from actdb.store.files.activation import (
     ActivationHeader,
     ActivationReader,
     ActivationWriter,
@@ -27,11 +30,8 @@ from actdb.store.activation_file import (
     quantise,
     scale_key,
 )
-from actdb.store.config import StoreConfig
-from actdb.store.database import Store
-from actdb.store.schema import ActivationSet, CorrelationRun, NeuronMatch, NeuronStat
-from actdb.store.token_file import TokenDataset
-from actdb.store.top_activations import top_activations_from_file
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.top_activations import top_activations_from_file
 from tests.conftest import cli_call
 
 
@@ -162,7 +162,7 @@ def dataset(run_cli, tokenizer_dir, text_dir):
 
 
 def test_int8_ingest_statistics_and_examples_describe_the_stored_values(dataset, tiny_models, store_config):
-    from actdb.store.ingest import IngestRequest, ingest
+    from actdb.store.ingest.pipeline import IngestRequest, ingest
 
     store = Store.open(store_config)
     req = IngestRequest(
@@ -215,7 +215,7 @@ def _matches(home: Path, db: str) -> dict:
 def test_cli_int8_ingest_correlates_like_float16_and_check_finds_a_corrupt_scale(
     tmp_path, tokenizer_dir, text_dir, tiny_models
 ):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     other = save_tiny_model("gpt2", tmp_path / "other", tokenizer_dir, seed=31)
     found = {}

@@ -16,15 +16,15 @@ import pytest
 from sqlalchemy import func, select, text
 
 from actdb.store.config import StoreConfig, file_name_of
-from actdb.store.database import Store, make_engine
-from actdb.store.schema import Base, CorrelationRun, NeuronMatch, PersistenceRun, Universality
+from actdb.store.database.connection import Store, make_engine
+from actdb.store.database.schema import Base, CorrelationRun, NeuronMatch, PersistenceRun, Universality
 from tests.conftest import cli_call
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tokenizer_dir):
     """`src/a/step-{0,1}` and `src/b/step-{0,1}`: four different tiny GPT-2s laid out like training checkpoints."""
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     root = tmp_path_factory.mktemp("src")
     for k, (model, step) in enumerate([("a", 0), ("a", 1), ("b", 0), ("b", 1)]):
@@ -71,7 +71,7 @@ def _snapshot(home: Path, db: str) -> tuple[dict, dict]:
 
 
 def test_bad_input_is_one_line_and_writes_nothing(populated, tmp_path, sources, tokenizer_dir, text_dir):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     home, db = populated
     big = str(2**63)
@@ -332,7 +332,7 @@ def test_identical_concurrent_correlations_compute_once(populated):
 def test_store_can_be_copied_and_moved(tmp_path, sources, tokenizer_dir, text_dir):
     home = tmp_path / "original"
     _populate(home, f"sqlite:///{home}/actdb.sqlite", sources, tokenizer_dir, text_dir)
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     save_tiny_model("gpt2", home / "zoo" / "c" / "step-0", tokenizer_dir, seed=30)  # a model kept inside the store
     zoo = ("ingest", "c", "--step", 0, "--dataset", "d", "--source", home / "zoo" / "c" / "step-{step}", "--quiet")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from actdb.compute.ablation import ControlStats
-from actdb.store.token_file import TokenDataset
+from actdb.compute.ablation.loss import ControlStats
+from actdb.store.files.token import TokenDataset
 from tests.conftest import cli_runner
 
 
@@ -33,7 +33,7 @@ def test_control_stats_against_scipy():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     home = tmp_path_factory.mktemp("labels")
     db = f"sqlite:///{home}/actdb.sqlite"
@@ -79,7 +79,7 @@ def test_exclusions_mask_exactly_those_tokens(store, tokenizer_dir):
 def test_statistics_follow_the_mask(store):
     """Neuron statistics of the set on the exclusion dataset are those of the plain set's rows where the new
     mask holds (the same model, the same tokens)."""
-    from actdb.store.activation_file import ActivationReader
+    from actdb.store.files.activation import ActivationReader
 
     home, _db, run = store
     plain = TokenDataset.load(home / "datasets" / "plain.tokens.h5")

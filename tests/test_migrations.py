@@ -5,8 +5,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from actdb.store.database import alembic_config, current_revision, head_revision, make_engine
-from actdb.store.schema import Base
+from actdb.store.database.connection import alembic_config, current_revision, head_revision, make_engine
+from actdb.store.database.schema import Base
 
 
 def test_upgrade_downgrade_upgrade(db_url):
@@ -85,12 +85,12 @@ def _fill_at_0004(engine, home):
 
 
 def test_store_at_0004_with_data_is_carried_forward(db_url, tmp_path):
-    from actdb.compute.correlation import CorrelationOptions
-    from actdb.compute.correlation_run import correlation_key
+    from actdb.compute.correlation.engine import CorrelationOptions
+    from actdb.compute.correlation.run import correlation_key
     from actdb.query import queries
     from actdb.store.config import StoreConfig
-    from actdb.store.database import Store
-    from actdb.store.schema import AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronMatch
+    from actdb.store.database.connection import Store
+    from actdb.store.database.schema import AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronMatch
 
     home = tmp_path / "old-store"
     command.upgrade(alembic_config(db_url), "0004")
@@ -134,7 +134,7 @@ def test_known_revisions_follow_alembic_history():
     """The light revision check (file names) agrees with Alembic's own linear history."""
     from alembic.script import ScriptDirectory
 
-    from actdb.store.database import known_revisions
+    from actdb.store.database.connection import known_revisions
 
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     history = [r.revision for r in reversed(list(script.walk_revisions()))]

@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from actdb.compute.vocabulary import vocabulary_statistics
-from actdb.store.activation_file import ActivationReader
+from actdb.compute.explain.vocabulary import vocabulary_statistics
 from actdb.store.config import StoreConfig
-from actdb.store.database import Store
-from actdb.store.explanation_file import explanation_path, read_explanation_group, unpack_strings
-from actdb.store.model_loading import load_model
-from actdb.store.schema import NeuronExplanation, SetExplanation
-from actdb.store.token_datasets import load_tokenizer
-from actdb.store.token_file import TokenDataset
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import NeuronExplanation, SetExplanation
+from actdb.store.files.activation import ActivationReader
+from actdb.store.files.explanation import explanation_path, read_explanation_group, unpack_strings
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.model_loading import load_model
+from actdb.store.ingest.token_datasets import load_tokenizer
 from tests.conftest import cli_runner
 
 
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     root = tmp_path_factory.mktemp("explained")
     a = root / "a"

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from actdb.compute.ablation import LossEvaluator, ablate, matched_controls, set_edits
-from actdb.compute.persistence import emergence_steps, layer_overlap
-from actdb.store.model_loading import load_model
-from actdb.store.token_file import TokenDataset
+from actdb.compute.ablation.loss import LossEvaluator, ablate, matched_controls, set_edits
+from actdb.compute.persistence.run import emergence_steps, layer_overlap
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.model_loading import load_model
 
 
 @pytest.fixture
 def two_models(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
     """Models a and b, each at steps 0 and 1 with identical weights at both steps, correlated at both steps."""
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     assert run_cli("init").exit_code == 0
     assert (
@@ -63,8 +63,8 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config
     assert listing.exit_code == 0 and len(listing.stdout.strip().splitlines()) == 3
     from sqlalchemy import func, select
 
-    from actdb.store.database import Store
-    from actdb.store.schema import CorrelationRun, NeuronMatch, Universality
+    from actdb.store.database.connection import Store
+    from actdb.store.database.schema import CorrelationRun, NeuronMatch, Universality
 
     store = Store.open(store_config)
     with store.session() as s:
@@ -190,8 +190,8 @@ def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_
     assert "controls (4)" in r.stdout and "p = " in r.stdout
     from sqlalchemy import select
 
-    from actdb.store.database import Store
-    from actdb.store.schema import Ablation, AblationNeuron
+    from actdb.store.database.connection import Store
+    from actdb.store.database.schema import Ablation, AblationNeuron
 
     store = Store.open(store_config)
     with store.session() as s:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from actdb.compute import baseline as baseline_module
-from actdb.compute import capacity
-from actdb.compute.capacity import (
+from actdb.compute.correlation import baseline as baseline_module
+from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets, plan_passes
+from actdb.compute.planning import estimate as capacity
+from actdb.compute.planning.estimate import (
     ACCELERATORS,
     ARCHITECTURES,
     HostRates,
@@ -29,11 +30,10 @@ from actdb.compute.capacity import (
     rates_for,
     synthetic_inputs,
 )
-from actdb.compute.correlation import CorrelationOptions, SetInput, correlate_sets, plan_passes
-from actdb.query.plan_command import register
-from actdb.store.activation_file import ActivationHeader, ActivationWriter
+from actdb.query.commands.plan import register
 from actdb.store.device import NUMPY, ArrayBackend
 from actdb.store.errors import ActdbError
+from actdb.store.files.activation import ActivationHeader, ActivationWriter
 
 RATES = Rates(
     products=1e11, grams=8e10, adds=1e9, baseline=5e10, float64=2.5e10, forward=1e11, host_qr=1e10, stream=1e9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actdb.compute.precision import TOLERANCE, check_precision, choose_precision, decide, product_error
+from actdb.compute.correlation.precision import TOLERANCE, check_precision, choose_precision, decide, product_error
 from actdb.store.device import NUMPY
 from actdb.store.errors import ActdbError
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from actdb.store.activation_file import ActivationReader
-from actdb.store.database import make_engine
-from actdb.store.token_file import TokenDataset
+from actdb.store.database.connection import make_engine
+from actdb.store.files.activation import ActivationReader
+from actdb.store.files.token import TokenDataset
 from tests.conftest import cli_call, fresh_pg_database
 
 VIEWS = [
@@ -62,7 +62,7 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tokenizer_dir, tiny_models):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     root = tmp_path_factory.mktemp("srcs")
     a = root / "a"
@@ -121,7 +121,7 @@ def test_views_return_the_same_rows_on_sqlite_and_postgresql(lite, pg):
 
 
 def test_view_tables_in_code_match_the_views_in_the_database(lite, pg):
-    from actdb.store.views import VIEWS as CODE_VIEWS
+    from actdb.store.database.views import VIEWS as CODE_VIEWS
 
     for url in (lite[1], pg[1]):
         engine = make_engine(url)

@@ -10,14 +10,14 @@ import pytest
 import scipy.spatial.distance
 import torch
 
-from actdb.store.model_loading import load_model
-from actdb.store.token_file import TokenDataset
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.model_loading import load_model
 from tests.conftest import cli_runner
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tokenizer_dir, text_dir):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
 
     home = tmp_path_factory.mktemp("similarity")
     db = f"sqlite:///{home}/actdb.sqlite"

@@ -20,10 +20,10 @@ import pytest
 from actdb.query.output import render
 from actdb.query.sql_console import run_readonly, schema_listing
 from actdb.store.config import StoreConfig
-from actdb.store.database import Rows, Store
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.schema import Checkpoint, Model
+from actdb.store.database.sql_reader import connect_postgres_reader, provision_sql_reader, reader_role_name
 from actdb.store.errors import ActdbError
-from actdb.store.schema import Checkpoint, Model
-from actdb.store.sql_reader import connect_postgres_reader, provision_sql_reader, reader_role_name
 from tests.conftest import PG_ADMIN_URL, fresh_pg_database
 
 SERVER = PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql").rsplit("/", 1)[0]

@@ -12,7 +12,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
-    from actdb.store.zoo import save_tiny_model
+    from actdb.store.ingest.zoo import save_tiny_model
     from tests.conftest import cli_runner
 
     home = tmp_path_factory.mktemp("thresholds")

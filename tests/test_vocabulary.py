@@ -10,7 +10,7 @@ import torch
 from scipy import stats as sps
 from transformers import AutoModelForCausalLM
 
-from actdb.compute.vocabulary import (
+from actdb.compute.explain.vocabulary import (
     PREDICTION,
     SUPPRESSION,
     VOCAB_KURTOSIS_MIN,
@@ -18,16 +18,16 @@ from actdb.compute.vocabulary import (
     vocab_labels,
     vocabulary_statistics,
 )
-from actdb.store.architectures import (
+from actdb.store.errors import ActdbError
+from actdb.store.ingest.architectures import (
     adapter_for,
     final_norm,
     mlp_output_weights,
     supported_architectures,
     unembedding,
 )
-from actdb.store.errors import ActdbError
-from actdb.store.model_loading import load_model
-from actdb.store.zoo import tiny_config
+from actdb.store.ingest.model_loading import load_model
+from actdb.store.ingest.zoo import tiny_config
 
 VOCAB = 301
 D_MLP = 96  # d_model is 32, so a transposed output matrix cannot pass unnoticed

@@ -107,7 +107,7 @@ def _create_views(views: dict) -> None:
 
 
 def _correlation_key(set_ids: list[int], control: str, seed: int, topk: int) -> str:
-    """The request key `actdb.compute.correlation_run` computes (the threshold is no longer part of it)."""
+    """The request key `actdb.compute.correlation.run` computes (the threshold is no longer part of it)."""
     payload = {"control": control, "kind": "correlate", "seed": seed, "sets": sorted(set_ids), "topk": topk}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -1,0 +1,1 @@
+"""Ablation: cross-entropy with chosen neurons replaced, against matched random controls."""

@@ -1,0 +1,293 @@
+"""`actdb ablate`: resolve a checkpoint, a neuron selector and a dataset, run the ablation under the run
+lifecycle, and record the outcome. An identical request reuses its complete ablation unless `force`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select
+
+from actdb.compute.ablation.loss import AblationOutcome, LossEvaluator, ablate
+from actdb.store.database.connection import Store
+from actdb.store.database.labels import latest_universality_run, require_run, universal_neurons_of
+from actdb.store.database.lifecycle import release, request_key, running, start_or_wait
+from actdb.store.database.registry import complete_set, get_checkpoint
+from actdb.store.database.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat
+from actdb.store.device import resolve_device
+from actdb.store.errors import ActdbError
+from actdb.store.files.token import TokenDataset
+from actdb.store.ingest.model_loading import load_model
+from actdb.store.refs import (
+    CONTROLS,
+    Neuron,
+    check_threshold,
+    parse_int,
+    parse_neuron_list,
+    parse_set_ref,
+    read_neuron_file,
+)
+
+
+@dataclass(kw_only=True)
+class AblationRequest:
+    """Ablate `selector` neurons of `target` (MODEL@STEP): `universal[:LAYER]`, `L.N,...` or `@FILE`."""
+
+    target: str
+    selector: str
+    method: str = "zero"
+    dataset: str | None = None
+    tokens: int | None = None
+    controls: int = 0
+    seed: int = 0
+    each: bool = False
+    control: str = "none"
+    threshold: float | None = None
+    run_id: int | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    variants_per_pass: int | None = None
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class _Target:
+    n_layers: int
+    d_mlp: int
+    checkpoint_id: int
+    dataset_id: int
+    set_id: int
+    source: str
+    revision: str | None
+    dataset_path: str
+    means: dict[Neuron, float]
+
+
+@dataclass
+class _Selection:
+    neurons: list[Neuron]
+    run_id: int | None
+    threshold: float | None
+
+
+def run_ablation(
+    store: Store, req: AblationRequest, log: Callable[[str], None] = print
+) -> tuple[int, AblationOutcome | None]:
+    """Ablate and record in the `ablation` table; returns its id and the outcome (None when reused)."""
+    _validate(req)
+    target = _resolve_target(store, req)
+    selection = _select(store, req, target.set_id)
+    for layer, n in selection.neurons:
+        if not (layer < target.n_layers and n < target.d_mlp):
+            raise ActdbError(f"neuron {layer}.{n} is out of range ({target.n_layers} layers x {target.d_mlp} neurons)")
+    tokens = TokenDataset.load(store.config.file(target.dataset_path))
+    n_seq = (
+        tokens.n_sequences if req.tokens is None else max(1, min(tokens.n_sequences, -(-req.tokens // tokens.seq_len)))
+    )
+    values = _row_values(req, target, selection, n_seq)
+    device = resolve_device(req.device).torch  # a bad device or missing files write no row
+    location = store.config.model_location(target.source, req.target)
+    while True:
+        done = None if req.force else _complete(store, values["request_key"])
+        if done is not None:
+            log(f"ablation {done} already measured these neurons (complete); --force measures again")
+            return done, None
+        ablation_id = start_or_wait(store, Ablation, values, log)
+        if ablation_id is None:
+            continue
+        if not req.force and _complete(store, values["request_key"]) is not None:
+            release(store, Ablation, ablation_id)  # it completed between our look and our claim
+            continue
+        break
+    with running(store, Ablation, ablation_id) as handle:
+        model = load_model(location, target.revision, device)
+        evaluator = LossEvaluator(model, tokens.tokens[:n_seq], tokens.mask[:n_seq], req.batch_size, device)
+        outcome = ablate(
+            evaluator,
+            selection.neurons,
+            req.method,
+            target.means,
+            n_controls=req.controls,
+            seed=req.seed,
+            each=req.each,
+            variants_per_pass=req.variants_per_pass,
+            progress=req.progress,
+        )
+        _store_each(store, ablation_id, outcome)
+        handle.complete(
+            tokens=evaluator.n_targets,
+            base_loss=outcome.base_loss,
+            ablated_loss=outcome.ablated_loss,
+            delta=outcome.delta,
+            n_controls=len(outcome.control_deltas),
+            forward_passes=outcome.forward_passes,
+            **_control_columns(outcome),
+        )
+    log(
+        f"ablation {ablation_id}: {req.target} {req.method}-ablating {len(selection.neurons)} neurons on "
+        f"{evaluator.n_targets} tokens: loss {outcome.base_loss:.5f} -> {outcome.ablated_loss:.5f} "
+        f"(delta {outcome.delta:+.5f}){_control_summary(outcome)}"
+    )
+    if outcome.controls is not None and outcome.controls.floor_note():
+        log(outcome.controls.floor_note())
+    return ablation_id, outcome
+
+
+def _control_columns(outcome: AblationOutcome) -> dict:
+    c = outcome.controls
+    if c is None:
+        return {}
+    return {
+        "control_mean": c.mean,
+        "control_std": c.sd,
+        "control_min": c.min,
+        "control_max": c.max,
+        "control_ci_low": c.ci_low,
+        "control_ci_high": c.ci_high,
+        "control_deltas": json.dumps([round(float(x), 8) for x in outcome.control_deltas]),
+        "p_value": c.p_value,
+    }
+
+
+def _control_summary(outcome: AblationOutcome) -> str:
+    c = outcome.controls
+    if c is None:
+        return ""
+    spread = f" ± {c.sd:.5f} (sd)" if c.sd is not None else ""
+    return (
+        f"; controls ({c.n}): mean delta {c.mean:+.5f}{spread}, range {c.min:+.5f}..{c.max:+.5f}, "
+        f"p = {c.p_value:.3f} (floor {c.p_floor:.3f})"
+    )
+
+
+def _validate(req: AblationRequest) -> None:
+    if req.method not in ("zero", "mean"):
+        raise ActdbError(f"unknown method {req.method!r}; use zero or mean")
+    if req.control not in CONTROLS:
+        raise ActdbError(f"unknown control {req.control!r}; use none or token")
+    check_threshold(req.threshold)
+    if req.controls < 0 or req.batch_size < 1 or (req.tokens is not None and req.tokens < 1):
+        raise ActdbError("--controls must be >= 0, --batch-size and --tokens >= 1")
+    parse_int(str(req.seed), "--seed", 0, 2**32 - 1)
+
+
+def _resolve_target(store: Store, req: AblationRequest) -> _Target:
+    ref = parse_set_ref(req.target)
+    with store.session() as s:
+        ckpt = get_checkpoint(s, ref.model, ref.step)
+        if req.dataset is None and ref.dataset is None:
+            names = list(
+                s.scalars(
+                    select(Dataset.name)
+                    .join(ActivationSet)
+                    .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.status == "complete")
+                )
+            )
+            if len(names) != 1:
+                raise ActdbError(f"{req.target} has complete sets on {len(names)} datasets; pass --dataset")
+        aset = complete_set(s, ref, req.dataset)
+        means = {
+            (layer, n): mean
+            for layer, n, mean in s.execute(
+                select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
+            )
+        }
+        ds_path = s.get(Dataset, aset.dataset_id).path
+        model = ckpt.model
+        return _Target(
+            model.n_layers, model.d_mlp, ckpt.id, aset.dataset_id, aset.id, ckpt.source, ckpt.revision, ds_path, means
+        )
+
+
+def _select(store: Store, req: AblationRequest, set_id: int) -> _Selection:
+    """`universal[:LAYER]` (labels at the threshold), an explicit `L.N,...` list, or `@FILE` holding one."""
+    selector = req.selector
+    if selector.startswith("universal"):
+        _, sep, layer = selector.partition(":")
+        if selector != "universal" and (not sep or not layer.isdigit()):
+            raise ActdbError(f"malformed selector {selector!r}; write universal or universal:LAYER")
+        run_id, threshold = _labelling_run(store, req, set_id)
+        neurons = universal_neurons_of(store, run_id, set_id, threshold)
+        if layer:
+            neurons = [n for n in neurons if n[0] == int(layer)]
+        selection = _Selection(neurons, run_id, threshold)
+    elif selector.startswith("@"):
+        selection = _Selection(read_neuron_file(selector[1:]), None, None)
+    else:
+        selection = _Selection(parse_neuron_list(selector), None, None)
+    if not selection.neurons:
+        at = f" at threshold {selection.threshold}" if selection.threshold is not None else ""
+        raise ActdbError(f"selector {selector!r} resolves to no neurons{at}")
+    return selection
+
+
+def _labelling_run(store: Store, req: AblationRequest, set_id: int) -> tuple[int, float]:
+    if req.run_id is not None:
+        recorded = require_run(store, req.run_id, "cross_model", set_id, req.target)
+        found = (req.run_id, recorded)
+    else:
+        found = latest_universality_run(store, set_id, req.control)
+        if found is None:
+            raise ActdbError("no correlation run has scored this checkpoint; run `actdb correlate` first")
+    run_id, recorded = found
+    return run_id, recorded if req.threshold is None else req.threshold
+
+
+def _row_values(req: AblationRequest, target: _Target, selection: _Selection, n_seq: int) -> dict:
+    neurons = [f"{a}.{b}" for a, b in selection.neurons]
+    key = request_key(
+        kind="ablate",
+        checkpoint=target.checkpoint_id,
+        dataset=target.dataset_id,
+        method=req.method,
+        neurons=neurons,
+        sequences=n_seq,
+        controls=req.controls,
+        seed=req.seed,
+        each=req.each,
+    )
+    return {
+        "request_key": key,
+        "checkpoint_id": target.checkpoint_id,
+        "dataset_id": target.dataset_id,
+        "run_id": selection.run_id,
+        "method": req.method,
+        "selector": req.selector,
+        "threshold": selection.threshold,
+        "neurons": json.dumps(neurons),
+        "n_neurons": len(neurons),
+        "tokens": 0,
+        "seed": req.seed,
+        "n_controls": req.controls,
+        "each": req.each,
+    }
+
+
+def _complete(store: Store, key: str) -> int | None:
+    return store.scalar(
+        select(Ablation.id)
+        .where(Ablation.request_key == key, Ablation.status == "complete")
+        .order_by(Ablation.id.desc())
+        .limit(1)
+    )
+
+
+def _store_each(store: Store, ablation_id: int, outcome: AblationOutcome) -> None:
+    if not outcome.each:
+        return
+    with store.session() as s:
+        s.execute(
+            insert(AblationNeuron),
+            [
+                {
+                    "ablation_id": ablation_id,
+                    "layer": lay,
+                    "neuron": n,
+                    "ablated_loss": loss,
+                    "delta": loss - outcome.base_loss,
+                }
+                for (lay, n), loss in outcome.each
+            ],
+        )

@@ -1,0 +1,1 @@
+"""Persistence of universal neurons across one model's checkpoints."""

@@ -1,0 +1,1 @@
+"""Capacity planning: shapes, operation counts, measured rates and the estimate of a study before it runs."""

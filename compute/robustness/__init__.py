@@ -1,0 +1,1 @@
+"""Interventional robustness across seeds and training steps (after Avery et al.)."""

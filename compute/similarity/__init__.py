@@ -1,0 +1,2 @@
+"""Similarity of whole sets: layer similarity (matched correlation, CKA) from the engine's moments, and function
+similarity from stored predictions."""

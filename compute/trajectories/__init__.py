@@ -1,0 +1,1 @@
+"""Function-space and weight-space trajectories: every checkpoint against every other (Gigastep, Fort et al.)."""

@@ -1,0 +1,159 @@
+"""What neurons do: `neuron` (everything about one neuron), `examples`, `families`."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import click
+
+from actdb.query.options import (
+    INDEX,
+    SET_REF,
+    SIZE,
+    AppContext,
+    control_option,
+    dataset_option,
+    device_option,
+    force_option,
+    format_option,
+    hook_option,
+    pass_app,
+    quiet_option,
+    threshold_option,
+)
+from actdb.query.output import json_records, render
+
+if TYPE_CHECKING:
+    pass
+
+
+@click.command()
+@click.argument("target", metavar="MODEL@STEP", type=SET_REF)
+@click.argument("neuron_id", metavar="L.N")
+@click.option(
+    "--examples",
+    "n_examples",
+    type=click.IntRange(0, 1000),
+    default=5,
+    show_default=True,
+    help="Max-activating contexts to show (the maximum's token marked «»).",
+)
+@format_option
+@pass_app
+def neuron(app: AppContext, target, neuron_id: str, n_examples: int, fmt: str) -> None:
+    """Everything known about one neuron: what it does (contexts, tokens, vocabulary), statistics, matches,
+    universality, history, ablations."""
+    from actdb.query.explanations import neuron_explanation
+    from actdb.query.queries import neuron_story
+    from actdb.store.database.connection import Rows
+    from actdb.store.refs import parse_neuron
+
+    layer, index = parse_neuron(neuron_id)
+    story = neuron_story(app.store(), target.model, target.step, layer, index)
+    explained = neuron_explanation(app.store(), target.model, target.step, layer, index, n_examples, fmt == "json")
+    story = {**explained, **story}
+    if fmt == "json":
+        doc = {"model": target.model, "step": target.step, "layer": layer, "neuron": index}
+        doc.update({k: json_records(rows) for k, rows in story.items()})
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if fmt == "csv":  # one table: a `section` column, then the union of the sections' columns
+        columns = ["section"] + list(dict.fromkeys(c for rows in story.values() for c in rows.columns))
+        merged = [{"section": title, **dict(r)} for title, rows in story.items() for r in rows]
+        click.echo(render(Rows(columns, [{c: r.get(c) for c in columns} for r in merged]), "csv"))
+        return
+    for title, rows in story.items():
+        click.echo(f"\n{title.replace('_', ' ')} of {target} {layer}.{index}")
+        click.echo(render(rows, fmt))
+
+
+@click.command()
+@click.argument("targets", metavar="MODEL@STEP[,...]")
+@dataset_option("Token dataset of the sets (needed when a checkpoint has sets on several).")
+@hook_option
+@click.option("--top-k", type=click.IntRange(1, 1000), default=32, show_default=True, help="Examples per neuron.")
+@click.option(
+    "--min-count",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Occurrences a token needs to enter a neuron's top tokens by mean activation.",
+)
+@click.option("--no-vocabulary", is_flag=True, help="Skip the vocabulary statistics (no model weights are loaded).")
+@click.option("--memory-budget", type=SIZE, help="Memory for the per-token sums, e.g. 4GB (default 2 GiB).")
+@device_option
+@force_option("Rebuild explanations that exist.")
+@quiet_option
+@pass_app
+def examples(
+    app: AppContext,
+    targets: str,
+    dataset_name: str | None,
+    hook: str,
+    top_k: int,
+    min_count: int,
+    no_vocabulary: bool,
+    memory_budget: int | None,
+    device: str,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Explain the neurons of sets ingested before explanations existed (or rebuild them): max-activating
+    examples, token and position variance fractions, vocabulary statistics of the output weights."""
+    from actdb.compute.explain.run import ExplainRequest, explain_sets
+    from actdb.store.refs import parse_set_refs
+
+    request = ExplainRequest(
+        sets=parse_set_refs(targets),
+        dataset=dataset_name,
+        hook=hook,
+        top_k=top_k,
+        min_count=min_count,
+        vocabulary=not no_vocabulary,
+        memory_budget=memory_budget,
+        device=device,
+        force=force,
+        progress=not quiet,
+    )
+    explain_sets(app.store(), request, log=click.echo)
+
+
+@click.command()
+@click.argument("target", metavar="MODEL@STEP", type=SET_REF)
+@click.option("--run", "run_id", type=INDEX, help="Read this correlation run (default: each set's widest).")
+@threshold_option("Excess correlation for universal (default: the run's recorded threshold).")
+@control_option()
+@click.option("--by-layer", is_flag=True, help="Only the family counts per layer.")
+@format_option
+@pass_app
+def families(
+    app: AppContext, target, run_id: int | None, threshold: float | None, control: str, by_layer: bool, fmt: str
+) -> None:
+    """Universal neurons of MODEL@STEP by family (token, position, prediction, suppression, unexplained), with the
+    rule and thresholds that assign them."""
+    from actdb.query.explanations import families as family_listing
+
+    rows, counts, rules = family_listing(
+        app.store(), model=target.model, step=target.step, threshold=threshold, control=control, run=run_id
+    )
+    if fmt == "json":
+        doc = {"rules": rules, "by_layer": json_records(counts)}
+        if not by_layer:
+            doc["neurons"] = json_records(rows)
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if fmt == "table":
+        for rule in rules:
+            click.echo(f"rule ({rule})")
+    click.echo(render(counts if by_layer else rows, fmt))
+    if fmt == "table" and not by_layer:
+        click.echo("\nper layer")
+        click.echo(render(counts, fmt))
+
+
+COMMANDS = (
+    neuron,
+    examples,
+    families,
+)

@@ -48,6 +48,7 @@ def fill(store: Store, d_mlp: int) -> None:
                 name="pile",
                 tokenizer="gpt2",
                 tokenizer_fingerprint="f",
+                fingerprint="f",
                 vocab_size=50257,
                 seq_len=512,
                 n_sequences=10,

@@ -2,11 +2,11 @@
 
 from alembic import context
 
+from actdb.store.database import tables
 from actdb.store.database.connection import make_engine
-from actdb.store.database.schema import Base
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = tables.metadata
 NOT_SCHEMA = {"sql_reader"}  # credentials of the `actdb sql` reader role (actdb.store.database.sql_reader), not schema
 
 

@@ -119,9 +119,9 @@ class ActdbStore:
         counted_only: bool = False,
     ) -> Activations:
         """One layer of MODEL@STEP: the neurons in the order asked (each once), token rows `START:END`."""
-        with self.store.session() as s:
-            aset = complete_set(s, parse_set_ref(target), dataset)
-            ds_path = aset.dataset.path
+        with self.store.transaction() as conn:
+            aset = complete_set(conn, parse_set_ref(target), dataset)
+        ds_path = aset.dataset_path
         with ActivationReader(self.store.config.file(aset.path)) as reader:
             h = reader.header
             if not 0 <= layer < h.n_layers:

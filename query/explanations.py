@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import Float, literal, select
+from sqlalchemy import Float, Row, literal, select
 
+from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.labels import FAMILIES, family_rule, newest_runs, on_newest, stability_at, universal_condition
 from actdb.store.database.registry import get_checkpoint
-from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model, SetExplanation
 from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
@@ -51,20 +52,25 @@ FAMILY_COLUMNS = (
 )
 
 
-def _explained_sets(store: Store, model: str, step: int) -> list[tuple[SetExplanation, str, str, str]]:
+def _explained_sets(store: Store, model: str, step: int) -> list[tuple[Row[Any], str, str, str]]:
     """(explanation row, activation path, dataset name, dataset path) of every explained set of MODEL@STEP."""
-    with store.session() as s:
-        get_checkpoint(s, model, step)
-        rows = s.execute(
-            select(SetExplanation, ActivationSet.path, Dataset.name, Dataset.path)
-            .join(ActivationSet, ActivationSet.id == SetExplanation.set_id)
-            .join(Dataset, Dataset.id == ActivationSet.dataset_id)
-            .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
-            .join(Model, Model.id == Checkpoint.model_id)
-            .where(Model.name == model, Checkpoint.step == step)
-            .order_by(Dataset.name)
+    with store.transaction() as conn:
+        get_checkpoint(conn, model, step)
+        rows = conn.execute(
+            select(
+                tables.set_explanation,
+                tables.activation_set.c.path.label("activation_path"),
+                tables.dataset.c.name.label("dataset_name"),
+                tables.dataset.c.path.label("dataset_path"),
+            )
+            .join(tables.activation_set, tables.activation_set.c.id == tables.set_explanation.c.set_id)
+            .join(tables.dataset, tables.dataset.c.id == tables.activation_set.c.dataset_id)
+            .join(tables.checkpoint, tables.checkpoint.c.id == tables.activation_set.c.checkpoint_id)
+            .join(tables.model, tables.model.c.id == tables.checkpoint.c.model_id)
+            .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
+            .order_by(tables.dataset.c.name)
         ).all()
-    return [tuple(r) for r in rows]
+    return [(r, r.activation_path, r.dataset_name, r.dataset_path) for r in rows]
 
 
 def _display(text: str) -> str:
@@ -118,7 +124,7 @@ def neuron_explanation(
     }
 
 
-def _set_texts(store: Store, ex: SetExplanation) -> list[str]:
+def _set_texts(store: Store, ex: tables.set_explanation) -> list[str]:
     """The token texts stored with a set's explanations (none when its file is gone: ids then show as `<id>`)."""
     path = store.config.file(ex.path)
     return _file_contents(path, "strings") if path.exists() else []

@@ -38,11 +38,14 @@ class AppContext:
         self._store: Store | None = None
 
     def store(self) -> Store:
-        """The store, opened on first use (the database layer is imported only by commands that need it)."""
+        """The store, opened on first use (the database layer is imported only by commands that need it); runs
+        whose process died are marked abandoned first, so no command shows or waits for them."""
         if self._store is None:
             from actdb.store.database.connection import Store
+            from actdb.store.database.lifecycle import reap_abandoned
 
             self._store = Store.open(self.config)
+            reap_abandoned(self._store)
         return self._store
 
 

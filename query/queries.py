@@ -13,6 +13,7 @@ import json
 
 from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, select
 
+from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.labels import (
     newest_run_listing,
@@ -23,17 +24,6 @@ from actdb.store.database.labels import (
     universal_condition,
 )
 from actdb.store.database.registry import get_model
-from actdb.store.database.schema import (
-    Ablation,
-    AblationNeuron,
-    ActivationSet,
-    Checkpoint,
-    CorrelationRun,
-    Dataset,
-    Model,
-    NeuronStat,
-    RunMember,
-)
 from actdb.store.database.views import (
     v_ablation_summary,
     v_neuron_history,
@@ -91,16 +81,16 @@ def _scoped(
     """Restrict a query over v_universality to each set's newest run (or one run) and the given model/step;
     a scope with no runs is a one-line error naming the command that produces them."""
     if model is not None:
-        with store.session() as s:
-            get_model(s, model)
+        with store.transaction() as conn:
+            get_model(conn, model)
     if run is not None:
         require_run(store, run, "cross_model")
     newest = newest_runs(control, run)
     found = newest_run_listing(newest)
     if model is not None:
-        found = found.where(Model.name == model)
+        found = found.where(tables.model.c.name == model)
     if step is not None:
-        found = found.where(Checkpoint.step == step)
+        found = found.where(tables.checkpoint.c.step == step)
     if not store.query(found.limit(1)):
         if run is not None:
             target = f"{model}@{step}" if model and step is not None else model or f"anything at step {step}"
@@ -222,9 +212,9 @@ def _cols(view: Table, names: str) -> list:
 def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -> dict[str, Rows]:
     """Everything known about one neuron: statistics, matches, universality, history, ablations."""
     shape = store.query(
-        select(Model.n_layers, Model.d_mlp)
-        .join(Checkpoint, Checkpoint.model_id == Model.id)
-        .where(Model.name == model, Checkpoint.step == step)
+        select(tables.model.c.n_layers, tables.model.c.d_mlp)
+        .join(tables.checkpoint, tables.checkpoint.c.model_id == tables.model.c.id)
+        .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
     ).first()
     if shape is None:
         raise ActdbError(f"unknown checkpoint {model}@{step}; see `actdb status`")
@@ -236,17 +226,22 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
     here = and_(m.c.model == model, m.c.step == step, m.c.layer == layer, m.c.neuron == neuron)
     stats = (
         select(
-            Dataset.name.label("dataset"),
+            tables.dataset.c.name.label("dataset"),
             *(
-                NeuronStat.__table__.c[c]
+                tables.neuron_stat.c[c]
                 for c in ("count", "mean", "std", "skew", "kurtosis", "frac_active", "min", "max")
             ),
         )
-        .join(ActivationSet, ActivationSet.id == NeuronStat.set_id)
-        .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
-        .join(Model, Model.id == Checkpoint.model_id)
-        .join(Dataset, Dataset.id == ActivationSet.dataset_id)
-        .where(Model.name == model, Checkpoint.step == step, NeuronStat.layer == layer, NeuronStat.neuron == neuron)
+        .join(tables.activation_set, tables.activation_set.c.id == tables.neuron_stat.c.set_id)
+        .join(tables.checkpoint, tables.checkpoint.c.id == tables.activation_set.c.checkpoint_id)
+        .join(tables.model, tables.model.c.id == tables.checkpoint.c.model_id)
+        .join(tables.dataset, tables.dataset.c.id == tables.activation_set.c.dataset_id)
+        .where(
+            tables.model.c.name == model,
+            tables.checkpoint.c.step == step,
+            tables.neuron_stat.c.layer == layer,
+            tables.neuron_stat.c.neuron == neuron,
+        )
     )
     a = v_ablation_summary
     return {
@@ -279,46 +274,46 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
             .order_by(m.c.control, m.c.step, m.c.other_step)
         ),
         "ablations": store.query(
-            select(*_cols(a, STORY_ABLATION), AblationNeuron.delta.label("own_delta"))
-            .join(Ablation, Ablation.id == a.c.ablation_id)
+            select(*_cols(a, STORY_ABLATION), tables.ablation_neuron.c.delta.label("own_delta"))
+            .join(tables.ablation, tables.ablation.c.id == a.c.ablation_id)
             .outerjoin(
-                AblationNeuron,
+                tables.ablation_neuron,
                 and_(
-                    AblationNeuron.ablation_id == Ablation.id,
-                    AblationNeuron.layer == layer,
-                    AblationNeuron.neuron == neuron,
+                    tables.ablation_neuron.c.ablation_id == tables.ablation.c.id,
+                    tables.ablation_neuron.c.layer == layer,
+                    tables.ablation_neuron.c.neuron == neuron,
                 ),
             )
-            .where(a.c.model == model, a.c.step == step, Ablation.neurons.like(f'%"{layer}.{neuron}"%'))
+            .where(a.c.model == model, a.c.step == step, tables.ablation.c.neurons.like(f'%"{layer}.{neuron}"%'))
             .order_by(a.c.ablation_id)
         ),
     }
 
 
 def runs_listing(store: Store) -> Rows:
-    r = CorrelationRun
+    r = tables.correlation_run
     return store.query(
         select(
-            r.id.label("run_id"),
-            r.kind,
-            r.status,
-            Dataset.name.label("dataset"),
-            r.control,
-            r.threshold,
-            r.baseline_seed,
-            func.count(RunMember.set_id).label("n_sets"),
-            r.n_tokens,
-            r.n_passes,
-            r.n_dead,
-            r.backend,
-            r.seconds,
-            r.started_at,
-            r.error,
+            r.c.id.label("run_id"),
+            r.c.kind,
+            r.c.status,
+            tables.dataset.c.name.label("dataset"),
+            r.c.control,
+            r.c.threshold,
+            r.c.baseline_seed,
+            func.count(tables.run_member.c.set_id).label("n_sets"),
+            r.c.n_tokens,
+            r.c.n_passes,
+            r.c.n_dead,
+            r.c.backend,
+            r.c.seconds,
+            r.c.started_at,
+            r.c.error,
         )
-        .join(Dataset, Dataset.id == r.dataset_id)
-        .outerjoin(RunMember, RunMember.run_id == r.id)
-        .group_by(r.id, Dataset.name)
-        .order_by(r.id)
+        .join(tables.dataset, tables.dataset.c.id == r.c.dataset_id)
+        .outerjoin(tables.run_member, tables.run_member.c.run_id == r.c.id)
+        .group_by(r.c.id, tables.dataset.c.name)
+        .order_by(r.c.id)
     )
 
 
@@ -351,8 +346,8 @@ def ablations_listing(store: Store, model: str | None = None) -> Rows:
     a = v_ablation_summary
     query = select(*(a.c[c] for c in ABLATION_COLUMNS)).order_by(a.c.ablation_id)
     if model:
-        with store.session() as s:
-            get_model(s, model)  # an unknown name is an error, not an empty listing
+        with store.transaction() as conn:
+            get_model(conn, model)  # an unknown name is an error, not an empty listing
         query = query.where(a.c.model == model)
     return store.query(query)
 
@@ -382,8 +377,8 @@ def persistence_listing(
         p.c.model, p.c.control, p.c.threshold, p.c.from_step, p.c.layer
     )
     if model:
-        with store.session() as s:
-            get_model(s, model)
+        with store.transaction() as conn:
+            get_model(conn, model)
         query = query.where(p.c.model == model)
     if control:
         query = query.where(p.c.control == control)
@@ -395,8 +390,8 @@ def persistence_listing(
 def ablation_control_deltas(store: Store) -> dict[int, list[float]]:
     """Each complete ablation's control deltas, one per random set."""
     rows = store.query(
-        select(Ablation.id, Ablation.control_deltas).where(
-            Ablation.status == "complete", Ablation.control_deltas.isnot(None)
+        select(tables.ablation.c.id, tables.ablation.c.control_deltas).where(
+            tables.ablation.c.status == "complete", tables.ablation.c.control_deltas.isnot(None)
         )
     )
     return {r.id: json.loads(r.control_deltas) for r in rows}
@@ -414,10 +409,10 @@ def similarity_listing(store: Store, *, run: int | None = None, control: str = "
     sim = v_similarity
     if run is None:
         run = store.scalar(
-            select(func.max(CorrelationRun.id)).where(
-                CorrelationRun.kind == "similarity",
-                CorrelationRun.status == "complete",
-                CorrelationRun.control == control,
+            select(func.max(tables.correlation_run.c.id)).where(
+                tables.correlation_run.c.kind == "similarity",
+                tables.correlation_run.c.status == "complete",
+                tables.correlation_run.c.control == control,
             )
         )
         if run is None:

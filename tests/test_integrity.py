@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import func, select, text
 
 from actdb.store.config import StoreConfig, file_name_of
+from actdb.store.database import tables
 from actdb.store.database.connection import Store, make_engine
-from actdb.store.database.schema import Base, CorrelationRun, NeuronMatch, PersistenceRun, Universality
+from actdb.store.database.schema import CorrelationRun, NeuronMatch, PersistenceRun, Universality
 from tests.conftest import cli_call
 
 
@@ -57,8 +58,8 @@ def _snapshot(home: Path, db: str) -> tuple[dict, dict]:
     engine = make_engine(db)
     with engine.connect() as conn:
         rows = {
-            t: conn.execute(select(func.count()).select_from(Base.metadata.tables[t])).scalar()
-            for t in Base.metadata.tables
+            t: conn.execute(select(func.count()).select_from(tables.metadata.tables[t])).scalar()
+            for t in tables.metadata.tables
         }
         rows["alembic_version"] = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     engine.dispose()

@@ -5,8 +5,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from actdb.store.database import tables
 from actdb.store.database.connection import alembic_config, current_revision, head_revision, make_engine
-from actdb.store.database.schema import Base
 
 
 def test_upgrade_downgrade_upgrade(db_url):
@@ -29,7 +29,7 @@ def test_orm_models_match_migrations(db_url):
     engine = make_engine(db_url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        diff = compare_metadata(ctx, Base.metadata)
+        diff = compare_metadata(ctx, tables.metadata)
     engine.dispose()
     assert diff == []
 

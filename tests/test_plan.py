@@ -30,7 +30,7 @@ from actdb.compute.planning.estimate import (
     rates_for,
     synthetic_inputs,
 )
-from actdb.query.commands.plan import register
+from actdb.query.commands.plan import COMMANDS as PLAN_COMMANDS
 from actdb.store.device import NUMPY, ArrayBackend
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationWriter
@@ -279,7 +279,8 @@ def _cli():
     def group() -> None:
         pass
 
-    register(group)
+    for command in PLAN_COMMANDS:
+        group.add_command(command)
     return group
 
 

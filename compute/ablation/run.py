@@ -13,7 +13,7 @@ from actdb.compute.ablation.loss import AblationOutcome, LossEvaluator, ablate
 from actdb.store.database.connection import Store
 from actdb.store.database.labels import latest_universality_run, require_run, universal_neurons_of
 from actdb.store.database.lifecycle import release, request_key, running, start_or_wait
-from actdb.store.database.registry import complete_set, get_checkpoint
+from actdb.store.database.registry import complete_set, get_checkpoint, get_model
 from actdb.store.database.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
@@ -195,7 +195,7 @@ def _resolve_target(store: Store, req: AblationRequest) -> _Target:
             )
         }
         ds_path = s.get(Dataset, aset.dataset_id).path
-        model = ckpt.model
+        model = get_model(s, ref.model)
         return _Target(
             model.n_layers, model.d_mlp, ckpt.id, aset.dataset_id, aset.id, ckpt.source, ckpt.revision, ds_path, means
         )

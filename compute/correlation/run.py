@@ -29,7 +29,6 @@ from actdb.store.database.labels import stability_at
 from actdb.store.database.lifecycle import RunHandle, release, request_key, running, start_or_wait
 from actdb.store.database.registry import resolve_sets
 from actdb.store.database.schema import (
-    DEFAULT_THRESHOLD,
     ActivationSet,
     Checkpoint,
     CorrelationRun,
@@ -41,6 +40,7 @@ from actdb.store.database.schema import (
     RunMember,
     Universality,
 )
+from actdb.store.database.tables import DEFAULT_THRESHOLD
 from actdb.store.device import NUMPY, resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.files.token import TokenDataset

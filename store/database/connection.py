@@ -8,14 +8,28 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, Executable, RowMapping, create_engine, event, insert, inspect, make_url, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    RowMapping,
+    Table,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    make_url,
+    text,
+)
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from actdb.store.config import StoreConfig
 from actdb.store.errors import ActdbError, SchemaBehindError, first_line
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 MIGRATIONS_DIR = Path(str(resources.files("actdb.migrations")))
 
@@ -84,14 +98,15 @@ def _check_connect(engine: Engine) -> None:
 INSERT_BATCH = 20000
 
 
-def insert_rows(session: Session, table: type, rows: list[dict]) -> None:
+def insert_rows(session: Session | Connection, table: Table | type, rows: list[dict]) -> None:
     """Bulk-insert dict rows (all with the same keys) in the session's transaction, by each backend's fast path:
     COPY on PostgreSQL, the driver's own executemany on SQLite (SQLAlchemy's per-row processing cost more than
     the database's work: 0.3 s of a 0.8 s correlation on the demo)."""
     if not rows:
         return
-    conn = session.connection()
-    name, columns = table.__table__.name, list(rows[0])
+    conn = session if isinstance(session, Connection) else session.connection()
+    table = getattr(table, "__table__", table)  # an ORM class or its Core table
+    name, columns = table.name, list(rows[0])
     listed = ", ".join(f'"{c}"' for c in columns)
     raw = conn.connection.driver_connection
     if conn.dialect.name == "postgresql":
@@ -178,13 +193,12 @@ class Store:
         self.engine = engine
         self.read_only = read_only
         self.notes: list[str] = []  # what `init` could not do itself and a person must (e.g. create a role)
-        self.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+        self._sessionmaker = None  # made on the first `session()`: readers never import the ORM
 
     @classmethod
     def open(cls, config: StoreConfig, check_schema: bool = True, read_only: bool = False) -> Store:
         """Open an existing store; a missing or older schema is reported with the command that fixes it.
-
-        A read-write open also marks runs whose process has died as abandoned (`store.database.lifecycle`)."""
+        (Runs whose process died are reaped by whoever opens the store for work: `store.database.lifecycle`.)"""
         if config.is_sqlite:
             db_file = make_url(config.database_url).database
             if db_file and db_file != ":memory:" and not Path(db_file).exists():
@@ -194,10 +208,6 @@ class Store:
         store = cls(config, engine, read_only)
         if check_schema:
             store.require_current_schema()
-            if not read_only:
-                from actdb.store.database.lifecycle import reap_abandoned
-
-                reap_abandoned(store)
         return store
 
     @classmethod
@@ -251,9 +261,20 @@ class Store:
             )
 
     @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A Core connection in one transaction, committed on success and rolled back on error: what readers
+        and Core writers use."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """An ORM session committed on success and rolled back on error."""
-        with self.sessionmaker() as sess:
+        """An ORM session committed on success and rolled back on error (writers that build mapped objects)."""
+        if self._sessionmaker is None:
+            from sqlalchemy.orm import sessionmaker
+
+            self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        with self._sessionmaker() as sess:
             try:
                 yield sess
                 sess.commit()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from sqlalchemy import ColumnElement, Select, Subquery, and_, func, literal, select
 
+from actdb.store.database import tables
 from actdb.store.database.connection import Store
-from actdb.store.database.schema import ActivationSet, Checkpoint, CorrelationRun, Dataset, Model, RunMember
 from actdb.store.database.views import v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
@@ -31,24 +31,27 @@ def newest_runs(control: str = "none", run: int | None = None) -> Subquery:
     Preferring the widest run keeps a listing on one comparison: after `correlate A,B,C` then `correlate A,B`,
     C would otherwise be read from the three-model run and A, B from the two-model one. A re-run over the same
     models replaces what readers see without deleting history."""
-    complete = (CorrelationRun.status == "complete", CorrelationRun.kind == "cross_model")
-    scope = CorrelationRun.id == run if run is not None else CorrelationRun.control == control
+    complete = (tables.correlation_run.c.status == "complete", tables.correlation_run.c.kind == "cross_model")
+    scope = tables.correlation_run.c.id == run if run is not None else tables.correlation_run.c.control == control
     width = (
-        select(RunMember.run_id, func.count().label("members"))
-        .join(CorrelationRun, CorrelationRun.id == RunMember.run_id)
+        select(tables.run_member.c.run_id, func.count().label("members"))
+        .join(tables.correlation_run, tables.correlation_run.c.id == tables.run_member.c.run_id)
         .where(*complete, scope)
-        .group_by(RunMember.run_id)
+        .group_by(tables.run_member.c.run_id)
         .subquery("width")
     )
     ranked = (
         select(
-            RunMember.set_id,
-            RunMember.run_id,
+            tables.run_member.c.set_id,
+            tables.run_member.c.run_id,
             func.row_number()
-            .over(partition_by=RunMember.set_id, order_by=(width.c.members.desc(), RunMember.run_id.desc()))
+            .over(
+                partition_by=tables.run_member.c.set_id,
+                order_by=(width.c.members.desc(), tables.run_member.c.run_id.desc()),
+            )
             .label("rank"),
         )
-        .join(width, width.c.run_id == RunMember.run_id)
+        .join(width, width.c.run_id == tables.run_member.c.run_id)
         .subquery("ranked")
     )
     return select(ranked.c.set_id, ranked.c.run_id).where(ranked.c.rank == 1).subquery("newest")
@@ -60,17 +63,17 @@ def newest_run_listing(newest: Subquery) -> Select:
         select(
             newest.c.run_id,
             newest.c.set_id,
-            Model.name.label("model"),
-            Checkpoint.step,
-            Dataset.name.label("dataset"),
-            CorrelationRun.threshold,
+            tables.model.c.name.label("model"),
+            tables.checkpoint.c.step,
+            tables.dataset.c.name.label("dataset"),
+            tables.correlation_run.c.threshold,
         )
-        .join(ActivationSet, ActivationSet.id == newest.c.set_id)
-        .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
-        .join(Model, Model.id == Checkpoint.model_id)
-        .join(Dataset, Dataset.id == ActivationSet.dataset_id)
-        .join(CorrelationRun, CorrelationRun.id == newest.c.run_id)
-        .order_by(Model.name, Checkpoint.step)
+        .join(tables.activation_set, tables.activation_set.c.id == newest.c.set_id)
+        .join(tables.checkpoint, tables.checkpoint.c.id == tables.activation_set.c.checkpoint_id)
+        .join(tables.model, tables.model.c.id == tables.checkpoint.c.model_id)
+        .join(tables.dataset, tables.dataset.c.id == tables.activation_set.c.dataset_id)
+        .join(tables.correlation_run, tables.correlation_run.c.id == newest.c.run_id)
+        .order_by(tables.model.c.name, tables.checkpoint.c.step)
     )
 
 
@@ -97,15 +100,17 @@ RUN_KINDS = {
 def require_run(store: Store, run_id: int, kind: str, set_id: int | None = None, what: str = "") -> float:
     """The recorded threshold of run `run_id`, after checking that it exists, is complete, is of `kind` and (with
     `set_id`) scored that set; otherwise a one-line error saying which of these failed."""
-    with store.session() as s:
-        run = s.get(CorrelationRun, run_id)
+    run_table, member = tables.correlation_run, tables.run_member
+    with store.transaction() as conn:
+        run = conn.execute(select(run_table).where(run_table.c.id == run_id)).first()
         if run is None:
             raise ActdbError(f"there is no run {run_id}")
         if run.kind != kind:
             raise ActdbError(f"run {run_id} is {RUN_KINDS.get(run.kind, run.kind)}; this needs {RUN_KINDS[kind]}")
         if run.status != "complete":
             raise ActdbError(f"run {run_id} is {run.status}, not complete")
-        if set_id is not None and s.get(RunMember, (run_id, set_id)) is None:
+        scored = select(member.c.set_id).where(member.c.run_id == run_id, member.c.set_id == set_id)
+        if set_id is not None and conn.execute(scored).first() is None:
             raise ActdbError(f"run {run_id} did not score {what or f'set {set_id}'}")
         return run.threshold
 
@@ -114,8 +119,8 @@ def latest_universality_run(store: Store, set_id: int, control: str) -> tuple[in
     """(run_id, recorded threshold) of the run `newest_runs` picks for the set with this control, or None."""
     newest = newest_runs(control)
     row = store.query(
-        select(newest.c.run_id, CorrelationRun.threshold)
-        .join(CorrelationRun, CorrelationRun.id == newest.c.run_id)
+        select(newest.c.run_id, tables.correlation_run.c.threshold)
+        .join(tables.correlation_run, tables.correlation_run.c.id == newest.c.run_id)
         .where(newest.c.set_id == set_id)
     ).first()
     return None if row is None else (row.run_id, row.threshold)

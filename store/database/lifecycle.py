@@ -22,21 +22,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import Table, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from actdb.store.database.schema import (
-    Ablation,
-    AblationNeuron,
-    ActivationSet,
-    CorrelationRun,
-    LayerSimilarity,
-    NeuronMatch,
-    PersistenceRun,
-    PredictionSet,
-    Universality,
-    utcnow,
-)
+from actdb.store.database import tables
+from actdb.store.database.tables import utcnow
 from actdb.store.errors import BusyError, first_line
 
 if TYPE_CHECKING:
@@ -56,23 +46,28 @@ def request_key(**fields: Any) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _delete_correlation_results(session, run_id: int) -> None:
-    for table in (NeuronMatch, Universality, LayerSimilarity):
-        session.execute(delete(table).where(table.run_id == run_id))
+def core_table(table: Table | type) -> Table:
+    """The Core table of a run table given as itself or as its ORM class (writers pass either)."""
+    return getattr(table, "__table__", table)
 
 
-def _delete_ablation_results(session, run_id: int) -> None:
-    session.execute(delete(AblationNeuron).where(AblationNeuron.ablation_id == run_id))
+def _delete_correlation_results(conn, run_id: int) -> None:
+    for table in (tables.neuron_match, tables.universality, tables.layer_similarity):
+        conn.execute(delete(table).where(table.c.run_id == run_id))
+
+
+def _delete_ablation_results(conn, run_id: int) -> None:
+    conn.execute(delete(tables.ablation_neuron).where(tables.ablation_neuron.c.ablation_id == run_id))
 
 
 # Every run table, with what to delete when one of its runs is abandoned (activation sets keep their
 # `.partial` file: a later ingest resumes from it).
-RUN_TABLES: dict[type, Callable | None] = {
-    ActivationSet: None,
-    CorrelationRun: _delete_correlation_results,
-    PersistenceRun: None,
-    PredictionSet: None,
-    Ablation: _delete_ablation_results,
+RUN_TABLES: dict[Table, Callable | None] = {
+    tables.activation_set: None,
+    tables.correlation_run: _delete_correlation_results,
+    tables.persistence_run: None,
+    tables.prediction_set: None,
+    tables.ablation: _delete_ablation_results,
 }
 
 
@@ -95,10 +90,9 @@ def reap_abandoned(store: Store) -> list[tuple[str, int]]:
     stale = utcnow() - STALE_AFTER
     reaped = []
     for table, cleanup in RUN_TABLES.items():
-        with contextlib.suppress(SQLAlchemyError), store.session() as s:  # a store that cannot be written is read
-            running = s.execute(
-                select(table.id, table.host, table.pid, table.heartbeat_at).where(table.status == "running")
-            )
+        c = table.c
+        with contextlib.suppress(SQLAlchemyError), store.transaction() as s:  # a store that cannot be written is read
+            running = s.execute(select(c.id, c.host, c.pid, c.heartbeat_at).where(c.status == "running"))
             dead = [
                 row.id
                 for row in running
@@ -107,12 +101,12 @@ def reap_abandoned(store: Store) -> list[tuple[str, int]]:
             for run_id in dead:
                 done = s.execute(
                     update(table)
-                    .where(table.id == run_id, table.status == "running")
+                    .where(c.id == run_id, c.status == "running")
                     .values(status="abandoned", finished_at=utcnow(), error="the process running it stopped")
                 )
                 if done.rowcount == 1 and cleanup is not None:
                     cleanup(s, run_id)
-                reaped.append((table.__tablename__, run_id))
+                reaped.append((table.name, run_id))
     return reaped
 
 
@@ -124,77 +118,77 @@ def _owner_values() -> dict[str, Any]:
 class RunBusy(BusyError):
     """An identical request is already running as row `run_id` of `table`."""
 
-    def __init__(self, table: type, run_id: int) -> None:
-        super().__init__(f"{table.__tablename__} {run_id} is computing the same request right now")
+    def __init__(self, table: Table | type, run_id: int) -> None:
+        super().__init__(f"{core_table(table).name} {run_id} is computing the same request right now")
         self.table, self.run_id = table, run_id
 
 
-def start_run(store: Store, table: type, values: dict[str, Any]) -> int:
+def start_run(store: Store, table: Table | type, values: dict[str, Any]) -> int:
     """Insert a running row for a new request; BusyError(run_id) when the same request is already running."""
+    c = core_table(table).c
     try:
-        with store.session() as s:
-            row = table(**values, **_owner_values(), error=None)
-            s.add(row)
-            s.flush()
-            return row.id
+        with store.transaction() as s:
+            done = s.execute(insert(core_table(table)).values(**values, **_owner_values(), error=None))
+            return done.inserted_primary_key[0]
     except IntegrityError:
-        with store.session() as s:
-            other = s.scalar(
-                select(table.id).where(table.request_key == values["request_key"], table.status == "running")
-            )
+        with store.transaction() as s:
+            other = s.scalar(select(c.id).where(c.request_key == values["request_key"], c.status == "running"))
         if other is None:  # it finished between our insert and this read: the caller may look again
             raise BusyError("an identical request finished just now; run the command again") from None
         raise RunBusy(table, other) from None
 
 
-def claim_row(store: Store, table: type, row_id: int, force: bool = False, what: str | None = None) -> str:
+def claim_row(store: Store, table: Table | type, row_id: int, force: bool = False, what: str | None = None) -> str:
     """Make this process the only owner of an existing row (pending, failed, abandoned, or complete with
     `force`); returns the status it had (a complete row is left alone without `force`). BusyError when a live
     process holds it; `what` names the work in that message."""
     reap_abandoned(store)
-    with store.session() as s:
-        prior = s.scalar(select(table.status).where(table.id == row_id))
+    table = core_table(table)
+    c = table.c
+    with store.transaction() as s:
+        prior = s.scalar(select(c.status).where(c.id == row_id))
         if prior == "complete" and not force:
             return prior
         states = CLAIMABLE + (("complete",) if force else ())
         done = s.execute(
             update(table)
-            .where(table.id == row_id, or_(*(table.status == st for st in states)))
+            .where(c.id == row_id, or_(*(c.status == st for st in states)))
             .values(**_owner_values(), error=None, finished_at=None)
         )
-        if done.rowcount != 1:
-            s.rollback()
-            holder = s.execute(select(table.host, table.pid).where(table.id == row_id)).one()
+        if done.rowcount != 1:  # the UPDATE matched nothing: another live process holds the row
+            holder = s.execute(select(c.host, c.pid).where(c.id == row_id)).one()
             raise BusyError(
-                f"{what or f'{table.__tablename__} {row_id}'} is being worked on by process {holder.pid} on "
+                f"{what or f'{table.name} {row_id}'} is being worked on by process {holder.pid} on "
                 f"{holder.host} right now; nothing to do here (it is taken over if that process dies)"
             )
     return prior
 
 
-def start_or_wait(store: Store, table: type, values: dict[str, Any], log: Callable[[str], None]) -> int | None:
+def start_or_wait(store: Store, table: Table | type, values: dict[str, Any], log: Callable[[str], None]) -> int | None:
     """A new running row for this request, or None after waiting for an identical request that another process
     was running and that completed (its results can be reused). A waited-for run that failed is claimed anew."""
     while True:
         try:
             return start_run(store, table, values)
         except RunBusy as busy:
-            log(f"{table.__tablename__} {busy.run_id} is computing the same request in another process; waiting")
+            log(f"{core_table(table).name} {busy.run_id} is computing the same request in another process; waiting")
             if wait_for(store, table, busy.run_id) == "complete":
                 return None
 
 
-def release(store: Store, table: type, row_id: int) -> None:
+def release(store: Store, table: Table | type, row_id: int) -> None:
     """Give back a claimed row that never ran (an identical request completed just before the claim)."""
-    with store.session() as s:
-        s.execute(delete(table).where(table.id == row_id, table.status == "running"))
+    c = core_table(table).c
+    with store.transaction() as s:
+        s.execute(delete(core_table(table)).where(c.id == row_id, c.status == "running"))
 
 
-def wait_for(store: Store, table: type, row_id: int, poll: float = 1.0) -> str:
+def wait_for(store: Store, table: Table | type, row_id: int, poll: float = 1.0) -> str:
     """Wait until another process's run leaves `running` (reaping it if that process dies); returns its status."""
+    c = core_table(table).c
     while True:
         reap_abandoned(store)
-        status = store.scalar(select(table.status).where(table.id == row_id))
+        status = store.scalar(select(c.status).where(c.id == row_id))
         if status != "running":
             return status
         time.sleep(poll)
@@ -205,15 +199,16 @@ class RunHandle:
     """A run this process owns: heartbeats while alive, then `complete(...)` or (on an exception) failed."""
 
     store: Store
-    table: type
+    table: Table | type
     row_id: int
     started: float = field(default_factory=time.perf_counter)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def beat(self, **values: Any) -> None:
         """Write the heartbeat (and progress columns) now."""
-        with self.store.session() as s:
-            s.execute(update(self.table).where(self.table.id == self.row_id).values(heartbeat_at=utcnow(), **values))
+        table = core_table(self.table)
+        with self.store.transaction() as s:
+            s.execute(update(table).where(table.c.id == self.row_id).values(heartbeat_at=utcnow(), **values))
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -223,10 +218,11 @@ class RunHandle:
     def complete(self, **values: Any) -> float:
         """Mark complete with result columns; returns the run's seconds."""
         seconds = time.perf_counter() - self.started
-        with self.store.session() as s:
+        table = core_table(self.table)
+        with self.store.transaction() as s:
             s.execute(
-                update(self.table)
-                .where(self.table.id == self.row_id)
+                update(table)
+                .where(table.c.id == self.row_id)
                 .values(status="complete", finished_at=utcnow(), seconds=seconds, error=None, **values)
             )
         return seconds
@@ -234,16 +230,17 @@ class RunHandle:
     def fail(self, exc: BaseException) -> None:
         """Record the failure; when the database cannot be written either (a full disk), the run stays running
         and the next command reaps it as abandoned once this process has exited."""
-        with contextlib.suppress(SQLAlchemyError), self.store.session() as s:
+        table = core_table(self.table)
+        with contextlib.suppress(SQLAlchemyError), self.store.transaction() as s:
             s.execute(
-                update(self.table)
-                .where(self.table.id == self.row_id, self.table.status == "running")
+                update(table)
+                .where(table.c.id == self.row_id, table.c.status == "running")
                 .values(status="failed", finished_at=utcnow(), error=first_line(exc)[:2000])
             )
 
 
 @contextlib.contextmanager
-def running(store: Store, table: type, row_id: int) -> Iterator[RunHandle]:
+def running(store: Store, table: Table | type, row_id: int) -> Iterator[RunHandle]:
     """Own a claimed run for the duration of the block: heartbeats on a thread; any exception marks it failed
     (with the first line of the error) and propagates; a block that forgets `complete()` fails the run too."""
     handle = RunHandle(store, table, row_id)
@@ -258,6 +255,7 @@ def running(store: Store, table: type, row_id: int) -> Iterator[RunHandle]:
         raise
     handle._stop.set()
     beater.join()
-    status = store.scalar(select(table.status).where(table.id == row_id))
+    c = core_table(table).c
+    status = store.scalar(select(c.status).where(c.id == row_id))
     if status == "running":
         handle.fail(RuntimeError("the run ended without recording its results"))

@@ -1,103 +1,125 @@
 """Finding and registering models, checkpoints, datasets and activation sets, with one-line errors that say
-what exists and which command creates what is missing."""
+what exists and which command creates what is missing.
+
+Everything here is SQLAlchemy Core on `store.database.tables`: lookups take a Core connection or an ORM session
+(both execute Core statements) and return `Row`s, read by attribute (`row.id`, `row.path`)."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
-from actdb.store.database.connection import Store
-from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model
+from sqlalchemy import Row, Table, func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from actdb.store.database import tables
 from actdb.store.errors import ActdbError
 from actdb.store.hook_names import HOOK_NAME
 from actdb.store.refs import SetRef
 
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.orm import Session
 
-def _get_named(session: Session, cls: type, name: str, missing: str) -> object:
-    row = session.scalar(select(cls).where(cls.name == name))
+    from actdb.store.database.connection import Store
+
+    Executor = Connection | Session
+
+model, checkpoint, dataset, activation_set = tables.model, tables.checkpoint, tables.dataset, tables.activation_set
+
+
+def _get_named(conn: Executor, table: Table, name: str, missing: str) -> Row[Any]:
+    row = conn.execute(select(table).where(table.c.name == name)).first()
     if row is None:
-        known = ", ".join(session.scalars(select(cls.name).order_by(cls.name))) or "none yet"
+        known = ", ".join(conn.scalars(select(table.c.name).order_by(table.c.name))) or "none yet"
         raise ActdbError(missing.format(name=name, known=known))
     return row
 
 
-def get_dataset(session: Session, name: str) -> Dataset:
+def get_dataset(conn: Executor, name: str) -> Row[Any]:
+    """The dataset row named `name`, or a one-line error listing the known ones."""
     return _get_named(
-        session, Dataset, name, "no dataset named {name!r} (known: {known}); create it with `actdb dataset add`"
+        conn, dataset, name, "no dataset named {name!r} (known: {known}); create it with `actdb dataset add`"
     )
 
 
-def get_model(session: Session, name: str) -> Model:
-    return _get_named(session, Model, name, "unknown model {name!r} (known: {known})")
+def get_model(conn: Executor, name: str) -> Row[Any]:
+    """The model row named `name`, or a one-line error listing the known ones."""
+    return _get_named(conn, model, name, "unknown model {name!r} (known: {known})")
 
 
-def get_checkpoint(session: Session, model_name: str, step: int) -> Checkpoint:
-    model = get_model(session, model_name)
-    ckpt = session.scalar(select(Checkpoint).where(Checkpoint.model_id == model.id, Checkpoint.step == step))
+def get_checkpoint(conn: Executor, model_name: str, step: int) -> Row[Any]:
+    """The checkpoint row of MODEL at STEP, or a one-line error listing the model's steps."""
+    found = get_model(conn, model_name)
+    ckpt = conn.execute(select(checkpoint).where(checkpoint.c.model_id == found.id, checkpoint.c.step == step)).first()
     if ckpt is None:
         steps = ", ".join(
             str(s)
-            for s in session.scalars(
-                select(Checkpoint.step).where(Checkpoint.model_id == model.id).order_by(Checkpoint.step)
+            for s in conn.scalars(
+                select(checkpoint.c.step).where(checkpoint.c.model_id == found.id).order_by(checkpoint.c.step)
             )
         )
         raise ActdbError(f"model {model_name!r} has no step {step} (steps: {steps or 'none'})")
     return ckpt
 
 
-def check_new_name(session: Session, cls: type, name: str, what: str) -> None:
+def check_new_name(conn: Executor, table: Table, name: str, what: str) -> None:
     """Refuse a new name that differs from an existing one only in case: their files would be one file on a
     case-insensitive file system."""
-    clash = session.scalar(select(cls.name).where(func.lower(cls.name) == name.lower(), cls.name != name))
+    clash = conn.scalar(select(table.c.name).where(func.lower(table.c.name) == name.lower(), table.c.name != name))
     if clash is not None:
         raise ActdbError(f"{what} {name!r} differs from the existing {clash!r} only in case; pick another name")
 
 
-def find_set(session: Session, model_name: str, step: int, dataset: str, hook: str = HOOK_NAME) -> ActivationSet | None:
-    return session.scalar(
-        select(ActivationSet)
-        .join(Checkpoint, ActivationSet.checkpoint_id == Checkpoint.id)
-        .join(Model, Checkpoint.model_id == Model.id)
-        .join(Dataset, ActivationSet.dataset_id == Dataset.id)
-        .where(Model.name == model_name, Checkpoint.step == step, Dataset.name == dataset, ActivationSet.hook == hook)
-    )
+def find_set(conn: Executor, model_name: str, step: int, dataset_name: str, hook: str = HOOK_NAME) -> Row[Any] | None:
+    """The activation set of MODEL@STEP on a dataset at a hook, whatever its status (None if there is none)."""
+    return conn.execute(
+        select(activation_set)
+        .join(checkpoint, activation_set.c.checkpoint_id == checkpoint.c.id)
+        .join(model, checkpoint.c.model_id == model.c.id)
+        .join(dataset, activation_set.c.dataset_id == dataset.c.id)
+        .where(
+            model.c.name == model_name,
+            checkpoint.c.step == step,
+            dataset.c.name == dataset_name,
+            activation_set.c.hook == hook,
+        )
+    ).first()
 
 
-def only_dataset(store: Store, model: str | None = None) -> str:
-    """The store's only dataset (or the only one `model` has complete sets on), or a one-line error asking for
-    --dataset."""
-    with store.session() as s:
-        query = select(Dataset.name).distinct()
-        if model is not None:
-            get_model(s, model)
+def only_dataset(store: Store, model_name: str | None = None) -> str:
+    """The store's only dataset (or the only one `model_name` has complete sets on), or a one-line error asking
+    for --dataset."""
+    with store.transaction() as conn:
+        query = select(dataset.c.name).distinct()
+        if model_name is not None:
+            get_model(conn, model_name)
             query = (
-                query.join(ActivationSet, ActivationSet.dataset_id == Dataset.id)
-                .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
-                .join(Model, Model.id == Checkpoint.model_id)
-                .where(Model.name == model, ActivationSet.status == "complete")
+                query.join(activation_set, activation_set.c.dataset_id == dataset.c.id)
+                .join(checkpoint, checkpoint.c.id == activation_set.c.checkpoint_id)
+                .join(model, model.c.id == checkpoint.c.model_id)
+                .where(model.c.name == model_name, activation_set.c.status == "complete")
             )
-        names = sorted(s.scalars(query))
+        names = sorted(conn.scalars(query))
     if len(names) != 1:
-        where = f"{model} has complete sets on" if model is not None else "the store has"
+        where = f"{model_name} has complete sets on" if model_name is not None else "the store has"
         listed = f" ({', '.join(names)})" if names else ""
         raise ActdbError(f"{where} {len(names)} datasets{listed}; pass --dataset")
     return names[0]
 
 
-def complete_set(session: Session, ref: SetRef, dataset: str | None, hook: str = HOOK_NAME) -> ActivationSet:
-    """The complete activation set of MODEL@STEP (on `dataset`, or its only dataset), or a one-line error."""
-    ckpt = get_checkpoint(session, ref.model, ref.step)
+def complete_set(conn: Executor, ref: SetRef, dataset_name: str | None, hook: str = HOOK_NAME) -> Row[Any]:
+    """The complete activation set of MODEL@STEP (on `dataset_name`, or its only dataset), or a one-line error."""
+    ckpt = get_checkpoint(conn, ref.model, ref.step)
     q = (
-        select(ActivationSet, Dataset.name)
-        .join(Dataset)
-        .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.hook == hook)
+        select(activation_set, dataset.c.name.label("dataset_name"), dataset.c.path.label("dataset_path"))
+        .join(dataset, activation_set.c.dataset_id == dataset.c.id)
+        .where(activation_set.c.checkpoint_id == ckpt.id, activation_set.c.hook == hook)
     )
-    want = ref.dataset or dataset
+    want = ref.dataset or dataset_name
     if want:
-        get_dataset(session, want)
-        q = q.where(Dataset.name == want)
-    rows = session.execute(q).all()
+        get_dataset(conn, want)
+        q = q.where(dataset.c.name == want)
+    rows = conn.execute(q).all()
     if not rows:
         on = f" on dataset {want!r}" if want else ""
         flag = "" if hook == HOOK_NAME else f" --hook {hook}"
@@ -106,37 +128,41 @@ def complete_set(session: Session, ref: SetRef, dataset: str | None, hook: str =
             f"--dataset {want or 'DATASET'}{flag}` first"
         )
     if len(rows) > 1:
-        raise ActdbError(f"{ref} has sets on several datasets ({', '.join(n for _a, n in rows)}); pass --dataset")
-    aset, ds_name = rows[0]
-    if aset.status != "complete":
         raise ActdbError(
-            f"the activation set of {ref} on {ds_name} is {aset.status}, not complete; finish it with `actdb ingest`"
+            f"{ref} has sets on several datasets ({', '.join(r.dataset_name for r in rows)}); pass --dataset"
         )
-    return aset
+    found = rows[0]
+    if found.status != "complete":
+        raise ActdbError(
+            f"the activation set of {ref} on {found.dataset_name} is {found.status}, not complete; finish it with "
+            "`actdb ingest`"
+        )
+    return found
 
 
-def resolve_sets(store: Store, refs: list[SetRef], dataset: str | None, hook: str = HOOK_NAME) -> list[ActivationSet]:
+def resolve_sets(store: Store, refs: list[SetRef], dataset_name: str | None, hook: str = HOOK_NAME) -> list[Row[Any]]:
     """Complete activation sets for the references, all on one dataset and hook, or a one-line error."""
     if len(set(refs)) != len(refs):
         raise ActdbError("the same activation set is listed twice")
-    with store.session() as s:
-        found = [complete_set(s, ref, dataset, hook) for ref in refs]
+    with store.transaction() as conn:
+        found = [complete_set(conn, ref, dataset_name, hook) for ref in refs]
     if len({a.dataset_id for a in found}) > 1:
         raise ActdbError("the sets are on different datasets; correlate sets of one dataset (pass --dataset)")
     return found
 
 
-def get_or_create(store: Store, cls: type, lookup: dict, defaults: dict) -> object:
-    """Insert a row keyed by `lookup` unless it exists; a concurrent insert of the same key is tolerated."""
-    with store.session() as s:
-        row = s.scalar(select(cls).filter_by(**lookup))
+def get_or_create(store: Store, table: Table, lookup: dict[str, Any], defaults: dict[str, Any]) -> Row[Any]:
+    """The row keyed by `lookup`, inserted with `defaults` unless it exists; a concurrent insert of the same key
+    is tolerated (the other writer's row is returned)."""
+    where = [table.c[k] == v for k, v in lookup.items()]
+    with store.transaction() as conn:
+        row = conn.execute(select(table).where(*where)).first()
         if row is not None:
             return row
     try:
-        with store.session() as s:
-            row = cls(**lookup, **defaults)
-            s.add(row)
-        return row
+        with store.transaction() as conn:
+            conn.execute(insert(table).values(**lookup, **defaults))
     except IntegrityError:
-        with store.session() as s:
-            return s.scalar(select(cls).filter_by(**lookup))
+        pass
+    with store.transaction() as conn:
+        return conn.execute(select(table).where(*where)).first()

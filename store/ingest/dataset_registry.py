@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
+from actdb.store.database import tables
 from actdb.store.database.connection import Store
 from actdb.store.database.registry import check_new_name
 from actdb.store.database.schema import Dataset
@@ -32,7 +33,7 @@ def add_dataset(
     with store.session() as s:
         if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
             raise ActdbError(f"dataset {name!r} already exists; pick another name")
-        check_new_name(s, Dataset, name, "dataset name")
+        check_new_name(s, tables.dataset, name, "dataset name")
     tok = load_tokenizer(tokenizer)
     excluded = resolve_exclusions(tok, exclude_tokens)
     refs, reader = document_refs(sources, field)

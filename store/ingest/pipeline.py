@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from tqdm.auto import tqdm
 
 from actdb.store.config import StoreConfig
+from actdb.store.database import tables
 from actdb.store.database.connection import Store, finite_or_none, insert_rows
 from actdb.store.database.lifecycle import RunHandle, claim_row, running
 from actdb.store.database.registry import check_new_name, find_set, get_dataset, get_or_create
@@ -197,7 +198,7 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         existing = s.scalar(select(Model).where(Model.name == req.model))
         if existing is None:
             check_name(req.model, "model name")
-            check_new_name(s, Model, req.model, "model name")
+            check_new_name(s, tables.model, req.model, "model name")
         done = find_set(s, req.model, req.step, req.dataset, req.hook)
     where = resolve_source(existing, req, store.config)  # a different --source is refused even when complete
     if done is not None and done.status == "complete" and not req.force:
@@ -232,7 +233,7 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     ckpt = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
     aset = get_or_create(
         store,
-        ActivationSet,
+        tables.activation_set,
         {"checkpoint_id": ckpt.id, "dataset_id": ds.id, "hook": req.hook},
         {"dtype": req.dtype, "path": rel_path, "status": "pending", "tokens_done": 0, "n_tokens": tokens.tokens.size},
     )
@@ -358,7 +359,7 @@ def _register_checkpoint(
         )
     model_row = get_or_create(
         store,
-        Model,
+        tables.model,
         {"name": req.model},
         {
             "family": model_family(where.source_template, model.config.model_type),
@@ -395,7 +396,7 @@ def _register_checkpoint(
         "source_sha": getattr(model.config, "_commit_hash", None),
         "weights_sha256": weights,
     }
-    ckpt = get_or_create(store, Checkpoint, {"model_id": model_row.id, "step": req.step}, values)
+    ckpt = get_or_create(store, tables.checkpoint, {"model_id": model_row.id, "step": req.step}, values)
     with store.session() as s:
         s.execute(update(Checkpoint).where(Checkpoint.id == ckpt.id).values(**values))
     return ckpt

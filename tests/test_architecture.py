@@ -1,0 +1,105 @@
+"""The package's shape: no import cycle among actdb's modules, and layers that point one way
+(`query -> compute -> store`). Every import counts: inside functions and under `if TYPE_CHECKING:` too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOP = {"store": "actdb.store", "compute": "actdb.compute", "query": "actdb.query"}
+LAYER = {"actdb.store": 0, "actdb.compute": 1, "actdb.query": 2}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([TOP[parts[0]], *parts[1:]])
+
+
+def _actdb_imports(tree: ast.AST) -> set[str]:
+    """Every actdb module an import statement anywhere in the module names."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("actdb"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from actdb.x import module`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("actdb"))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = [p for top in TOP for p in (ROOT / top).rglob("*.py")]
+    modules = {_module_name(p): p for p in files}
+    graph = {}
+    for name, path in modules.items():
+        targets = _actdb_imports(ast.parse(path.read_text(), str(path)))
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def _layer(module: str) -> int:
+    return LAYER[".".join(module.split(".")[:2])]
+
+
+def test_no_import_cycle_among_actdb_modules():
+    assert _cycles(import_graph()) == []
+
+
+def test_the_cycle_check_finds_a_planted_cycle():
+    graph = import_graph()
+    graph["actdb.store.errors"] = graph["actdb.store.errors"] | {"actdb.store.refs"}  # refs imports errors
+    assert ["actdb.store.errors", "actdb.store.refs"] in _cycles(graph)
+
+
+def test_layers_point_one_way():
+    backwards = [(src, dst) for src, targets in import_graph().items() for dst in targets if _layer(dst) > _layer(src)]
+    assert backwards == []
+
+
+def test_every_study_room_is_a_package_the_wheel_lists():
+    """A newcomer lists compute/ to see the studies; pyproject lists every subpackage so the wheel ships it."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for init in [p for top in TOP for p in (ROOT / top).rglob("__init__.py")]:
+        package = _module_name(init)
+        assert f'"{package}"' in pyproject, f"{package} is missing from pyproject's packages"
+    studies = {p.name for p in (ROOT / "compute").iterdir() if (p / "__init__.py").exists()}
+    assert {"correlation", "persistence", "ablation", "explain", "similarity", "planning"} <= studies

@@ -74,7 +74,7 @@ def main() -> None:
             device=args.device,
             batch_size=args.batch_size,
             top_k=top_k,
-            force=True,  # the same weights under a second name, on purpose
+            identical_weights=True,  # the same weights under a second name, on purpose
             progress=False,
         )
         runs[top_k] = ingest(store, req, log=lambda _m: None)

@@ -19,7 +19,8 @@ import numpy as np
 from synthetic_sets import SEQ_LEN, write_sets
 
 from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
-from actdb.compute.planning.estimate import PlanRequest, custom_architecture, plan_study
+from actdb.compute.planning.estimate import plan_study
+from actdb.compute.planning.shapes import PlanRequest, custom_architecture
 from actdb.store.device import resolve_device
 
 SHAPES = {  # name: (sets, layers, d_mlp, tokens)

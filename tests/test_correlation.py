@@ -195,7 +195,9 @@ def ingested(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
         r = run_cli("ingest", name, "--step", 0, "--dataset", "d", "--source", src, "--quiet")
         if name == "s0copy":  # one model under two names is refused unless said on purpose
             assert r.exit_code == 1 and "exactly the weights of s0@0" in r.stderr, r.stderr
-            r = run_cli("ingest", name, "--step", 0, "--dataset", "d", "--source", src, "--quiet", "--force")
+            r = run_cli(
+                "ingest", name, "--step", 0, "--dataset", "d", "--source", src, "--quiet", "--identical-weights"
+            )
         assert r.exit_code == 0, r.stderr
     return run_cli
 

@@ -147,6 +147,11 @@ def test_source_mistakes_are_refused_before_anything_is_written(home, tiny_model
     shutil.copytree(src, other)
     r = cli_call(home, db, "ingest", "g", "--step", 0, "--dataset", "d", "--source", other, "--quiet")
     assert r.exit_code == 1 and "was registered from" in r.stderr  # even though g@0 is complete
+    assert "--replace-source" in r.stderr
+    r = cli_call(home, db, "ingest", "g", "--step", 0, "--dataset", "d", "--source", other, "--quiet", "--force")
+    assert r.exit_code == 1 and "--replace-source" in r.stderr  # --force only recomputes; it accepts no source
+    r = cli_call(home, db, "ingest", "g", "--steps", "0,1", "--dataset", "d", "--source", src, "--force", "--quiet")
+    assert r.exit_code == 1 and "--identical-weights" in r.stderr, r.stderr
     models = json.loads(cli_call(home, db, "sql", "SELECT count(*) AS n FROM ablation", "--format", "json").stdout)
     r = cli_call(home, db, "ablate", "g@0", "--neurons", "0.1", "--controls", 1, "--device", "cuda", "--quiet")
     assert r.exit_code != 0 and "Traceback" not in r.stderr

@@ -32,7 +32,9 @@ def two_models(run_cli, tokenizer_dir, text_dir, tiny_models, tmp_path):
     shutil.copytree(tiny_models["gpt2"], a_src)
     for name, src in (("a", a_src), ("b", b_src)):
         assert (
-            run_cli("ingest", name, "--steps", "0,1", "--dataset", "d", "--source", src, "--quiet", "--force").exit_code
+            run_cli(
+                "ingest", name, "--steps", "0,1", "--dataset", "d", "--source", src, "--quiet", "--identical-weights"
+            ).exit_code
             == 0
         )
     for step in (0, 1):
@@ -86,7 +88,7 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config
 def test_persistence_without_universality_names_the_command(two_models, run_cli):
     assert (
         run_cli(
-            "ingest", "a", "--step", 2, "--dataset", "d", "--source", two_models["a"], "--quiet", "--force"
+            "ingest", "a", "--step", 2, "--dataset", "d", "--source", two_models["a"], "--quiet", "--identical-weights"
         ).exit_code
         == 0
     )

@@ -1,4 +1,4 @@
-"""Capacity planner (`actdb plan`, `compute/capacity.py`): bytes, passes and memory from the engine's own planner,
+"""Capacity planner (`actdb plan`, `compute/estimate.py`): bytes, passes and memory from the engine's own planner,
 FLOPs counted against the engine's own calls, the published study's numbers, and one-line errors. No test here
 times anything: the rates are injected."""
 
@@ -14,21 +14,17 @@ from click.testing import CliRunner
 
 from actdb.compute.correlation import baseline as baseline_module
 from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets, plan_passes
-from actdb.compute.planning import estimate as capacity
-from actdb.compute.planning.estimate import (
+from actdb.compute.planning import estimate, operations, rates
+from actdb.compute.planning.estimate import plan_study
+from actdb.compute.planning.operations import correlation_flops, qr_flops, synthetic_inputs
+from actdb.compute.planning.rates import HostRates, Rates, rates_for
+from actdb.compute.planning.shapes import (
     ACCELERATORS,
     ARCHITECTURES,
-    HostRates,
     PlanRequest,
-    Rates,
     architecture,
-    correlation_flops,
     custom_architecture,
     parse_count,
-    plan_study,
-    qr_flops,
-    rates_for,
-    synthetic_inputs,
 )
 from actdb.query.commands.plan import COMMANDS as PLAN_COMMANDS
 from actdb.store.device import NUMPY, ArrayBackend
@@ -187,7 +183,7 @@ def test_flops_equal_the_engines_own_calls(tiny_sets, monkeypatch):
     tokens = np.zeros((4, 512), dtype=np.int32)
     mask = np.ones_like(tokens, dtype=bool)
     options = CorrelationOptions(baseline_draws=3, chunk_tokens=1024)
-    one_pass = capacity.plan_memory(tiny_sets, 1, options, GIB, 2048, 2).one_pass
+    one_pass = operations.plan_memory(tiny_sets, 1, options, GIB, 2048, 2).one_pass
     for budget, n_passes in ((GIB, 1), (one_pass - 1, 2)):
         counted.update(products=0, qr=0)
         passes = plan_passes(tiny_sets, 1, options, budget)
@@ -215,7 +211,7 @@ def test_the_cpu_engine_efficiency_slows_every_engine_phase():
     slow = replace(RATES, efficiency=0.5)
     fast, half = plan_study(study(), RATES).step, plan_study(study(), slow).step
     assert half.total == pytest.approx(2 * fast.total)
-    assert rates_for(study(), HOST).efficiency == capacity.CPU_ENGINE_EFFICIENCY
+    assert rates_for(study(), HOST).efficiency == rates.CPU_ENGINE_EFFICIENCY
     assert rates_for(study(device="h100"), HOST).efficiency == 1.0  # a published peak is a bound, not calibrated
 
 
@@ -286,7 +282,7 @@ def _cli():
 
 def _invoke(monkeypatch, *args: str) -> tuple[int, str]:
     """Run `plan` like `actdb.query.cli.main` does: ActdbError and usage errors become one message."""
-    monkeypatch.setattr(capacity, "measure_rates", lambda request: (rates_for(request, HOST), None))
+    monkeypatch.setattr(estimate, "measure_rates", lambda request: (rates_for(request, HOST), None))
     try:
         result = CliRunner().invoke(_cli(), ["plan", *args], standalone_mode=False, catch_exceptions=False)
     except click.ClickException as exc:

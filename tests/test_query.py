@@ -33,8 +33,8 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
         ("init",),
         ("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 2500),
         # steps 0 and 1 share their weights on purpose (persistence of an unchanged model is 1): --force says so
-        ("ingest", "a", "--steps", "0,1", "--dataset", "d", "--source", a_src, "--quiet", "--force"),
-        ("ingest", "b", "--steps", "0,1", "--dataset", "d", "--source", b_src, "--quiet", "--force"),
+        ("ingest", "a", "--steps", "0,1", "--dataset", "d", "--source", a_src, "--quiet", "--identical-weights"),
+        ("ingest", "b", "--steps", "0,1", "--dataset", "d", "--source", b_src, "--quiet", "--identical-weights"),
         ("correlate", "--dataset", "d", "--step", 0, "--models", "a,b", "--threshold", 0.05, "--quiet"),
         ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--threshold", 0.05, "--quiet"),
         (

@@ -26,9 +26,9 @@ def store(tmp_path_factory, tokenizer_dir, text_dir, tiny_models):
 
     run("init")
     run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 2500)
-    run("ingest", "a", "--steps", "0,1", "--dataset", "d", "--source", a, "--quiet", "--force")
+    run("ingest", "a", "--steps", "0,1", "--dataset", "d", "--source", a, "--quiet", "--identical-weights")
     run("ingest", "b", "--step", 0, "--dataset", "d", "--source", b, "--quiet")
-    run("ingest", "b", "--step", 1, "--dataset", "d", "--source", c, "--quiet", "--force")
+    run("ingest", "b", "--step", 1, "--dataset", "d", "--source", c, "--quiet", "--replace-source")
     for step in (0, 1):
         run("correlate", "--dataset", "d", "--step", step, "--models", "a,b", "--threshold", 0.05, "--quiet")
     return run

@@ -1,1 +1,2 @@
-"""Capacity planning: shapes, operation counts, measured rates and the estimate of a study before it runs."""
+"""Capacity planning before a study runs: its shape (`shapes`), the engine's operations counted without running
+them (`operations`), this machine's or an accelerator's rates (`rates`), and the estimate (`estimate`)."""

@@ -76,7 +76,19 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     "position variance fractions, vocabulary statistics). 0 skips both.",
 )
 @cluster_option
-@force_option("Redo a complete set; accept another source or weights identical to another step's.")
+@force_option("Recompute a set that is complete.")
+@click.option(
+    "--replace-source",
+    is_flag=True,
+    help="Record this --source for these steps though MODEL was registered from another one (or the step was "
+    "ingested from other weights).",
+)
+@click.option(
+    "--identical-weights",
+    is_flag=True,
+    help="Accept weights identical to another step's or another model's (a source whose steps really do not differ, "
+    "or a deliberate copy).",
+)
 @quiet_option
 @pass_app
 def ingest(
@@ -98,6 +110,8 @@ def ingest(
     top_k: int,
     cluster: ClusterSpec,
     force: bool,
+    replace_source: bool,
+    identical_weights: bool,
     quiet: bool,
 ) -> None:
     """Record MODEL's MLP activations at each step on a dataset, with per-neuron statistics and explanations.
@@ -109,7 +123,7 @@ def ingest(
     per_step = _paired_revisions(step_list, revision, revisions)
     store = app.store()
     if revisions is None:
-        check_steps_distinguishable(store, model, source, revision, len(step_list), force)
+        check_steps_distinguishable(store, model, source, revision, len(step_list), identical_weights)
     requests = [
         IngestRequest(
             model=model,
@@ -125,6 +139,8 @@ def ingest(
             dtype=dtype,
             top_k=top_k,
             force=force,
+            replace_source=replace_source,
+            identical_weights=identical_weights,
             progress=not quiet,
         )
         for s, rev in zip(step_list, per_step, strict=True)

@@ -27,7 +27,7 @@ class _Count(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
-        from actdb.compute.planning.estimate import parse_count
+        from actdb.compute.planning.shapes import parse_count
 
         try:
             return parse_count(value, f"--{param.name.replace('_', '-')}" if param and param.name else "a count")
@@ -119,7 +119,8 @@ def plan(
     """Plan a study before running it: --models x --steps activation sets on --tokens positions. Prints bytes,
     each step's correlation memory and passes (the engine's own planner), FLOPs of ingest and correlation, and
     an estimated time from this machine's measured rates or an accelerator's published peaks."""
-    from actdb.compute.planning.estimate import PlanRequest, architecture, custom_architecture, plan_study
+    from actdb.compute.planning.estimate import plan_study
+    from actdb.compute.planning.shapes import PlanRequest, architecture, custom_architecture
 
     custom = (layers, d_mlp, params)
     if arch is not None and any(v is not None for v in (*custom, d_model, vocab)):
@@ -184,7 +185,7 @@ def _seconds(s: float) -> str:
 def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
     """The plan as rows of quantity, value and note: values as readable text for a table, as numbers with
     their unit (B, FLOP, s, FLOP/s, B/s) for CSV and JSON."""
-    from actdb.compute.planning.estimate import cluster_tasks
+    from actdb.compute.planning.operations import cluster_tasks
     from actdb.store.database.connection import Rows
 
     r, a, m, f, t = p.request, p.request.arch, p.memory, p.flops, p.step

@@ -78,7 +78,9 @@ class IngestRequest:
     batch_size: int = 8
     dtype: str = "float16"  # stored: float16, or int8 (per block of 1024 tokens and neuron affine codes)
     top_k: int = 32  # max-activating examples kept per neuron while streaming (0: none)
-    force: bool = False
+    force: bool = False  # recompute a set that is complete
+    replace_source: bool = False  # record a source (or weights) for this step other than the model's recorded one
+    identical_weights: bool = False  # accept weights identical to another step's or another model's
     progress: bool = True
 
 
@@ -132,11 +134,11 @@ def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConf
         source_template = config.recorded_source(os.path.abspath(os.path.expanduser(source_template)))
     same = existing is not None and config.locate(source_template) == config.locate(existing.source)
     if existing is not None and not same:
-        if not req.force:
+        if not req.replace_source:
             raise ActdbError(
                 f"model {req.model!r} was registered from {config.locate(existing.source)}, not "
                 f"{config.locate(source_template)}; a different source is another model (pick another name), "
-                "or say --force to record this source for this step"
+                "or say --replace-source to record this source for this step"
             )
     elif existing is not None:
         source_template = existing.source
@@ -157,12 +159,12 @@ def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConf
 
 
 def check_steps_distinguishable(
-    store: Store, model: str, source: str | None, revision: str | None, n_steps: int, force: bool = False
+    store: Store, model: str, source: str | None, revision: str | None, n_steps: int, identical_weights: bool = False
 ) -> None:
     """Several steps need a rule telling their weights apart (`{step}` in the source or revision, or the
     family's revision rule); without one every step would load the same weights, so refuse before loading
-    (unless `force`: the weights really did not change)."""
-    if n_steps < 2 or force:
+    (unless `identical_weights`: the weights really did not change)."""
+    if n_steps < 2 or identical_weights:
         return
     known = store.query(select(Model.source, Model.revision_template).where(Model.name == model)).first()
     template = source or (known.source if known is not None else None)
@@ -173,8 +175,8 @@ def check_steps_distinguishable(
     if rule is None or "{step}" not in rule:
         raise ActdbError(
             f"{n_steps} steps of {model} would all load the same weights: {template} has no {{step}} and no "
-            "revision rule; put {step} in --source or --revision, pair the steps with --revisions, or say --force "
-            "if the weights really are the same"
+            "revision rule; put {step} in --source or --revision, pair the steps with --revisions, or say "
+            "--identical-weights if the weights really are the same"
         )
 
 
@@ -351,11 +353,11 @@ def _register_checkpoint(
         .where(Checkpoint.weights_sha256 == weights, Model.name != req.model)
         .limit(1)
     ).first()
-    if elsewhere is not None and not req.force:
+    if elsewhere is not None and not req.identical_weights:
         raise ActdbError(
             f"{where.location} has exactly the weights of {elsewhere.model}@{elsewhere.step}: recording them as "
-            f"{req.model}@{req.step} would store one model under two names; check --source (or say --force for a "
-            "deliberate copy)"
+            f"{req.model}@{req.step} would store one model under two names; check --source (or say "
+            "--identical-weights for a deliberate copy)"
         )
     model_row = get_or_create(
         store,
@@ -378,17 +380,18 @@ def _register_checkpoint(
             )
         )
         known = s.scalar(select(Checkpoint).where(Checkpoint.model_id == model_row.id, Checkpoint.step == req.step))
-    if twin is not None and not req.force:
+    if twin is not None and not req.identical_weights:
         rule = "--source has no {step}" if "{step}" not in where.source_template else "the source names no step"
         if where.revision_template is None:
             rule += " and no revision rule (--revision) gives each step its own revision"
         raise ActdbError(
             f"{where.location} at step {req.step} has exactly the weights of {req.model}@{twin}: {rule}; "
-            "fix the source (or say --force if the weights really did not change)"
+            "fix the source (or say --identical-weights if the weights really did not change)"
         )
-    if known is not None and known.weights_sha256 not in (None, weights) and not req.force:
+    if known is not None and known.weights_sha256 not in (None, weights) and not req.replace_source:
         raise ActdbError(
-            f"{req.model}@{req.step} was ingested from other weights ({known.source}); say --force to replace it"
+            f"{req.model}@{req.step} was ingested from other weights ({known.source}); say --replace-source to "
+            "record these instead"
         )
     values = {
         "source": where.source,

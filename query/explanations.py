@@ -4,10 +4,10 @@ token and vocabulary tables, and the families of universal neurons by the rule `
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Float, Row, literal, select
 
 from actdb.store.database import tables
@@ -89,8 +89,6 @@ def neuron_explanation(
     """A neuron's explanation, max-activating contexts, top tokens by mean activation and vocabulary extremes;
     empty sections when its set has not been explained (`actdb examples` builds it). With `pieces`, each context
     also comes as its raw text before and after the maximum's token (for JSON readers)."""
-    from actdb.store.files.explanation import read_neuron
-
     e = v_neuron_explanations
     summary, contexts, top_tokens, vocabulary = [], [], [], []
     for ex, _act_path, dataset, dataset_path in _explained_sets(store, model, step):
@@ -105,6 +103,8 @@ def neuron_explanation(
         path = store.config.file(ex.path)
         if not path.exists():  # `actdb check` reports it; the SQL summary above still stands
             continue
+        from actdb.store.files.explanation import read_neuron  # h5py only when there is a file to read
+
         arrays = read_neuron(path, layer, neuron)
         texts = _set_texts(store, ex)
         tokens = _file_contents(store.config.file(dataset_path), "tokens")
@@ -154,7 +154,7 @@ def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[
     out = []
     seq_len = tokens.seq_len
     for rank, (value, pos) in enumerate(zip(ex["values"][:n], ex["positions"][:n], strict=True)):
-        if pos < 0 or not np.isfinite(value):
+        if pos < 0 or not math.isfinite(float(value)):
             break
         seq, p = divmod(int(pos), seq_len)
         ids = tokens.tokens[seq]

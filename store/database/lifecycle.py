@@ -34,6 +34,9 @@ from actdb.store.database.schema import (
     NeuronMatch,
     PersistenceRun,
     PredictionSet,
+    TrajectoryPoint,
+    TrajectoryRun,
+    TrajectoryValue,
     Universality,
     utcnow,
 )
@@ -65,6 +68,11 @@ def _delete_ablation_results(session, run_id: int) -> None:
     session.execute(delete(AblationNeuron).where(AblationNeuron.ablation_id == run_id))
 
 
+def _delete_trajectory_results(session, run_id: int) -> None:
+    for table in (TrajectoryValue, TrajectoryPoint):
+        session.execute(delete(table).where(table.run_id == run_id))
+
+
 # Every run table, with what to delete when one of its runs is abandoned (activation sets keep their
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[type, Callable | None] = {
@@ -73,6 +81,7 @@ RUN_TABLES: dict[type, Callable | None] = {
     PersistenceRun: None,
     PredictionSet: None,
     Ablation: _delete_ablation_results,
+    TrajectoryRun: _delete_trajectory_results,
 }
 
 

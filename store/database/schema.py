@@ -408,3 +408,53 @@ class AblationNeuron(Base):
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     ablated_loss: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
+
+
+class TrajectoryRun(RunState, Base):
+    """One `actdb trajectories` request: every checkpoint of `sets` against every other on a dataset's stored
+    predictions (and weights), with the map's distance and embedding and the run-level counts."""
+
+    __tablename__ = "trajectory_run"
+    __table_args__ = (running_unique("trajectory_run"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str] = mapped_column(String(64), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    sets: Mapped[str] = mapped_column(Text)  # MODEL@STEP, comma-separated, in the run's order
+    eps: Mapped[float] = mapped_column(Float)
+    distance: Mapped[str] = mapped_column(String(20))
+    embedding: Mapped[str] = mapped_column(String(20))
+    seed: Mapped[int] = mapped_column(Integer)
+    exact_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    weights: Mapped[bool] = mapped_column(Boolean)
+    reference_checkpoint_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoint.id", ondelete="SET NULL"))
+    n_checkpoints: Mapped[int | None] = mapped_column(Integer)
+    n_targets: Mapped[int | None] = mapped_column(BigInteger)  # the fewest targets any pair was compared on
+    n_triples: Mapped[int | None] = mapped_column(Integer)
+    n_nontransitive: Mapped[int | None] = mapped_column(Integer)
+    map_stress: Mapped[float | None] = mapped_column(Float)  # Kruskal stress-1 of the MDS map
+
+
+class TrajectoryValue(Base):
+    """One measure of one ordered pair of checkpoints in a trajectory run (long format)."""
+
+    __tablename__ = "trajectory_value"
+    run_id: Mapped[int] = mapped_column(ForeignKey("trajectory_run.id", ondelete="CASCADE"), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"), primary_key=True)
+    other_checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)
+    n_targets: Mapped[int | None] = mapped_column(BigInteger)  # targets (or None: parameters) the value rests on
+
+
+class TrajectoryPoint(Base):
+    """One checkpoint of a trajectory run: top-1 accuracy, mean loss, Bradley-Terry strength, map coordinates."""
+
+    __tablename__ = "trajectory_point"
+    run_id: Mapped[int] = mapped_column(ForeignKey("trajectory_run.id", ondelete="CASCADE"), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"), primary_key=True)
+    n_targets: Mapped[int | None] = mapped_column(BigInteger)
+    top1_accuracy: Mapped[float | None] = mapped_column(Float)
+    mean_loss: Mapped[float | None] = mapped_column(Float)
+    bt_strength: Mapped[float | None] = mapped_column(Float)
+    map_x: Mapped[float | None] = mapped_column(Float)
+    map_y: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,131 @@
+"""Tables of a stored trajectory run (`v_trajectories`, `v_trajectory_points`): the long rows, the win-rate matrix
+ordered seed-major, per-checkpoint values, and Fort's comparison of snapshots of one run against independently
+trained runs."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import func, select
+
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.schema import TrajectoryRun
+from actdb.store.database.views import v_trajectories, v_trajectory_points
+from actdb.store.errors import ActdbError
+
+LONG_COLUMNS = ["model", "step", "other_model", "other_step", "metric", "value", "n_targets"]
+KINDS = ("same seed, other step", "other seed, same step")
+
+
+def trajectory_run(store: Store, run: int | None = None) -> int:
+    """The run asked for, or the newest complete one; a one-line error naming the command when there is none."""
+    if run is None:
+        run = store.scalar(select(func.max(TrajectoryRun.id)).where(TrajectoryRun.status == "complete"))
+        if run is None:
+            raise ActdbError("no trajectory run yet; run `actdb trajectories --models A,B,... --steps S1,S2,...`")
+        return run
+    status = store.scalar(select(TrajectoryRun.status).where(TrajectoryRun.id == run))
+    if status != "complete":
+        raise ActdbError(f"trajectory run {run} {'does not exist' if status is None else f'is {status}'}")
+    return run
+
+
+def long_rows(store: Store, run: int | None = None, metric: str | None = None) -> Rows:
+    """Every stored value of the run: model, step, other_model, other_step, metric, value, n_targets."""
+    v = v_trajectories
+    query = select(*(v.c[c] for c in LONG_COLUMNS)).where(v.c.run_id == trajectory_run(store, run))
+    if metric is not None:
+        query = query.where(v.c.metric == metric)
+    return store.query(query.order_by(v.c.metric, v.c.model, v.c.step, v.c.other_model, v.c.other_step))
+
+
+def point_rows(store: Store, run: int | None = None) -> Rows:
+    """Per checkpoint: targets, top-1 accuracy, mean loss, Bradley-Terry strength and map coordinates."""
+    p = v_trajectory_points
+    cols = ["model", "step", "n_targets", "top1_accuracy", "mean_loss", "bt_strength", "map_x", "map_y"]
+    query = select(*(p.c[c] for c in cols)).where(p.c.run_id == trajectory_run(store, run))
+    return store.query(query.order_by(p.c.model, p.c.step))
+
+
+def run_summary(store: Store, run: int | None = None) -> dict:
+    """The run's own row: eps, distance, embedding, counts, stress, and the reference checkpoint's name."""
+    from actdb.store.database.schema import Checkpoint, Model
+
+    run = trajectory_run(store, run)
+    with store.session() as s:
+        r = s.get(TrajectoryRun, run)
+        ref = None
+        if r.reference_checkpoint_id is not None:
+            c = s.get(Checkpoint, r.reference_checkpoint_id)
+            ref = f"{s.get(Model, c.model_id).name}@{c.step}"
+        return {
+            "run_id": r.id,
+            "sets": r.sets,
+            "eps": r.eps,
+            "distance": r.distance,
+            "embedding": r.embedding,
+            "n_checkpoints": r.n_checkpoints,
+            "n_targets": r.n_targets,
+            "n_triples": r.n_triples,
+            "n_nontransitive": r.n_nontransitive,
+            "map_stress": r.map_stress,
+            "reference": ref,
+            "weights": r.weights,
+        }
+
+
+def matrix(rows: Rows, metric: str) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """One metric as a square matrix over checkpoints ordered seed-major (model, then step); NaN where absent."""
+    keys = sorted({(r["model"], r["step"]) for r in rows} | {(r["other_model"], r["other_step"]) for r in rows})
+    grid = np.full((len(keys), len(keys)), np.nan)
+    index = {k: i for i, k in enumerate(keys)}
+    for r in rows:
+        if r["metric"] == metric and r["value"] is not None:
+            grid[index[(r["model"], r["step"])], index[(r["other_model"], r["other_step"])]] = r["value"]
+    return keys, grid
+
+
+def wide_table(rows: Rows, metric: str, digits: int = 3) -> Rows:
+    """The matrix of one metric as rows: `checkpoint` then one column per checkpoint (seed-major)."""
+    keys, grid = matrix(rows, metric)
+    labels = [f"{m}@{s}" for m, s in keys]
+    out = []
+    for i, label in enumerate(labels):
+        row = {"checkpoint": label}
+        for j, other in enumerate(labels):
+            row[other] = None if np.isnan(grid[i, j]) else round(float(grid[i, j]), digits)
+        out.append(row)
+    return Rows(["checkpoint", *labels], out)
+
+
+def pair_kind(model: str, step: int, other_model: str, other_step: int) -> str | None:
+    """Fort's two kinds of pairs: snapshots of one run, or independently trained runs at one step."""
+    if model == other_model and step != other_step:
+        return KINDS[0]
+    if model != other_model and step == other_step:
+        return KINDS[1]
+    return None
+
+
+def kind_comparison(rows: Rows, metrics: tuple[str, ...] = ("ensemble_gain", "disagreement", "win_rate")) -> Rows:
+    """Per kind of pair, over unordered pairs: how many, and the mean, min and max of each metric (win rate as
+    |W − 0.5|, its distance from a draw)."""
+    out = []
+    for kind in KINDS:
+        row: dict = {"pairs": kind}
+        for metric in metrics:
+            values = [
+                abs(r["value"] - 0.5) if metric == "win_rate" else r["value"]
+                for r in rows
+                if r["metric"] == metric
+                and (r["model"], r["step"]) < (r["other_model"], r["other_step"])
+                and pair_kind(r["model"], r["step"], r["other_model"], r["other_step"]) == kind
+            ]
+            name = "win_margin" if metric == "win_rate" else metric
+            row["n"] = len(values)
+            row[f"mean_{name}"] = round(float(np.mean(values)), 5) if values else None
+            row[f"min_{name}"] = round(float(np.min(values)), 5) if values else None
+            row[f"max_{name}"] = round(float(np.max(values)), 5) if values else None
+        out.append(row)
+    columns = list(out[0].keys())
+    columns.remove("n")
+    return Rows(["pairs", "n", *columns[1:]], out)

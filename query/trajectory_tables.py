@@ -106,9 +106,13 @@ def pair_kind(model: str, step: int, other_model: str, other_step: int) -> str |
     return None
 
 
-def kind_comparison(rows: Rows, metrics: tuple[str, ...] = ("ensemble_gain", "disagreement", "win_rate")) -> Rows:
-    """Per kind of pair, over unordered pairs: how many, and the mean, min and max of each metric (win rate as
-    |W − 0.5|, its distance from a draw)."""
+def kind_comparison(
+    rows: Rows,
+    metrics: tuple[str, ...] = ("ensemble_gain", "disagreement", "win_rate"),
+    steps: set[int] | None = None,
+) -> Rows:
+    """Per kind of pair, over unordered pairs (both at one of `steps`, when given): how many, and the mean, min
+    and max of each metric (win rate as |W − 0.5|, its distance from a draw)."""
     out = []
     for kind in KINDS:
         row: dict = {"pairs": kind}
@@ -119,6 +123,7 @@ def kind_comparison(rows: Rows, metrics: tuple[str, ...] = ("ensemble_gain", "di
                 if r["metric"] == metric
                 and (r["model"], r["step"]) < (r["other_model"], r["other_step"])
                 and pair_kind(r["model"], r["step"], r["other_model"], r["other_step"]) == kind
+                and (steps is None or {r["step"], r["other_step"]} <= steps)
             ]
             name = "win_margin" if metric == "win_rate" else metric
             row["n"] = len(values)

@@ -13,7 +13,7 @@ from itertools import combinations
 import numpy as np
 
 LN2 = math.log(2.0)
-CHUNK_ELEMENTS = 1 << 22  # pair temporaries per block of tokens: ~4M values, whatever the number of checkpoints
+CHUNK_ELEMENTS = 1 << 20  # pair temporaries per block of tokens: ~1M values, whatever the number of checkpoints
 
 
 @dataclass
@@ -59,10 +59,7 @@ def pair_matrices(
     k, n = losses.shape
     finite = np.isfinite(losses)
     shared = bool((finite == finite[:1]).all())  # usual case: one dataset mask, so NaNs line up in every row
-    if shared:  # keep only counted targets; then no pair needs its own mask
-        keep = finite[0]
-        losses, top1 = losses[:, keep], top1[:, keep]
-        n = losses.shape[1]
+    del finite
     count = np.zeros((k, k), np.int64)
     wins2 = np.zeros((k, k), np.int64)
     disagree = np.zeros((k, k), np.int64)
@@ -71,14 +68,25 @@ def pair_matrices(
     for s0 in range(0, n, block):
         lo = losses[:, s0 : s0 + block].astype(np.float64)
         t = top1[:, s0 : s0 + block]
+        if shared:  # keep only this block's counted targets; then no pair needs its own mask
+            keep = np.isfinite(lo[0])
+            lo, t = lo[:, keep], t[:, keep]
         for a in range(k):
             d = lo[a:] - lo[a]  # row 0 is a against itself; d[j] = ℓ_b − ℓ_a, so a wins where d > eps
             differ = t[a:] != t[a]
             if shared:
-                counted = np.full(len(d), d.shape[1], np.int64)
-                ties = np.count_nonzero(np.abs(d) <= eps, axis=1)
+                width = d.shape[1]
+                counted = np.full(len(d), width, np.int64)
                 wins = np.count_nonzero(d > eps, axis=1)
-                g = mixture_gain(d).sum(axis=1)
+                np.abs(d, out=d)
+                ties = np.count_nonzero(d <= eps, axis=1)
+                gain = np.negative(d)  # mixture_gain, with one buffer: log1p(e^−|d|) − log 2 + |d|/2
+                np.exp(gain, out=gain)
+                np.log1p(gain, out=gain)
+                gain -= LN2  # per target, so that a pair of equal losses sums exact zeros
+                d *= 0.5
+                gain += d
+                g = gain.sum(axis=1)
                 dis = np.count_nonzero(differ, axis=1)
             else:
                 valid = np.isfinite(d)

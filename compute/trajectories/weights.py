@@ -12,7 +12,7 @@ import numpy as np
 from actdb.store.errors import ActdbError
 from actdb.store.ingest.hub import hub_options, is_local
 
-BLOCK_ELEMENTS = 1 << 22  # values of one parameter read per checkpoint at a time
+BLOCK_ELEMENTS = 1 << 22  # values of one parameter read at a time, all checkpoints together
 
 
 def checkpoint_folder(source: str, revision: str | None) -> Path:
@@ -104,6 +104,6 @@ def parameter_blocks(files: list[WeightFiles], block_elements: int = BLOCK_ELEME
     for name, shape in sorted(shapes[0].items()):
         n_rows = shape[0] if shape else 1
         row_size = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        step = max(1, block_elements // max(row_size, 1))
+        step = max(1, block_elements // (len(files) * max(row_size, 1)))
         for r0 in range(0, n_rows, step):
             yield np.stack([f.rows(name, r0, min(n_rows, r0 + step)) for f in files])

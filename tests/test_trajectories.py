@@ -223,7 +223,7 @@ def test_trajectories_refuse_bad_input_and_write_nothing(zoo):
 
     before = count()
     missing = run("trajectories", "--sets", "a@1,nopred@0,b@1", ok=False)
-    assert missing.exit_code == 1 and "nopred@0" in missing.stderr and "actdb predictions" in missing.stderr
+    assert missing.exit_code == 1 and "`actdb predictions nopred@0 --dataset d`" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     vocab = run("trajectories", "--sets", "a@1,wide@0", ok=False)
     assert vocab.exit_code == 1 and "different vocabularies" in vocab.stderr
@@ -232,3 +232,32 @@ def test_trajectories_refuse_bad_input_and_write_nothing(zoo):
     cka = run("trajectories", "--sets", "a@1,b@1", "--distance", "cka", ok=False)
     assert cka.exit_code == 1 and "actdb similarity" in cka.stderr
     assert count() == before
+
+
+def test_jsd_distance_and_seeded_tsne_map(zoo):
+    from actdb.query.api import ActdbStore
+
+    home, db, run = zoo
+    args = ["--sets", "a@1,b@0,b@1", "--distance", "jsd", "--exact", 128, "--map", "tsne", "--seed", 3]
+    rows = json.loads(run("trajectories", *args, "--no-weights", "--format", "json").stdout)
+    dist = {
+        (r["model"], r["step"], r["other_model"], r["other_step"]): r["value"]
+        for r in rows
+        if r["metric"] == "distance"
+    }
+    assert not any(r["metric"].startswith("weight") for r in rows)
+    js = json.loads(run("similarity", "--function", "--sets", "a@1,b@0,b@1", "--exact", 128, "--format", "json").stdout)
+    for r in js:
+        assert dist[(r["model"], r["step"], r["other_model"], r["other_step"])] == pytest.approx(r["js_divergence"])
+    api = ActdbStore.open(home=home, database_url=db)
+    try:
+        first = api.trajectory_points()[["map_x", "map_y"]].to_numpy()
+    finally:
+        api.close()
+    run("trajectories", *args, "--no-weights", "--force")
+    api = ActdbStore.open(home=home, database_url=db)
+    try:
+        again = api.trajectory_points()[["map_x", "map_y"]].to_numpy()
+    finally:
+        api.close()
+    assert np.isfinite(first).all() and np.array_equal(first, again)  # the seed fixes the map

@@ -157,11 +157,9 @@ def _check(store: Store, req: TrajectoryRequest) -> _Inputs:
             paths.append(path)
         inputs = _Inputs(ds.id, ds.name, ds.path, ids, paths, sources)
     if missing:
-        first = missing[0]
         raise ActdbError(
             f"no stored predictions on {dataset} for {', '.join(missing)}; make them with "
-            f"`actdb predictions {first} --dataset {dataset}`"
-            + (" (and likewise for each)" if len(missing) > 1 else "")
+            f"`actdb predictions {' '.join(missing)} --dataset {dataset}`"
         )
     vocab = {ref: getattr(load_config(*sources[ref]), "vocab_size", None) for ref in req.sets}
     if len(set(vocab.values())) > 1:

@@ -57,9 +57,9 @@ def pair_matrices(
     if losses.shape != top1.shape or losses.ndim != 2:
         raise ValueError("losses and top1 must both be (checkpoints, targets)")
     k, n = losses.shape
-    finite = np.isfinite(losses)
-    shared = bool((finite == finite[:1]).all())  # usual case: one dataset mask, so NaNs line up in every row
-    del finite
+    first = np.isfinite(losses[0])  # usual case: one dataset mask, so NaNs line up in every row
+    shared = all(np.array_equal(np.isfinite(row), first) for row in losses[1:])  # row by row: no (K, N) mask
+    del first
     count = np.zeros((k, k), np.int64)
     wins2 = np.zeros((k, k), np.int64)
     disagree = np.zeros((k, k), np.int64)

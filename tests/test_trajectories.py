@@ -229,7 +229,7 @@ def test_trajectories_refuse_bad_input_and_write_nothing(zoo):
     assert vocab.exit_code == 1 and "different vocabularies" in vocab.stderr
     one = run("trajectories", "--sets", "a@1", ok=False)
     assert one.exit_code == 1 and "only 1" in one.stderr
-    cka = run("trajectories", "--sets", "a@1,b@1", "--distance", "cka", ok=False)
+    cka = run("trajectories", "--sets", "a@0,b@1", "--distance", "cka", ok=False)  # no run holds a@0
     assert cka.exit_code == 1 and "actdb similarity" in cka.stderr
     assert count() == before
 
@@ -261,3 +261,21 @@ def test_jsd_distance_and_seeded_tsne_map(zoo):
     finally:
         api.close()
     assert np.isfinite(first).all() and np.array_equal(first, again)  # the seed fixes the map
+
+
+def test_cka_distance_comes_from_the_similarity_run(zoo):
+    home, db, run = zoo
+    run("similarity", "--sets", "a@1,b@0,b@1", "--baseline-draws", 1, "--quiet")
+    cka = {
+        (r["model"], r["step"], r["other_model"], r["other_step"]): r["cka"]
+        for r in json.loads(run("similarity", "--format", "json").stdout)
+    }
+    rows = json.loads(
+        run("trajectories", "--sets", "a@1,b@0,b@1", "--distance", "cka", "--no-weights", "--format", "json").stdout
+    )
+    dist = [r for r in rows if r["metric"] == "distance"]
+    assert len(dist) == 9
+    for r in dist:
+        key = (r["model"], r["step"], r["other_model"], r["other_step"])
+        expected = 0.0 if key[:2] == key[2:] else 1 - (cka[key] + cka[key[2:] + key[:2]]) / 2
+        assert r["value"] == pytest.approx(expected, abs=1e-12)

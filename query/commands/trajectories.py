@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from actdb.query.options import (
@@ -17,6 +19,9 @@ from actdb.query.options import (
     pass_app,
 )
 from actdb.query.output import render
+
+if TYPE_CHECKING:
+    from actdb.store.refs import SetRef
 
 
 @click.command()
@@ -40,7 +45,14 @@ from actdb.query.output import render
     help="Distance of the trajectory map: 1 − top-1 agreement, mean Jensen-Shannon divergence (runs the models "
     "pairwise on --exact tokens), or 1 − linear CKA from a stored `similarity` run.",
 )
-@click.option("--map", "embedding", type=click.Choice(["mds", "tsne"]), default="mds", show_default=True)
+@click.option(
+    "--map",
+    "embedding",
+    type=click.Choice(["mds", "tsne"]),
+    default="mds",
+    show_default=True,
+    help="Metric MDS (deterministic; stress-1 printed) or exact t-SNE seeded by --seed.",
+)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the t-SNE map.")
 @click.option("--exact", "exact_tokens", type=click.IntRange(1), metavar="TOKENS", help="Tokens for --distance jsd.")
 @click.option("--reference", type=SET_REF, help="Reference of the disagreement plane (default: most accurate).")
@@ -61,7 +73,7 @@ def trajectories(
     embedding: str,
     seed: int,
     exact_tokens: int | None,
-    reference,
+    reference: SetRef | None,
     no_weights: bool,
     device: str,
     force: bool,

@@ -4,13 +4,18 @@ trained runs."""
 
 from __future__ import annotations
 
-import numpy as np
+from statistics import fmean
+from typing import TYPE_CHECKING
+
 from sqlalchemy import func, select
 
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.schema import TrajectoryRun
 from actdb.store.database.views import v_trajectories, v_trajectory_points
 from actdb.store.errors import ActdbError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LONG_COLUMNS = ["model", "step", "other_model", "other_step", "metric", "value", "n_targets"]
 KINDS = ("same seed, other step", "other seed, same step")
@@ -75,6 +80,8 @@ def run_summary(store: Store, run: int | None = None) -> dict:
 
 def matrix(rows: Rows, metric: str) -> tuple[list[tuple[str, int]], np.ndarray]:
     """One metric as a square matrix over checkpoints ordered seed-major (model, then step); NaN where absent."""
+    import numpy as np  # for the report's figures; the CLI's tables need no NumPy
+
     keys = sorted({(r["model"], r["step"]) for r in rows} | {(r["other_model"], r["other_step"]) for r in rows})
     grid = np.full((len(keys), len(keys)), np.nan)
     index = {k: i for i, k in enumerate(keys)}
@@ -86,13 +93,19 @@ def matrix(rows: Rows, metric: str) -> tuple[list[tuple[str, int]], np.ndarray]:
 
 def wide_table(rows: Rows, metric: str, digits: int = 3) -> Rows:
     """The matrix of one metric as rows: `checkpoint` then one column per checkpoint (seed-major)."""
-    keys, grid = matrix(rows, metric)
+    keys = sorted({(r["model"], r["step"]) for r in rows} | {(r["other_model"], r["other_step"]) for r in rows})
     labels = [f"{m}@{s}" for m, s in keys]
+    cells = {
+        (f"{r['model']}@{r['step']}", f"{r['other_model']}@{r['other_step']}"): r["value"]
+        for r in rows
+        if r["metric"] == metric and r["value"] is not None
+    }
     out = []
-    for i, label in enumerate(labels):
+    for label in labels:
         row = {"checkpoint": label}
-        for j, other in enumerate(labels):
-            row[other] = None if np.isnan(grid[i, j]) else round(float(grid[i, j]), digits)
+        for other in labels:
+            value = cells.get((label, other))
+            row[other] = None if value is None else round(value, digits)
         out.append(row)
     return Rows(["checkpoint", *labels], out)
 
@@ -127,9 +140,9 @@ def kind_comparison(
             ]
             name = "win_margin" if metric == "win_rate" else metric
             row["n"] = len(values)
-            row[f"mean_{name}"] = round(float(np.mean(values)), 5) if values else None
-            row[f"min_{name}"] = round(float(np.min(values)), 5) if values else None
-            row[f"max_{name}"] = round(float(np.max(values)), 5) if values else None
+            row[f"mean_{name}"] = round(fmean(values), 5) if values else None
+            row[f"min_{name}"] = round(min(values), 5) if values else None
+            row[f"max_{name}"] = round(max(values), 5) if values else None
         out.append(row)
     columns = list(out[0].keys())
     columns.remove("n")

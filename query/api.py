@@ -207,6 +207,21 @@ class ActdbStore:
     def ablations(self, model: str | None = None) -> pd.DataFrame:
         return frame(queries.ablations_listing(self.store, model))
 
+    def trajectories(self, run: int | None = None, metric: str | None = None) -> pd.DataFrame:
+        """Every pairwise value of a trajectory run (default: the newest), long format: model, step, other_model,
+        other_step, metric (win_rate, disagreement, ensemble_gain, weight_cosine, weight_delta_cosine, distance),
+        value, n_targets; `.pivot(...)` gives a matrix."""
+        from actdb.query.trajectory_tables import long_rows
+
+        return frame(long_rows(self.store, run, metric))
+
+    def trajectory_points(self, run: int | None = None) -> pd.DataFrame:
+        """Per checkpoint of a trajectory run: targets, top-1 accuracy, mean loss, Bradley-Terry strength and the
+        map's coordinates."""
+        from actdb.query.trajectory_tables import point_rows
+
+        return frame(point_rows(self.store, run))
+
     def runs(self) -> pd.DataFrame:
         return frame(queries.runs_listing(self.store))
 

@@ -21,6 +21,7 @@ from actdb.query.commands import (
     similarity,
     sql,
     store,
+    trajectories,
 )
 from actdb.query.options import AppContext
 from actdb.store.config import StoreConfig
@@ -42,7 +43,19 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None) -> None:
     ctx.obj = AppContext(StoreConfig.resolve(home, database_url))
 
 
-for _module in (store, ingest, correlation, similarity, persistence, ablation, explain, sql, report, plan):
+for _module in (
+    store,
+    ingest,
+    correlation,
+    similarity,
+    persistence,
+    ablation,
+    explain,
+    sql,
+    report,
+    plan,
+    trajectories,
+):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

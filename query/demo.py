@@ -31,10 +31,12 @@ from actdb.compute.explain.run import ingest_and_explain
 from actdb.compute.persistence.run import PersistenceRequest, compute_persistence
 from actdb.compute.similarity.function import FunctionRequest, function_similarity
 from actdb.compute.similarity.predictions import PredictionRequest, compute_predictions
+from actdb.compute.trajectories.run import TrajectoryRequest, compute_trajectories
 from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.output import render
 from actdb.query.report import build_report
+from actdb.query.trajectory_tables import kind_comparison, long_rows, run_summary, wide_table
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import resolve_sets
 from actdb.store.database.schema import Dataset, NeuronMatch
@@ -132,7 +134,10 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     stage(f"ablation: universal neurons of seed0@{steps[-1]} against {req.controls} matched random sets")
     _ablate(store, f"seed0@{steps[-1]}", req, indent)
     compared = sorted({steps[0], steps[-2], steps[-1]})  # untrained, late and last: the contrasts the summary shows
-    stage(f"similarity: all {len(models) * len(compared)} sets of steps {compared} in one pass, and their predictions")
+    stage(
+        f"similarity: all {len(models) * len(compared)} sets of steps {compared} in one pass, their predictions, "
+        "and every checkpoint against every other (trajectories)"
+    )
     _similarity(store, models, compared, req, indent)
     stage("report")
     report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
@@ -192,6 +197,7 @@ def _similarity(store: Store, models: list[str], steps: list[int], req: DemoRequ
         compute_predictions(
             store, PredictionRequest(target=str(ref), dataset=DATASET, progress=False), log=lambda _m: None
         )
+    compute_trajectories(store, TrajectoryRequest(sets=refs, dataset=DATASET), log=echo)
 
 
 def _similarity_summary(store: Store, models: list[str], steps: list[int], echo: Callable[[str], None]) -> None:
@@ -220,6 +226,13 @@ def _similarity_summary(store: Store, models: list[str], steps: list[int], echo:
         rows.append(row)
     echo("\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs) ==")
     echo(render(Rows(["pairs", "n", *metrics], rows)))
+    trajectory = long_rows(store)
+    summary = run_summary(store)
+    echo(f"\n== Trajectories: win rate W[row, column] on >= {summary['n_targets']:,} targets per pair (0.5: a draw) ==")
+    echo(render(wide_table(trajectory, "win_rate")))
+    echo(f"non-transitive triples: {summary['n_nontransitive']} of {summary['n_triples']}")
+    echo(f"\n== Trajectories: ensemble gain (nats) of two-checkpoint mixtures at steps {late} and {last} ==")
+    echo(render(kind_comparison(trajectory, metrics=("ensemble_gain", "disagreement"), steps={late, last})))
 
 
 def _explain(store: Store, model: str, step: int, threshold: float, echo: Callable[[str], None]) -> None:

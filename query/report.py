@@ -220,6 +220,118 @@ def _function_rows(store: Store, rows: Rows) -> Rows | list:
         return []
 
 
+def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
+    """The newest trajectory run: the win-rate matrix (seed-major, diverging colours centred at 0.5), Fort's
+    disagreement-accuracy plane with its reference curves, the ensemble gain of the two kinds of pairs, the
+    weight cosines, and the map with one line per seed."""
+    from actdb.compute.trajectories.math import disagreement_references
+    from actdb.query import trajectory_tables as tt
+
+    try:
+        rows = tt.long_rows(store)
+    except ActdbError:
+        return [], ""
+    summary = tt.run_summary(store)
+    points = tt.point_rows(store)
+    plt = _plt()
+    images = []
+    keys, win = tt.matrix(rows, "win_rate")
+    labels = [f"{m}@{s}" for m, s in keys]
+    reach = max(0.01, float(np.nanmax(np.abs(win - 0.5))))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.38 * len(keys), 1.8 + 0.34 * len(keys)))
+    im = ax.imshow(win, cmap="RdBu_r", vmin=0.5 - reach, vmax=0.5 + reach)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xlabel("column checkpoint")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="win rate of row vs column")
+    ax.set_title(
+        f"Win rate W (eps {summary['eps']:g}; {summary['n_nontransitive']} of {summary['n_triples']} triples "
+        f"non-transitive; ≥ {summary['n_targets']:,} targets per pair)",
+        fontsize=8,
+    )
+    images.append(_save(fig, out, "trajectories_win_rate.png"))
+
+    acc = {(r["model"], r["step"]): r["top1_accuracy"] for r in points}
+    ref_model, _, ref_step = summary["reference"].rpartition("@")
+    ref = (ref_model, int(ref_step))
+    _, dis = tt.matrix(rows, "disagreement")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    grid = np.linspace(0.0, max(acc.values()) * 1.05 + 1e-9, 200)
+    curves = disagreement_references(grid, acc[ref])
+    for name, style, formula in (
+        ("nested", ":", "|a − a₀|"),
+        ("independent", "--", "e + e₀ − e·e₀"),
+        ("disjoint", "-.", "min(1, e + e₀)"),
+    ):
+        ax.plot(grid, curves[name], style, color="grey", lw=1, label=f"{name} errors: d = {formula}")
+    for model in sorted({k[0] for k in keys}):
+        mine = [(k, acc[k]) for k in keys if k[0] == model and k != ref]
+        d = [dis[keys.index(ref), keys.index(k)] for k, _ in mine]
+        ax.plot([a for _, a in mine], np.array(d) / (1 - acc[ref]), "o", label=model)
+    ax.plot([acc[ref]], [0], "k*", ms=10, label=f"reference {summary['reference']}")
+    ax.set_xlabel("top-1 accuracy")
+    ax.set_ylabel("disagreement with reference / (1 − reference accuracy)")
+    ax.set_title("Diversity vs accuracy (Fort et al.)", fontsize=9)
+    ax.legend(fontsize=6)
+    images.append(_save(fig, out, "trajectories_disagreement.png"))
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    kinds = [
+        [
+            r["value"]
+            for r in rows
+            if r["metric"] == "ensemble_gain"
+            and (r["model"], r["step"]) < (r["other_model"], r["other_step"])
+            and tt.pair_kind(r["model"], r["step"], r["other_model"], r["other_step"]) == kind
+        ]
+        for kind in tt.KINDS
+    ]
+    ax.boxplot([k or [np.nan] for k in kinds])
+    for i, values in enumerate(kinds, start=1):
+        ax.plot(np.full(len(values), i), values, ".", color="C0", alpha=0.6)
+    ax.set_xticks(
+        [1, 2],
+        ["\n".join(k.split(", ")) + f"\n({len(v)} pairs)" for k, v in zip(tt.KINDS, kinds, strict=True)],
+        fontsize=7,
+    )
+    ax.set_ylabel("ensemble gain (nats)")
+    ax.set_title("Mixture of two checkpoints: mean(ℓA, ℓB) − mixture loss", fontsize=8)
+    images.append(_save(fig, out, "trajectories_ensemble_gain.png"))
+
+    if summary["weights"]:
+        fig, axes = plt.subplots(1, 2, figsize=(3.2 + 0.6 * len(keys), 1.8 + 0.3 * len(keys)), squeeze=False)
+        for ax, (metric, title) in zip(
+            axes[0],
+            (("weight_cosine", "cos(θi, θj)"), ("weight_delta_cosine", "cos(θi − θ0, θj − θ0), within a seed")),
+            strict=True,
+        ):
+            _, grid_w = tt.matrix(rows, metric)
+            im = ax.imshow(grid_w, cmap="viridis", vmin=-1 if metric == "weight_cosine" else 0, vmax=1)
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+            ax.set_title(title, fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle(
+            "Weight space (across seeds θ − θ0 is not drawn: independent initialisations make it ≈ 0)", fontsize=8
+        )
+        images.append(_save(fig, out, "trajectories_weights.png"))
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for model in sorted({r["model"] for r in points}):
+        mine = sorted((r["step"], r["map_x"], r["map_y"]) for r in points if r["model"] == model)
+        line = ax.plot([m[1] for m in mine], [m[2] for m in mine], "-o", label=model)[0]
+        for step, x, y in mine:
+            ax.annotate(
+                str(step), (x, y), fontsize=6, color=line.get_color(), xytext=(3, 3), textcoords="offset points"
+            )
+    stress = "" if summary["map_stress"] is None else f", stress-1 {summary['map_stress']:.3f}"
+    ax.set_title(f"Trajectories: {summary['embedding']} of {summary['distance']}{stress}", fontsize=9)
+    ax.legend(fontsize=7)
+    images.append(_save(fig, out, "trajectories_map.png"))
+    table = render(tt.kind_comparison(rows), "table") + "\n\n" + render(points, "table")
+    return images, table
+
+
 def build_report(store: Store, out: Path, threshold: float | None = None) -> Path:
     """Write `index.html` and its PNGs into `out`; sections without data say which command produces them."""
     try:
@@ -274,6 +386,17 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             None,
             missing="no similarity run yet: `actdb similarity --models ... "
             "--steps ...` (and `actdb predictions` for the function side)",
+        )
+    images, table = _trajectory_plots(store, out)
+    if images:
+        body = "".join(f'<img src="{i}" alt="trajectories">' for i in images)
+        body += f"<details><summary>table</summary><pre>{html.escape(table)}</pre></details>"
+        sections.append(f"<h2>Trajectories: every checkpoint against every other</h2>{body}")
+    else:
+        section(
+            "Trajectories: every checkpoint against every other",
+            None,
+            missing="no trajectory run yet: `actdb trajectories --models ... --steps ...` (after `actdb predictions`)",
         )
     page = out / "index.html"
     _write(

@@ -25,6 +25,8 @@ VIEWS = [
     "v_similarity",
     "v_neuron_explanations",
     "v_neuron_families",
+    "v_trajectories",
+    "v_trajectory_points",
 ]
 
 
@@ -54,6 +56,8 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
         ("persistence", "--model", "a", "--quiet"),
         ("similarity", "--models", "a,b", "--steps", "0,1", "--baseline-draws", 1, "--quiet"),
         ("ablate", "a@1", "--neurons", "universal:1", "--controls", 2, "--each", "--tokens", 600, "--quiet"),
+        ("predictions", "a@0", "a@1", "b@0", "b@1", "--dataset", "d", "--quiet"),
+        ("trajectories", "--models", "a,b", "--steps", "0,1"),
     ]
     for args in steps:
         r = cli_call(home, db, *args)

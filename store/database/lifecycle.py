@@ -60,6 +60,11 @@ def _delete_ablation_results(conn, run_id: int) -> None:
     conn.execute(delete(tables.ablation_neuron).where(tables.ablation_neuron.c.ablation_id == run_id))
 
 
+def _delete_trajectory_results(conn, run_id: int) -> None:
+    for table in (tables.trajectory_value, tables.trajectory_point):
+        conn.execute(delete(table).where(table.c.run_id == run_id))
+
+
 # Every run table, with what to delete when one of its runs is abandoned (activation sets keep their
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[Table, Callable | None] = {
@@ -68,6 +73,7 @@ RUN_TABLES: dict[Table, Callable | None] = {
     tables.persistence_run: None,
     tables.prediction_set: None,
     tables.ablation: _delete_ablation_results,
+    tables.trajectory_run: _delete_trajectory_results,
 }
 
 

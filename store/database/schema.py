@@ -118,6 +118,19 @@ class AblationNeuron(MappedRow):
     """One neuron ablated on its own (`actdb ablate --each`)."""
 
 
+class TrajectoryRun(MappedRow):
+    """One `actdb trajectories` request: every checkpoint of `sets` against every other on a dataset's stored
+    predictions (and weights), with the map's distance and embedding and the run-level counts."""
+
+
+class TrajectoryValue(MappedRow):
+    """One measure of one ordered pair of checkpoints in a trajectory run (long format)."""
+
+
+class TrajectoryPoint(MappedRow):
+    """One checkpoint of a trajectory run: top-1 accuracy, mean loss, Bradley-Terry strength, map coordinates."""
+
+
 mapper_registry.map_imperatively(
     Model, tables.model, properties={"checkpoints": relationship(Checkpoint, back_populates="model")}
 )
@@ -144,3 +157,6 @@ mapper_registry.map_imperatively(Persistence, tables.persistence)
 mapper_registry.map_imperatively(NeuronEmergence, tables.neuron_emergence)
 mapper_registry.map_imperatively(Ablation, tables.ablation)
 mapper_registry.map_imperatively(AblationNeuron, tables.ablation_neuron)
+mapper_registry.map_imperatively(TrajectoryRun, tables.trajectory_run)
+mapper_registry.map_imperatively(TrajectoryValue, tables.trajectory_value)
+mapper_registry.map_imperatively(TrajectoryPoint, tables.trajectory_point)

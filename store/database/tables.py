@@ -427,3 +427,57 @@ ablation_neuron = Table(
     Column("ablated_loss", Float, nullable=False),
     Column("delta", Float, nullable=False),
 )
+
+
+# One `actdb trajectories` request: every checkpoint of `sets` against every other on a dataset's stored
+# predictions (and weights), with the map's distance and embedding and the run-level counts.
+trajectory_run = Table(
+    "trajectory_run",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("request_key", String(64), index=True, nullable=False),
+    Column("dataset_id", ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
+    Column("sets", Text, nullable=False),  # MODEL@STEP, comma-separated, in the run's order
+    Column("eps", Float, nullable=False),
+    Column("distance", String(20), nullable=False),
+    Column("embedding", String(20), nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("exact_tokens", BigInteger),
+    Column("weights", Boolean, nullable=False),
+    Column("reference_checkpoint_id", ForeignKey("checkpoint.id", ondelete="SET NULL")),
+    Column("n_checkpoints", Integer),
+    Column("n_targets", BigInteger),  # the fewest targets any pair was compared on
+    Column("n_triples", Integer),
+    Column("n_nontransitive", Integer),
+    Column("map_stress", Float),  # Kruskal stress-1 of the MDS map
+    *run_state_columns(),
+    running_unique("trajectory_run"),
+)
+
+
+# One measure of one ordered pair of checkpoints in a trajectory run (long format).
+trajectory_value = Table(
+    "trajectory_value",
+    metadata,
+    Column("run_id", ForeignKey("trajectory_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("checkpoint_id", ForeignKey("checkpoint.id", ondelete="CASCADE"), primary_key=True),
+    Column("other_checkpoint_id", ForeignKey("checkpoint.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", String(40), primary_key=True),
+    Column("value", Float),
+    Column("n_targets", BigInteger),  # targets (or None: parameters) the value rests on
+)
+
+
+# One checkpoint of a trajectory run: top-1 accuracy, mean loss, Bradley-Terry strength, map coordinates.
+trajectory_point = Table(
+    "trajectory_point",
+    metadata,
+    Column("run_id", ForeignKey("trajectory_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("checkpoint_id", ForeignKey("checkpoint.id", ondelete="CASCADE"), primary_key=True),
+    Column("n_targets", BigInteger),
+    Column("top1_accuracy", Float),
+    Column("mean_loss", Float),
+    Column("bt_strength", Float),
+    Column("map_x", Float),
+    Column("map_y", Float),
+)

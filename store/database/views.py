@@ -210,3 +210,30 @@ v_neuron_families = _view(
     Column("family", String),
     Column("set_id", Integer),
 )
+v_trajectories = _view(
+    "v_trajectories",
+    Column("run_id", Integer),
+    Column("dataset", String),
+    Column("model", String),
+    Column("step", BigInteger),
+    Column("other_model", String),
+    Column("other_step", BigInteger),
+    Column("metric", String),
+    Column("value", Float),
+    Column("n_targets", BigInteger),
+)
+v_trajectory_points = _view(
+    "v_trajectory_points",
+    Column("run_id", Integer),
+    Column("dataset", String),
+    Column("model", String),
+    Column("step", BigInteger),
+    Column("n_targets", BigInteger),
+    Column("top1_accuracy", Float),
+    Column("mean_loss", Float),
+    Column("bt_strength", Float),
+    Column("distance", String),
+    Column("embedding", String),
+    Column("map_x", Float),
+    Column("map_y", Float),
+)

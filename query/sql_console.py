@@ -9,6 +9,7 @@ parser refuses more than one command. Nothing here inspects the SQL text. See `a
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 from typing import Any
 
@@ -16,7 +17,12 @@ from sqlalchemy import inspect
 
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import make_engine
-from actdb.store.database.sql_reader import HIDDEN_TABLES, connect_postgres_reader, connect_sqlite_reader
+from actdb.store.database.sql_reader import (
+    HIDDEN_TABLES,
+    TABLE_FUNCTION,
+    connect_postgres_reader,
+    connect_sqlite_reader,
+)
 from actdb.store.errors import ActdbError, first_line
 
 DEFAULT_TIMEOUT = 30.0
@@ -25,6 +31,16 @@ ONE_STATEMENT = "refused: `actdb sql` runs exactly one statement"
 # SQLSTATEs of what the guards stop: invalid transaction state (read-only transaction, transaction block),
 # invalid transaction termination (COMMIT inside DO/CALL), missing privilege.
 PG_REFUSED = ("25", "2D", "42501")
+# Names a refused table-valued function may carry in the statement (for the message only; the authorizer decides).
+TABLE_FUNCTION_NAME = re.compile(r"\b(pragma_\w+|json_each|json_tree|jsonb_each|jsonb_tree|generate_series|dbstat)\b")
+
+
+def refuse_nul(sql: str) -> None:
+    """A NUL character ends the text for PostgreSQL's parser, which would run only what precedes it: refuse it on
+    every backend rather than run part of a statement."""
+    at = sql.find("\x00")
+    if at >= 0:
+        raise ActdbError(f"refused: the statement holds a NUL character (U+0000) at offset {at}; remove it")
 
 
 def run_readonly(
@@ -37,6 +53,7 @@ def run_readonly(
     """
     if not timeout > 0:
         raise ActdbError("--timeout must be a positive number of seconds")
+    refuse_nul(sql)
     if config.is_sqlite:
         return _run_sqlite(config.database_url, sql, timeout)
     engine = make_engine(config.database_url)
@@ -66,7 +83,7 @@ def _run_sqlite(url: str, sql: str, timeout: float) -> tuple[list[str], list[tup
         if guard.timed_out:
             raise _cancelled(timeout) from None
         if guard.denied:
-            raise ActdbError(f"{READ_ONLY} (not authorised: {guard.denied[0]})") from None
+            raise ActdbError(f"{READ_ONLY} (not authorised: {_denied(guard.denied[0], sql)})") from None
         if isinstance(exc, sqlite3.ProgrammingError) and "one statement" in str(exc):
             raise ActdbError(f"{ONE_STATEMENT} ({first_line(exc)})") from None
         if getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY":
@@ -74,6 +91,14 @@ def _run_sqlite(url: str, sql: str, timeout: float) -> tuple[list[str], list[tup
         raise ActdbError(f"SQL error: {first_line(exc)}") from None
     finally:
         conn.close()
+
+
+def _denied(what: str, sql: str) -> str:
+    """The authorizer's refusal in words, naming the table-valued function(s) of the statement when it was one."""
+    if what != TABLE_FUNCTION:
+        return what
+    names = sorted({m.group(1).lower() for m in TABLE_FUNCTION_NAME.finditer(sql)})
+    return f"{TABLE_FUNCTION} {', '.join(names)}" if names else f"a {TABLE_FUNCTION}"
 
 
 def _run_postgres(engine, sql: str, timeout: float) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.listings import status_rows
-from actdb.query.sql_console import run_readonly
+from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, ReadonlyQuery
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import complete_set
@@ -210,10 +211,33 @@ class ActdbStore:
     def runs(self) -> pd.DataFrame:
         return frame(queries.runs_listing(self.store))
 
-    def sql(self, query: str, timeout: float = 30.0) -> pd.DataFrame:
-        """One read-only SQL statement (see `actdb sql`)."""
-        columns, rows = run_readonly(self.store.config, query, timeout=timeout)
-        return frame(Rows.from_tuples(columns, rows))
+    def sql(
+        self,
+        query: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ) -> pd.DataFrame:
+        """One read-only SQL statement (see `actdb sql`) as a DataFrame of at most `max_rows` rows and `max_bytes`
+        bytes of values as text; a cut result warns and says so in `frame.attrs["notice"]`. For results of any
+        size iterate `sql_rows` instead."""
+        with self.sql_rows(query, timeout, max_rows, max_bytes) as result:
+            table = frame(Rows.from_tuples(result.columns, list(result)))
+        if result.notice:
+            warnings.warn(result.notice, stacklevel=2)
+            table.attrs["notice"] = result.notice
+        return table
+
+    def sql_rows(
+        self,
+        query: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
+    ) -> ReadonlyQuery:
+        """One read-only SQL statement streamed: `.columns`, then iterate tuples (memory does not grow with the
+        result; no cap unless given). Use it in a `with` block so the connection closes if you stop early."""
+        return ReadonlyQuery(self.store.config, query, timeout, max_rows, max_bytes)
 
 
 def _neuron_list(neurons: str | list[int] | None, d_mlp: int) -> list[int]:

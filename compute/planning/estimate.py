@@ -33,7 +33,9 @@ from actdb.compute.correlation.engine import (
     Task,
     keeps_rotations,
     memory_budget,
+    pass_overhead,
     plan_passes,
+    task_bytes,
 )
 from actdb.compute.correlation.precision import check_precision
 from actdb.compute.correlation.shards import default_shards
@@ -42,7 +44,14 @@ from actdb.store.errors import ActdbError
 from actdb.store.refs import CONTROLS, STORED_DTYPES
 
 TOKEN_BYTES = 4 + 1  # the token file holds an int32 id and a bool mask per position (store.files.token)
-TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the forward pass (`ingest --torch-dtype`)
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+# Bounds on a request, checked before anything is built: the engine's pass planner packs one object per (pair x
+# layer) task of a step, so models are bounded by the tasks they make (50k pack in about a second).
+MAX_TASKS = 50_000
+MAX_STEPS = 10**6
+MAX_TOKENS = 10**15
+MAX_WORKERS = 10**6
+MAX_NEURONS = 10**8  # per set (a llama-7b set has 352,256)  # the forward pass (`ingest --torch-dtype`)
 # The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end. Measured with
 # `benchmarks/planner_accuracy.py` (the engine against `plan_study` on the same shapes, in one process): 0.82-0.85
 # on a 2-core AVX-512 Intel machine, but 1.0 (200k-token benchmark) and 1.24 (demo step) on a 2-core AVX2 AMD EPYC.
@@ -218,9 +227,34 @@ class PlanRequest:
     read_speed: float | None = None
 
     def check(self) -> None:
-        """One-line errors for a request that cannot be planned."""
+        """One-line errors for a request that cannot be planned, checked on the counts before anything is built."""
         if self.models < 2:
             raise ActdbError(f"--models must be at least 2 (each step correlates its models' sets), got {self.models}")
+        for label, value, most in (
+            ("--steps", self.steps, MAX_STEPS),
+            ("--tokens", self.tokens, MAX_TOKENS),
+            ("--workers", self.workers, MAX_WORKERS),
+            ("--chunk-tokens", self.chunk_tokens, MAX_TOKENS),
+        ):
+            if value > most:
+                raise ActdbError(f"{label} {value:,} is more than the planner takes ({most:,})")
+        if self.arch.n_neurons > MAX_NEURONS:
+            raise ActdbError(
+                f"{self.arch.n_layers:,} layers x {self.arch.d_mlp:,} neurons is more than the planner takes per set "
+                f"({MAX_NEURONS:,} neurons)"
+            )
+        tasks = self.models * (self.models - 1) // 2 * self.arch.n_layers
+        if tasks > MAX_TASKS:
+            most = 1
+            while (most + 1) * most // 2 * self.arch.n_layers <= MAX_TASKS:
+                most += 1
+            if most < 2:
+                raise ActdbError(f"{self.arch.n_layers:,} layers make more (pair x layer) tasks than the planner packs")
+            raise ActdbError(
+                f"--models {self.models:,} makes {tasks:,} (pair x layer) tasks per step, more than the planner packs "
+                f"({MAX_TASKS:,}); with {self.arch.n_layers} layers plan at most {most:,} models (a step's cost "
+                "grows with models^2: plan a part and scale)"
+            )
         for label, value in (
             ("--steps", self.steps),
             ("--workers", self.workers),
@@ -283,7 +317,7 @@ def _backend(device: str) -> ArrayBackend:
 
 def synthetic_inputs(arch: Architecture, models: int) -> list[SetInput]:
     """One step's sets as the engine sees them: `models` sets of the architecture's shape (no files)."""
-    shift = np.zeros(arch.n_neurons, dtype=np.float32)
+    shift = np.zeros(arch.n_neurons, dtype=np.float32)  # one array shared by every set: nothing is per model
     return [SetInput(i, "", arch.n_layers, arch.d_mlp, shift, rotation_key=i) for i in range(models)]
 
 
@@ -344,11 +378,21 @@ def _least(ok, high: int) -> int:
     return high
 
 
-def plan_memory(
-    inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int, n_tokens: int, itemsize: int
-) -> MemoryPlan:
-    """Run the engine's planner at `budget` and find the budgets at which its plan changes, by bisection on the
-    planner itself (so no constant of its accounting is repeated here)."""
+@dataclass(frozen=True)
+class PassLayout:
+    """Where the engine planner's packing changes with the budget (see `MemoryPlan`)."""
+
+    fits: bool
+    passes: list[list[Task]]
+    peak: int
+    minimum: int
+    one_pass: int
+    fitting_chunk: int | None
+
+
+def layout_by_bisection(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> PassLayout:
+    """Any sets: the budgets at which the planner's plan changes, by bisection on the planner itself (each step
+    packs every task again, so this grows with models^2 x layers x log(budget))."""
     unlimited = 1 << 62
 
     def plan(b: int) -> list[list[Task]] | None:
@@ -370,6 +414,37 @@ def plan_memory(
         if _plan_or_none(inputs, n_vocab, replace(options, chunk_tokens=chunk), budget) is not None:
             fitting = chunk
         chunk //= 2
+    return PassLayout(fits, passes, peak, minimum, single, fitting)
+
+
+def layout_by_counts(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> PassLayout:
+    """Sets of one shape (the planner's synthetic step): every task block has one size, so the engine's greedy
+    packing puts floor(room / size) tasks in a pass, room = budget - `pass_overhead`, and each budget where the
+    plan changes follows from counts; the planner itself packs only the final passes."""
+    size = task_bytes(inputs[0], inputs[0])
+    n_tasks = len(inputs) * (len(inputs) - 1) // 2 * inputs[0].n_layers
+    overhead = pass_overhead(inputs, n_vocab, options, size)
+    minimum = overhead + size
+    fits = budget >= minimum
+    per_pass = min(n_tasks, (max(budget, minimum) - overhead) // size)
+    fitting = None
+    chunk = options.chunk_tokens // 2
+    while not fits and fitting is None and chunk >= 256:
+        if pass_overhead(inputs, n_vocab, replace(options, chunk_tokens=chunk), size) + size <= budget:
+            fitting = chunk
+        chunk //= 2
+    passes = plan_passes(inputs, n_vocab, options, max(budget, minimum))
+    return PassLayout(fits, passes, overhead + per_pass * size, minimum, overhead + n_tasks * size, fitting)
+
+
+def plan_memory(
+    inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int, n_tokens: int, itemsize: int
+) -> MemoryPlan:
+    """Run the engine's planner at `budget` and find the budgets at which its plan changes: from counts when the
+    sets share one shape, else by bisection on the planner itself."""
+    uniform = len({(s.n_layers, s.d_mlp) for s in inputs}) == 1
+    layout = (layout_by_counts if uniform else layout_by_bisection)(inputs, n_vocab, options, budget)
+    passes = layout.passes
     per_set = [n_tokens * s.n_neurons * itemsize for s in inputs]
     reads, sums = [], []
     for p, tasks in enumerate(passes):
@@ -377,7 +452,17 @@ def plan_memory(
         reads.append(sum(per_set[i] for i in wanted))
         sums.append(sum(inputs[t.a].d_mlp * inputs[t.b].n_neurons * 8 for t in tasks))
     return MemoryPlan(
-        budget, fits, passes, peak, minimum, single, sum(reads), sum(per_set), fitting, tuple(reads), tuple(sums)
+        budget,
+        layout.fits,
+        passes,
+        layout.peak,
+        layout.minimum,
+        layout.one_pass,
+        sum(reads),
+        sum(per_set),
+        layout.fitting_chunk,
+        tuple(reads),
+        tuple(sums),
     )
 
 

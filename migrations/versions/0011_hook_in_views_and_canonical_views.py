@@ -13,8 +13,6 @@ Revises: 0010
 
 import importlib
 
-from alembic import op
-
 revision = "0011"
 down_revision = "0010"
 branch_labels = None

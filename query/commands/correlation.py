@@ -22,6 +22,7 @@ from actdb.query.options import (
     pass_app,
     precision_option,
     quiet_option,
+    read_hook_option,
     threshold_option,
 )
 from actdb.query.output import render
@@ -134,6 +135,7 @@ def correlate(
     help="Only neurons universal in at least this share of baseline draws (at the same threshold).",
 )
 @click.option("--by-layer", is_flag=True, help="Per layer counts and percentages instead of neurons.")
+@read_hook_option
 @format_option
 @pass_app
 def universal(
@@ -148,12 +150,21 @@ def universal(
     limit: int | None,
     min_stability: float | None,
     by_layer: bool,
+    hook: str | None,
     fmt: str,
 ) -> None:
     """Universal neurons: excess correlation, stability over baseline draws, z, max-corr, baseline, statistics."""
     from actdb.query.queries import universal_by_layer, universal_neurons
 
-    scope = {"model": model, "step": step, "layer": layer, "run": run_id, "threshold": threshold, "control": control}
+    scope = {
+        "model": model,
+        "step": step,
+        "layer": layer,
+        "run": run_id,
+        "threshold": threshold,
+        "control": control,
+        "hook": hook,
+    }
     if by_layer and (min_stability is not None or limit is not None):
         raise click.UsageError("--by-layer counts every neuron; --min-stability and --limit apply to neuron listings")
     if by_layer:

@@ -10,6 +10,7 @@ from actdb.query.options import (
     dataset_option,
     format_option,
     pass_app,
+    read_hook_option,
 )
 from actdb.query.output import render, render_stream
 from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS
@@ -64,6 +65,7 @@ def sql(
 @click.option("--neurons", help="Comma-separated neuron indices (default: all).")
 @click.option("--tokens", "token_range", help="START:END token rows (default: all).")
 @dataset_option("Dataset of the set (default: the only one).")
+@read_hook_option
 @click.option("--counted-only", is_flag=True, help="Drop positions that are not counted (BOS/EOS/padding).")
 @click.option(
     "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="FILE.csv, FILE.parquet or FILE.npy"
@@ -76,6 +78,7 @@ def export(
     neurons: str | None,
     token_range: str | None,
     dataset_name: str | None,
+    hook: str | None,
     counted_only: bool,
     out_path: str,
 ) -> None:
@@ -84,10 +87,18 @@ def export(
     from actdb.query.api import ActdbStore
 
     acts = ActdbStore(app.store()).activations(
-        target, layer, neurons=neurons, tokens=token_range, dataset=dataset_name, counted_only=counted_only
+        target,
+        layer,
+        neurons=neurons,
+        tokens=token_range,
+        dataset=dataset_name,
+        counted_only=counted_only,
+        hook=hook,
     )
     acts.write(out_path)
-    click.echo(f"wrote {acts.values.shape[0]} tokens x {acts.values.shape[1]} neurons to {out_path}")
+    click.echo(
+        f"wrote {acts.values.shape[0]} tokens x {acts.values.shape[1]} neurons of {target} at {acts.hook} to {out_path}"
+    )
 
 
 COMMANDS = (

@@ -140,3 +140,39 @@ def get_or_create(store: Store, cls: type, lookup: dict, defaults: dict) -> obje
     except IntegrityError:
         with store.session() as s:
             return s.scalar(select(cls).filter_by(**lookup))
+
+
+def resolve_hook(
+    store: Store,
+    hook: str | None,
+    model: str | None = None,
+    step: int | None = None,
+    dataset: str | None = None,
+) -> str | None:
+    """The hook a read uses: `hook` when given (an error naming the hooks present when no complete set in scope
+    has it), else the only hook of the complete sets in scope (MODEL, STEP, DATASET when given); several hooks are
+    a one-line error asking for --hook. None when no set is in scope: the caller says what is missing."""
+    query = (
+        select(ActivationSet.hook)
+        .distinct()
+        .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+        .join(Model, Model.id == Checkpoint.model_id)
+        .join(Dataset, Dataset.id == ActivationSet.dataset_id)
+        .where(ActivationSet.status == "complete")
+    )
+    for column, value in ((Model.name, model), (Checkpoint.step, step), (Dataset.name, dataset)):
+        if value is not None:
+            query = query.where(column == value)
+    present = sorted(store.query(query).column("hook"))
+    scope = (
+        f"{model}@{step}"
+        if model is not None and step is not None
+        else model or (f"step {step}" if step is not None else "the store")
+    )
+    if hook is not None:
+        if present and hook not in present:
+            raise ActdbError(f"{scope} has no complete sets at hook {hook}; hooks present: {', '.join(present)}")
+        return hook
+    if len(present) > 1:
+        raise ActdbError(f"{scope} has sets at hooks {', '.join(present)}; choose one with --hook")
+    return present[0] if present else None

@@ -46,7 +46,15 @@ if TYPE_CHECKING:
     show_default=True,
     help="Random rotations per model; each neuron gets the baseline's mean, sd, a z-score and its stability.",
 )
-@click.option("--topk", type=click.IntRange(min=0, max=1000), default=0, show_default=True, help="Keep K best matches.")
+@click.option(
+    "--top-k",
+    "topk",
+    type=click.IntRange(min=0, max=1000),
+    default=0,
+    show_default=True,
+    help="Keep K best matches per neuron.",
+)
+@click.option("--topk", "old_topk", type=click.IntRange(min=0, max=1000), hidden=True, help="Old spelling of --top-k.")
 @device_option
 @precision_option
 @hook_option
@@ -71,6 +79,7 @@ def correlate(
     seed: int,
     baseline_draws: int,
     topk: int,
+    old_topk: int | None,
     device: str,
     precision: str,
     hook: str,
@@ -100,7 +109,7 @@ def correlate(
         threshold=threshold,
         seed=seed,
         baseline_draws=baseline_draws,
-        topk=topk,
+        topk=topk if old_topk is None else old_topk,
         chunk_tokens=chunk_tokens,
         memory_budget=memory_budget,
         hook=hook,

@@ -230,7 +230,7 @@ def families(
     or `run`) with their family, the family counts per layer, and the rule lines (thresholds as recorded with each
     set)."""
     check_threshold(threshold)
-    hook = resolve_hook(store, hook, model, step)
+    hook = resolve_hook(store, hook, model, step, run=run)
     explained = _explained_sets(store, model, step, hook)
     if not explained:
         raise ActdbError(f"{model}@{step} has no explanations; build them with `actdb examples {model}@{step}`")

@@ -99,7 +99,7 @@ def _scoped(
             get_model(s, model)
     if run is not None:
         require_run(store, run, "cross_model")
-    hook = resolve_hook(store, hook, model, step)
+    hook = resolve_hook(store, hook, model, step, run=run)
     newest = newest_runs(control, run)
     found = newest_run_listing(newest)
     if model is not None:

@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from actdb.store.database.connection import Store
-from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model
+from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model, RunMember
 from actdb.store.errors import ActdbError
 from actdb.store.hook_names import HOOK_NAME
 from actdb.store.refs import SetRef
@@ -148,10 +148,12 @@ def resolve_hook(
     model: str | None = None,
     step: int | None = None,
     dataset: str | None = None,
+    run: int | None = None,
 ) -> str | None:
     """The hook a read uses: `hook` when given (an error naming the hooks present when no complete set in scope
-    has it), else the only hook of the complete sets in scope (MODEL, STEP, DATASET when given); several hooks are
-    a one-line error asking for --hook. None when no set is in scope: the caller says what is missing."""
+    has it), else the only hook of the complete sets in scope (MODEL, STEP, DATASET, the members of RUN when
+    given); several hooks are a one-line error asking for --hook. None when no set is in scope: the caller says
+    what is missing."""
     query = (
         select(ActivationSet.hook)
         .distinct()
@@ -163,6 +165,8 @@ def resolve_hook(
     for column, value in ((Model.name, model), (Checkpoint.step, step), (Dataset.name, dataset)):
         if value is not None:
             query = query.where(column == value)
+    if run is not None:
+        query = query.join(RunMember, RunMember.set_id == ActivationSet.id).where(RunMember.run_id == run)
     present = sorted(store.query(query).column("hook"))
     scope = (
         f"{model}@{step}"

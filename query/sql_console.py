@@ -193,7 +193,8 @@ def _stream_postgres(url: str, sql: str, timeout: float) -> Iterator[Any]:
         # stream() sends Parse/Bind/Execute (the extended protocol): the server's parser refuses a string holding
         # several commands, and with no parameters psycopg leaves `%` alone. Rows arrive in chunks, never all.
         cur = conn.cursor()
-        rows = cur.stream(sql, None, size=BATCH)
+        # chunks need libpq 17; an older one streams row by row (single-row mode): slower, just as bounded
+        rows = cur.stream(sql, None, size=BATCH if psycopg.capabilities.has_stream_chunked() else 1)
         first = next(rows, None)
         if cur.description is None:
             yield from _no_rows()

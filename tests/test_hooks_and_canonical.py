@@ -182,3 +182,26 @@ def test_canonical_views_give_one_row_per_neuron_per_set_and_control(two_hooks):
         "ORDER BY model, layer, neuron",
     )
     assert cli and sorted((x["model"], x["layer"], x["neuron"], x["run_id"]) for x in cli) == sorted(view)
+
+
+def test_a_named_run_reads_its_own_hook(two_hooks):
+    home, db = two_hooks
+    runs = json.loads(cli_call(home, db, "runs", "--format", "json").stdout)
+    pre_run = next(r["run_id"] for r in runs if r["hook"] == "mlp.pre")
+    r = cli_call(home, db, "universal", "--run", pre_run, "--by-layer", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    assert {x["hook"] for x in json.loads(r.stdout)} == {"mlp.pre"}
+    r = cli_call(home, db, "universal", "--run", pre_run, "--hook", "mlp.post")
+    assert r.exit_code == 1 and f"in run {pre_run} has no complete sets at hook mlp.post" in r.stderr
+
+
+def test_report_has_sections_and_pages_per_hook(two_hooks, tmp_path):
+    home, db = two_hooks
+    cli_runner(home, db)("report", "--out", tmp_path / "rep")
+    index = (tmp_path / "rep" / "index.html").read_text()
+    for hook in ("mlp.post", "mlp.pre"):
+        assert f"Universal neurons by layer (none control) at {hook}" in index
+        assert f"Most universal neurons (none control) at {hook}" in index
+    pages = [p.name for p in (tmp_path / "rep" / "neurons").glob("*.html")]
+    assert any(p.endswith("-mlp.pre.html") for p in pages) and any(not p.endswith("-mlp.pre.html") for p in pages)
+    assert (tmp_path / "rep" / "universal_by_layer_none_mlp_pre.csv").exists()

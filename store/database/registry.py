@@ -173,6 +173,7 @@ def resolve_hook(
         if model is not None and step is not None
         else model or (f"step {step}" if step is not None else "the store")
     )
+    scope += f" in run {run}" if run is not None else ""
     if hook is not None:
         if present and hook not in present:
             raise ActdbError(f"{scope} has no complete sets at hook {hook}; hooks present: {', '.join(present)}")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,14 +21,15 @@ from sqlalchemy import select
 from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.listings import status_rows
-from actdb.query.sql_console import run_readonly
+from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, ReadonlyQuery
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Rows, Store
-from actdb.store.database.registry import complete_set
+from actdb.store.database.registry import complete_set, resolve_hook
 from actdb.store.database.views import v_neuron_explanations
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationReader
 from actdb.store.files.token import TokenDataset
+from actdb.store.hook_names import HOOK_NAME, parse_hook
 from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, parse_token_range
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class Activations:
     values: np.ndarray  # (rows, neurons): float16 as stored, float32 for int8 sets (dequantised)
     neurons: list[int]
     layer: int
+    hook: str
     token_index: np.ndarray
     sequence: np.ndarray
     position: np.ndarray
@@ -117,10 +120,14 @@ class ActdbStore:
         tokens: str | None = None,
         dataset: str | None = None,
         counted_only: bool = False,
+        hook: str | None = None,
     ) -> Activations:
-        """One layer of MODEL@STEP: the neurons in the order asked (each once), token rows `START:END`."""
+        """One layer of MODEL@STEP at `hook` (default: the only hook of its sets): the neurons in the order asked
+        (each once), token rows `START:END`."""
+        ref = parse_set_ref(target)
+        hook = resolve_hook(self.store, parse_hook(hook) if hook else None, ref.model, ref.step, ref.dataset or dataset)
         with self.store.transaction() as conn:
-            aset = complete_set(conn, parse_set_ref(target), dataset)
+            aset = complete_set(conn, ref, dataset, hook or HOOK_NAME)
         ds_path = aset.dataset_path
         with ActivationReader(self.store.config.file(aset.path)) as reader:
             h = reader.header
@@ -139,6 +146,7 @@ class ActdbStore:
             values=values[keep],
             neurons=cols,
             layer=layer,
+            hook=aset.hook,
             token_index=index[keep],
             sequence=index[keep] // ds.seq_len,
             position=index[keep] % ds.seq_len,
@@ -153,34 +161,37 @@ class ActdbStore:
 
     def universal(self, **filters: Any) -> pd.DataFrame:
         """Universal neurons; filters as `actdb universal` (model, step, layer, run, threshold, control, sort,
-        limit, min_stability)."""
+        limit, min_stability, hook)."""
         return frame(queries.universal_neurons(self.store, **filters))
 
     def universal_by_layer(self, **filters: Any) -> pd.DataFrame:
+        """Per layer counts of universal neurons; filters as `actdb universal --by-layer` (hook among them)."""
         return frame(queries.universal_by_layer(self.store, **filters))
 
-    def neuron(self, target: str, neuron: str) -> dict[str, pd.DataFrame]:
+    def neuron(self, target: str, neuron: str, hook: str | None = None) -> dict[str, pd.DataFrame]:
+        """Everything known about one neuron at one hook (default: the only one of MODEL@STEP), as `actdb neuron`."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
-        story = queries.neuron_story(self.store, ref.model, ref.step, layer, index)
+        story = queries.neuron_story(self.store, ref.model, ref.step, layer, index, hook)
         return {k: frame(rows) for k, rows in story.items()}
 
-    def examples(self, target: str, neuron: str, n: int = 32) -> pd.DataFrame:
+    def examples(self, target: str, neuron: str, n: int = 32, hook: str | None = None) -> pd.DataFrame:
         """The neuron's max-activating examples: activation, sequence, position, token, and the context around
         it (`context` marks the maximum with «»; `before`/`after` are the raw text on each side)."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
-        return frame(neuron_explanation(self.store, ref.model, ref.step, layer, index, n, pieces=True)["examples"])
+        story = neuron_explanation(self.store, ref.model, ref.step, layer, index, n, pieces=True, hook=hook)
+        return frame(story["examples"])
 
-    def explanation(self, target: str, neuron: str) -> dict[str, pd.DataFrame]:
+    def explanation(self, target: str, neuron: str, hook: str | None = None) -> dict[str, pd.DataFrame]:
         """What the neuron does: `explanation` (variance fractions with their chance levels, vocabulary moments,
         label, family), `examples`, `top_tokens` and `vocabulary` (top and bottom tokens of W_U w_out)."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
-        story = neuron_explanation(self.store, ref.model, ref.step, layer, index, 32, pieces=True)
+        story = neuron_explanation(self.store, ref.model, ref.step, layer, index, 32, pieces=True, hook=hook)
         return {k: frame(rows) for k, rows in story.items()}
 
-    def explanations(self, model: str | None = None, step: int | None = None) -> pd.DataFrame:
+    def explanations(self, model: str | None = None, step: int | None = None, hook: str | None = None) -> pd.DataFrame:
         """Every explained neuron (`v_neuron_explanations`): token/position fractions, top token, vocabulary
         moments and label, family by its set's recorded thresholds."""
         e = v_neuron_explanations
@@ -189,13 +200,19 @@ class ActdbStore:
             query = query.where(e.c.model == model)
         if step is not None:
             query = query.where(e.c.step == step)
-        return frame(self.store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.layer, e.c.neuron)))
+        if hook is not None:
+            query = query.where(e.c.hook == parse_hook(hook))
+        return frame(
+            self.store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.hook, e.c.layer, e.c.neuron))
+        )
 
-    def families(self, target: str, threshold: float | None = None, control: str = "none") -> pd.DataFrame:
+    def families(
+        self, target: str, threshold: float | None = None, control: str = "none", hook: str | None = None
+    ) -> pd.DataFrame:
         """Universal neurons of MODEL@STEP with their family (see `actdb families`)."""
         ref = parse_set_ref(target)
         rows, _counts, _rules = families(
-            self.store, model=ref.model, step=ref.step, threshold=threshold, control=control
+            self.store, model=ref.model, step=ref.step, threshold=threshold, control=control, hook=hook
         )
         return frame(rows)
 
@@ -225,10 +242,33 @@ class ActdbStore:
     def runs(self) -> pd.DataFrame:
         return frame(queries.runs_listing(self.store))
 
-    def sql(self, query: str, timeout: float = 30.0) -> pd.DataFrame:
-        """One read-only SQL statement (see `actdb sql`)."""
-        columns, rows = run_readonly(self.store.config, query, timeout=timeout)
-        return frame(Rows.from_tuples(columns, rows))
+    def sql(
+        self,
+        query: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ) -> pd.DataFrame:
+        """One read-only SQL statement (see `actdb sql`) as a DataFrame of at most `max_rows` rows and `max_bytes`
+        bytes of values as text; a cut result warns and says so in `frame.attrs["notice"]`. For results of any
+        size iterate `sql_rows` instead."""
+        with self.sql_rows(query, timeout, max_rows, max_bytes) as result:
+            table = frame(Rows.from_tuples(result.columns, list(result)))
+        if result.notice:
+            warnings.warn(result.notice, stacklevel=2)
+            table.attrs["notice"] = result.notice
+        return table
+
+    def sql_rows(
+        self,
+        query: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
+    ) -> ReadonlyQuery:
+        """One read-only SQL statement streamed: `.columns`, then iterate tuples (memory does not grow with the
+        result; no cap unless given). Use it in a `with` block so the connection closes if you stop early."""
+        return ReadonlyQuery(self.store.config, query, timeout, max_rows, max_bytes)
 
 
 def _neuron_list(neurons: str | list[int] | None, d_mlp: int) -> list[int]:

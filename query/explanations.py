@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Row, literal, select
+from sqlalchemy import Float, Row, literal, select, true
 
 from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.labels import FAMILIES, family_rule, newest_runs, on_newest, stability_at, universal_condition
-from actdb.store.database.registry import get_checkpoint
+from actdb.store.database.registry import get_checkpoint, resolve_hook
 from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
@@ -22,6 +22,7 @@ BEFORE, AFTER = 10, 4  # tokens of context shown around a maximum
 MARK = ("«", "»")  # around the maximum's token in a context
 EXPLANATION_COLUMNS = (
     "dataset",
+    "hook",
     "max_activation",
     "token_r2",
     "token_r2_chance",
@@ -37,6 +38,7 @@ EXPLANATION_COLUMNS = (
 FAMILY_COLUMNS = (
     "model",
     "step",
+    "hook",
     "layer",
     "neuron",
     "family",
@@ -52,8 +54,11 @@ FAMILY_COLUMNS = (
 )
 
 
-def _explained_sets(store: Store, model: str, step: int) -> list[tuple[Row[Any], str, str, str]]:
-    """(explanation row, activation path, dataset name, dataset path) of every explained set of MODEL@STEP."""
+def _explained_sets(
+    store: Store, model: str, step: int, hook: str | None = None
+) -> list[tuple[Row[Any], str, str, str]]:
+    """(explanation row, activation path, dataset name, dataset path) of every explained set of MODEL@STEP at
+    `hook` (None: at any)."""
     with store.transaction() as conn:
         get_checkpoint(conn, model, step)
         rows = conn.execute(
@@ -68,6 +73,7 @@ def _explained_sets(store: Store, model: str, step: int) -> list[tuple[Row[Any],
             .join(tables.checkpoint, tables.checkpoint.c.id == tables.activation_set.c.checkpoint_id)
             .join(tables.model, tables.model.c.id == tables.checkpoint.c.model_id)
             .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
+            .where(tables.activation_set.c.hook == hook if hook is not None else true())
             .order_by(tables.dataset.c.name)
         ).all()
     return [(r, r.activation_path, r.dataset_name, r.dataset_path) for r in rows]
@@ -84,14 +90,23 @@ def _quoted(text: str) -> str:
 
 
 def neuron_explanation(
-    store: Store, model: str, step: int, layer: int, neuron: int, examples: int = 5, pieces: bool = False
+    store: Store,
+    model: str,
+    step: int,
+    layer: int,
+    neuron: int,
+    examples: int = 5,
+    pieces: bool = False,
+    hook: str | None = None,
 ) -> dict[str, Rows]:
-    """A neuron's explanation, max-activating contexts, top tokens by mean activation and vocabulary extremes;
-    empty sections when its set has not been explained (`actdb examples` builds it). With `pieces`, each context
-    also comes as its raw text before and after the maximum's token (for JSON readers)."""
+    """A neuron's explanation, max-activating contexts, top tokens by mean activation and vocabulary extremes at
+    one hook (the given one, or the only one of MODEL@STEP); empty sections when its set has not been explained
+    (`actdb examples` builds it). With `pieces`, each context also comes as its raw text before and after the
+    maximum's token (for JSON readers)."""
     e = v_neuron_explanations
+    hook = resolve_hook(store, hook, model, step)
     summary, contexts, top_tokens, vocabulary = [], [], [], []
-    for ex, _act_path, dataset, dataset_path in _explained_sets(store, model, step):
+    for ex, _act_path, dataset, dataset_path in _explained_sets(store, model, step, hook):
         row = store.query(select(e).where(e.c.set_id == ex.set_id, e.c.layer == layer, e.c.neuron == neuron)).first()
         if row is None:
             continue
@@ -215,11 +230,14 @@ def families(
     threshold: float | None = None,
     control: str = "none",
     run: int | None = None,
+    hook: str | None = None,
 ) -> tuple[Rows, Rows, list[str]]:
-    """Universal neurons of MODEL@STEP (each set's widest run, or `run`) with their family, the family counts per
-    layer, and the rule lines (thresholds as recorded with each set)."""
+    """Universal neurons of MODEL@STEP at one hook (the given one, or the only one present; each set's widest run,
+    or `run`) with their family, the family counts per layer, and the rule lines (thresholds as recorded with each
+    set)."""
     check_threshold(threshold)
-    explained = _explained_sets(store, model, step)
+    hook = resolve_hook(store, hook, model, step, run=run)
+    explained = _explained_sets(store, model, step, hook)
     if not explained:
         raise ActdbError(f"{model}@{step} has no explanations; build them with `actdb examples {model}@{step}`")
     u, e = v_universality, v_neuron_explanations
@@ -228,6 +246,7 @@ def families(
         select(
             u.c.model,
             u.c.step,
+            u.c.hook,
             u.c.layer,
             u.c.neuron,
             e.c.family,
@@ -245,6 +264,7 @@ def families(
         .join(newest, on_newest(u, newest))
         .join(e, (e.c.set_id == u.c.set_id) & (e.c.layer == u.c.layer) & (e.c.neuron == u.c.neuron))
         .where(u.c.model == model, u.c.step == step, universal_condition(threshold))
+        .where(u.c.hook == hook if hook is not None else true())
         .order_by(u.c.layer, u.c.neuron)
     )
     texts = {ex.set_id: _set_texts(store, ex) for ex, *_rest in explained}

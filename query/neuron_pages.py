@@ -14,7 +14,18 @@ from actdb.store.config import file_name_of
 from actdb.store.database.connection import Rows, Store
 from actdb.store.errors import ActdbError
 
-TABLE_COLUMNS = ("model", "step", "layer", "neuron", "excess_corr", "stability", "z", "mean_max_corr", "mean_baseline")
+TABLE_COLUMNS = (
+    "model",
+    "step",
+    "hook",
+    "layer",
+    "neuron",
+    "excess_corr",
+    "stability",
+    "z",
+    "mean_max_corr",
+    "mean_baseline",
+)
 STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;font-size:12px}
 td,th{border-bottom:1px solid #ddd;padding:2px 6px;text-align:right}td.text{text-align:left;font-family:monospace;
 white-space:pre}mark{background:#fd4;font-weight:bold}"""
@@ -36,20 +47,21 @@ def html_table(rows: Rows, text_columns: tuple[str, ...] = (), links: dict[int, 
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def page_name(model: str, step: int, layer: int, neuron: int) -> str:
-    return f"neurons/{file_name_of(model)}@{step}-{layer}.{neuron}.html"
+def page_name(model: str, step: int, layer: int, neuron: int, hook: str | None = None) -> str:
+    at = "" if hook in (None, "mlp.post") else f"-{hook}"
+    return f"neurons/{file_name_of(model)}@{step}-{layer}.{neuron}{at}.html"
 
 
-def universal_table(store: Store, out: Path, threshold: float | None, limit: int = 25) -> str:
-    """The most universal neurons as an HTML table, each linked to its page (written into `out/neurons`)."""
+def universal_table(store: Store, out: Path, threshold: float | None, hook: str | None = None, limit: int = 25) -> str:
+    """The most universal neurons at one hook as an HTML table, each linked to its page (in `out/neurons`)."""
     try:
-        rows = queries.universal_neurons(store, threshold=threshold, limit=limit)
+        rows = queries.universal_neurons(store, threshold=threshold, limit=limit, hook=hook)
     except ActdbError:
         return ""
     (out / "neurons").mkdir(exist_ok=True)
     links = {}
     for i, r in enumerate(rows):
-        name = page_name(r["model"], r["step"], r["layer"], r["neuron"])
+        name = page_name(r["model"], r["step"], r["layer"], r["neuron"], r["hook"])
         (out / name).write_text(_neuron_page(store, r))
         links[i] = name
     return html_table(Rows(list(TABLE_COLUMNS), rows), links=links)
@@ -66,13 +78,13 @@ def _contexts(rows: Rows) -> str:
 
 
 def _neuron_page(store: Store, row: dict) -> str:
-    model, step, layer, neuron = row["model"], row["step"], row["layer"], row["neuron"]
-    title = f"{model}@{step} neuron {layer}.{neuron}"
+    model, step, layer, neuron, hook = row["model"], row["step"], row["layer"], row["neuron"], row["hook"]
+    title = f"{model}@{step} neuron {layer}.{neuron} ({hook})"
     parts = [
         f"<h1>{html.escape(title)}</h1><p><a href='../index.html'>report</a> · excess corr "
         f"{row['excess_corr']:.4f}, stability {cell(row['stability'])} (threshold {cell(row['threshold'])})</p>"
     ]
-    explained = neuron_explanation(store, model, step, layer, neuron, examples=20, pieces=True)
+    explained = neuron_explanation(store, model, step, layer, neuron, examples=20, pieces=True, hook=hook)
     if explained["explanation"]:
         parts.append("<h2>Explanation</h2>" + html_table(explained["explanation"]))
         parts.append("<h2>Max-activating contexts</h2>" + _contexts(explained["examples"]))
@@ -87,7 +99,7 @@ def _neuron_page(store: Store, row: dict) -> str:
             )
     else:
         parts.append(f"<p>not explained yet: <code>actdb examples {html.escape(model)}@{step}</code></p>")
-    story = queries.neuron_story(store, model, step, layer, neuron)
+    story = queries.neuron_story(store, model, step, layer, neuron, hook)
     parts.append("<h2>Excess correlation across steps</h2>" + html_table(story["history"]))
     parts.append("<h2>Best matches in other sets</h2>" + html_table(story["matches"]))
     return (
@@ -96,20 +108,21 @@ def _neuron_page(store: Store, row: dict) -> str:
     )
 
 
-def family_counts(store: Store, threshold: float | None) -> str:
-    """Family counts per layer of every explained (model, step) with universal neurons, and the rules used."""
+def family_counts(store: Store, threshold: float | None, hook: str | None = None) -> str:
+    """Family counts per layer of every explained (model, step) with universal neurons at one hook, and the rules
+    used."""
     try:
-        rows = queries.universal_neurons(store, threshold=threshold)
+        rows = queries.universal_neurons(store, threshold=threshold, hook=hook)
     except ActdbError:
         return ""
     out, rules = [], set()
     for model, step in sorted({(r["model"], r["step"]) for r in rows}):
         try:
-            _neurons, counts, rule = families(store, model=model, step=step, threshold=threshold)
+            _neurons, counts, rule = families(store, model=model, step=step, threshold=threshold, hook=hook)
         except ActdbError:
             continue
         rules.update(rule)
-        out += [{"model": model, "step": step, **dict(c)} for c in counts]
+        out += [{"model": model, "step": step, "hook": hook, **dict(c)} for c in counts]
     if not out:
         return ""
     table = render(Rows(list(out[0]), out), "table")

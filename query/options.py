@@ -170,3 +170,14 @@ def hook_option(f: Callable) -> Callable:
         help="mlp.post (after the nonlinearity) or mlp.pre (before it; a gated MLP's gate); TransformerLens names "
         "(blocks.L.mlp.hook_post / hook_pre) work too.",
     )(f)
+
+
+def read_hook_option(f: Callable) -> Callable:
+    """`--hook` of a reading command: which hook's sets to read; by default the only one present."""
+    return click.option(
+        "--hook",
+        type=HOOK,
+        default=None,
+        help="Read the sets of this hook (mlp.post or mlp.pre; TransformerLens names work too). Default: the only "
+        "hook present; when both are, say which.",
+    )(f)

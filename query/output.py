@@ -7,6 +7,8 @@ import decimal
 import io
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -71,3 +73,42 @@ def render(rows: Rows, fmt: str = "table") -> str:
     if not rows:
         lines.append("(no rows)")
     return "\n".join(lines)
+
+
+WIDTH_SAMPLE = 1000  # rows a streamed table measures its column widths on (later rows may run wider)
+
+
+def render_stream(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str, write: Callable[[str], Any]) -> None:
+    """Rows written as they arrive, in the formats of `render`, so output of any length takes constant memory:
+    CSV and JSON row by row, a table aligned on its first WIDTH_SAMPLE rows."""
+    rows = iter(rows)
+    if fmt == "json":
+        write("[")
+        sep = "\n"
+        for r in rows:
+            write(sep + "  " + json.dumps({c: _json_value(v) for c, v in zip(columns, r, strict=True)}))
+            sep = ",\n"
+        write("\n]\n" if sep != "\n" else "]\n")
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if v is None else v for v in r])
+            if buf.tell() > 1 << 16:
+                write(buf.getvalue())
+                buf.seek(0)
+                buf.truncate()
+        write(buf.getvalue())
+        return
+    head = [[cell(v) for v in r] for r in islice(rows, WIDTH_SAMPLE)]
+    widths = [max([len(c)] + [len(r[i]) for r in head]) for i, c in enumerate(columns)]
+    write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    write("  ".join("-" * w for w in widths) + "\n")
+    for r in head:
+        write("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    for r in rows:
+        write("  ".join(cell(v).rjust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    if not head:
+        write("(no rows)\n")

@@ -2,16 +2,17 @@
 name (`Rows`) for the CLI, the Python API and the report.
 
 Unless a run is named, every activation set is read from the complete cross-model correlation run with the
-requested control that compared it with the most models, the newest among equals (`newest_runs`), and
-"universal" means `excess_corr > threshold` with the reader's threshold or each run's recorded one
-(`actdb.store.database.labels`).
+requested control that compared it with the most models, the newest among equals (`newest_runs`, the rule of the
+`v_canonical_*` views), and "universal" means `excess_corr > threshold` with the reader's threshold or each run's
+recorded one (`actdb.store.database.labels`). Reads take one hook (`mlp.post` or `mlp.pre`): the one asked for,
+or the only one present (`registry.resolve_hook`).
 """
 
 from __future__ import annotations
 
 import json
 
-from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, select
+from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, select, true
 
 from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
@@ -23,7 +24,7 @@ from actdb.store.database.labels import (
     stability_at,
     universal_condition,
 )
-from actdb.store.database.registry import get_model
+from actdb.store.database.registry import get_model, resolve_hook
 from actdb.store.database.views import (
     v_ablation_summary,
     v_neuron_history,
@@ -40,6 +41,7 @@ UNIVERSAL_COLUMNS = [
     "model",
     "step",
     "dataset",
+    "hook",
     "layer",
     "neuron",
     "excess_corr",
@@ -77,20 +79,25 @@ def _scoped(
     model: str | None,
     step: int | None,
     run: int | None,
+    hook: str | None = None,
 ) -> Select:
-    """Restrict a query over v_universality to each set's newest run (or one run) and the given model/step;
-    a scope with no runs is a one-line error naming the command that produces them."""
+    """Restrict a query over v_universality to each set's newest run (or one run), the given model/step and one
+    hook (the given one, or the only one present); a scope with no runs is a one-line error naming the command
+    that produces them."""
     if model is not None:
         with store.transaction() as conn:
             get_model(conn, model)
     if run is not None:
         require_run(store, run, "cross_model")
+    hook = resolve_hook(store, hook, model, step, run=run)
     newest = newest_runs(control, run)
     found = newest_run_listing(newest)
     if model is not None:
         found = found.where(tables.model.c.name == model)
     if step is not None:
         found = found.where(tables.checkpoint.c.step == step)
+    if hook is not None:
+        found = found.where(tables.activation_set.c.hook == hook)
     if not store.query(found.limit(1)):
         if run is not None:
             target = f"{model}@{step}" if model and step is not None else model or f"anything at step {step}"
@@ -98,7 +105,9 @@ def _scoped(
         what = "a cross-model correlation run"
         what += f" ({control} control)" if control != "none" else ""
         scope = f" for {model}" + (f"@{step}" if step is not None else "") if model else ""
+        scope += f" at hook {hook}" if hook is not None else ""
         flag = " --control token" if control == "token" else ""
+        flag += f" --hook {hook}" if hook is not None and hook != "mlp.post" else ""
         raise ActdbError(
             f"no universality results{scope}: {what} is missing; produce it with `actdb correlate "
             f"--dataset D --step N --models A,B,...`{flag}"
@@ -108,6 +117,8 @@ def _scoped(
         query = query.where(v.c.model == model)
     if step is not None:
         query = query.where(v.c.step == step)
+    if hook is not None:
+        query = query.where(v.c.hook == hook)
     return query
 
 
@@ -123,6 +134,7 @@ def universal_neurons(
     sort: str = "excess",
     limit: int | None = None,
     min_stability: float | None = None,
+    hook: str | None = None,
 ) -> Rows:
     """Universal neurons with their scores, their stability across baseline draws (at the same threshold as
     the label), activation statistics, and the threshold that labelled them."""
@@ -132,7 +144,7 @@ def universal_neurons(
     query = select(*(v.c[c] for c in UNIVERSAL_COLUMNS), _threshold_column(threshold), v.c.excess_draws).where(
         universal_condition(threshold)
     )
-    query = _scoped(store, query, control, model, step, run)
+    query = _scoped(store, query, control, model, step, run, hook)
     if layer is not None:
         query = query.where(v.c.layer == layer)
     query = query.order_by(*SORTS[sort], v.c.model, v.c.step, v.c.layer, v.c.neuron)
@@ -162,6 +174,7 @@ def universal_by_layer(
     run: int | None = None,
     threshold: float | None = None,
     control: str = "none",
+    hook: str | None = None,
 ) -> Rows:
     """Per layer counts and percentages of universal neurons (as `v_universal_by_layer`, at any threshold)."""
     check_threshold(threshold)
@@ -171,6 +184,7 @@ def universal_by_layer(
         v.c.model,
         v.c.step,
         v.c.dataset,
+        v.c.hook,
         v.c.layer,
         func.count().label("n_neurons"),
         func.sum(is_u).label("n_universal"),
@@ -181,36 +195,48 @@ def universal_by_layer(
         v.c.run_id,
         label,
     )
-    query = _scoped(store, query, control, model, step, run)
+    query = _scoped(store, query, control, model, step, run, hook)
     if layer is not None:
         query = query.where(v.c.layer == layer)
-    query = query.group_by(v.c.model, v.c.step, v.c.dataset, v.c.layer, v.c.run_id, v.c.threshold)
+    query = query.group_by(v.c.model, v.c.step, v.c.dataset, v.c.hook, v.c.layer, v.c.run_id, v.c.threshold)
     return store.query(query.order_by(v.c.model, v.c.step, v.c.layer))
 
 
-def max_corr_by_step(store: Store, control: str = "none") -> Rows:
+def max_corr_by_step(store: Store, control: str = "none", hook: str | None = None) -> Rows:
     """(step, mean_max_corr, mean_baseline) of every live neuron in each set's newest cross-model run."""
     query = select(v.c.step, v.c.mean_max_corr, v.c.mean_baseline).where(v.c.is_dead.is_(False))
-    return store.query(_scoped(store, query, control, None, None, None))
+    return store.query(_scoped(store, query, control, None, None, None, hook))
+
+
+def hooks_present(store: Store) -> list[str]:
+    """The hooks of the store's complete activation sets, sorted (`mlp.post` first)."""
+    rows = store.query(
+        select(tables.activation_set.c.hook).distinct().where(tables.activation_set.c.status == "complete")
+    )
+    return sorted(rows.column("hook"), key=lambda h: (h != "mlp.post", h))
 
 
 MATCH_COLUMNS = (
-    "run_id control other_model other_step max_corr best_layer best_neuron baseline_max_corr baseline_sd self_corr"
+    "run_id control hook other_model other_step other_hook max_corr best_layer best_neuron baseline_max_corr "
+    "baseline_sd self_corr"
 )
 STORY_UNIVERSALITY = (
-    "run_id control threshold excess_corr stability z mean_max_corr min_max_corr mean_baseline baseline_sd n_draws "
-    "is_universal is_dead"
+    "run_id control hook threshold excess_corr stability z mean_max_corr min_max_corr mean_baseline baseline_sd "
+    "n_draws is_universal is_dead"
 )
 STORY_ABLATION = "ablation_id method selector threshold n_neurons tokens delta control_mean p_value p_floor"
-HISTORY_COLUMNS = "step control threshold run_id excess_corr stability mean_max_corr is_universal emergence_step"
+HISTORY_COLUMNS = "step hook control threshold run_id excess_corr stability mean_max_corr is_universal emergence_step"
 
 
 def _cols(view: Table, names: str) -> list:
     return [view.c[name] for name in names.split()]
 
 
-def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -> dict[str, Rows]:
-    """Everything known about one neuron: statistics, matches, universality, history, ablations."""
+def neuron_story(
+    store: Store, model: str, step: int, layer: int, neuron: int, hook: str | None = None
+) -> dict[str, Rows]:
+    """Everything known about one neuron at one hook (the given one, or the only one of MODEL@STEP): statistics,
+    matches, universality, history, ablations."""
     shape = store.query(
         select(tables.model.c.n_layers, tables.model.c.d_mlp)
         .join(tables.checkpoint, tables.checkpoint.c.model_id == tables.model.c.id)
@@ -222,11 +248,21 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
         raise ActdbError(
             f"neuron {layer}.{neuron} does not exist ({model} has {shape.n_layers} layers x {shape.d_mlp} neurons)"
         )
+    hook = resolve_hook(store, hook, model, step)
     m, h = v_neuron_matches, v_neuron_history
     here = and_(m.c.model == model, m.c.step == step, m.c.layer == layer, m.c.neuron == neuron)
+    at_hook = {
+        "statistics": tables.activation_set.c.hook == hook,
+        "matches": m.c.hook == hook,
+        "universality": v.c.hook == hook,
+        "history": h.c.hook == hook,
+    }
+    if hook is None:  # no complete set: nothing to restrict
+        at_hook = dict.fromkeys(at_hook, true())
     stats = (
         select(
             tables.dataset.c.name.label("dataset"),
+            tables.activation_set.c.hook,
             *(
                 tables.neuron_stat.c[c]
                 for c in ("count", "mean", "std", "skew", "kurtosis", "frac_active", "min", "max")
@@ -242,21 +278,25 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
             tables.neuron_stat.c.layer == layer,
             tables.neuron_stat.c.neuron == neuron,
         )
+        .where(at_hook["statistics"])
     )
     a = v_ablation_summary
     return {
         "statistics": store.query(stats),
         "matches": store.query(
-            select(*_cols(m, MATCH_COLUMNS)).where(here).order_by(m.c.run_id.desc(), m.c.other_model, m.c.other_step)
+            select(*_cols(m, MATCH_COLUMNS))
+            .where(here, at_hook["matches"])
+            .order_by(m.c.run_id.desc(), m.c.other_model, m.c.other_step)
         ),
         "universality": store.query(
             select(*_cols(v, STORY_UNIVERSALITY))
             .where(v.c.model == model, v.c.step == step, v.c.layer == layer, v.c.neuron == neuron)
+            .where(at_hook["universality"])
             .order_by(v.c.run_id.desc())
         ),
         "history": store.query(
             select(*_cols(h, HISTORY_COLUMNS))
-            .where(h.c.model == model, h.c.layer == layer, h.c.neuron == neuron)
+            .where(h.c.model == model, h.c.layer == layer, h.c.neuron == neuron, at_hook["history"])
             .order_by(h.c.control, h.c.step, h.c.run_id)
         ),
         "self_correlation": store.query(
@@ -270,7 +310,7 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
                 m.c.best_neuron,
             )
             .where(m.c.model == model, m.c.other_model == model, m.c.other_step > m.c.step)
-            .where(m.c.layer == layer, m.c.neuron == neuron)
+            .where(m.c.layer == layer, m.c.neuron == neuron, at_hook["matches"])
             .order_by(m.c.control, m.c.step, m.c.other_step)
         ),
         "ablations": store.query(
@@ -290,7 +330,14 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
     }
 
 
+def _hooks_of_members():
+    """The hook of a run's member sets: one name, or both joined by a comma (the only two hooks)."""
+    low, high = func.min(tables.activation_set.c.hook), func.max(tables.activation_set.c.hook)
+    return case((low == high, low), else_=low + literal(",") + high).label("hook")
+
+
 def runs_listing(store: Store) -> Rows:
+    """Every correlation run with its kind, status, dataset, control, hook of its sets, parameters and timings."""
     r = tables.correlation_run
     return store.query(
         select(
@@ -299,6 +346,7 @@ def runs_listing(store: Store) -> Rows:
             r.c.status,
             tables.dataset.c.name.label("dataset"),
             r.c.control,
+            _hooks_of_members(),
             r.c.threshold,
             r.c.baseline_seed,
             func.count(tables.run_member.c.set_id).label("n_sets"),
@@ -312,6 +360,7 @@ def runs_listing(store: Store) -> Rows:
         )
         .join(tables.dataset, tables.dataset.c.id == r.c.dataset_id)
         .outerjoin(tables.run_member, tables.run_member.c.run_id == r.c.id)
+        .outerjoin(tables.activation_set, tables.activation_set.c.id == tables.run_member.c.set_id)
         .group_by(r.c.id, tables.dataset.c.name)
         .order_by(r.c.id)
     )

@@ -31,9 +31,16 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def _universal_by_layer_plot(store: Store, out: Path, control: str, threshold: float | None) -> tuple[str | None, str]:
+def hook_tag(hook: str | None) -> str:
+    """A file-name suffix for sets read at a hook other than the default `mlp.post`."""
+    return "" if hook in (None, "mlp.post") else "_" + hook.replace(".", "_")
+
+
+def _universal_by_layer_plot(
+    store: Store, out: Path, control: str, threshold: float | None, hook: str | None = None
+) -> tuple[str | None, str]:
     try:
-        rows = queries.universal_by_layer(store, control=control, threshold=threshold)
+        rows = queries.universal_by_layer(store, control=control, threshold=threshold, hook=hook)
     except ActdbError:
         return None, ""
     plt = _plt()
@@ -55,14 +62,15 @@ def _universal_by_layer_plot(store: Store, out: Path, control: str, threshold: f
     axes[0][0].set_ylabel("% universal neurons")
     axes[0][-1].legend(fontsize=7)
     at = "each run's recorded threshold" if threshold is None else f"excess > {threshold}"
-    fig.suptitle(f"Universal neurons by layer ({control} control, {at})")
-    _write(out / f"universal_by_layer_{control}.csv", render(rows, "csv") + "\n")
-    return _save(fig, out, f"universal_by_layer_{control}.png"), render(rows, "table")
+    fig.suptitle(f"Universal neurons by layer ({control} control, {at}{', ' + hook if hook else ''})")
+    name = f"universal_by_layer_{control}{hook_tag(hook)}"
+    _write(out / f"{name}.csv", render(rows, "csv") + "\n")
+    return _save(fig, out, f"{name}.png"), render(rows, "table")
 
 
-def _excess_histogram(store: Store, out: Path, control: str) -> str | None:
+def _excess_histogram(store: Store, out: Path, control: str, hook: str | None = None) -> str | None:
     try:
-        rows = queries.max_corr_by_step(store, control)
+        rows = queries.max_corr_by_step(store, control, hook)
     except ActdbError:
         return None
     if not rows:
@@ -80,8 +88,8 @@ def _excess_histogram(store: Store, out: Path, control: str) -> str | None:
         ax.set_title(f"step {step}")
         ax.set_xlabel("mean over other models")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Max correlation vs rotation baseline ({control} control)")
-    return _save(fig, out, f"excess_hist_{control}.png")
+    fig.suptitle(f"Max correlation vs rotation baseline ({control} control{', ' + hook if hook else ''})")
+    return _save(fig, out, f"excess_hist_{control}{hook_tag(hook)}.png")
 
 
 def _persistence_heatmap(store: Store, out: Path, threshold: float | None) -> tuple[str | None, str]:
@@ -346,30 +354,35 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             body += f"<details><summary>table</summary><pre>{html.escape(table)}</pre></details>"
         sections.append(f"<h2>{html.escape(title)}</h2>{body}")
 
-    for control in ("none", "token"):
-        img, table = _universal_by_layer_plot(store, out, control, threshold)
-        section(
-            f"Universal neurons by layer ({control} control)",
-            img,
-            table,
-            "no correlation run yet: `actdb correlate` (with `--control token` for the token control)",
-        )
-        section(
-            f"Excess correlation ({control} control)",
-            _excess_histogram(store, out, control),
-            missing="no correlation run yet",
-        )
-    top = universal_table(store, out, threshold)
-    if top:
-        sections.append(
-            "<h2>Most universal neurons (none control)</h2><p>stability: share of baseline draws in which the neuron "
-            f"is universal at the same threshold; each neuron links to its page</p>{top}"
-        )
-    counts = family_counts(store, threshold)
-    if counts:
-        sections.append(f"<h2>Neuron families of universal neurons, per layer</h2><pre>{html.escape(counts)}</pre>")
-    else:
-        section("Neuron families", None, missing="no explanations yet: `actdb examples MODEL@STEP`")
+    hooks = queries.hooks_present(store) or [None]
+    for hook in hooks:
+        at = f" at {hook}" if len(hooks) > 1 else ""  # one hook: titles as before
+        for control in ("none", "token"):
+            img, table = _universal_by_layer_plot(store, out, control, threshold, hook)
+            section(
+                f"Universal neurons by layer ({control} control){at}",
+                img,
+                table,
+                "no correlation run yet: `actdb correlate` (with `--control token` for the token control)",
+            )
+            section(
+                f"Excess correlation ({control} control){at}",
+                _excess_histogram(store, out, control, hook),
+                missing="no correlation run yet",
+            )
+        top = universal_table(store, out, threshold, hook)
+        if top:
+            sections.append(
+                f"<h2>Most universal neurons (none control){at}</h2><p>stability: share of baseline draws in which "
+                f"the neuron is universal at the same threshold; each neuron links to its page</p>{top}"
+            )
+        counts = family_counts(store, threshold, hook)
+        if counts:
+            sections.append(
+                f"<h2>Neuron families of universal neurons, per layer{at}</h2><pre>{html.escape(counts)}</pre>"
+            )
+        else:
+            section(f"Neuron families{at}", None, missing="no explanations yet: `actdb examples MODEL@STEP`")
     img, table = _persistence_heatmap(store, out, threshold)
     flag = "" if threshold is None else f" --threshold {threshold}"
     section("Persistence across checkpoints", img, table, f"no persistence yet: `actdb persistence --model M{flag}`")

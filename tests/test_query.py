@@ -159,7 +159,7 @@ def test_universal_listing_formats(lite):
         x["n_neurons"] == 128 and x["pct_universal"] == pytest.approx(100 * x["n_universal"] / 128) for x in by_layer
     )
     csv = cli_call(home, db, "universal", "--control", "token", "--format", "csv")
-    assert csv.exit_code == 0 and csv.stdout.startswith("model,step,dataset,layer,neuron")
+    assert csv.exit_code == 0 and csv.stdout.startswith("model,step,dataset,hook,layer,neuron")
     table = cli_call(home, db, "universal", "--by-layer")
     assert "pct_universal" in table.stdout.splitlines()[0]
 
@@ -273,10 +273,11 @@ def test_export_and_api(lite, tmp_path):
     assert api.models() == ["a", "b"]
     cli_rows = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json").stdout)
     listed = api.universal(model="a", step=1)
-    assert isinstance(listed, pd.DataFrame) and list(listed.columns)[:5] == [
+    assert isinstance(listed, pd.DataFrame) and list(listed.columns)[:6] == [
         "model",
         "step",
         "dataset",
+        "hook",
         "layer",
         "neuron",
     ]

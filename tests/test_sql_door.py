@@ -380,3 +380,28 @@ def test_json_output_of_every_postgres_type(pg):
     out = json.loads(render(Rows.from_tuples(cols, rows), "json"))
     assert out[0]["mean"] == 1.5 and out[0]["total"] == 3 and out[0]["raw"] == "dead" and out[0]["arr"] == [1, 2]
     assert out[0]["span"] == "1 day, 0:00:00" and isinstance(out[0]["at"], str)
+
+
+@pytest.mark.parametrize("backend", ["lite", "pg"])
+@pytest.mark.parametrize("sql", ["SELECT 1 AS a\x00; DELETE FROM model", "SELECT 1 AS x\x00 junk", "\x00"])
+def test_a_nul_character_is_refused_on_both_backends(backend, sql, request):
+    """PostgreSQL's parser stops at a NUL and would run the part before it; both backends refuse the statement."""
+    cfg = request.getfixturevalue(backend)
+    message = _refused(cfg, sql)
+    assert message.startswith("refused: the statement holds a NUL character (U+0000) at offset "), message
+    assert f"offset {sql.index(chr(0))};" in message
+
+
+@pytest.mark.parametrize(
+    "sql,named",
+    [
+        ("SELECT * FROM pragma_database_list", "table-valued function pragma_database_list"),
+        ("SELECT 1 FROM model m, pragma_index_list('model')", "table-valued function pragma_index_list"),
+        ("SELECT * FROM json_each('[1]')", "table-valued function json_each"),
+        ("PRAGMA database_list", "PRAGMA database_list"),
+    ],
+)
+def test_sqlite_refusal_names_what_was_refused(lite, sql, named):
+    message = _refused(lite, sql)
+    assert message == f"refused: `actdb sql` is read-only (not authorised: {named})"
+    assert "sqlite_master" not in message

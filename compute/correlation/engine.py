@@ -143,8 +143,8 @@ class SetMoments:
     sd: object = None
 
 
-def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> list[list[Task]]:
-    """Pack (pair x layer-of-a) tasks into passes whose float64 accumulators fit `budget` bytes."""
+def pass_overhead(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, largest_task: int) -> int:
+    """Bytes a pass holds besides its tasks' accumulators, when its largest task block is `largest_task` bytes."""
     chunk = options.chunk_tokens
     fixed = 0
     for s in inputs:
@@ -153,23 +153,34 @@ def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOption
         fixed += s.n_neurons * 8 + s.n_layers * s.d_mlp**2 * 8 + 2 * chunk * s.n_neurons * 4 * 2
         if options.control == "token":
             fixed += n_vocab * s.n_neurons * 8  # float64 per-token-id sums
-    tasks = [
-        Task(i, j, layer)
-        for i in range(len(inputs))
-        for j in range(i + 1, len(inputs))
-        for layer in range(inputs[i].n_layers)
-    ]
-    sizes = [inputs[t.a].d_mlp * inputs[t.b].n_neurons * 12 for t in tasks]  # float64 sum + float32 GEMM out
     # finalizing one block holds about six float64 temporaries of its size (cov, r, Cov_ab R, its ratio, R^T Cov,
     # and the maxima's working copies) plus one more chunk of the widest set; the baseline holds one set's draw-0
     # rotations and one draw's (L d^2 each, with as much again while they are built) and the draw rotations
     # P_k shared by all sets ((K - 1) d^2)
     widest = max(s.d_mlp for s in inputs)
     rotations = max(3 * s.n_layers * s.d_mlp**2 * 8 for s in inputs) + (options.baseline_draws - 1) * widest**2 * 8
-    finalize = 6 * max(sizes, default=0) + chunk * max(s.n_neurons for s in inputs) * 4 + rotations
-    room = budget - fixed - finalize
+    finalize = 6 * largest_task + chunk * max(s.n_neurons for s in inputs) * 4 + rotations
+    return fixed + finalize
+
+
+def task_bytes(a: SetInput, b: SetInput) -> int:
+    """Accumulator bytes of one (pair x layer-of-a) task: float64 sum + float32 GEMM output."""
+    return a.d_mlp * b.n_neurons * 12
+
+
+def plan_passes(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> list[list[Task]]:
+    """Pack (pair x layer-of-a) tasks into passes whose float64 accumulators fit `budget` bytes."""
+    tasks = [
+        Task(i, j, layer)
+        for i in range(len(inputs))
+        for j in range(i + 1, len(inputs))
+        for layer in range(inputs[i].n_layers)
+    ]
+    sizes = [task_bytes(inputs[t.a], inputs[t.b]) for t in tasks]
+    overhead = pass_overhead(inputs, n_vocab, options, max(sizes, default=0))
+    room = budget - overhead
     if room < max(sizes, default=0):
-        need = fixed + finalize + max(sizes, default=0)
+        need = overhead + max(sizes, default=0)
         hint = " (the token control alone needs vocab x neurons per set)" if options.control == "token" else ""
         raise ActdbError(
             f"correlation needs at least {need / 2**20:.1f} MiB of memory for one layer block but the "

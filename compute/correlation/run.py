@@ -78,7 +78,7 @@ class CorrelationRequest:
         if not 0 <= self.seed <= MAX_SEED:
             raise ActdbError(f"--seed must be in 0..{MAX_SEED}")
         if self.topk < 0 or self.chunk_tokens < 1:
-            raise ActdbError("--topk must be >= 0 and --chunk-tokens >= 1")
+            raise ActdbError("--top-k must be >= 0 and --chunk-tokens >= 1")
         if not 1 <= self.baseline_draws <= MAX_DRAWS:
             raise ActdbError(f"--baseline-draws must be in 1..{MAX_DRAWS}")
         return CorrelationOptions(

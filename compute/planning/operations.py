@@ -12,7 +12,9 @@ from actdb.compute.correlation.engine import (
     SetInput,
     Task,
     keeps_rotations,
+    pass_overhead,
     plan_passes,
+    task_bytes,
 )
 from actdb.compute.correlation.shards import default_shards
 from actdb.compute.planning.shapes import Architecture
@@ -30,7 +32,7 @@ ADD_BYTES = 8 + 4 + 8  # `acc += out`: a float64 and a float32 read, a float64 w
 
 def synthetic_inputs(arch: Architecture, models: int) -> list[SetInput]:
     """One step's sets as the engine sees them: `models` sets of the architecture's shape (no files)."""
-    shift = np.zeros(arch.n_neurons, dtype=np.float32)
+    shift = np.zeros(arch.n_neurons, dtype=np.float32)  # one array shared by every set: nothing is per model
     return [SetInput(i, "", arch.n_layers, arch.d_mlp, shift, rotation_key=i) for i in range(models)]
 
 
@@ -91,11 +93,21 @@ def _least(ok, high: int) -> int:
     return high
 
 
-def plan_memory(
-    inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int, n_tokens: int, itemsize: int
-) -> MemoryPlan:
-    """Run the engine's planner at `budget` and find the budgets at which its plan changes, by bisection on the
-    planner itself (so no constant of its accounting is repeated here)."""
+@dataclass(frozen=True)
+class PassLayout:
+    """Where the engine planner's packing changes with the budget (see `MemoryPlan`)."""
+
+    fits: bool
+    passes: list[list[Task]]
+    peak: int
+    minimum: int
+    one_pass: int
+    fitting_chunk: int | None
+
+
+def layout_by_bisection(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> PassLayout:
+    """Any sets: the budgets at which the planner's plan changes, by bisection on the planner itself (each step
+    packs every task again, so this grows with models^2 x layers x log(budget))."""
     unlimited = 1 << 62
 
     def plan(b: int) -> list[list[Task]] | None:
@@ -117,6 +129,37 @@ def plan_memory(
         if _plan_or_none(inputs, n_vocab, replace(options, chunk_tokens=chunk), budget) is not None:
             fitting = chunk
         chunk //= 2
+    return PassLayout(fits, passes, peak, minimum, single, fitting)
+
+
+def layout_by_counts(inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int) -> PassLayout:
+    """Sets of one shape (the planner's synthetic step): every task block has one size, so the engine's greedy
+    packing puts floor(room / size) tasks in a pass, room = budget - `pass_overhead`, and each budget where the
+    plan changes follows from counts; the planner itself packs only the final passes."""
+    size = task_bytes(inputs[0], inputs[0])
+    n_tasks = len(inputs) * (len(inputs) - 1) // 2 * inputs[0].n_layers
+    overhead = pass_overhead(inputs, n_vocab, options, size)
+    minimum = overhead + size
+    fits = budget >= minimum
+    per_pass = min(n_tasks, (max(budget, minimum) - overhead) // size)
+    fitting = None
+    chunk = options.chunk_tokens // 2
+    while not fits and fitting is None and chunk >= 256:
+        if pass_overhead(inputs, n_vocab, replace(options, chunk_tokens=chunk), size) + size <= budget:
+            fitting = chunk
+        chunk //= 2
+    passes = plan_passes(inputs, n_vocab, options, max(budget, minimum))
+    return PassLayout(fits, passes, overhead + per_pass * size, minimum, overhead + n_tasks * size, fitting)
+
+
+def plan_memory(
+    inputs: list[SetInput], n_vocab: int, options: CorrelationOptions, budget: int, n_tokens: int, itemsize: int
+) -> MemoryPlan:
+    """Run the engine's planner at `budget` and find the budgets at which its plan changes: from counts when the
+    sets share one shape, else by bisection on the planner itself."""
+    uniform = len({(s.n_layers, s.d_mlp) for s in inputs}) == 1
+    layout = (layout_by_counts if uniform else layout_by_bisection)(inputs, n_vocab, options, budget)
+    passes = layout.passes
     per_set = [n_tokens * s.n_neurons * itemsize for s in inputs]
     reads, sums = [], []
     for p, tasks in enumerate(passes):
@@ -124,7 +167,17 @@ def plan_memory(
         reads.append(sum(per_set[i] for i in wanted))
         sums.append(sum(inputs[t.a].d_mlp * inputs[t.b].n_neurons * 8 for t in tasks))
     return MemoryPlan(
-        budget, fits, passes, peak, minimum, single, sum(reads), sum(per_set), fitting, tuple(reads), tuple(sums)
+        budget,
+        layout.fits,
+        passes,
+        layout.peak,
+        layout.minimum,
+        layout.one_pass,
+        sum(reads),
+        sum(per_set),
+        layout.fitting_chunk,
+        tuple(reads),
+        tuple(sums),
     )
 
 

@@ -21,6 +21,13 @@ TOKEN_BYTES = 4 + 1  # the token file holds an int32 id and a bool mask per posi
 
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the forward pass (`ingest --torch-dtype`)
+# Bounds on a request, checked before anything is built: the engine's pass planner packs one object per (pair x
+# layer) task of a step, so models are bounded by the tasks they make (50k pack in about a second).
+MAX_TASKS = 50_000
+MAX_STEPS = 10**6
+MAX_TOKENS = 10**15
+MAX_WORKERS = 10**6
+MAX_NEURONS = 10**8  # per set (a llama-7b set has 352,256)
 
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -188,9 +195,34 @@ class PlanRequest:
     read_speed: float | None = None
 
     def check(self) -> None:
-        """One-line errors for a request that cannot be planned."""
+        """One-line errors for a request that cannot be planned, checked on the counts before anything is built."""
         if self.models < 2:
             raise ActdbError(f"--models must be at least 2 (each step correlates its models' sets), got {self.models}")
+        for label, value, most in (
+            ("--steps", self.steps, MAX_STEPS),
+            ("--tokens", self.tokens, MAX_TOKENS),
+            ("--workers", self.workers, MAX_WORKERS),
+            ("--chunk-tokens", self.chunk_tokens, MAX_TOKENS),
+        ):
+            if value > most:
+                raise ActdbError(f"{label} {value:,} is more than the planner takes ({most:,})")
+        if self.arch.n_neurons > MAX_NEURONS:
+            raise ActdbError(
+                f"{self.arch.n_layers:,} layers x {self.arch.d_mlp:,} neurons is more than the planner takes per set "
+                f"({MAX_NEURONS:,} neurons)"
+            )
+        tasks = self.models * (self.models - 1) // 2 * self.arch.n_layers
+        if tasks > MAX_TASKS:
+            most = 1
+            while (most + 1) * most // 2 * self.arch.n_layers <= MAX_TASKS:
+                most += 1
+            if most < 2:
+                raise ActdbError(f"{self.arch.n_layers:,} layers make more (pair x layer) tasks than the planner packs")
+            raise ActdbError(
+                f"--models {self.models:,} makes {tasks:,} (pair x layer) tasks per step, more than the planner packs "
+                f"({MAX_TASKS:,}); with {self.arch.n_layers} layers plan at most {most:,} models (a step's cost "
+                "grows with models^2: plan a part and scale)"
+            )
         for label, value in (
             ("--steps", self.steps),
             ("--workers", self.workers),

@@ -22,6 +22,7 @@ from actdb.query.options import (
     pass_app,
     precision_option,
     quiet_option,
+    read_hook_option,
     threshold_option,
 )
 from actdb.query.output import render
@@ -45,7 +46,15 @@ if TYPE_CHECKING:
     show_default=True,
     help="Random rotations per model; each neuron gets the baseline's mean, sd, a z-score and its stability.",
 )
-@click.option("--topk", type=click.IntRange(min=0, max=1000), default=0, show_default=True, help="Keep K best matches.")
+@click.option(
+    "--top-k",
+    "topk",
+    type=click.IntRange(min=0, max=1000),
+    default=0,
+    show_default=True,
+    help="Keep K best matches per neuron.",
+)
+@click.option("--topk", "old_topk", type=click.IntRange(min=0, max=1000), hidden=True, help="Old spelling of --top-k.")
 @device_option
 @precision_option
 @hook_option
@@ -70,6 +79,7 @@ def correlate(
     seed: int,
     baseline_draws: int,
     topk: int,
+    old_topk: int | None,
     device: str,
     precision: str,
     hook: str,
@@ -99,7 +109,7 @@ def correlate(
         threshold=threshold,
         seed=seed,
         baseline_draws=baseline_draws,
-        topk=topk,
+        topk=topk if old_topk is None else old_topk,
         chunk_tokens=chunk_tokens,
         memory_budget=memory_budget,
         hook=hook,
@@ -134,6 +144,7 @@ def correlate(
     help="Only neurons universal in at least this share of baseline draws (at the same threshold).",
 )
 @click.option("--by-layer", is_flag=True, help="Per layer counts and percentages instead of neurons.")
+@read_hook_option
 @format_option
 @pass_app
 def universal(
@@ -148,12 +159,21 @@ def universal(
     limit: int | None,
     min_stability: float | None,
     by_layer: bool,
+    hook: str | None,
     fmt: str,
 ) -> None:
     """Universal neurons: excess correlation, stability over baseline draws, z, max-corr, baseline, statistics."""
     from actdb.query.queries import universal_by_layer, universal_neurons
 
-    scope = {"model": model, "step": step, "layer": layer, "run": run_id, "threshold": threshold, "control": control}
+    scope = {
+        "model": model,
+        "step": step,
+        "layer": layer,
+        "run": run_id,
+        "threshold": threshold,
+        "control": control,
+        "hook": hook,
+    }
     if by_layer and (min_stability is not None or limit is not None):
         raise click.UsageError("--by-layer counts every neuron; --min-stability and --limit apply to neuron listings")
     if by_layer:

@@ -17,9 +17,9 @@ from actdb.query.options import (
     device_option,
     force_option,
     format_option,
-    hook_option,
     pass_app,
     quiet_option,
+    read_hook_option,
     threshold_option,
 )
 from actdb.query.output import json_records, render
@@ -39,22 +39,27 @@ if TYPE_CHECKING:
     show_default=True,
     help="Max-activating contexts to show (the maximum's token marked «»).",
 )
+@read_hook_option
 @format_option
 @pass_app
-def neuron(app: AppContext, target, neuron_id: str, n_examples: int, fmt: str) -> None:
+def neuron(app: AppContext, target, neuron_id: str, n_examples: int, hook: str | None, fmt: str) -> None:
     """Everything known about one neuron: what it does (contexts, tokens, vocabulary), statistics, matches,
     universality, history, ablations."""
     from actdb.query.explanations import neuron_explanation
     from actdb.query.queries import neuron_story
     from actdb.store.database.connection import Rows
+    from actdb.store.database.registry import resolve_hook
     from actdb.store.refs import parse_neuron
 
     layer, index = parse_neuron(neuron_id)
-    story = neuron_story(app.store(), target.model, target.step, layer, index)
-    explained = neuron_explanation(app.store(), target.model, target.step, layer, index, n_examples, fmt == "json")
+    hook = resolve_hook(app.store(), hook, target.model, target.step)
+    story = neuron_story(app.store(), target.model, target.step, layer, index, hook)
+    explained = neuron_explanation(
+        app.store(), target.model, target.step, layer, index, n_examples, fmt == "json", hook
+    )
     story = {**explained, **story}
     if fmt == "json":
-        doc = {"model": target.model, "step": target.step, "layer": layer, "neuron": index}
+        doc = {"model": target.model, "step": target.step, "hook": hook, "layer": layer, "neuron": index}
         doc.update({k: json_records(rows) for k, rows in story.items()})
         click.echo(json.dumps(doc, indent=2))
         return
@@ -64,14 +69,14 @@ def neuron(app: AppContext, target, neuron_id: str, n_examples: int, fmt: str) -
         click.echo(render(Rows(columns, [{c: r.get(c) for c in columns} for r in merged]), "csv"))
         return
     for title, rows in story.items():
-        click.echo(f"\n{title.replace('_', ' ')} of {target} {layer}.{index}")
+        click.echo(f"\n{title.replace('_', ' ')} of {target} {layer}.{index}" + (f" at {hook}" if hook else ""))
         click.echo(render(rows, fmt))
 
 
 @click.command()
 @click.argument("targets", metavar="MODEL@STEP[,...]")
 @dataset_option("Token dataset of the sets (needed when a checkpoint has sets on several).")
-@hook_option
+@read_hook_option
 @click.option("--top-k", type=click.IntRange(1, 1000), default=32, show_default=True, help="Examples per neuron.")
 @click.option(
     "--min-count",
@@ -90,7 +95,7 @@ def examples(
     app: AppContext,
     targets: str,
     dataset_name: str | None,
-    hook: str,
+    hook: str | None,
     top_k: int,
     min_count: int,
     no_vocabulary: bool,
@@ -102,12 +107,19 @@ def examples(
     """Explain the neurons of sets ingested before explanations existed (or rebuild them): max-activating
     examples, token and position variance fractions, vocabulary statistics of the output weights."""
     from actdb.compute.explain.run import ExplainRequest, explain_sets
+    from actdb.store.database.registry import resolve_hook
+    from actdb.store.errors import ActdbError
+    from actdb.store.hook_names import HOOK_NAME
     from actdb.store.refs import parse_set_refs
 
+    refs = parse_set_refs(targets)
+    hooks = {resolve_hook(app.store(), hook, ref.model, ref.step, ref.dataset or dataset_name) for ref in refs}
+    if len(hooks - {None}) > 1:
+        raise ActdbError(f"the sets are at different hooks ({', '.join(sorted(hooks - {None}))}); pass --hook")
     request = ExplainRequest(
-        sets=parse_set_refs(targets),
+        sets=refs,
         dataset=dataset_name,
-        hook=hook,
+        hook=next(iter(hooks - {None}), HOOK_NAME),
         top_k=top_k,
         min_count=min_count,
         vocabulary=not no_vocabulary,
@@ -125,17 +137,25 @@ def examples(
 @threshold_option("Excess correlation for universal (default: the run's recorded threshold).")
 @control_option()
 @click.option("--by-layer", is_flag=True, help="Only the family counts per layer.")
+@read_hook_option
 @format_option
 @pass_app
 def families(
-    app: AppContext, target, run_id: int | None, threshold: float | None, control: str, by_layer: bool, fmt: str
+    app: AppContext,
+    target,
+    run_id: int | None,
+    threshold: float | None,
+    control: str,
+    by_layer: bool,
+    hook: str | None,
+    fmt: str,
 ) -> None:
     """Universal neurons of MODEL@STEP by family (token, position, prediction, suppression, unexplained), with the
     rule and thresholds that assign them."""
     from actdb.query.explanations import families as family_listing
 
     rows, counts, rules = family_listing(
-        app.store(), model=target.model, step=target.step, threshold=threshold, control=control, run=run_id
+        app.store(), model=target.model, step=target.step, threshold=threshold, control=control, run=run_id, hook=hook
     )
     if fmt == "json":
         doc = {"rules": rules, "by_layer": json_records(counts)}

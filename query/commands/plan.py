@@ -14,6 +14,10 @@ from actdb.query.options import SIZE, format_option, stored_dtype_option
 from actdb.query.output import render
 from actdb.store.errors import ActdbError
 
+# `compute.planning.estimate.DEVICES`, spelled here so that `actdb --help` does not import the planner (a test
+# keeps the two equal)
+PLAN_DEVICES = ("cpu", "cuda", "h100", "a100", "h200")
+
 if TYPE_CHECKING:
     from actdb.compute.planning.estimate import CapacityPlan
     from actdb.store.database.connection import Rows
@@ -62,6 +66,7 @@ COUNT = _Count()
 )
 @click.option(
     "--device",
+    type=click.Choice(PLAN_DEVICES, case_sensitive=False),
     default="cpu",
     show_default=True,
     help="cpu or cuda: this machine, its rates measured for a few seconds; h100, a100 or h200: that "

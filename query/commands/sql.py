@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
 
 from actdb.query.options import (
@@ -12,11 +10,10 @@ from actdb.query.options import (
     dataset_option,
     format_option,
     pass_app,
+    read_hook_option,
 )
-from actdb.query.output import render
-
-if TYPE_CHECKING:
-    pass
+from actdb.query.output import render, render_stream
+from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS
 
 
 @click.command()
@@ -25,18 +22,39 @@ if TYPE_CHECKING:
 @click.option(
     "--timeout", type=click.FloatRange(0.1, 86400), default=30.0, show_default=True, help="Cancel after SECONDS."
 )
+@click.option(
+    "--max-rows",
+    type=click.IntRange(0),
+    default=DEFAULT_MAX_ROWS,
+    show_default=True,
+    help="Stop after this many rows and say so on stderr (0: no cap; rows are streamed either way).",
+)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(0),
+    default=DEFAULT_MAX_BYTES,
+    show_default=True,
+    help="Stop once the values' text reaches this many bytes and say so on stderr (0: no cap).",
+)
 @format_option
 @pass_app
-def sql(app: AppContext, query: str | None, schema: bool, timeout: float, fmt: str) -> None:
-    """Run one read-only SQL statement against the store (it cannot write, by construction)."""
-    from actdb.query.sql_console import run_readonly, schema_listing
+def sql(
+    app: AppContext, query: str | None, schema: bool, timeout: float, max_rows: int, max_bytes: int, fmt: str
+) -> None:
+    """Run one read-only SQL statement against the store (it cannot write, by construction); rows are streamed
+    to the output as they arrive."""
+    from actdb.query.sql_console import ReadonlyQuery, schema_listing
     from actdb.store.database.connection import Rows
 
     app.store()
     if schema:
         click.echo(render(Rows.from_tuples(*schema_listing(app.config)), fmt))
     elif query:
-        click.echo(render(Rows.from_tuples(*run_readonly(app.config, query, timeout=timeout)), fmt))
+        with ReadonlyQuery(app.config, query, timeout, max_rows, max_bytes) as result:
+            columns = Rows.from_tuples(result.columns, []).columns  # repeated names made unique, as elsewhere
+            render_stream(columns, result, fmt, lambda text: click.echo(text, nl=False))
+        if result.notice:
+            click.echo(result.notice, err=True)
     else:
         raise click.UsageError("give a SQL query or --schema")
 
@@ -47,6 +65,7 @@ def sql(app: AppContext, query: str | None, schema: bool, timeout: float, fmt: s
 @click.option("--neurons", help="Comma-separated neuron indices (default: all).")
 @click.option("--tokens", "token_range", help="START:END token rows (default: all).")
 @dataset_option("Dataset of the set (default: the only one).")
+@read_hook_option
 @click.option("--counted-only", is_flag=True, help="Drop positions that are not counted (BOS/EOS/padding).")
 @click.option(
     "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="FILE.csv, FILE.parquet or FILE.npy"
@@ -59,6 +78,7 @@ def export(
     neurons: str | None,
     token_range: str | None,
     dataset_name: str | None,
+    hook: str | None,
     counted_only: bool,
     out_path: str,
 ) -> None:
@@ -67,10 +87,18 @@ def export(
     from actdb.query.api import ActdbStore
 
     acts = ActdbStore(app.store()).activations(
-        target, layer, neurons=neurons, tokens=token_range, dataset=dataset_name, counted_only=counted_only
+        target,
+        layer,
+        neurons=neurons,
+        tokens=token_range,
+        dataset=dataset_name,
+        counted_only=counted_only,
+        hook=hook,
     )
     acts.write(out_path)
-    click.echo(f"wrote {acts.values.shape[0]} tokens x {acts.values.shape[1]} neurons to {out_path}")
+    click.echo(
+        f"wrote {acts.values.shape[0]} tokens x {acts.values.shape[1]} neurons of {target} at {acts.hook} to {out_path}"
+    )
 
 
 COMMANDS = (

@@ -129,9 +129,14 @@ def dataset_list(app: AppContext, fmt: str) -> None:
 def dataset_show(app: AppContext, name: str, fmt: str) -> None:
     """Everything recorded about one dataset."""
     from actdb.query.listings import dataset_rows
+    from actdb.query.output import cell
     from actdb.store.database.connection import Rows
 
     row = dataset_rows(app.store(), name=name, full=True)[0]
+    if fmt == "table":  # one field a line, values left-aligned: one long value must not pad every other line
+        width = max(len(k) for k in row)
+        click.echo("\n".join(f"{k.ljust(width)}  {cell(v)}".rstrip() for k, v in row.items()))
+        return
     click.echo(render(Rows(["field", "value"], [{"field": k, "value": v} for k, v in row.items()]), fmt))
 
 

@@ -87,12 +87,51 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
         raise ActdbError(f"invalid database URL {safe_url(url)}: {first_line(exc)}") from None
 
 
+MISSING_DATABASE = "3D000"  # PostgreSQL's invalid_catalog_name: the server is there, the database is not
+
+
+class MissingDatabaseError(ActdbError):
+    """The PostgreSQL server answered, but the store's database does not exist on it."""
+
+
 def _check_connect(engine: Engine) -> None:
     try:
         with engine.connect():
             pass
     except OperationalError as exc:
+        url = engine.url
+        # libpq reports a refused login without a SQLSTATE, so the server's (English) message is the fallback
+        if getattr(exc.orig, "sqlstate", None) == MISSING_DATABASE or (
+            url.database and f'database "{url.database}" does not exist' in str(exc.orig)
+        ):
+            raise MissingDatabaseError(
+                f"database {url.database!r} does not exist on the PostgreSQL server at {url.host or 'localhost'}:"
+                f"{url.port or 5432}; `actdb init` creates it when {url.username or 'the user'} may create "
+                f"databases, or run `createdb -h {url.host or 'localhost'} -p {url.port or 5432} "
+                f"-U {url.username or 'postgres'} {url.database}`"
+            ) from None
         raise ActdbError(f"cannot reach database {safe_url(str(engine.url))}: {first_line(exc)}") from None
+
+
+def create_database(engine: Engine) -> None:
+    """Create the PostgreSQL database of `engine`'s URL, connecting to the server's `postgres` database; a
+    one-line error when this user may not."""
+    url = engine.url
+    admin = create_engine(
+        url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10}
+    )
+    try:
+        with admin.connect() as conn:
+            name = conn.dialect.identifier_preparer.quote(url.database)
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    except SQLAlchemyError as exc:
+        raise ActdbError(
+            f"database {url.database!r} does not exist and {url.username or 'this user'} cannot create it "
+            f"({first_line(getattr(exc, 'orig', None) or exc)}); run `createdb -h {url.host or 'localhost'} -p "
+            f"{url.port or 5432} -U USER {url.database}` as a user allowed to, then `actdb init`"
+        ) from None
+    finally:
+        admin.dispose()
 
 
 INSERT_BATCH = 20000
@@ -224,7 +263,11 @@ class Store:
         except OSError as exc:
             raise ActdbError(f"cannot write to store folder {config.home}: {exc.strerror or exc}") from None
         engine = make_engine(config.database_url)
-        _check_connect(engine)
+        try:
+            _check_connect(engine)
+        except MissingDatabaseError:
+            create_database(engine)  # init creates what it initialises; then connects as any other command
+            _check_connect(engine)
         current, head = current_revision(engine), head_revision()
         if current is not None and current != head and not _known_revision(current):
             raise ActdbError(

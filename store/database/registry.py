@@ -166,3 +166,45 @@ def get_or_create(store: Store, table: Table, lookup: dict[str, Any], defaults: 
         pass
     with store.transaction() as conn:
         return conn.execute(select(table).where(*where)).first()
+
+
+def resolve_hook(
+    store: Store,
+    hook: str | None,
+    model_name: str | None = None,
+    step: int | None = None,
+    dataset_name: str | None = None,
+    run: int | None = None,
+) -> str | None:
+    """The hook a read uses: `hook` when given (an error naming the hooks present when no complete set in scope
+    has it), else the only hook of the complete sets in scope (MODEL, STEP, DATASET, the members of RUN when
+    given); several hooks are a one-line error asking for --hook. None when no set is in scope: the caller says
+    what is missing."""
+    member = tables.run_member
+    query = (
+        select(activation_set.c.hook)
+        .distinct()
+        .join(checkpoint, checkpoint.c.id == activation_set.c.checkpoint_id)
+        .join(model, model.c.id == checkpoint.c.model_id)
+        .join(dataset, dataset.c.id == activation_set.c.dataset_id)
+        .where(activation_set.c.status == "complete")
+    )
+    for column, value in ((model.c.name, model_name), (checkpoint.c.step, step), (dataset.c.name, dataset_name)):
+        if value is not None:
+            query = query.where(column == value)
+    if run is not None:
+        query = query.join(member, member.c.set_id == activation_set.c.id).where(member.c.run_id == run)
+    present = sorted(store.query(query).column("hook"))
+    scope = (
+        f"{model_name}@{step}"
+        if model_name is not None and step is not None
+        else model_name or (f"step {step}" if step is not None else "the store")
+    )
+    scope += f" in run {run}" if run is not None else ""
+    if hook is not None:
+        if present and hook not in present:
+            raise ActdbError(f"{scope} has no complete sets at hook {hook}; hooks present: {', '.join(present)}")
+        return hook
+    if len(present) > 1:
+        raise ActdbError(f"{scope} has sets at hooks {', '.join(present)}; choose one with --hook")
+    return present[0] if present else None

@@ -284,6 +284,11 @@ SQLITE_ACTIONS = {getattr(sqlite3, f"SQLITE_{name}"): name for name in (
 SQLITE_READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo"})
 SQLITE_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit"})
 SQLITE_PROGRESS_STEPS = 1000  # VM instructions between deadline checks (~microseconds)
+# A table-valued function (pragma_*, json_each, ...) is an eponymous virtual table: SQLite declares it on first use
+# and asks the authorizer for UPDATE of sqlite_master.type while doing so. No user statement reaches that check
+# (SQLite itself refuses `UPDATE sqlite_master`), so the pair names a table-valued function, not a write.
+SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema"})
+TABLE_FUNCTION = "table-valued function"
 
 
 @dataclass
@@ -305,6 +310,9 @@ class SqliteGuard:
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in SQLITE_READ_PRAGMAS:
             return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_UPDATE and (arg1 or "").lower() in SCHEMA_TABLES and arg2 == "type":
+            self.denied.append(TABLE_FUNCTION)
+            return sqlite3.SQLITE_DENY
         detail = {sqlite3.SQLITE_FUNCTION: arg2, sqlite3.SQLITE_TRANSACTION: arg1}.get(action, arg1)
         self.denied.append(f"{name} {detail}" if detail else name)
         return sqlite3.SQLITE_DENY

@@ -20,6 +20,7 @@ def _universality_columns() -> list[Column]:
         Column("model", String),
         Column("step", BigInteger),
         Column("dataset", String),
+        Column("hook", String),
         Column("layer", Integer),
         Column("neuron", Integer),
         Column("excess_corr", Float),
@@ -42,25 +43,41 @@ def _universality_columns() -> list[Column]:
     ]
 
 
+def _by_layer_columns() -> list[Column]:
+    return [
+        Column("run_id", Integer),
+        Column("control", String),
+        Column("threshold", Float),
+        Column("model", String),
+        Column("step", BigInteger),
+        Column("dataset", String),
+        Column("hook", String),
+        Column("layer", Integer),
+        Column("n_neurons", Integer),
+        Column("n_universal", Integer),
+        Column("n_dead", Integer),
+        Column("pct_universal", Float),
+        Column("mean_max_corr", Float),
+        Column("mean_baseline", Float),
+        Column("mean_excess_corr", Float),
+        Column("set_id", Integer),
+    ]
+
+
 v_universality = _view("v_universality", *_universality_columns())
 v_universal_neurons = _view("v_universal_neurons", *_universality_columns())
-v_universal_by_layer = _view(
-    "v_universal_by_layer",
-    Column("run_id", Integer),
+v_universal_by_layer = _view("v_universal_by_layer", *_by_layer_columns())
+# One row per neuron per set per control: each set's run chosen by the CLI's rule (`labels.newest_runs`).
+v_canonical_runs = _view(
+    "v_canonical_runs",
+    Column("set_id", Integer),
     Column("control", String),
-    Column("threshold", Float),
-    Column("model", String),
-    Column("step", BigInteger),
-    Column("dataset", String),
-    Column("layer", Integer),
-    Column("n_neurons", Integer),
-    Column("n_universal", Integer),
-    Column("n_dead", Integer),
-    Column("pct_universal", Float),
-    Column("mean_max_corr", Float),
-    Column("mean_baseline", Float),
-    Column("mean_excess_corr", Float),
+    Column("run_id", Integer),
+    Column("n_members", Integer),
 )
+v_canonical_universality = _view("v_canonical_universality", *_universality_columns())
+v_canonical_universal_neurons = _view("v_canonical_universal_neurons", *_universality_columns())
+v_canonical_universal_by_layer = _view("v_canonical_universal_by_layer", *_by_layer_columns())
 v_neuron_matches = _view(
     "v_neuron_matches",
     Column("run_id", Integer),
@@ -68,10 +85,12 @@ v_neuron_matches = _view(
     Column("model", String),
     Column("step", BigInteger),
     Column("dataset", String),
+    Column("hook", String),
     Column("layer", Integer),
     Column("neuron", Integer),
     Column("other_model", String),
     Column("other_step", BigInteger),
+    Column("other_hook", String),
     Column("max_corr", Float),
     Column("best_layer", Integer),
     Column("best_neuron", Integer),
@@ -129,6 +148,7 @@ v_neuron_history = _view(
     "v_neuron_history",
     Column("model", String),
     Column("dataset", String),
+    Column("hook", String),
     Column("control", String),
     Column("threshold", Float),
     Column("step", BigInteger),
@@ -151,9 +171,11 @@ v_similarity = _view(
     Column("model", String),
     Column("step", BigInteger),
     Column("dataset", String),
+    Column("hook", String),
     Column("layer", Integer),
     Column("other_model", String),
     Column("other_step", BigInteger),
+    Column("other_hook", String),
     Column("other_layer", Integer),
     Column("mean_max_corr", Float),
     Column("mean_baseline", Float),
@@ -169,6 +191,7 @@ v_neuron_explanations = _view(
     Column("model", String),
     Column("step", BigInteger),
     Column("dataset", String),
+    Column("hook", String),
     Column("layer", Integer),
     Column("neuron", Integer),
     Column("max_activation", Float),
@@ -197,6 +220,7 @@ v_neuron_families = _view(
     Column("model", String),
     Column("step", BigInteger),
     Column("dataset", String),
+    Column("hook", String),
     Column("layer", Integer),
     Column("neuron", Integer),
     Column("excess_corr", Float),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from actdb.compute.planning.estimate import DEVICES
+from actdb.compute.planning.shapes import DEVICES
 from actdb.query.cli import cli
 from actdb.query.commands.correlation import correlate
 from actdb.query.commands.plan import PLAN_DEVICES

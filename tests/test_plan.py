@@ -329,7 +329,7 @@ def test_cli_table_and_json(monkeypatch):
         (("--arch", "gpt5"), "known: gpt2-small"),
         (("--arch", "gpt2-small", "--layers", "3"), "not both"),
         (("--layers", "3"), "all of --layers"),
-        (("--arch", "gpt2-small", "--device", "tpu"), "unknown device"),
+        (("--arch", "gpt2-small", "--device", "tpu"), "'tpu' is not one of"),
         (("--arch", "gpt2-small", "--precision", "tf32"), "needs a CUDA device"),
         (("--arch", "gpt2-small", "--models", "1"), "at least 2"),
         (("--arch", "gpt2-small", "--tokens", "lots"), "cannot read"),

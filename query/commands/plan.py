@@ -14,7 +14,7 @@ from actdb.query.options import SIZE, format_option, stored_dtype_option
 from actdb.query.output import render
 from actdb.store.errors import ActdbError
 
-# `compute.planning.estimate.DEVICES`, spelled here so that `actdb --help` does not import the planner (a test
+# `compute.planning.shapes.DEVICES`, spelled here so that `actdb --help` does not import the planner (a test
 # keeps the two equal)
 PLAN_DEVICES = ("cpu", "cuda", "h100", "a100", "h200")
 

@@ -26,9 +26,9 @@ from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import complete_set
 from actdb.store.database.views import v_neuron_explanations
 from actdb.store.errors import ActdbError
-from actdb.store.files.activation import ActivationReader
 from actdb.store.files.token import TokenDataset
 from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, parse_token_range
+from actdb.store.set_files import open_set
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,7 +122,7 @@ class ActdbStore:
         with self.store.session() as s:
             aset = complete_set(s, parse_set_ref(target), dataset)
             ds_path = aset.dataset.path
-        with ActivationReader(self.store.config.file(aset.path)) as reader:
+        with open_set(self.store, aset) as reader:
             h = reader.header
             if not 0 <= layer < h.n_layers:
                 raise ActdbError(f"layer {layer} does not exist ({h.n_layers} layers)")

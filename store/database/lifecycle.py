@@ -30,6 +30,7 @@ from actdb.store.database.schema import (
     AblationNeuron,
     ActivationSet,
     CorrelationRun,
+    IngestAttempt,
     LayerSimilarity,
     NeuronMatch,
     PersistenceRun,
@@ -69,6 +70,7 @@ def _delete_ablation_results(session, run_id: int) -> None:
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[type, Callable | None] = {
     ActivationSet: None,
+    IngestAttempt: None,  # a dead redo leaves its `.partial` file; the set it redoes stays complete
     CorrelationRun: _delete_correlation_results,
     PersistenceRun: None,
     PredictionSet: None,

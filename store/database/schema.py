@@ -408,3 +408,28 @@ class AblationNeuron(Base):
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     ablated_loss: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
+
+
+class IngestAttempt(RunState, Base):
+    """A forced redo of a complete activation set (`ingest --force`): its lifecycle lives here, not in the set's
+    status, so the set stays complete (and readable) until its replacement is; a failed redo is a failed attempt
+    with its error, and the set keeps its file, statistics and status."""
+
+    __tablename__ = "ingest_attempt"
+    __table_args__ = (running_unique("ingest_attempt"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str] = mapped_column(String(64), index=True)  # one running redo per set
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"), index=True)
+    dtype: Mapped[str] = mapped_column(String(20))
+    tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StoreIdentity(Base):
+    """The one row binding a database to its store folder: the same id is kept in the folder's `actdb-store-id`
+    file, so a second store initialised on this database (another folder) is refused."""
+
+    __tablename__ = "store_identity"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(36), unique=True)
+    home: Mapped[str] = mapped_column(Text)  # the folder at `actdb init` (informative: a store may move)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

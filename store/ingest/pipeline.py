@@ -45,7 +45,7 @@ from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError, BusyError, first_line
 from actdb.store.files.activation import ActivationHeader, ActivationWriter, partial_path
 from actdb.store.files.token import TokenDataset
-from actdb.store.hook_names import HOOK_NAME, parse_hook
+from actdb.store.hook_names import HOOK_NAME, hook_of_model, split_hook
 from actdb.store.ingest.architectures import MLPRecorder, mlp_shape
 from actdb.store.ingest.model_loading import (
     context_length,
@@ -156,6 +156,15 @@ def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConf
     return ResolvedSource(source_template, revision_template, source, revision, location)
 
 
+def _config_layers(where: ResolvedSource, req: IngestRequest) -> int:
+    """The number of layers of a model not yet registered, from its config (no weights are loaded)."""
+    config = load_config(where.location, where.revision, req.trust_remote_code)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n_layers, int):
+        raise ActdbError(f"{where.location}: its config does not say how many layers it has; use --hook mlp.post")
+    return n_layers
+
+
 def check_steps_distinguishable(
     store: Store, model: str, source: str | None, revision: str | None, n_steps: int, force: bool = False
 ) -> None:
@@ -192,15 +201,19 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         raise ActdbError("--batch-size must be at least 1")
     if not 0 <= req.top_k <= MAX_TOP_K:
         raise ActdbError(f"--top-k must be in 0..{MAX_TOP_K}")
-    req.hook = parse_hook(req.hook)
+    hook, layer = split_hook(req.hook)
     with store.session() as s:
         ds = get_dataset(s, req.dataset)
         existing = s.scalar(select(Model).where(Model.name == req.model))
         if existing is None:
             check_name(req.model, "model name")
             check_new_name(s, Model, req.model, "model name")
-        done = find_set(s, req.model, req.step, req.dataset, req.hook)
+        done = find_set(s, req.model, req.step, req.dataset, hook)
     where = resolve_source(existing, req, store.config)  # a different --source is refused even when complete
+    if layer is not None:  # a name picking one layer: refused, saying whether that layer exists
+        n_layers = existing.n_layers if existing is not None else _config_layers(where, req)
+        hook_of_model(req.hook, req.model, n_layers)
+    req.hook = hook
     if done is not None and done.status == "complete" and not req.force:
         stored = f", stored as {done.dtype}" if done.dtype != req.dtype else ""
         log(

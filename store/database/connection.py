@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from actdb.store.config import StoreConfig
+from actdb.store.database.identity import bind_folder, check_folder, check_unbound
 from actdb.store.errors import ActdbError, SchemaBehindError, first_line
 
 MIGRATIONS_DIR = Path(str(resources.files("actdb.migrations")))
@@ -194,6 +195,7 @@ class Store:
         store = cls(config, engine, read_only)
         if check_schema:
             store.require_current_schema()
+            check_folder(engine, config.home, safe_url(config.database_url))
             if not read_only:
                 from actdb.store.database.lifecycle import reap_abandoned
 
@@ -206,6 +208,11 @@ class Store:
         from alembic import command
         from alembic.util import CommandError
 
+        engine = None
+        if not config.is_sqlite or Path(make_url(config.database_url).database or "").exists():
+            engine = make_engine(config.database_url)
+            _check_connect(engine)
+        check_unbound(engine, config.home, safe_url(config.database_url))  # before anything is created or upgraded
         try:
             config.home.mkdir(parents=True, exist_ok=True)
             probe = config.home / ".actdb-write-test"
@@ -213,8 +220,9 @@ class Store:
             probe.unlink()
         except OSError as exc:
             raise ActdbError(f"cannot write to store folder {config.home}: {exc.strerror or exc}") from None
-        engine = make_engine(config.database_url)
-        _check_connect(engine)
+        if engine is None:
+            engine = make_engine(config.database_url)
+            _check_connect(engine)
         current, head = current_revision(engine), head_revision()
         if current is not None and current != head and not _known_revision(current):
             raise ActdbError(
@@ -229,6 +237,7 @@ class Store:
             except CommandError as exc:
                 raise ActdbError(f"cannot upgrade the schema: {first_line(exc)}") from None
             conn.commit()
+        bind_folder(engine, config.home, safe_url(config.database_url))
         store = cls(config, engine)
         from actdb.store.database.sql_reader import provision_sql_reader
 

@@ -100,7 +100,7 @@ def test_a_failed_forced_ingest_leaves_the_complete_set_complete(store, tmp_path
     # a redo that completes replaces the set (here as int8: dtype, file and statistics change together)
     redo = ("ingest", "a", "--step", 0, "--dataset", "d", "--force", "--top-k", 0, "--quiet")
     r = cli_call(home, db, *redo, "--dtype", "int8")
-    assert r.exit_code == 0 and "redone" in r.stdout, r.stderr
+    assert r.exit_code == 0 and "re-ingested" in r.stdout, r.stderr
     redone, attempts = _set_state(home, db)
     assert redone[:2] == ("complete", "int8") and [a[0] for a in attempts] == ["failed", "complete"]
     assert np.allclose(redone[4], before[4], atol=0.02) and redone[4] != before[4]

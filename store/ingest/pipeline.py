@@ -346,7 +346,8 @@ def _redo_complete_set(
             )
             s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(**identity))
         handle.complete(tokens_done=header.n_tokens)
-    log(f"{req.model}@{req.step} on {req.dataset}: redone, {header.n_tokens} tokens in {seconds:.1f}s -> {done.path}")
+    what = f"{req.model}@{req.step} on {req.dataset}"
+    log(f"{what}: re-ingested, {header.n_tokens} tokens in {seconds:.1f}s -> {done.path}")
     examples = run.tracker.result() if run.tracker is not None else None
     return IngestResult(done.id, "ingested", path, header.n_tokens, seconds, size, examples, model)
 

@@ -27,10 +27,10 @@ from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import complete_set, resolve_hook
 from actdb.store.database.views import v_neuron_explanations
 from actdb.store.errors import ActdbError
-from actdb.store.files.activation import ActivationReader
 from actdb.store.files.token import TokenDataset
 from actdb.store.hook_names import HOOK_NAME, parse_hook
 from actdb.store.refs import parse_index_list, parse_neuron, parse_set_ref, parse_token_range
+from actdb.store.set_files import open_set
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -129,7 +129,7 @@ class ActdbStore:
         with self.store.transaction() as conn:
             aset = complete_set(conn, ref, dataset, hook or HOOK_NAME)
         ds_path = aset.dataset_path
-        with ActivationReader(self.store.config.file(aset.path)) as reader:
+        with open_set(self.store, aset) as reader:
             h = reader.header
             if not 0 <= layer < h.n_layers:
                 raise ActdbError(f"layer {layer} does not exist ({h.n_layers} layers)")

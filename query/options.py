@@ -11,7 +11,7 @@ import click
 
 from actdb.query.output import FORMATS
 from actdb.store.errors import ActdbError
-from actdb.store.hook_names import parse_hook
+from actdb.store.hook_names import hook_spelling, parse_hook
 from actdb.store.refs import (
     CONTROLS,
     DEVICES,
@@ -77,6 +77,7 @@ def _threshold(text: str) -> float:
 
 
 HOOK = _Parsed("hook", parse_hook)
+HOOK_SPELLING = _Parsed("hook", hook_spelling)
 STEP = _Parsed("step", parse_step)
 STEPS = _Parsed("steps", parse_steps)
 SET_REF = _Parsed("model@step", parse_set_ref)
@@ -161,14 +162,19 @@ def stored_dtype_option(help: str = "Stored dtype.") -> Callable:
     return click.option("--dtype", type=click.Choice(STORED_DTYPES), default="float16", show_default=True, help=help)
 
 
+HOOK_HELP = (
+    "mlp.post (after the nonlinearity) or mlp.pre (before it; a gated MLP's gate); TransformerLens names "
+    "(blocks.L.mlp.hook_post / hook_pre) work too."
+)
+
+
 def hook_option(f: Callable) -> Callable:
     return click.option(
         "--hook",
         type=HOOK,
         default="mlp.post",
         show_default=True,
-        help="mlp.post (after the nonlinearity) or mlp.pre (before it; a gated MLP's gate); TransformerLens names "
-        "(blocks.L.mlp.hook_post / hook_pre) work too.",
+        help=HOOK_HELP,
     )(f)
 
 
@@ -181,3 +187,9 @@ def read_hook_option(f: Callable) -> Callable:
         help="Read the sets of this hook (mlp.post or mlp.pre; TransformerLens names work too). Default: the only "
         "hook present; when both are, say which.",
     )(f)
+
+
+def recorded_hook_option(f: Callable) -> Callable:
+    """`--hook` of `ingest`: kept as typed, so that a layer in a TransformerLens name is checked against the model
+    (`hook_of_model`)."""
+    return click.option("--hook", type=HOOK_SPELLING, default="mlp.post", show_default=True, help=HOOK_HELP)(f)

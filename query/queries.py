@@ -122,6 +122,19 @@ def _scoped(
     return query
 
 
+def _check_layer(store: Store, layer: int, model: str | None) -> None:
+    """A layer filter must name a layer that exists: of `model`, or of some model in the store (an empty listing
+    would read as "no universal neurons there")."""
+    m = tables.model
+    found = select(m.c.name, m.c.n_layers).order_by(m.c.n_layers.desc(), m.c.name)
+    if model is not None:
+        found = found.where(m.c.name == model)
+    deepest = store.query(found.limit(1)).first()
+    if deepest is not None and layer >= deepest.n_layers:
+        whose = f"{model} has" if model is not None else f"the deepest model ({deepest.name}) has"
+        raise ActdbError(f"layer {layer} does not exist: {whose} {deepest.n_layers} layers (0..{deepest.n_layers - 1})")
+
+
 def universal_neurons(
     store: Store,
     *,
@@ -146,6 +159,7 @@ def universal_neurons(
     )
     query = _scoped(store, query, control, model, step, run, hook)
     if layer is not None:
+        _check_layer(store, layer, model)
         query = query.where(v.c.layer == layer)
     query = query.order_by(*SORTS[sort], v.c.model, v.c.step, v.c.layer, v.c.neuron)
     restamp = threshold is not None  # the stored stability is relative to each run's recorded threshold
@@ -197,6 +211,7 @@ def universal_by_layer(
     )
     query = _scoped(store, query, control, model, step, run, hook)
     if layer is not None:
+        _check_layer(store, layer, model)
         query = query.where(v.c.layer == layer)
     query = query.group_by(v.c.model, v.c.step, v.c.dataset, v.c.hook, v.c.layer, v.c.run_id, v.c.threshold)
     return store.query(query.order_by(v.c.model, v.c.step, v.c.layer))

@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model, PredictionSet, SetExplanation
 from actdb.store.errors import ActdbError
-from actdb.store.files.activation import ActivationReader
+from actdb.store.files.activation import ActivationHeader, ActivationReader
 from actdb.store.files.explanation import check_explanation_file
 from actdb.store.files.prediction import read_predictions
 from actdb.store.files.token import TokenDataset
+from actdb.store.set_files import expected_header
 
 READ_ROWS = 16384
 
@@ -31,14 +32,7 @@ READ_ROWS = 16384
 class _Expected:
     what: str
     path: str
-    model: str
-    step: int
-    hook: str
-    n_layers: int
-    d_mlp: int
-    n_tokens: int
-    fingerprint: str
-    dtype: str
+    header: ActivationHeader
 
 
 def check_store(store: Store, quick: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Rows:
@@ -47,18 +41,7 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
     with store.session() as s:
         datasets = [(d.name, d.path, d.fingerprint) for d in s.scalars(select(Dataset).order_by(Dataset.name))]
         sets = [
-            _Expected(
-                f"{m.name}@{c.step} on {d.name}",
-                a.path,
-                m.name,
-                c.step,
-                a.hook,
-                m.n_layers,
-                m.d_mlp,
-                a.n_tokens,
-                d.fingerprint,
-                a.dtype,
-            )
+            _Expected(f"{m.name}@{c.step} on {d.name}", a.path, expected_header(s, a))
             for a, c, m, d in s.execute(
                 select(ActivationSet, Checkpoint, Model, Dataset)
                 .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
@@ -129,22 +112,14 @@ def _check_activations(store: Store, e: _Expected, quick: bool, progress: bool) 
     file = store.config.file(e.path)
     if not file.exists():
         return "file missing"
+    n_tokens = e.header.n_tokens
     try:
-        with ActivationReader(file) as reader:
-            h = reader.header
-            got = (h.model, h.step, h.hook, h.n_layers, h.d_mlp, h.n_tokens, h.dataset_fingerprint, h.dtype)
-            want = (e.model, e.step, e.hook, e.n_layers, e.d_mlp, e.n_tokens, e.fingerprint, e.dtype)
-            if got != want:
-                fields = ["model", "step", "hook", "n_layers", "d_mlp", "n_tokens", "dataset fingerprint", "dtype"]
-                wrong = [f"{f} {g!r} (SQL: {w!r})" for f, g, w in zip(fields, got, want, strict=True) if g != w]
-                return "header disagrees with SQL: " + ", ".join(wrong)
-            if any(ds.shape != (e.n_tokens, e.d_mlp) for ds in reader.layers):
-                return "a layer's shape disagrees with SQL"
+        with ActivationReader(file, expected=e.header) as reader:  # header, layer shapes and dtypes against SQL
             if not quick:
-                bar = tqdm(total=e.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=f"check {e.what}")
-                for start in range(0, e.n_tokens, READ_ROWS):
-                    reader.read_rows(start, min(start + READ_ROWS, e.n_tokens))
-                    bar.update(min(READ_ROWS, e.n_tokens - start))
+                bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=f"check {e.what}")
+                for start in range(0, n_tokens, READ_ROWS):
+                    reader.read_rows(start, min(start + READ_ROWS, n_tokens))
+                    bar.update(min(READ_ROWS, n_tokens - start))
                 bar.close()
                 return _check_quantisation(reader)
     except ActdbError as exc:

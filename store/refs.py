@@ -9,10 +9,14 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from actdb.store.config import file_name_of
 from actdb.store.errors import ActdbError
 
 MAX_STEP = 2**63 - 1  # steps are stored as BIGINT
 MAX_NAME = 200
+# Bytes of a name's file form (`file_name_of`): a file system allows 255 per path component, and actdb appends at
+# most 36 to a dataset's (`.mlp.post.explain.h5.partial-<pid>`), so 200 leaves room on every common file system.
+MAX_FILE_NAME = 200
 NAME_RULE = "1-200 characters, none of / \\ , @ or control characters, not containing '..'"
 
 Neuron = tuple[int, int]
@@ -42,6 +46,13 @@ def check_name(name: str, what: str = "name") -> str:
         or any(unicodedata.category(c).startswith("C") for c in name)
     ):
         raise ActdbError(f"invalid {what} {name!r}: use {NAME_RULE}, without leading or trailing spaces")
+    encoded = len(file_name_of(name))
+    if encoded > MAX_FILE_NAME:
+        shown = repr(name) if len(name) <= 40 else repr(name[:40]) + "…"
+        raise ActdbError(
+            f"invalid {what} {shown}: its file name would be {encoded} bytes, and may be at most {MAX_FILE_NAME} "
+            "(letters, digits, _ - . take 1 byte; any other character 3 bytes per UTF-8 byte)"
+        )
     return name
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -145,6 +146,16 @@ def test_worker_error_reaches_the_client_as_one_line(client, sets, tmp_path):
     missing = SetInput(99, str(tmp_path / "gone.h5"), L, D, np.zeros(L * D), rotation_key=99)
     with pytest.raises(ActdbError, match="gone.h5 does not exist"):
         correlate_on_cluster(client, [inputs[0], missing], tokens, mask, CorrelationOptions())
+
+
+def test_workers_refuse_a_file_that_is_not_the_set_sql_records(client, sets):
+    inputs, tokens, mask = sets
+    own = ActivationHeader("m1", 0, "fp", "mlp.post", L, D, tokens.size, "float16")
+    swapped = replace(inputs[1], expected=replace(own, model="m0"))
+    with pytest.raises(ActdbError, match=r"s1.h5 is not the set SQL records: its header says model 'm1' \(SQL: 'm0'\)"):
+        correlate_on_cluster(client, [inputs[0], swapped], tokens, mask, CorrelationOptions())
+    checked = [inputs[0], replace(inputs[1], expected=own)]
+    assert correlate_on_cluster(client, checked, tokens, mask, CorrelationOptions()).n_tokens == int(mask.sum())
 
 
 def test_cluster_spec_refuses_both():

@@ -29,7 +29,7 @@ from actdb.compute.correlation.precision import ProductPrecision, choose_precisi
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
-from actdb.store.files.activation import ActivationReader
+from actdb.store.files.activation import ActivationHeader, ActivationReader
 
 READ_AHEAD = 2  # chunks the GPU backend reads ahead on a thread
 SD_EPS = 1e-6  # a neuron whose standard deviation is below this is dead/constant: it has no correlation
@@ -40,7 +40,8 @@ class SetInput:
     """One activation set taking part: its file, shape and the per-neuron shift (stored means).
 
     `rotation_key` is the set's model id: it seeds the baseline rotation, so every checkpoint of a model is
-    rotated the same way and identical activations get identical baselines at any step.
+    rotated the same way and identical activations get identical baselines at any step. `expected` is the header
+    SQL says the file carries: every reader (here, or a cluster worker) refuses a file that disagrees.
     """
 
     key: int
@@ -49,6 +50,7 @@ class SetInput:
     d_mlp: int
     shift: np.ndarray
     rotation_key: int = 0
+    expected: ActivationHeader | None = None
 
     @property
     def n_neurons(self) -> int:
@@ -303,7 +305,7 @@ def correlate_sets(
         raise ActdbError("correlation needs at least two activation sets")
     if options.control not in ("none", "token"):
         raise ActdbError(f"unknown control {options.control!r}; use none or token")
-    readers = [ActivationReader(s.path) for s in inputs]
+    readers = [ActivationReader(s.path, expected=s.expected) for s in inputs]
     try:
         return CorrelationEngine(inputs, readers, tokens, mask, options, backend, progress).run()
     finally:

@@ -43,9 +43,11 @@ from actdb.store.database.schema import (
 from actdb.store.database.tables import DEFAULT_THRESHOLD
 from actdb.store.device import NUMPY, resolve_device
 from actdb.store.errors import ActdbError
+from actdb.store.files.activation import ActivationReader
 from actdb.store.files.token import TokenDataset
 from actdb.store.hook_names import HOOK_NAME
 from actdb.store.refs import CONTROLS, SetRef, check_threshold
+from actdb.store.set_files import expected_header
 
 MAX_SEED = 2**32 - 1
 MAX_DRAWS = 1000
@@ -199,6 +201,7 @@ def _check_request(
     for i in inputs:
         if not Path(i.path).exists():
             raise ActdbError(f"activation file {i.path} does not exist; `actdb check` lists what is missing")
+        ActivationReader(i.path, expected=i.expected).close()  # each file is the set SQL says, before a run row
     check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
     return (backend.name if client is None else name), inputs, tokens
 
@@ -339,7 +342,8 @@ def _set_input(store: Store, session, aset: ActivationSet) -> SetInput:
     ):
         means[layer * model.d_mlp + neuron] = mean
     path = str(store.config.file(aset.path))
-    return SetInput(aset.id, path, model.n_layers, model.d_mlp, means, rotation_key=model.id)
+    expected = expected_header(session, aset)
+    return SetInput(aset.id, path, model.n_layers, model.d_mlp, means, rotation_key=model.id, expected=expected)
 
 
 def _match_rows(run_id: int, inputs: list[SetInput], result: CorrelationResult) -> list[dict]:

@@ -109,7 +109,7 @@ def shard_ranges(n_seq: int, seq_len: int, chunk_tokens: int, shards: int) -> li
 def _engine(spec: EngineSpec, tokens: np.ndarray, mask: np.ndarray, read: bool = False) -> Iterator[CorrelationEngine]:
     readers: list[ActivationReader] = []
     try:
-        readers = [ActivationReader(s.path) for s in spec.inputs] if read else []
+        readers = [ActivationReader(s.path, expected=s.expected) for s in spec.inputs] if read else []
         backend = resolve_device(spec.device).array
         yield CorrelationEngine(spec.inputs, readers, tokens, mask, spec.options, backend, None)
     finally:

@@ -34,6 +34,7 @@ from actdb.store.ingest.pipeline import IngestRequest, IngestResult, ingest
 from actdb.store.ingest.token_datasets import load_tokenizer
 from actdb.store.ingest.top_activations import top_activations_from_file
 from actdb.store.refs import SetRef
+from actdb.store.set_files import expected_header
 
 TOP_TOKENS = 10  # tokens by mean activation kept per neuron
 MAX_TOP_K = 1000
@@ -145,8 +146,9 @@ def explain_set(
         ckpt = s.get(Checkpoint, aset.checkpoint_id)
         dataset_path, source, revision = ds.path, ckpt.source, ckpt.revision
         dataset_tokenizer = ds.tokenizer
+        expected = expected_header(s, aset)
     tokens = TokenDataset.load(store.config.file(dataset_path))
-    with ActivationReader(path) as reader:
+    with ActivationReader(path, expected=expected) as reader:
         n_layers, d_mlp = reader.header.n_layers, reader.header.d_mlp
         bar = tqdm(total=0, unit="tok", unit_scale=True, disable=not progress, desc=f"explain {what}")
 

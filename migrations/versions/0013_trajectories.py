@@ -4,14 +4,14 @@ distance) and per-checkpoint values (`trajectory_point`: accuracy, mean loss, Br
 coordinates), with the views `v_trajectories` and `v_trajectory_points`.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0013"
-down_revision = "0011"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 

@@ -15,9 +15,9 @@ from actdb.query.options import (
     dataset_option,
     device_option,
     force_option,
-    hook_option,
     pass_app,
     quiet_option,
+    recorded_hook_option,
     stored_dtype_option,
 )
 
@@ -42,7 +42,7 @@ def _steps(step: int | None, steps: list[int] | None) -> list[int]:
     "--revisions",
     help="Explicit revisions, comma-separated, one per --steps entry (e.g. step1000-tokens4B,step2000-tokens8B).",
 )
-@hook_option
+@recorded_hook_option
 @device_option
 @click.option(
     "--torch-dtype",

@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from actdb.store.config import StoreConfig
+from actdb.store.database.identity import bind_folder, check_folder, check_unbound
 from actdb.store.errors import ActdbError, SchemaBehindError, first_line
 
 if TYPE_CHECKING:
@@ -247,6 +248,7 @@ class Store:
         store = cls(config, engine, read_only)
         if check_schema:
             store.require_current_schema()
+            check_folder(engine, config.home, safe_url(config.database_url))
         return store
 
     @classmethod
@@ -255,6 +257,15 @@ class Store:
         from alembic import command
         from alembic.util import CommandError
 
+        engine = None
+        if not config.is_sqlite or Path(make_url(config.database_url).database or "").exists():
+            engine = make_engine(config.database_url)
+            try:
+                _check_connect(engine)
+            except MissingDatabaseError:
+                create_database(engine)  # init creates what it initialises; then connects as any other command
+                _check_connect(engine)
+        check_unbound(engine, config.home, safe_url(config.database_url))  # before anything is created or upgraded
         try:
             config.home.mkdir(parents=True, exist_ok=True)
             probe = config.home / ".actdb-write-test"
@@ -262,11 +273,8 @@ class Store:
             probe.unlink()
         except OSError as exc:
             raise ActdbError(f"cannot write to store folder {config.home}: {exc.strerror or exc}") from None
-        engine = make_engine(config.database_url)
-        try:
-            _check_connect(engine)
-        except MissingDatabaseError:
-            create_database(engine)  # init creates what it initialises; then connects as any other command
+        if engine is None:
+            engine = make_engine(config.database_url)
             _check_connect(engine)
         current, head = current_revision(engine), head_revision()
         if current is not None and current != head and not _known_revision(current):
@@ -282,6 +290,7 @@ class Store:
             except CommandError as exc:
                 raise ActdbError(f"cannot upgrade the schema: {first_line(exc)}") from None
             conn.commit()
+        bind_folder(engine, config.home, safe_url(config.database_url))
         store = cls(config, engine)
         from actdb.store.database.sql_reader import provision_sql_reader
 

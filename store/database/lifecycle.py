@@ -69,6 +69,7 @@ def _delete_trajectory_results(conn, run_id: int) -> None:
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[Table, Callable | None] = {
     tables.activation_set: None,
+    tables.ingest_attempt: None,  # a dead redo leaves its `.partial` file; the set it redoes stays complete
     tables.correlation_run: _delete_correlation_results,
     tables.persistence_run: None,
     tables.prediction_set: None,

@@ -131,6 +131,17 @@ class TrajectoryPoint(MappedRow):
     """One checkpoint of a trajectory run: top-1 accuracy, mean loss, Bradley-Terry strength, map coordinates."""
 
 
+class IngestAttempt(MappedRow):
+    """A forced redo of a complete activation set (`ingest --force`): its lifecycle lives here, not in the set's
+    status, so the set stays complete (and readable) until its replacement is; a failed redo is a failed attempt
+    with its error, and the set keeps its file, statistics and status."""
+
+
+class StoreIdentity(MappedRow):
+    """The one row binding a database to its store folder: the same id is kept in the folder's `actdb-store-id`
+    file, so a second store initialised on this database (another folder) is refused."""
+
+
 mapper_registry.map_imperatively(
     Model, tables.model, properties={"checkpoints": relationship(Checkpoint, back_populates="model")}
 )
@@ -160,3 +171,5 @@ mapper_registry.map_imperatively(AblationNeuron, tables.ablation_neuron)
 mapper_registry.map_imperatively(TrajectoryRun, tables.trajectory_run)
 mapper_registry.map_imperatively(TrajectoryValue, tables.trajectory_value)
 mapper_registry.map_imperatively(TrajectoryPoint, tables.trajectory_point)
+mapper_registry.map_imperatively(IngestAttempt, tables.ingest_attempt)
+mapper_registry.map_imperatively(StoreIdentity, tables.store_identity)

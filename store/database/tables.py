@@ -481,3 +481,31 @@ trajectory_point = Table(
     Column("map_x", Float),
     Column("map_y", Float),
 )
+
+
+# A forced redo of a complete activation set (`ingest --force`): its lifecycle lives here, not in the set's
+# status, so the set stays complete (and readable) until its replacement is; a failed redo is a failed attempt
+# with its error, and the set keeps its file, statistics and status.
+ingest_attempt = Table(
+    "ingest_attempt",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("request_key", String(64), index=True, nullable=False),  # one running redo per set
+    Column("set_id", ForeignKey("activation_set.id", ondelete="CASCADE"), index=True, nullable=False),
+    Column("dtype", String(20), nullable=False),
+    Column("tokens_done", BigInteger, default=0, nullable=False),
+    *run_state_columns(),
+    running_unique("ingest_attempt"),
+)
+
+
+# The one row binding a database to its store folder: the same id is kept in the folder's `actdb-store-id`
+# file, so a second store initialised on this database (another folder) is refused.
+store_identity = Table(
+    "store_identity",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("store_id", String(36), unique=True, nullable=False),
+    Column("home", Text, nullable=False),  # the folder at `actdb init` (informative: a store may move)
+    Column("created_at", DateTime, default=utcnow, nullable=False),
+)

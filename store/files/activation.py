@@ -388,6 +388,44 @@ def _restore_length(path: Path) -> None:
             os.truncate(path, int(found.group(2)))
 
 
+HEADER_FIELDS = (
+    ("model", "model"),
+    ("step", "step"),
+    ("dataset_fingerprint", "dataset fingerprint"),
+    ("hook", "hook"),
+    ("n_layers", "layers"),
+    ("d_mlp", "width"),
+    ("n_tokens", "tokens"),
+    ("dtype", "dtype"),
+)
+
+
+def _shown(field: str, value: object) -> str:
+    """A header value as a mismatch message shows it (fingerprints are long: their first 12 characters)."""
+    return repr(value[:12] + "…") if field == "dataset_fingerprint" and len(str(value)) > 12 else repr(value)
+
+
+def header_mismatch(found: ActivationHeader, expected: ActivationHeader) -> str | None:
+    """What differs between a file's header and what SQL says the set is, as one phrase; None if nothing."""
+    wrong = [
+        f"{label} {_shown(field, getattr(found, field))} (SQL: {_shown(field, getattr(expected, field))})"
+        for field, label in HEADER_FIELDS
+        if getattr(found, field) != getattr(expected, field)
+    ]
+    return ", ".join(wrong) or None
+
+
+def verify_header(path: Path, found: ActivationHeader, expected: ActivationHeader) -> None:
+    """Refuse a file that is not the set SQL describes (another model's, step's, dataset's, hook's, width's or
+    dtype's file at this set's path): the one check every reader makes before using a byte of its data."""
+    wrong = header_mismatch(found, expected)
+    if wrong:
+        raise ActdbError(
+            f"activation file {path} is not the set SQL records: its header says {wrong}; `actdb check` lists "
+            "such files and `actdb ingest --force` rewrites one"
+        )
+
+
 def _read_header(f: h5py.File) -> ActivationHeader:
     a = f.attrs
     return ActivationHeader(
@@ -405,9 +443,13 @@ def _read_header(f: h5py.File) -> ActivationHeader:
 class ActivationReader:
     """Read-only access to a complete activation file: row blocks across layers, or single neurons.
 
-    Values come back as stored for float16 files and dequantised to float32 for int8 files (`value_dtype`)."""
+    Values come back as stored for float16 files and dequantised to float32 for int8 files (`value_dtype`).
+    With `expected` (what SQL says the set is; `actdb.store.set_files.open_set` passes it) the header, and the
+    shape and dtype of every layer, must agree with it before the reader is handed out."""
 
-    def __init__(self, path: str | os.PathLike, cache_bytes: int = 16 * 2**20) -> None:
+    def __init__(
+        self, path: str | os.PathLike, cache_bytes: int = 16 * 2**20, expected: ActivationHeader | None = None
+    ) -> None:
         self.path = Path(path)
         if not self.path.exists():
             hint = " (an ingest is unfinished)" if partial_path(self.path).exists() else ""
@@ -437,6 +479,21 @@ class ActivationReader:
         if not complete:
             self.file.close()
             raise ActdbError(f"activation file {self.path} is unfinished (no completion marker)")
+        if expected is not None:
+            try:
+                verify_header(self.path, self.header, expected)
+            except ActdbError:
+                self.file.close()
+                raise
+        h = self.header
+        stored = "int8" if self._values.quantised else h.dtype
+        bad = [ds.name for ds in self.layers if ds.shape != (h.n_tokens, h.d_mlp) or str(ds.dtype) != stored]
+        if bad:
+            self.file.close()
+            raise ActdbError(
+                f"activation file {self.path} is damaged: {bad[0].lstrip('/')} is not {h.n_tokens} x {h.d_mlp} "
+                f"{stored} as its header says"
+            )
         if self._values.quantised:
             h, want = self.header, (n_blocks(self.header.n_tokens, self._values.block_rows), self.header.d_mlp)
             bad = [ds.name for ds in (*self._values.scales, *self._values.offsets) if ds.shape != want]

@@ -33,19 +33,20 @@ import numpy as np
 import torch
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
 from actdb.store.config import StoreConfig
 from actdb.store.database import tables
 from actdb.store.database.connection import Store, finite_or_none, insert_rows
-from actdb.store.database.lifecycle import RunHandle, claim_row, running
+from actdb.store.database.lifecycle import RunBusy, RunHandle, claim_row, running, start_run
 from actdb.store.database.registry import check_new_name, find_set, get_dataset, get_or_create
-from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Model, NeuronStat
+from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, IngestAttempt, Model, NeuronStat, utcnow
 from actdb.store.device import resolve_device
-from actdb.store.errors import ActdbError, first_line
+from actdb.store.errors import ActdbError, BusyError, first_line
 from actdb.store.files.activation import ActivationHeader, ActivationWriter, partial_path
 from actdb.store.files.token import TokenDataset
-from actdb.store.hook_names import HOOK_NAME, parse_hook
+from actdb.store.hook_names import HOOK_NAME, hook_of_model, split_hook
 from actdb.store.ingest.architectures import MLPRecorder, mlp_shape
 from actdb.store.ingest.model_loading import (
     context_length,
@@ -158,6 +159,15 @@ def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConf
     return ResolvedSource(source_template, revision_template, source, revision, location)
 
 
+def _config_layers(where: ResolvedSource, req: IngestRequest) -> int:
+    """The number of layers of a model not yet registered, from its config (no weights are loaded)."""
+    config = load_config(where.location, where.revision, req.trust_remote_code)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n_layers, int):
+        raise ActdbError(f"{where.location}: its config does not say how many layers it has; use --hook mlp.post")
+    return n_layers
+
+
 def check_steps_distinguishable(
     store: Store, model: str, source: str | None, revision: str | None, n_steps: int, identical_weights: bool = False
 ) -> None:
@@ -194,15 +204,19 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
         raise ActdbError("--batch-size must be at least 1")
     if not 0 <= req.top_k <= MAX_TOP_K:
         raise ActdbError(f"--top-k must be in 0..{MAX_TOP_K}")
-    req.hook = parse_hook(req.hook)
+    hook, layer = split_hook(req.hook)
     with store.session() as s:
         ds = get_dataset(s, req.dataset)
         existing = s.scalar(select(Model).where(Model.name == req.model))
         if existing is None:
             check_name(req.model, "model name")
             check_new_name(s, tables.model, req.model, "model name")
-        done = find_set(s, req.model, req.step, req.dataset, req.hook)
+        done = find_set(s, req.model, req.step, req.dataset, hook)
     where = resolve_source(existing, req, store.config)  # a different --source is refused even when complete
+    if layer is not None:  # a name picking one layer: refused, saying whether that layer exists
+        n_layers = existing.n_layers if existing is not None else _config_layers(where, req)
+        hook_of_model(req.hook, req.model, n_layers)
+    req.hook = hook
     if done is not None and done.status == "complete" and not req.force:
         stored = f", stored as {done.dtype}" if done.dtype != req.dtype else ""
         log(
@@ -232,7 +246,11 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     rel_path = store.config.activation_path(req.model, req.step, req.dataset, req.hook)
     needed = n_layers * d_mlp * int(tokens.tokens.size) * np.dtype(req.dtype).itemsize
     _check_space(store.config.file(rel_path), needed, req.force)
-    ckpt = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
+    redo = done is not None and done.status == "complete"  # with --force: the set stays complete until redone
+    ckpt, identity = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
+    if redo:
+        return _redo_complete_set(store, done, req, ckpt.id, identity, tokens, model, device, ds.fingerprint, log)
+    _record_checkpoint(store, ckpt.id, identity)
     aset = get_or_create(
         store,
         tables.activation_set,
@@ -278,7 +296,67 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     return IngestResult(aset.id, status, path, header.n_tokens, seconds, size, examples, model)
 
 
+def _redo_complete_set(
+    store: Store,
+    done: ActivationSet,
+    req: IngestRequest,
+    checkpoint_id: int,
+    identity: dict,
+    tokens: TokenDataset,
+    model: torch.nn.Module,
+    device: torch.device,
+    fingerprint: str,
+    log: Callable[[str], None],
+) -> IngestResult:
+    """`ingest --force` of a complete set: the new file is written beside the old one (`.partial`) under an
+    `ingest_attempt` row, and only when it is complete does it replace the old file, statistics, dtype and the
+    checkpoint's recorded weights. Until then the set stays complete and readable; a failed redo is recorded as a
+    failed attempt (with its error) and leaves the set exactly as it was."""
+    n_layers, d_mlp = mlp_shape(model)
+    header = ActivationHeader(
+        model=req.model,
+        step=req.step,
+        dataset_fingerprint=fingerprint,
+        hook=req.hook,
+        n_layers=n_layers,
+        d_mlp=d_mlp,
+        n_tokens=int(tokens.tokens.size),
+        dtype=req.dtype,
+    )
+    path = store.config.file(done.path)
+    values = {"set_id": done.id, "request_key": f"redo-set-{done.id}", "dtype": req.dtype, "tokens_done": 0}
+    try:
+        attempt_id = start_run(store, IngestAttempt, values)
+    except RunBusy:
+        raise BusyError(
+            f"{req.model}@{req.step} on {req.dataset} ({req.hook}) is being redone by another process right now"
+        ) from None
+    with running(store, IngestAttempt, attempt_id) as handle:
+        try:
+            with _space_reserve(store.config.home):
+                run = _IngestRun(handle, path, header, tokens, model, device, req)
+                run.execute(_committed_rows(store, done.id, path, force=True))
+        except (OSError, RuntimeError, OperationalError) as exc:
+            raise ActdbError(f"redoing {path} failed: {_write_error(exc)}; {KEPT}") from None
+        size = path.stat().st_size
+        seconds = time.perf_counter() - handle.started
+        with store.session() as s:  # the replacement's statistics, dtype and weights, in one transaction
+            _store_stats(store, done.id, run.moments, s)
+            s.execute(
+                update(ActivationSet)
+                .where(ActivationSet.id == done.id)
+                .values(dtype=req.dtype, bytes=size, tokens_done=header.n_tokens, finished_at=utcnow(), seconds=seconds)
+            )
+            s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(**identity))
+        handle.complete(tokens_done=header.n_tokens)
+    what = f"{req.model}@{req.step} on {req.dataset}"
+    log(f"{what}: re-ingested, {header.n_tokens} tokens in {seconds:.1f}s -> {done.path}")
+    examples = run.tracker.result() if run.tracker is not None else None
+    return IngestResult(done.id, "ingested", path, header.n_tokens, seconds, size, examples, model)
+
+
 MAX_TOP_K = 1000
+KEPT = "the complete set is kept as it was (the failed attempt is recorded); `actdb ingest --force` tries again"
 RESUME = "the rows flushed so far are kept in the .partial file and `actdb ingest` resumes from them"
 RESERVE_BYTES = 8 * 2**20  # room kept free while writing, so a full disk can still record the failure in SQL
 SPACE_MARGIN = 1.02  # HDF5 chunk index, checksums and attributes on top of the raw float16 rows
@@ -342,10 +420,11 @@ def _committed_rows(store: Store, set_id: int, path: Path, force: bool) -> int:
 
 def _register_checkpoint(
     store: Store, req: IngestRequest, where: ResolvedSource, model: torch.nn.Module, n_layers: int, d_mlp: int
-) -> Checkpoint:
+) -> tuple[Checkpoint, dict]:
     """The model and checkpoint rows, after checking that these weights are what MODEL@STEP means: not another
     model's checkpoint, not another step's weights (a source without `{step}`) and not different from what this
-    step was ingested from."""
+    step was ingested from; with the identity of these weights, which `_record_checkpoint` writes (at once, or for
+    a redone complete set only once the replacement is complete)."""
     weights = weights_fingerprint(model)
     elsewhere = store.query(
         select(Model.name.label("model"), Checkpoint.step)
@@ -400,9 +479,13 @@ def _register_checkpoint(
         "weights_sha256": weights,
     }
     ckpt = get_or_create(store, tables.checkpoint, {"model_id": model_row.id, "step": req.step}, values)
+    return ckpt, values
+
+
+def _record_checkpoint(store: Store, checkpoint_id: int, identity: dict) -> None:
+    """Record where a checkpoint's weights came from (source, revision, commit, weights fingerprint)."""
     with store.session() as s:
-        s.execute(update(Checkpoint).where(Checkpoint.id == ckpt.id).values(**values))
-    return ckpt
+        s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(**identity))
 
 
 def _check_model_fits(where: ResolvedSource, config: object, ds: Dataset, tokens: TokenDataset) -> None:
@@ -573,7 +656,7 @@ class _IngestRun:
         self.handle.beat(tokens_done=committed[0])
 
 
-def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments]) -> None:
+def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments], session: Session | None = None) -> None:
     rows = []
     for layer, m in enumerate(moments):
         r = m.result()
@@ -593,6 +676,6 @@ def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments]) -> 
                     "max": float(r.max[i]),
                 }
             )
-    with store.session() as s:
+    with contextlib.nullcontext(session) if session is not None else store.session() as s:
         s.execute(delete(NeuronStat).where(NeuronStat.set_id == set_id))
         insert_rows(s, NeuronStat, rows)

@@ -29,6 +29,10 @@ from actdb.store.database.schema import (
     Ablation,
     AblationNeuron,
     ActivationSet,
+    ConceptAlignment,
+    ConceptExpert,
+    ConceptRun,
+    ConceptScore,
     CorrelationRun,
     LayerSimilarity,
     NeuronMatch,
@@ -65,6 +69,11 @@ def _delete_ablation_results(session, run_id: int) -> None:
     session.execute(delete(AblationNeuron).where(AblationNeuron.ablation_id == run_id))
 
 
+def _delete_concept_results(session, run_id: int) -> None:
+    for table in (ConceptScore, ConceptExpert, ConceptAlignment):
+        session.execute(delete(table).where(table.run_id == run_id))
+
+
 # Every run table, with what to delete when one of its runs is abandoned (activation sets keep their
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[type, Callable | None] = {
@@ -73,6 +82,7 @@ RUN_TABLES: dict[type, Callable | None] = {
     PersistenceRun: None,
     PredictionSet: None,
     Ablation: _delete_ablation_results,
+    ConceptRun: _delete_concept_results,
 }
 
 

@@ -408,3 +408,84 @@ class AblationNeuron(Base):
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
     ablated_loss: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
+
+
+class ConceptSet(Base):
+    """A named concepts file (`actdb concept add`): its canonical JSONL and fingerprint."""
+
+    __tablename__ = "concept_set"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    n_concepts: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ConceptRun(RunState, Base):
+    """Expert neurons of one activation set's checkpoint for a concept set (`actdb concept run`): AP arrays in
+    an HDF5 sidecar beside the set's activations, top-k experts and summaries in SQL."""
+
+    __tablename__ = "concept_run"
+    __table_args__ = (running_unique("concept_run"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_key: Mapped[str] = mapped_column(String(64), index=True)
+    concept_set_id: Mapped[int] = mapped_column(ForeignKey("concept_set.id", ondelete="CASCADE"))
+    set_id: Mapped[int] = mapped_column(ForeignKey("activation_set.id", ondelete="CASCADE"))
+    hook: Mapped[str] = mapped_column(String(50))
+    pool: Mapped[str] = mapped_column(String(10))
+    mask_concept_token: Mapped[bool] = mapped_column(Boolean)
+    k: Mapped[int] = mapped_column(Integer)
+    tau: Mapped[float] = mapped_column(Float)
+    n_permutations: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)  # the AP sidecar, relative to the store folder
+    n_sentences: Mapped[int | None] = mapped_column(Integer)
+    n_neurons: Mapped[int | None] = mapped_column(Integer)
+    n_empty: Mapped[int | None] = mapped_column(Integer)  # sentences left with no counted token (response 0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ConceptScore(Base):
+    """One concept's summary in a concept run: best AP and AUROC, the permutation null, experts above tau."""
+
+    __tablename__ = "concept_score"
+    run_id: Mapped[int] = mapped_column(ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True)
+    concept: Mapped[str] = mapped_column(String(200), primary_key=True)
+    n_positive: Mapped[int] = mapped_column(Integer)
+    n_negative: Mapped[int] = mapped_column(Integer)
+    best_ap: Mapped[float] = mapped_column(Float)
+    best_auroc: Mapped[float] = mapped_column(Float)
+    kth_ap: Mapped[float] = mapped_column(Float)
+    null_best_q99: Mapped[float | None] = mapped_column(Float)
+    null_kth_q99: Mapped[float | None] = mapped_column(Float)
+    excess_ap: Mapped[float | None] = mapped_column(Float)
+    p_best: Mapped[float | None] = mapped_column(Float)
+    n_above_tau: Mapped[int] = mapped_column(Integer)
+
+
+class ConceptExpert(Base):
+    """One of a concept's top-k neurons by AP in a concept run."""
+
+    __tablename__ = "concept_expert"
+    run_id: Mapped[int] = mapped_column(ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True)
+    concept: Mapped[str] = mapped_column(String(200), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)
+    ap: Mapped[float] = mapped_column(Float)
+    auroc: Mapped[float] = mapped_column(Float)
+
+
+class ConceptAlignment(Base):
+    """RSA of a concept run's concept x concept similarity with a reference (the taxonomy, or a human file)."""
+
+    __tablename__ = "concept_alignment"
+    run_id: Mapped[int] = mapped_column(ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True)
+    reference: Mapped[str] = mapped_column(String(200), primary_key=True)
+    rho: Mapped[float | None] = mapped_column(Float)
+    p: Mapped[float | None] = mapped_column(Float)
+    n_permutations: Mapped[int] = mapped_column(Integer)
+    n_pairs: Mapped[int] = mapped_column(Integer)
+    triplet_accuracy: Mapped[float | None] = mapped_column(Float)
+    n_triplets: Mapped[int | None] = mapped_column(Integer)

@@ -12,6 +12,7 @@ import click
 from actdb import __version__
 from actdb.query.commands import (
     ablation,
+    concepts,
     correlation,
     explain,
     ingest,
@@ -42,7 +43,7 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None) -> None:
     ctx.obj = AppContext(StoreConfig.resolve(home, database_url))
 
 
-for _module in (store, ingest, correlation, similarity, persistence, ablation, explain, sql, report, plan):
+for _module in (store, ingest, correlation, similarity, persistence, ablation, explain, sql, report, plan, concepts):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -2,8 +2,8 @@
 
 A neuron's responses to a concept's sentences score it as a classifier of positive vs negative sentences:
 average precision (AP, chance = the share of positives, 0.5 when balanced) and AUROC. Every neuron is scored at
-once: one sort per neuron column (`RankedResponses`), reused for every concept (a concept's sentences are a
-subset of the sorted column) and for every label permutation of the null (permuting labels never re-sorts).
+once: one sort per neuron column (`RankedResponses`), reused for every label permutation of the null
+(permuting labels never re-sorts).
 Then concept x concept similarity from the AP vectors, RSA against a reference with a Mantel p, hierarchy
 AUROC, containment, the dendrogram's cophenetic correlation with the taxonomy, and the cross-seed and
 cross-step comparisons of expert sets.
@@ -60,17 +60,6 @@ class RankedResponses:
     @property
     def n_sentences(self) -> int:
         return self.order.shape[0]
-
-    def subset(self, sentences: np.ndarray, scores: np.ndarray) -> RankedResponses:
-        """The ranking restricted to some sentences (indices into the rows), without sorting again: every
-        column keeps the same number of entries, so the kept ranks reshape to `(len(sentences), n_neurons)`."""
-        keep = np.zeros(self.n_sentences, dtype=bool)
-        keep[sentences] = True
-        if keep.sum() != len(sentences):
-            raise ValueError("subset sentences must be distinct")
-        mask = keep[self.order]
-        order = self.order.T[mask.T].reshape(self.order.shape[1], len(sentences)).T
-        return RankedResponses.from_sorted(order, np.take_along_axis(scores, order, axis=0))
 
     def sorted_labels(self, labels: np.ndarray) -> np.ndarray:
         """Boolean labels `(n_sentences,)` or `(n_perm, n_sentences)` in each neuron's descending order."""
@@ -139,31 +128,25 @@ class ConceptScores:
 
 
 def score_concept(
-    ranked: RankedResponses,
-    scores: np.ndarray,
-    positives: np.ndarray,
-    negatives: np.ndarray,
+    responses: np.ndarray,
+    n_positive: int,
     *,
     k: int,
     n_permutations: int,
     rng: np.random.Generator,
 ) -> ConceptScores:
-    """AP and AUROC of every neuron for one concept (sentence indices into the rows of `scores`), and the best
-    and k-th best AP over neurons under `n_permutations` random relabellings of the same sentences."""
-    sentences = np.r_[positives, negatives]
-    sub = ranked.subset(sentences, scores)
-    # `sub` rows are indexed by the position in `sentences`: its order holds row indices into `scores`; map them
-    order_pos = np.empty(scores.shape[0], dtype=np.int64)
-    order_pos[sentences] = np.arange(len(sentences))
-    sub = RankedResponses(order_pos[sub.order], sub.group_start, sub.group_end)
-    labels = balanced_labels(len(positives), len(negatives))
-    ap = sub.average_precision(labels).astype(np.float32)
-    auroc = sub.auroc(labels).astype(np.float32)
+    """AP and AUROC of every neuron for one concept, from its sentences' responses `(n_sentences, n_neurons)`
+    (the first `n_positive` rows positive, the rest negative), and the best and k-th best AP over neurons under
+    `n_permutations` random relabellings of the same sentences (one sort serves them all)."""
+    ranked = RankedResponses.of(responses)
+    labels = balanced_labels(n_positive, responses.shape[0] - n_positive)
+    ap = ranked.average_precision(labels).astype(np.float32)
+    auroc = ranked.auroc(labels).astype(np.float32)
     kk = min(k, ap.size)
     null_best = np.empty(n_permutations)
     null_kth = np.empty(n_permutations)
     for p in range(n_permutations):  # a loop over permutations, each scoring all neurons at once
-        perm_ap = sub.average_precision(rng.permutation(labels))
+        perm_ap = ranked.average_precision(rng.permutation(labels))
         top = np.partition(perm_ap, perm_ap.size - kk)[perm_ap.size - kk :]
         null_best[p] = top.max()
         null_kth[p] = top.min()
@@ -243,6 +226,8 @@ def rsa(model: np.ndarray, reference: np.ndarray, n_permutations: int, rng: np.r
     if ok.sum() < 3:
         return RSA(float("nan"), float("nan"), n_permutations, int(ok.sum()))
     rho = _spearman_rows(a[ok], b[ok][None, :])[0]
+    if not np.isfinite(rho):  # a constant triangle (e.g. a taxonomy without links) carries no ranking
+        return RSA(float("nan"), float("nan"), n_permutations, int(ok.sum()))
     exceed = 0
     iu, ju = np.triu_indices(n, k=1)
     for start in range(0, n_permutations, 1000):  # chunks bound the memory to 1000 x n x n

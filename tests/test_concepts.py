@@ -272,3 +272,20 @@ def test_views_agree_on_sqlite_and_postgresql(concept_store, pg_url, text_dir, t
     ap_lite = _rows(db, f"SELECT ap FROM v_concept_experts WHERE run_id = {newest} ORDER BY concept, rank")
     ap_pg = _rows(pg_url, f"SELECT ap FROM v_concept_experts WHERE run_id = {newest} ORDER BY concept, rank")
     np.testing.assert_allclose(np.array(ap_lite, float), np.array(ap_pg, float), atol=1e-6)
+
+
+def test_python_api(concept_store):
+    import actdb
+
+    _root, home, db, _run = concept_store
+    store = actdb.open(home=home, db=db)
+    try:
+        scores = store.concepts("code", model="b")
+        assert set(scores["concept"]) == {"control", "if", "loop", "number", "text"}
+        assert {"best_ap", "excess_ap", "n_permutations", "n_above_tau"} <= set(scores.columns)
+        experts = store.concept_experts("code", concept="if", model="a")
+        assert len(experts) == 5 * len(set(experts["run_id"])) and experts["rank"].min() == 1
+        summary = store.concept_summary("code")
+        assert list(summary["step"]) == [0] and summary["models"].iloc[0] == 2
+    finally:
+        store.close()

@@ -275,6 +275,9 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             missing="no similarity run yet: `actdb similarity --models ... "
             "--steps ...` (and `actdb predictions` for the function side)",
         )
+    from actdb.query.concept_report import concept_sections
+
+    sections.extend(concept_sections(store, out))
     page = out / "index.html"
     _write(
         page,

@@ -289,3 +289,20 @@ def test_python_api(concept_store):
         assert list(summary["step"]) == [0] and summary["models"].iloc[0] == 2
     finally:
         store.close()
+
+
+def test_report_has_the_concept_section(concept_store, tmp_path):
+    from actdb.query.report import build_report
+    from actdb.store.config import StoreConfig
+    from actdb.store.database.connection import Store
+
+    _root, home, db, _run = concept_store
+    store = Store.open(StoreConfig.resolve(home, db), read_only=True)
+    try:
+        page = build_report(store, tmp_path / "report")
+    finally:
+        store.close()
+    body = page.read_text()
+    assert "Concept experts: code" in body
+    for png in ("concepts_code_similarity.png", "concepts_code_dendrogram.png", "concepts_code_steps.png"):
+        assert png in body and (tmp_path / "report" / png).stat().st_size > 1000

@@ -44,7 +44,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
             ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
             ax.set_title(f"{r.model}@{r.step}", fontsize=8)
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7, label="Spearman of AP vectors")
+        fig.colorbar(im, ax=axes[0][-1], shrink=0.7, label="Spearman of AP vectors")
         heat = _save(fig, out, f"concepts_{_safe(name)}_similarity.png")
         first = at_last[0]
         taxonomy = cm.taxonomy_similarity(labels, concepts.parents)

@@ -164,7 +164,8 @@ def _target(store: Store, ref: SetRef, dataset: str | None, hook: str) -> _Targe
     return _Target(ref, set_id, path, location, revision, tokenizer)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_sentence(tokenizer, text: str) -> list[int]:
+    """Token ids of one sentence as a dataset sequence starts: BOS (when the tokenizer has one), then the text."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
@@ -174,7 +175,7 @@ def _check_lengths(t: _Target, sentences: Sentences) -> None:
     if limit is None:
         return
     for text in sentences.texts:
-        n = len(_encode(t.tokenizer, text))
+        n = len(encode_sentence(t.tokenizer, text))
         if n > limit:
             raise ActdbError(f"a sentence is {n} tokens, longer than the context of {t.ref} ({limit}): {text[:60]!r}")
 
@@ -304,7 +305,7 @@ def sentence_responses(
     padding never count: the max runs over real tokens only), batched by length."""
     special = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [_encode(tokenizer, text) for text in sentences.texts]
+    encoded = [encode_sentence(tokenizer, text) for text in sentences.texts]
     drops: dict[str, set[int]] = {}
     members: dict[str, set[int]] = {}
     if mask_concept_token:

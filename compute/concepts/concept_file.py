@@ -202,12 +202,13 @@ class Reference:
     name: str
     similarity: np.ndarray  # over `concepts` of the concept set, NaN where not given
     triplets: np.ndarray | None  # (t, 4) concept indices (a, b, c, odd) when the file held triplets
+    n_ignored: int = 0  # rows naming a concept outside the set (a public dataset covers many more words)
 
 
 def read_reference(path: str | Path, concepts: list[str]) -> Reference:
     """A `--human` file: CSV with header `concept_a,concept_b,similarity` (pairs) or `a,b,c,odd` (odd-one-out
-    triplets). Every concept it names must be in the set, and every concept of the set must appear in it; the
-    error lists the missing ones."""
+    triplets). Rows naming a concept outside the set are left out (counted); every concept of the set must appear
+    in a kept row, or the error lists the missing ones."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -218,8 +219,9 @@ def read_reference(path: str | Path, concepts: list[str]) -> Reference:
     index = {c: i for i, c in enumerate(concepts)}
     n = len(concepts)
     if {"concept_a", "concept_b", "similarity"} <= set(header):
-        named = {r["concept_a"] for r in rows} | {r["concept_b"] for r in rows}
-        _check_names(path, named, concepts)
+        kept = [r for r in rows if r["concept_a"] in index and r["concept_b"] in index]
+        ignored, rows = len(rows) - len(kept), kept
+        _check_names(path, {r["concept_a"] for r in rows} | {r["concept_b"] for r in rows}, concepts)
         sim = np.full((n, n), np.nan)
         np.fill_diagonal(sim, 1.0)
         for r in rows:
@@ -230,17 +232,18 @@ def read_reference(path: str | Path, concepts: list[str]) -> Reference:
             i, j = index[r["concept_a"]], index[r["concept_b"]]
             if i != j:
                 sim[i, j] = sim[j, i] = value
-        return Reference(path.stem, sim, None)
+        return Reference(path.stem, sim, None, ignored)
     if {"a", "b", "c", "odd"} <= set(header):
-        named = {r[k] for r in rows for k in ("a", "b", "c", "odd")}
-        _check_names(path, named, concepts)
+        kept = [r for r in rows if all(r[k] in index for k in ("a", "b", "c", "odd"))]
+        ignored, rows = len(rows) - len(kept), kept
+        _check_names(path, {r[k] for r in rows for k in ("a", "b", "c", "odd")}, concepts)
         bad = [r for r in rows if r["odd"] not in (r["a"], r["b"], r["c"]) or len({r["a"], r["b"], r["c"]}) < 3]
         if bad:
             raise ActdbError(f"{path}: a triplet's odd one must be one of three distinct concepts a, b, c: {bad[0]}")
         from actdb.compute.concepts.math import triplet_similarity
 
         triplets = np.array([[index[r[k]] for k in ("a", "b", "c", "odd")] for r in rows])
-        return Reference(path.stem, triplet_similarity(n, triplets), triplets)
+        return Reference(path.stem, triplet_similarity(n, triplets), triplets, ignored)
     raise ActdbError(
         f"{path} has header {list(header)}; a reference is a CSV with concept_a,concept_b,similarity (pairs) "
         "or a,b,c,odd (odd-one-out triplets)"
@@ -248,9 +251,6 @@ def read_reference(path: str | Path, concepts: list[str]) -> Reference:
 
 
 def _check_names(path: Path, named: set[str], concepts: list[str]) -> None:
-    unknown = sorted(named - set(concepts))
-    if unknown:
-        raise ActdbError(f"{path} names concepts not in the set: {', '.join(unknown[:10])}")
     missing = [c for c in concepts if c not in named]
     if missing:
         raise ActdbError(f"{path} does not cover these concepts of the set: {', '.join(missing[:10])}")

@@ -120,6 +120,8 @@ def run_concepts(store: Store, req: ConceptRequest, log: Callable[[str], None] =
     set_row_id, concepts = load_concept_set(store, req.name)
     sentences = sentences_of(concepts, req.seed)
     reference = read_reference(req.human, concepts.names) if req.human else None
+    if reference is not None and reference.n_ignored:
+        log(f"{req.human}: {reference.n_ignored} rows name concepts outside {req.name}; left out")
     targets = [_target(store, ref, req.dataset, hook) for ref in _refs(req)]
     for t in targets:
         _check_lengths(t, sentences)

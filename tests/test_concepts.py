@@ -130,6 +130,7 @@ def test_show_and_experts_commands(concept_store):
     assert row["step"] == 0 and row["models"] == 2 and row["concepts"] == 5
     assert row["twin_jaccard"] is not None and row["seed_seed_rsa"] is not None
     assert row["taxonomy_rsa"] is not None and row["jaccard_with_last"] == 1.0
+    assert row["twin_tuning"] is not None and row["random_tuning"] is not None and "expert_universal_or" in row
     experts = json.loads(run("concept", "experts", "code", "if", "--model", "a", "--format", "json").stdout)
     assert len(experts) == 5 * 2  # the masked run's too
     assert experts[0]["ap"] > 0.99 and experts[0]["twins"].startswith("b:") and not experts[0]["masked"]

@@ -99,6 +99,24 @@ def twin_map(store: Store, set_a: int, set_b: int, n_neurons: int, d_mlp: int) -
     return out
 
 
+def _expert_universal(store: Store, run: ScoredRun, n_concepts: int) -> cm.Enrichment | None:
+    """Experts (any concept's top-k) x universal neurons (newest cross-model run, none control, its threshold)."""
+    from actdb.store.database.labels import latest_universality_run, universal_neurons_of
+
+    found = latest_universality_run(store, run.set_id, "none")
+    if found is None:
+        return None
+    n = run.arrays.ap.shape[1]
+    d = run.arrays.d_mlp
+    universal = np.zeros(n, dtype=bool)
+    for layer, neuron in universal_neurons_of(store, found[0], run.set_id, found[1]):
+        universal[layer * d + neuron] = True
+    expert = np.zeros(n, dtype=bool)
+    for c in range(n_concepts):
+        expert[run.experts(c)] = True
+    return cm.expert_universal_enrichment(expert, universal)
+
+
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(finite)) if finite else None
@@ -115,9 +133,13 @@ def concept_table(
     mantel_permutations: int = 1000,
     seed: int = 0,
 ) -> tuple[Rows, Rows]:
-    """The per-step table (concepts, mean best AP, experts above tau, cross-seed twin overlap vs chance, seed-seed
-    RSA, taxonomy and human RSA with Mantel p, hierarchy AUROC, Jaccard of experts with the last step) and the
-    per-model emergence rows (first step from which that Jaccard stays >= 0.5)."""
+    """The per-step table and the per-model emergence rows (first step from which the Jaccard of the experts with
+    the last step's stays >= 0.5). Per step, means over the models (ordered pairs for cross-seed columns):
+    concepts, best AP, experts above tau; twin overlap (Jaccard of A's experts' twins with B's experts) and its
+    chance from `draws` random k-sets; twin tuning (correlation over concepts of an expert's AP with its twin's)
+    and the same for 1000 random neuron pairs; experts x universal neurons odds ratio (and the largest Fisher p);
+    seed-seed RSA; taxonomy and human RSA with the largest Mantel p over the models; hierarchy AUROC; Jaccard of
+    the experts with the last step."""
     _id, concepts = load_concept_set(store, name)
     runs = complete_runs(store, name, pool, mask)
     names = concepts.names
@@ -146,7 +168,7 @@ def concept_table(
         )
         hier = [h.auroc for r in at for h in cm.hierarchy_auroc(sims[r.run_id], names, concepts.parents, 200, rng)]
         seed_rsa = [cm.rsa(sims[a.run_id], sims[b.run_id], 0, rng).rho for a, b in itertools.combinations(at, 2)]
-        overlap, chance = [], []
+        overlap, chance, tuning, random_tuning = [], [], [], []
         for a, b in itertools.permutations(at, 2):
             twins = twin_map(store, a.set_id, b.set_id, a.arrays.ap.shape[1], a.arrays.d_mlp)
             if twins is None:
@@ -155,6 +177,16 @@ def concept_table(
                 o = cm.twin_overlap(a.experts(c), b.experts(c), twins, draws, rng)
                 overlap.append(o.jaccard)
                 chance.append(o.chance_mean)
+            union = np.unique(np.concatenate([a.experts(c) for c in range(len(names))]))
+            t, rnd = cm.twin_tuning(a.arrays.ap, b.arrays.ap, twins, union, 1000, rng)
+            tuning.append(t)
+            random_tuning.append(rnd)
+        odds, fisher_p = [], []
+        for r in at:
+            enrichment = _expert_universal(store, r, len(names))
+            if enrichment is not None:
+                odds.append(enrichment.odds_ratio)
+                fisher_p.append(enrichment.p)
         rows.append(
             (
                 step,
@@ -164,6 +196,10 @@ def concept_table(
                 _mean([float(np.sum(r.arrays.ap[c] > r.tau)) for r in at for c in range(len(names))]),
                 _mean(overlap),
                 _mean(chance),
+                _mean(tuning),
+                _mean(random_tuning),
+                _mean(odds),
+                max(fisher_p, default=None),
                 _mean(seed_rsa),
                 _mean([t.rho for t in tax]),
                 max((t.p for t in tax if np.isfinite(t.p)), default=None),
@@ -182,6 +218,10 @@ def concept_table(
             "experts_above_tau",
             "twin_jaccard",
             "twin_chance",
+            "twin_tuning",
+            "random_tuning",
+            "expert_universal_or",
+            "fisher_p_max",
             "seed_seed_rsa",
             "taxonomy_rsa",
             "taxonomy_p_max",

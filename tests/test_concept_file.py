@@ -79,3 +79,26 @@ def test_references_pairs_triplets_and_missing_concepts(tmp_path):
     bad.write_text("x,y\n1,2\n")
     with pytest.raises(ActdbError, match="header"):
         read_reference(bad, ["a", "b"])
+
+
+def test_the_python_concepts_file_the_demo_writes(tmp_path):
+    from actdb.compute.concepts.concept_file import read_concepts
+    from actdb.compute.concepts.python_concepts import TAXONOMY, write_python_concepts
+    from actdb.store.ingest.zoo import stdlib_files
+
+    path = write_python_concepts(stdlib_files()[150:], tmp_path / "py.jsonl", per_concept=20)
+    cs = read_concepts(path)
+    assert set(cs.names) == set(TAXONOMY) | {"control_flow", "data"}
+    assert all(len(c.positive) == 20 for c in cs.concepts)
+    assert cs.parents["loop"] == ("control_flow",) and cs.descendants("data") == {
+        "list",
+        "dict",
+        "string_literal",
+        "number",
+    }
+    every = [t for c in cs.concepts for t in c.positive]
+    assert len(every) == len(set(every))  # no snippet serves two concepts
+    loops = [t for t in cs.concepts[cs.names.index("loop")].positive]
+    assert all(t.startswith(("for ", "while ", "async for ")) for t in loops)
+    s = sentences_of(cs, 0)
+    assert all(len(s.negative[n]) == 20 for n in cs.names)

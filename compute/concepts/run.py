@@ -339,7 +339,7 @@ def sentence_responses(
             base[rows] = pooled
             empty += int((counted.sum(dim=1) == 0).sum())
             for name, drop in drops.items():
-                keep = counted & ~torch.isin(ids, torch.tensor(sorted(drop), device=ids.device))
+                keep = counted & ~torch.isin(ids, torch.tensor(sorted(drop), dtype=torch.long, device=ids.device))
                 changed = [
                     r for r, i in enumerate(rows) if int(i) in members[name] and not torch.equal(keep[r], counted[r])
                 ]

@@ -307,3 +307,20 @@ def test_report_has_the_concept_section(concept_store, tmp_path):
     assert "Concept experts: code" in body
     for png in ("concepts_code_similarity.png", "concepts_code_dendrogram.png", "concepts_code_steps.png"):
         assert png in body and (tmp_path / "report" / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_pooling_never_reads_padding(pool):
+    import torch
+
+    from actdb.compute.concepts.run import _pool
+
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    keep = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=bool)
+    acts[~keep] = 1e6  # padding holds huge values: a pool that read it would show them
+    got = _pool(torch.tensor(acts), torch.tensor(keep), pool, in_place=True).numpy()
+    for b in range(2):
+        kept = acts[b][keep[b]]
+        np.testing.assert_allclose(got[b], kept.max(axis=0) if pool == "max" else kept.mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(got[2], 0.0)  # no counted position: response 0

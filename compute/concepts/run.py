@@ -329,36 +329,58 @@ def sentence_responses(
                 attention[r, : len(encoded[i])] = 1
             ids, attention = ids.to(device), attention.to(device)
             model(input_ids=ids, attention_mask=attention)
-            acts = torch.cat([a.float() for a in recorder.outputs], dim=-1)  # (batch, seq, n_neurons)
             counted = attention.bool()
             for tok in special:
                 counted &= ids != tok
-            pooled = _pool(acts, counted, pool).cpu().numpy()
-            if base is None:
-                base = np.zeros((len(encoded), pooled.shape[1]), dtype=np.float32)
-            base[rows] = pooled
-            empty += int((counted.sum(dim=1) == 0).sum())
-            for name, drop in drops.items():
+            keeps = {}
+            for name, drop in drops.items():  # rows whose concept-masked response differs from the plain one
                 keep = counted & ~torch.isin(ids, torch.tensor(sorted(drop), dtype=torch.long, device=ids.device))
                 changed = [
                     r for r, i in enumerate(rows) if int(i) in members[name] and not torch.equal(keep[r], counted[r])
                 ]
-                if not changed:
-                    continue
-                sub = _pool(acts[changed], keep[changed], pool).cpu().numpy()
-                empty += int((keep[changed].sum(dim=1) == 0).sum())
+                if changed:
+                    keeps[name] = (changed, keep[changed])
+                    empty += int((keep[changed].sum(dim=1) == 0).sum())
+            # pooled layer by layer into one (batch, n_neurons) buffer: no concatenated copy of the activations
+            outputs = recorder.outputs
+            width_n = sum(a.shape[-1] for a in outputs)
+            pooled = torch.empty((len(rows), width_n), dtype=torch.float32, device=ids.device)
+            extra = {
+                name: torch.empty((len(ch), width_n), dtype=torch.float32, device=ids.device)
+                for name, (ch, _k) in keeps.items()
+            }
+            offset = 0
+            for a in outputs:
+                d = a.shape[-1]
+                for name, (changed, keep) in keeps.items():  # before `_pool` may mask `a` in place
+                    extra[name][:, offset : offset + d] = _pool(a[changed].float(), keep, pool, in_place=True)
+                pooled[:, offset : offset + d] = _pool(
+                    a if a.dtype == torch.float32 else a.float(), counted, pool, in_place=True
+                )
+                offset += d
+            if base is None:
+                base = np.zeros((len(encoded), width_n), dtype=np.float32)
+            base[rows] = pooled.cpu().numpy()
+            empty += int((counted.sum(dim=1) == 0).sum())
+            for name, (changed, _keep) in keeps.items():
+                sub = extra[name].cpu().numpy()
                 for j, r in enumerate(changed):
                     masked[name][int(rows[r])] = sub[j]
     return Responses(base, masked, empty)
 
 
-def _pool(acts: torch.Tensor, keep: torch.Tensor, pool: str) -> torch.Tensor:
-    """Max (padding and dropped positions masked to -inf, never taken) or mean over kept positions; 0 when none."""
+def _pool(acts: torch.Tensor, keep: torch.Tensor, pool: str, in_place: bool = False) -> torch.Tensor:
+    """`(batch, seq, d)` -> `(batch, d)`: max (padding and dropped positions set to -inf, never taken; in place
+    when allowed: the recorded activations are not read again) or mean over kept positions; 0 when none kept."""
     any_kept = keep.any(dim=1, keepdim=True)
     if pool == "max":
-        masked = acts.masked_fill(~keep[..., None], float("-inf"))
-        return torch.where(any_kept, masked.max(dim=1).values, torch.zeros_like(masked[:, 0]))
-    total = (acts * keep[..., None]).sum(dim=1)
+        masked = (
+            acts.masked_fill_(~keep[..., None], float("-inf"))
+            if in_place
+            else acts.masked_fill(~keep[..., None], float("-inf"))
+        )
+        return torch.where(any_kept, masked.amax(dim=1), torch.zeros((), dtype=acts.dtype, device=acts.device))
+    total = torch.einsum("bsd,bs->bd", acts, keep.to(acts.dtype))  # one batched product, no masked copy
     return total / keep.sum(dim=1, keepdim=True).clamp(min=1)
 
 
@@ -401,7 +423,8 @@ def score_all(
             rng=np.random.default_rng([req.seed, c]),
         )
         ap[c], auroc[c] = s.ap, s.auroc
-        scores.append(s)
+        scores.append(cm.ConceptScores(ap[c], auroc[c], s.null_best, s.null_kth))  # views: no second copy
+        del s, x
         sizes.append((len(sentences.positive[name]), len(sentences.negative[name])))
     similarity = cm.spearman_matrix(ap)
     rng = np.random.default_rng([req.seed, 1_000_003])

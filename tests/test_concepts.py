@@ -324,3 +324,82 @@ def test_pooling_never_reads_padding(pool):
         kept = acts[b][keep[b]]
         np.testing.assert_allclose(got[b], kept.max(axis=0) if pool == "max" else kept.mean(axis=0), rtol=1e-6)
     np.testing.assert_array_equal(got[2], 0.0)  # no counted position: response 0
+
+
+def test_human_references_pairs_in_show_and_triplets_in_run(concept_store, tmp_path):
+    _root, _home, db, run = concept_store
+    names = ["control", "if", "loop", "number", "text"]
+    pairs = tmp_path / "pairs.csv"
+    rows = [
+        f"{a},{b},{1.0 if {a, b} <= {'control', 'if', 'loop'} else 0.1}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
+    pairs.write_text("concept_a,concept_b,similarity\n" + "\n".join(rows) + "\nif,dog,0.5\n")
+    (row,) = json.loads(run("concept", "show", "code", "--human", pairs, "--format", "json").stdout)
+    assert row["human_rsa"] is not None and 0 < row["human_p_max"] <= 1
+    triplets = tmp_path / "odd.csv"
+    triplets.write_text("a,b,c,odd\nif,loop,number,number\ncontrol,if,text,text\nloop,control,number,number\n")
+    run(
+        "concept",
+        "run",
+        "code",
+        "--sets",
+        "a@0",
+        "--k",
+        5,
+        "--permutations",
+        2,
+        "--mantel-permutations",
+        50,
+        "--human",
+        triplets,
+        "--device",
+        "cpu",
+    )
+    (acc, n, p) = _rows(db, "SELECT triplet_accuracy, n_triplets, p FROM v_concept_alignment WHERE reference = 'odd'")[
+        0
+    ]
+    assert n == 3 and acc in (0.0, 1 / 3, 2 / 3, 1.0) and p >= 1 / 51
+
+
+def test_a_text_longer_than_the_context_is_refused(concept_store, tmp_path):
+    _root, _home, db, run = concept_store
+    long = tmp_path / "long.jsonl"
+    lines = [{"concept": "a", "positive": ["x = 1 " * 200]}, {"concept": "b", "positive": ["y"]}]
+    long.write_text("\n".join(json.dumps(x) for x in lines))
+    run("concept", "add", "long", long)
+    before = _rows(db, "SELECT COUNT(*) FROM concept_run")
+    r = run("concept", "run", "long", "--sets", "a@0", ok=False)
+    assert "longer than the context of a@0 (128)" in r.stderr
+    assert _rows(db, "SELECT COUNT(*) FROM concept_run") == before
+
+
+def test_a_run_whose_process_died_is_reaped_with_its_rows(concept_store):
+    """A run killed mid-way (its row still `running`, owned by a dead pid) is reaped by the next command: the
+    row becomes abandoned and its partial score rows go."""
+    from sqlalchemy import update
+
+    from actdb.store.config import StoreConfig
+    from actdb.store.database.connection import Store
+    from actdb.store.database.lifecycle import HOST, reap_abandoned
+    from actdb.store.database.schema import ConceptRun, ConceptScore
+
+    _root, home, db, _run = concept_store
+    store = Store.open(StoreConfig.resolve(home, db))
+    with store.session() as s:
+        run_id = s.scalar(select_first_run())
+        s.execute(update(ConceptRun).where(ConceptRun.id == run_id).values(status="running", host=HOST, pid=2**22 + 7))
+    reap_abandoned(store)
+    with store.session() as s:
+        assert s.get(ConceptRun, run_id).status == "abandoned"
+        assert s.query(ConceptScore).filter_by(run_id=run_id).count() == 0
+    store.close()
+
+
+def select_first_run():
+    from sqlalchemy import func, select
+
+    from actdb.store.database.schema import ConceptRun
+
+    return select(func.min(ConceptRun.id)).where(ConceptRun.status == "complete", ConceptRun.mask_concept_token)

@@ -403,3 +403,19 @@ def select_first_run():
     from actdb.store.database.schema import ConceptRun
 
     return select(func.min(ConceptRun.id)).where(ConceptRun.status == "complete", ConceptRun.mask_concept_token)
+
+
+def test_view_tables_in_code_match_the_concept_views(concept_store, pg_url):
+    from actdb.store.config import StoreConfig
+    from actdb.store.database.connection import Store, make_engine
+    from actdb.store.database.views import v_concept_alignment, v_concept_experts, v_concept_scores
+
+    _root, _home, db, _run = concept_store
+    Store.init(StoreConfig.resolve(_root / "pg-empty", pg_url)).close()
+    for url in (db, pg_url):
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            for table in (v_concept_scores, v_concept_experts, v_concept_alignment):
+                result = conn.execute(text(f"SELECT * FROM {table.name} WHERE 1 = 0"))
+                assert list(result.keys()) == [c.name for c in table.columns], (url.split(":")[0], table.name)
+        engine.dispose()

@@ -131,6 +131,13 @@ def test_show_and_experts_commands(concept_store):
     assert row["twin_jaccard"] is not None and row["seed_seed_rsa"] is not None
     assert row["taxonomy_rsa"] is not None and row["jaccard_with_last"] == 1.0
     assert row["twin_tuning"] is not None and row["random_tuning"] is not None and "expert_universal_or" in row
+    assert row["containment"] is not None and row["cophenetic_r"] is not None
+    (by_layer,) = json.loads(
+        run("concept", "show", "code", "--similarity", "jaccard", "--layer", 1, "--format", "json").stdout
+    )
+    assert by_layer["mean_best_ap"] == row["mean_best_ap"] and by_layer["seed_seed_rsa"] is not None
+    r = run("concept", "show", "code", "--layer", 9, ok=False)
+    assert "layer 9 does not exist (2 layers)" in r.stderr
     experts = json.loads(run("concept", "experts", "code", "if", "--model", "a", "--format", "json").stdout)
     assert len(experts) == 5 * 2  # the masked run's too
     assert experts[0]["ap"] > 0.99 and experts[0]["twins"].startswith("b:") and not experts[0]["masked"]

@@ -42,8 +42,20 @@ class ScoredRun:
     def experts(self, c: int) -> np.ndarray:
         return cm.top_k(self.arrays.ap[c], self.k)
 
-    def similarity(self) -> np.ndarray:
-        return cm.spearman_matrix(self.arrays.ap)
+    def similarity(self, kind: str = "spearman", layer: int | None = None) -> np.ndarray:
+        """Concept x concept: Spearman of the AP vectors over all neurons (or one layer's), or Jaccard of the
+        top-k expert sets (of that layer's neurons when `layer` is given)."""
+        ap = self.arrays.ap
+        if layer is not None:
+            if not 0 <= layer < self.arrays.n_layers:
+                raise ActdbError(f"layer {layer} does not exist ({self.arrays.n_layers} layers)")
+            d = self.arrays.d_mlp
+            ap = ap[:, layer * d : (layer + 1) * d]
+        if kind == "jaccard":
+            return cm.jaccard_matrix([cm.top_k(row, self.k) for row in ap])
+        if kind != "spearman":
+            raise ActdbError(f"unknown similarity {kind!r}; use spearman or jaccard")
+        return cm.spearman_matrix(ap)
 
 
 def complete_runs(store: Store, name: str, pool: str | None = None, mask: bool | None = None) -> list[ScoredRun]:
@@ -132,14 +144,18 @@ def concept_table(
     draws: int = 200,
     mantel_permutations: int = 1000,
     seed: int = 0,
+    similarity: str = "spearman",
+    layer: int | None = None,
 ) -> tuple[Rows, Rows]:
     """The per-step table and the per-model emergence rows (first step from which the Jaccard of the experts with
     the last step's stays >= 0.5). Per step, means over the models (ordered pairs for cross-seed columns):
     concepts, best AP, experts above tau; twin overlap (Jaccard of A's experts' twins with B's experts) and its
     chance from `draws` random k-sets; twin tuning (correlation over concepts of an expert's AP with its twin's)
     and the same for 1000 random neuron pairs; experts x universal neurons odds ratio (and the largest Fisher p);
-    seed-seed RSA; taxonomy and human RSA with the largest Mantel p over the models; hierarchy AUROC; Jaccard of
-    the experts with the last step."""
+    seed-seed RSA; taxonomy and human RSA with the largest Mantel p over the models; hierarchy AUROC; containment
+    |E(child) ∩ E(parent)| / k over parent-child pairs; the average-linkage dendrogram's cophenetic correlation
+    with the taxonomy; Jaccard of the experts with the last step. `similarity` (spearman or jaccard) and `layer`
+    choose the concept x concept matrix the RSA and hierarchy columns use."""
     _id, concepts = load_concept_set(store, name)
     runs = complete_runs(store, name, pool, mask)
     names = concepts.names
@@ -159,7 +175,7 @@ def concept_table(
     rows = []
     for step in sorted({r.step for r in runs}):
         at = [r for r in runs if r.step == step]
-        sims = {r.run_id: r.similarity() for r in at}
+        sims = {r.run_id: r.similarity(similarity, layer) for r in at}
         tax = [cm.rsa(sims[r.run_id], taxonomy, mantel_permutations, rng) for r in at] if len(names) >= 3 else []
         hum = (
             [cm.rsa(sims[r.run_id], reference.similarity, mantel_permutations, rng) for r in at]
@@ -167,6 +183,14 @@ def concept_table(
             else []
         )
         hier = [h.auroc for r in at for h in cm.hierarchy_auroc(sims[r.run_id], names, concepts.parents, 200, rng)]
+        cophenetic = [cm.dendrogram(sims[r.run_id], taxonomy).cophenetic_r for r in at] if len(names) >= 3 else []
+        contained = [
+            cm.containment(r.experts(names.index(child)), r.experts(names.index(parent)))
+            for r in at
+            for child in names
+            for parent in concepts.parents.get(child, ())
+            if parent in names
+        ]
         seed_rsa = [cm.rsa(sims[a.run_id], sims[b.run_id], 0, rng).rho for a, b in itertools.combinations(at, 2)]
         overlap, chance, tuning, random_tuning = [], [], [], []
         for a, b in itertools.permutations(at, 2):
@@ -206,6 +230,8 @@ def concept_table(
                 _mean([h.rho for h in hum]),
                 max((h.p for h in hum if np.isfinite(h.p)), default=None),
                 _mean(hier),
+                _mean(contained),
+                _mean(cophenetic),
                 _mean([jaccard_last[r.run_id] for r in at]),
             )
         )
@@ -228,6 +254,8 @@ def concept_table(
             "human_rsa",
             "human_p_max",
             "hierarchy_auroc",
+            "containment",
+            "cophenetic_r",
             "jaccard_with_last",
         ],
         rows,

@@ -70,22 +70,39 @@ def run(app: AppContext, name: str, quiet: bool, dataset_name: str | None, **opt
 @click.option("--pool", type=click.Choice(["max", "mean"]), default="max", show_default=True, help="Runs of this pool.")
 @click.option("--mask-concept-token", "mask", is_flag=True, help="The runs with the concept word's tokens dropped.")
 @click.option("--mantel-permutations", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option(
+    "--similarity",
+    type=click.Choice(["spearman", "jaccard"]),
+    default="spearman",
+    show_default=True,
+    help="Concept x concept: Spearman of AP vectors, or Jaccard of expert sets.",
+)
+@click.option("--layer", type=click.IntRange(min=0), help="Similarity from this layer's neurons only.")
 @format_option
 @pass_app
 def show(
     app: AppContext,
     name: str,
     human: str | None,
-    pool: str | None,
-    mask: bool | None,
+    pool: str,
+    mask: bool,
     mantel_permutations: int,
+    similarity: str,
+    layer: int | None,
     fmt: str,
 ) -> None:
     """Per step: concepts, mean best AP, experts, twin overlap vs chance, seed-seed and reference RSA, hierarchy."""
     from actdb.compute.concepts.analysis import concept_table
 
     table, emergence = concept_table(
-        app.store(), name, human=human, pool=pool, mask=mask, mantel_permutations=mantel_permutations
+        app.store(),
+        name,
+        human=human,
+        pool=pool,
+        mask=mask,
+        mantel_permutations=mantel_permutations,
+        similarity=similarity,
+        layer=layer,
     )
     click.echo(render(table, fmt))
     if fmt == "table":

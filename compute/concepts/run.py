@@ -8,6 +8,7 @@ files, config and tokenizer, sentence lengths against the context, the human ref
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +207,7 @@ def _run_one(
         permutations=req.permutations,
         mantel=req.mantel_permutations,
         seed=req.seed,
-        human=None if reference is None else reference.name,
+        human=None if reference is None else [reference.name, _fingerprint(reference)],
     )
     path = concept_sidecar_path(t.activation_path, req.name, key)
     values = {
@@ -253,6 +254,14 @@ def _run_one(
         f"{aligned}"
     )
     return run_id
+
+
+def _fingerprint(reference: Reference) -> str:
+    """The reference's content (matrix and triplets) as used, so an edited file under the same name is new."""
+    digest = hashlib.sha256(np.nan_to_num(reference.similarity, nan=-9.0).tobytes())
+    if reference.triplets is not None:
+        digest.update(np.ascontiguousarray(reference.triplets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _complete(store: Store, key: str) -> int | None:

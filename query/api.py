@@ -25,7 +25,7 @@ from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import complete_set, resolve_hook
-from actdb.store.database.views import v_neuron_explanations
+from actdb.store.database.views import v_concept_experts, v_concept_scores, v_neuron_explanations
 from actdb.store.errors import ActdbError
 from actdb.store.files.token import TokenDataset
 from actdb.store.hook_names import HOOK_NAME, parse_hook
@@ -239,6 +239,30 @@ class ActdbStore:
 
         return frame(point_rows(self.store, run))
 
+    def concepts(self, name: str | None = None, model: str | None = None, step: int | None = None) -> pd.DataFrame:
+        """Per concept and complete concept run: best AP and AUROC, the permutation null (q99 of the best and the
+        k-th best AP, excess, p and how many permutations), experts above tau (`v_concept_scores`)."""
+        v = v_concept_scores
+        return frame(
+            self.store.query(_filtered(v, concept_set=name, model=model, step=step).order_by(v.c.run_id, v.c.concept))
+        )
+
+    def concept_experts(
+        self, name: str, concept: str | None = None, model: str | None = None, step: int | None = None
+    ) -> pd.DataFrame:
+        """The top-k expert neurons per concept and complete run (`v_concept_experts`)."""
+        v = v_concept_experts
+        query = _filtered(v, concept_set=name, concept=concept, model=model, step=step)
+        return frame(self.store.query(query.order_by(v.c.run_id, v.c.concept, v.c.rank)))
+
+    def concept_summary(
+        self, name: str, human: str | None = None, pool: str = "max", mask: bool = False
+    ) -> pd.DataFrame:
+        """The per-step table of `actdb concept show`."""
+        from actdb.compute.concepts.analysis import concept_table
+
+        return frame(concept_table(self.store, name, human=human, pool=pool, mask=mask)[0])
+
     def runs(self) -> pd.DataFrame:
         return frame(queries.runs_listing(self.store))
 
@@ -269,6 +293,15 @@ class ActdbStore:
         """One read-only SQL statement streamed: `.columns`, then iterate tuples (memory does not grow with the
         result; no cap unless given). Use it in a `with` block so the connection closes if you stop early."""
         return ReadonlyQuery(self.store.config, query, timeout, max_rows, max_bytes)
+
+
+def _filtered(view, **equal: Any):
+    """SELECT * FROM view WHERE column = value for every value given."""
+    query = select(view)
+    for column, value in equal.items():
+        if value is not None:
+            query = query.where(view.c[column] == value)
+    return query
 
 
 def _neuron_list(neurons: str | list[int] | None, d_mlp: int) -> list[int]:

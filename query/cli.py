@@ -12,6 +12,7 @@ import click
 from actdb import __version__
 from actdb.query.commands import (
     ablation,
+    concepts,
     correlation,
     explain,
     ingest,
@@ -55,6 +56,7 @@ for _module in (
     report,
     plan,
     trajectories,
+    concepts,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -47,7 +47,8 @@ from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_
 from actdb.store.refs import SetRef
 
 DATASET = "stdlib-heldout"
-STAGES = 10
+STAGES = 11
+CONCEPTS = "python-constructs"
 
 
 @dataclass(kw_only=True)
@@ -139,10 +140,13 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
         "and every checkpoint against every other (trajectories)"
     )
     _similarity(store, models, compared, req, indent)
+    stage(f"concepts: expert neurons for Python constructs (held-out source), {len(models)} seeds x {len(steps)} steps")
+    _concepts(store, models, steps, config["train_files"], indent)
     stage("report")
     report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
     _summary(store, req.threshold, echo)
     _similarity_summary(store, models, compared, echo)
+    _concept_summary(store, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
     return report
 
@@ -198,6 +202,31 @@ def _similarity(store: Store, models: list[str], steps: list[int], req: DemoRequ
             store, PredictionRequest(target=str(ref), dataset=DATASET, progress=False), log=lambda _m: None
         )
     compute_trajectories(store, TrajectoryRequest(sets=refs, dataset=DATASET), log=echo)
+
+
+def _concepts(store: Store, models: list[str], steps: list[int], train_files: int, echo: Callable) -> None:
+    """Write the Python-constructs concepts file from the held-out files, store it, score every seed x step."""
+    from actdb.compute.concepts.python_concepts import write_python_concepts
+    from actdb.compute.concepts.run import ConceptRequest, add_concept_set, run_concepts
+
+    path = write_python_concepts(stdlib_files()[train_files:], store.config.home / f"{CONCEPTS}.jsonl")
+    _id, concepts, _created = add_concept_set(store, CONCEPTS, path)
+    echo(f"{len(concepts.concepts)} concepts ({', '.join(concepts.names)}), {path}")
+    request = ConceptRequest(name=CONCEPTS, models=",".join(models), steps=",".join(map(str, steps)), dataset=DATASET)
+    run_concepts(store, request, log=lambda _m: None)
+
+
+def _concept_summary(store: Store, echo: Callable[[str], None]) -> None:
+    from actdb.compute.concepts.analysis import concept_table
+
+    table, emergence = concept_table(store, CONCEPTS)
+    echo(
+        "\n== Concept experts (Python constructs; top-100 by AP, 20 label permutations; RSA: Spearman of upper "
+        "triangles, Mantel p over 1000 permutations; twin overlap: experts mapped through correlate twins vs "
+        "k random neurons' twins) =="
+    )
+    echo(render(table))
+    echo(render(emergence))
 
 
 def _similarity_summary(store: Store, models: list[str], steps: list[int], echo: Callable[[str], None]) -> None:

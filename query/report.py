@@ -411,6 +411,9 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             None,
             missing="no trajectory run yet: `actdb trajectories --models ... --steps ...` (after `actdb predictions`)",
         )
+    from actdb.query.concept_report import concept_sections
+
+    sections.extend(concept_sections(store, out))
     page = out / "index.html"
     _write(
         page,

@@ -65,6 +65,11 @@ def _delete_trajectory_results(conn, run_id: int) -> None:
         conn.execute(delete(table).where(table.c.run_id == run_id))
 
 
+def _delete_concept_results(conn, run_id: int) -> None:
+    for table in (tables.concept_score, tables.concept_expert, tables.concept_alignment):
+        conn.execute(delete(table).where(table.c.run_id == run_id))
+
+
 # Every run table, with what to delete when one of its runs is abandoned (activation sets keep their
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[Table, Callable | None] = {
@@ -75,6 +80,7 @@ RUN_TABLES: dict[Table, Callable | None] = {
     tables.prediction_set: None,
     tables.ablation: _delete_ablation_results,
     tables.trajectory_run: _delete_trajectory_results,
+    tables.concept_run: _delete_concept_results,
 }
 
 

@@ -142,6 +142,27 @@ class StoreIdentity(MappedRow):
     file, so a second store initialised on this database (another folder) is refused."""
 
 
+class ConceptSet(MappedRow):
+    """A named concepts file (`actdb concept add`): its canonical JSONL and fingerprint."""
+
+
+class ConceptRun(MappedRow):
+    """Expert neurons of one activation set's checkpoint for a concept set (`actdb concept run`): AP arrays in
+    an HDF5 sidecar beside the set's activations, top-k experts and summaries in SQL."""
+
+
+class ConceptScore(MappedRow):
+    """One concept's summary in a concept run: best AP and AUROC, the permutation null, experts above tau."""
+
+
+class ConceptExpert(MappedRow):
+    """One of a concept's top-k neurons by AP in a concept run."""
+
+
+class ConceptAlignment(MappedRow):
+    """RSA of a concept run's concept x concept similarity with a reference (the taxonomy, or a human file)."""
+
+
 mapper_registry.map_imperatively(
     Model, tables.model, properties={"checkpoints": relationship(Checkpoint, back_populates="model")}
 )
@@ -173,3 +194,8 @@ mapper_registry.map_imperatively(TrajectoryValue, tables.trajectory_value)
 mapper_registry.map_imperatively(TrajectoryPoint, tables.trajectory_point)
 mapper_registry.map_imperatively(IngestAttempt, tables.ingest_attempt)
 mapper_registry.map_imperatively(StoreIdentity, tables.store_identity)
+mapper_registry.map_imperatively(ConceptSet, tables.concept_set)
+mapper_registry.map_imperatively(ConceptRun, tables.concept_run)
+mapper_registry.map_imperatively(ConceptScore, tables.concept_score)
+mapper_registry.map_imperatively(ConceptExpert, tables.concept_expert)
+mapper_registry.map_imperatively(ConceptAlignment, tables.concept_alignment)

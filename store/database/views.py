@@ -261,3 +261,61 @@ v_trajectory_points = _view(
     Column("map_x", Float),
     Column("map_y", Float),
 )
+
+
+def _concept_run_columns() -> list[Column]:
+    return [
+        Column("run_id", Integer),
+        Column("concept_set", String),
+        Column("model", String),
+        Column("step", BigInteger),
+        Column("dataset", String),
+        Column("hook", String),
+        Column("pool", String),
+        Column("mask_concept_token", Boolean),
+    ]
+
+
+v_concept_scores = _view(
+    "v_concept_scores",
+    *_concept_run_columns(),
+    Column("k", Integer),
+    Column("tau", Float),
+    Column("concept", String),
+    Column("n_positive", Integer),
+    Column("n_negative", Integer),
+    Column("best_ap", Float),
+    Column("best_auroc", Float),
+    Column("kth_ap", Float),
+    Column("null_best_q99", Float),
+    Column("null_kth_q99", Float),
+    Column("excess_ap", Float),
+    Column("p_best", Float),
+    Column("n_permutations", Integer),
+    Column("n_above_tau", Integer),
+    Column("set_id", Integer),
+)
+v_concept_experts = _view(
+    "v_concept_experts",
+    *_concept_run_columns(),
+    Column("k", Integer),
+    Column("concept", String),
+    Column("rank", Integer),
+    Column("layer", Integer),
+    Column("neuron", Integer),
+    Column("ap", Float),
+    Column("auroc", Float),
+    Column("set_id", Integer),
+)
+v_concept_alignment = _view(
+    "v_concept_alignment",
+    *_concept_run_columns(),
+    Column("reference", String),
+    Column("rho", Float),
+    Column("p", Float),
+    Column("n_permutations", Integer),
+    Column("n_pairs", Integer),
+    Column("triplet_accuracy", Float),
+    Column("n_triplets", Integer),
+    Column("set_id", Integer),
+)

@@ -1,0 +1,353 @@
+"""`actdb concept show` and `actdb concept experts`: read a concept set's complete runs (SQL rows and AP
+sidecars) and compare them across seeds (through stored correlate twins) and across steps (by neuron index)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import func, select
+
+from actdb.compute.concepts import math as cm
+from actdb.compute.concepts.concept_file import ConceptSet, read_reference
+from actdb.compute.concepts.run import load_concept_set
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.schema import (
+    ActivationSet,
+    Checkpoint,
+    ConceptExpert,
+    ConceptRun,
+    CorrelationRun,
+    Model,
+    NeuronMatch,
+)
+from actdb.store.errors import ActdbError
+from actdb.store.files.concept import ConceptArrays, read_concept_arrays
+
+
+@dataclass
+class ScoredRun:
+    run_id: int
+    set_id: int
+    model: str
+    step: int
+    k: int
+    tau: float
+    pool: str
+    masked: bool
+    arrays: ConceptArrays
+
+    def experts(self, c: int) -> np.ndarray:
+        return cm.top_k(self.arrays.ap[c], self.k)
+
+    def similarity(self, kind: str = "spearman", layer: int | None = None) -> np.ndarray:
+        """Concept x concept: Spearman of the AP vectors over all neurons (or one layer's), or Jaccard of the
+        top-k expert sets (of that layer's neurons when `layer` is given)."""
+        ap = self.arrays.ap
+        if layer is not None:
+            if not 0 <= layer < self.arrays.n_layers:
+                raise ActdbError(f"layer {layer} does not exist ({self.arrays.n_layers} layers)")
+            d = self.arrays.d_mlp
+            ap = ap[:, layer * d : (layer + 1) * d]
+        if kind == "jaccard":
+            return cm.jaccard_matrix([cm.top_k(row, self.k) for row in ap])
+        if kind != "spearman":
+            raise ActdbError(f"unknown similarity {kind!r}; use spearman or jaccard")
+        return cm.spearman_matrix(ap)
+
+
+def complete_runs(store: Store, name: str, pool: str | None = None, mask: bool | None = None) -> list[ScoredRun]:
+    """The newest complete run of each activation set, pool and mask on concept set `name` (optionally of one
+    pool / mask)."""
+    set_id, _concepts = load_concept_set(store, name)
+    q = (
+        select(ConceptRun, Model.name, Checkpoint.step)
+        .join(ActivationSet, ActivationSet.id == ConceptRun.set_id)
+        .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
+        .join(Model, Model.id == Checkpoint.model_id)
+        .where(ConceptRun.concept_set_id == set_id, ConceptRun.status == "complete")
+        .order_by(ConceptRun.id.desc())
+    )
+    if pool is not None:
+        q = q.where(ConceptRun.pool == pool)
+    if mask is not None:
+        q = q.where(ConceptRun.mask_concept_token == mask)
+    seen, out = set(), []
+    with store.session() as s:
+        rows = s.execute(q).all()
+    for run, model, step in rows:
+        if (run.set_id, run.pool, run.mask_concept_token) in seen:
+            continue
+        seen.add((run.set_id, run.pool, run.mask_concept_token))
+        arrays = read_concept_arrays(store.config.file(run.path))
+        out.append(ScoredRun(run.id, run.set_id, model, step, run.k, run.tau, run.pool, run.mask_concept_token, arrays))
+    if not out:
+        raise ActdbError(f"concept set {name!r} has no complete runs; run `actdb concept run {name} --sets ...`")
+    return sorted(out, key=lambda r: (r.step, r.model, r.pool, r.masked))
+
+
+def twin_map(store: Store, set_a: int, set_b: int, n_neurons: int, d_mlp: int) -> np.ndarray | None:
+    """Flat index in B of each neuron of A's best match, from the newest complete correlation run holding both
+    (-1 where none); None when no run matched them."""
+    with store.session() as s:
+        run_id = s.scalar(
+            select(func.max(NeuronMatch.run_id))
+            .join(CorrelationRun, CorrelationRun.id == NeuronMatch.run_id)
+            .where(NeuronMatch.set_id == set_a, NeuronMatch.other_set_id == set_b, CorrelationRun.status == "complete")
+        )
+        if run_id is None:
+            return None
+        rows = s.execute(
+            select(NeuronMatch.layer, NeuronMatch.neuron, NeuronMatch.best_layer, NeuronMatch.best_neuron).where(
+                NeuronMatch.run_id == run_id, NeuronMatch.set_id == set_a, NeuronMatch.other_set_id == set_b
+            )
+        ).all()
+    out = np.full(n_neurons, -1, dtype=np.int64)
+    for layer, neuron, bl, bn in rows:
+        if bl is not None and bn is not None:
+            out[layer * d_mlp + neuron] = bl * d_mlp + bn
+    return out
+
+
+def _expert_universal(store: Store, run: ScoredRun, n_concepts: int) -> cm.Enrichment | None:
+    """Experts (any concept's top-k) x universal neurons (newest cross-model run, none control, its threshold)."""
+    from actdb.store.database.labels import latest_universality_run, universal_neurons_of
+
+    found = latest_universality_run(store, run.set_id, "none")
+    if found is None:
+        return None
+    n = run.arrays.ap.shape[1]
+    d = run.arrays.d_mlp
+    universal = np.zeros(n, dtype=bool)
+    for layer, neuron in universal_neurons_of(store, found[0], run.set_id, found[1]):
+        universal[layer * d + neuron] = True
+    expert = np.zeros(n, dtype=bool)
+    for c in range(n_concepts):
+        expert[run.experts(c)] = True
+    return cm.expert_universal_enrichment(expert, universal)
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def concept_table(
+    store: Store,
+    name: str,
+    *,
+    human: str | None = None,
+    pool: str = "max",
+    mask: bool = False,
+    draws: int = 200,
+    mantel_permutations: int = 1000,
+    seed: int = 0,
+    similarity: str = "spearman",
+    layer: int | None = None,
+) -> tuple[Rows, Rows]:
+    """The per-step table and the per-model emergence rows (first step from which the Jaccard of the experts with
+    the last step's stays >= 0.5). Per step, means over the models (ordered pairs for cross-seed columns):
+    concepts, best AP, experts above tau; twin overlap (Jaccard of A's experts' twins with B's experts) and its
+    chance from `draws` random k-sets; twin tuning (correlation over concepts of an expert's AP with its twin's)
+    and the same for 1000 random neuron pairs; experts x universal neurons odds ratio (and the largest Fisher p);
+    seed-seed RSA; taxonomy and human RSA with the largest Mantel p over the models; hierarchy AUROC; containment
+    |E(child) ∩ E(parent)| / k over parent-child pairs; the average-linkage dendrogram's cophenetic correlation
+    with the taxonomy; Jaccard of the experts with the last step. `similarity` (spearman or jaccard) and `layer`
+    choose the concept x concept matrix the RSA and hierarchy columns use."""
+    _id, concepts = load_concept_set(store, name)
+    runs = complete_runs(store, name, pool, mask)
+    names = concepts.names
+    reference = read_reference(human, names) if human else None
+    taxonomy = cm.taxonomy_similarity(names, concepts.parents)
+    rng = np.random.default_rng(seed)
+    by_model: dict[str, list[ScoredRun]] = defaultdict(list)
+    for r in runs:
+        by_model[r.model].append(r)
+    last = {m: rs[-1] for m, rs in by_model.items()}
+    jaccard_last: dict[int, float] = {}
+    for m, rs in by_model.items():
+        for r in rs:
+            jaccard_last[r.run_id] = float(
+                np.mean([cm.jaccard(r.experts(c), last[m].experts(c)) for c in range(len(names))])
+            )
+    rows = []
+    for step in sorted({r.step for r in runs}):
+        at = [r for r in runs if r.step == step]
+        sims = {r.run_id: r.similarity(similarity, layer) for r in at}
+        tax = [cm.rsa(sims[r.run_id], taxonomy, mantel_permutations, rng) for r in at] if len(names) >= 3 else []
+        hum = (
+            [cm.rsa(sims[r.run_id], reference.similarity, mantel_permutations, rng) for r in at]
+            if reference is not None and len(names) >= 3
+            else []
+        )
+        hier = [h.auroc for r in at for h in cm.hierarchy_auroc(sims[r.run_id], names, concepts.parents, 200, rng)]
+        cophenetic = [cm.dendrogram(sims[r.run_id], taxonomy).cophenetic_r for r in at] if len(names) >= 3 else []
+        contained = [
+            cm.containment(r.experts(names.index(child)), r.experts(names.index(parent)))
+            for r in at
+            for child in names
+            for parent in concepts.parents.get(child, ())
+            if parent in names
+        ]
+        seed_rsa = [cm.rsa(sims[a.run_id], sims[b.run_id], 0, rng).rho for a, b in itertools.combinations(at, 2)]
+        overlap, chance, tuning, random_tuning = [], [], [], []
+        for a, b in itertools.permutations(at, 2):
+            twins = twin_map(store, a.set_id, b.set_id, a.arrays.ap.shape[1], a.arrays.d_mlp)
+            if twins is None:
+                continue
+            for c in range(len(names)):
+                o = cm.twin_overlap(a.experts(c), b.experts(c), twins, draws, rng)
+                overlap.append(o.jaccard)
+                chance.append(o.chance_mean)
+            union = np.unique(np.concatenate([a.experts(c) for c in range(len(names))]))
+            t, rnd = cm.twin_tuning(a.arrays.ap, b.arrays.ap, twins, union, 1000, rng)
+            tuning.append(t)
+            random_tuning.append(rnd)
+        odds, fisher_p = [], []
+        for r in at:
+            enrichment = _expert_universal(store, r, len(names))
+            if enrichment is not None:
+                odds.append(enrichment.odds_ratio)
+                fisher_p.append(enrichment.p)
+        rows.append(
+            (
+                step,
+                len(at),
+                len(names),
+                _mean([float(r.arrays.ap[c].max()) for r in at for c in range(len(names))]),
+                _mean([float(np.sum(r.arrays.ap[c] > r.tau)) for r in at for c in range(len(names))]),
+                _mean(overlap),
+                _mean(chance),
+                _mean(tuning),
+                _mean(random_tuning),
+                _mean(odds),
+                max(fisher_p, default=None),
+                _mean(seed_rsa),
+                _mean([t.rho for t in tax]),
+                max((t.p for t in tax if np.isfinite(t.p)), default=None),
+                _mean([h.rho for h in hum]),
+                max((h.p for h in hum if np.isfinite(h.p)), default=None),
+                _mean(hier),
+                _mean(contained),
+                _mean(cophenetic),
+                _mean([jaccard_last[r.run_id] for r in at]),
+            )
+        )
+    table = Rows.from_tuples(
+        [
+            "step",
+            "models",
+            "concepts",
+            "mean_best_ap",
+            "experts_above_tau",
+            "twin_jaccard",
+            "twin_chance",
+            "twin_tuning",
+            "random_tuning",
+            "expert_universal_or",
+            "fisher_p_max",
+            "seed_seed_rsa",
+            "taxonomy_rsa",
+            "taxonomy_p_max",
+            "human_rsa",
+            "human_p_max",
+            "hierarchy_auroc",
+            "containment",
+            "cophenetic_r",
+            "jaccard_with_last",
+        ],
+        rows,
+    )
+    emergence = []
+    for m, rs in sorted(by_model.items()):
+        steps = [r.step for r in rs]
+        emergence.append((m, steps[-1], cm.emergence_step(steps, [jaccard_last[r.run_id] for r in rs])))
+    return table, Rows.from_tuples(["model", "last_step", "emergence_step"], emergence)
+
+
+def concept_experts(store: Store, name: str, concept: str, model: str | None = None, step: int | None = None) -> Rows:
+    """The top-k experts of one concept in each complete run (optionally one model / step), with each neuron's
+    newest universality score (excess correlation), its family when explained, and its twins in the other
+    models' sets at the same step (from the newest correlation run holding both)."""
+    _id, concepts = load_concept_set(store, name)
+    if concept not in concepts.names:
+        raise ActdbError(f"concept {concept!r} is not in concept set {name!r} ({', '.join(concepts.names[:10])})")
+    every = complete_runs(store, name)
+    runs = [r for r in every if (model is None or r.model == model) and (step is None or r.step == step)]
+    if not runs:
+        raise ActdbError(f"no complete run of {name!r} for {model or 'any model'} at step {step}")
+    c = concepts.names.index(concept)
+    from actdb.store.database.views import v_neuron_explanations, v_universality
+
+    out = []
+    for r in runs:
+        with store.session() as s:
+            experts = (
+                s.execute(
+                    select(ConceptExpert)
+                    .where(ConceptExpert.run_id == r.run_id, ConceptExpert.concept == concept)
+                    .order_by(ConceptExpert.rank)
+                )
+                .scalars()
+                .all()
+            )
+            universality = {
+                (u.layer, u.neuron): u.excess_corr
+                for u in s.execute(
+                    select(v_universality.c.layer, v_universality.c.neuron, v_universality.c.excess_corr)
+                    .where(v_universality.c.set_id == r.set_id)
+                    .order_by(v_universality.c.run_id)
+                )
+            }
+            family = {
+                (e.layer, e.neuron): e.family
+                for e in s.execute(
+                    select(
+                        v_neuron_explanations.c.layer, v_neuron_explanations.c.neuron, v_neuron_explanations.c.family
+                    ).where(v_neuron_explanations.c.set_id == r.set_id)
+                )
+            }
+        twins = []
+        for other in every:
+            if other.step == r.step and other.model != r.model:
+                t = twin_map(store, r.set_id, other.set_id, r.arrays.ap.shape[1], r.arrays.d_mlp)
+                if t is not None:
+                    twins.append((other, t))
+        d = r.arrays.d_mlp
+        for e in experts:
+            flat = e.layer * d + e.neuron
+            twin_text = []
+            for other, t in twins:
+                if (other.pool, other.masked) != (r.pool, r.masked):
+                    continue
+                if t[flat] >= 0:
+                    tl, tn = divmod(int(t[flat]), d)
+                    twin_text.append(f"{other.model}:{tl}.{tn} (AP {other.arrays.ap[c, t[flat]]:.3f})")
+            out.append(
+                (
+                    r.model,
+                    r.step,
+                    r.pool,
+                    r.masked,
+                    e.rank,
+                    e.layer,
+                    e.neuron,
+                    e.ap,
+                    e.auroc,
+                    universality.get((e.layer, e.neuron)),
+                    family.get((e.layer, e.neuron)),
+                    "; ".join(twin_text) or None,
+                )
+            )
+    return Rows.from_tuples(
+        ["model", "step", "pool", "masked", "rank", "layer", "neuron", "ap", "auroc", "excess_corr", "family", "twins"],
+        out,
+    )
+
+
+def similarity_matrices(store: Store, name: str) -> tuple[ConceptSet, list[ScoredRun]]:
+    """The concept set and its newest complete runs (for the report's heatmaps and dendrograms)."""
+    _id, concepts = load_concept_set(store, name)
+    return concepts, complete_runs(store, name)

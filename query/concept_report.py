@@ -11,6 +11,7 @@ import numpy as np
 from sqlalchemy import select
 
 from actdb.compute.concepts import math as cm
+from actdb.query.figures import pyplot, save_figure
 from actdb.query.output import render
 from actdb.store.database.connection import Store
 from actdb.store.database.schema import ConceptSet
@@ -20,7 +21,6 @@ from actdb.store.errors import ActdbError
 def concept_sections(store: Store, out: Path) -> list[str]:
     """HTML sections, one per concept set with complete runs (none when the store has no concept sets)."""
     from actdb.compute.concepts.analysis import concept_table, similarity_matrices
-    from actdb.query.report import _plt, _save
 
     with store.session() as s:
         names = list(s.scalars(select(ConceptSet.name).order_by(ConceptSet.id)))
@@ -34,7 +34,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
         runs = [r for r in runs if r.pool == "max" and not r.masked]
         if not runs:
             continue
-        plt = _plt()
+        plt = pyplot()
         labels = concepts.names
         last = max(r.step for r in runs)
         at_last = [r for r in runs if r.step == last]
@@ -45,7 +45,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
             ax.set_title(f"{r.model}@{r.step}", fontsize=8)
         fig.colorbar(im, ax=axes[0][-1], shrink=0.7, label="Spearman of AP vectors")
-        heat = _save(fig, out, f"concepts_{_safe(name)}_similarity.png")
+        heat = save_figure(fig, out, f"concepts_{_safe(name)}_similarity.png")
         first = at_last[0]
         taxonomy = cm.taxonomy_similarity(labels, concepts.parents)
         tree = cm.dendrogram(first.similarity(), taxonomy)
@@ -55,7 +55,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
         draw(tree.linkage, labels=labels, ax=ax, leaf_rotation=90, leaf_font_size=7)
         ax.set_ylabel("1 - similarity")
         ax.set_title(f"{first.model}@{first.step}: average linkage; cophenetic r with taxonomy {tree.cophenetic_r:.2f}")
-        dend = _save(fig, out, f"concepts_{_safe(name)}_dendrogram.png")
+        dend = save_figure(fig, out, f"concepts_{_safe(name)}_dendrogram.png")
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
         for model in sorted({r.model for r in runs}):
             mine = [r for r in runs if r.model == model]
@@ -67,7 +67,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
         ax1.set(xlabel="step", ylabel="Jaccard with last step", title="top-k experts", ylim=(0, 1.05))
         ax2.set(xlabel="step", ylabel="experts above tau (mean per concept)", title="AP > tau")
         ax1.legend(fontsize=7)
-        steps_img = _save(fig, out, f"concepts_{_safe(name)}_steps.png")
+        steps_img = save_figure(fig, out, f"concepts_{_safe(name)}_steps.png")
         body = "".join(f'<img src="{i}" alt="concepts">' for i in (heat, dend, steps_img))
         body += (
             f"<pre>{html.escape(render(table))}</pre><details><summary>emergence</summary>"

@@ -9,26 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from actdb.query import queries
+from actdb.query.figures import pyplot, save_figure
 from actdb.query.neuron_pages import family_counts, universal_table
 from actdb.query.output import render
 from actdb.store.database.connection import Rows, Store
 from actdb.store.errors import ActdbError
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path, name: str) -> str:
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return name
 
 
 def hook_tag(hook: str | None) -> str:
@@ -43,7 +28,7 @@ def _universal_by_layer_plot(
         rows = queries.universal_by_layer(store, control=control, threshold=threshold, hook=hook)
     except ActdbError:
         return None, ""
-    plt = _plt()
+    plt = pyplot()
     steps = sorted({r["step"] for r in rows})
     top = max((r["pct_universal"] for r in rows), default=1.0) or 1.0
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps) + 1, 3.2), squeeze=False, sharey=True)
@@ -65,7 +50,7 @@ def _universal_by_layer_plot(
     fig.suptitle(f"Universal neurons by layer ({control} control, {at}{', ' + hook if hook else ''})")
     name = f"universal_by_layer_{control}{hook_tag(hook)}"
     _write(out / f"{name}.csv", render(rows, "csv") + "\n")
-    return _save(fig, out, f"{name}.png"), render(rows, "table")
+    return save_figure(fig, out, f"{name}.png"), render(rows, "table")
 
 
 def _excess_histogram(store: Store, out: Path, control: str, hook: str | None = None) -> str | None:
@@ -75,7 +60,7 @@ def _excess_histogram(store: Store, out: Path, control: str, hook: str | None = 
         return None
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     steps = sorted({r["step"] for r in rows})
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3), squeeze=False, sharey=True)
     bins = np.linspace(-0.1, 1.0, 45)
@@ -89,14 +74,14 @@ def _excess_histogram(store: Store, out: Path, control: str, hook: str | None = 
         ax.set_xlabel("mean over other models")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Max correlation vs rotation baseline ({control} control{', ' + hook if hook else ''})")
-    return _save(fig, out, f"excess_hist_{control}{hook_tag(hook)}.png")
+    return save_figure(fig, out, f"excess_hist_{control}{hook_tag(hook)}.png")
 
 
 def _persistence_heatmap(store: Store, out: Path, threshold: float | None) -> tuple[str | None, str]:
     rows = queries.persistence_listing(store, control="none", threshold=threshold)
     if not rows:
         return None, ""
-    plt = _plt()
+    plt = pyplot()
     panels = sorted({(r["model"], r["threshold"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (model, t) in zip(axes[0], panels, strict=True):
@@ -113,7 +98,7 @@ def _persistence_heatmap(store: Store, out: Path, threshold: float | None) -> tu
         ax.set_title(f"{model} (excess > {t})")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, label="p_persist")
-    return _save(fig, out, "persistence.png"), render(rows, "table")
+    return save_figure(fig, out, "persistence.png"), render(rows, "table")
 
 
 def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
@@ -121,7 +106,7 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
     if not rows:
         return None, ""
     deltas = queries.ablation_control_deltas(store)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 2.2 + 0.45 * len(rows)))
     for i, r in enumerate(rows):
         controls = deltas.get(r["ablation_id"], [])
@@ -157,7 +142,7 @@ def _ablation_plot(store: Store, out: Path) -> tuple[str | None, str]:
         for r in rows
         if r["n_controls"] and r["n_controls"] < 19
     ]
-    return _save(fig, out, "ablations.png"), render(rows, "table") + "".join(f"\n{n}" for n in notes)
+    return save_figure(fig, out, "ablations.png"), render(rows, "table") + "".join(f"\n{n}" for n in notes)
 
 
 def _ablation_label(r: dict) -> str:
@@ -190,7 +175,7 @@ def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
         ]
     keys = sorted({k[:2] for k in values})
     labels = [f"{m}@{s}" for m, s in keys]
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 1.5 + 0.32 * len(labels)), squeeze=False)
     for ax, (metric, title) in zip(axes[0], metrics, strict=True):
         grid = np.full((len(keys), len(keys)), np.nan)
@@ -203,7 +188,7 @@ def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"Similarity of every pair of sets (run {rows[0]['run_id']}; ordered by seed, then step)")
-    heatmaps = _save(fig, out, "similarity.png")
+    heatmaps = save_figure(fig, out, "similarity.png")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, (metric, title) in zip(axes[0], metrics, strict=True):
         same_seed = [v[metric] for (m, st, om, ost), v in values.items() if m == om and st != ost and v.get(metric)]
@@ -212,7 +197,7 @@ def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
         ax.set_xticks([1, 2], ["same seed,\nother step", "other seed,\nsame step"], fontsize=7)
         ax.set_title(title, fontsize=9)
     fig.suptitle("Snapshots of one run against independently trained runs")
-    contrast = _save(fig, out, "similarity_contrast.png")
+    contrast = save_figure(fig, out, "similarity_contrast.png")
     return [heatmaps, contrast], render(rows, "table")
 
 
@@ -241,7 +226,7 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
         return [], ""
     summary = tt.run_summary(store)
     points = tt.point_rows(store)
-    plt = _plt()
+    plt = pyplot()
     images = []
     keys, win = tt.matrix(rows, "win_rate")
     labels = [f"{m}@{s}" for m, s in keys]
@@ -257,7 +242,7 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
         f"non-transitive; ≥ {summary['n_targets']:,} targets per pair)",
         fontsize=8,
     )
-    images.append(_save(fig, out, "trajectories_win_rate.png"))
+    images.append(save_figure(fig, out, "trajectories_win_rate.png"))
 
     acc = {(r["model"], r["step"]): r["top1_accuracy"] for r in points}
     ref_model, _, ref_step = summary["reference"].rpartition("@")
@@ -281,7 +266,7 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
     ax.set_ylabel("disagreement with reference / (1 − reference accuracy)")
     ax.set_title("Diversity vs accuracy (Fort et al.)", fontsize=9)
     ax.legend(fontsize=6)
-    images.append(_save(fig, out, "trajectories_disagreement.png"))
+    images.append(save_figure(fig, out, "trajectories_disagreement.png"))
 
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     kinds = [
@@ -304,7 +289,7 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
     )
     ax.set_ylabel("ensemble gain (nats)")
     ax.set_title("Mixture of two checkpoints: mean(ℓA, ℓB) − mixture loss", fontsize=8)
-    images.append(_save(fig, out, "trajectories_ensemble_gain.png"))
+    images.append(save_figure(fig, out, "trajectories_ensemble_gain.png"))
 
     if summary["weights"]:
         fig, axes = plt.subplots(1, 2, figsize=(3.2 + 0.6 * len(keys), 1.8 + 0.3 * len(keys)), squeeze=False)
@@ -322,7 +307,7 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
         fig.suptitle(
             "Weight space (across seeds θ − θ0 is not drawn: independent initialisations make it ≈ 0)", fontsize=8
         )
-        images.append(_save(fig, out, "trajectories_weights.png"))
+        images.append(save_figure(fig, out, "trajectories_weights.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for model in sorted({r["model"] for r in points}):
@@ -335,7 +320,7 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
     stress = "" if summary["map_stress"] is None else f", stress-1 {summary['map_stress']:.3f}"
     ax.set_title(f"Trajectories: {summary['embedding']} of {summary['distance']}{stress}", fontsize=9)
     ax.legend(fontsize=7)
-    images.append(_save(fig, out, "trajectories_map.png"))
+    images.append(save_figure(fig, out, "trajectories_map.png"))
     table = render(tt.kind_comparison(rows), "table") + "\n\n" + render(points, "table")
     return images, table
 

@@ -513,38 +513,38 @@ store_identity = Table(
 
 # A named concepts file (`actdb concept add`): its canonical JSONL and fingerprint.
 concept_set = Table(
-    'concept_set',
+    "concept_set",
     metadata,
-    Column('id', Integer, primary_key=True),
-    Column('name', String(200), unique=True, nullable=False),
-    Column('fingerprint', String(64), nullable=False),
-    Column('n_concepts', Integer, nullable=False),
-    Column('body', Text, nullable=False),
-    Column('created_at', DateTime, default=utcnow, nullable=False),
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), unique=True, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("n_concepts", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime, default=utcnow, nullable=False),
 )
 
 
 # Expert neurons of one activation set's checkpoint for a concept set (`actdb concept run`): AP arrays in
 # an HDF5 sidecar beside the set's activations, top-k experts and summaries in SQL.
 concept_run = Table(
-    'concept_run',
+    "concept_run",
     metadata,
-    Column('id', Integer, primary_key=True),
-    Column('request_key', String(64), index=True, nullable=False),
-    Column('concept_set_id', ForeignKey("concept_set.id", ondelete="CASCADE"), nullable=False),
-    Column('set_id', ForeignKey("activation_set.id", ondelete="CASCADE"), nullable=False),
-    Column('hook', String(50), nullable=False),
-    Column('pool', String(10), nullable=False),
-    Column('mask_concept_token', Boolean, nullable=False),
-    Column('k', Integer, nullable=False),
-    Column('tau', Float, nullable=False),
-    Column('n_permutations', Integer, nullable=False),
-    Column('seed', Integer, nullable=False),
-    Column('path', Text, nullable=False),  # the AP sidecar, relative to the store folder
-    Column('n_sentences', Integer),
-    Column('n_neurons', Integer),
-    Column('n_empty', Integer),  # sentences left with no counted token (response 0)
-    Column('created_at', DateTime, default=utcnow, nullable=False),
+    Column("id", Integer, primary_key=True),
+    Column("request_key", String(64), index=True, nullable=False),
+    Column("concept_set_id", ForeignKey("concept_set.id", ondelete="CASCADE"), nullable=False),
+    Column("set_id", ForeignKey("activation_set.id", ondelete="CASCADE"), nullable=False),
+    Column("hook", String(50), nullable=False),
+    Column("pool", String(10), nullable=False),
+    Column("mask_concept_token", Boolean, nullable=False),
+    Column("k", Integer, nullable=False),
+    Column("tau", Float, nullable=False),
+    Column("n_permutations", Integer, nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("path", Text, nullable=False),  # the AP sidecar, relative to the store folder
+    Column("n_sentences", Integer),
+    Column("n_neurons", Integer),
+    Column("n_empty", Integer),  # sentences left with no counted token (response 0)
+    Column("created_at", DateTime, default=utcnow, nullable=False),
     *run_state_columns(),
     running_unique("concept_run"),
 )
@@ -552,47 +552,47 @@ concept_run = Table(
 
 # One concept's summary in a concept run: best AP and AUROC, the permutation null, experts above tau.
 concept_score = Table(
-    'concept_score',
+    "concept_score",
     metadata,
-    Column('run_id', ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True),
-    Column('concept', String(200), primary_key=True),
-    Column('n_positive', Integer, nullable=False),
-    Column('n_negative', Integer, nullable=False),
-    Column('best_ap', Float, nullable=False),
-    Column('best_auroc', Float, nullable=False),
-    Column('kth_ap', Float, nullable=False),
-    Column('null_best_q99', Float),
-    Column('null_kth_q99', Float),
-    Column('excess_ap', Float),
-    Column('p_best', Float),
-    Column('n_above_tau', Integer, nullable=False),
+    Column("run_id", ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("concept", String(200), primary_key=True),
+    Column("n_positive", Integer, nullable=False),
+    Column("n_negative", Integer, nullable=False),
+    Column("best_ap", Float, nullable=False),
+    Column("best_auroc", Float, nullable=False),
+    Column("kth_ap", Float, nullable=False),
+    Column("null_best_q99", Float),
+    Column("null_kth_q99", Float),
+    Column("excess_ap", Float),
+    Column("p_best", Float),
+    Column("n_above_tau", Integer, nullable=False),
 )
 
 
 # One of a concept's top-k neurons by AP in a concept run.
 concept_expert = Table(
-    'concept_expert',
+    "concept_expert",
     metadata,
-    Column('run_id', ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True),
-    Column('concept', String(200), primary_key=True),
-    Column('rank', Integer, primary_key=True),
-    Column('layer', Integer, nullable=False),
-    Column('neuron', Integer, nullable=False),
-    Column('ap', Float, nullable=False),
-    Column('auroc', Float, nullable=False),
+    Column("run_id", ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("concept", String(200), primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("layer", Integer, nullable=False),
+    Column("neuron", Integer, nullable=False),
+    Column("ap", Float, nullable=False),
+    Column("auroc", Float, nullable=False),
 )
 
 
 # RSA of a concept run's concept x concept similarity with a reference (the taxonomy, or a human file).
 concept_alignment = Table(
-    'concept_alignment',
+    "concept_alignment",
     metadata,
-    Column('run_id', ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True),
-    Column('reference', String(200), primary_key=True),
-    Column('rho', Float),
-    Column('p', Float),
-    Column('n_permutations', Integer, nullable=False),
-    Column('n_pairs', Integer, nullable=False),
-    Column('triplet_accuracy', Float),
-    Column('n_triplets', Integer),
+    Column("run_id", ForeignKey("concept_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("reference", String(200), primary_key=True),
+    Column("rho", Float),
+    Column("p", Float),
+    Column("n_permutations", Integer, nullable=False),
+    Column("n_pairs", Integer, nullable=False),
+    Column("triplet_accuracy", Float),
+    Column("n_triplets", Integer),
 )

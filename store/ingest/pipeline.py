@@ -41,7 +41,8 @@ from actdb.store.database import tables
 from actdb.store.database.connection import Store, finite_or_none, insert_rows
 from actdb.store.database.lifecycle import RunBusy, RunHandle, claim_row, running, start_run
 from actdb.store.database.registry import check_new_name, find_set, get_dataset, get_or_create
-from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, IngestAttempt, Model, NeuronStat, utcnow
+from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, IngestAttempt, Model, NeuronStat
+from actdb.store.database.tables import utcnow
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError, BusyError, first_line
 from actdb.store.files.activation import ActivationHeader, ActivationWriter, partial_path

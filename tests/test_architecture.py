@@ -87,7 +87,7 @@ def test_no_import_cycle_among_actdb_modules():
 def test_the_cycle_check_finds_a_planted_cycle():
     graph = import_graph()
     graph["actdb.store.errors"] = graph["actdb.store.errors"] | {"actdb.store.refs"}  # refs imports errors
-    assert ["actdb.store.errors", "actdb.store.refs"] in _cycles(graph)
+    assert any({"actdb.store.errors", "actdb.store.refs"} <= set(cycle) for cycle in _cycles(graph))
 
 
 def test_layers_point_one_way():

@@ -16,6 +16,7 @@ from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Mode
 from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
+from actdb.store.token_text import quoted, readable
 
 BEFORE, AFTER = 10, 4  # tokens of context shown around a maximum
 MARK = ("«", "»")  # around the maximum's token in a context
@@ -65,16 +66,6 @@ def _explained_sets(store: Store, model: str, step: int) -> list[tuple[SetExplan
             .order_by(Dataset.name)
         ).all()
     return [tuple(r) for r in rows]
-
-
-def _display(text: str) -> str:
-    """A token's text on one line: newlines and tabs shown as symbols."""
-    return text.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
-
-
-def _quoted(text: str) -> str:
-    """A token alone, quoted so its leading and trailing spaces show."""
-    return "'" + _display(text) + "'"
 
 
 def neuron_explanation(
@@ -152,9 +143,10 @@ def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[
             break
         seq, p = divmod(int(pos), seq_len)
         ids = tokens.tokens[seq]
-        before = "".join(_text(texts, int(t)) for t in ids[max(0, p - BEFORE) : p])
-        after = "".join(_text(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER])
-        token = _text(texts, int(ids[p]))
+        # joined before they are made readable, so a character split across tokens shows whole
+        before = readable("".join(_text(texts, int(t)) for t in ids[max(0, p - BEFORE) : p]))
+        after = readable("".join(_text(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER]))
+        token = readable(_text(texts, int(ids[p])))
         out.append(
             {
                 "dataset": dataset,
@@ -163,7 +155,7 @@ def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[
                 "sequence": seq,
                 "position": p,
                 "token": token,
-                "context": _display(before) + MARK[0] + _display(token) + MARK[1] + _display(after),
+                "context": before + MARK[0] + token + MARK[1] + after,
                 "before": before,
                 "after": after,
             }
@@ -176,7 +168,7 @@ def _top_tokens(tok: dict, texts: list[str], dataset: str) -> list[dict]:
     for rank, (tid, mean, count) in enumerate(zip(tok["top_ids"], tok["top_means"], tok["top_counts"], strict=True)):
         if tid < 0:
             break
-        token = _quoted(_text(texts, int(tid)))
+        token = quoted(_text(texts, int(tid)))
         rows.append(
             {"dataset": dataset, "rank": rank + 1, "token_id": int(tid), "token": token, "mean_activation": float(mean)}
             | {"count": int(count)}
@@ -192,9 +184,9 @@ def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
             {
                 "dataset": dataset,
                 "rank": rank + 1,
-                "top_token": _quoted(_text(texts, int(ti))),
+                "top_token": quoted(_text(texts, int(ti))),
                 "top_value": float(tv),
-                "bottom_token": _quoted(_text(texts, int(bi))),
+                "bottom_token": quoted(_text(texts, int(bi))),
                 "bottom_value": float(bv),
             }
         )
@@ -247,7 +239,7 @@ def families(
         row = dict(r)
         draws = row.pop("excess_draws")
         known = texts.get(row.pop("set_id"), [])
-        row["token"] = _quoted(_text(known, row["top_token"])) if row["top_token"] is not None else None
+        row["token"] = quoted(_text(known, row["top_token"])) if row["top_token"] is not None else None
         if threshold is not None:
             row["stability"] = stability_at(draws, threshold)
         rows.append(row)

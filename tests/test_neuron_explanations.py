@@ -20,6 +20,7 @@ from actdb.store.files.explanation import explanation_path, read_explanation_gro
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_model
 from actdb.store.ingest.token_datasets import load_tokenizer
+from actdb.store.token_text import readable, stored_text, token_bytes
 from tests.conftest import cli_runner
 
 
@@ -133,14 +134,35 @@ def test_neuron_shows_decoded_contexts_with_the_maximum_marked(explained, tokeni
         flat = e["sequence"] * tokens.seq_len + e["position"]
         assert flat == ex["positions"][1, 5, rank]
         assert e["activation"] == pytest.approx(float(data[1, flat, 5]))
-        assert e["token"] == tokenizer.decode([int(tokens.tokens[e["sequence"], e["position"]])])
-        assert "«" + e["token"].replace("\n", "⏎").replace("\t", "⇥") + "»" in e["context"]
+        assert e["token"] == readable(token_bytes(tokenizer, [int(tokens.tokens[e["sequence"], e["position"]])])[0])
+        assert "«" + e["token"] + "»" in e["context"]
     assert doc["explanation"][0]["token_r2"] is not None
     assert len(doc["top_tokens"]) > 0 and len(doc["vocabulary"]) == 10
     table = run("neuron", "a@0", "1.5").stdout
     assert "examples of a@0 1.5" in table and "«" in table
     strings = unpack_strings(read_explanation_group(explanation_path(path), "strings"))
-    assert strings[:50] == [tokenizer.decode([i]) for i in range(50)]
+    assert strings[:50] == [stored_text(raw) for raw in token_bytes(tokenizer, range(50))]
+
+
+def test_token_text_is_readable_and_one_line_everywhere(explained):
+    """Newline tokens show as ⏎ and bytes that are no character as <0xNN>: no raw newline, tab or '�' in the
+    neuron's examples, top tokens or vocabulary, in JSON or in the table."""
+    home, db, run, _src = explained
+    seen = ""
+    for neuron in range(0, 128, 9):
+        doc = json.loads(run("neuron", "a@0", f"1.{neuron}", "--examples", 8, "--format", "json").stdout)
+        texts = [
+            str(row[key])
+            for part in ("examples", "top_tokens", "vocabulary")
+            for row in doc[part]
+            for key in ("token", "context", "top_token", "bottom_token")
+            if key in row
+        ]
+        assert not [t for t in texts if "\n" in t or "\t" in t or "\ufffd" in t], texts
+        seen += "".join(texts)
+        table = run("neuron", "a@0", f"1.{neuron}").stdout
+        assert "\ufffd" not in table and all(line.count("|") != 1 for line in table.splitlines())
+    assert "⏎" in seen  # standard-library source: newlines are among the contexts
 
 
 def test_families_follow_their_printed_rule_on_a_hand_made_case(explained):

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import select
 
 from actdb.query import queries
-from actdb.query.explanations import families, neuron_explanation
+from actdb.query.explanations import explained_neurons, families, neuron_explanation
 from actdb.query.listings import status_rows
 from actdb.query.sql_console import run_readonly
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import complete_set
-from actdb.store.database.views import v_neuron_explanations
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationReader
 from actdb.store.files.token import TokenDataset
@@ -35,10 +34,43 @@ if TYPE_CHECKING:
 
 
 def frame(rows: Rows) -> pd.DataFrame:
-    """Rows as a pandas DataFrame with the rows' columns, in order."""
+    """Rows as a pandas DataFrame with the rows' columns, in order, each typed by what it holds: integers as
+    int64 (nullable `Int64` where a value is missing, never float64), floats as float64, booleans as bool
+    (`boolean` with missing values), text as pandas' text dtype. A column with no values takes the type its query
+    declares, so an empty frame still has typed columns."""
     import pandas as pd
 
-    return pd.DataFrame.from_records([dict(r) for r in rows], columns=rows.columns)
+    data = {}
+    for column in rows.columns:
+        values = rows.column(column)
+        data[column] = pd.Series(values, dtype=_pandas_dtype(values, rows.types.get(column)), name=column)
+    return pd.DataFrame(data, columns=rows.columns)
+
+
+def _pandas_dtype(values: list, declared: type | None) -> str | None:
+    """The dtype for one column's values (None: let pandas infer, e.g. text and timestamps)."""
+    present = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    missing = len(present) < len(values)
+    if present:
+        if all(isinstance(v, (bool, np.bool_)) for v in present):
+            kind = bool
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in present):
+            kind = int
+        elif all(isinstance(v, (int, float, np.integer, np.floating, Decimal)) for v in present):
+            kind = float
+        elif all(isinstance(v, str) for v in present):
+            kind = str
+        else:
+            return None
+    else:
+        kind = declared
+    if kind is bool:
+        return "boolean" if missing else "bool"
+    if kind is int:
+        return "Int64" if missing else "int64"
+    if kind in (float, Decimal):
+        return "float64"
+    return "str" if kind is str else None  # pandas' text dtype (object before pandas 3)
 
 
 @dataclass
@@ -106,8 +138,10 @@ class ActdbStore:
     def activation_sets(self) -> pd.DataFrame:
         return frame(status_rows(self.store))
 
-    def models(self) -> list[str]:
-        return sorted({r["model"] for r in status_rows(self.store)})
+    def models(self) -> pd.DataFrame:
+        """One row per model: family, seed, architecture, layers, d_mlp, source, and its checkpoints (how many,
+        first and last step; missing where none is registered yet)."""
+        return frame(queries.models_listing(self.store))
 
     def activations(
         self,
@@ -159,11 +193,15 @@ class ActdbStore:
     def universal_by_layer(self, **filters: Any) -> pd.DataFrame:
         return frame(queries.universal_by_layer(self.store, **filters))
 
-    def neuron(self, target: str, neuron: str) -> dict[str, pd.DataFrame]:
+    def neuron(self, target: str, neuron: str, examples: int = 5) -> dict[str, pd.DataFrame]:
+        """Everything `actdb neuron` shows, one frame per section: `explanation`, `examples` (`examples`
+        max-activating contexts), `top_tokens`, `vocabulary`, then statistics, matches, universality, history
+        and ablations."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
+        explained = neuron_explanation(self.store, ref.model, ref.step, layer, index, examples, pieces=True)
         story = queries.neuron_story(self.store, ref.model, ref.step, layer, index)
-        return {k: frame(rows) for k, rows in story.items()}
+        return {k: frame(rows) for k, rows in {**explained, **story}.items()}
 
     def examples(self, target: str, neuron: str, n: int = 32) -> pd.DataFrame:
         """The neuron's max-activating examples: activation, sequence, position, token, and the context around
@@ -182,14 +220,9 @@ class ActdbStore:
 
     def explanations(self, model: str | None = None, step: int | None = None) -> pd.DataFrame:
         """Every explained neuron (`v_neuron_explanations`): token/position fractions, top token, vocabulary
-        moments and label, family by its set's recorded thresholds."""
-        e = v_neuron_explanations
-        query = select(e)
-        if model is not None:
-            query = query.where(e.c.model == model)
-        if step is not None:
-            query = query.where(e.c.step == step)
-        return frame(self.store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.layer, e.c.neuron)))
+        moments and label, family by its set's recorded thresholds. `top_token` is the token's readable text
+        (quoted, as `families()` shows it); its id stays in `top_token_id`."""
+        return frame(explained_neurons(self.store, model, step))
 
     def families(self, target: str, threshold: float | None = None, control: str = "none") -> pd.DataFrame:
         """Universal neurons of MODEL@STEP with their family (see `actdb families`)."""

@@ -98,15 +98,36 @@ def neuron_explanation(
         if "vocabulary" in arrays:
             vocabulary += _vocabulary(arrays["vocabulary"], texts, dataset)
     return {
-        "explanation": Rows(list(EXPLANATION_COLUMNS), summary),
+        "explanation": Rows(list(EXPLANATION_COLUMNS), summary, _typed(EXPLANATION_COLUMNS)),
         "examples": Rows(
             ["dataset", "rank", "activation", "sequence", "position", "token", "context"]
             + (["before", "after"] if pieces else []),
             contexts,
+            _typed(["rank", "sequence", "position"], ["activation"]),
         ),
-        "top_tokens": Rows(["dataset", "rank", "token_id", "token", "mean_activation", "count"], top_tokens),
-        "vocabulary": Rows(["dataset", "rank", "top_token", "top_value", "bottom_token", "bottom_value"], vocabulary),
+        "top_tokens": Rows(
+            ["dataset", "rank", "token_id", "token", "mean_activation", "count"],
+            top_tokens,
+            _typed(["rank", "token_id", "count"], ["mean_activation"]),
+        ),
+        "vocabulary": Rows(
+            ["dataset", "rank", "top_token", "top_value", "bottom_token", "bottom_value"],
+            vocabulary,
+            _typed(["rank"], ["top_value", "bottom_value"]),
+        ),
     }
+
+
+TEXT_COLUMNS = ("dataset", "token", "context", "before", "after", "top_token", "bottom_token", "vocab_label", "family")
+
+
+def _typed(integers: list[str] | tuple[str, ...], floats: list[str] | tuple[str, ...] = ()) -> dict[str, type]:
+    """Column types of a section built here (so an empty section still types its columns): the text columns by
+    name, the rest as given; in `EXPLANATION_COLUMNS` every non-text column is a float."""
+    types: dict[str, type] = dict.fromkeys(TEXT_COLUMNS, str)
+    if integers is EXPLANATION_COLUMNS:
+        return types | {c: float for c in EXPLANATION_COLUMNS if c not in TEXT_COLUMNS}
+    return types | dict.fromkeys(integers, int) | dict.fromkeys(floats, float)
 
 
 def _set_texts(store: Store, ex: SetExplanation) -> list[str]:
@@ -191,6 +212,34 @@ def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
             }
         )
     return rows
+
+
+def explained_neurons(store: Store, model: str | None = None, step: int | None = None) -> Rows:
+    """Every explained neuron (`v_neuron_explanations`), optionally of one model and step, with `top_token` as
+    its quoted readable text (as `families` shows it) and the id in `top_token_id`."""
+    e = v_neuron_explanations
+    query = select(e)
+    if model is not None:
+        query = query.where(e.c.model == model)
+    if step is not None:
+        query = query.where(e.c.step == step)
+    found = store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.layer, e.c.neuron))
+    with store.session() as s:
+        paths = dict(s.execute(select(SetExplanation.set_id, SetExplanation.path)).all())
+    texts: dict[int, list[str]] = {}
+    rows = []
+    for r in found:
+        row = dict(r)
+        if row["set_id"] not in texts:
+            path = store.config.file(paths[row["set_id"]]) if row["set_id"] in paths else None
+            texts[row["set_id"]] = _file_contents(path, "strings") if path is not None and path.exists() else []
+        token_id = row["top_token"]
+        row["top_token_id"] = token_id
+        row["top_token"] = quoted(_text(texts[row["set_id"]], token_id)) if token_id is not None else None
+        rows.append(row)
+    columns = list(found.columns)
+    columns.insert(columns.index("top_token") + 1, "top_token_id")
+    return Rows(columns, rows, {**found.types, "top_token": str, "top_token_id": int})
 
 
 def families(

@@ -295,6 +295,28 @@ def neuron_story(store: Store, model: str, step: int, layer: int, neuron: int) -
     }
 
 
+def models_listing(store: Store) -> Rows:
+    """One row per model with its registered checkpoints: how many, first and last step (none yet: 0, NULL)."""
+    query = (
+        select(
+            Model.name.label("model"),
+            Model.family,
+            Model.seed,
+            Model.architecture,
+            Model.n_layers.label("layers"),
+            Model.d_mlp,
+            Model.source,
+            func.count(Checkpoint.id).label("checkpoints"),
+            func.min(Checkpoint.step).label("first_step"),
+            func.max(Checkpoint.step).label("last_step"),
+        )
+        .join(Checkpoint, Checkpoint.model_id == Model.id, isouter=True)
+        .group_by(Model.id)
+        .order_by(Model.name)
+    )
+    return store.query(query)
+
+
 def runs_listing(store: Store) -> Rows:
     r = CorrelationRun
     return store.query(

@@ -296,3 +296,30 @@ def test_a_missing_explanation_file_leaves_the_sql_summary(explained, tmp_path):
         assert r.exit_code == 1 and "explanation file" in r.stdout
     finally:
         moved.rename(target)
+
+
+def test_api_frames_are_typed_and_carry_what_the_cli_shows(explained):
+    import actdb
+
+    home, db, run, _src = explained
+    api = actdb.open(home=home, db=db)
+    try:
+        models = api.models()
+        assert list(models["model"]) == ["a", "b"] and models["d_mlp"].dtype == "int64"
+        story = api.neuron("a@0", "1.5", examples=3)
+        cli = json.loads(run("neuron", "a@0", "1.5", "--examples", 3, "--format", "json").stdout)
+        assert {"explanation", "examples", "top_tokens", "vocabulary", "statistics", "matches"} <= set(story)
+        assert list(story["examples"]["context"]) == [e["context"] for e in cli["examples"]]
+        assert story["explanation"]["token_r2"].iloc[0] == pytest.approx(cli["explanation"][0]["token_r2"])
+        assert story["examples"]["sequence"].dtype == "int64" and story["examples"]["rank"].dtype == "int64"
+        every = api.explanations(model="a", step=0)
+        assert every["layer"].dtype == "int64" and every["top_token_id"].dtype in ("int64", "Int64")
+        fam = api.families("a@0", threshold=0.0).set_index(["layer", "neuron"])
+        both = every.set_index(["layer", "neuron"]).loc[fam.index]
+        assert list(both["top_token"]) == list(fam["token"])  # text, as families() shows it
+        assert all(t.startswith("'") and t.endswith("'") for t in every["top_token"].dropna())
+        bare = api.neuron("b@0", "0.1")  # b has no explanations: the sections are empty but typed
+        assert len(bare["examples"]) == 0 and bare["examples"]["rank"].dtype == "int64"
+        assert bare["top_tokens"]["mean_activation"].dtype == "float64"
+    finally:
+        api.close()

@@ -266,7 +266,9 @@ def test_export_and_api(lite, tmp_path):
     from actdb.query.api import ActdbStore
 
     api = ActdbStore.open(home, db)
-    assert api.models() == ["a", "b"]
+    models = api.models()
+    assert list(models["model"]) == ["a", "b"] and list(models["checkpoints"]) == [2, 2]  # steps 0 and 1
+    assert models["layers"].dtype == "int64" and list(models["last_step"]) == [1, 1]
     cli_rows = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json").stdout)
     listed = api.universal(model="a", step=1)
     assert isinstance(listed, pd.DataFrame) and list(listed.columns)[:5] == [

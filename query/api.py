@@ -9,14 +9,16 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actdb import __version__
 from actdb.query import queries
 from actdb.query.explanations import explained_neurons, families, neuron_explanation
 from actdb.query.listings import status_rows
@@ -86,6 +88,7 @@ class Activations:
     position: np.ndarray
     token_id: np.ndarray
     counted: np.ndarray
+    provenance: dict[str, str] = field(default_factory=dict)  # where the values come from: see `write`
 
     def to_frame(self) -> pd.DataFrame:
         """Position columns, then one float32 column per neuron named `L.N`."""
@@ -102,22 +105,35 @@ class Activations:
         return pd.DataFrame(data)
 
     def write(self, path: str | os.PathLike) -> None:
-        """`.npy` (the values only), `.csv` or `.parquet` (positions and a header, one column per neuron)."""
+        """`.npy` (the values only), `.csv` or `.parquet` (positions and a header, one column per neuron), each
+        with its provenance (model, step, revision, hook, dataset and its fingerprint, layer, rows, actdb
+        version...): Parquet as key-value metadata, CSV as `# key: value` lines before the header (pandas reads
+        the table with `read_csv(path, comment="#")`), `.npy` in a `FILE.npy.json` sidecar."""
         path = Path(path)
+        if path.suffix not in (".npy", ".csv", ".parquet"):
+            raise ActdbError(f"unsupported output {path.name!r}; use .npy, .csv or .parquet")
         try:
             if path.suffix == ".npy":
                 np.save(path, self.values)
+                Path(f"{path}.json").write_text(json.dumps(self.provenance, indent=2) + "\n")
             elif path.suffix == ".csv":
-                self.to_frame().to_csv(path, index=False, float_format="%.6g")
-            elif path.suffix == ".parquet":
-                try:
-                    self.to_frame().to_parquet(path, index=False)
-                except ImportError:
-                    raise ActdbError("writing Parquet needs pyarrow: pip install 'actdb[tables]'") from None
+                with path.open("w", newline="") as fh:
+                    fh.writelines(f"# {key}: {value}\n" for key, value in self.provenance.items())
+                    self.to_frame().to_csv(fh, index=False, float_format="%.6g")
             else:
-                raise ActdbError(f"unsupported output {path.name!r}; use .npy, .csv or .parquet")
+                self._write_parquet(path)
         except OSError as exc:
             raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def _write_parquet(self, path: Path) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ActdbError("writing Parquet needs pyarrow: pip install 'actdb[tables]'") from None
+        table = pa.Table.from_pandas(self.to_frame(), preserve_index=False)
+        metadata = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in self.provenance.items()}}
+        pq.write_table(table.replace_schema_metadata(metadata), path)
 
 
 class ActdbStore:
@@ -156,6 +172,18 @@ class ActdbStore:
         with self.store.session() as s:
             aset = complete_set(s, parse_set_ref(target), dataset)
             ds_path = aset.dataset.path
+            provenance = {
+                "model": aset.checkpoint.model.name,
+                "step": str(aset.checkpoint.step),
+                "source": aset.checkpoint.source,
+                "revision": aset.checkpoint.revision or "",
+                "weights_sha256": aset.checkpoint.weights_sha256 or "",
+                "hook": aset.hook,
+                "stored_dtype": aset.dtype,
+                "dataset": aset.dataset.name,
+                "dataset_fingerprint": aset.dataset.fingerprint,
+                "activation_set_id": str(aset.id),
+            }
         with ActivationReader(self.store.config.file(aset.path)) as reader:
             h = reader.header
             if not 0 <= layer < h.n_layers:
@@ -169,6 +197,13 @@ class ActdbStore:
         ds = TokenDataset.load(self.store.config.file(ds_path))
         index = np.arange(rows.start, rows.stop)
         keep = ds.mask.reshape(-1)[rows] if counted_only else np.ones(len(index), dtype=bool)
+        provenance |= {
+            "layer": str(layer),
+            "neurons": ",".join(map(str, cols)),
+            "tokens": f"{rows.start}:{rows.stop}",
+            "counted_only": str(counted_only).lower(),
+            "actdb_version": __version__,
+        }
         return Activations(
             values=values[keep],
             neurons=cols,
@@ -178,6 +213,7 @@ class ActdbStore:
             position=index[keep] % ds.seq_len,
             token_id=ds.tokens.reshape(-1)[rows][keep],
             counted=ds.mask.reshape(-1)[rows][keep],
+            provenance=provenance,
         )
 
     def read_layer(self, target: str, layer: int, **options: Any) -> np.ndarray:

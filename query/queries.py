@@ -199,8 +199,11 @@ def universal_by_layer(
 
 
 def max_corr_by_step(store: Store, control: str = "none") -> Rows:
-    """(step, mean_max_corr, mean_baseline) of every live neuron in each set's newest cross-model run."""
-    query = select(v.c.step, v.c.mean_max_corr, v.c.mean_baseline).where(v.c.is_dead.is_(False))
+    """(step, mean_max_corr, mean_baseline, excess_corr, the run's threshold) of every live neuron in each set's
+    newest cross-model run."""
+    query = select(v.c.step, v.c.mean_max_corr, v.c.mean_baseline, v.c.excess_corr, v.c.threshold).where(
+        v.c.is_dead.is_(False)
+    )
     return store.query(_scoped(store, query, control, None, None, None))
 
 

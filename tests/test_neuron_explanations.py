@@ -4,6 +4,7 @@ position fractions, vocabulary statistics, decoded contexts in `actdb neuron`, a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import h5py
@@ -253,7 +254,11 @@ def test_report_links_each_universal_neuron_to_its_page(explained, tmp_path):
     run("report", "--out", tmp_path / "rep", "--threshold", 0)
     index = (tmp_path / "rep" / "index.html").read_text()
     pages = sorted((tmp_path / "rep" / "neurons").glob("*.html"))
-    assert pages and all(f'href="neurons/{p.name}"' in index for p in pages)
+    linked = set(re.findall(r'href="neurons/([^"]+)"', index))
+    assert linked and linked <= {p.name for p in pages}
+    # every page is reached: from the index, or as a twin in another page's best matches
+    twins = {name for p in pages for name in re.findall(r'<td><a href="([^"/]+\.html)">', p.read_text())}
+    assert twins and twins <= {p.name for p in pages} and {p.name for p in pages} <= linked | twins
     assert "Neuron families of universal neurons, per layer" in index and "unexplained" in index
     page = pages[0].read_text()
     for heading in ("Max-activating contexts", "Tokens with the highest mean activation", "Vocabulary", "across steps"):
@@ -323,3 +328,25 @@ def test_api_frames_are_typed_and_carry_what_the_cli_shows(explained):
         assert bare["top_tokens"]["mean_activation"].dtype == "float64"
     finally:
         api.close()
+
+
+def test_report_histograms_say_what_they_plot(explained, tmp_path):
+    home, db, run, _src = explained
+    run("report", "--out", tmp_path / "rep", "--threshold", 0.05)
+    index = (tmp_path / "rep" / "index.html").read_text()
+    assert "Max correlation, rotation baseline and excess correlation (none control)" in index
+    assert "<h2>Excess correlation (none control)</h2>" not in index  # the old title named the wrong quantity
+    assert (tmp_path / "rep" / "excess_hist_none.png").stat().st_size > 10_000
+
+
+def test_similarity_heatmaps_stay_readable_at_twelve_sets(tmp_path):
+    from PIL import Image
+
+    from actdb.query.report import SIMILARITY_METRICS, similarity_heatmaps
+
+    keys = [(f"seed{k}", s) for k in range(4) for s in (50, 200, 800)]
+    values = {(a, b, c, d): {"excess_corr": 0.5, "matched_corr": 0.4, "cka": 0.9} for a, b in keys for c, d in keys}
+    name = similarity_heatmaps(values, list(SIMILARITY_METRICS), 1, tmp_path)
+    width, height = Image.open(tmp_path / name).size
+    # cells of at least 0.4 inch at 110 dpi: 12 rows of labels need ≥ 12 * 44 px per heatmap row
+    assert height >= 2 * 12 * 44 * 0.9 and width >= 2 * 12 * 44 * 0.9

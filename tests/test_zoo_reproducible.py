@@ -53,3 +53,16 @@ def test_reproducible_training_restores_the_callers_settings():
     with reproducible_training(1):
         assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
     assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_zoo_of_the_previous_version_is_named_not_reused(tmp_path):
+    import json
+
+    from actdb.store.errors import ActdbError
+    from actdb.store.ingest.zoo import train_zoo, zoo_config
+
+    old = zoo_config(1, 10, [10]) | {"version": 1}
+    del old["train_threads"]
+    (tmp_path / "zoo.json").write_text(json.dumps(old))
+    with pytest.raises(ActdbError, match="trained by zoo version 1"):
+        train_zoo(tmp_path, zoo_config(1, 10, [10]), progress=False)

@@ -277,7 +277,13 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
 
     hf_logging.disable_progress_bar()
     root = Path(root)
-    if read_zoo_manifest(root) not in (None, config):
+    found = read_zoo_manifest(root)
+    if found is not None and found.get("version") != config["version"]:
+        raise ActdbError(
+            f"zoo at {root} was trained by zoo version {found.get('version')} (this is version {config['version']}: "
+            "bit-reproducible training on a fixed thread count); delete that folder or pick another --zoo folder"
+        )
+    if found not in (None, config):
         raise ActdbError(f"zoo at {root} was built with other settings; pick another --zoo folder")
     root.mkdir(parents=True, exist_ok=True)
     (root / "zoo.json").write_text(json.dumps(config, indent=2))

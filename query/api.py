@@ -9,23 +9,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
 
+from actdb import __version__
 from actdb.query import queries
-from actdb.query.explanations import families, neuron_explanation
+from actdb.query.explanations import explained_neurons, families, neuron_explanation
 from actdb.query.listings import status_rows
 from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, ReadonlyQuery
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Rows, Store
-from actdb.store.database.registry import complete_set, resolve_hook
-from actdb.store.database.views import v_concept_experts, v_concept_scores, v_neuron_explanations
+from actdb.store.database.registry import complete_set, get_checkpoint, resolve_hook
+from actdb.store.database.views import v_concept_experts, v_concept_scores
 from actdb.store.errors import ActdbError
 from actdb.store.files.token import TokenDataset
 from actdb.store.hook_names import HOOK_NAME, parse_hook
@@ -37,10 +40,43 @@ if TYPE_CHECKING:
 
 
 def frame(rows: Rows) -> pd.DataFrame:
-    """Rows as a pandas DataFrame with the rows' columns, in order."""
+    """Rows as a pandas DataFrame with the rows' columns, in order, each typed by what it holds: integers as
+    int64 (nullable `Int64` where a value is missing, never float64), floats as float64, booleans as bool
+    (`boolean` with missing values), text as pandas' text dtype. A column with no values takes the type its query
+    declares, so an empty frame still has typed columns."""
     import pandas as pd
 
-    return pd.DataFrame.from_records([dict(r) for r in rows], columns=rows.columns)
+    data = {}
+    for column in rows.columns:
+        values = rows.column(column)
+        data[column] = pd.Series(values, dtype=_pandas_dtype(values, rows.types.get(column)), name=column)
+    return pd.DataFrame(data, columns=rows.columns)
+
+
+def _pandas_dtype(values: list, declared: type | None) -> str | None:
+    """The dtype for one column's values (None: let pandas infer, e.g. text and timestamps)."""
+    present = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    missing = len(present) < len(values)
+    if present:
+        if all(isinstance(v, (bool, np.bool_)) for v in present):
+            kind = bool
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in present):
+            kind = int
+        elif all(isinstance(v, (int, float, np.integer, np.floating, Decimal)) for v in present):
+            kind = float
+        elif all(isinstance(v, str) for v in present):
+            kind = str
+        else:
+            return None
+    else:
+        kind = declared
+    if kind is bool:
+        return "boolean" if missing else "bool"
+    if kind is int:
+        return "Int64" if missing else "int64"
+    if kind in (float, Decimal):
+        return "float64"
+    return "str" if kind is str else None  # pandas' text dtype (object before pandas 3)
 
 
 @dataclass
@@ -57,6 +93,7 @@ class Activations:
     position: np.ndarray
     token_id: np.ndarray
     counted: np.ndarray
+    provenance: dict[str, str] = field(default_factory=dict)  # where the values come from: see `write`
 
     def to_frame(self) -> pd.DataFrame:
         """Position columns, then one float32 column per neuron named `L.N`."""
@@ -73,22 +110,35 @@ class Activations:
         return pd.DataFrame(data)
 
     def write(self, path: str | os.PathLike) -> None:
-        """`.npy` (the values only), `.csv` or `.parquet` (positions and a header, one column per neuron)."""
+        """`.npy` (the values only), `.csv` or `.parquet` (positions and a header, one column per neuron), each
+        with its provenance (model, step, revision, hook, dataset and its fingerprint, layer, rows, actdb
+        version...): Parquet as key-value metadata, CSV as `# key: value` lines before the header (pandas reads
+        the table with `read_csv(path, comment="#")`), `.npy` in a `FILE.npy.json` sidecar."""
         path = Path(path)
+        if path.suffix not in (".npy", ".csv", ".parquet"):
+            raise ActdbError(f"unsupported output {path.name!r}; use .npy, .csv or .parquet")
         try:
             if path.suffix == ".npy":
                 np.save(path, self.values)
+                Path(f"{path}.json").write_text(json.dumps(self.provenance, indent=2) + "\n")
             elif path.suffix == ".csv":
-                self.to_frame().to_csv(path, index=False, float_format="%.6g")
-            elif path.suffix == ".parquet":
-                try:
-                    self.to_frame().to_parquet(path, index=False)
-                except ImportError:
-                    raise ActdbError("writing Parquet needs pyarrow: pip install 'actdb[tables]'") from None
+                with path.open("w", newline="") as fh:
+                    fh.writelines(f"# {key}: {value}\n" for key, value in self.provenance.items())
+                    self.to_frame().to_csv(fh, index=False, float_format="%.6g")
             else:
-                raise ActdbError(f"unsupported output {path.name!r}; use .npy, .csv or .parquet")
+                self._write_parquet(path)
         except OSError as exc:
             raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def _write_parquet(self, path: Path) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ActdbError("writing Parquet needs pyarrow: pip install 'actdb[tables]'") from None
+        table = pa.Table.from_pandas(self.to_frame(), preserve_index=False)
+        metadata = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in self.provenance.items()}}
+        pq.write_table(table.replace_schema_metadata(metadata), path)
 
 
 class ActdbStore:
@@ -109,8 +159,10 @@ class ActdbStore:
     def activation_sets(self) -> pd.DataFrame:
         return frame(status_rows(self.store))
 
-    def models(self) -> list[str]:
-        return sorted({r["model"] for r in status_rows(self.store)})
+    def models(self) -> pd.DataFrame:
+        """One row per model: family, seed, architecture, layers, d_mlp, source, and its checkpoints (how many,
+        first and last step; missing where none is registered yet)."""
+        return frame(queries.models_listing(self.store))
 
     def activations(
         self,
@@ -123,12 +175,25 @@ class ActdbStore:
         hook: str | None = None,
     ) -> Activations:
         """One layer of MODEL@STEP at `hook` (default: the only hook of its sets): the neurons in the order asked
-        (each once), token rows `START:END`."""
+        (each once), token rows `START:END`, with the provenance an export records."""
         ref = parse_set_ref(target)
         hook = resolve_hook(self.store, parse_hook(hook) if hook else None, ref.model, ref.step, ref.dataset or dataset)
         with self.store.transaction() as conn:
             aset = complete_set(conn, ref, dataset, hook or HOOK_NAME)
+            ckpt = get_checkpoint(conn, ref.model, ref.step)
         ds_path = aset.dataset_path
+        provenance = {
+            "model": ref.model,
+            "step": str(ckpt.step),
+            "source": ckpt.source,
+            "revision": ckpt.revision or "",
+            "weights_sha256": ckpt.weights_sha256 or "",
+            "hook": aset.hook,
+            "stored_dtype": aset.dtype,
+            "dataset": aset.dataset_name,
+            "dataset_fingerprint": aset.dataset_fingerprint,
+            "activation_set_id": str(aset.id),
+        }
         with open_set(self.store, aset) as reader:
             h = reader.header
             if not 0 <= layer < h.n_layers:
@@ -142,6 +207,13 @@ class ActdbStore:
         ds = TokenDataset.load(self.store.config.file(ds_path))
         index = np.arange(rows.start, rows.stop)
         keep = ds.mask.reshape(-1)[rows] if counted_only else np.ones(len(index), dtype=bool)
+        provenance |= {
+            "layer": str(layer),
+            "neurons": ",".join(map(str, cols)),
+            "tokens": f"{rows.start}:{rows.stop}",
+            "counted_only": str(counted_only).lower(),
+            "actdb_version": __version__,
+        }
         return Activations(
             values=values[keep],
             neurons=cols,
@@ -152,6 +224,7 @@ class ActdbStore:
             position=index[keep] % ds.seq_len,
             token_id=ds.tokens.reshape(-1)[rows][keep],
             counted=ds.mask.reshape(-1)[rows][keep],
+            provenance=provenance,
         )
 
     def read_layer(self, target: str, layer: int, **options: Any) -> np.ndarray:
@@ -168,12 +241,15 @@ class ActdbStore:
         """Per layer counts of universal neurons; filters as `actdb universal --by-layer` (hook among them)."""
         return frame(queries.universal_by_layer(self.store, **filters))
 
-    def neuron(self, target: str, neuron: str, hook: str | None = None) -> dict[str, pd.DataFrame]:
-        """Everything known about one neuron at one hook (default: the only one of MODEL@STEP), as `actdb neuron`."""
+    def neuron(self, target: str, neuron: str, hook: str | None = None, examples: int = 5) -> dict[str, pd.DataFrame]:
+        """Everything `actdb neuron` shows at one hook (default: the only one of MODEL@STEP), one frame per
+        section: `explanation`, `examples` (`examples` max-activating contexts), `top_tokens`, `vocabulary`, then
+        statistics, matches, universality, history and ablations."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
+        explained = neuron_explanation(self.store, ref.model, ref.step, layer, index, examples, pieces=True, hook=hook)
         story = queries.neuron_story(self.store, ref.model, ref.step, layer, index, hook)
-        return {k: frame(rows) for k, rows in story.items()}
+        return {k: frame(rows) for k, rows in {**explained, **story}.items()}
 
     def examples(self, target: str, neuron: str, n: int = 32, hook: str | None = None) -> pd.DataFrame:
         """The neuron's max-activating examples: activation, sequence, position, token, and the context around
@@ -193,18 +269,9 @@ class ActdbStore:
 
     def explanations(self, model: str | None = None, step: int | None = None, hook: str | None = None) -> pd.DataFrame:
         """Every explained neuron (`v_neuron_explanations`): token/position fractions, top token, vocabulary
-        moments and label, family by its set's recorded thresholds."""
-        e = v_neuron_explanations
-        query = select(e)
-        if model is not None:
-            query = query.where(e.c.model == model)
-        if step is not None:
-            query = query.where(e.c.step == step)
-        if hook is not None:
-            query = query.where(e.c.hook == parse_hook(hook))
-        return frame(
-            self.store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.hook, e.c.layer, e.c.neuron))
-        )
+        moments and label, family by its set's recorded thresholds. `top_token` is the token's readable text
+        (quoted, as `families()` shows it); its id stays in `top_token_id`."""
+        return frame(explained_neurons(self.store, model, step, parse_hook(hook) if hook is not None else None))
 
     def families(
         self, target: str, threshold: float | None = None, control: str = "none", hook: str | None = None

@@ -17,6 +17,7 @@ from actdb.store.database.registry import get_checkpoint, resolve_hook
 from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
+from actdb.store.token_text import quoted, readable
 
 BEFORE, AFTER = 10, 4  # tokens of context shown around a maximum
 MARK = ("«", "»")  # around the maximum's token in a context
@@ -79,16 +80,6 @@ def _explained_sets(
     return [(r, r.activation_path, r.dataset_name, r.dataset_path) for r in rows]
 
 
-def _display(text: str) -> str:
-    """A token's text on one line: newlines and tabs shown as symbols."""
-    return text.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
-
-
-def _quoted(text: str) -> str:
-    """A token alone, quoted so its leading and trailing spaces show."""
-    return "'" + _display(text) + "'"
-
-
 def neuron_explanation(
     store: Store,
     model: str,
@@ -128,18 +119,39 @@ def neuron_explanation(
         if "vocabulary" in arrays:
             vocabulary += _vocabulary(arrays["vocabulary"], texts, dataset)
     return {
-        "explanation": Rows(list(EXPLANATION_COLUMNS), summary),
+        "explanation": Rows(list(EXPLANATION_COLUMNS), summary, _typed(EXPLANATION_COLUMNS)),
         "examples": Rows(
             ["dataset", "rank", "activation", "sequence", "position", "token", "context"]
             + (["before", "after"] if pieces else []),
             contexts,
+            _typed(["rank", "sequence", "position"], ["activation"]),
         ),
-        "top_tokens": Rows(["dataset", "rank", "token_id", "token", "mean_activation", "count"], top_tokens),
-        "vocabulary": Rows(["dataset", "rank", "top_token", "top_value", "bottom_token", "bottom_value"], vocabulary),
+        "top_tokens": Rows(
+            ["dataset", "rank", "token_id", "token", "mean_activation", "count"],
+            top_tokens,
+            _typed(["rank", "token_id", "count"], ["mean_activation"]),
+        ),
+        "vocabulary": Rows(
+            ["dataset", "rank", "top_token", "top_value", "bottom_token", "bottom_value"],
+            vocabulary,
+            _typed(["rank"], ["top_value", "bottom_value"]),
+        ),
     }
 
 
-def _set_texts(store: Store, ex: tables.set_explanation) -> list[str]:
+TEXT_COLUMNS = ("dataset", "token", "context", "before", "after", "top_token", "bottom_token", "vocab_label", "family")
+
+
+def _typed(integers: list[str] | tuple[str, ...], floats: list[str] | tuple[str, ...] = ()) -> dict[str, type]:
+    """Column types of a section built here (so an empty section still types its columns): the text columns by
+    name, the rest as given; in `EXPLANATION_COLUMNS` every non-text column is a float."""
+    types: dict[str, type] = dict.fromkeys(TEXT_COLUMNS, str)
+    if integers is EXPLANATION_COLUMNS:
+        return types | {c: float for c in EXPLANATION_COLUMNS if c not in TEXT_COLUMNS}
+    return types | dict.fromkeys(integers, int) | dict.fromkeys(floats, float)
+
+
+def _set_texts(store: Store, ex: Row[Any]) -> list[str]:
     """The token texts stored with a set's explanations (none when its file is gone: ids then show as `<id>`)."""
     path = store.config.file(ex.path)
     return _file_contents(path, "strings") if path.exists() else []
@@ -173,9 +185,10 @@ def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[
             break
         seq, p = divmod(int(pos), seq_len)
         ids = tokens.tokens[seq]
-        before = "".join(_text(texts, int(t)) for t in ids[max(0, p - BEFORE) : p])
-        after = "".join(_text(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER])
-        token = _text(texts, int(ids[p]))
+        # joined before they are made readable, so a character split across tokens shows whole
+        before = readable("".join(_text(texts, int(t)) for t in ids[max(0, p - BEFORE) : p]))
+        after = readable("".join(_text(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER]))
+        token = readable(_text(texts, int(ids[p])))
         out.append(
             {
                 "dataset": dataset,
@@ -184,7 +197,7 @@ def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[
                 "sequence": seq,
                 "position": p,
                 "token": token,
-                "context": _display(before) + MARK[0] + _display(token) + MARK[1] + _display(after),
+                "context": before + MARK[0] + token + MARK[1] + after,
                 "before": before,
                 "after": after,
             }
@@ -197,7 +210,7 @@ def _top_tokens(tok: dict, texts: list[str], dataset: str) -> list[dict]:
     for rank, (tid, mean, count) in enumerate(zip(tok["top_ids"], tok["top_means"], tok["top_counts"], strict=True)):
         if tid < 0:
             break
-        token = _quoted(_text(texts, int(tid)))
+        token = quoted(_text(texts, int(tid)))
         rows.append(
             {"dataset": dataset, "rank": rank + 1, "token_id": int(tid), "token": token, "mean_activation": float(mean)}
             | {"count": int(count)}
@@ -213,13 +226,43 @@ def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
             {
                 "dataset": dataset,
                 "rank": rank + 1,
-                "top_token": _quoted(_text(texts, int(ti))),
+                "top_token": quoted(_text(texts, int(ti))),
                 "top_value": float(tv),
-                "bottom_token": _quoted(_text(texts, int(bi))),
+                "bottom_token": quoted(_text(texts, int(bi))),
                 "bottom_value": float(bv),
             }
         )
     return rows
+
+
+def explained_neurons(store: Store, model: str | None = None, step: int | None = None, hook: str | None = None) -> Rows:
+    """Every explained neuron (`v_neuron_explanations`), optionally of one model, step and hook, with `top_token`
+    as its quoted readable text (as `families` shows it) and the id in `top_token_id`."""
+    e = v_neuron_explanations
+    query = select(e)
+    if model is not None:
+        query = query.where(e.c.model == model)
+    if step is not None:
+        query = query.where(e.c.step == step)
+    if hook is not None:
+        query = query.where(e.c.hook == hook)
+    found = store.query(query.order_by(e.c.model, e.c.step, e.c.dataset, e.c.hook, e.c.layer, e.c.neuron))
+    explanation = tables.set_explanation
+    paths = {r["set_id"]: r["path"] for r in store.query(select(explanation.c.set_id, explanation.c.path))}
+    texts: dict[int, list[str]] = {}
+    rows = []
+    for r in found:
+        row = dict(r)
+        if row["set_id"] not in texts:
+            path = store.config.file(paths[row["set_id"]]) if row["set_id"] in paths else None
+            texts[row["set_id"]] = _file_contents(path, "strings") if path is not None and path.exists() else []
+        token_id = row["top_token"]
+        row["top_token_id"] = token_id
+        row["top_token"] = quoted(_text(texts[row["set_id"]], token_id)) if token_id is not None else None
+        rows.append(row)
+    columns = list(found.columns)
+    columns.insert(columns.index("top_token") + 1, "top_token_id")
+    return Rows(columns, rows, {**found.types, "top_token": str, "top_token_id": int})
 
 
 def families(
@@ -273,7 +316,7 @@ def families(
         row = dict(r)
         draws = row.pop("excess_draws")
         known = texts.get(row.pop("set_id"), [])
-        row["token"] = _quoted(_text(known, row["top_token"])) if row["top_token"] is not None else None
+        row["token"] = quoted(_text(known, row["top_token"])) if row["top_token"] is not None else None
         if threshold is not None:
             row["stability"] = stability_at(draws, threshold)
         rows.append(row)

@@ -53,18 +53,44 @@ def page_name(model: str, step: int, layer: int, neuron: int, hook: str | None =
 
 
 def universal_table(store: Store, out: Path, threshold: float | None, hook: str | None = None, limit: int = 25) -> str:
-    """The most universal neurons at one hook as an HTML table, each linked to its page (in `out/neurons`)."""
+    """The most universal neurons at one hook as an HTML table, each linked to its page (written into
+    `out/neurons`); each page's best matches in other sets link to their own pages, which are written too (one
+    hop)."""
     try:
         rows = queries.universal_neurons(store, threshold=threshold, limit=limit, hook=hook)
     except ActdbError:
         return ""
     (out / "neurons").mkdir(exist_ok=True)
+    pages: dict[str, dict] = {}
+    stories = {}
     links = {}
     for i, r in enumerate(rows):
         name = page_name(r["model"], r["step"], r["layer"], r["neuron"], r["hook"])
-        (out / name).write_text(_neuron_page(store, r))
-        links[i] = name
+        pages[name], links[i] = dict(r), name
+        stories[name] = queries.neuron_story(store, r["model"], r["step"], r["layer"], r["neuron"], r["hook"])
+    for name in list(pages):
+        for m in stories[name]["matches"]:
+            if m["best_layer"] is None or m["best_neuron"] is None:
+                continue
+            twin = {"model": m["other_model"], "step": m["other_step"], "layer": m["best_layer"]}
+            twin["neuron"], twin["hook"] = m["best_neuron"], m["other_hook"]
+            pages.setdefault(page_name(twin["model"], twin["step"], twin["layer"], twin["neuron"], twin["hook"]), twin)
+    for name, row in pages.items():
+        (out / name).write_text(_neuron_page(store, row, set(pages), stories.get(name)))
     return html_table(Rows(list(TABLE_COLUMNS), rows), links=links)
+
+
+def _matches_table(matches: Rows, pages: set[str]) -> str:
+    """The best matches in other sets, each twin (other set's best neuron) named first and linked to its page."""
+    rows, links = [], {}
+    for i, r in enumerate(matches):
+        twin = f"{r['other_model']}@{r['other_step']} {cell(r['best_layer'])}.{cell(r['best_neuron'])}"
+        rows.append({"twin": twin, **dict(r)})
+        if r["best_layer"] is not None and r["best_neuron"] is not None:
+            name = page_name(r["other_model"], r["other_step"], r["best_layer"], r["best_neuron"])
+            if name in pages:
+                links[i] = Path(name).name  # pages sit side by side in neurons/
+    return html_table(Rows(["twin", *matches.columns], rows), links=links)
 
 
 def _contexts(rows: Rows) -> str:
@@ -77,13 +103,20 @@ def _contexts(rows: Rows) -> str:
     return "<table><tr><th>rank</th><th>activation</th><th>context</th></tr>" + "".join(items) + "</table>"
 
 
-def _neuron_page(store: Store, row: dict) -> str:
+def _neuron_page(store: Store, row: dict, pages: set[str], story: dict[str, Rows] | None = None) -> str:
+    """A neuron's page; `row` carries its universality when it is one of the listed neurons (a twin's page
+    shows its newest run's instead), `pages` the pages the report writes (matches link to those)."""
     model, step, layer, neuron, hook = row["model"], row["step"], row["layer"], row["neuron"], row["hook"]
+    story = story or queries.neuron_story(store, model, step, layer, neuron, hook)
     title = f"{model}@{step} neuron {layer}.{neuron} ({hook})"
-    parts = [
-        f"<h1>{html.escape(title)}</h1><p><a href='../index.html'>report</a> · excess corr "
-        f"{row['excess_corr']:.4f}, stability {cell(row['stability'])} (threshold {cell(row['threshold'])})</p>"
-    ]
+    scored = row if "excess_corr" in row else (story["universality"].first() or {})
+    summary = (
+        f"excess corr {cell(scored.get('excess_corr'))}, stability {cell(scored.get('stability'))} "
+        f"(threshold {cell(scored.get('threshold'))})"
+        if scored
+        else "not scored by a correlation run"
+    )
+    parts = [f"<h1>{html.escape(title)}</h1><p><a href='../index.html'>report</a> · {html.escape(summary)}</p>"]
     explained = neuron_explanation(store, model, step, layer, neuron, examples=20, pieces=True, hook=hook)
     if explained["explanation"]:
         parts.append("<h2>Explanation</h2>" + html_table(explained["explanation"]))
@@ -99,9 +132,8 @@ def _neuron_page(store: Store, row: dict) -> str:
             )
     else:
         parts.append(f"<p>not explained yet: <code>actdb examples {html.escape(model)}@{step}</code></p>")
-    story = queries.neuron_story(store, model, step, layer, neuron, hook)
     parts.append("<h2>Excess correlation across steps</h2>" + html_table(story["history"]))
-    parts.append("<h2>Best matches in other sets</h2>" + html_table(story["matches"]))
+    parts.append("<h2>Best matches in other sets</h2>" + _matches_table(story["matches"], pages))
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"

@@ -218,8 +218,11 @@ def universal_by_layer(
 
 
 def max_corr_by_step(store: Store, control: str = "none", hook: str | None = None) -> Rows:
-    """(step, mean_max_corr, mean_baseline) of every live neuron in each set's newest cross-model run."""
-    query = select(v.c.step, v.c.mean_max_corr, v.c.mean_baseline).where(v.c.is_dead.is_(False))
+    """(step, mean_max_corr, mean_baseline, excess_corr, the run's threshold) of every live neuron in each set's
+    newest cross-model run."""
+    query = select(v.c.step, v.c.mean_max_corr, v.c.mean_baseline, v.c.excess_corr, v.c.threshold).where(
+        v.c.is_dead.is_(False)
+    )
     return store.query(_scoped(store, query, control, None, None, None, hook))
 
 
@@ -349,6 +352,29 @@ def _hooks_of_members():
     """The hook of a run's member sets: one name, or both joined by a comma (the only two hooks)."""
     low, high = func.min(tables.activation_set.c.hook), func.max(tables.activation_set.c.hook)
     return case((low == high, low), else_=low + literal(",") + high).label("hook")
+
+
+def models_listing(store: Store) -> Rows:
+    """One row per model with its registered checkpoints: how many, first and last step (none yet: 0, NULL)."""
+    m, c = tables.model, tables.checkpoint
+    query = (
+        select(
+            m.c.name.label("model"),
+            m.c.family,
+            m.c.seed,
+            m.c.architecture,
+            m.c.n_layers.label("layers"),
+            m.c.d_mlp,
+            m.c.source,
+            func.count(c.c.id).label("checkpoints"),
+            func.min(c.c.step).label("first_step"),
+            func.max(c.c.step).label("last_step"),
+        )
+        .join(c, c.c.model_id == m.c.id, isouter=True)
+        .group_by(m.c.id)
+        .order_by(m.c.name)
+    )
+    return store.query(query)
 
 
 def runs_listing(store: Store) -> Rows:

@@ -53,7 +53,11 @@ def _universal_by_layer_plot(
     return save_figure(fig, out, f"{name}.png"), render(rows, "table")
 
 
-def _excess_histogram(store: Store, out: Path, control: str, hook: str | None = None) -> str | None:
+def _excess_histogram(
+    store: Store, out: Path, control: str, threshold: float | None, hook: str | None = None
+) -> str | None:
+    """Per step, two histograms of the live neurons: max-corr against its rotation baseline (top), and their
+    difference, the excess correlation, with the threshold that makes a neuron universal (bottom)."""
     try:
         rows = queries.max_corr_by_step(store, control, hook)
     except ActdbError:
@@ -62,18 +66,30 @@ def _excess_histogram(store: Store, out: Path, control: str, hook: str | None = 
         return None
     plt = pyplot()
     steps = sorted({r["step"] for r in rows})
-    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(steps), figsize=(3.2 * len(steps), 5.6), squeeze=False, sharey="row")
     bins = np.linspace(-0.1, 1.0, 45)
-    for ax, step in zip(axes[0], steps, strict=True):
+    for k, step in enumerate(steps):
         at_step = rows.where(step=step)
         mx = [r["mean_max_corr"] for r in at_step if r["mean_max_corr"] is not None]
         base = [r["mean_baseline"] for r in at_step if r["mean_baseline"] is not None]
-        ax.hist(base, bins=bins, alpha=0.6, label="rotation baseline", color="grey")
-        ax.hist(mx, bins=bins, alpha=0.6, label="max corr", color="C0")
-        ax.set_title(f"step {step}")
-        ax.set_xlabel("mean over other models")
+        excess = [r["excess_corr"] for r in at_step if r["excess_corr"] is not None]
+        top, bottom = axes[0][k], axes[1][k]
+        top.hist(base, bins=bins, alpha=0.6, label="rotation baseline", color="grey")
+        top.hist(mx, bins=bins, alpha=0.6, label="max corr", color="C0")
+        top.set_title(f"step {step}: max corr vs baseline", fontsize=9)
+        top.set_xlabel("mean over other models")
+        bottom.hist(excess, bins=np.linspace(min(-0.1, *excess), max(0.6, *excess), 45), color="C1")
+        cut = threshold if threshold is not None else at_step[0]["threshold"]
+        if cut is not None:
+            bottom.axvline(cut, color="black", ls="--", lw=1, label=f"threshold {cut:g}")
+            bottom.legend(fontsize=7)
+        above = sum(e > cut for e in excess) if cut is not None else 0
+        bottom.set_title(f"step {step}: excess ({above} of {len(excess)} above)", fontsize=9)
+        bottom.set_xlabel("excess corr = max corr − baseline")
+    axes[0][0].set_ylabel("live neurons")
+    axes[1][0].set_ylabel("live neurons")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Max correlation vs rotation baseline ({control} control{', ' + hook if hook else ''})")
+    fig.suptitle(f"Max correlation, rotation baseline and excess ({control} control{', ' + hook if hook else ''})")
     return save_figure(fig, out, f"excess_hist_{control}{hook_tag(hook)}.png")
 
 
@@ -173,22 +189,8 @@ def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
         values.setdefault((r["model"], r["step"], r["other_model"], r["other_step"]), {})["top1_agreement"] = r[
             "top1_agreement"
         ]
-    keys = sorted({k[:2] for k in values})
-    labels = [f"{m}@{s}" for m, s in keys]
+    heatmaps = similarity_heatmaps(values, metrics, rows[0]["run_id"], out)
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 1.5 + 0.32 * len(labels)), squeeze=False)
-    for ax, (metric, title) in zip(axes[0], metrics, strict=True):
-        grid = np.full((len(keys), len(keys)), np.nan)
-        for (m, st, om, ost), v in values.items():
-            if v.get(metric) is not None:
-                grid[keys.index((m, st)), keys.index((om, ost))] = v[metric]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(labels)), labels, fontsize=6)
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"Similarity of every pair of sets (run {rows[0]['run_id']}; ordered by seed, then step)")
-    heatmaps = save_figure(fig, out, "similarity.png")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, (metric, title) in zip(axes[0], metrics, strict=True):
         same_seed = [v[metric] for (m, st, om, ost), v in values.items() if m == om and st != ost and v.get(metric)]
@@ -199,6 +201,37 @@ def _similarity_plots(store: Store, out: Path) -> tuple[list[str], str]:
     fig.suptitle("Snapshots of one run against independently trained runs")
     contrast = save_figure(fig, out, "similarity_contrast.png")
     return [heatmaps, contrast], render(rows, "table")
+
+
+def similarity_heatmaps(values: dict[tuple, dict], metrics: list[tuple[str, str]], run_id: int, out: Path) -> str:
+    """One heatmap per metric over (seed, step) x (seed, step), two per row, ordered by seed then step. Cells
+    are at least 0.4 inch and labels 8 pt whatever the number of sets, so a dozen sets stay readable; thin
+    lines separate the seeds."""
+    keys = sorted({k[:2] for k in values})
+    labels = [f"{m}@{s}" for m, s in keys]
+    plt = pyplot()
+    n_cols = min(2, len(metrics))
+    n_rows = -(-len(metrics) // n_cols)
+    side = 1.6 + 0.4 * len(labels)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * (side + 1.4), n_rows * side), squeeze=False)
+    seed_edges = [i - 0.5 for i in range(1, len(keys)) if keys[i][0] != keys[i - 1][0]]
+    for ax, (metric, title) in zip(axes.flat, metrics, strict=False):
+        grid = np.full((len(keys), len(keys)), np.nan)
+        for (m, st, om, ost), v in values.items():
+            if v.get(metric) is not None:
+                grid[keys.index((m, st)), keys.index((om, ost))] = v[metric]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        for edge in seed_edges:
+            ax.axhline(edge, color="white", lw=0.8)
+            ax.axvline(edge, color="white", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    fig.suptitle(f"Similarity of every pair of sets (run {run_id}; ordered by seed, then step)")
+    return save_figure(fig, out, "similarity.png")
 
 
 def _function_rows(store: Store, rows: Rows) -> Rows | list:
@@ -351,8 +384,8 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
                 "no correlation run yet: `actdb correlate` (with `--control token` for the token control)",
             )
             section(
-                f"Excess correlation ({control} control){at}",
-                _excess_histogram(store, out, control, hook),
+                f"Max correlation, rotation baseline and excess correlation ({control} control){at}",
+                _excess_histogram(store, out, control, threshold, hook),
                 missing="no correlation run yet",
             )
         top = universal_table(store, out, threshold, hook)

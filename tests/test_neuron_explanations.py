@@ -4,6 +4,7 @@ position fractions, vocabulary statistics, decoded contexts in `actdb neuron`, a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import h5py
@@ -20,6 +21,7 @@ from actdb.store.files.explanation import explanation_path, read_explanation_gro
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_model
 from actdb.store.ingest.token_datasets import load_tokenizer
+from actdb.store.token_text import readable, stored_text, token_bytes
 from tests.conftest import cli_runner
 
 
@@ -133,14 +135,35 @@ def test_neuron_shows_decoded_contexts_with_the_maximum_marked(explained, tokeni
         flat = e["sequence"] * tokens.seq_len + e["position"]
         assert flat == ex["positions"][1, 5, rank]
         assert e["activation"] == pytest.approx(float(data[1, flat, 5]))
-        assert e["token"] == tokenizer.decode([int(tokens.tokens[e["sequence"], e["position"]])])
-        assert "«" + e["token"].replace("\n", "⏎").replace("\t", "⇥") + "»" in e["context"]
+        assert e["token"] == readable(token_bytes(tokenizer, [int(tokens.tokens[e["sequence"], e["position"]])])[0])
+        assert "«" + e["token"] + "»" in e["context"]
     assert doc["explanation"][0]["token_r2"] is not None
     assert len(doc["top_tokens"]) > 0 and len(doc["vocabulary"]) == 10
     table = run("neuron", "a@0", "1.5").stdout
     assert "examples of a@0 1.5" in table and "«" in table
     strings = unpack_strings(read_explanation_group(explanation_path(path), "strings"))
-    assert strings[:50] == [tokenizer.decode([i]) for i in range(50)]
+    assert strings[:50] == [stored_text(raw) for raw in token_bytes(tokenizer, range(50))]
+
+
+def test_token_text_is_readable_and_one_line_everywhere(explained):
+    """Newline tokens show as ⏎ and bytes that are no character as <0xNN>: no raw newline, tab or '�' in the
+    neuron's examples, top tokens or vocabulary, in JSON or in the table."""
+    home, db, run, _src = explained
+    seen = ""
+    for neuron in range(0, 128, 9):
+        doc = json.loads(run("neuron", "a@0", f"1.{neuron}", "--examples", 8, "--format", "json").stdout)
+        texts = [
+            str(row[key])
+            for part in ("examples", "top_tokens", "vocabulary")
+            for row in doc[part]
+            for key in ("token", "context", "top_token", "bottom_token")
+            if key in row
+        ]
+        assert not [t for t in texts if "\n" in t or "\t" in t or "\ufffd" in t], texts
+        seen += "".join(texts)
+        table = run("neuron", "a@0", f"1.{neuron}").stdout
+        assert "\ufffd" not in table and all(line.count("|") != 1 for line in table.splitlines())
+    assert "⏎" in seen  # standard-library source: newlines are among the contexts
 
 
 def test_families_follow_their_printed_rule_on_a_hand_made_case(explained):
@@ -231,7 +254,11 @@ def test_report_links_each_universal_neuron_to_its_page(explained, tmp_path):
     run("report", "--out", tmp_path / "rep", "--threshold", 0)
     index = (tmp_path / "rep" / "index.html").read_text()
     pages = sorted((tmp_path / "rep" / "neurons").glob("*.html"))
-    assert pages and all(f'href="neurons/{p.name}"' in index for p in pages)
+    linked = set(re.findall(r'href="neurons/([^"]+)"', index))
+    assert linked and linked <= {p.name for p in pages}
+    # every page is reached: from the index, or as a twin in another page's best matches
+    twins = {name for p in pages for name in re.findall(r'<td><a href="([^"/]+\.html)">', p.read_text())}
+    assert twins and twins <= {p.name for p in pages} and {p.name for p in pages} <= linked | twins
     assert "Neuron families of universal neurons, per layer" in index and "unexplained" in index
     page = pages[0].read_text()
     for heading in ("Max-activating contexts", "Tokens with the highest mean activation", "Vocabulary", "across steps"):
@@ -274,3 +301,52 @@ def test_a_missing_explanation_file_leaves_the_sql_summary(explained, tmp_path):
         assert r.exit_code == 1 and "explanation file" in r.stdout
     finally:
         moved.rename(target)
+
+
+def test_api_frames_are_typed_and_carry_what_the_cli_shows(explained):
+    import actdb
+
+    home, db, run, _src = explained
+    api = actdb.open(home=home, db=db)
+    try:
+        models = api.models()
+        assert list(models["model"]) == ["a", "b"] and models["d_mlp"].dtype == "int64"
+        story = api.neuron("a@0", "1.5", examples=3)
+        cli = json.loads(run("neuron", "a@0", "1.5", "--examples", 3, "--format", "json").stdout)
+        assert {"explanation", "examples", "top_tokens", "vocabulary", "statistics", "matches"} <= set(story)
+        assert list(story["examples"]["context"]) == [e["context"] for e in cli["examples"]]
+        assert story["explanation"]["token_r2"].iloc[0] == pytest.approx(cli["explanation"][0]["token_r2"])
+        assert story["examples"]["sequence"].dtype == "int64" and story["examples"]["rank"].dtype == "int64"
+        every = api.explanations(model="a", step=0)
+        assert every["layer"].dtype == "int64" and every["top_token_id"].dtype in ("int64", "Int64")
+        fam = api.families("a@0", threshold=0.0).set_index(["layer", "neuron"])
+        both = every.set_index(["layer", "neuron"]).loc[fam.index]
+        assert list(both["top_token"]) == list(fam["token"])  # text, as families() shows it
+        assert all(t.startswith("'") and t.endswith("'") for t in every["top_token"].dropna())
+        bare = api.neuron("b@0", "0.1")  # b has no explanations: the sections are empty but typed
+        assert len(bare["examples"]) == 0 and bare["examples"]["rank"].dtype == "int64"
+        assert bare["top_tokens"]["mean_activation"].dtype == "float64"
+    finally:
+        api.close()
+
+
+def test_report_histograms_say_what_they_plot(explained, tmp_path):
+    home, db, run, _src = explained
+    run("report", "--out", tmp_path / "rep", "--threshold", 0.05)
+    index = (tmp_path / "rep" / "index.html").read_text()
+    assert "Max correlation, rotation baseline and excess correlation (none control)" in index
+    assert "<h2>Excess correlation (none control)</h2>" not in index  # the old title named the wrong quantity
+    assert (tmp_path / "rep" / "excess_hist_none.png").stat().st_size > 10_000
+
+
+def test_similarity_heatmaps_stay_readable_at_twelve_sets(tmp_path):
+    from PIL import Image
+
+    from actdb.query.report import SIMILARITY_METRICS, similarity_heatmaps
+
+    keys = [(f"seed{k}", s) for k in range(4) for s in (50, 200, 800)]
+    values = {(a, b, c, d): {"excess_corr": 0.5, "matched_corr": 0.4, "cka": 0.9} for a, b in keys for c, d in keys}
+    name = similarity_heatmaps(values, list(SIMILARITY_METRICS), 1, tmp_path)
+    width, height = Image.open(tmp_path / name).size
+    # cells of at least 0.4 inch at 110 dpi: 12 rows of labels need ≥ 12 * 44 px per heatmap row
+    assert height >= 2 * 12 * 44 * 0.9 and width >= 2 * 12 * 44 * 0.9

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+import actdb
 from actdb.store.database.connection import make_engine
 from actdb.store.files.activation import ActivationReader
 from actdb.store.files.token import TokenDataset
@@ -239,6 +240,16 @@ def test_sql_is_read_only(which, request):
     assert "view,v_universal_by_layer,pct_universal" in schema.stdout
 
 
+def _export_provenance(path) -> dict[str, str]:
+    """An export's provenance as a reader finds it: Parquet key-value metadata, or the CSV's `# key: value` lines."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return {k.decode(): v.decode() for k, v in pq.read_schema(path).metadata.items() if k != b"pandas"}
+    lines = [line for line in path.read_text().splitlines() if line.startswith("# ")]
+    return dict(line[2:].split(": ", 1) for line in lines)
+
+
 def test_export_and_api(lite, tmp_path):
     import pandas as pd
 
@@ -250,13 +261,20 @@ def test_export_and_api(lite, tmp_path):
     with ActivationReader(home / "activations" / "a" / "step-1" / "d.mlp.post.h5") as reader:
         stored = reader.read_rows(0, reader.header.n_tokens, [1])[0]
     np.testing.assert_array_equal(arr, stored[10:110][:, [17, 5]])  # the order asked, not sorted
+    assert json.loads((tmp_path / "x.npy.json").read_text())["tokens"] == "10:110"  # the .npy's sidecar
     ds = TokenDataset.load(home / "datasets" / "d.tokens.h5")
+    stored_fingerprint = ds.fingerprint
     for suffix in ("csv", "parquet"):
         path = tmp_path / f"x.{suffix}"
         r = cli_call(home, db, "export", "a@1", "--layer", 1, "--neurons", "17,5", "--tokens", "60:70", "--out", path)
         assert r.exit_code == 0, r.stderr
-        table = pd.read_csv(path) if suffix == "csv" else pd.read_parquet(path)
+        table = pd.read_csv(path, comment="#") if suffix == "csv" else pd.read_parquet(path)
         assert list(table.columns) == ["token_index", "sequence", "position", "token_id", "counted", "1.17", "1.5"]
+        provenance = _export_provenance(path)
+        assert provenance["model"] == "a" and provenance["step"] == "1" and provenance["hook"] == "mlp.post"
+        assert provenance["dataset"] == "d" and provenance["dataset_fingerprint"] == stored_fingerprint
+        assert provenance["layer"] == "1" and provenance["neurons"] == "17,5" and provenance["tokens"] == "60:70"
+        assert provenance["actdb_version"] == actdb.__version__
         np.testing.assert_array_equal(table["token_id"], ds.tokens.reshape(-1)[60:70])
         np.testing.assert_array_equal(table["position"], np.arange(60, 70) % ds.seq_len)
         np.testing.assert_allclose(table[["1.17", "1.5"]].to_numpy(), stored[60:70][:, [17, 5]], rtol=1e-5)
@@ -270,7 +288,9 @@ def test_export_and_api(lite, tmp_path):
     from actdb.query.api import ActdbStore
 
     api = ActdbStore.open(home, db)
-    assert api.models() == ["a", "b"]
+    models = api.models()
+    assert list(models["model"]) == ["a", "b"] and list(models["checkpoints"]) == [2, 2]  # steps 0 and 1
+    assert models["layers"].dtype == "int64" and list(models["last_step"]) == [1, 1]
     cli_rows = json.loads(cli_call(home, db, "universal", "--model", "a", "--step", 1, "--format", "json").stdout)
     listed = api.universal(model="a", step=1)
     assert isinstance(listed, pd.DataFrame) and list(listed.columns)[:6] == [

@@ -35,6 +35,7 @@ from actdb.store.ingest.token_datasets import load_tokenizer
 from actdb.store.ingest.top_activations import top_activations_from_file
 from actdb.store.refs import SetRef
 from actdb.store.set_files import expected_header
+from actdb.store.token_text import stored_text, token_bytes
 
 TOP_TOKENS = 10  # tokens by mean activation kept per neuron
 MAX_TOP_K = 1000
@@ -203,12 +204,13 @@ def explain_set(
 
 @functools.lru_cache(maxsize=4)
 def token_texts(tokenizer_source: str, n: int) -> list[str]:
-    """Each token id's text as the dataset's tokenizer decodes it alone, stored with the explanations so readers
-    show contexts without loading a tokenizer (ids past the tokenizer's vocabulary read as `<id>`). Kept per
-    tokenizer: every set of a dataset stores the same texts, and loading and decoding 50k ids is not free."""
+    """Each token id's bytes (`actdb.store.token_text`: characters split across tokens join again), stored with
+    the explanations so readers show contexts without loading a tokenizer (ids past the tokenizer's vocabulary
+    read as `<id>`). Kept per tokenizer: every set of a dataset stores the same texts, and decoding 50k ids is not
+    free."""
     tokenizer = load_tokenizer(tokenizer_source)
     known = min(n, len(tokenizer))
-    texts = tokenizer.batch_decode([[i] for i in range(known)], clean_up_tokenization_spaces=False)
+    texts = [stored_text(raw) for raw in token_bytes(tokenizer, range(known))]  # bytes kept: see token_text
     return texts + [f"<{i}>" for i in range(known, n)]
 
 

@@ -189,9 +189,12 @@ def current_revision(engine: Engine) -> str | None:
 class Rows(Sequence[RowMapping]):
     """Query results: `.columns` in order, rows as read-only mappings addressed by column name."""
 
-    def __init__(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(
+        self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]], types: Mapping[str, type] | None = None
+    ) -> None:
         self.columns = list(columns)
         self._rows = list(rows)
+        self.types = dict(types or {})  # each column's Python type where the query declares it (typed empty frames)
 
     @classmethod
     def from_tuples(cls, columns: Sequence[str], tuples: Sequence[Sequence[Any]]) -> Rows:
@@ -222,7 +225,7 @@ class Rows(Sequence[RowMapping]):
 
     def where(self, **equal: Any) -> Rows:
         """The rows whose columns equal the given values."""
-        return Rows(self.columns, [r for r in self._rows if all(r[k] == v for k, v in equal.items())])
+        return Rows(self.columns, [r for r in self._rows if all(r[k] == v for k, v in equal.items())], self.types)
 
 
 class Store:
@@ -338,7 +341,7 @@ class Store:
         """Run a Core SELECT and return its rows, addressed by column name."""
         with self.engine.connect() as conn:
             result = conn.execute(statement)
-            return Rows(list(result.keys()), list(result.mappings()))
+            return Rows(list(result.keys()), list(result.mappings()), _declared_types(statement))
 
     def scalar(self, statement: Executable) -> Any:
         with self.engine.connect() as conn:
@@ -346,6 +349,17 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _declared_types(statement: Executable) -> dict[str, type]:
+    """The Python type each selected column declares (`Integer` -> int, ...), where SQLAlchemy knows one."""
+    types = {}
+    for column in getattr(statement, "selected_columns", []):
+        try:
+            types[column.key] = column.type.python_type
+        except (NotImplementedError, AttributeError):
+            continue
+    return types
 
 
 def _known_revision(revision: str) -> bool:

@@ -111,7 +111,12 @@ def complete_set(conn: Executor, ref: SetRef, dataset_name: str | None, hook: st
     """The complete activation set of MODEL@STEP (on `dataset_name`, or its only dataset), or a one-line error."""
     ckpt = get_checkpoint(conn, ref.model, ref.step)
     q = (
-        select(activation_set, dataset.c.name.label("dataset_name"), dataset.c.path.label("dataset_path"))
+        select(
+            activation_set,
+            dataset.c.name.label("dataset_name"),
+            dataset.c.path.label("dataset_path"),
+            dataset.c.fingerprint.label("dataset_fingerprint"),
+        )
         .join(dataset, activation_set.c.dataset_id == dataset.c.id)
         .where(activation_set.c.checkpoint_id == ckpt.id, activation_set.c.hook == hook)
     )

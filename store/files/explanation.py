@@ -192,7 +192,7 @@ def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None,
 
 def pack_strings(texts: list[str]) -> dict[str, np.ndarray]:
     """Strings as one UTF-8 byte array and `n + 1` offsets: plain datasets, so they are checksummed like the rest."""
-    encoded = [t.encode("utf-8", "replace") for t in texts]
+    encoded = [t.encode("utf-8", "surrogateescape") for t in texts]  # token texts keep bytes that are no character
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(e) for e in encoded])
     blob = np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)
@@ -202,4 +202,4 @@ def pack_strings(texts: list[str]) -> dict[str, np.ndarray]:
 def unpack_strings(arrays: Mapping[str, np.ndarray]) -> list[str]:
     """The strings `pack_strings` packed."""
     blob, offsets = bytes(np.asarray(arrays["blob"], dtype=np.uint8)), arrays["offsets"]
-    return [blob[offsets[i] : offsets[i + 1]].decode("utf-8", "replace") for i in range(len(offsets) - 1)]
+    return [blob[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogateescape") for i in range(len(offsets) - 1)]

@@ -6,6 +6,7 @@ import hashlib
 import re
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from actdb.store.errors import ActdbError, first_line
@@ -83,7 +84,13 @@ def load_model(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(exc, source, revision, note) from None
-    return model.to(device).eval()
+    except (RuntimeError, SafetensorError) as exc:  # a truncated weights file, shapes that do not match, ...
+        where = f" at revision {revision!r}" if revision else ""
+        raise ActdbError(f"loading the weights of {source!r}{where} failed: {first_line(exc)}") from None
+    try:
+        return model.to(device).eval()
+    except RuntimeError as exc:  # out of device memory, or the device is busy
+        raise ActdbError(f"moving the weights of {source!r} to {device} failed: {first_line(exc)}") from None
 
 
 def _load_error(exc: BaseException, source: str, revision: str | None, note: str) -> ActdbError:

@@ -282,7 +282,10 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
             with _space_reserve(store.config.home):  # released first on failure, so the failure can be recorded
                 run = _IngestRun(handle, path, header, tokens, model, device, req)
                 resumed_from = run.execute(_committed_rows(store, aset.id, path, req.force))
-                _store_stats(store, aset.id, run.moments)
+                with ingest_stage("storing the neuron statistics in SQL"):
+                    _store_stats(store, aset.id, run.moments)
+        except StageFailure as failed:
+            raise ActdbError(f"{failed.stage} failed: {_write_error(failed.cause)}; {RESUME}") from failed.cause
         except (OSError, RuntimeError, OperationalError) as exc:  # h5py reports failed writes as either error
             raise ActdbError(f"writing {path} failed: {_write_error(exc)}; {RESUME}") from None
         size = path.stat().st_size
@@ -358,6 +361,29 @@ def _redo_complete_set(
 
 MAX_TOP_K = 1000
 KEPT = "the complete set is kept as it was (the failed attempt is recorded); `actdb ingest --force` tries again"
+
+
+class StageFailure(Exception):
+    """An ingest stage (forward pass, writing the file, statistics...) failed; `stage` names it for the message."""
+
+    def __init__(self, stage: str, cause: Exception) -> None:
+        super().__init__(f"{stage} failed: {cause}")
+        self.stage, self.cause = stage, cause
+
+
+@contextlib.contextmanager
+def ingest_stage(stage: str) -> Iterator[None]:
+    """Run a block as the named ingest stage: any error in it (a model's own forward pass can raise anything;
+    h5py raises OSError or RuntimeError) becomes a `StageFailure` naming the stage. One-line `ActdbError`s and
+    an inner stage's failure pass through unchanged."""
+    try:
+        yield
+    except (ActdbError, StageFailure):
+        raise
+    except Exception as exc:
+        raise StageFailure(stage, exc) from exc
+
+
 RESUME = "the rows flushed so far are kept in the .partial file and `actdb ingest` resumes from them"
 RESERVE_BYTES = 8 * 2**20  # room kept free while writing, so a full disk can still record the failure in SQL
 SPACE_MARGIN = 1.02  # HDF5 chunk index, checksums and attributes on top of the raw float16 rows
@@ -559,7 +585,8 @@ class _IngestRun:
 
     def execute(self, committed: int) -> int:
         """Write every remaining batch; returns the row the run resumed from (0 for a fresh start)."""
-        writer = ActivationWriter(self.path, self.header)
+        with ingest_stage(f"creating {self.path}"):
+            writer = ActivationWriter(self.path, self.header)
         try:
             start = writer.rewind(min(writer.tokens_done, committed), self.rows_per_batch)
             try:
@@ -576,7 +603,8 @@ class _IngestRun:
         except BaseException:
             writer.close()
             raise
-        writer.finish()
+        with ingest_stage(f"writing {self.path}"):
+            writer.finish()
         return start
 
     def _rebuild_stats(self, writer: ActivationWriter, stop: int) -> None:
@@ -597,7 +625,8 @@ class _IngestRun:
         committed = [resume_row]
 
         def fold(begin: int, rows: list[np.ndarray]) -> None:
-            self._fold(begin, rows, moments=not on_device)
+            with ingest_stage("statistics (moments and top activations)"):
+                self._fold(begin, rows, moments=not on_device)
 
         def write_loop() -> None:
             last_flush = time.monotonic()
@@ -607,10 +636,11 @@ class _IngestRun:
                     end = begin + rows[0].shape[0]
                     if begin < resume_row:  # the first batch of a resumed int8 ingest: the file has its start
                         rows, begin = [r[resume_row - begin :] for r in rows], resume_row
-                    if begin < end:
-                        writer.write_rows(begin, rows, on_stored=fold)
-                    if time.monotonic() - last_flush > FLUSH_SECONDS or end == n_rows:
-                        writer.flush()
+                    with ingest_stage(f"writing {self.path}"):
+                        if begin < end:
+                            writer.write_rows(begin, rows, on_stored=fold)
+                        if time.monotonic() - last_flush > FLUSH_SECONDS or end == n_rows:
+                            writer.flush()
                         committed[0] = writer.tokens_done
                         last_flush = time.monotonic()
             except BaseException as exc:  # handed to the main thread
@@ -638,10 +668,12 @@ class _IngestRun:
                     if failure:
                         break
                     ids = torch.from_numpy(flat[seq0 : seq0 + self.req.batch_size].astype(np.int64)).to(self.device)
-                    base(input_ids=ids, use_cache=False)
-                    halves = [o.reshape(-1, o.shape[-1]).to(torch.float16) for o in rec.outputs]
+                    with ingest_stage(f"forward pass (sequences {seq0}..{seq0 + len(ids) - 1})"):
+                        base(input_ids=ids, use_cache=False)
+                        halves = [o.reshape(-1, o.shape[-1]).to(torch.float16) for o in rec.outputs]
                     if on_device:
-                        self._fold_on_device(seq0 * self.seq_len, halves)
+                        with ingest_stage("statistics (moments on the device)"):
+                            self._fold_on_device(seq0 * self.seq_len, halves)
                     rows = [h.cpu().numpy() for h in halves]
                     work.put((seq0 * self.seq_len, rows))
                     bar.update(rows[0].shape[0])

@@ -7,6 +7,7 @@ folders load through exactly the code path a hub id takes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sysconfig
@@ -195,7 +196,9 @@ def read_zoo_manifest(root: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-ZOO_VERSION = 1
+# 2: training runs deterministically on a fixed thread count (version-1 weights depended on the machine's threads)
+ZOO_VERSION = 2
+TRAIN_THREADS = 1
 
 
 def zoo_config(
@@ -210,8 +213,12 @@ def zoo_config(
     batch_size: int = 8,
     lr: float = 2e-3,
     train_files: int = 150,
+    train_threads: int | None = TRAIN_THREADS,
 ) -> dict:
-    """Everything that determines the zoo's weights; a cached zoo is reused only when this matches."""
+    """Everything that determines the zoo's weights; a cached zoo is reused only when this matches.
+
+    `train_threads=None` trains as version 1 did (torch's own thread count, non-deterministic algorithms
+    allowed): faster on many cores, but the weights then depend on the machine."""
     return {
         "version": ZOO_VERSION,
         "seeds": seeds,
@@ -225,7 +232,34 @@ def zoo_config(
         "batch_size": batch_size,
         "lr": lr,
         "train_files": train_files,
+        "train_threads": train_threads,
     }
+
+
+@contextlib.contextmanager
+def reproducible_training(threads: int | None) -> Iterator[None]:
+    """Make torch's CPU training bit-reproducible for the block, then restore the caller's settings.
+
+    A float sum's value depends on how it is split: a matmul or a reduction cut into as many pieces as torch
+    has threads rounds differently on a machine with another core count, and the difference grows over
+    hundreds of optimiser steps into different universal sets. So training runs on a fixed number of threads
+    (1 by default: the same split on every machine) with deterministic algorithms; the data order is already
+    drawn from a generator seeded per zoo seed (`training_batches`).
+    """
+    import torch
+
+    if threads is None:
+        yield
+        return
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
 
 
 def checkpoint_dir(root: Path, seed: int, step: int) -> Path:
@@ -238,14 +272,18 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
     Each seed's checkpoints are written as they are reached; a seed whose last checkpoint exists is skipped,
     so an interrupted zoo continues where it stopped (a partly trained seed restarts from scratch).
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     root = Path(root)
-    if read_zoo_manifest(root) not in (None, config):
+    found = read_zoo_manifest(root)
+    if found is not None and found.get("version") != config["version"]:
+        raise ActdbError(
+            f"zoo at {root} was trained by zoo version {found.get('version')} (this is version {config['version']}: "
+            "bit-reproducible training on a fixed thread count); delete that folder or pick another --zoo folder"
+        )
+    if found not in (None, config):
         raise ActdbError(f"zoo at {root} was built with other settings; pick another --zoo folder")
     root.mkdir(parents=True, exist_ok=True)
     (root / "zoo.json").write_text(json.dumps(config, indent=2))
@@ -261,40 +299,64 @@ def train_zoo(root: Path, config: dict, progress: bool = True) -> Path:
     stream: list[int] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    total = config["train_steps"]
-    for seed in todo:
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(
-            tiny_config(
-                "gpt2",
-                len(tokenizer),
-                n_layers=config["n_layers"],
-                d_model=config["d_model"],
-                d_mlp=config["d_mlp"],
-                n_ctx=config["seq_len"],
-            )
-        )
-        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
-        batches = training_batches(stream, config["seq_len"], config["batch_size"], seed)
-        bar = tqdm(total=total, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
-        for step in range(total + 1):
-            if step in config["checkpoints"]:
-                out = checkpoint_dir(root, seed, step)
-                model.save_pretrained(out)
-                tokenizer.save_pretrained(out)
-            if step == total:
-                break
-            x = next(batches)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        bar.close()
+    with reproducible_training(config["train_threads"]):
+        for seed in todo:
+            _train_seed(root, config, tokenizer, stream, seed, progress)
     return tok_dir
+
+
+def _train_seed(root: Path, config: dict, tokenizer, stream: list[int], seed: int, progress: bool) -> None:
+    """Train one zoo seed from its own initialisation and data order, saving each checkpoint as it is reached."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GPT2LMHeadModel
+
+    total = config["train_steps"]
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(
+        tiny_config(
+            "gpt2",
+            len(tokenizer),
+            n_layers=config["n_layers"],
+            d_model=config["d_model"],
+            d_mlp=config["d_mlp"],
+            n_ctx=config["seq_len"],
+        )
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    batches = training_batches(stream, config["seq_len"], config["batch_size"], seed)
+    bar = tqdm(total=total, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
+    for step in range(total + 1):
+        if step in config["checkpoints"]:
+            out = checkpoint_dir(root, seed, step)
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        if step == total:
+            break
+        x = next(batches)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+
+
+def weight_digest(folder: Path) -> str:
+    """SHA-256 over a saved model's tensors (names, dtypes, shapes and bytes, in name order): equal digests mean
+    bit-identical weights, whatever the file's own metadata says."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(Path(folder) / "model.safetensors")).items()):
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

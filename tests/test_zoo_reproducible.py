@@ -1,0 +1,68 @@
+"""The zoo trains bit-identically whatever torch's thread count: each training runs in its own process with a
+different `torch.set_num_threads` before `train_zoo`, and the weights' digests are compared."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from actdb.store.ingest.zoo import reproducible_training
+
+TRAIN_ONE_SEED = """
+import sys, tempfile
+from pathlib import Path
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from actdb.store.ingest.zoo import checkpoint_dir, train_zoo, weight_digest, zoo_config
+root = Path(tempfile.mkdtemp())
+threads = None if sys.argv[2] == "default" else int(sys.argv[2])
+config = zoo_config(1, 12, [12], vocab_size=300, d_model=64, d_mlp=256, seq_len=64, batch_size=8, train_files=12,
+                    train_threads=threads)
+train_zoo(root, config, progress=False)
+print(weight_digest(checkpoint_dir(root, 0, 12)), torch.get_num_threads())
+"""
+
+
+def _digest(process_threads: int, train_threads: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    out = subprocess.run(
+        [sys.executable, "-c", TRAIN_ONE_SEED, str(process_threads), train_threads],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.split()
+    assert out[1] == str(process_threads)  # the caller's thread count is restored after training
+    return out[0]
+
+
+@pytest.mark.slow  # three subprocesses, each trains a tokenizer and a model
+def test_zoo_weights_do_not_depend_on_thread_count():
+    one_thread = _digest(1, "1")
+    assert _digest(2, "1") == one_thread
+    # the control: the same training on torch's own 2 threads (version 1's zoo) rounds differently, so this
+    # configuration is large enough for the thread count to matter
+    assert _digest(2, "default") != one_thread
+
+
+def test_reproducible_training_restores_the_callers_settings():
+    before = torch.get_num_threads()
+    with reproducible_training(1):
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_zoo_of_the_previous_version_is_named_not_reused(tmp_path):
+    import json
+
+    from actdb.store.errors import ActdbError
+    from actdb.store.ingest.zoo import train_zoo, zoo_config
+
+    old = zoo_config(1, 10, [10]) | {"version": 1}
+    del old["train_threads"]
+    (tmp_path / "zoo.json").write_text(json.dumps(old))
+    with pytest.raises(ActdbError, match="trained by zoo version 1"):
+        train_zoo(tmp_path, zoo_config(1, 10, [10]), progress=False)

@@ -306,11 +306,26 @@ def test_a_missing_explanation_file_leaves_the_sql_summary(explained, tmp_path):
 def test_api_frames_are_typed_and_carry_what_the_cli_shows(explained):
     import actdb
 
-    home, db, run, _src = explained
+    home, db, run, src = explained
+    # a set that is never explained (b may be by now: another test builds its explanations)
+    run(
+        "ingest",
+        "bare",
+        "--step",
+        0,
+        "--dataset",
+        "d",
+        "--source",
+        src["b"],
+        "--quiet",
+        "--top-k",
+        0,
+        "--identical-weights",
+    )
     api = actdb.open(home=home, db=db)
     try:
         models = api.models()
-        assert list(models["model"]) == ["a", "b"] and models["d_mlp"].dtype == "int64"
+        assert list(models["model"]) == ["a", "b", "bare"] and models["d_mlp"].dtype == "int64"
         story = api.neuron("a@0", "1.5", examples=3)
         cli = json.loads(run("neuron", "a@0", "1.5", "--examples", 3, "--format", "json").stdout)
         assert {"explanation", "examples", "top_tokens", "vocabulary", "statistics", "matches"} <= set(story)
@@ -323,7 +338,7 @@ def test_api_frames_are_typed_and_carry_what_the_cli_shows(explained):
         both = every.set_index(["layer", "neuron"]).loc[fam.index]
         assert list(both["top_token"]) == list(fam["token"])  # text, as families() shows it
         assert all(t.startswith("'") and t.endswith("'") for t in every["top_token"].dropna())
-        bare = api.neuron("b@0", "0.1")  # b has no explanations: the sections are empty but typed
+        bare = api.neuron("bare@0", "0.1")  # no explanations: the sections are empty but typed
         assert len(bare["examples"]) == 0 and bare["examples"]["rank"].dtype == "int64"
         assert bare["top_tokens"]["mean_activation"].dtype == "float64"
     finally:

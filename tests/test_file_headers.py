@@ -86,8 +86,8 @@ def test_every_reader_refuses_a_file_that_is_not_its_set(case, store_with_neighb
     for args in (
         ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--force", "--quiet"),
         ("similarity", "--sets", "a@1,b@1", "--dataset", "d", "--force", "--quiet"),
-        ("export", "a@1", "--layer", 0, "--dataset", "d", "--out", out),
-        ("examples", "a@1", "--dataset", "d", "--force", "--no-vocabulary", "--quiet"),
+        ("export", "a@1", "--layer", 0, "--dataset", "d", "--hook", "mlp.post", "--out", out),
+        ("examples", "a@1", "--dataset", "d", "--hook", "mlp.post", "--force", "--no-vocabulary", "--quiet"),
     ):
         r = cli_call(home, db, *args)
         assert r.exit_code == 1, (args, r.stdout, r.stderr)
@@ -97,7 +97,7 @@ def test_every_reader_refuses_a_file_that_is_not_its_set(case, store_with_neighb
     assert not out.exists()
     api = actdb.open(home, db)
     with pytest.raises(ActdbError, match="is not the set SQL records") as refused:
-        api.activations("a@1", 0, dataset="d")
+        api.activations("a@1", 0, dataset="d", hook="mlp.post")
     api.close()
     assert mismatch in str(refused.value)
     r = cli_call(home, db, "check", "--quick", "--format", "json")
@@ -109,7 +109,7 @@ def test_the_sets_own_files_pass(store_with_neighbours, tmp_path):
     home, db = store_with_neighbours
     for args in (
         ("correlate", "--dataset", "d", "--step", 1, "--models", "a,b", "--quiet"),
-        ("export", "a@1", "--layer", 0, "--dataset", "d", "--out", tmp_path / "out.npy"),
+        ("export", "a@1", "--layer", 0, "--dataset", "d", "--hook", "mlp.post", "--out", tmp_path / "out.npy"),
         ("check", "--quick"),
     ):
         assert cli_call(home, db, *args).exit_code == 0, args
@@ -129,7 +129,7 @@ def test_a_damaged_layer_shape_is_refused(store_with_neighbours):
             f.create_dataset("layer_001", data=data)
         api = actdb.open(home, db)
         with pytest.raises(ActdbError, match=r"damaged: layer_001 is not \d+ x 128 float16"):
-            api.activations("a@1", 0, dataset="d")
+            api.activations("a@1", 0, dataset="d", hook="mlp.post")
         api.close()
     finally:
         target.write_bytes(original)

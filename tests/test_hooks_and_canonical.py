@@ -81,7 +81,7 @@ def test_read_commands_ask_for_the_hook_when_both_exist(two_hooks):
 
 def test_by_layer_gives_one_row_per_layer_and_shows_the_hook(two_hooks):
     home, db = two_hooks
-    for hook in ("mlp.post", "mlp.pre", "blocks.0.mlp.hook_pre"):
+    for hook in ("mlp.post", "mlp.pre", "blocks.{L}.mlp.hook_pre"):
         r = cli_call(
             home, db, "universal", "--by-layer", "--model", "a", "--step", 0, "--hook", hook, "--format", "json"
         )

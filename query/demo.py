@@ -295,7 +295,10 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
     columns = ["control", "step", "layer", pct, "stability", "pct_univ_0.5", "mean_max_corr", "mean_baseline"]
     echo(render(Rows(columns, rows)))
     _top_neurons(store, threshold, echo)
-    echo(f"\n== Persistence of universal neurons (excess corr > {threshold}, summed over seeds) ==")
+    echo(
+        f"\n== Persistence of universal neurons (excess corr > {threshold}, summed over seeds; self-correlation "
+        "from one step to the next, mean over every neuron of the layer and over the universal ones) =="
+    )
     grouped: dict[tuple, list] = defaultdict(list)
     for r in queries.persistence_listing(store, threshold=threshold):
         grouped[(r["control"], r["from_step"], r["to_step"], r["layer"])].append(r)
@@ -304,6 +307,12 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         n_from = sum(r["n_universal_from"] for r in group)
         kept = sum(r["n_kept"] for r in group)
         self_corr = [r["mean_self_corr"] for r in group if r["mean_self_corr"] is not None]
+        self_corr_universal = [
+            (r["mean_self_corr_universal"], r["n_universal_from"])
+            for r in group
+            if r["mean_self_corr_universal"] is not None
+        ]
+        n_weighted = sum(n for _v, n in self_corr_universal)
         out.append(
             {
                 "control": control,
@@ -313,7 +322,11 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
                 "n_universal_from": n_from,
                 "n_kept": kept,
                 "p_persist": round(kept / n_from, 3) if n_from else None,
-                "mean_self_corr": round(float(np.mean(self_corr)), 3) if self_corr else None,
+                "self_corr_all_neurons": round(float(np.mean(self_corr)), 3) if self_corr else None,
+                # weighted by each seed's universal count: the mean over the universal neurons of all seeds
+                "self_corr_universal": round(sum(v * n for v, n in self_corr_universal) / n_weighted, 3)
+                if n_weighted
+                else None,
             }
         )
     echo(render(Rows(list(out[0]) if out else ["control"], out)))

@@ -332,6 +332,9 @@ ABLATION_COLUMNS = [
     "threshold",
     "n_neurons",
     "tokens",
+    "eval_split",
+    "n_eval_sequences",
+    "positions",
     "base_loss",
     "ablated_loss",
     "delta",
@@ -371,6 +374,7 @@ PERSISTENCE_COLUMNS = [
     "p_persist",
     "jaccard",
     "mean_self_corr",
+    "mean_self_corr_universal",
 ]
 
 

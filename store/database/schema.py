@@ -259,7 +259,9 @@ class Universality(Base):
     mean_baseline: Mapped[float | None] = mapped_column(Float)
     baseline_sd: Mapped[float | None] = mapped_column(Float)
     excess_corr: Mapped[float | None] = mapped_column(Float)
-    z: Mapped[float | None] = mapped_column(Float)
+    z: Mapped[float | None] = mapped_column(Float)  # excess / this neuron's own baseline sd (rests on n_draws)
+    z_pooled: Mapped[float | None] = mapped_column(Float)  # excess / the layer-pooled, shrunk baseline sd
+    n_draws: Mapped[int | None] = mapped_column(Integer)  # baseline draws its scores rest on (NULL: the run's)
     stability: Mapped[float | None] = mapped_column(Float)  # share of draws universal at the run's threshold
     excess_draws: Mapped[str | None] = mapped_column(Text)  # the excess against each draw, sorted, comma-separated
     is_dead: Mapped[bool] = mapped_column(Boolean)
@@ -342,7 +344,8 @@ class Persistence(Base):
     n_kept: Mapped[int] = mapped_column(Integer)
     p_persist: Mapped[float | None] = mapped_column(Float)
     jaccard: Mapped[float | None] = mapped_column(Float)
-    mean_self_corr: Mapped[float | None] = mapped_column(Float)
+    mean_self_corr: Mapped[float | None] = mapped_column(Float)  # over every neuron of the layer
+    mean_self_corr_universal: Mapped[float | None] = mapped_column(Float)  # over those universal at from_step
     from_run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"))
     to_run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"))
     self_run_id: Mapped[int] = mapped_column(ForeignKey("correlation_run.id", ondelete="CASCADE"))
@@ -395,6 +398,13 @@ class Ablation(RunState, Base):
     control_deltas: Mapped[str | None] = mapped_column(Text)  # JSON list, one delta per control set
     p_value: Mapped[float | None] = mapped_column(Float)
     each: Mapped[bool] = mapped_column(Boolean)
+    eval_split: Mapped[str] = mapped_column(String(20))  # held_out | in_sample | listed
+    eval_sequences: Mapped[str | None] = mapped_column(Text)  # measured sequences of `dataset_id`, as ranges
+    n_eval_sequences: Mapped[int | None] = mapped_column(Integer)
+    positions: Mapped[str] = mapped_column(String(20))  # counted | all: where activations are replaced
+    selection_dataset_id: Mapped[int | None] = mapped_column(
+        ForeignKey("dataset.id", ondelete="SET NULL", name="fk_ablation_selection_dataset")
+    )
     forward_passes: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

@@ -45,6 +45,7 @@ from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_
 from actdb.store.refs import SetRef
 
 DATASET = "stdlib-heldout"
+EVAL_DATASET = "stdlib-packages"  # the ablation's held-out sequences: files the zoo and DATASET never saw
 STAGES = 10
 
 
@@ -89,6 +90,19 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
             seed=0,
         )
         echo(f"  {ds.n_sequences} sequences x {ds.seq_len} tokens ({ds.n_counted} counted)")
+        # the zoo trains on, and DATASET reads, top-level modules only: subpackages' files are other documents
+        packages = sorted(str(p) for p in stdlib_files()[0].parent.glob("*/*.py") if "test" not in p.parent.name)
+        add_dataset(
+            store,
+            name=EVAL_DATASET,
+            exclude_tokens="gurnee",
+            sources=packages,
+            tokenizer=str(tok_dir),
+            seq_len=config["seq_len"],
+            n_tokens=8192,
+            seed=0,
+            log=lambda _m: None,
+        )
     indent = lambda m: echo("  " + m)  # noqa: E731
     stage(f"ingest: {req.seeds} seeds x {len(steps)} steps")
     models = [f"seed{k}" for k in range(req.seeds)]
@@ -245,6 +259,7 @@ def _ablate(store: Store, target: str, req: DemoRequest, echo: Callable[[str], N
         selector="universal",
         method="mean",
         dataset=DATASET,
+        eval_dataset=EVAL_DATASET,
         tokens=8192,
         controls=req.controls,
         threshold=req.threshold,
@@ -342,6 +357,9 @@ def _top_neurons(store: Store, threshold: float, echo: Callable[[str], None], n:
         return
     last = max(r["step"] for r in rows)
     top = [r for r in rows if r["step"] == last][:n]
-    echo(f"\n== Most universal neurons at step {last} (excess corr > {threshold}; z in baseline sds) ==")
-    keep = "model layer neuron excess_corr stability z mean_max_corr mean_baseline baseline_sd act_frac_active"
+    echo(
+        f"\n== Most universal neurons at step {last} (excess corr > {threshold}; z_pooled: excess in baseline sds "
+        "pooled over the layer and shrunk; z: over the neuron's own sd from n_draws draws, heavy-tailed) =="
+    )
+    keep = "model layer neuron excess_corr stability z_pooled z n_draws mean_max_corr mean_baseline baseline_sd"
     echo(render(Rows(keep.split(), top)))

@@ -55,6 +55,7 @@ UNIVERSAL_COLUMNS = [
     "excess_corr",
     "stability",
     "z",
+    "z_pooled",
     "mean_max_corr",
     "min_max_corr",
     "mean_baseline",
@@ -208,8 +209,8 @@ MATCH_COLUMNS = (
     "run_id control other_model other_step max_corr best_layer best_neuron baseline_max_corr baseline_sd self_corr"
 )
 STORY_UNIVERSALITY = (
-    "run_id control threshold excess_corr stability z mean_max_corr min_max_corr mean_baseline baseline_sd n_draws "
-    "is_universal is_dead"
+    "run_id control threshold excess_corr stability z z_pooled mean_max_corr min_max_corr mean_baseline baseline_sd "
+    "n_draws is_universal is_dead"
 )
 STORY_ABLATION = "ablation_id method selector threshold n_neurons tokens delta control_mean p_value p_floor"
 HISTORY_COLUMNS = "step control threshold run_id excess_corr stability mean_max_corr is_universal emergence_step"

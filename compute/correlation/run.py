@@ -409,7 +409,7 @@ def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationR
     rows = []
     for key, sc in score_universality(result).items():
         d = shapes[key]
-        z, stability = sc.z, sc.stability(threshold)
+        z, z_pooled, n_draws, stability = sc.z, sc.z_pooled(d), sc.n_draws, sc.stability(threshold)
         for i in range(len(sc.excess_corr)):
             rows.append(
                 {
@@ -423,6 +423,8 @@ def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationR
                     "baseline_sd": finite_or_none(sc.baseline_sd[i]),
                     "excess_corr": finite_or_none(sc.excess_corr[i]),
                     "z": finite_or_none(z[i]),
+                    "z_pooled": finite_or_none(z_pooled[i]),
+                    "n_draws": int(n_draws[i]) if n_draws[i] else None,
                     "stability": finite_or_none(stability[i]),
                     "excess_draws": format_draws(sc.excess_draws[:, i]),
                     "is_dead": bool(sc.is_dead[i]),

@@ -24,15 +24,60 @@ class UniversalityScores:
 
     @property
     def z(self) -> np.ndarray:
-        """(max corr - baseline mean) / baseline sd: how many baseline sds the match stands above chance."""
+        """(max corr - baseline mean) / baseline sd: how many baseline sds the match stands above chance. The sd
+        rests on `n_draws` draws: at K = 8 its reciprocal is heavy-tailed, see `z_pooled`."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.baseline_sd > 0, self.excess_corr / self.baseline_sd, np.nan)
+
+    @property
+    def n_draws(self) -> np.ndarray:
+        """How many baseline draws each neuron's scores rest on."""
+        return np.isfinite(self.excess_draws).sum(axis=0)
+
+    def z_pooled(self, d_mlp: int) -> np.ndarray:
+        """Excess over the layer-pooled, shrunk baseline sd (`pooled_baseline_sd`)."""
+        layer = np.arange(len(self.excess_corr)) // d_mlp
+        sd = pooled_baseline_sd(self.baseline_sd, self.n_draws, layer)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(sd > 0, self.excess_corr / sd, np.nan)
 
     def stability(self, threshold: float) -> np.ndarray:
         """Share of baseline draws in which the neuron is universal at `threshold` (NaN where undefined)."""
         with np.errstate(invalid="ignore"):
             share = (self.excess_draws > threshold).mean(axis=0)
         return np.where(np.isnan(self.excess_corr), np.nan, share)
+
+
+POOL_PRIOR_DRAWS = 8  # the layer's variance counts as much as 8 draws (7 degrees of freedom) of one neuron
+
+
+def pooled_baseline_sd(
+    sd: np.ndarray, n_draws: np.ndarray, group: np.ndarray, prior_dof: float = POOL_PRIOR_DRAWS - 1
+) -> np.ndarray:
+    """Each neuron's baseline sd shrunk towards its group's (layer's): s~^2 = (nu s^2 + nu0 s0^2) / (nu + nu0).
+
+    With K draws a neuron's sample variance s^2 has nu = K - 1 degrees of freedom, so 1/s, and with it
+    z = excess / s, is heavy-tailed at small K (at K = 8 one neuron in a few hundred gets half the true sd).
+    The layer's neurons share one null (rotations of the same layer), so their variances are pooled: s0^2 is
+    the median of the group's s^2 divided by the median of chi2(nu)/nu (the median of a scaled chi-square is
+    below its mean; the median keeps a few extreme neurons from moving s0). nu0 weighs that pooled value like
+    `prior_dof` degrees of freedom of one neuron; as K grows a neuron's own sd dominates. NaN where no
+    variance exists (one draw, dead neurons)."""
+    from scipy import stats
+
+    sd = np.asarray(sd, dtype=float)
+    dof = np.asarray(n_draws, dtype=float) - 1
+    out = np.full(sd.shape, np.nan)
+    for g in np.unique(group):
+        members = (group == g) & np.isfinite(sd) & (dof >= 1)
+        if not members.any():
+            continue
+        nu = dof[members]
+        var = sd[members] ** 2
+        # per-neuron correction, so that groups with mixed draw counts pool on one scale
+        s0_sq = float(np.median(var / (stats.chi2.median(nu) / nu)))
+        out[members] = np.sqrt((nu * var + prior_dof * s0_sq) / (nu + prior_dof))
+    return out
 
 
 def score_universality(result: CorrelationResult) -> dict[int, UniversalityScores]:

@@ -231,9 +231,27 @@ def _similarity_summary(store: Store, models: list[str], steps: list[int], echo:
         for metric in metrics:
             values = [v[metric] for v in chosen if v.get(metric) is not None]
             row[metric] = round(float(np.mean(values)), 3) if values else None
+        row["mean_loss"] = _losses_by_step(chosen)
         rows.append(row)
-    echo("\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs) ==")
-    echo(render(Rows(["pairs", "n", *metrics], rows)))
+    echo(
+        "\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs; mean_loss: "
+        "each compared set's mean next-token loss on counted targets, by step, from the stored predictions) =="
+    )
+    echo(render(Rows(["pairs", "n", *metrics, "mean_loss"], rows)))
+
+
+def _losses_by_step(pairs: list[dict]) -> str | None:
+    """`step: loss` for the sets compared in `pairs`, each set's mean loss averaged per step: agreement between
+    two sets is read against how good each of them is."""
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for v in pairs:
+        if v.get("mean_loss") is None:
+            continue
+        by_step[v["step"]][v["model"]] = v["mean_loss"]
+        by_step[v["other_step"]][v["other_model"]] = v["other_mean_loss"]
+    if not by_step:
+        return None
+    return ", ".join(f"{step}: {np.mean(list(losses.values())):.2f}" for step, losses in sorted(by_step.items()))
 
 
 def _explain(store: Store, model: str, step: int, threshold: float, echo: Callable[[str], None]) -> None:

@@ -6,10 +6,12 @@ other set of the run (Gurnee et al. 2024), with the baseline drawn K times. Dead
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actdb.compute.correlation.engine import CorrelationResult
+if TYPE_CHECKING:
+    from actdb.compute.correlation.engine import CorrelationResult
 
 
 @dataclass
@@ -19,7 +21,7 @@ class UniversalityScores:
     mean_baseline: np.ndarray  # mean over draws of the baseline averaged over the other sets
     baseline_sd: np.ndarray  # its standard deviation over draws (NaN with one draw)
     excess_corr: np.ndarray  # mean_max_corr - mean_baseline
-    excess_draws: np.ndarray  # (draws, n): the excess against each draw; stability = share above the threshold
+    excess_draws: np.ndarray  # (draws, n): the excess against each draw (NaN: not taken); stability = share above
     is_dead: np.ndarray
 
     @property
@@ -42,9 +44,9 @@ class UniversalityScores:
             return np.where(sd > 0, self.excess_corr / sd, np.nan)
 
     def stability(self, threshold: float) -> np.ndarray:
-        """Share of baseline draws in which the neuron is universal at `threshold` (NaN where undefined)."""
-        with np.errstate(invalid="ignore"):
-            share = (self.excess_draws > threshold).mean(axis=0)
+        """Share of its baseline draws in which the neuron is universal at `threshold` (NaN where undefined)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = (self.excess_draws > threshold).sum(axis=0) / self.n_draws
         return np.where(np.isnan(self.excess_corr), np.nan, share)
 
 
@@ -88,11 +90,15 @@ def score_universality(result: CorrelationResult) -> dict[int, UniversalityScore
         max_corr = np.stack([m.max_corr for m in others])  # (others, n)
         baseline = np.stack([m.baseline for m in others])  # (others, draws, n)
         undefined = dead | np.isnan(max_corr).any(axis=0) | np.isnan(baseline).any(axis=(0, 1))
-        with np.errstate(invalid="ignore"):
+        if all(m.extra is not None for m in others):  # adaptive draws: NaN where a neuron got none
+            baseline = np.concatenate([baseline, np.stack([m.extra for m in others])], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
             mean_max = np.where(undefined, np.nan, max_corr.mean(axis=0))
             per_draw = np.where(undefined, np.nan, baseline.mean(axis=0))  # (draws, n)
-            sd = per_draw.std(axis=0, ddof=1) if per_draw.shape[0] > 1 else np.full(per_draw.shape[1], np.nan)
-            mean_baseline = per_draw.mean(axis=0)
+            taken = np.isfinite(per_draw).sum(axis=0)
+            mean_baseline = np.where(taken > 0, np.nansum(per_draw, axis=0) / np.maximum(taken, 1), np.nan)
+            var = np.nansum((per_draw - mean_baseline) ** 2, axis=0) / np.maximum(taken - 1, 1)
+            sd = np.where(taken > 1, np.sqrt(var), np.nan)
             out[key] = UniversalityScores(
                 mean_max_corr=mean_max,
                 min_max_corr=np.where(undefined, np.nan, max_corr.min(axis=0)),
@@ -107,5 +113,5 @@ def score_universality(result: CorrelationResult) -> dict[int, UniversalityScore
 
 def format_draws(values: np.ndarray) -> str | None:
     """The per-draw excess of one neuron as stored: sorted, comma-separated, 9 significant digits."""
-    finite = np.sort(values[np.isfinite(values)])
-    return ",".join(f"{v:.9g}" for v in finite) if len(finite) == len(values) else None
+    finite = np.sort(values[np.isfinite(values)])  # adaptive runs leave the draws not taken NaN
+    return ",".join(f"{v:.9g}" for v in finite) if len(finite) else None

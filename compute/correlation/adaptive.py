@@ -1,0 +1,133 @@
+"""Adaptive baseline draws: more rotations only for the neurons whose universal label is still uncertain.
+
+After the run's K draws, a neuron's label `excess > threshold` rests on the mean of its K per-draw excesses. Where
+that mean lies within `q * s / sqrt(n)` of the threshold (s: the layer-pooled sd of the per-draw excess,
+`pooled_baseline_sd`; n: the draws taken; q: the one-sided normal quantile of the stated confidence), another
+round of draws is taken for those neurons only, until each is decided or `max_draws` is reached. The rule is
+sequential without alpha spending: "decided at 95 %" means the last look's margin, not a corrected error rate.
+
+A draw costs products with covariances, not a pass over the tokens: for an undecided neuron i of set a, its
+baseline against set b is `max_j (Cov_ab R_b)_ij / (sd_i sd(R_b)_j)`, one row of the product instead of the
+whole block, plus each set's rotated sds `diag(R^T C R)` (a d^3 product per layer and draw). The draws use the
+same rotations `R_{m,l} P_k` as the first K (`baseline.rotation`), so draw k is the same rotation whether it
+was taken for every neuron or only for some.
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from actdb.compute.correlation.universality import pooled_baseline_sd
+
+if TYPE_CHECKING:
+    from actdb.compute.correlation.engine import CorrelationEngine
+
+ROUND = 8  # draws added per round for the neurons still undecided
+
+
+def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, confidence: float) -> np.ndarray:
+    """Neurons whose mean excess over their finite draws is within `q * s_pooled / sqrt(n)` of `threshold`.
+
+    `excess_draws` is `(draws, n)` with NaN for draws not taken; dead neurons (no finite draw) are decided."""
+    n = np.isfinite(excess_draws).sum(axis=0)
+    live = n >= 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, np.nansum(excess_draws, axis=0) / np.maximum(n, 1), np.nan)
+        var = np.nansum((excess_draws - mean) ** 2, axis=0) / np.maximum(n - 1, 1)
+    sd = pooled_baseline_sd(np.where(live, np.sqrt(var), np.nan), n, layer)
+    q = NormalDist().inv_cdf(confidence)
+    with np.errstate(invalid="ignore"):
+        return live & np.isfinite(sd) & (np.abs(mean - threshold) < q * sd / np.sqrt(np.maximum(n, 1)))
+
+
+def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
+    """Add draws `K..max_draws-1` for the undecided neurons of every set (into each pair's `extra` baseline),
+    round by round; returns the number of neuron-draws added. `acc` holds the pass's float32 covariance blocks
+    of every pair (a one-pass run)."""
+    opts, inputs, backend = engine.options, engine.inputs, engine.backend
+    xp = backend.xp
+    k0, cap = opts.baseline_draws, opts.max_draws
+    for res in engine.results.values():
+        res.extra = np.full((cap - k0, res.baseline.shape[1]), np.nan)
+    bases = {s.key: [backend.asarray(r) for r in engine._base_rotations(s.key)] for s in inputs}
+    covs = {s.key: [c.astype(xp.float32) for c in engine.moments[s.key].cov] for s in inputs}
+    added, draw = 0, k0
+    while draw < cap:
+        todo = {s.key: _undecided_of(engine, s.key) for s in inputs}
+        if not any(m.any() for m in todo.values()):
+            break
+        for k in range(draw, min(draw + ROUND, cap)):
+            rotations = {s.key: engine._rotations(s.key, bases[s.key], covs[s.key], k) for s in inputs}
+            for key, mask in todo.items():
+                for other in (o for o in range(len(inputs)) if o != key):
+                    engine.results[(key, other)].extra[k - k0, mask] = -np.inf
+            for g, block in acc.items():
+                for layer in range(g.start, g.stop):
+                    rows = engine._rows(g, block, layer)
+                    _forward(engine, g.a, g.b, layer, rows, rotations[g.b], todo[g.a], k - k0)
+                    _backward(engine, g.a, g.b, layer, rows, rotations[g.a], todo[g.b], k - k0)
+            added += int(sum(m.sum() for m in todo.values()))
+        draw = min(draw + ROUND, cap)
+    return added
+
+
+def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
+    others = [res for (a, _b), res in engine.results.items() if a == key]
+    max_corr = np.stack([r.max_corr for r in others]).mean(axis=0)
+    per_draw = np.concatenate(
+        [np.stack([r.baseline for r in others]).mean(axis=0), np.stack([r.extra for r in others]).mean(axis=0)]
+    )
+    with np.errstate(invalid="ignore"):
+        excess = np.where(np.isfinite(max_corr) & np.isfinite(per_draw), max_corr - per_draw, np.nan)
+    d = engine.inputs[key].d_mlp
+    layer = np.arange(excess.shape[1]) // d
+    return undecided(excess, layer, engine.options.adaptive_threshold, engine.options.adaptive_confidence)
+
+
+def _forward(engine, a: int, b: int, layer: int, cov, rot_b, mask_a: np.ndarray, slot: int) -> None:
+    """Undecided neurons of a's `layer` against b's rotated neurons (all layers of b)."""
+    from actdb.compute.correlation.engine import _inverse_sd
+
+    xp, backend = engine.backend.xp, engine.backend
+    d, sb = engine.inputs[a].d_mlp, engine.inputs[b]
+    rows = np.flatnonzero(mask_a[layer * d : (layer + 1) * d])
+    if not len(rows):
+        return
+    rot, rot_sd = rot_b
+    idx = backend.asarray(rows)
+    part = cov[idx]
+    scaled = xp.concatenate(
+        [part[:, lb * sb.d_mlp : (lb + 1) * sb.d_mlp] @ rot[lb] for lb in range(sb.n_layers)], axis=1
+    )
+    inv_cols, dead_cols = _inverse_sd(rot_sd, xp)
+    scaled *= inv_cols
+    if bool(dead_cols.any()):
+        scaled[:, dead_cols] = -xp.inf
+    inv_rows, _ = _inverse_sd(engine.moments[a].sd[layer * d : (layer + 1) * d][idx], xp)
+    best = backend.to_numpy(xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0))
+    engine.results[(a, b)].extra[slot, layer * d + rows] = best
+
+
+def _backward(engine, a: int, b: int, layer: int, cov, rot_a, mask_b: np.ndarray, slot: int) -> None:
+    """Undecided neurons of b against the rotated neurons of a's `layer` (a running max over a's layers)."""
+    from actdb.compute.correlation.engine import _inverse_sd
+
+    xp, backend = engine.backend.xp, engine.backend
+    d = engine.inputs[a].d_mlp
+    cols = np.flatnonzero(mask_b)
+    if not len(cols):
+        return
+    rot, rot_sd = rot_a
+    idx = backend.asarray(cols)
+    scaled = rot[layer].T @ cov[:, idx]
+    inv_rows, dead_rows = _inverse_sd(rot_sd[layer * d : (layer + 1) * d], xp)
+    scaled *= inv_rows[:, None]
+    if bool(dead_rows.any()):
+        scaled[dead_rows, :] = -xp.inf
+    inv_cols, _ = _inverse_sd(engine.moments[b].sd[idx], xp)
+    best = backend.to_numpy(xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0))
+    target = engine.results[(b, a)].extra[slot]
+    target[cols] = np.fmax(target[cols], best)

@@ -91,7 +91,11 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
         )
         echo(f"  {ds.n_sequences} sequences x {ds.seq_len} tokens ({ds.n_counted} counted)")
         # the zoo trains on, and DATASET reads, top-level modules only: subpackages' files are other documents
-        packages = sorted(str(p) for p in stdlib_files()[0].parent.glob("*/*.py") if "test" not in p.parent.name)
+        packages = sorted(
+            str(p)
+            for p in stdlib_files()[0].parent.glob("*/*.py")
+            if "test" not in p.parent.name and not p.parent.name.endswith("-packages")
+        )
         add_dataset(
             store,
             name=EVAL_DATASET,

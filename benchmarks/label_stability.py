@@ -83,15 +83,17 @@ def _engine(args) -> None:
         configs = [
             ("1 draw", CorrelationOptions(baseline_draws=1)),
             (f"K = {args.draws} (before)", CorrelationOptions(baseline_draws=args.draws)),
+        ] + [
             (
-                f"K = {args.draws}, adaptive to {args.max_draws} (after)",
+                f"K = {args.draws}, adaptive to {cap} (after)",
                 CorrelationOptions(
                     baseline_draws=args.draws,
                     adaptive_threshold=threshold,
                     adaptive_confidence=args.confidence,
-                    max_draws=args.max_draws,
+                    max_draws=cap,
                 ),
-            ),
+            )
+            for cap in args.max_draws
         ]
         _report(configs, lambda opts: correlate_sets(inputs, tokens, mask, opts, cpu), threshold, args.repeat)
     finally:
@@ -139,11 +141,11 @@ def _store(args) -> None:
     sets = [SetRef(m, args.step) for m in args.models.split(",")]
     print("| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) |")
     print("|---|---|---|---|")
-    for name, draws, max_draws in (
+    for name, draws, max_draws in [
         ("1 draw", 1, None),
         (f"K = {args.draws} (before)", args.draws, None),
-        (f"K = {args.draws}, adaptive to {args.max_draws} (after)", args.draws, args.max_draws),
-    ):
+        *((f"K = {args.draws}, adaptive to {cap} (after)", args.draws, cap) for cap in args.max_draws),
+    ]:
         labels, seconds = {}, []
         for seed in SEEDS:
             request = CorrelationRequest(
@@ -175,7 +177,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.2)
     ap.add_argument("--threshold-quantile", type=float, default=0.95)
     ap.add_argument("--draws", type=int, default=8)
-    ap.add_argument("--max-draws", type=int, default=64)
+    ap.add_argument("--max-draws", type=lambda t: [int(x) for x in t.split(",")], default=[32], help="caps, e.g. 32,64")
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per configuration and seed (min is kept)")
     args = ap.parse_args()

@@ -177,7 +177,9 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.2)
     ap.add_argument("--threshold-quantile", type=float, default=0.95)
     ap.add_argument("--draws", type=int, default=8)
-    ap.add_argument("--max-draws", type=lambda t: [int(x) for x in t.split(",")], default=[32], help="caps, e.g. 32,64")
+    ap.add_argument(
+        "--max-draws", type=lambda t: [int(x) for x in t.split(",")], default=[16, 32], help="caps, e.g. 16,32"
+    )
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per configuration and seed (min is kept)")
     args = ap.parse_args()

@@ -429,7 +429,8 @@ class CorrelationEngine:
         if key in self.base_cache:
             return self.base_cache[key]
         rotations = base_rotations(self.inputs[key], self.options.baseline_seed)
-        if keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
+        adaptive = self.options.adaptive_threshold is not None  # its rounds use them again (one pass)
+        if adaptive or keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
         return rotations
 

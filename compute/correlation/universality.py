@@ -64,9 +64,8 @@ def pooled_baseline_sd(
     the median of the group's s^2 divided by the median of chi2(nu)/nu (the median of a scaled chi-square is
     below its mean; the median keeps a few extreme neurons from moving s0). nu0 weighs that pooled value like
     `prior_dof` degrees of freedom of one neuron; as K grows a neuron's own sd dominates. NaN where no
-    variance exists (one draw, dead neurons)."""
-    from scipy import stats
-
+    variance exists (one draw, dead neurons). The chi-square median is Wilson and Hilferty's
+    nu (1 - 2 / (9 nu))^3 (3.4 % above the exact value at nu = 1, 0.13 % at nu = 7, closer above)."""
     sd = np.asarray(sd, dtype=float)
     dof = np.asarray(n_draws, dtype=float) - 1
     out = np.full(sd.shape, np.nan)
@@ -77,7 +76,7 @@ def pooled_baseline_sd(
         nu = dof[members]
         var = sd[members] ** 2
         # per-neuron correction, so that groups with mixed draw counts pool on one scale
-        s0_sq = float(np.median(var / (stats.chi2.median(nu) / nu)))
+        s0_sq = float(np.median(var / (1 - 2 / (9 * nu)) ** 3))
         out[members] = np.sqrt((nu * var + prior_dof * s0_sq) / (nu + prior_dof))
     return out
 

@@ -47,6 +47,7 @@ from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_
 from actdb.store.refs import SetRef
 
 DATASET = "stdlib-heldout"
+EVAL_DATASET = "stdlib-packages"  # the ablation's held-out sequences: files the zoo and DATASET never saw
 STAGES = 11
 CONCEPTS = "python-constructs"
 
@@ -92,6 +93,23 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
             seed=0,
         )
         echo(f"  {ds.n_sequences} sequences x {ds.seq_len} tokens ({ds.n_counted} counted)")
+        # the zoo trains on, and DATASET reads, top-level modules only: subpackages' files are other documents
+        packages = sorted(
+            str(p)
+            for p in stdlib_files()[0].parent.glob("*/*.py")
+            if "test" not in p.parent.name and not p.parent.name.endswith("-packages")
+        )
+        add_dataset(
+            store,
+            name=EVAL_DATASET,
+            exclude_tokens="gurnee",
+            sources=packages,
+            tokenizer=str(tok_dir),
+            seq_len=config["seq_len"],
+            n_tokens=8192,
+            seed=0,
+            log=lambda _m: None,
+        )
     indent = lambda m: echo("  " + m)  # noqa: E731
     stage(f"ingest: {req.seeds} seeds x {len(steps)} steps")
     models = [f"seed{k}" for k in range(req.seeds)]
@@ -252,9 +270,14 @@ def _similarity_summary(store: Store, models: list[str], steps: list[int], echo:
         for metric in metrics:
             values = [v[metric] for v in chosen if v.get(metric) is not None]
             row[metric] = round(float(np.mean(values)), 3) if values else None
+        row["mean_loss"] = _losses_by_step(chosen)
         rows.append(row)
-    echo("\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs) ==")
-    echo(render(Rows(["pairs", "n", *metrics], rows)))
+    echo(
+        "\n== Similarity: snapshots of one run vs independently trained runs (means over ordered pairs; mean_loss: "
+        "each compared set's mean next-token loss on counted targets, by step, from the stored predictions) =="
+    )
+    echo(render(Rows(["pairs", "n", *metrics, "mean_loss"], rows)))
+
     trajectory = long_rows(store)
     summary = run_summary(store)
     echo(f"\n== Trajectories: win rate W[row, column] on >= {summary['n_targets']:,} targets per pair (0.5: a draw) ==")
@@ -262,6 +285,20 @@ def _similarity_summary(store: Store, models: list[str], steps: list[int], echo:
     echo(f"non-transitive triples: {summary['n_nontransitive']} of {summary['n_triples']}")
     echo(f"\n== Trajectories: ensemble gain (nats) of two-checkpoint mixtures at steps {late} and {last} ==")
     echo(render(kind_comparison(trajectory, metrics=("ensemble_gain", "disagreement"), steps={late, last})))
+
+
+def _losses_by_step(pairs: list[dict]) -> str | None:
+    """`step: loss` for the sets compared in `pairs`, each set's mean loss averaged per step: agreement between
+    two sets is read against how good each of them is."""
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for v in pairs:
+        if v.get("mean_loss") is None:
+            continue
+        by_step[v["step"]][v["model"]] = v["mean_loss"]
+        by_step[v["other_step"]][v["other_model"]] = v["other_mean_loss"]
+    if not by_step:
+        return None
+    return ", ".join(f"{step}: {np.mean(list(losses.values())):.2f}" for step, losses in sorted(by_step.items()))
 
 
 def _explain(store: Store, model: str, step: int, threshold: float, echo: Callable[[str], None]) -> None:
@@ -287,6 +324,7 @@ def _ablate(store: Store, target: str, req: DemoRequest, echo: Callable[[str], N
         selector="universal",
         method="mean",
         dataset=DATASET,
+        eval_dataset=EVAL_DATASET,
         tokens=8192,
         controls=req.controls,
         threshold=req.threshold,
@@ -337,7 +375,10 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
     columns = ["control", "step", "layer", pct, "stability", "pct_univ_0.5", "mean_max_corr", "mean_baseline"]
     echo(render(Rows(columns, rows)))
     _top_neurons(store, threshold, echo)
-    echo(f"\n== Persistence of universal neurons (excess corr > {threshold}, summed over seeds) ==")
+    echo(
+        f"\n== Persistence of universal neurons (excess corr > {threshold}, summed over seeds; self-correlation "
+        "from one step to the next, mean over every neuron of the layer and over the universal ones) =="
+    )
     grouped: dict[tuple, list] = defaultdict(list)
     for r in queries.persistence_listing(store, threshold=threshold):
         grouped[(r["control"], r["from_step"], r["to_step"], r["layer"])].append(r)
@@ -346,6 +387,12 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         n_from = sum(r["n_universal_from"] for r in group)
         kept = sum(r["n_kept"] for r in group)
         self_corr = [r["mean_self_corr"] for r in group if r["mean_self_corr"] is not None]
+        self_corr_universal = [
+            (r["mean_self_corr_universal"], r["n_universal_from"])
+            for r in group
+            if r["mean_self_corr_universal"] is not None
+        ]
+        n_weighted = sum(n for _v, n in self_corr_universal)
         out.append(
             {
                 "control": control,
@@ -355,7 +402,11 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
                 "n_universal_from": n_from,
                 "n_kept": kept,
                 "p_persist": round(kept / n_from, 3) if n_from else None,
-                "mean_self_corr": round(float(np.mean(self_corr)), 3) if self_corr else None,
+                "self_corr_all_neurons": round(float(np.mean(self_corr)), 3) if self_corr else None,
+                # weighted by each seed's universal count: the mean over the universal neurons of all seeds
+                "self_corr_universal": round(sum(v * n for v, n in self_corr_universal) / n_weighted, 3)
+                if n_weighted
+                else None,
             }
         )
     echo(render(Rows(list(out[0]) if out else ["control"], out)))
@@ -371,6 +422,9 @@ def _top_neurons(store: Store, threshold: float, echo: Callable[[str], None], n:
         return
     last = max(r["step"] for r in rows)
     top = [r for r in rows if r["step"] == last][:n]
-    echo(f"\n== Most universal neurons at step {last} (excess corr > {threshold}; z in baseline sds) ==")
-    keep = "model layer neuron excess_corr stability z mean_max_corr mean_baseline baseline_sd act_frac_active"
+    echo(
+        f"\n== Most universal neurons at step {last} (excess corr > {threshold}; z_pooled: excess in baseline sds "
+        "pooled over the layer and shrunk; z: over the neuron's own sd from n_draws draws, heavy-tailed) =="
+    )
+    keep = "model layer neuron excess_corr stability z_pooled z n_draws mean_max_corr mean_baseline baseline_sd"
     echo(render(Rows(keep.split(), top)))

@@ -47,6 +47,7 @@ UNIVERSAL_COLUMNS = [
     "excess_corr",
     "stability",
     "z",
+    "z_pooled",
     "mean_max_corr",
     "min_max_corr",
     "mean_baseline",
@@ -239,7 +240,8 @@ MATCH_COLUMNS = (
     "baseline_sd self_corr"
 )
 STORY_UNIVERSALITY = (
-    "run_id control hook threshold excess_corr stability z mean_max_corr min_max_corr mean_baseline baseline_sd "
+    "run_id control hook threshold excess_corr stability z z_pooled mean_max_corr min_max_corr mean_baseline "
+    "baseline_sd "
     "n_draws is_universal is_dead"
 )
 STORY_ABLATION = "ablation_id method selector threshold n_neurons tokens delta control_mean p_value p_floor"
@@ -417,6 +419,9 @@ ABLATION_COLUMNS = [
     "threshold",
     "n_neurons",
     "tokens",
+    "eval_split",
+    "n_eval_sequences",
+    "positions",
     "base_loss",
     "ablated_loss",
     "delta",
@@ -456,6 +461,7 @@ PERSISTENCE_COLUMNS = [
     "p_persist",
     "jaccard",
     "mean_self_corr",
+    "mean_self_corr_universal",
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actdb.compute.ablation.loss import LossEvaluator, ablate, matched_controls, set_edits
-from actdb.compute.persistence.run import emergence_steps, layer_overlap
+from actdb.compute.persistence.run import _layer_rows, _Model, emergence_steps, layer_overlap
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_model
 
@@ -52,6 +52,17 @@ def test_emergence_and_overlap_by_hand():
     assert layer_overlap(set(), set()) == (0, None, None)
 
 
+def test_self_correlation_is_averaged_over_the_layer_and_over_its_universal_neurons():
+    universal_from = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
+    universal_to = np.array([1, 0, 0, 0, 0, 0], dtype=bool)
+    self_corr = np.array([0.9, 0.1, 0.7, np.nan, 0.3, np.nan])  # NaN: a dead neuron has none
+    (row,) = _layer_rows(0, 10, universal_from, universal_to, self_corr, _Model(1, 1, 1, 6))
+    assert row.mean_self_corr == pytest.approx((0.9 + 0.1 + 0.7 + 0.3) / 4)
+    assert row.mean_self_corr_universal == pytest.approx((0.9 + 0.7) / 2)
+    (none,) = _layer_rows(0, 10, np.zeros(6, dtype=bool), universal_to, self_corr, _Model(1, 1, 1, 6))
+    assert none.mean_self_corr_universal is None and none.n_universal_from == 0
+
+
 def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config):
     r = run_cli("persistence", "--model", "a", "--format", "json", "--quiet")
     assert r.exit_code == 0, r.stderr
@@ -61,6 +72,7 @@ def test_persistence_of_unchanged_model_is_one(two_models, run_cli, store_config
         assert row["n_universal_from"] > 0
         assert row["p_persist"] == 1.0 and row["jaccard"] == 1.0
         assert row["mean_self_corr"] == pytest.approx(1.0, abs=1e-5)
+        assert row["mean_self_corr_universal"] == pytest.approx(1.0, abs=1e-5)
     listing = run_cli("persistence", "--format", "csv")
     assert listing.exit_code == 0 and len(listing.stdout.strip().splitlines()) == 3
     from sqlalchemy import func, select
@@ -159,7 +171,7 @@ def test_prefix_sharing_sweep_equals_one_at_a_time(tiny_models, evaluator, arch,
     for method in ("zero", "mean"):
         shared = ev.single_neuron_losses(neurons, method, means, variants)
         for n, loss in zip(neurons, shared, strict=True):
-            assert loss == pytest.approx(ev.loss(set_edits([n], method, means)), abs=1e-5), (arch, n, method)
+            assert loss == pytest.approx(ev.loss(set_edits([n], method, means, ev.where)), abs=1e-5), (arch, n, method)
     assert ev.loss() == pytest.approx(_reference_loss(model, ev.tokens, ev.mask), abs=1e-6)
 
 
@@ -171,7 +183,8 @@ def test_controls_are_matched_per_layer_and_seeded():
         assert sorted(layer for layer, _ in c) == [0, 0, 1] and not set(c) & set(sel)
 
 
-def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_config):
+def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_config, tokenizer_dir, tmp_path):
+    _other_documents_dataset(run_cli, tokenizer_dir, tmp_path)
     r = run_cli(
         "ablate",
         "a@1",
@@ -186,10 +199,13 @@ def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_
         1000,
         "--method",
         "mean",
+        "--eval-dataset",
+        "other",
         "--quiet",
     )
     assert r.exit_code == 0, r.stderr
     assert "controls (4)" in r.stdout and "p = " in r.stdout
+    assert "measured on held-out sequences: other sequences 0:" in r.stdout and "counted positions only" in r.stdout
     from sqlalchemy import select
 
     from actdb.store.database.connection import Store
@@ -202,6 +218,63 @@ def test_cli_ablate_universal_with_controls_and_each(two_models, run_cli, store_
     store.close()
     assert ab.n_controls == 4 and 0 < ab.p_value <= 1 and ab.control_ci_low <= ab.control_mean <= ab.control_ci_high
     assert len(singles) == ab.n_neurons and all(x.layer == 1 for x in singles)
+    assert (ab.eval_split, ab.positions, ab.selection_dataset_id) == ("held_out", "counted", 1)
+    assert ab.dataset_id != ab.selection_dataset_id and ab.n_eval_sequences >= 1
+
+
+def _other_documents_dataset(run_cli, tokenizer_dir, tmp_path):
+    """Dataset `other`: standard-library files that the fixtures' dataset `d` does not contain."""
+    from actdb.store.ingest.zoo import stdlib_texts
+
+    folder = tmp_path / "other-texts"
+    folder.mkdir()
+    for i, text in enumerate(stdlib_texts(max_files=6, offset=80)):
+        (folder / f"doc{i}.txt").write_text(text)
+    r = run_cli("dataset", "add", "other", folder, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 1500)
+    assert r.exit_code == 0, r.stderr
+
+
+def test_ablation_is_held_out_by_default_and_in_sample_only_when_named(two_models, run_cli, tokenizer_dir, tmp_path):
+    same = run_cli("ablate", "a@1", "--neurons", "universal", "--controls", 0, "--tokens", 300, "--quiet")
+    assert same.exit_code == 1 and "--in-sample" in same.stderr and "--eval-dataset" in same.stderr
+    assert len(same.stderr.strip().splitlines()) == 1
+    old = run_cli(
+        "ablate",
+        "a@1",
+        "--neurons",
+        "universal",
+        "--controls",
+        0,
+        "--tokens",
+        300,
+        "--in-sample",
+        "--ablate-positions",
+        "all",
+        "--quiet",
+    )
+    assert old.exit_code == 0, old.stderr
+    assert "IN SAMPLE" in old.stdout and "every position" in old.stdout
+    _other_documents_dataset(run_cli, tokenizer_dir, tmp_path)
+    held = run_cli(
+        "ablate",
+        "a@1",
+        "--neurons",
+        "universal",
+        "--controls",
+        0,
+        "--eval-dataset",
+        "other",
+        "--eval-sequences",
+        "2:6",
+        "--quiet",
+    )
+    assert held.exit_code == 0, held.stderr
+    assert "held-out sequences: other sequences 2:6 (4)" in held.stdout
+    rows = json.loads(run_cli("ablations", "--format", "json").stdout)
+    assert [(r["eval_split"], r["positions"], r["n_eval_sequences"]) for r in rows] == [
+        ("in_sample", "all", 5),
+        ("held_out", "counted", 4),
+    ]
 
 
 def test_cli_ablate_errors(two_models, run_cli, tmp_path):
@@ -224,3 +297,49 @@ def test_cli_ablate_errors(two_models, run_cli, tmp_path):
     shutil.rmtree(two_models["b"])
     r = run_cli("ablate", "b@0", "--neurons", "0.1", "--quiet")
     assert r.exit_code == 1 and "gone" in r.stderr
+
+
+def _reference_ablated_loss(model, tokens, mask, neurons, values, counted_only):
+    """GPT-2 run block by block from its modules, no hooks: each listed neuron's MLP activation is set to its
+    value (at counted positions only, or everywhere) before the output projection; mean CE on counted targets."""
+    tr = model.transformer
+    with torch.inference_mode():
+        ids = torch.from_numpy(tokens.astype(np.int64))
+        at = torch.from_numpy(mask)
+        h = tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1]))[None]
+        for layer, block in enumerate(tr.h):
+            h = h + block.attn(block.ln_1(h))[0]
+            post = block.mlp.act(block.mlp.c_fc(block.ln_2(h)))
+            for (lay, n), v in zip(neurons, values, strict=True):
+                if lay == layer:
+                    post[..., n] = torch.where(at, v, post[..., n]) if counted_only else v
+            h = h + block.mlp.c_proj(post)
+        logits = model.lm_head(tr.ln_f(h))[:, :-1]
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(ids.shape[0], -1)
+        m = torch.from_numpy(mask[:, 1:])
+        return float((ce * m).sum() / m.sum())
+
+
+@pytest.mark.parametrize("positions", ["counted", "all"])
+def test_ablated_positions_match_an_unhooked_block_by_block_pass(evaluator, positions):
+    ev = LossEvaluator(evaluator.model, evaluator.tokens[:6], evaluator.mask[:6], batch_size=4, positions=positions)
+    assert (~ev.mask).any()  # BOS/EOS/padding: positions where the two options differ
+    neurons, means = [(0, 3), (1, 17), (1, 90)], {(0, 3): 0.4, (1, 17): -0.2, (1, 90): 1.5}
+    ref = _reference_ablated_loss(
+        ev.model, ev.tokens, ev.mask, neurons, [means[n] for n in neurons], positions == "counted"
+    )
+    out = ablate(ev, neurons, "mean", means, progress=False)
+    assert out.ablated_loss == pytest.approx(ref, abs=1e-5)
+    assert out.base_loss == pytest.approx(_reference_loss(ev.model, ev.tokens, ev.mask), abs=1e-6)
+    singles = ev.single_neuron_losses(neurons, "mean", means, 2)
+    for n, loss in zip(neurons, singles, strict=True):
+        assert loss == pytest.approx(
+            _reference_ablated_loss(ev.model, ev.tokens, ev.mask, [n], [means[n]], positions == "counted"), abs=1e-5
+        )
+    other = "all" if positions == "counted" else "counted"
+    moved = _reference_ablated_loss(
+        ev.model, ev.tokens, ev.mask, neurons, [means[n] for n in neurons], other == "counted"
+    )
+    assert abs(moved - ref) > 1e-6  # the option changes the measurement

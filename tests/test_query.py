@@ -56,7 +56,20 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
         ),
         ("persistence", "--model", "a", "--quiet"),
         ("similarity", "--models", "a,b", "--steps", "0,1", "--baseline-draws", 1, "--quiet"),
-        ("ablate", "a@1", "--neurons", "universal:1", "--controls", 2, "--each", "--tokens", 600, "--quiet"),
+        # one dataset: measured on the sequences that selected the neurons, which the default refuses
+        (
+            "ablate",
+            "a@1",
+            "--neurons",
+            "universal:1",
+            "--controls",
+            2,
+            "--each",
+            "--tokens",
+            600,
+            "--in-sample",
+            "--quiet",
+        ),
         ("predictions", "a@0", "a@1", "b@0", "b@1", "--dataset", "d", "--quiet"),
         ("trajectories", "--models", "a,b", "--steps", "0,1"),
     ]

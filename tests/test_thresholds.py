@@ -55,7 +55,18 @@ def test_every_reader_agrees_at_two_thresholds(store, tmp_path):
         for p in pers:
             assert p["n_universal_from"] == counts[("a", 0, p["layer"])]["n_universal"]
             assert p["n_universal_to"] == counts[("a", 1, p["layer"])]["n_universal"]
-        out = run("ablate", "a@1", "--neurons", "universal", "--threshold", threshold, "--tokens", 128, "--quiet")
+        out = run(
+            "ablate",
+            "a@1",
+            "--neurons",
+            "universal",
+            "--threshold",
+            threshold,
+            "--tokens",
+            128,
+            "--in-sample",
+            "--quiet",
+        )
         n_univ = sum(counts[("a", 1, layer)]["n_universal"] for layer in (0, 1))
         assert f"ablating {n_univ} neurons" in out.stdout
         report = tmp_path / f"report-{threshold}"

@@ -1,6 +1,10 @@
 """Ablation: mean cross-entropy on a dataset's counted positions with chosen MLP neurons replaced by zero or by
 their mean, against the clean run and against random neuron sets matched per layer in size.
 
+By default activations are replaced only at counted positions (`positions="counted"`): BOS, EOS, padding and
+excluded tokens keep their own values, as they did when the neuron's mean was measured over counted positions
+only; `positions="all"` replaces them everywhere (the behaviour before this was an option).
+
 `--each` ablates neurons one at a time without a full pass each: the clean computation below a neuron's layer
 is shared (`LossEvaluator.single_neuron_losses`), and on a GPU several variants are stacked per call.
 """
@@ -20,6 +24,16 @@ from actdb.store.errors import ActdbError
 from actdb.store.ingest.architectures import MLPRecorder, adapter_for, mlp_adds_to_residual, mlp_shape
 from actdb.store.refs import Neuron
 
+POSITIONS = ("counted", "all")
+
+
+class PositionMask:
+    """Where the edits of the current batch apply: the `(batch, seq)` counted-position mask, or None for every
+    position. The evaluator sets it before each forward pass; the edit hooks read it."""
+
+    def __init__(self) -> None:
+        self.current: torch.Tensor | None = None
+
 
 @dataclass
 class LossEvaluator:
@@ -30,10 +44,21 @@ class LossEvaluator:
     mask: np.ndarray
     batch_size: int = 8
     device: torch.device = torch.device("cpu")
+    positions: str = "counted"
     forward_passes: int = 0
 
     def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ActdbError(f"unknown positions {self.positions!r}; use counted or all")
         self.n_layers, self.d_mlp = mlp_shape(self.model)
+        self.where = PositionMask()
+
+    def _batch(self, s0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and counted targets of the batch starting at sequence `s0`; points `where` at its mask."""
+        ids = torch.from_numpy(self.tokens[s0 : s0 + self.batch_size].astype(np.int64)).to(self.device)
+        mask = torch.from_numpy(self.mask[s0 : s0 + self.batch_size]).to(self.device)
+        self.where.current = mask if self.positions == "counted" else None
+        return ids, mask[:, 1:]
 
     @property
     def n_targets(self) -> int:
@@ -44,8 +69,7 @@ class LossEvaluator:
         total, count = 0.0, 0
         with MLPEditor(self.model, edits or {}), torch.inference_mode():
             for s0 in range(0, self.tokens.shape[0], self.batch_size):
-                ids = torch.from_numpy(self.tokens[s0 : s0 + self.batch_size].astype(np.int64)).to(self.device)
-                tmask = torch.from_numpy(self.mask[s0 : s0 + self.batch_size, 1:]).to(self.device)
+                ids, tmask = self._batch(s0)
                 logits = self.model(input_ids=ids, use_cache=False).logits
                 self.forward_passes += 1
                 total += float((_token_ce(logits, ids, 1) * tmask).sum())
@@ -67,7 +91,7 @@ class LossEvaluator:
         and are measured with one full hooked pass per neuron instead.
         """
         if not mlp_adds_to_residual(self.model):
-            return np.array([self.loss(set_edits([n], method, means)) for n in neurons])
+            return np.array([self.loss(set_edits([n], method, means, self.where)) for n in neurons])
         adapter = adapter_for(self.model)
         groups = []
         for layer in sorted({lay for lay, _ in neurons}):
@@ -77,8 +101,7 @@ class LossEvaluator:
         count = 0
         with torch.inference_mode():
             for s0 in range(0, self.tokens.shape[0], self.batch_size):
-                ids = torch.from_numpy(self.tokens[s0 : s0 + self.batch_size].astype(np.int64)).to(self.device)
-                tmask = torch.from_numpy(self.mask[s0 : s0 + self.batch_size, 1:]).to(self.device)
+                ids, tmask = self._batch(s0)
                 b = ids.shape[0]
                 with MLPRecorder(self.model) as post, LayerOutputs(self.model) as outs:
                     self.model.base_model(input_ids=ids, use_cache=False)
@@ -86,10 +109,11 @@ class LossEvaluator:
                 for layer, members in groups:
                     p = post.outputs[layer]
                     x = torch.zeros((len(members), *p.shape), dtype=p.dtype, device=p.device)
+                    at = None if self.where.current is None else self.where.current.to(p.dtype)
                     for g, k in enumerate(members):
                         n = neurons[k][1]
                         value = 0.0 if method == "zero" else means[neurons[k]]
-                        x[g, :, :, n] = value - p[:, :, n]
+                        x[g, :, :, n] = value - p[:, :, n] if at is None else (value - p[:, :, n]) * at
                     proj = adapter.out_proj(adapter.layers(self.model)[layer])
                     # proj is affine (W x + b): proj(x) - proj(0) = W x is the change of the layer's output,
                     # without counting its bias a second time
@@ -114,8 +138,11 @@ def _token_ce(logits: torch.Tensor, ids: torch.Tensor, n_variants: int) -> torch
     return torch.nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
 
 
-def set_edits(neurons: list[Neuron], method: str, means: dict[Neuron, float]) -> dict[int, Callable]:
-    """Hooks replacing the given neurons (all in every variant) by 0 or their mean."""
+def set_edits(
+    neurons: list[Neuron], method: str, means: dict[Neuron, float], where: PositionMask | None = None
+) -> dict[int, Callable]:
+    """Hooks replacing the given neurons (all in every variant) by 0 or their mean, at the positions `where`
+    marks for the current batch (every position without it)."""
     by_layer: dict[int, list[int]] = {}
     for layer, n in neurons:
         by_layer.setdefault(layer, []).append(n)
@@ -126,7 +153,9 @@ def set_edits(neurons: list[Neuron], method: str, means: dict[Neuron, float]) ->
 
         def edit(x: torch.Tensor, index=index, values=values) -> torch.Tensor:
             x = x.clone()
-            x[..., index] = values.to(x.dtype).to(x.device)
+            new = values.to(x.dtype).to(x.device).expand(*x.shape[:-1], len(index))
+            at = None if where is None else where.current
+            x[..., index] = new if at is None else torch.where(at[..., None], new, x[..., index])
             return x
 
         edits[layer] = edit
@@ -242,11 +271,11 @@ def ablate(
     bar = tqdm(total=total, disable=not progress, desc="ablate", unit="eval", dynamic_ncols=True)
     base = evaluator.loss()
     bar.update()
-    ablated = evaluator.loss(set_edits(neurons, method, means)) if neurons else base
+    ablated = evaluator.loss(set_edits(neurons, method, means, evaluator.where)) if neurons else base
     bar.update()
     deltas = []
     for control in controls:
-        deltas.append(evaluator.loss(set_edits(control, method, means)) - base)
+        deltas.append(evaluator.loss(set_edits(control, method, means, evaluator.where)) - base)
         bar.update()
     singles: list[tuple[Neuron, float]] = []
     if each:

@@ -1,20 +1,28 @@
 """`actdb ablate`: resolve a checkpoint, a neuron selector and a dataset, run the ablation under the run
-lifecycle, and record the outcome. An identical request reuses its complete ablation unless `force`."""
+lifecycle, and record the outcome. An identical request reuses its complete ablation unless `force`.
+
+Neurons chosen as `universal` were selected by a correlation run over every sequence of its dataset, so a loss
+measured on those sequences is biased towards them (selection bias). By default the loss is measured on held-out
+sequences: those of `eval_dataset` (a dataset of other documents) that are not identical to any sequence of the
+selecting dataset; measuring on the selecting sequences is the named option `in_sample`. Which split was used,
+its sequences and the ablated positions are stated in the output and stored on the ablation row."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import insert, select
 
-from actdb.compute.ablation.loss import AblationOutcome, LossEvaluator, ablate
+from actdb.compute.ablation.loss import POSITIONS, AblationOutcome, LossEvaluator, ablate
 from actdb.store.database.connection import Store
 from actdb.store.database.labels import latest_universality_run, require_run, universal_neurons_of
 from actdb.store.database.lifecycle import release, request_key, running, start_or_wait
-from actdb.store.database.registry import complete_set, get_checkpoint, get_model
-from actdb.store.database.schema import Ablation, AblationNeuron, ActivationSet, Dataset, NeuronStat
+from actdb.store.database.registry import complete_set, get_checkpoint, get_dataset, get_model
+from actdb.store.database.schema import Ablation, AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronStat
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.files.token import TokenDataset
@@ -26,6 +34,7 @@ from actdb.store.refs import (
     parse_int,
     parse_neuron_list,
     parse_set_ref,
+    parse_token_range,
     read_neuron_file,
 )
 
@@ -38,6 +47,10 @@ class AblationRequest:
     selector: str
     method: str = "zero"
     dataset: str | None = None
+    eval_dataset: str | None = None  # measure the loss here (default: `dataset`)
+    eval_sequences: str | None = None  # START:END sequences of the evaluation dataset (default: all)
+    in_sample: bool = False  # measure on the sequences that selected the neurons (selection-biased)
+    positions: str = "counted"  # replace activations at counted positions only, or at "all"
     tokens: int | None = None
     controls: int = 0
     seed: int = 0
@@ -62,6 +75,7 @@ class _Target:
     source: str
     revision: str | None
     dataset_path: str
+    tokenizer_fingerprint: str
     means: dict[Neuron, float]
 
 
@@ -70,6 +84,44 @@ class _Selection:
     neurons: list[Neuron]
     run_id: int | None
     threshold: float | None
+    dataset_id: int | None = None  # the dataset whose correlation run chose the neurons
+
+
+@dataclass
+class EvaluationSplit:
+    """The sequences the loss is measured on and why: `held_out`, `in_sample` or `listed`."""
+
+    kind: str
+    dataset_id: int
+    dataset_name: str
+    sequences: np.ndarray  # indices into the evaluation dataset
+    n_dropped: int  # sequences of the requested range identical to a selecting sequence
+    selection_dataset: str | None
+
+    @property
+    def ranges(self) -> str:
+        """The sequence indices as comma-separated START:END ranges."""
+        return _ranges(self.sequences)
+
+    def describe(self, positions: str) -> str:
+        where = (
+            "activations replaced at counted positions only (BOS/EOS, padding and excluded tokens keep theirs)"
+            if positions == "counted"
+            else "activations replaced at every position, counted or not (--ablate-positions all)"
+        )
+        seqs = f"{self.dataset_name} sequences {self.ranges} ({len(self.sequences)})"
+        if self.kind == "held_out":
+            dropped = f", {self.n_dropped} identical to one of them left out" if self.n_dropped else ""
+            return (
+                f"measured on held-out sequences: {seqs}, none of them among the sequences of "
+                f"{self.selection_dataset} that selected the neurons{dropped}; {where}"
+            )
+        if self.kind == "in_sample":
+            return (
+                f"measured IN SAMPLE (--in-sample): {seqs}, the sequences that selected the neurons, so the loss "
+                f"is biased towards them; {where}"
+            )
+        return f"measured on {seqs} (the neurons were listed, not selected from stored data); {where}"
 
 
 def run_ablation(
@@ -82,11 +134,8 @@ def run_ablation(
     for layer, n in selection.neurons:
         if not (layer < target.n_layers and n < target.d_mlp):
             raise ActdbError(f"neuron {layer}.{n} is out of range ({target.n_layers} layers x {target.d_mlp} neurons)")
-    tokens = TokenDataset.load(store.config.file(target.dataset_path))
-    n_seq = (
-        tokens.n_sequences if req.tokens is None else max(1, min(tokens.n_sequences, -(-req.tokens // tokens.seq_len)))
-    )
-    values = _row_values(req, target, selection, n_seq)
+    split, tokens = _evaluation_split(store, req, target, selection)
+    values = _row_values(req, target, selection, split)
     device = resolve_device(req.device).torch  # a bad device or missing files write no row
     location = store.config.model_location(target.source, req.target)
     while True:
@@ -103,7 +152,14 @@ def run_ablation(
         break
     with running(store, Ablation, ablation_id) as handle:
         model = load_model(location, target.revision, device)
-        evaluator = LossEvaluator(model, tokens.tokens[:n_seq], tokens.mask[:n_seq], req.batch_size, device)
+        evaluator = LossEvaluator(
+            model,
+            tokens.tokens[split.sequences],
+            tokens.mask[split.sequences],
+            req.batch_size,
+            device,
+            positions=req.positions,
+        )
         outcome = ablate(
             evaluator,
             selection.neurons,
@@ -125,6 +181,7 @@ def run_ablation(
             forward_passes=outcome.forward_passes,
             **_control_columns(outcome),
         )
+    log(f"ablation {ablation_id}: {split.describe(req.positions)}")
     log(
         f"ablation {ablation_id}: {req.target} {req.method}-ablating {len(selection.neurons)} neurons on "
         f"{evaluator.n_targets} tokens: loss {outcome.base_loss:.5f} -> {outcome.ablated_loss:.5f} "
@@ -167,6 +224,8 @@ def _validate(req: AblationRequest) -> None:
         raise ActdbError(f"unknown method {req.method!r}; use zero or mean")
     if req.control not in CONTROLS:
         raise ActdbError(f"unknown control {req.control!r}; use none or token")
+    if req.positions not in POSITIONS:
+        raise ActdbError(f"unknown positions {req.positions!r}; use counted or all")
     check_threshold(req.threshold)
     if req.controls < 0 or req.batch_size < 1 or (req.tokens is not None and req.tokens < 1):
         raise ActdbError("--controls must be >= 0, --batch-size and --tokens >= 1")
@@ -194,10 +253,19 @@ def _resolve_target(store: Store, req: AblationRequest) -> _Target:
                 select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
             )
         }
-        ds_path = s.get(Dataset, aset.dataset_id).path
+        ds = s.get(Dataset, aset.dataset_id)
         model = get_model(s, ref.model)
         return _Target(
-            model.n_layers, model.d_mlp, ckpt.id, aset.dataset_id, aset.id, ckpt.source, ckpt.revision, ds_path, means
+            model.n_layers,
+            model.d_mlp,
+            ckpt.id,
+            aset.dataset_id,
+            aset.id,
+            ckpt.source,
+            ckpt.revision,
+            ds.path,
+            ds.tokenizer_fingerprint,
+            means,
         )
 
 
@@ -212,7 +280,12 @@ def _select(store: Store, req: AblationRequest, set_id: int) -> _Selection:
         neurons = universal_neurons_of(store, run_id, set_id, threshold)
         if layer:
             neurons = [n for n in neurons if n[0] == int(layer)]
-        selection = _Selection(neurons, run_id, threshold)
+        selection = _Selection(
+            neurons,
+            run_id,
+            threshold,
+            store.scalar(select(CorrelationRun.dataset_id).where(CorrelationRun.id == run_id)),
+        )
     elif selector.startswith("@"):
         selection = _Selection(read_neuron_file(selector[1:]), None, None)
     else:
@@ -235,15 +308,77 @@ def _labelling_run(store: Store, req: AblationRequest, set_id: int) -> tuple[int
     return run_id, recorded if req.threshold is None else req.threshold
 
 
-def _row_values(req: AblationRequest, target: _Target, selection: _Selection, n_seq: int) -> dict:
+def _evaluation_split(
+    store: Store, req: AblationRequest, target: _Target, selection: _Selection
+) -> tuple[EvaluationSplit, TokenDataset]:
+    """The sequences to measure on: the requested range of the evaluation dataset, less (unless in sample) every
+    sequence identical to one of the selecting dataset's; `--tokens` then keeps the first of them."""
+    with store.session() as s:
+        ds = get_dataset(s, req.eval_dataset) if req.eval_dataset else s.get(Dataset, target.dataset_id)
+        if ds.tokenizer_fingerprint != target.tokenizer_fingerprint:
+            raise ActdbError(
+                f"dataset {ds.name!r} was tokenized with another tokenizer than the one {req.target} was ingested "
+                "with; evaluate on a dataset of the same tokenizer"
+            )
+        chosen_on = s.get(Dataset, selection.dataset_id) if selection.dataset_id is not None else None
+        eval_id, eval_name, eval_path = ds.id, ds.name, ds.path
+        chosen_name = chosen_on.name if chosen_on is not None else None
+        chosen_path = chosen_on.path if chosen_on is not None else None
+    tokens = TokenDataset.load(store.config.file(eval_path))
+    rows = np.arange(tokens.n_sequences)[parse_token_range(req.eval_sequences, tokens.n_sequences)]
+    if chosen_path is None:
+        kind, dropped = "listed", 0
+    elif req.in_sample:
+        kind, dropped = "in_sample", 0
+    else:
+        kind = "held_out"
+        seen = TokenDataset.load(store.config.file(chosen_path)) if chosen_path != eval_path else tokens
+        selecting = {_row_hash(r) for r in seen.tokens}
+        fresh = np.array([_row_hash(tokens.tokens[i]) not in selecting for i in rows], dtype=bool)
+        dropped = int((~fresh).sum())
+        rows = rows[fresh]
+        if len(rows) == 0:
+            raise ActdbError(
+                f"the universal neurons were selected on every sequence of {chosen_name}, so none of the requested "
+                f"sequences of {eval_name} is held out; measure on another dataset (--eval-dataset, same "
+                "tokenizer, other documents) or pass --in-sample for the selection-biased measurement"
+            )
+    if req.tokens is not None:
+        rows = rows[: max(1, -(-req.tokens // tokens.seq_len))]
+    split = EvaluationSplit(kind, eval_id, eval_name, rows, dropped, chosen_name)
+    return split, tokens
+
+
+def _row_hash(row: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(row, dtype=np.int32).tobytes()).digest()
+
+
+def _ranges(indices: np.ndarray) -> str:
+    """Sorted indices as `a:b` ranges (end exclusive), comma-separated."""
+    out, start = [], None
+    for k, i in enumerate(indices.tolist()):
+        if start is None:
+            start = prev = i
+        elif i != prev + 1:
+            out.append(f"{start}:{prev + 1}")
+            start = i
+        prev = i
+        if k == len(indices) - 1:
+            out.append(f"{start}:{prev + 1}")
+    return ",".join(out)
+
+
+def _row_values(req: AblationRequest, target: _Target, selection: _Selection, split: EvaluationSplit) -> dict:
     neurons = [f"{a}.{b}" for a, b in selection.neurons]
     key = request_key(
         kind="ablate",
         checkpoint=target.checkpoint_id,
-        dataset=target.dataset_id,
+        dataset=split.dataset_id,
+        split=split.kind,
+        sequences=split.ranges,
+        positions=req.positions,
         method=req.method,
         neurons=neurons,
-        sequences=n_seq,
         controls=req.controls,
         seed=req.seed,
         each=req.each,
@@ -251,7 +386,12 @@ def _row_values(req: AblationRequest, target: _Target, selection: _Selection, n_
     return {
         "request_key": key,
         "checkpoint_id": target.checkpoint_id,
-        "dataset_id": target.dataset_id,
+        "dataset_id": split.dataset_id,
+        "selection_dataset_id": selection.dataset_id,
+        "eval_split": split.kind,
+        "eval_sequences": split.ranges,
+        "n_eval_sequences": len(split.sequences),
+        "positions": req.positions,
         "run_id": selection.run_id,
         "method": req.method,
         "selector": req.selector,

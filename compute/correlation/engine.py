@@ -24,6 +24,7 @@ from types import ModuleType
 
 import numpy as np
 
+from actdb.compute.correlation.adaptive import refine_baseline
 from actdb.compute.correlation.baseline import draw_rotation, random_rotation
 from actdb.compute.correlation.precision import ProductPrecision, choose_precision, products_in
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
@@ -67,6 +68,11 @@ class CorrelationOptions:
     baseline_draws: int = 8  # independent rotations per model; each costs products with covariances, no pass
     layer_similarity: bool = False  # also collect layer-pair similarity of every pair of sets (and each with itself)
     precision: str = "auto"  # products on CUDA: "auto" (TF32 where a measured check allows), "tf32" or "float32"
+    # adaptive draws (compute/correlation/adaptive.py): after the K draws, more for the neurons whose label at
+    # this threshold is undecided at `adaptive_confidence`, up to `max_draws`; None: K draws for every neuron
+    adaptive_threshold: float | None = None
+    adaptive_confidence: float = 0.95
+    max_draws: int = 64
 
 
 @dataclass
@@ -79,6 +85,7 @@ class MatchResult:
     self_corr: np.ndarray | None = None
     topk_idx: np.ndarray | None = None
     topk_val: np.ndarray | None = None
+    extra: np.ndarray | None = None  # (max_draws - draws, n_a): adaptive draws, NaN where not taken
 
     @property
     def baseline_mean(self) -> np.ndarray:
@@ -345,6 +352,12 @@ class CorrelationEngine:
         if options.baseline_draws < 1:
             raise ActdbError("--baseline-draws must be at least 1")
         self.results = empty_results(inputs, options.topk, options.baseline_draws)
+        if options.adaptive_threshold is not None and len(self.passes) > 1:
+            raise ActdbError(
+                f"adaptive baseline draws need the run in one pass (this one needs {len(self.passes)}); raise "
+                "--memory-budget or leave out --adaptive-draws"
+            )
+        self.adaptive_draws = 0  # neuron-draws added by the adaptive rounds
         self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
         self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
         self.seconds: dict[str, float] = {}
@@ -359,6 +372,9 @@ class CorrelationEngine:
                 if p == 0:
                     self._finalize_sets()
             self._finalize_pass(acc)
+            if self.options.adaptive_threshold is not None:
+                with self._timed("adaptive"):
+                    self.adaptive_draws = refine_baseline(self, acc)
             del acc
         return self._result()
 
@@ -426,7 +442,8 @@ class CorrelationEngine:
         if key in self.base_cache:
             return self.base_cache[key]
         rotations = base_rotations(self.inputs[key], self.options.baseline_seed)
-        if keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
+        adaptive = self.options.adaptive_threshold is not None  # its rounds use them again (one pass)
+        if adaptive or keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
         return rotations
 

@@ -63,6 +63,8 @@ class CorrelationRequest:
     threshold: float | None = None
     seed: int = 0
     baseline_draws: int = 8
+    max_draws: int | None = None  # adaptive: up to this many draws for the neurons undecided at `threshold`
+    confidence: float = 0.95  # of the adaptive decision
     topk: int = 0
     chunk_tokens: int = 8192
     memory_budget: int | None = None
@@ -83,7 +85,17 @@ class CorrelationRequest:
             raise ActdbError("--top-k must be >= 0 and --chunk-tokens >= 1")
         if not 1 <= self.baseline_draws <= MAX_DRAWS:
             raise ActdbError(f"--baseline-draws must be in 1..{MAX_DRAWS}")
+        adaptive = self.max_draws is not None
+        if adaptive and not self.baseline_draws < self.max_draws <= MAX_DRAWS:
+            raise ActdbError(f"--adaptive-draws must be above --baseline-draws and at most {MAX_DRAWS}")
+        if adaptive and self.baseline_draws < 2:
+            raise ActdbError("--adaptive-draws needs --baseline-draws of at least 2 (a spread to decide with)")
+        if not 0.5 < self.confidence < 1:
+            raise ActdbError(f"--confidence {self.confidence} must lie between 0.5 and 1")
         return CorrelationOptions(
+            adaptive_threshold=(DEFAULT_THRESHOLD if self.threshold is None else self.threshold) if adaptive else None,
+            adaptive_confidence=self.confidence,
+            max_draws=self.max_draws or self.baseline_draws,
             control=self.control,
             baseline_seed=self.seed,
             baseline_draws=self.baseline_draws,
@@ -146,6 +158,8 @@ def correlation_key(set_ids: list[int], options: CorrelationOptions) -> str:
         fields["draws"] = options.baseline_draws
     if options.layer_similarity:
         fields["similarity"] = True
+    if options.adaptive_threshold is not None:  # the extra draws depend on the threshold they decide
+        fields["adaptive"] = [options.adaptive_threshold, options.adaptive_confidence, options.max_draws]
     return request_key(kind="correlate", sets=sorted(set_ids), **fields)
 
 
@@ -202,7 +216,13 @@ def _check_request(
         if not Path(i.path).exists():
             raise ActdbError(f"activation file {i.path} does not exist; `actdb check` lists what is missing")
         ActivationReader(i.path, expected=i.expected).close()  # each file is the set SQL says, before a run row
-    check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
+    n_passes = check_fits(inputs, tokens.tokens, tokens.mask, options, backend)
+    if options.adaptive_threshold is not None and (client is not None or n_passes > 1):
+        where = "on a Dask cluster" if client is not None else f"in {n_passes} passes"
+        raise ActdbError(
+            f"adaptive baseline draws need the covariances of every pair at once, in one local pass; this run "
+            f"would go {where} (raise --memory-budget, or leave out --adaptive-draws)"
+        )
     return (backend.name if client is None else name), inputs, tokens
 
 
@@ -413,7 +433,7 @@ def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationR
     rows = []
     for key, sc in score_universality(result).items():
         d = shapes[key]
-        z, stability = sc.z, sc.stability(threshold)
+        z, z_pooled, n_draws, stability = sc.z, sc.z_pooled(d), sc.n_draws, sc.stability(threshold)
         for i in range(len(sc.excess_corr)):
             rows.append(
                 {
@@ -427,6 +447,8 @@ def _universality_rows(run_id: int, inputs: list[SetInput], result: CorrelationR
                     "baseline_sd": finite_or_none(sc.baseline_sd[i]),
                     "excess_corr": finite_or_none(sc.excess_corr[i]),
                     "z": finite_or_none(z[i]),
+                    "z_pooled": finite_or_none(z_pooled[i]),
+                    "n_draws": int(n_draws[i]) if n_draws[i] else None,
                     "stability": finite_or_none(stability[i]),
                     "excess_draws": format_draws(sc.excess_draws[:, i]),
                     "is_dead": bool(sc.is_dead[i]),

@@ -51,7 +51,8 @@ class LayerPersistence:
     n_kept: int
     p_persist: float | None
     jaccard: float | None
-    mean_self_corr: float | None
+    mean_self_corr: float | None  # mean self-correlation over every neuron of the layer
+    mean_self_corr_universal: float | None  # over the neurons universal at from_step only
 
 
 @dataclass
@@ -75,6 +76,12 @@ def layer_overlap(u_from: set[int], u_to: set[int]) -> tuple[int, float | None, 
     kept = len(u_from & u_to)
     union = len(u_from | u_to)
     return kept, (kept / len(u_from) if u_from else None), (kept / union if union else None)
+
+
+def finite_mean(values: np.ndarray) -> float | None:
+    """Mean of the finite values (dead neurons have no self-correlation); None when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def emergence_steps(universal_by_step: list[np.ndarray], steps: list[int]) -> np.ndarray:
@@ -233,9 +240,20 @@ def _layer_rows(
         sl = slice(layer * d, (layer + 1) * d)
         a, b = set(np.flatnonzero(u1[sl]).tolist()), set(np.flatnonzero(u2[sl]).tolist())
         kept, p, jac = layer_overlap(a, b)
-        sc = self_corr[sl]
-        mean_sc = float(np.nanmean(sc)) if np.isfinite(sc).any() else None
-        out.append(LayerPersistence(from_step, to_step, layer, len(a), len(b), kept, p, jac, mean_sc))
+        out.append(
+            LayerPersistence(
+                from_step,
+                to_step,
+                layer,
+                len(a),
+                len(b),
+                kept,
+                p,
+                jac,
+                finite_mean(self_corr[sl]),
+                finite_mean(self_corr[sl][u1[sl]]),
+            )
+        )
     return out
 
 

@@ -9,7 +9,7 @@
   complete runs only.
 
 Revision ID: 0016
-Revises: 0013
+Revises: 0014
 """
 
 import importlib
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0016"
-down_revision = "0013"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 

@@ -35,9 +35,33 @@ if TYPE_CHECKING:
     help="universal, universal:LAYER, a list like 3.1234,11.3030, or @FILE with such a list.",
 )
 @click.option("--method", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
-@dataset_option("Dataset to measure loss on (default: the set's only one).")
+@dataset_option("Dataset of the activation set whose labels and means are used (default: the set's only one).")
 @click.option(
-    "--tokens", "n_tokens", type=COUNT, help="Evaluate only the first N tokens (rounded up to whole sequences)."
+    "--eval-dataset",
+    help="Measure the loss on this dataset (default: --dataset). Universal neurons were selected on every "
+    "sequence of their correlation run's dataset, so only sequences not identical to one of those count as "
+    "held out.",
+)
+@click.option("--eval-sequences", metavar="START:END", help="Sequences of the evaluation dataset (default: all).")
+@click.option(
+    "--in-sample",
+    is_flag=True,
+    help="Measure on the sequences that selected the neurons (selection-biased; the behaviour before held-out "
+    "evaluation became the default).",
+)
+@click.option(
+    "--ablate-positions",
+    "positions",
+    type=click.Choice(["counted", "all"]),
+    default="counted",
+    show_default=True,
+    help="Replace activations only at counted positions, or at every position (BOS/EOS, padding, excluded tokens).",
+)
+@click.option(
+    "--tokens",
+    "n_tokens",
+    type=COUNT,
+    help="Evaluate only the first N tokens of the evaluated sequences (rounded up to whole sequences).",
 )
 @click.option(
     "--controls",
@@ -67,6 +91,10 @@ def ablate(
     selector: str,
     method: str,
     dataset_name: str | None,
+    eval_dataset: str | None,
+    eval_sequences: str | None,
+    in_sample: bool,
+    positions: str,
     n_tokens: int | None,
     controls: int,
     each: bool,
@@ -88,6 +116,10 @@ def ablate(
         selector=selector,
         method=method,
         dataset=dataset_name,
+        eval_dataset=eval_dataset,
+        eval_sequences=eval_sequences,
+        in_sample=in_sample,
+        positions=positions,
         tokens=n_tokens,
         controls=controls,
         seed=seed,

@@ -55,6 +55,21 @@ if TYPE_CHECKING:
     help="Keep K best matches per neuron.",
 )
 @click.option("--topk", "old_topk", type=click.IntRange(min=0, max=1000), hidden=True, help="Old spelling of --top-k.")
+@click.option(
+    "--adaptive-draws",
+    "max_draws",
+    type=click.IntRange(2, 1000),
+    help="After --baseline-draws, draw more rotations (8 per round) only for the neurons whose label at the run's "
+    "--threshold is still undecided at --confidence, up to this many draws; each neuron records how many it rests "
+    "on (n_draws). One local pass only.",
+)
+@click.option(
+    "--confidence",
+    type=click.FloatRange(0.5, 1.0, min_open=True, max_open=True),
+    default=0.95,
+    show_default=True,
+    help="Confidence at which --adaptive-draws calls a label decided (one-sided normal margin, pooled sd).",
+)
 @device_option
 @precision_option
 @hook_option
@@ -78,6 +93,8 @@ def correlate(
     threshold: float | None,
     seed: int,
     baseline_draws: int,
+    max_draws: int | None,
+    confidence: float,
     topk: int,
     old_topk: int | None,
     device: str,
@@ -109,6 +126,8 @@ def correlate(
         threshold=threshold,
         seed=seed,
         baseline_draws=baseline_draws,
+        max_draws=max_draws,
+        confidence=confidence,
         topk=topk if old_topk is None else old_topk,
         chunk_tokens=chunk_tokens,
         memory_budget=memory_budget,

@@ -268,7 +268,9 @@ universality = Table(
     Column("mean_baseline", Float),
     Column("baseline_sd", Float),
     Column("excess_corr", Float),
-    Column("z", Float),
+    Column("z", Float),  # excess / this neuron's own baseline sd (rests on n_draws)
+    Column("z_pooled", Float),  # excess / the layer-pooled, shrunk baseline sd
+    Column("n_draws", Integer),  # baseline draws its scores rest on (NULL: the run's)
     Column("stability", Float),  # share of draws universal at the run's threshold
     Column("excess_draws", Text),  # the excess against each draw, sorted, comma-separated
     Column("is_dead", Boolean, nullable=False),
@@ -346,7 +348,8 @@ persistence = Table(
     Column("n_kept", Integer, nullable=False),
     Column("p_persist", Float),
     Column("jaccard", Float),
-    Column("mean_self_corr", Float),
+    Column("mean_self_corr", Float),  # over every neuron of the layer
+    Column("mean_self_corr_universal", Float),  # over those universal at from_step
     Column("from_run_id", ForeignKey("correlation_run.id", ondelete="CASCADE"), nullable=False),
     Column("to_run_id", ForeignKey("correlation_run.id", ondelete="CASCADE"), nullable=False),
     Column("self_run_id", ForeignKey("correlation_run.id", ondelete="CASCADE"), nullable=False),
@@ -397,6 +400,13 @@ ablation = Table(
     Column("n_neurons", Integer, nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Column("seed", Integer, nullable=False),
+    Column("eval_split", String(20), nullable=False),  # held_out | in_sample | listed
+    Column("eval_sequences", Text),  # measured sequences of `dataset_id`, as ranges
+    Column("n_eval_sequences", Integer),
+    Column("positions", String(20), nullable=False),  # counted | all: where activations are replaced
+    Column(
+        "selection_dataset_id", ForeignKey("dataset.id", ondelete="SET NULL", name="fk_ablation_selection_dataset")
+    ),
     Column("base_loss", Float),
     Column("ablated_loss", Float),
     Column("delta", Float),

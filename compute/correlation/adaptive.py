@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from actdb.compute.correlation.baseline import draw_rotation
+from actdb.compute.correlation.moments import inverse_sd
 from actdb.compute.correlation.universality import pooled_baseline_sd
 
 if TYPE_CHECKING:
@@ -130,16 +131,14 @@ def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
 
 def _forward(engine, a: int, b: int, layer: int, rows: np.ndarray, rotated: list, p, rot_sd, slot: int) -> None:
     """Undecided neurons (`rows`) of a's `layer` against b's neurons rotated by draw k: `(Cov R_b) P_k`."""
-    from actdb.compute.correlation.engine import _inverse_sd  # the engine imports this module
-
     xp, backend = engine.backend.xp, engine.backend
     d = engine.inputs[a].d_mlp
     scaled = xp.concatenate([part @ p for part in rotated], axis=1)
-    inv_cols, dead_cols = _inverse_sd(rot_sd, xp)
+    inv_cols, dead_cols = inverse_sd(rot_sd, xp)
     scaled *= inv_cols
     if bool(dead_cols.any()):
         scaled[:, dead_cols] = -xp.inf
-    inv_rows, _ = _inverse_sd(engine.moments[a].sd[layer * d : (layer + 1) * d][backend.asarray(rows)], xp)
+    inv_rows, _ = inverse_sd(engine.moments[a].sd[layer * d : (layer + 1) * d][backend.asarray(rows)], xp)
     best = backend.to_numpy(xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0))
     engine.results[(a, b)].extra[slot, layer * d + rows] = best
 
@@ -147,16 +146,14 @@ def _forward(engine, a: int, b: int, layer: int, rows: np.ndarray, rotated: list
 def _backward(engine, a: int, b: int, layer: int, cols: np.ndarray, part, p, rot_sd, slot: int) -> None:
     """Undecided neurons (`cols`) of b against a's `layer` rotated by draw k: `P_k^T (R_a^T Cov)`, a running max
     over a's layers."""
-    from actdb.compute.correlation.engine import _inverse_sd
-
     xp, backend = engine.backend.xp, engine.backend
     d = engine.inputs[a].d_mlp
     scaled = p.T @ part
-    inv_rows, dead_rows = _inverse_sd(rot_sd[layer * d : (layer + 1) * d], xp)
+    inv_rows, dead_rows = inverse_sd(rot_sd[layer * d : (layer + 1) * d], xp)
     scaled *= inv_rows[:, None]
     if bool(dead_rows.any()):
         scaled[dead_rows, :] = -xp.inf
-    inv_cols, _ = _inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
+    inv_cols, _ = inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
     best = backend.to_numpy(xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0))
     target = engine.results[(b, a)].extra[slot]
     target[cols] = np.fmax(target[cols], best)

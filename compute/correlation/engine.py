@@ -20,12 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import numpy as np
 
 from actdb.compute.correlation.adaptive import refine_baseline
 from actdb.compute.correlation.baseline import draw_rotation, random_rotation
+from actdb.compute.correlation.moments import SD_EPS, inverse_sd
 from actdb.compute.correlation.precision import ProductPrecision, choose_precision, products_in
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
 from actdb.store.device import ArrayBackend
@@ -33,7 +33,6 @@ from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationReader
 
 READ_AHEAD = 2  # chunks the GPU backend reads ahead on a thread
-SD_EPS = 1e-6  # a neuron whose standard deviation is below this is dead/constant: it has no correlation
 
 
 @dataclass(frozen=True)
@@ -671,12 +670,6 @@ def _task_maxima(t: Task, cov: object, engine: CorrelationEngine) -> None:
         engine.similarity.observe_block(t.a, t.b, t.layer, r, cov, ma.sd[rows], mb.sd, ma.cov, mb.cov)
 
 
-def _inverse_sd(sd: object, xp: ModuleType) -> tuple[object, object]:
-    """1 / sd as float32, 0 for dead or constant neurons (their scaled values are then replaced by -inf)."""
-    live = sd > SD_EPS
-    return xp.where(live, 1.0 / xp.where(live, sd, 1.0), 0.0).astype(xp.float32), ~live
-
-
 def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int, engine: CorrelationEngine) -> None:
     """Max over b's rotated neurons for each neuron of a's layer: corr(a_i, (bR)_j) =
     (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone. Dividing by sd_a_i > 0 does not
@@ -685,11 +678,11 @@ def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int
     d, db = engine.inputs[t.a].d_mlp, sb.d_mlp
     rows = slice(t.layer * d, (t.layer + 1) * d)
     scaled = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot[lb] for lb in range(sb.n_layers)], axis=1)
-    inv_cols, dead_cols = _inverse_sd(rot_sd, xp)
+    inv_cols, dead_cols = inverse_sd(rot_sd, xp)
     scaled *= inv_cols
     if bool(dead_cols.any()):
         scaled[:, dead_cols] = -xp.inf
-    inv_rows, _dead = _inverse_sd(engine.moments[t.a].sd[rows], xp)
+    inv_rows, _dead = inverse_sd(engine.moments[t.a].sd[rows], xp)
     best = xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0)
     engine.results[(t.a, t.b)].baseline[draw, rows] = engine.backend.to_numpy(best)
     if engine.similarity is not None:
@@ -705,11 +698,11 @@ def _baseline_backward(
     d = engine.inputs[t.a].d_mlp
     rows = slice(t.layer * d, (t.layer + 1) * d)
     scaled = rot_a.T @ cov
-    inv_rows, dead_rows = _inverse_sd(rot_sd[rows], xp)
+    inv_rows, dead_rows = inverse_sd(rot_sd[rows], xp)
     scaled *= inv_rows[:, None]
     if bool(dead_rows.any()):
         scaled[dead_rows, :] = -xp.inf
-    inv_cols, _dead = _inverse_sd(engine.moments[t.b].sd, xp)
+    inv_cols, _dead = inverse_sd(engine.moments[t.b].sd, xp)
     best = xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0)
     target = engine.results[(t.b, t.a)].baseline[draw]
     np.maximum(target, engine.backend.to_numpy(best), out=target)

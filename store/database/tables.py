@@ -404,9 +404,7 @@ ablation = Table(
     Column("eval_sequences", Text),  # measured sequences of `dataset_id`, as ranges
     Column("n_eval_sequences", Integer),
     Column("positions", String(20), nullable=False),  # counted | all: where activations are replaced
-    Column(
-        "selection_dataset_id", ForeignKey("dataset.id", ondelete="SET NULL", name="fk_ablation_selection_dataset")
-    ),
+    Column("selection_dataset_id", ForeignKey("dataset.id", ondelete="SET NULL", name="fk_ablation_selection_dataset")),
     Column("base_loss", Float),
     Column("ablated_loss", Float),
     Column("delta", Float),

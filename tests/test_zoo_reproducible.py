@@ -66,3 +66,16 @@ def test_a_zoo_of_the_previous_version_is_named_not_reused(tmp_path):
     (tmp_path / "zoo.json").write_text(json.dumps(old))
     with pytest.raises(ActdbError, match="trained by zoo version 1"):
         train_zoo(tmp_path, zoo_config(1, 10, [10]), progress=False)
+
+
+def test_seeds_trained_side_by_side_equal_seeds_trained_in_turn(tmp_path):
+    """Two seeds in two processes at once give the weights of the same two seeds trained one after the other."""
+    from actdb.store.ingest.zoo import checkpoint_dir, train_zoo, weight_digest, zoo_config
+
+    config = zoo_config(2, 6, [6], vocab_size=300, d_model=32, d_mlp=64, seq_len=32, batch_size=4, train_files=6)
+    digests = {}
+    for processes in (1, 2):
+        root = tmp_path / f"zoo-{processes}"
+        train_zoo(root, config, progress=False, processes=processes)
+        digests[processes] = [weight_digest(checkpoint_dir(root, seed, 6)) for seed in (0, 1)]
+    assert digests[1] == digests[2] and digests[1][0] != digests[1][1]

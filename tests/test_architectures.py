@@ -292,7 +292,7 @@ def _sweep_matches(ev: LossEvaluator, variants: int) -> None:
     for method in ("zero", "mean"):
         shared = ev.single_neuron_losses(neurons, method, means, variants)
         for n, loss in zip(neurons, shared, strict=True):
-            assert loss == pytest.approx(ev.loss(set_edits([n], method, means)), abs=1e-5), (n, method)
+            assert loss == pytest.approx(ev.loss(set_edits([n], method, means, ev.where)), abs=1e-5), (n, method)
 
 
 @pytest.mark.parametrize("arch", ["gptj", "falcon", "phi", "opt", "bloom", "phi3"])

@@ -155,6 +155,8 @@ def set_edits(
             x = x.clone()
             new = values.to(x.dtype).to(x.device).expand(*x.shape[:-1], len(index))
             at = None if where is None else where.current
+            if at is not None:
+                at = at.reshape(x.shape[:-1])  # (batch, seq), or flattened to tokens where the MLP sees them so (OPT)
             x[..., index] = new if at is None else torch.where(at[..., None], new, x[..., index])
             return x
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from actdb.compute.ablation.loss import LossEvaluator, ablate, matched_controls, set_edits
-from actdb.compute.persistence.run import _layer_rows, _Model, emergence_steps, layer_overlap
+from actdb.compute.persistence.math import emergence_steps, layer_overlap
+from actdb.compute.persistence.run import _layer_rows, _Model
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_model
 

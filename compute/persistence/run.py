@@ -11,6 +11,7 @@ from sqlalchemy import delete, insert, select
 
 from actdb.compute.correlation.engine import CorrelationOptions
 from actdb.compute.correlation.run import run_correlation
+from actdb.compute.persistence.math import emergence_steps, finite_mean, layer_overlap
 from actdb.store.database.connection import Store, insert_rows
 from actdb.store.database.labels import latest_universality_run, universal_neurons_of
 from actdb.store.database.lifecycle import request_key, running, start_or_wait
@@ -69,30 +70,6 @@ class _Model:
     dataset_id: int
     n_layers: int
     d_mlp: int
-
-
-def layer_overlap(u_from: set[int], u_to: set[int]) -> tuple[int, float | None, float | None]:
-    """(|U1 ∩ U2|, |U1 ∩ U2| / |U1|, Jaccard); ratios are None when undefined (empty sets)."""
-    kept = len(u_from & u_to)
-    union = len(u_from | u_to)
-    return kept, (kept / len(u_from) if u_from else None), (kept / union if union else None)
-
-
-def finite_mean(values: np.ndarray) -> float | None:
-    """Mean of the finite values (dead neurons have no self-correlation); None when there are none."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else None
-
-
-def emergence_steps(universal_by_step: list[np.ndarray], steps: list[int]) -> np.ndarray:
-    """First analysed step from which each neuron is universal at every later analysed step; -1 if none."""
-    flags = np.stack(universal_by_step)  # (n_steps, n_neurons)
-    out = np.full(flags.shape[1], -1, dtype=np.int64)
-    stays = np.ones(flags.shape[1], dtype=bool)
-    for k in range(len(steps) - 1, -1, -1):
-        stays &= flags[k]
-        out[stays] = steps[k]
-    return out
 
 
 def compute_persistence(

@@ -6,6 +6,7 @@ from actdb.store.database import tables
 from actdb.store.database.connection import make_engine
 
 config = context.config
+tables.declare_running_indexes()
 target_metadata = tables.metadata
 NOT_SCHEMA = {"sql_reader"}  # credentials of the `actdb sql` reader role (actdb.store.database.sql_reader), not schema
 

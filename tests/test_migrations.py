@@ -29,6 +29,7 @@ def test_orm_models_match_migrations(db_url):
     engine = make_engine(db_url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        tables.declare_running_indexes()
         diff = compare_metadata(ctx, tables.metadata)
     engine.dispose()
     assert diff == []

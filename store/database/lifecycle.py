@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, delete, insert, or_, select, update
+from sqlalchemy import Table, delete, exists, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from actdb.store.database import tables
@@ -102,6 +102,9 @@ def reap_abandoned(store: Store) -> list[tuple[str, int]]:
     """Mark running runs whose process is gone as abandoned and delete their partial rows; returns them."""
     stale = utcnow() - STALE_AFTER
     reaped = []
+    with contextlib.suppress(SQLAlchemyError), store.engine.connect() as conn:  # the usual case, in one read
+        if not conn.scalar(select(or_(*(exists().where(t.c.status == "running") for t in RUN_TABLES)))):
+            return reaped
     for table, cleanup in RUN_TABLES.items():
         c = table.c
         with contextlib.suppress(SQLAlchemyError), store.transaction() as s:  # a store that cannot be written is read

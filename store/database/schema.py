@@ -12,6 +12,7 @@ from sqlalchemy.orm import registry, relationship
 from actdb.store.database import tables
 
 mapper_registry = registry(metadata=tables.metadata)
+tables.declare_running_indexes()  # writers' metadata is the whole schema
 
 
 class MappedRow:

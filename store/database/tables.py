@@ -56,13 +56,6 @@ def run_state_columns() -> list[Column]:
     ]
 
 
-def running_unique(table: str) -> Index:
-    """At most one running row per request key: the database itself decides which of two identical concurrent
-    requests computes (a partial unique index, on SQLite and PostgreSQL alike)."""
-    where = text("status = 'running'")
-    return Index(f"uq_{table}_running_request", "request_key", unique=True, sqlite_where=where, postgresql_where=where)
-
-
 # One independently trained model (a seed); its checkpoints share architecture and width.
 model = Table(
     "model",
@@ -221,7 +214,6 @@ correlation_run = Table(
     Column("n_passes", Integer),
     Column("n_dead", Integer),
     *run_state_columns(),
-    running_unique("correlation_run"),
 )
 
 
@@ -290,7 +282,6 @@ persistence_run = Table(
     Column("threshold", Float, nullable=False),
     Column("steps", Text, nullable=False),
     *run_state_columns(),
-    running_unique("persistence_run"),
 )
 
 
@@ -307,7 +298,6 @@ prediction_set = Table(
     Column("n_tokens", BigInteger),
     Column("mean_loss", Float),
     *run_state_columns(),
-    running_unique("prediction_set"),
 )
 
 
@@ -421,7 +411,6 @@ ablation = Table(
     Column("forward_passes", Integer),
     Column("created_at", DateTime, default=utcnow, nullable=False),
     *run_state_columns(),
-    running_unique("ablation"),
 )
 
 
@@ -459,7 +448,6 @@ trajectory_run = Table(
     Column("n_nontransitive", Integer),
     Column("map_stress", Float),  # Kruskal stress-1 of the MDS map
     *run_state_columns(),
-    running_unique("trajectory_run"),
 )
 
 
@@ -503,7 +491,6 @@ ingest_attempt = Table(
     Column("dtype", String(20), nullable=False),
     Column("tokens_done", BigInteger, default=0, nullable=False),
     *run_state_columns(),
-    running_unique("ingest_attempt"),
 )
 
 
@@ -554,7 +541,6 @@ concept_run = Table(
     Column("n_empty", Integer),  # sentences left with no counted token (response 0)
     Column("created_at", DateTime, default=utcnow, nullable=False),
     *run_state_columns(),
-    running_unique("concept_run"),
 )
 
 
@@ -604,3 +590,28 @@ concept_alignment = Table(
     Column("triplet_accuracy", Float),
     Column("n_triplets", Integer),
 )
+
+
+# Tables with at most one running row per request key: the database itself decides which of two identical
+# concurrent requests computes (a partial unique index, on SQLite and PostgreSQL alike; created by the migrations).
+RUNNING_UNIQUE = (
+    "correlation_run",
+    "persistence_run",
+    "prediction_set",
+    "ablation",
+    "trajectory_run",
+    "ingest_attempt",
+    "concept_run",
+)
+
+
+def declare_running_indexes() -> None:
+    """Declare the partial unique indexes of `RUNNING_UNIQUE` on `metadata` (once), for writers and for comparing
+    the declarations with the migrated database. Readers never need them, and declaring them costs SQLAlchemy a
+    load of the SQLite and PostgreSQL dialects (about 0.1 s of every read command's start), hence not at import."""
+    where = text("status = 'running'")
+    for name in RUNNING_UNIQUE:
+        table = metadata.tables[name]
+        index = f"uq_{name}_running_request"
+        if not any(i.name == index for i in table.indexes):
+            Index(index, table.c.request_key, unique=True, sqlite_where=where, postgresql_where=where)

@@ -641,8 +641,8 @@ class _IngestRun:
                             writer.write_rows(begin, rows, on_stored=fold)
                         if time.monotonic() - last_flush > FLUSH_SECONDS or end == n_rows:
                             writer.flush()
-                        committed[0] = writer.tokens_done
-                        last_flush = time.monotonic()
+                            committed[0] = writer.tokens_done  # only what a flush put on disk goes to SQL
+                            last_flush = time.monotonic()
             except BaseException as exc:  # handed to the main thread
                 failure.append(exc)
                 while work.get() is not None:

@@ -14,7 +14,7 @@ from actdb.compute.concepts import math as cm
 from actdb.query.figures import pyplot, save_figure
 from actdb.query.output import render
 from actdb.store.database.connection import Store
-from actdb.store.database.schema import ConceptSet
+from actdb.store.database.tables import concept_set
 from actdb.store.errors import ActdbError
 
 
@@ -22,8 +22,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
     """HTML sections, one per concept set with complete runs (none when the store has no concept sets)."""
     from actdb.compute.concepts.analysis import concept_table, similarity_matrices
 
-    with store.session() as s:
-        names = list(s.scalars(select(ConceptSet.name).order_by(ConceptSet.id)))
+    names = store.query(select(concept_set.c.name).order_by(concept_set.c.id)).column("name")
     sections = []
     for name in names:
         try:

@@ -14,14 +14,14 @@ from actdb.compute.concepts import math as cm
 from actdb.compute.concepts.concept_file import ConceptSet, read_reference
 from actdb.compute.concepts.run import load_concept_set
 from actdb.store.database.connection import Rows, Store
-from actdb.store.database.schema import (
-    ActivationSet,
-    Checkpoint,
-    ConceptExpert,
-    ConceptRun,
-    CorrelationRun,
-    Model,
-    NeuronMatch,
+from actdb.store.database.tables import (
+    activation_set,
+    checkpoint,
+    concept_expert,
+    concept_run,
+    correlation_run,
+    model,
+    neuron_match,
 )
 from actdb.store.errors import ActdbError
 from actdb.store.files.concept import ConceptArrays, read_concept_arrays
@@ -62,27 +62,38 @@ def complete_runs(store: Store, name: str, pool: str | None = None, mask: bool |
     """The newest complete run of each activation set, pool and mask on concept set `name` (optionally of one
     pool / mask)."""
     set_id, _concepts = load_concept_set(store, name)
+    cr = concept_run.c
     q = (
-        select(ConceptRun, Model.name, Checkpoint.step)
-        .join(ActivationSet, ActivationSet.id == ConceptRun.set_id)
-        .join(Checkpoint, Checkpoint.id == ActivationSet.checkpoint_id)
-        .join(Model, Model.id == Checkpoint.model_id)
-        .where(ConceptRun.concept_set_id == set_id, ConceptRun.status == "complete")
-        .order_by(ConceptRun.id.desc())
+        select(cr.id, cr.set_id, cr.k, cr.tau, cr.pool, cr.mask_concept_token, cr.path, model.c.name, checkpoint.c.step)
+        .join(activation_set, activation_set.c.id == cr.set_id)
+        .join(checkpoint, checkpoint.c.id == activation_set.c.checkpoint_id)
+        .join(model, model.c.id == checkpoint.c.model_id)
+        .where(cr.concept_set_id == set_id, cr.status == "complete")
+        .order_by(cr.id.desc())
     )
     if pool is not None:
-        q = q.where(ConceptRun.pool == pool)
+        q = q.where(cr.pool == pool)
     if mask is not None:
-        q = q.where(ConceptRun.mask_concept_token == mask)
+        q = q.where(cr.mask_concept_token == mask)
     seen, out = set(), []
-    with store.session() as s:
-        rows = s.execute(q).all()
-    for run, model, step in rows:
-        if (run.set_id, run.pool, run.mask_concept_token) in seen:
+    for run in store.query(q):
+        if (run["set_id"], run["pool"], run["mask_concept_token"]) in seen:
             continue
-        seen.add((run.set_id, run.pool, run.mask_concept_token))
-        arrays = read_concept_arrays(store.config.file(run.path))
-        out.append(ScoredRun(run.id, run.set_id, model, step, run.k, run.tau, run.pool, run.mask_concept_token, arrays))
+        seen.add((run["set_id"], run["pool"], run["mask_concept_token"]))
+        arrays = read_concept_arrays(store.config.file(run["path"]))
+        out.append(
+            ScoredRun(
+                run["id"],
+                run["set_id"],
+                run["name"],
+                run["step"],
+                run["k"],
+                run["tau"],
+                run["pool"],
+                bool(run["mask_concept_token"]),
+                arrays,
+            )
+        )
     if not out:
         raise ActdbError(f"concept set {name!r} has no complete runs; run `actdb concept run {name} --sets ...`")
     return sorted(out, key=lambda r: (r.step, r.model, r.pool, r.masked))
@@ -91,17 +102,18 @@ def complete_runs(store: Store, name: str, pool: str | None = None, mask: bool |
 def twin_map(store: Store, set_a: int, set_b: int, n_neurons: int, d_mlp: int) -> np.ndarray | None:
     """Flat index in B of each neuron of A's best match, from the newest complete correlation run holding both
     (-1 where none); None when no run matched them."""
-    with store.session() as s:
-        run_id = s.scalar(
-            select(func.max(NeuronMatch.run_id))
-            .join(CorrelationRun, CorrelationRun.id == NeuronMatch.run_id)
-            .where(NeuronMatch.set_id == set_a, NeuronMatch.other_set_id == set_b, CorrelationRun.status == "complete")
-        )
+    m = neuron_match.c
+    with store.transaction() as conn:
+        run_id = conn.execute(
+            select(func.max(m.run_id))
+            .join(correlation_run, correlation_run.c.id == m.run_id)
+            .where(m.set_id == set_a, m.other_set_id == set_b, correlation_run.c.status == "complete")
+        ).scalar()
         if run_id is None:
             return None
-        rows = s.execute(
-            select(NeuronMatch.layer, NeuronMatch.neuron, NeuronMatch.best_layer, NeuronMatch.best_neuron).where(
-                NeuronMatch.run_id == run_id, NeuronMatch.set_id == set_a, NeuronMatch.other_set_id == set_b
+        rows = conn.execute(
+            select(m.layer, m.neuron, m.best_layer, m.best_neuron).where(
+                m.run_id == run_id, m.set_id == set_a, m.other_set_id == set_b
             )
         ).all()
     out = np.full(n_neurons, -1, dtype=np.int64)
@@ -283,16 +295,13 @@ def concept_experts(store: Store, name: str, concept: str, model: str | None = N
 
     out = []
     for r in runs:
-        with store.session() as s:
-            experts = (
-                s.execute(
-                    select(ConceptExpert)
-                    .where(ConceptExpert.run_id == r.run_id, ConceptExpert.concept == concept)
-                    .order_by(ConceptExpert.rank)
-                )
-                .scalars()
-                .all()
-            )
+        with store.transaction() as s:
+            ce = concept_expert.c
+            experts = s.execute(
+                select(ce.rank, ce.layer, ce.neuron, ce.ap, ce.auroc)
+                .where(ce.run_id == r.run_id, ce.concept == concept)
+                .order_by(ce.rank)
+            ).all()
             universality = {
                 (u.layer, u.neuron): u.excess_corr
                 for u in s.execute(

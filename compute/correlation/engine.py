@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actdb.compute.correlation.adaptive import refine_baseline
-from actdb.compute.correlation.baseline import draw_rotation, random_rotation
 from actdb.compute.correlation.moments import SD_EPS, inverse_sd
 from actdb.compute.correlation.precision import ProductPrecision, choose_precision, products_in
+from actdb.compute.correlation.rotation_cache import base_key, draw_key, rotation
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
@@ -72,6 +72,9 @@ class CorrelationOptions:
     adaptive_threshold: float | None = None
     adaptive_confidence: float = 0.95
     max_draws: int = 64
+    # a folder of cached Haar rotations (compute/correlation/rotation_cache.py; a run uses its store's), so no
+    # pass or run computes a QR twice; None: computed in memory
+    rotation_cache: str | None = None
 
 
 @dataclass
@@ -440,11 +443,12 @@ class CorrelationEngine:
                 del rot, rot_sd
 
     def _base_rotations(self, key: int) -> list[np.ndarray]:
-        """A set's draw-0 rotations (float32, host). Each is a d x d QR (seconds at d = 3072), so with several
-        passes they are kept for the next pass when all sets' fit in a tenth of the memory budget."""
+        """A set's draw-0 rotations (float32, host). Each is a d x d QR (seconds at d = 3072), read from the
+        rotation cache when the run has one; with several passes they are kept for the next pass when all sets'
+        fit in a tenth of the memory budget."""
         if key in self.base_cache:
             return self.base_cache[key]
-        rotations = base_rotations(self.inputs[key], self.options.baseline_seed)
+        rotations = base_rotations(self.inputs[key], self.options.baseline_seed, self.options.rotation_cache)
         adaptive = self.options.adaptive_threshold is not None  # its rounds use them again (one pass)
         if adaptive or keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
@@ -459,7 +463,7 @@ class CorrelationEngine:
         d = self.inputs[key].d_mlp
         if draw and (d, draw) not in self.draw_rotations:
             self.draw_rotations[(d, draw)] = backend.asarray(
-                draw_rotation(d, self.options.baseline_seed, draw).astype(np.float32)
+                rotation(self.options.rotation_cache, draw_key(d, self.options.baseline_seed, draw))
             )
         rot = base if draw == 0 else [r @ self.draw_rotations[(d, draw)] for r in base]
         rot_sd = xp.concatenate(
@@ -603,9 +607,10 @@ def assemble_result(
     return CorrelationResult(matches, dead, n, n_passes, dict(seconds), layers, precision)
 
 
-def base_rotations(s: SetInput, seed: int) -> list[np.ndarray]:
-    """A set's draw-0 rotation of every layer (float32): the same for every checkpoint of its model."""
-    return [random_rotation(s.d_mlp, seed, s.rotation_key, layer).astype(np.float32) for layer in range(s.n_layers)]
+def base_rotations(s: SetInput, seed: int, cache: str | None = None) -> list[np.ndarray]:
+    """A set's draw-0 rotation of every layer (float32): the same for every checkpoint of its model; from the
+    rotation cache folder `cache` when given (computed and kept there the first time)."""
+    return [rotation(cache, base_key(s.d_mlp, seed, s.rotation_key, layer)) for layer in range(s.n_layers)]
 
 
 def empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:

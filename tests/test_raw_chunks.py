@@ -12,6 +12,7 @@ import pytest
 from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets
 from actdb.store.device import NUMPY
 from actdb.store.errors import ActdbError
+from actdb.store.files import raw_chunks
 from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter, layer_key
 from actdb.store.files.fletcher32 import fletcher32, fletcher32_rows
 from actdb.store.files.raw_chunks import reads_raw
@@ -83,9 +84,17 @@ def test_stored_checksums_are_the_ones_hdf5_wrote(tmp_path):
                 assert fletcher32(np.frombuffer(raw[:-4], np.uint8)) == int.from_bytes(raw[-4:], "little")
 
 
+@pytest.fixture(params=["torch", "bits"])
+def float16_cast(request, monkeypatch) -> str:
+    """float16 converted by torch's F16C copy, or by the NumPy bit route used where torch is missing."""
+    if request.param == "bits":
+        monkeypatch.setattr(raw_chunks, "_TORCH", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize(("start", "n"), [(0, 2500), (1000, 1100), (2047, 300), (2499, 1), (100, 0)])
-def test_shifted_rows_equal_hdf5s_read_minus_the_shift(tmp_path, dtype, start, n):
+def test_shifted_rows_equal_hdf5s_read_minus_the_shift(tmp_path, dtype, start, n, float16_cast):
     d = 200  # two column chunks, the second only partly used; 2500 tokens: the last row chunk partly used
     path = tmp_path / "a.h5"
     _write(path, dtype, 2500, d)
@@ -99,7 +108,7 @@ def test_shifted_rows_equal_hdf5s_read_minus_the_shift(tmp_path, dtype, start, n
             assert (wide[:, :d] == 7).all() and (wide[:, 2 * d :] == 7).all()
 
 
-def test_infinities_and_nans_convert_as_numpy_does(tmp_path):
+def test_infinities_and_nans_convert_as_numpy_does(tmp_path, float16_cast):
     path = tmp_path / "a.h5"
     x = np.random.default_rng(0).standard_normal((1024, 128)).astype(np.float16)
     x[3, :4] = [np.inf, -np.inf, np.nan, 65504]

@@ -5,7 +5,8 @@ core: GB/s of stored bytes per core, and the ratio to the bare reads.
         [--repeats 5] [--dir DIR] [--cpu 0]
 
 Writes one activation file per dtype (GELU-like values, actdb's 1024 x 128 chunks with Fletcher-32), reads it
-once to warm the page cache, then times, pinned to one core with one BLAS thread, best of `--repeats`:
+once to warm the page cache, then times, pinned to one core with one BLAS thread, best of `--repeats` rounds in
+which the variants take turns:
 
     bare file        the file's bytes read into one reused 8 MiB buffer (no HDF5, no checks)
     bare chunks      every chunk's stored bytes by h5py's read_direct_chunk into a reused buffer (no checks)
@@ -173,14 +174,17 @@ def hdf5_numpy(path: Path, layers: int, d: int, n_tokens: int) -> Callable[[], N
     return run
 
 
-def timed(run: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Best (CPU seconds, wall seconds) of `repeats` runs."""
-    cpu = wall = float("inf")
+def timed(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Best (CPU seconds, wall seconds) of each variant over `repeats` rounds, the variants taking turns within
+    a round so that all of them meet the same neighbours on a shared machine."""
+    best = {name: (float("inf"), float("inf")) for name in variants}
     for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        run()
-        cpu, wall = min(cpu, time.process_time() - c0), min(wall, time.perf_counter() - w0)
-    return cpu, wall
+        for name, run in variants.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            run()
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            best[name] = (min(best[name][0], cpu), min(best[name][1], wall))
+    return best
 
 
 def main() -> None:
@@ -219,7 +223,7 @@ def main() -> None:
             "_read_chunks": read_chunks(path, args.layers, args.d_mlp, args.tokens),
             "HDF5 + NumPy": hdf5_numpy(path, args.layers, args.d_mlp, args.tokens),
         }
-        times = {name: timed(run, args.repeats) for name, run in variants.items()}
+        times = timed(variants, args.repeats)
         print(f"\n{dtype}: {size / 2**20:.0f} MiB of stored chunks ({layer_key(0)} .. {layer_key(args.layers - 1)})")
         for name, (cpu, wall) in times.items():
             print(

@@ -244,11 +244,11 @@ def _read_chunks(
     `tokens` and `mask` are flat over all positions; `sequences` = [first, stop) restricts the chunks to a shard
     (`first` a multiple of the chunk's sequences, so a shard's chunks are exactly the whole run's). Every buffer
     is allocated once and reused (fresh multi-MB arrays per chunk cost page faults): rows are read straight into
-    the set's float32 chunk as `stored - shift` (through a staging buffer when some positions are not counted). A
-    yielded chunk stays valid until `ring_size` more are yielded (1 when the consumer finishes each chunk before asking
-    for the next). NumPy only: the products that follow run in NumPy's BLAS, and a second thread pool (torch's)
-    next to it slowed both. The reader checks and converts raw chunks itself (`read_shifted_into`), several
-    times faster than HDF5's filter and NumPy's float16 cast.
+    the set's float32 chunk as `stored - shift` by `read_shifted_into` (raw chunks, checksums verified in NumPy;
+    through a staging buffer when some positions are not counted). A yielded chunk stays valid until `ring_size`
+    more are yielded (1 when the consumer finishes each chunk before asking for the next). The products that follow
+    run in NumPy's BLAS, and a second thread pool (torch's) next to it slowed both: the reader's float16 copies by
+    torch run in pieces small enough that torch never wakes its pool.
     """
     seqs = max(1, chunk_tokens // seq_len)
     rows = seqs * seq_len

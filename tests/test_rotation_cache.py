@@ -7,10 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from actdb.compute.correlation import baseline
 from actdb.compute.correlation.engine import CorrelationOptions, SetInput, base_rotations, correlate_sets
 from actdb.compute.correlation.rotation_cache import base_key, draw_key, read_cached, rotation
+from actdb.store.database.connection import Store
+from actdb.store.database.schema import CorrelationRun, Model, NeuronMatch
 from actdb.store.device import NUMPY
 from actdb.store.files.activation import ActivationHeader, ActivationWriter
 
@@ -115,3 +118,52 @@ def test_a_multi_pass_run_computes_each_rotation_once_and_equals_an_uncached_run
         for pair, r in plain.matches.items():
             np.testing.assert_array_equal(result.matches[pair].max_corr, r.max_corr)
             np.testing.assert_array_equal(result.matches[pair].baseline, r.baseline)
+
+
+def _matches(store_config) -> list[tuple]:
+    """The latest correlation run's neuron matches: (set, other, layer, neuron, max corr, baseline mean, sd)."""
+    store = Store.open(store_config)
+    with store.session() as s:
+        run = s.scalar(select(CorrelationRun).order_by(CorrelationRun.id.desc()))
+        rows = s.scalars(select(NeuronMatch).where(NeuronMatch.run_id == run.id)).all()
+        found = sorted(
+            (m.set_id, m.other_set_id, m.layer, m.neuron, m.max_corr, m.baseline_max_corr, m.baseline_sd) for m in rows
+        )
+    store.close()
+    return found
+
+
+def test_a_cli_run_keeps_its_rotations_beside_the_store_and_survives_a_corrupt_one(
+    run_cli, store_config, tokenizer_dir, text_dir, tiny_models, tmp_path
+):
+    from actdb.store.ingest.zoo import save_tiny_model
+
+    assert run_cli("init").exit_code == 0
+    add = ("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 2000)
+    assert run_cli(*add).exit_code == 0
+    sources = {"a": tiny_models["gpt2"], "b": save_tiny_model("gpt2", tmp_path / "b", tokenizer_dir, seed=11)}
+    for name, src in sources.items():
+        r = run_cli("ingest", name, "--step", 0, "--dataset", "d", "--source", src, "--quiet")
+        assert r.exit_code == 0, r.stderr
+    correlate = ("correlate", "--dataset", "d", "--step", 0, "--models", "a,b", "--baseline-draws", 3, "--quiet")
+    assert run_cli(*correlate).exit_code == 0
+    first = _matches(store_config)
+    folder = store_config.home / "rotations"
+    files = sorted(p.name for p in folder.iterdir())
+    store = Store.open(store_config)
+    with store.session() as s:
+        models = s.scalars(select(Model)).all()
+        shapes = {(m.id, m.n_layers, m.d_mlp) for m in models}
+    store.close()
+    expected = {base_key(d, 0, model, layer).file_name for model, layers, d in shapes for layer in range(layers)}
+    expected |= {draw_key(d, 0, k).file_name for _, _, d in shapes for k in (1, 2)}
+    assert files == sorted(expected)
+    damaged = folder / sorted(expected)[0]
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0x40
+    damaged.write_bytes(bytes(raw))
+    r = run_cli(*correlate, "--force")
+    assert r.exit_code == 0, r.stderr
+    assert _matches(store_config) == first  # the damaged file was not used: the same rotation was recomputed
+    key = next(k for k in (base_key(d, 0, m, i) for m, n, d in shapes for i in range(n)) if k.file_name == damaged.name)
+    assert read_cached(damaged, key)[1] is None  # and the file is whole again

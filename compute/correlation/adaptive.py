@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actdb.compute.correlation.baseline import draw_rotation
 from actdb.compute.correlation.moments import inverse_sd
+from actdb.compute.correlation.rotation_cache import draw_key, rotation
 from actdb.compute.correlation.universality import pooled_baseline_sd
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
             for s in inputs:
                 if (s.d_mlp, k) not in draws:
                     draws[(s.d_mlp, k)] = backend.asarray(
-                        draw_rotation(s.d_mlp, opts.baseline_seed, k).astype(np.float32)
+                        rotation(opts.rotation_cache, draw_key(s.d_mlp, opts.baseline_seed, k))
                     )
                 p = draws[(s.d_mlp, k)]
                 sds[s.key] = xp.concatenate(

@@ -120,9 +120,10 @@ def correlate_on_cluster(
                 ]
             summed.append(parts[0])
         stats = submit("sets", finalize_sets, spec, tok, msk, submit("moments", moments_only, summed[0]))
-        rotations = {i: submit("rotations", base_rotations, s, options.baseline_seed) for i, s in enumerate(inputs)}
+        seed, cache = options.baseline_seed, options.rotation_cache
+        rotations = {i: submit("rotations", base_rotations, s, seed, cache) for i, s in enumerate(inputs)}
         widths = sorted({s.d_mlp for s in inputs})
-        draws = submit("draws", draw_rotations, widths, options.baseline_seed, options.baseline_draws)
+        draws = submit("draws", draw_rotations, widths, seed, options.baseline_draws, cache)
         split = draw_ranges(options.baseline_draws, shards)
         for p, tasks in enumerate(passes):
             involved = {t.a for t in tasks} | {t.b for t in tasks}

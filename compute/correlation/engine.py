@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actdb.compute.correlation.adaptive import refine_baseline
-from actdb.compute.correlation.baseline import draw_rotation, random_rotation
 from actdb.compute.correlation.moments import SD_EPS, inverse_sd
 from actdb.compute.correlation.precision import ProductPrecision, choose_precision, products_in
+from actdb.compute.correlation.rotation_cache import base_key, draw_key, rotation
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
@@ -72,6 +72,9 @@ class CorrelationOptions:
     adaptive_threshold: float | None = None
     adaptive_confidence: float = 0.95
     max_draws: int = 64
+    # a folder of cached Haar rotations (compute/correlation/rotation_cache.py; a run uses its store's), so no
+    # pass or run computes a QR twice; None: computed in memory
+    rotation_cache: str | None = None
 
 
 @dataclass
@@ -241,16 +244,17 @@ def _read_chunks(
     `tokens` and `mask` are flat over all positions; `sequences` = [first, stop) restricts the chunks to a shard
     (`first` a multiple of the chunk's sequences, so a shard's chunks are exactly the whole run's). Every buffer
     is allocated once and reused (fresh multi-MB arrays per chunk cost page faults): rows are read straight into
-    a buffer of the stored values, then converted and shifted in place in the set's float32 chunk. A yielded
-    chunk stays valid until `ring_size` more are yielded (1 when the consumer finishes each chunk before asking
-    for the next). NumPy only: the products that follow run in NumPy's BLAS, and a second thread pool (torch's)
-    next to it slowed both.
+    the set's float32 chunk as `stored - shift` by `read_shifted_into` (raw chunks, checksums verified in NumPy;
+    through a staging buffer when some positions are not counted). A yielded chunk stays valid until `ring_size`
+    more are yielded (1 when the consumer finishes each chunk before asking for the next). The products that follow
+    run in NumPy's BLAS, and a second thread pool (torch's) next to it slowed both: the reader's float16 copies by
+    torch run in pieces small enough that torch never wakes its pool.
     """
     seqs = max(1, chunk_tokens // seq_len)
     rows = seqs * seq_len
     first_seq, n_seq = sequences or (0, tokens.shape[0] // seq_len)
     shifts = {i: sets[i].shift.astype(np.float32) for i in wanted}
-    stored = {i: np.empty((rows, sets[i].d_mlp), dtype=readers[i].value_dtype) for i in wanted}
+    staged = {}  # chunks with uncounted positions: a layer's shifted rows, before the counted ones are taken
     ring = {i: [np.empty((rows, sets[i].n_neurons), dtype=np.float32) for _ in range(ring_size)] for i in wanted}
     for k, s0 in enumerate(range(first_seq, n_seq, seqs)):
         r0, r1 = s0 * seq_len, min(n_seq, s0 + seqs) * seq_len
@@ -259,15 +263,18 @@ def _read_chunks(
         n_counted = r1 - r0 if keep is None else len(keep)
         out = {}
         for i in wanted:
-            raw = stored[i][: r1 - r0]
             x = ring[i][k % ring_size][:n_counted]
             d = sets[i].d_mlp
             for layer in range(sets[i].n_layers):
-                readers[i].read_rows_into(layer, r0, raw)
-                src = raw if keep is None else raw[keep]  # faster than compress/take into a buffer
                 cols = slice(layer * d, (layer + 1) * d)
-                np.copyto(x[:, cols], src)
-                np.subtract(x[:, cols], shifts[i][cols], out=x[:, cols])
+                if keep is None:
+                    readers[i].read_shifted_into(layer, r0, x[:, cols], shifts[i][cols])
+                    continue
+                if i not in staged:
+                    staged[i] = np.empty((rows, d), dtype=np.float32)
+                stage = staged[i][: r1 - r0]
+                readers[i].read_shifted_into(layer, r0, stage, shifts[i][cols])
+                x[:, cols] = stage[keep]
             out[i] = x
         yield r1 - r0, tokens[r0:r1][m], out
 
@@ -436,11 +443,12 @@ class CorrelationEngine:
                 del rot, rot_sd
 
     def _base_rotations(self, key: int) -> list[np.ndarray]:
-        """A set's draw-0 rotations (float32, host). Each is a d x d QR (seconds at d = 3072), so with several
-        passes they are kept for the next pass when all sets' fit in a tenth of the memory budget."""
+        """A set's draw-0 rotations (float32, host). Each is a d x d QR (seconds at d = 3072), read from the
+        rotation cache when the run has one; with several passes they are kept for the next pass when all sets'
+        fit in a tenth of the memory budget."""
         if key in self.base_cache:
             return self.base_cache[key]
-        rotations = base_rotations(self.inputs[key], self.options.baseline_seed)
+        rotations = base_rotations(self.inputs[key], self.options.baseline_seed, self.options.rotation_cache)
         adaptive = self.options.adaptive_threshold is not None  # its rounds use them again (one pass)
         if adaptive or keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
@@ -455,7 +463,7 @@ class CorrelationEngine:
         d = self.inputs[key].d_mlp
         if draw and (d, draw) not in self.draw_rotations:
             self.draw_rotations[(d, draw)] = backend.asarray(
-                draw_rotation(d, self.options.baseline_seed, draw).astype(np.float32)
+                rotation(self.options.rotation_cache, draw_key(d, self.options.baseline_seed, draw))
             )
         rot = base if draw == 0 else [r @ self.draw_rotations[(d, draw)] for r in base]
         rot_sd = xp.concatenate(
@@ -599,9 +607,10 @@ def assemble_result(
     return CorrelationResult(matches, dead, n, n_passes, dict(seconds), layers, precision)
 
 
-def base_rotations(s: SetInput, seed: int) -> list[np.ndarray]:
-    """A set's draw-0 rotation of every layer (float32): the same for every checkpoint of its model."""
-    return [random_rotation(s.d_mlp, seed, s.rotation_key, layer).astype(np.float32) for layer in range(s.n_layers)]
+def base_rotations(s: SetInput, seed: int, cache: str | None = None) -> list[np.ndarray]:
+    """A set's draw-0 rotation of every layer (float32): the same for every checkpoint of its model; from the
+    rotation cache folder `cache` when given (computed and kept there the first time)."""
+    return [rotation(cache, base_key(s.d_mlp, seed, s.rotation_key, layer)) for layer in range(s.n_layers)]
 
 
 def empty_results(inputs: list[SetInput], topk: int, draws: int) -> dict[tuple[int, int], MatchResult]:

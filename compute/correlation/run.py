@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from actdb.compute.cluster import ClusterSpec, open_client, worker_threads
 from actdb.compute.correlation.cluster import cluster_options, correlate_on_cluster, worker_backend
 from actdb.compute.correlation.engine import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
 from actdb.compute.correlation.precision import check_precision
+from actdb.compute.correlation.rotation_cache import FOLDER as ROTATION_FOLDER
 from actdb.compute.correlation.universality import format_draws, score_universality
 from actdb.store.database.connection import Store, finite_or_none, insert_rows
 from actdb.store.database.labels import stability_at
@@ -178,6 +179,8 @@ def run_correlation(
     """Correlate `sets`, or reuse (or wait for) an identical run; a failure leaves the run marked failed. With
     `cluster`, the engine's tasks run on Dask workers (started only when something is to be computed)."""
     key = correlation_key([a.id for a in sets], options)
+    if options.rotation_cache is None:  # rotations are kept beside the store's activation files
+        options = replace(options, rotation_cache=str(store.config.home / ROTATION_FOLDER))
     if not force and (done := complete_run(store, key)) is not None:
         return _reuse(store, done, threshold, log)
     with open_client(cluster) if cluster.enabled else contextlib.nullcontext() as client:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actdb.compute.correlation.baseline import draw_rotation
 from actdb.compute.correlation.engine import (
     CorrelationEngine,
     CorrelationOptions,
@@ -36,6 +35,7 @@ from actdb.compute.correlation.engine import (
     TaskGroup,
     merge_topk,
 )
+from actdb.compute.correlation.rotation_cache import draw_key, rotation
 from actdb.compute.similarity.layers import LayerPair
 from actdb.store.device import resolve_device
 from actdb.store.files.activation import ActivationReader
@@ -194,9 +194,12 @@ def set_summary(stats: SetStatistics) -> SetStatistics:
     return SetStatistics(moments, stats.n, stats.token_counts, stats.layer_pairs)
 
 
-def draw_rotations(widths: list[int], seed: int, draws: int) -> dict[tuple[int, int], np.ndarray]:
-    """The rotations P_k of draws 1.. shared by every set of each width (float32), as the engine draws them."""
-    return {(d, k): draw_rotation(d, seed, k).astype(np.float32) for d in widths for k in range(1, draws)}
+def draw_rotations(
+    widths: list[int], seed: int, draws: int, cache: str | None = None
+) -> dict[tuple[int, int], np.ndarray]:
+    """The rotations P_k of draws 1.. shared by every set of each width (float32), as the engine draws them
+    (from the rotation cache folder `cache` when given)."""
+    return {(d, k): rotation(cache, draw_key(d, seed, k)) for d in widths for k in range(1, draws)}
 
 
 def finalize_pass(

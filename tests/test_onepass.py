@@ -154,7 +154,7 @@ def test_a_corrupted_chunk_is_caught(client, sets, tmp_path):
 def test_rounds_and_chunks():
     assert chunk_count(n_seq=41, seq_len=32, chunk_tokens=96) == 14
     assert shares_per_round(5, 100, [None, None]) == 5  # no memory limit: every share at once
-    assert shares_per_round(5, 100, [1000, 1000]) == 12
+    assert shares_per_round(5, 100, [1000, 1000]) == 10  # half of each worker's memory: five shares each
     assert shares_per_round(5, 1000, [1000, 1000]) == 2  # at least one each
     assert shares_per_round(5, 10**9, [1000]) == 1
 

@@ -195,17 +195,21 @@ def correlate_one_pass(
                 needs[members[0]] = list(range(len(inputs)))  # the moments take every set
             read = sorted({i for s in members for i in needs[s]})
             needs[members[0]] = read  # the first share of a round counts every part read
-            for n, s in enumerate(members):  # spread the shares; a hint only, so a lost worker's move elsewhere
-                home = addresses[n % len(addresses)]
-                args = (run, spec, tok, msk, shares[s])
-                states[s] = submit("share", start_share, *args, workers=[home], allow_other_workers=True)
+            # each share lives on one worker (spread round robin): a hint, so that a lost worker's shares are
+            # recomputed elsewhere
+            home = {
+                s: {"workers": [addresses[n % len(addresses)]], "allow_other_workers": True}
+                for n, s in enumerate(members)
+            }
+            for s in members:
+                states[s] = submit("share", start_share, run, spec, tok, msk, shares[s], **home[s])
             in_flight: list[tuple[int, list[Any]]] = []
             for k in range(n_chunks):
                 parts = {i: submit(f"read-c{k}", read_part, spec, tok, msk, k, i) for i in read}
                 for s in members:
                     first = s == members[0]
                     args = (run, spec, tok, msk, states[s], k, r == 0 and first, first)
-                    states[s] = submit(f"add-s{s}-c{k}", add_chunk, *args, *[parts[i] for i in needs[s]])
+                    states[s] = submit(f"add-s{s}-c{k}", add_chunk, *args, *[parts[i] for i in needs[s]], **home[s])
                 n_rows = (min(n_seq, (k + 1) * per_chunk) - k * per_chunk) * seq_len
                 in_flight.append((n_rows, [states[s] for s in members]))
                 del parts

@@ -34,7 +34,7 @@ from actdb.compute.correlation.shards import EngineSpec, ShardSums
 from actdb.store.device import resolve_device
 from actdb.store.files.activation import ActivationReader
 
-HOLD_SHARE = 0.6  # of a worker's memory the shares it holds may use (the rest: parts in flight, finalizing)
+HOLD_SHARE = 0.5  # of a worker's memory the shares it holds may use (the rest: parts in flight, finalizing)
 ENGINES_KEPT = 2  # engines (per worker thread) kept between steps: one per run in flight
 
 
@@ -50,10 +50,18 @@ class ChunkPart:
     bytes_read: int
     bytes_held: int
 
+    def __sizeof__(self) -> int:
+        """What Dask weighs when it moves or places a part (its default for an object is the bare object's size)."""
+        return self.values.nbytes + self.ids.nbytes + 64
+
 
 @dataclass
 class ShareState:
-    """A share's accumulators (device arrays) after the chunks before `next_chunk`."""
+    """A share's accumulators (device arrays) after the chunks before `next_chunk`.
+
+    Dask sizes it as a bare object (it knows no better): its worker never spills the accumulators (writing GBs per
+    chunk), and the keys of a chain's consecutive steps, one object, are not counted twice; the client keeps each
+    chain on its worker with a placement hint instead of relying on Dask weighing the accumulators."""
 
     sums: ShardSums
     next_chunk: int

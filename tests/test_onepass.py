@@ -134,23 +134,6 @@ def test_killed_worker_is_recovered_by_dask(client, sets):
     assert got.bytes_read >= got.bytes_held  # the lost shares' chunks may have been read again
 
 
-def test_a_corrupted_chunk_is_caught(client, sets, tmp_path):
-    inputs, tokens, mask = sets
-    path = tmp_path / "bad.h5"
-    shutil.copy(inputs[2].path, path)
-    with h5py.File(path, "r") as f:
-        ds = f[layer_key(1)]
-        info = ds.id.get_chunk_info(ds.id.get_num_chunks() - 1)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset + info.size // 2)
-        f.write(b"\x00\x11\x22\x33\x44\x55\x66\x77")
-    bad = SetInput(12, str(path), L, D, inputs[2].shift, rotation_key=12)
-    options = CorrelationOptions(chunk_tokens=160, memory_budget=370_000)
-    with pytest.raises(ActdbError, match=r"bad.h5 is corrupt \(checksum or read error\)"):
-        correlate_one_pass(client, [inputs[0], inputs[1], bad], tokens, mask, options)
-    client.restart()  # the failed run's cancelled futures settle on fresh workers
-
-
 def test_rounds_and_chunks():
     assert chunk_count(n_seq=41, seq_len=32, chunk_tokens=96) == 14
     assert shares_per_round(5, 100, [None, None]) == 5  # no memory limit: every share at once
@@ -170,6 +153,22 @@ def test_one_pass_in_rounds_when_the_workers_cannot_hold_every_share(client, set
     assert len(shares) == 5 and got.n_passes == len(rounds) == 3  # five shares, two at a time
     _assert_identical(got, ref)
     assert got.bytes_read == _passes_read(inputs, rounds)  # each round reads the files of its shares once
+
+
+def test_a_corrupted_chunk_is_caught(client, sets, tmp_path):  # the last test on this cluster: a failed run
+    inputs, tokens, mask = sets
+    path = tmp_path / "bad.h5"
+    shutil.copy(inputs[2].path, path)
+    with h5py.File(path, "r") as f:
+        ds = f[layer_key(1)]
+        info = ds.id.get_chunk_info(ds.id.get_num_chunks() - 1)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(b"\x00\x11\x22\x33\x44\x55\x66\x77")
+    bad = SetInput(12, str(path), L, D, inputs[2].shift, rotation_key=12)
+    options = CorrelationOptions(chunk_tokens=160, memory_budget=370_000)
+    with pytest.raises(ActdbError, match=r"bad.h5 is corrupt \(checksum or read error\)"):
+        correlate_one_pass(client, [inputs[0], inputs[1], bad], tokens, mask, options)
 
 
 def test_cli_correlate_on_workers_stores_and_lists_the_read_amplification(

@@ -183,7 +183,7 @@ def _stages(echo: Callable[[str], None]) -> Callable[[str], None]:
 def _cluster(store: Store, models: list[str], step: int, echo: Callable[[str], None]) -> None:
     """The step's correlation (default options) computed again by Dask tasks, compared with the stored run."""
     from actdb.compute.cluster import ClusterSpec, open_client
-    from actdb.compute.correlation.cluster import correlate_on_cluster
+    from actdb.compute.correlation.cluster import correlate_one_pass
 
     sets = resolve_sets(store, [SetRef(m, step) for m in models], DATASET)
     options = CorrelationOptions()
@@ -191,7 +191,7 @@ def _cluster(store: Store, models: list[str], step: int, echo: Callable[[str], N
     inputs, tokens = engine_inputs(store, sets)
     started = time.perf_counter()
     with open_client(ClusterSpec(workers=2)) as client:
-        result = correlate_on_cluster(client, inputs, tokens.tokens, tokens.mask, options)
+        result = correlate_one_pass(client, inputs, tokens.tokens, tokens.mask, options)
     seconds = time.perf_counter() - started
     d = {s.key: s.d_mlp for s in inputs}
     m = NeuronMatch.__table__.c

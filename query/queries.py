@@ -380,7 +380,8 @@ def models_listing(store: Store) -> Rows:
 
 
 def runs_listing(store: Store) -> Rows:
-    """Every correlation run with its kind, status, dataset, control, hook of its sets, parameters and timings."""
+    """Every correlation run with its kind, status, dataset, control, hook of its sets, parameters, read
+    amplification and timings."""
     r = tables.correlation_run
     return store.query(
         select(
@@ -395,6 +396,8 @@ def runs_listing(store: Store) -> Rows:
             func.count(tables.run_member.c.set_id).label("n_sets"),
             r.c.n_tokens,
             r.c.n_passes,
+            # stored bytes read over the bytes the files hold: 1.0 when one read pass read each byte once
+            (cast(r.c.bytes_read, Float) / func.nullif(r.c.bytes_held, 0)).label("read_amplification"),
             r.c.n_dead,
             r.c.backend,
             r.c.seconds,

@@ -110,6 +110,13 @@ class CorrelationResult:
     seconds: dict[str, float] = field(default_factory=dict)  # "accumulate", "maxima", "baseline"
     layers: dict[tuple[int, int, int, int], LayerPair] | None = None  # (set key, other key, layer, other layer)
     precision: ProductPrecision = field(default_factory=lambda: ProductPrecision("float32"))
+    bytes_read: int = 0  # stored value bytes the readers returned, over every pass (and re-read, if any)
+    bytes_held: int = 0  # stored value bytes of the sets' files
+
+    @property
+    def read_amplification(self) -> float:
+        """Bytes read over the bytes the files hold: 1.0 when every stored byte was read once."""
+        return self.bytes_read / self.bytes_held if self.bytes_held else float("nan")
 
 
 @dataclass(frozen=True)
@@ -320,7 +327,10 @@ def correlate_sets(
         raise ActdbError(f"unknown control {options.control!r}; use none or token")
     readers = [ActivationReader(s.path, expected=s.expected) for s in inputs]
     try:
-        return CorrelationEngine(inputs, readers, tokens, mask, options, backend, progress).run()
+        result = CorrelationEngine(inputs, readers, tokens, mask, options, backend, progress).run()
+        result.bytes_read = sum(r.bytes_read for r in readers)
+        result.bytes_held = sum(r.held_bytes for r in readers)
+        return result
     finally:
         for r in readers:
             r.close()
@@ -496,21 +506,13 @@ class CorrelationEngine:
     ) -> dict[TaskGroup, object]:
         """One pass over the tokens (or a shard of its `sequences`): every group's `X_a^T X_b` (and, in the
         first pass, the sets' moments)."""
-        xp, backend, inputs = self.backend.xp, self.backend, self.inputs
+        xp, inputs = self.backend.xp, self.inputs
         wanted = sorted(range(len(inputs))) if first else sorted({t.a for t in tasks} | {t.b for t in tasks})
         if first:
-            self.moments = [
-                SetMoments(
-                    xp.zeros(s.n_neurons),
-                    [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
-                    xp.zeros((self.n_vocab, s.n_neurons)) if self.control else None,
-                )
-                for s in inputs
-            ]
-        groups = group_tasks(tasks)
-        acc = {g: xp.zeros(((g.stop - g.start) * inputs[g.a].d_mlp, inputs[g.b].n_neurons)) for g in groups}
+            self.moments = self._zero_moments()
+        acc = self._zero_accumulators(tasks)
         out = {g: xp.empty(a.shape, dtype=xp.float32) for g, a in acc.items()}
-        ahead = backend.name == "cupy"
+        ahead = self.backend.name == "cupy"
         chunks = _read_chunks(
             self.readers,
             inputs,
@@ -523,20 +525,46 @@ class CorrelationEngine:
             sequences=sequences,
         )
         for n_rows, ids, chunk in _read_ahead(chunks) if ahead else chunks:
-            if self.precision is None:
-                pair = list(chunk.values())[:2]
-                self.precision = choose_precision(self.options.precision, backend, lambda p=pair: (p[0], p[1]))
-            xs = {i: backend.asarray(x) for i, x in chunk.items()}
-            with products_in(backend, self.precision.mode):
-                if first:
-                    self._accumulate_moments(ids, xs)
-                for g in groups:
-                    d = inputs[g.a].d_mlp
-                    backend.matmul(xs[g.a][:, g.start * d : g.stop * d].T, xs[g.b], out=out[g])
-                    acc[g] += out[g]
+            self._add_chunk(acc, out, ids, chunk, first)
             if self.progress:
                 self.progress(n_rows)
         return acc
+
+    def _zero_moments(self) -> list[SetMoments]:
+        xp = self.backend.xp
+        return [
+            SetMoments(
+                xp.zeros(s.n_neurons),
+                [xp.zeros((s.d_mlp, s.d_mlp)) for _ in range(s.n_layers)],
+                xp.zeros((self.n_vocab, s.n_neurons)) if self.control else None,
+            )
+            for s in self.inputs
+        ]
+
+    def _zero_accumulators(self, tasks: list[Task]) -> dict[TaskGroup, object]:
+        """float64 zeros for each group of `tasks`: its rows of a against all neurons of b."""
+        xp, inputs = self.backend.xp, self.inputs
+        return {
+            g: xp.zeros(((g.stop - g.start) * inputs[g.a].d_mlp, inputs[g.b].n_neurons)) for g in group_tasks(tasks)
+        }
+
+    def _add_chunk(
+        self, acc: dict[TaskGroup, object], out: dict[TaskGroup, object], ids: np.ndarray, chunk: dict, first: bool
+    ) -> None:
+        """Add one chunk's products into the groups' accumulators `acc` (through the float32 buffers `out`),
+        and with `first` into the sets' moments too."""
+        backend, inputs = self.backend, self.inputs
+        if self.precision is None:
+            pair = list(chunk.values())[:2]
+            self.precision = choose_precision(self.options.precision, backend, lambda p=pair: (p[0], p[1]))
+        xs = {i: backend.asarray(x) for i, x in chunk.items()}
+        with products_in(backend, self.precision.mode):
+            if first:
+                self._accumulate_moments(ids, xs)
+            for g in acc:
+                d = inputs[g.a].d_mlp
+                backend.matmul(xs[g.a][:, g.start * d : g.stop * d].T, xs[g.b], out=out[g])
+                acc[g] += out[g]
 
     def _accumulate_moments(self, ids: np.ndarray, xs: dict[int, object]) -> None:
         xp, backend = self.backend.xp, self.backend

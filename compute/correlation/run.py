@@ -20,7 +20,7 @@ from sqlalchemy import bindparam, select, update
 from tqdm.auto import tqdm
 
 from actdb.compute.cluster import ClusterSpec, open_client, worker_threads
-from actdb.compute.correlation.cluster import cluster_options, correlate_on_cluster, worker_backend
+from actdb.compute.correlation.cluster import cluster_options, correlate_one_pass, worker_backend
 from actdb.compute.correlation.engine import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
 from actdb.compute.correlation.precision import check_precision
 from actdb.compute.correlation.rotation_cache import FOLDER as ROTATION_FOLDER
@@ -338,19 +338,28 @@ def _compute(
             backend = resolve_device(work.device).array
             result = correlate_sets(inputs, tokens.tokens, tokens.mask, options, backend, advance)
         else:
-            result = correlate_on_cluster(client, inputs, tokens.tokens, tokens.mask, options, work.device, advance)
+            result = correlate_one_pass(client, inputs, tokens.tokens, tokens.mask, options, work.device, advance)
     finally:
         bar.close()
     engine = time.perf_counter() - started
     n_dead = _store_results(store, handle.row_id, inputs, result, kind, threshold)
     writing = time.perf_counter() - started - engine
     label = result.precision.label(work.backend)
-    seconds = handle.complete(n_tokens=result.n_tokens, n_passes=result.n_passes, n_dead=n_dead, backend=label)
+    seconds = handle.complete(
+        n_tokens=result.n_tokens,
+        n_passes=result.n_passes,
+        n_dead=n_dead,
+        backend=label,
+        bytes_read=result.bytes_read,
+        bytes_held=result.bytes_held,
+    )
     checked = "" if result.precision.error is None else f"; product error {result.precision.error:.1e} of r"
     if client is not None:
         checked += f"; {worker_threads(client)} Dask worker thread(s)"
     log(
-        f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es), "
+        f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es) "
+        f"reading {result.bytes_read / 1e6:.1f} MB of {result.bytes_held / 1e6:.1f} MB stored (read amplification "
+        f"{result.read_amplification:.2f}), "
         f"{n_dead} dead neurons, {seconds:.1f}s on {label} (engine {engine:.2f}s, results written in "
         f"{writing:.2f}s{checked})"
     )

@@ -61,6 +61,8 @@ class ShardSums:
     token_counts: np.ndarray
     moments: list[SetMoments] | None  # each set's sums and Grams (first pass only)
     blocks: dict[TaskGroup, np.ndarray]  # each group's X_a^T X_b
+    bytes_read: dict[str, int] = field(default_factory=dict)  # per file: stored value bytes read for these sums
+    bytes_held: dict[str, int] = field(default_factory=dict)  # per file read: its stored value bytes
 
 
 @dataclass
@@ -132,7 +134,9 @@ def accumulate_shard(
                 )
                 for m in engine.moments
             ]
-        return ShardSums(engine.n, engine.token_counts, moments, {g: host(a) for g, a in acc.items()})
+        read = {str(r.path): r.bytes_read for r in engine.readers if r.bytes_read}
+        held = {str(r.path): r.held_bytes for r in engine.readers if r.bytes_read}
+        return ShardSums(engine.n, engine.token_counts, moments, {g: host(a) for g, a in acc.items()}, read, held)
 
 
 def _total(arrays: list[np.ndarray]) -> np.ndarray:
@@ -155,7 +159,24 @@ def sum_shards(parts: list[ShardSums]) -> ShardSums:
             for i, m in enumerate(parts[0].moments)
         ]
     blocks = {g: _total([p.blocks[g] for p in parts]) for g in parts[0].blocks}
-    return ShardSums(sum(p.n for p in parts), _total([p.token_counts for p in parts]), moments, blocks)
+    read, held = read_totals(parts)
+    return ShardSums(sum(p.n for p in parts), _total([p.token_counts for p in parts]), moments, blocks, read, held)
+
+
+def read_totals(parts: list[ShardSums]) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes read per file over several pieces (added up) and the bytes each file holds."""
+    read: dict[str, int] = {}
+    held: dict[str, int] = {}
+    for p in parts:
+        for path, n in p.bytes_read.items():
+            read[path] = read.get(path, 0) + n
+        held.update(p.bytes_held)
+    return read, held
+
+
+def reads_only(sums: ShardSums) -> ShardSums:
+    """A piece's read counts alone (what the client gathers to report the read amplification)."""
+    return ShardSums(sums.n, sums.token_counts, None, {}, sums.bytes_read, sums.bytes_held)
 
 
 def moments_only(sums: ShardSums) -> ShardSums:

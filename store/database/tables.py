@@ -213,6 +213,8 @@ correlation_run = Table(
     Column("n_tokens", BigInteger),
     Column("n_passes", Integer),
     Column("n_dead", Integer),
+    Column("bytes_read", BigInteger),  # stored value bytes the run's readers returned, over every pass
+    Column("bytes_held", BigInteger),  # stored value bytes of its sets' files (read amplification = read / held)
     *run_state_columns(),
 )
 

@@ -508,6 +508,7 @@ class ActivationReader:
         if not complete:
             self.file.close()
             raise ActdbError(f"activation file {self.path} is unfinished (no completion marker)")
+        self.bytes_read = 0  # stored value bytes the read methods have returned (read amplification's numerator)
         if expected is not None:
             try:
                 verify_header(self.path, self.header, expected)
@@ -542,13 +543,23 @@ class ActivationReader:
         v = self._values
         return (v.scales, v.offsets, v.block_rows) if v.quantised else None
 
+    @property
+    def held_bytes(self) -> int:
+        """Stored value bytes of the whole file (every layer's rows; int8: the codes)."""
+        return len(self.layers) * self._count(self.header.n_tokens, self.header.d_mlp)
+
+    def _count(self, rows: int, cols: int) -> int:
+        return max(0, rows) * cols * self.layers[0].dtype.itemsize
+
     def read_rows(self, start: int, stop: int, layers: list[int] | None = None) -> list[np.ndarray]:
         """Token rows `[start, stop)` of the given layers (all by default), as stored (int8: dequantised)."""
         try:
             wanted = layers if layers is not None else range(len(self.layers))
-            return [self._values.rows(i, start, min(stop, self.header.n_tokens)) for i in wanted]
+            rows = [self._values.rows(i, start, min(stop, self.header.n_tokens)) for i in wanted]
         except OSError as exc:
             raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
+        self.bytes_read += sum(self._count(*r.shape) for r in rows)
+        return rows
 
     def read_rows_into(self, layer: int, start: int, out: np.ndarray) -> None:
         """Token rows `[start, start + len(out))` of one layer into a reused buffer of dtype `value_dtype`: no
@@ -557,6 +568,7 @@ class ActivationReader:
             self._values.rows_into(layer, start, out)
         except OSError as exc:
             raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
+        self.bytes_read += self._count(*out.shape)
 
     def read_shifted_into(self, layer: int, start: int, out: np.ndarray, shift: np.ndarray) -> None:
         """Token rows `[start, start + len(out))` of one layer minus a per-neuron `shift`, as float32 into `out`
@@ -567,15 +579,18 @@ class ActivationReader:
             self._values.shifted_into(layer, start, out, shift)
         except OSError as exc:
             raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
+        self.bytes_read += self._count(*out.shape)
 
     def read_neurons(
         self, layer: int, neurons: list[int] | slice, start: int = 0, stop: int | None = None
     ) -> np.ndarray:
         """Rows `[start, stop)` of the given neurons of one layer (a list must be increasing)."""
         try:
-            return self._values.neurons(layer, neurons, start, stop)
+            values = self._values.neurons(layer, neurons, start, stop)
         except OSError as exc:
             raise ActdbError(f"activation file {self.path} is corrupt (checksum or read error): {exc}") from None
+        self.bytes_read += self._count(*values.shape)
+        return values
 
     def close(self) -> None:
         self.file.close()

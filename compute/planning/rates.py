@@ -48,7 +48,7 @@ class Rates:
     source: str = ""
 
 
-BEST_OF = 5  # timed repeats per rate; the fastest is kept: a busy machine only ever slows a timing down
+BEST_OF = 7  # timed repeats per rate; the fastest is kept: a busy machine only ever slows a timing down
 
 
 def _best_seconds(run, repeats: int = BEST_OF) -> float:
@@ -149,7 +149,7 @@ def qr_rate(size: int) -> float:
     return qr_flops(size) / _best_seconds(lambda: _haar(rng, size), 3)
 
 
-def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 4) -> float:
+def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 12) -> float:
     """Bytes/s at which the engine's own reader (`correlation._read_chunks`) reads, checks and converts a
     freshly written activation file (from the page cache: the storage's speed is --read-speed's business): the
     fastest of `chunks` chunks after the first (which allocates the reused buffers)."""
@@ -232,7 +232,7 @@ def measure_host(request: PlanRequest) -> HostRates:
             float32=float32,
             float64=numpy_gemm_rate("float64", width) if cpu and request.control == "token" else 0.0,
             qr=qr_rate(width),
-            stream=stream_rate(request.arch.d_mlp, min(request.chunk_tokens, 4096)),
+            stream=stream_rate(request.arch.d_mlp, min(request.chunk_tokens, 2048)),
             forward=float32,
             width=width,
             cores=1,

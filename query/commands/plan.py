@@ -433,7 +433,7 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
         _seconds(rs.total),
         f"Gurnee et al.'s universal-neurons code on the same {r.workers} worker(s) and rates: {rs.jobs} jobs "
         f"(pairs x steps x correlation and baseline) in {rs.rounds} rounds of {_seconds(rs.job)}: forward passes "
-        f"recomputed {_seconds(rs.forward)}, float32 products {_seconds(rs.products)} at {_rate(rates.baseline)}, "
+        f"recomputed {_seconds(rs.forward)}, float32 products {_seconds(rs.products)}, "
         f"float64 additions {_seconds(rs.adds)}, baseline rotation {_seconds(rs.rotation)}",
     )
     add(

@@ -48,7 +48,7 @@ class Rates:
     source: str = ""
 
 
-BEST_OF = 7  # timed repeats per rate; the fastest is kept: a busy machine only ever slows a timing down
+BEST_OF = 15  # timed repeats per rate; the fastest is kept: a busy machine only ever slows a timing down
 
 
 def _best_seconds(run, repeats: int = BEST_OF) -> float:

@@ -187,8 +187,9 @@ def sharded_design(
     """The passes of the workers sharing a step's accumulators: one pass at the largest halving of the requested
     --chunk-tokens (down to `SMALLEST_CHUNK`) with which the whole step fits the workers together (each worker's
     chunk buffers shrink with the chunk); else, at the requested chunk, the packing into the memory of W' <= W
-    workers that reads least (W itself, the `PACKINGS_TRIED` counts below it, or one worker, `memory`): fewer
-    workers' memory never fits less, and the engine's greedy packing can read more with more room."""
+    workers that reads least (W itself, the `PACKINGS_TRIED` counts below it, or one worker, `memory`): a packing
+    that fits fewer workers' memory fits W workers' too, and the engine's greedy packing can read more with more
+    room (its passes cut the pairs at other places)."""
     if request.workers == 1 or not memory.fits:
         return memory, request.chunk_tokens
 

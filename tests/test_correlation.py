@@ -358,3 +358,30 @@ def test_layer_similarity_of_one_pass_equals_pairwise_runs(synthetic):
             assert pair.cka == pytest.approx(other.cka, abs=1e-12)
             assert pair.matched_corr == pytest.approx(other.matched_corr, abs=1e-9)
             assert pair.baseline == pytest.approx(other.baseline, abs=1e-6)
+
+
+def test_haar_qr_runs_on_one_blas_thread(monkeypatch):
+    """The baseline's QRs run on one BLAS thread of NumPy's OpenBLAS (spinning OpenBLAS threads made them 30x
+    dearer on a busy machine), and the thread count is back afterwards; the rotation is unchanged by it."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from actdb.compute.correlation import baseline
+
+    def numpy_blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if "numpy" in pool["filepath"]}
+
+    seen = []
+    real_qr = np.linalg.qr
+
+    def qr(x):
+        seen.append(numpy_blas_threads())
+        return real_qr(x)
+
+    expected = random_rotation(16, 3, 5, 1)
+    monkeypatch.setattr(baseline.np.linalg, "qr", qr)
+    with threadpool_limits(2, user_api="blas"):  # as on a machine of two cores or more
+        got = random_rotation(16, 3, 5, 1)
+        assert numpy_blas_threads() == {2}
+    assert seen == [{1}]
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got @ got.T, np.eye(16), atol=1e-12)

@@ -13,7 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from actdb.compute.correlation import baseline as baseline_module
-from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets, plan_passes
+from actdb.compute.correlation.engine import (
+    CorrelationOptions,
+    SetInput,
+    correlate_sets,
+    pass_overhead,
+    plan_passes,
+    task_bytes,
+)
 from actdb.compute.planning import estimate, operations, rates
 from actdb.compute.planning.estimate import plan_study
 from actdb.compute.planning.operations import correlation_flops, qr_flops, synthetic_inputs
@@ -27,6 +34,7 @@ from actdb.compute.planning.shapes import (
     parse_count,
 )
 from actdb.query.commands.plan import COMMANDS as PLAN_COMMANDS
+from actdb.query.commands.plan import plan_rows
 from actdb.store.device import NUMPY, ArrayBackend
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationWriter
@@ -43,7 +51,7 @@ GPT2 = ARCHITECTURES["gpt2-small"]
 
 def study(**kw) -> PlanRequest:
     """The published study (5 GPT-2 small seeds x 5 checkpoints x 5,000,000 tokens), with changes."""
-    args = {"arch": GPT2, "models": 5, "steps": 5, "tokens": 5_000_000, "memory_budget": 64 * GIB}
+    args = {"arch": GPT2, "models": 5, "steps": 5, "tokens": 5_000_000, "memory_budget": 64 * GIB, "host_cores": 1}
     return PlanRequest(**{**args, **kw})
 
 
@@ -198,12 +206,13 @@ def test_flops_equal_the_engines_own_calls(tiny_sets, monkeypatch):
 def test_times_divide_flops_by_the_rates():
     p = plan_study(study(workers=4, memory_budget=100 * GIB), RATES)
     f, t = p.flops, p.step
-    assert t.products == pytest.approx(f.pair_products / 1e11 + f.grams / 8e10 + (f.adds + f.sums) / 1e9)
-    assert t.stream == pytest.approx(p.memory.read_bytes / 1e9)
-    assert t.baseline == pytest.approx(f.baseline_phase / 5e10)
-    assert t.host == pytest.approx(f.qr / 1e10)
-    assert t.total == pytest.approx(t.products + t.stream + t.baseline + t.host)  # the CPU reads between products
-    assert p.correlation_total_seconds == pytest.approx(5 * t.total / 4)
+    assert p.sharing == 4  # 120 (pair x layer) tasks: every worker holds some
+    assert t.products == pytest.approx((f.pair_products / 1e11 + f.grams / 8e10 + (f.adds + f.sums) / 1e9) / 4)
+    assert t.stream == pytest.approx(p.design.read_bytes / 1e9)  # read once by the host, not split
+    assert t.baseline == pytest.approx(f.baseline_phase / 5e10 / 4)
+    assert p.qr_seconds == pytest.approx(f.qr / 1e10)
+    assert t.total == pytest.approx(t.products + t.stream + t.baseline)  # the CPU reads between products
+    assert p.correlation_total_seconds == pytest.approx(5 * t.total + p.qr_seconds)
     assert p.ingest_total_seconds == pytest.approx(25 * 2 * 124_439_808 * 5_000_000 / 1e11 / 4)
 
 
@@ -226,7 +235,7 @@ def test_accelerators_use_their_published_peaks():
     assert ACCELERATORS["h200"].memory > ACCELERATORS["h100"].memory
     p = plan_study(study(device="h100", memory_budget=None), h100)
     assert p.memory.budget == int(80e9 * 0.6)  # the engine's share (memory_budget) of the spec sheet's memory
-    assert p.step.total == pytest.approx(max(p.step.products, p.step.stream) + p.step.baseline + p.step.host)
+    assert p.step.total == pytest.approx(max(p.step.products, p.step.stream) + p.step.baseline)
     assert rates_for(study(), HOST).products == HOST.products
 
 
@@ -298,6 +307,8 @@ def test_cli_table_and_json(monkeypatch):
     assert code == 0, out
     assert "368.6 GB" in out and "9.216 TB" in out and "perfect scaling assumed" in out
     assert "each unordered pair of sets is multiplied once" in out
+    assert "read amplification" in out and "multi-pass design on one worker" in out
+    assert "research method time" in out and "research / actdb" in out and "bound" in out
     code, out = _invoke(monkeypatch, *base, "--format", "json")
     assert code == 0, out
     rows = {r["quantity"]: r for r in json.loads(out)}
@@ -332,6 +343,7 @@ def test_cli_table_and_json(monkeypatch):
         (("--arch", "gpt2-small", "--device", "tpu"), "'tpu' is not one of"),
         (("--arch", "gpt2-small", "--precision", "tf32"), "needs a CUDA device"),
         (("--arch", "gpt2-small", "--models", "1"), "at least 2"),
+        (("--arch", "gpt2-small", "--host-cores", "0"), "--host-cores"),
         (("--arch", "gpt2-small", "--tokens", "lots"), "cannot read"),
         (("--layers", "3", "--d-mlp", "8", "--params", "1M", "--control", "token"), "--vocab"),
     ],
@@ -343,3 +355,107 @@ def test_bad_input_is_one_line(monkeypatch, args, needle):
     code, message = _invoke(monkeypatch, *argv)
     assert code != 0
     assert needle in message and "\n" not in message.strip(), message
+
+
+def test_the_published_study_on_eight_workers_reads_each_byte_once():
+    """8 H100s share the step's 190 GiB of accumulators: one pass (read amplification 1.0) at the largest
+    halving of --chunk-tokens that fits every worker's share in its budget; one worker alone needs 30 passes."""
+    request = study(device="h100", workers=8, memory_budget=None)
+    p = plan_study(request, rates_for(request, HOST))
+    assert p.memory.n_passes == 30 and p.memory.amplification == pytest.approx(12.6, abs=0.05)
+    assert p.design.n_passes == 1 and p.design.amplification == 1.0
+    assert p.design.read_bytes == p.design.step_bytes == 5 * 5_000_000 * 36_864 * 2
+    # every worker's share fits its own budget, in the engine's own accounting, at the design's chunk
+    inputs = synthetic_inputs(GPT2, 5)
+    options = replace(request.options, chunk_tokens=p.design_chunk)
+    size = task_bytes(inputs[0], inputs[0])
+    share = -(-120 // 8)
+    assert pass_overhead(inputs, request.n_vocab, options, size) + share * size <= p.memory.budget
+    # and the requested chunk is halved no further than needed
+    bigger = replace(options, chunk_tokens=2 * p.design_chunk)
+    assert pass_overhead(inputs, request.n_vocab, bigger, size) + share * size > p.memory.budget
+    assert p.design_chunk < request.chunk_tokens
+
+
+def test_rotations_are_counted_once_per_model_and_layer_for_the_study():
+    one = plan_study(study(memory_budget=100 * GIB), RATES)
+    many = plan_study(study(memory_budget=100 * GIB, steps=50, workers=3), RATES)
+    expected = 5 * 12 * qr_flops(3072) + 7 * qr_flops(3072)  # models x layers, and P_k for 7 extra draws
+    assert one.memory.n_passes > 1
+    assert one.flops.qr == many.flops.qr == expected
+    assert one.qr_seconds == many.qr_seconds == pytest.approx(expected / RATES.host_qr)
+
+
+@pytest.mark.parametrize(
+    ("device", "arch", "models", "budget"),
+    [("h100", "gpt2-small", 5, None), ("cpu", "gpt2-small", 5, 64 * GIB), ("a100", "pythia-1b", 4, None)],
+)
+def test_more_workers_never_make_an_estimate_longer(device, arch, models, budget):
+    previous = None
+    for workers in (*range(1, 17), 24, 32, 64, 128, 256):
+        request = study(device=device, arch=architecture(arch), models=models, memory_budget=budget, workers=workers)
+        p = plan_study(request, rates_for(request, HOST))
+        now = (p.correlation_total_seconds, p.research.total, p.design.read_bytes)
+        if previous is not None:
+            assert all(b <= a * (1 + 1e-12) for a, b in zip(previous, now, strict=True)), (workers, previous, now)
+        previous = now
+
+
+def test_the_same_rates_give_the_same_plan():
+    request = study(device="h100", workers=8, memory_budget=None)
+    rates_now = rates_for(request, HOST)
+    first, second = plan_study(request, rates_now), plan_study(request, rates_now)
+    assert first == second
+    assert list(plan_rows(first, "json")) == list(plan_rows(second, "json"))
+
+
+def test_the_research_method_by_hand():
+    """Gurnee et al.'s jobs on 8 H100s: 10 pairs x 5 steps x (correlation, baseline) = 100 jobs in 13 rounds,
+    each recomputing two forward passes and multiplying in plain float32."""
+    request = study(device="h100", workers=8, memory_budget=None)
+    r = plan_study(request, rates_for(request, HOST)).research
+    n, t = 36_864, 5_000_000
+    assert r.jobs == 100 and r.rounds == 13
+    assert r.products == pytest.approx(2 * n * n * t / 66.9e12)  # no TF32: torch's default float32 matmul
+    assert r.forward == pytest.approx(4 * 124_439_808 * t / 66.9e12)
+    assert r.rotation == pytest.approx(12 * 2 * 3072**2 * t / 66.9e12)
+    assert r.adds == pytest.approx(-(-t // (32 * 512)) * n * n / (3.35e12 / 20))
+    assert r.total == pytest.approx(13 * (r.forward + r.products + r.adds + r.rotation / 2))
+    assert 40 * 60 < r.total < 70 * 60  # "roughly an hour on the same node"
+
+
+def test_the_bound_names_what_the_time_goes_to():
+    request = study(device="h100", workers=8, memory_budget=None)
+    slow_reader = plan_study(request, replace(rates_for(request, HOST), stream=1e8))
+    fast_reader = plan_study(request, replace(rates_for(request, HOST), stream=1e13, host_qr=1e13))
+    assert slow_reader.bound == "reading" and fast_reader.bound == "products"
+    slow_qr = plan_study(request, replace(rates_for(request, HOST), stream=1e13, host_qr=1e6))
+    assert slow_qr.bound == "host"
+
+
+def test_host_rates_are_per_core_and_scale_by_the_host_cores():
+    one, four = rates_for(study(host_cores=1), HOST), rates_for(study(host_cores=4), HOST)
+    assert four.products == 4 * one.products and four.stream == 4 * one.stream and four.host_qr == 4 * one.host_qr
+    h100 = rates_for(study(device="h100", host_cores=4), HOST)
+    assert h100.products == 494.7e12 and h100.stream == 4 * HOST.stream and h100.host_qr == 4 * HOST.qr
+    assert rates_for(study(host_cores=None), HOST).stream == rates.machine_cores() * HOST.stream
+
+
+def test_rates_are_measured_on_one_blas_thread(monkeypatch):
+    """Every host rate is timed with one BLAS thread (threadpoolctl), whatever the machine's default."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append({pool["num_threads"] for pool in threadpool_info()})
+        return 1e9
+
+    for name in ("numpy_gemm_rate", "chunk_product_rate", "add_rate", "gram_rate", "qr_rate", "stream_rate"):
+        monkeypatch.setattr(rates, name, record)
+    host = rates.measure_host(study())
+    assert len(seen) == 6 and all(s == {1} for s in seen)
+    assert host.cores == 1 and host.products == 1e9
+    accel = len(seen)
+    rates.measure_host(study(device="h100"))  # only the host's share is timed for an accelerator
+    assert len(seen) - accel == 2

@@ -1,5 +1,5 @@
 """What a study makes the engine do, counted without running it: memory and passes from the engine's own
-planner on synthetic inputs of the architecture's shape, the cluster's tasks, and the FLOPs of every product."""
+planner on synthetic inputs of the architecture's shape, and the FLOPs of every product."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from actdb.compute.correlation.engine import (
     plan_passes,
     task_bytes,
 )
-from actdb.compute.correlation.shards import default_shards
 from actdb.compute.planning.shapes import Architecture
 from actdb.store.errors import ActdbError
 
@@ -178,28 +177,6 @@ def plan_memory(
         layout.fitting_chunk,
         tuple(reads),
         tuple(sums),
-    )
-
-
-@dataclass(frozen=True)
-class ClusterTasks:
-    """How `correlate --workers/--scheduler` cuts one step: each pass into `shards` token shards, one task each,
-    whose sums a tree of additions joins; every task holds at most the per-task budget."""
-
-    shards: int
-    tasks: int
-    read_per_task: int  # the largest: its pass's reads over its shards
-    sent_per_task: int  # the largest shard sums a task hands to the reduction
-
-
-def cluster_tasks(memory: MemoryPlan, threads: int) -> ClusterTasks:
-    """The accumulating tasks of one step on `threads` worker threads (the engine's own shard rule)."""
-    shards = default_shards(threads, memory.n_passes)
-    return ClusterTasks(
-        shards,
-        shards * memory.n_passes,
-        max(memory.pass_reads, default=0) // shards,
-        max(memory.pass_sums, default=0) if shards > 1 else 0,
     )
 
 

@@ -1,8 +1,14 @@
-"""How fast this machine (or a named accelerator) does each kind of work the engine does: measured in a few
-seconds with the engine's own library, shapes, QR and reader, or a published dense peak for an accelerator."""
+"""How fast this machine (or a named accelerator) does each kind of work the engine does: measured in about two
+seconds with the engine's own library, shapes, QR and reader, or a published dense peak for an accelerator.
+
+Every host rate is measured on one BLAS thread (threadpoolctl) in the thread's CPU seconds, the fastest of a few
+short timings, then scaled by the cores: OpenBLAS threads fighting over two busy cores once made a QR look ten
+times slower than one thread does, and CPU seconds do not count the time other processes hold the core.
+"""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -17,11 +23,10 @@ from actdb.compute.planning.operations import ADD_BYTES, qr_flops
 from actdb.compute.planning.shapes import ACCELERATORS, PlanRequest
 from actdb.store.errors import ActdbError
 
-# The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end. Measured with
-# `benchmarks/planner_accuracy.py` (the engine against `plan_study` on the same shapes, in one process): 0.82-0.85
-# on a 2-core AVX-512 Intel machine, but 1.0 (200k-token benchmark) and 1.24 (demo step) on a 2-core AVX2 AMD EPYC.
-# How the microbenchmarks relate to the engine depends on the CPU's BLAS kernels, so no factor is applied: the
-# rates as measured put the estimate within 0.82-1.24 of the engine's time on both machines.
+# The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end, checked with
+# `benchmarks/planner_accuracy.py` (the engine against `plan_study` on the same shapes, in one process; see
+# benchmarks/RESULTS.md). How the microbenchmarks relate to the engine depends on the CPU's BLAS kernels, so no
+# factor is applied.
 CPU_ENGINE_EFFICIENCY = 1.0
 
 
@@ -43,15 +48,28 @@ class Rates:
     source: str = ""
 
 
-def _best_seconds(run, repeats: int) -> float:
-    """The fastest of `repeats` timed calls after one untimed warm-up (thread pools, page faults)."""
+BEST_OF = 15  # timed repeats per rate; the fastest is kept: a busy machine only ever slows a timing down
+
+
+def _best_seconds(run, repeats: int = BEST_OF) -> float:
+    """The fastest of `repeats` calls after one untimed warm-up (page faults, caches), in this thread's CPU
+    seconds: with one BLAS thread the work runs on the calling thread, so the time other processes hold the
+    core is not counted, and the fastest call is the one their caches and memory traffic slowed least."""
     run()
     best = float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = time.thread_time()
         run()
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.thread_time() - started)
     return best
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity), which the one-thread rates are scaled by."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
 def torch_gemm_rate(dtype: str = "float32", size: int = 4096, device: str = "cpu", tf32: bool = False) -> float:
@@ -77,32 +95,6 @@ def torch_gemm_rate(dtype: str = "float32", size: int = 4096, device: str = "cpu
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def numpy_gemm_rate(dtype: str, size: int) -> float:
-    """FLOP/s of a square NumPy product (best of 2 after a warm-up): how the CPU engine multiplies, per chunk
-    (float32, 4096 wide), in the baseline phase (float32, the layers' width) and for the token control
-    (float64)."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
-    out = np.empty_like(a)
-    return 2 * size**3 / _best_seconds(lambda: np.matmul(a, b, out=out), 2)
-
-
-def chunk_product_rate(width: int, rows: int) -> float:
-    """FLOP/s of the CPU engine's per-chunk pair product `x_a^T x_b`, (width x rows) @ (rows x width) on float32
-    chunks as the engine holds them (best of 2 after a warm-up)."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((rows, width), dtype=np.float32) for _ in range(2))
-    out = np.empty((width, width), dtype=np.float32)
-    return 2 * width * width * rows / _best_seconds(lambda: np.matmul(a.T, b, out=out), 2)
-
-
-def add_rate(values: int = 1 << 22) -> float:
-    """Values/s of the accumulation `acc += out` (float64 += float32), a pass over memory per chunk and task."""
-    acc = np.zeros(values)
-    out = np.ones(values, dtype=np.float32)
-    return values / _best_seconds(lambda: np.add(acc, out, out=acc), 3)
-
-
 def torch_add_rate(device: str, values: int = 1 << 26) -> float:
     """`add_rate` on a torch device (CuPy's `+=` does the same pass over the device's memory)."""
     import torch
@@ -117,46 +109,56 @@ def torch_add_rate(device: str, values: int = 1 << 26) -> float:
     return values / _best_seconds(run, 3)
 
 
-def gram_rate(size: int, rows: int = 8192) -> float:
+def numpy_gemm_rate(dtype: str, size: int) -> float:
+    """FLOP/s of a square NumPy product on the calling thread's BLAS: the baseline phase (float32, the layers'
+    width), the token control (float64), and on the CPU the forward pass's float32 products."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
+    out = np.empty_like(a)
+    return 2 * size**3 / _best_seconds(lambda: np.matmul(a, b, out=out))
+
+
+def chunk_product_rate(width: int, rows: int) -> float:
+    """FLOP/s of the CPU engine's per-chunk pair product `x_a^T x_b`, (width x rows) @ (rows x width) on float32
+    chunks as the engine holds them."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((rows, width), dtype=np.float32) for _ in range(2))
+    out = np.empty((width, width), dtype=np.float32)
+    return 2 * width * width * rows / _best_seconds(lambda: np.matmul(a.T, b, out=out))
+
+
+def add_rate(values: int = 1 << 21) -> float:
+    """Values/s of the accumulation `acc += out` (float64 += float32), a pass over memory per chunk and task."""
+    acc = np.zeros(values)
+    out = np.ones(values, dtype=np.float32)
+    return values / _best_seconds(lambda: np.add(acc, out, out=acc))
+
+
+def gram_rate(size: int, rows: int) -> float:
     """`d (d + 1)` FLOPs per row / s of a chunk's Gram `x^T x` in NumPy (a SYRK), as the CPU engine forms them."""
     x = np.random.default_rng(0).standard_normal((rows, size)).astype(np.float32)
     out = np.empty((size, size), dtype=np.float32)
-    return size * (size + 1) * rows / _best_seconds(lambda: np.matmul(x.T, x, out=out), 2)
+    return size * (size + 1) * rows / _best_seconds(lambda: np.matmul(x.T, x, out=out))
 
 
-def _mean_seconds_after(run, before, repeats: int) -> float:
-    """Mean seconds of `run()` called right after `before()` (untimed), after one warm-up."""
-    before()
-    run()
-    total = 0.0
-    for _ in range(repeats):
-        before()
-        started = time.perf_counter()
-        run()
-        total += time.perf_counter() - started
-    return total / repeats
-
-
-def qr_rate(size: int, repeats: int = 3) -> float:
-    """`qr_flops`/s of the engine's own Haar rotation (`baseline._haar`), each drawn right after a NumPy product
-    as in the baseline phase."""
+def qr_rate(size: int) -> float:
+    """`qr_flops`/s of the engine's own Haar rotation (`baseline._haar`)."""
     from actdb.compute.correlation.baseline import _haar
 
     rng = np.random.default_rng(0)
-    b = rng.standard_normal((size, size)).astype(np.float32)
-    out = np.empty_like(b)
-    return qr_flops(size) / _mean_seconds_after(lambda: _haar(rng, size), lambda: np.matmul(b, b, out=out), repeats)
+    return qr_flops(size) / _best_seconds(lambda: _haar(rng, size), 3)
 
 
-def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 3) -> float:
+def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 12) -> float:
     """Bytes/s at which the engine's own reader (`correlation._read_chunks`) reads, checks and converts a
-    freshly written activation file (from the page cache: the storage's speed is --read-speed's business), with
-    a NumPy product after each chunk as in the engine."""
+    freshly written activation file (from the page cache: the storage's speed is --read-speed's business): the
+    fastest of `chunks` chunks after the first (which allocates the reused buffers)."""
     from actdb.compute.correlation.engine import _read_chunks
     from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter
 
     width, seq_len = min(d_mlp, 512), 512
-    tokens = (chunks + 1) * max(seq_len, chunk_tokens // seq_len * seq_len)
+    rows = max(seq_len, chunk_tokens // seq_len * seq_len)
+    tokens = (chunks + 1) * rows
     with tempfile.TemporaryDirectory(prefix="actdb-plan-") as tmp:
         path = Path(tmp) / "probe.h5"
         writer = ActivationWriter(
@@ -170,26 +172,23 @@ def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 
             writer.close()
         probe = SetInput(0, str(path), n_layers, width, np.zeros(n_layers * width, dtype=np.float32))
         ids, mask = np.zeros(tokens, dtype=np.int32), np.ones(tokens, dtype=bool)
-        gram = np.empty((width, width), dtype=np.float32)
         with ActivationReader(path) as reader:
-            stream = _read_chunks([reader], [probe], [0], ids, mask, seq_len, chunk_tokens)
-            rows, seconds = 0, 0.0
-            for k in range(chunks + 1):
-                started = time.perf_counter()
-                n, _ids, chunk = next(stream)
-                if k:  # the first chunk allocates the reused buffers
-                    rows, seconds = rows + n, seconds + time.perf_counter() - started
-                x = chunk[0][:, :width]
-                np.matmul(x.T, x, out=gram)
-    return rows * n_layers * width * 2 / seconds
+            stream = _read_chunks([reader], [probe], [0], ids, mask, seq_len, rows)
+            next(stream)
+            best = float("inf")
+            for _ in range(chunks):
+                started = time.thread_time()  # CPU seconds, as `_best_seconds`
+                n, _ids, _chunk = next(stream)
+                best = min(best, (time.thread_time() - started) / n)
+    return n_layers * width * 2 / best
 
 
 @dataclass(frozen=True)
 class HostRates:
-    """This machine's measured rates: NumPy's per-chunk pair products (the CPU engine's), its Grams (SYRK), the
-    accumulators' additions, float32 products at the layers' width (the baseline phase) and float64 ones (the
-    token control's; 0 when not measured), the engine's QR and reader, and torch's products in the forward
-    pass's dtype (ingest)."""
+    """This machine's rates per core (each measured on one BLAS thread): NumPy's per-chunk pair products (the
+    CPU engine's), its Grams (SYRK), the accumulators' additions, float32 products at the layers' width (the
+    baseline phase; also the CPU's forward pass) and float64 ones (the token control's; 0 when not measured),
+    the engine's QR and reader; and the cores they scale by."""
 
     products: float
     grams: float
@@ -200,47 +199,71 @@ class HostRates:
     stream: float
     forward: float
     width: int = 0  # the width the baseline-phase products were measured at
+    cores: int = 1  # this machine's
+
+    def scaled(self, cores: int) -> HostRates:
+        """The rates of `cores` such cores working at once (perfect scaling)."""
+        rates = ("products", "grams", "adds", "float32", "float64", "qr", "stream", "forward")
+        return replace(self, cores=cores, **{k: getattr(self, k) * cores for k in rates})
+
+
+# What one core is timed on, kept small so that every rate is a few short timings: products FLOPs do not depend
+# on the width beyond the BLAS kernel's blocking, a QR's rate grows with its width (a narrower one is slower, so
+# the estimate errs long), and the reader's rate is per stored byte.
+PROBE_WIDTH = 768
+PROBE_ROWS = 2048
 
 
 def measure_host(request: PlanRequest) -> HostRates:
-    """Time this machine for a few seconds, with the engine's own libraries and shapes: a chunk's pair product
-    (at most 4096 neurons a side), Grams and baseline-phase products at the architecture's width (at most 2048),
-    the accumulators' additions, the engine's QR (at most 1024 wide; FLOPs scale as d^3) and its reader on a small
-    file, and a torch product for ingest's forward pass."""
-    d = request.arch.d_mlp
-    width = min(d, 2048)
-    return HostRates(
-        products=chunk_product_rate(min(request.arch.n_neurons, 4096), request.chunk_tokens),
-        grams=gram_rate(width, request.chunk_tokens),
-        adds=add_rate(),
-        float32=numpy_gemm_rate("float32", width),
-        float64=numpy_gemm_rate("float64", width) if request.control == "token" else 0.0,
-        qr=qr_rate(min(d, 1024)),
-        stream=stream_rate(d, request.chunk_tokens),
-        forward=torch_gemm_rate(request.torch_dtype, 4096 if request.torch_dtype == "float32" else 2048),
-        width=width,
-    )
+    """Time one core of this machine for about two seconds with the engine's own libraries: a chunk's pair
+    product, a Gram and a baseline-phase product (at most `PROBE_WIDTH` wide), the accumulators' additions, the
+    engine's QR and its reader on a small file (the host's share of every device); the products only where the
+    request's device is this CPU. Per core: `HostRates.scaled` gives the whole machine."""
+    from threadpoolctl import threadpool_limits
+
+    width = min(request.arch.d_mlp, PROBE_WIDTH)
+    cpu = request.device == "cpu"
+    with threadpool_limits(1):
+        float32 = numpy_gemm_rate("float32", width) if cpu else 0.0
+        return HostRates(
+            products=chunk_product_rate(min(request.arch.n_neurons, PROBE_WIDTH), PROBE_ROWS) if cpu else 0.0,
+            grams=gram_rate(width, PROBE_ROWS) if cpu else 0.0,
+            adds=add_rate() if cpu else 0.0,
+            float32=float32,
+            float64=numpy_gemm_rate("float64", width) if cpu and request.control == "token" else 0.0,
+            qr=qr_rate(width),
+            stream=stream_rate(request.arch.d_mlp, min(request.chunk_tokens, 2048)),
+            forward=float32,
+            width=width,
+            cores=1,
+        )
 
 
 def rates_for(request: PlanRequest, host: HostRates, gpu: Rates | None = None) -> Rates:
-    """The rates of a run on the request's device: all of this machine's on `cpu`; a named accelerator's
-    published dense peaks for the products it runs (`ACCELERATORS`), `gpu`'s (measured) for `cuda`, with this
-    machine's for the host's share (the QRs, reading and converting chunks: the engine does those on the host
-    wherever its products run)."""
-    shared = {"host_qr": host.qr, "stream": host.stream}
-    note = f"QRs and reading at this machine's measured rates (QR at width {min(host.width, 1024)})"
+    """The rates of a run on the request's device from per-core `host` rates scaled by the request's host cores:
+    all of them on `cpu`; a named accelerator's published dense peaks for the products it runs
+    (`ACCELERATORS`), `gpu`'s (measured) for `cuda`, with the host's for its share (the QRs, reading and
+    converting chunks: the engine does those on the host wherever its products run)."""
+    cores = request.host_cores or machine_cores()
+    whole = host.scaled(cores)
+    shared = {"host_qr": whole.qr, "stream": whole.stream}
+    note = (
+        f"QRs and reading at this machine's rates measured on one core x {cores} host core(s) "
+        f"(QR at width {host.width})"
+    )
     if request.device == "cpu":
         return Rates(
-            host.products,
-            host.grams,
-            host.adds,
-            host.float32,
-            host.float64,
-            host.forward,
+            whole.products,
+            whole.grams,
+            whole.adds,
+            whole.float32,
+            whole.float64,
+            whole.forward,
             **shared,
             efficiency=CPU_ENGINE_EFFICIENCY,
-            source=f"measured on this machine: NumPy (the CPU engine's library) on a chunk's pair product, Grams "
-            f"and baseline-phase products {host.width} wide; torch for ingest; {note}",
+            source=f"measured on one core of this machine x {cores} core(s): NumPy (the CPU engine's library) on "
+            f"a chunk's pair product, Grams and baseline-phase products {host.width} wide (also the forward "
+            f"pass's rate); {note}",
         )
     if request.device in ACCELERATORS:
         acc = ACCELERATORS[request.device]
@@ -262,8 +285,8 @@ def rates_for(request: PlanRequest, host: HostRates, gpu: Rates | None = None) -
 
 
 def measure_rates(request: PlanRequest) -> tuple[Rates, int | None]:
-    """This machine's rates (`measure_host`, a few seconds) for the request's device, and for `cuda` the GPU's
-    free memory, with its products measured through torch too."""
+    """This machine's rates (`measure_host`, about two seconds) for the request's device, and for `cuda` the
+    GPU's free memory, with its products measured through torch too."""
     host = measure_host(request)
     if request.device != "cuda":
         return rates_for(request, host), None

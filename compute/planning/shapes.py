@@ -193,6 +193,7 @@ class PlanRequest:
     baseline_draws: int = CorrelationOptions.baseline_draws
     chunk_tokens: int = CorrelationOptions.chunk_tokens
     read_speed: float | None = None
+    host_cores: int | None = None  # the host's cores that QR and read (default: this machine's)
 
     def check(self) -> None:
         """One-line errors for a request that cannot be planned, checked on the counts before anything is built."""
@@ -203,6 +204,7 @@ class PlanRequest:
             ("--tokens", self.tokens, MAX_TOKENS),
             ("--workers", self.workers, MAX_WORKERS),
             ("--chunk-tokens", self.chunk_tokens, MAX_TOKENS),
+            ("--host-cores", self.host_cores or 1, MAX_WORKERS),
         ):
             if value > most:
                 raise ActdbError(f"{label} {value:,} is more than the planner takes ({most:,})")
@@ -228,6 +230,7 @@ class PlanRequest:
             ("--workers", self.workers),
             ("--baseline-draws", self.baseline_draws),
             ("--chunk-tokens", self.chunk_tokens),
+            ("--host-cores", self.host_cores or 1),
         ):
             if value < 1:
                 raise ActdbError(f"{label} must be at least 1, got {value}")

@@ -98,6 +98,12 @@ COUNT = _Count()
     help="As `correlate --control`; token keeps per-token-id sums (vocabulary x neurons per set) in memory.",
 )
 @click.option("--read-speed", type=SIZE, help="Storage read speed per second, e.g. 2GB (default: assume it keeps up).")
+@click.option(
+    "--host-cores",
+    type=click.IntRange(min=1),
+    help="Cores of the host that reads chunks and computes QRs (default: this machine's); rates are measured "
+    "on one core and scaled.",
+)
 @format_option
 def plan(
     models: int,
@@ -119,6 +125,7 @@ def plan(
     baseline_draws: int | None,
     control: str,
     read_speed: int | None,
+    host_cores: int | None,
     fmt: str,
 ) -> None:
     """Plan a study before running it: --models x --steps activation sets on --tokens positions. Prints bytes,
@@ -147,6 +154,7 @@ def plan(
         torch_dtype=torch_dtype,
         control=control,
         read_speed=read_speed,
+        host_cores=host_cores,
         **extra,
     )
     request.check()  # mistakes are reported before the rates are measured
@@ -190,7 +198,6 @@ def _seconds(s: float) -> str:
 def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
     """The plan as rows of quantity, value and note: values as readable text for a table, as numbers with
     their unit (B, FLOP, s, FLOP/s, B/s) for CSV and JSON."""
-    from actdb.compute.planning.operations import cluster_tasks
     from actdb.store.database.connection import Rows
 
     r, a, m, f, t = p.request, p.request.arch, p.memory, p.flops, p.step
@@ -198,9 +205,6 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
     pairs = k * (k - 1) // 2
     accel = r.device not in ("cpu",)
     workers = f"{r.workers} worker{'s' if r.workers > 1 else ''}, perfect scaling assumed"
-    step_workers = workers + (
-        " (more workers than steps: a step's passes split among them)" if r.workers > r.steps else ""
-    )
     rows: list[tuple[str, float | int | str, str, str, str]] = []
 
     def add(quantity: str, value: float | int | str, unit: str, shown: str, note: str = "") -> None:
@@ -249,33 +253,52 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
             f"for one layer block per pass, over the budget: the engine would refuse the run ({cure}); "
             f"what follows assumes {_gib(m.minimum)}; one pass needs {_gib(m.one_pass)}",
         )
+    d = p.design
+    if r.workers > 1 and m.fits:
+        per_worker = -(-pairs * a.n_layers // p.sharing)
+        add(
+            "accumulators sharded",
+            p.sharing,
+            "workers",
+            f"over {p.sharing} worker{'s' if p.sharing > 1 else ''}",
+            f"each worker holds up to {per_worker} of the {pairs * a.n_layers} (pair x layer) accumulator blocks "
+            "for a whole pass beside its own chunk buffers and moments; every chunk is read once and handed to "
+            "each worker",
+        )
     add(
         "passes per step",
-        m.n_passes,
+        d.n_passes,
         "passes",
-        str(m.n_passes),
-        f"{pairs} pairs x {a.n_layers} layers = {pairs * a.n_layers} (pair x layer) tasks packed by plan_passes",
+        str(d.n_passes),
+        f"{pairs} pairs x {a.n_layers} layers = {pairs * a.n_layers} (pair x layer) tasks packed by plan_passes "
+        + (
+            f"into the {r.workers} workers' memory together"
+            + (f" at --chunk-tokens {p.design_chunk}" if p.design_chunk != r.chunk_tokens else "")
+            + f"; one worker alone needs {m.n_passes}"
+            if r.workers > 1 and m.fits
+            else "into one worker's memory"
+        ),
     )
     add(
         "data read per step",
-        m.read_bytes,
+        d.read_bytes,
         "B",
-        _bytes(m.read_bytes),
-        f"read amplification {m.amplification:.3g}x over {_bytes(m.step_bytes)}: the first pass reads all {k} "
-        "sets, each later pass the sets its tasks involve",
+        _bytes(d.read_bytes),
+        f"read amplification {d.amplification:.3g}x over {_bytes(d.step_bytes)}"
+        + (
+            f" (one worker's multi-pass design: {m.amplification:.3g}x, {_bytes(m.read_bytes)})"
+            if d is not m
+            else ": the first pass reads every set, each later pass the sets its tasks involve"
+        ),
     )
-    if r.workers > 1:
-        c = cluster_tasks(m, r.workers)
-        add(
-            "cluster tasks per step",
-            c.tasks,
-            "tasks",
-            f"{m.n_passes} passes x {c.shards} token shards = {c.tasks}",
-            f"`correlate --workers {r.workers}` (or --scheduler, one thread a worker): each accumulating task holds "
-            f"at most the budget; it reads at most {_bytes(c.read_per_task)}"
-            + (f" and hands {_bytes(c.sent_per_task)} of sums to the reduction" if c.sent_per_task else "")
-            + f"; each pass's baseline draws split over up to {c.shards} finalize tasks",
-        )
+    add(
+        "read amplification",
+        d.amplification,
+        "x",
+        f"{d.amplification:.3g}x",
+        "bytes read per byte stored, this design; multi-pass design on one worker "
+        f"{m.amplification:.3g}x ({m.n_passes} passes)",
+    )
     add(
         "ingest FLOPs per set",
         p.ingest_flops,
@@ -332,8 +355,9 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
         rotations,
         "FLOP",
         f"{rotations:.3e}",
-        f"per pass and set: Cov R per draw and R P_k per extra draw (float32), and {a.n_layers} Haar QRs "
-        "(on the host, 8/3 d^3 each)",
+        f"per pass and set: Cov R per draw and R P_k per extra draw (float32); Haar QRs on the host (8/3 d^3 "
+        f"each) once for the study: {k} models x {a.n_layers} layers + {r.baseline_draws - 1} extra draws, kept "
+        "per (seed, model, layer)",
     )
     if f.control:
         add("  token control", f.control, "FLOP", f"{f.control:.3e}", "between-token products, float64")
@@ -355,7 +379,7 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
         "FLOP/s",
         _rate(rates.baseline),
         f"baseline phase on {where}; Grams {_rate(rates.grams)}, accumulator additions {rates.adds / 1e9:.3g} G/s, "
-        f"QR {_rate(rates.host_qr)} on this machine; ingest's forward pass {_rate(rates.forward)}",
+        f"QR {_rate(rates.host_qr)} on the host; ingest's forward pass {_rate(rates.forward)}",
     )
     add(
         "ingest time",
@@ -365,26 +389,60 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
         f"{_seconds(p.ingest_seconds)} per set at {_rate(rates.forward)}, the forward pass only (writing and "
         f"statistics add; see benchmarks/RESULTS.md); {workers}",
     )
-    reading = t.stream + t.read
     how = "overlapping the products" if t.overlapped else "between the products"
+    split = f" over {p.sharing} workers" if p.sharing > 1 else ""
     add(
         "correlation time per step",
         t.total,
         "s",
         _seconds(t.total),
-        f"products {_seconds(t.products)}; reading {_seconds(reading)} ({how}); baseline {_seconds(t.baseline)}; "
-        f"QRs on the host {_seconds(t.host)}"
+        f"products {_seconds(t.products)}{split}; reading {_seconds(t.reading)} ({how}, once by the host); "
+        f"baseline {_seconds(t.baseline)}{split}"
         + (
             f"; the engine sustains {rates.efficiency:.2f} of the rates measured alone" if rates.efficiency != 1 else ""
         ),
+    )
+    add(
+        "QRs for the study",
+        p.qr_seconds,
+        "s",
+        _seconds(p.qr_seconds),
+        f"{p.flops.qr:.3e} FLOP at {_rate(rates.host_qr)} on the host, once (rotation cache)",
     )
     add(
         "correlation time in total",
         p.correlation_total_seconds,
         "s",
         _seconds(p.correlation_total_seconds),
-        f"{r.steps} steps; {step_workers}"
+        f"{r.steps} steps in turn, each on all {r.workers} worker(s), and the QRs once"
         + ("; device rates at their published peaks" if accel and r.device != "cuda" else ""),
+    )
+    add(
+        "bound",
+        p.bound,
+        "",
+        p.bound,
+        f"over the study: products and baseline {_seconds(r.steps * (t.products + t.baseline))}, reading "
+        f"{_seconds(r.steps * t.reading)}, host QRs {_seconds(p.qr_seconds)}",
+    )
+    rs = p.research
+    add(
+        "research method time",
+        rs.total,
+        "s",
+        _seconds(rs.total),
+        f"Gurnee et al.'s universal-neurons code on the same {r.workers} worker(s) and rates: {rs.jobs} jobs "
+        f"(pairs x steps x correlation and baseline) in {rs.rounds} rounds of {_seconds(rs.job)}: forward passes "
+        f"recomputed {_seconds(rs.forward)}, float32 products {_seconds(rs.products)}, "
+        f"float64 additions {_seconds(rs.adds)}, baseline rotation {_seconds(rs.rotation)}",
+    )
+    add(
+        "research / actdb",
+        rs.total / p.correlation_total_seconds,
+        "x",
+        f"{rs.total / p.correlation_total_seconds:.3g}x",
+        "the research method's estimated time over actdb's (above 1: actdb is faster); actdb reads stored "
+        "activations, the research method recomputes them",
     )
     if accel:
         add(

@@ -1,0 +1,365 @@
+"""What the explorer's pages show, read through the store's one read seam (Core tables and views, `queries`,
+`listings`, `explanations`): plain rows and numbers, no HTML. Every function takes a read-only `Store`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, func, select
+
+from actdb.query import queries
+from actdb.query.explanations import _file_contents, _text, neuron_explanation
+from actdb.query.listings import dataset_rows
+from actdb.store.database import tables
+from actdb.store.database.connection import Rows, Store
+from actdb.store.database.labels import newest_runs, on_newest, universal_condition
+from actdb.store.database.registry import resolve_hook
+from actdb.store.database.views import v_neuron_explanations, v_universality
+from actdb.store.errors import ActdbError
+from actdb.store.set_files import open_set
+from actdb.store.token_text import readable
+
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 6  # tokens shown around a top activation
+HISTOGRAM_BINS = 40
+UNIVERSAL_SORTS = {
+    "excess": lambda v: [v.c.excess_corr.desc().nulls_last()],
+    "stability": lambda v: [v.c.stability.desc().nulls_last(), v.c.excess_corr.desc().nulls_last()],
+    "max_corr": lambda v: [v.c.mean_max_corr.desc().nulls_last()],
+    "layer": lambda v: [v.c.layer, v.c.neuron],
+    "kurtosis": lambda v: [v.c.act_kurtosis.desc().nulls_last()],
+}
+UNIVERSAL_LIST_COLUMNS = [
+    "model",
+    "step",
+    "hook",
+    "layer",
+    "neuron",
+    "excess_corr",
+    "stability",
+    "z",
+    "mean_max_corr",
+    "mean_baseline",
+    "n_draws",
+    "family",
+    "threshold",
+]
+
+
+class NotInStore(ActdbError):
+    """The model, step, layer or neuron asked for is not in the store (a page answers 404)."""
+
+
+def home_grid(store: Store) -> tuple[list[str], list[int], dict[tuple[str, int], dict[str, Any]]]:
+    """Models × steps: per cell the share of live neurons labelled universal in each set's newest cross-model run
+    (no control), with how many neurons it rests on."""
+    v = v_universality
+    newest = newest_runs("none")
+    rows = store.query(
+        select(
+            v.c.model,
+            v.c.step,
+            func.count().label("n_neurons"),
+            func.sum(func.cast(universal_condition(None), tables.Integer)).label("n_universal"),
+        )
+        .join(newest, on_newest(v, newest))
+        .group_by(v.c.model, v.c.step)
+    )
+    models = queries.models_listing(store)
+    steps = sorted(
+        set(store.query(select(tables.checkpoint.c.step).distinct()).column("step")) | {r["step"] for r in rows}
+    )
+    cells = {(r["model"], r["step"]): dict(r) for r in rows}
+    return models.column("model"), steps, cells
+
+
+def datasets(store: Store) -> Rows:
+    return dataset_rows(store)
+
+
+@dataclass(frozen=True)
+class UniversalFilter:
+    """The universal-neuron list's filters, sort and page (parsed and checked by the page)."""
+
+    model: str | None = None
+    step: int | None = None
+    layer: int | None = None
+    family: str | None = None
+    min_excess: float | None = None
+    max_excess: float | None = None
+    min_stability: float | None = None
+    sort: str = "excess"
+    page: int = 1
+    per_page: int = PAGE_SIZE
+
+
+def _universal_query(f: UniversalFilter) -> Select:
+    v, e = v_universality, v_neuron_explanations
+    newest = newest_runs("none")
+    query = (
+        select(*(v.c[c] for c in UNIVERSAL_LIST_COLUMNS if c != "family"), e.c.family)
+        .join(newest, on_newest(v, newest))
+        .outerjoin(e, and_(e.c.set_id == v.c.set_id, e.c.layer == v.c.layer, e.c.neuron == v.c.neuron))
+        .where(universal_condition(None))
+    )
+    for column, value in (("model", f.model), ("step", f.step), ("layer", f.layer)):
+        if value is not None:
+            query = query.where(v.c[column] == value)
+    if f.family:
+        query = query.where(e.c.family == f.family)
+    if f.min_excess is not None:
+        query = query.where(v.c.excess_corr >= f.min_excess)
+    if f.max_excess is not None:
+        query = query.where(v.c.excess_corr <= f.max_excess)
+    if f.min_stability is not None:
+        query = query.where(v.c.stability >= f.min_stability)
+    return query
+
+
+def universal_page(store: Store, f: UniversalFilter) -> tuple[Rows, int]:
+    """One page of universal neurons (each set's newest cross-model run, its recorded threshold) and how many
+    match the filters; sorting, filtering and paging happen in the database."""
+    if f.sort not in UNIVERSAL_SORTS:
+        raise ActdbError(f"unknown sort {f.sort!r}; use {', '.join(UNIVERSAL_SORTS)}")
+    v = v_universality
+    query = _universal_query(f)
+    total = store.scalar(select(func.count()).select_from(query.subquery()))
+    order = [*UNIVERSAL_SORTS[f.sort](v), v.c.model, v.c.step, v.c.layer, v.c.neuron]
+    page = store.query(query.order_by(*order).limit(f.per_page).offset((f.page - 1) * f.per_page))
+    return Rows(UNIVERSAL_LIST_COLUMNS, [dict(r) for r in page], page.types), total
+
+
+def universal_all(store: Store, f: UniversalFilter) -> Rows:
+    """Every row of the filtered list (for downloads), in the list's order."""
+    v = v_universality
+    order = [*UNIVERSAL_SORTS[f.sort](v), v.c.model, v.c.step, v.c.layer, v.c.neuron]
+    rows = store.query(_universal_query(f).order_by(*order))
+    return Rows(UNIVERSAL_LIST_COLUMNS, [dict(r) for r in rows], rows.types)
+
+
+def families_present(store: Store) -> list[str]:
+    e = v_neuron_explanations
+    return sorted(f for f in store.query(select(e.c.family).distinct()).column("family") if f)
+
+
+def checkpoint_shape(store: Store, model: str, step: int) -> tuple[int, int]:
+    """(n_layers, d_mlp) of MODEL@STEP; an unknown checkpoint is an ActdbError (the page answers 404)."""
+    shape = store.query(
+        select(tables.model.c.n_layers, tables.model.c.d_mlp)
+        .join(tables.checkpoint, tables.checkpoint.c.model_id == tables.model.c.id)
+        .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
+    ).first()
+    if shape is None:
+        raise NotInStore(f"unknown checkpoint {model}@{step}")
+    return shape.n_layers, shape.d_mlp
+
+
+@dataclass
+class NeuronPage:
+    model: str
+    step: int
+    layer: int
+    neuron: int
+    hook: str | None
+    story: dict[str, Rows]
+    explained: dict[str, Rows]
+    contexts: list[dict[str, Any]]
+    histogram: tuple[list[int], list[float]] | None
+    steps: list[int]
+    twins: list[dict[str, Any]]
+
+
+def _set_file(store: Store, model: str, step: int, hook: str | None) -> tuple[Any, Any] | None:
+    """(activation set row, its explanation row or None) of the complete set of MODEL@STEP at `hook` whose file is
+    on disk, or None."""
+    a, c, m, d = tables.activation_set, tables.checkpoint, tables.model, tables.dataset
+    found = store.query(
+        select(
+            a.c.id,
+            a.c.path,
+            a.c.hook,
+            a.c.n_tokens,
+            a.c.dtype,
+            d.c.path.label("dataset_path"),
+            d.c.name.label("dataset"),
+        )
+        .join(c, c.c.id == a.c.checkpoint_id)
+        .join(m, m.c.id == c.c.model_id)
+        .join(d, d.c.id == a.c.dataset_id)
+        .where(m.c.name == model, c.c.step == step, a.c.status == "complete")
+        .where(a.c.hook == hook if hook is not None else a.c.hook.isnot(None))
+        .order_by(d.c.name)
+        .limit(1)
+    ).first()
+    if found is None or not store.config.file(found.path).exists():
+        return None
+    ex = store.query(select(tables.set_explanation.c.path).where(tables.set_explanation.c.set_id == found.id)).first()
+    return found, ex
+
+
+def coloured_contexts(
+    store: Store, page_examples: Rows, model: str, step: int, hook: str | None, layer: int, neuron: int
+) -> list[dict[str, Any]]:
+    """Each top-activating example as a run of tokens with this neuron's activation on every token (read from the
+    activation file), scaled by the neuron's largest shown activation for colouring."""
+    found = _set_file(store, model, step, hook)
+    if found is None or not page_examples:
+        return []
+    aset, ex = found
+    tokens = _file_contents(store.config.file(aset.dataset_path), "tokens")
+    texts = _file_contents(store.config.file(ex.path), "strings") if ex and store.config.file(ex.path).exists() else []
+    out = []
+    reader = open_set(store, aset)
+    for example in page_examples:
+        seq, pos = int(example["sequence"]), int(example["position"])
+        lo, hi = max(0, pos - CONTEXT_BEFORE), min(tokens.seq_len, pos + 1 + CONTEXT_AFTER)
+        base = seq * tokens.seq_len
+        values = reader.read_neurons(layer, [neuron], base + lo, base + hi)[:, 0]
+        ids = tokens.tokens[seq][lo:hi]
+        out.append(
+            {
+                "rank": example["rank"],
+                "activation": example["activation"],
+                "tokens": [
+                    {"text": readable(_text(texts, int(t))), "value": float(x), "peak": lo + k == pos}
+                    for k, (t, x) in enumerate(zip(ids, values, strict=True))
+                ],
+            }
+        )
+    reader.close()
+    return out
+
+
+def activation_histogram(
+    store: Store, model: str, step: int, hook: str | None, layer: int, neuron: int, bins: int = HISTOGRAM_BINS
+) -> tuple[list[int], list[float]] | None:
+    """Counts of this neuron's activation over the counted tokens of its set (None when the file is gone)."""
+    import numpy as np
+
+    found = _set_file(store, model, step, hook)
+    if found is None:
+        return None
+    aset, _ex = found
+    tokens = _file_contents(store.config.file(aset.dataset_path), "tokens")
+    with open_set(store, aset) as reader:
+        values = reader.read_neurons(layer, [neuron], 0, int(aset.n_tokens))[:, 0].astype(np.float64)
+    values = values[tokens.mask.reshape(-1)[: values.size] & np.isfinite(values)]
+    if values.size == 0:
+        return None
+    counts, edges = np.histogram(values, bins=bins)
+    return counts.tolist(), edges.tolist()
+
+
+def twins(story: dict[str, Rows], step: int) -> list[dict[str, Any]]:
+    """The best match in every other model at the same step (newest run first, one row per model), with the
+    excess of that match over its baseline."""
+    seen, out = set(), []
+    for r in story["matches"]:
+        if r["other_step"] != step or r["other_model"] in seen:
+            continue
+        seen.add(r["other_model"])
+        base = r["baseline_max_corr"]
+        out.append(dict(r) | {"excess": None if base is None or r["max_corr"] is None else r["max_corr"] - base})
+    return out
+
+
+def model_steps(store: Store, model: str) -> list[int]:
+    return store.query(
+        select(tables.checkpoint.c.step)
+        .join(tables.model, tables.model.c.id == tables.checkpoint.c.model_id)
+        .where(tables.model.c.name == model)
+        .order_by(tables.checkpoint.c.step)
+    ).column("step")
+
+
+def neuron_page(
+    store: Store, model: str, step: int, layer: int, neuron: int, hook: str | None, examples: int = 8
+) -> NeuronPage:
+    """Everything the neuron page shows; an unknown checkpoint or neuron is an ActdbError."""
+    n_layers, d_mlp = checkpoint_shape(store, model, step)
+    if not (0 <= layer < n_layers and 0 <= neuron < d_mlp):
+        raise NotInStore(f"neuron {layer}.{neuron} does not exist ({model} has {n_layers} layers x {d_mlp} neurons)")
+    hook = resolve_hook(store, hook, model, step)
+    story = queries.neuron_story(store, model, step, layer, neuron, hook)
+    explained = neuron_explanation(store, model, step, layer, neuron, examples, hook=hook)
+    return NeuronPage(
+        model,
+        step,
+        layer,
+        neuron,
+        hook,
+        story,
+        explained,
+        coloured_contexts(store, explained["examples"], model, step, hook, layer, neuron),
+        activation_histogram(store, model, step, hook, layer, neuron),
+        model_steps(store, model),
+        twins(story, step),
+    )
+
+
+def token_search(store: Store, text: str, limit: int = 200) -> Rows:
+    """Explained neurons whose top token (the one they fire on most, by mean activation) reads as `text`
+    (case-insensitive, surrounding quotes and spaces ignored), or whose strongest vocabulary token (W_U · w_out)
+    does; each row says which."""
+    wanted = text.strip().lower()
+    if not wanted:
+        raise ActdbError("type a token to search for")
+    e, x = v_neuron_explanations, tables.set_explanation
+    rows = []
+    for sx in store.query(select(x.c.set_id, x.c.path)):
+        path = store.config.file(sx.path)
+        if not path.exists():
+            continue
+        texts = _file_contents(path, "strings")
+        ids = [i for i, t in enumerate(texts) if readable(t).strip().lower() == wanted]
+        if not ids:
+            continue
+        for r in store.query(
+            select(e.c.model, e.c.step, e.c.hook, e.c.layer, e.c.neuron, e.c.top_token, e.c.top_token_mean, e.c.family)
+            .where(e.c.set_id == sx.set_id, e.c.top_token.in_(ids))
+            .order_by(e.c.top_token_mean.desc())
+            .limit(limit)
+        ):
+            rows.append(
+                dict(r) | {"token": readable(texts[r["top_token"]]), "how": "fires on", "value": r["top_token_mean"]}
+            )
+        rows += _predicting(store, path, sx.set_id, ids, texts, limit)
+    rows.sort(key=lambda r: -(r["value"] or 0.0))
+    columns = ["model", "step", "hook", "layer", "neuron", "how", "token", "value", "family"]
+    return Rows(columns, [{c: r.get(c) for c in columns} for r in rows[:limit]])
+
+
+def _predicting(store: Store, path, set_id: int, ids: list[int], texts: list[str], limit: int) -> list[dict]:
+    """Neurons of one explained set whose top vocabulary token (largest W_U · w_out) is one of `ids`."""
+    import numpy as np
+
+    from actdb.store.files.explanation import read_explanation_group
+
+    try:
+        voc = read_explanation_group(path, "vocabulary")
+    except (KeyError, ActdbError):
+        return []
+    top_ids, top_values = voc["top_ids"][..., 0], voc["top_values"][..., 0]  # (layers, d)
+    layers, neurons = np.nonzero(np.isin(top_ids, ids))
+    e = v_neuron_explanations
+    head = store.query(
+        select(e.c.model, e.c.step, e.c.hook, e.c.family, e.c.layer, e.c.neuron).where(e.c.set_id == set_id)
+    )
+    family = {(r["layer"], r["neuron"]): r for r in head}
+    out = []
+    for layer, n in zip(layers.tolist(), neurons.tolist(), strict=True):
+        r = family.get((layer, n))
+        if r is None:
+            continue
+        out.append(
+            {"model": r["model"], "step": r["step"], "hook": r["hook"], "layer": layer, "neuron": n, "how": "predicts"}
+            | {
+                "token": readable(texts[int(top_ids[layer, n])]),
+                "value": float(top_values[layer, n]),
+                "family": r["family"],
+            }
+        )
+    out.sort(key=lambda r: -r["value"])
+    return out[:limit]

@@ -275,3 +275,122 @@ def test_serve_refuses_a_missing_store_in_one_line(tmp_path):
 
     r = cli_call(tmp_path / "nothing", f"sqlite:///{tmp_path}/nothing/actdb.sqlite", "serve", "--port", 0)
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# --- in a real browser: Playwright for Python driving Debian's chromium ---
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server_url(served_store):
+    """The explorer served by uvicorn on a free port of 127.0.0.1, in a thread of this process."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from actdb.query.serve.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(served_store[0], device="cpu"), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium through Playwright; missing either is a skip here, a failure where ACTDB_REQUIRE_BROWSER is set
+    (CI installs chromium first)."""
+    import os
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not os.path.exists(CHROMIUM):
+        missing = "playwright" if sync_playwright is None else CHROMIUM
+        if os.environ.get("ACTDB_REQUIRE_BROWSER"):
+            pytest.fail(f"{missing} is missing and ACTDB_REQUIRE_BROWSER is set")
+        pytest.skip(f"{missing} is missing (apt-get install chromium; pip install playwright)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_in_chromium_from_home_to_a_twin_an_earlier_step_a_token_and_a_sql_download(
+    browser, server_url, served_store, tmp_path
+):
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(server_url + "/")
+    assert "Universality share" in page.inner_text("main")
+    page.click("nav >> text=Universal neurons")
+    page.select_option("select[name=model]", "a")
+    page.fill("input[name=step]", "1")
+    page.click("form.filters button")
+    first = page.locator("main table tbody tr td a").first
+    cell = first.inner_text()  # model a, step 1: the neuron's first cell is its model
+    first.click()
+    page.wait_for_url("**/neuron/a@1/**")
+    layer_neuron = page.url.rsplit("/", 1)[1]
+    page.locator("section[aria-labelledby=twins-h] a").first.click()
+    page.wait_for_url("**/neuron/b@1/**")
+    twin = page.url.rsplit("/", 1)[1]
+    page.go_back()
+    page.click("section[aria-labelledby=steps-h] ul a:text('step 0')")
+    page.wait_for_url(f"**/neuron/a@0/{layer_neuron}")
+    assert cell == "a" and twin
+    token = _a_top_token(served_store[0])
+    page.click("nav >> text=Token search")
+    page.fill("#token", token)
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/search?token=*")
+    assert page.locator("main table tbody tr").count() > 0
+    page.click("nav >> text=SQL")
+    page.fill("#q", "SELECT '<script>alert(1)</script> & \"q\"' AS x, name FROM model ORDER BY name")
+    page.click("main form button")
+    page.wait_for_url("**/sql?q=*")
+    assert page.locator("main table tbody td").first.inner_text() == '<script>alert(1)</script> & "q"'
+    assert page.locator("main script").count() == 0
+    with page.expect_download() as download:
+        page.click("main a:text-is('CSV')")
+    saved = tmp_path / "sql.csv"
+    download.value.save_as(saved)
+    assert saved.read_text().splitlines()[1:] == [
+        '"<script>alert(1)</script> & ""q""",a',
+        '"<script>alert(1)</script> & ""q""",b',
+    ]
+    assert problems == []
+    page.close()
+
+
+def test_in_chromium_tables_are_keyboard_navigable(browser, server_url):
+    page = browser.new_page()
+    page.goto(server_url + "/universal?sort=excess")
+    for _ in range(60):  # Tab through the page until a link inside the table has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.closest('table') !== null && document.activeElement.tagName === 'A'"):
+            break
+    else:
+        pytest.fail("no table link took the keyboard focus")
+    target = page.evaluate("document.activeElement.getAttribute('href')")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**" + target)
+    assert page.locator("h1").inner_text().startswith(target.split("/")[2].replace("%40", "@"))
+    page.close()

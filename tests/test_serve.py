@@ -258,7 +258,7 @@ def test_activations_cli_and_gone_weights(served_store, tmp_path):
     run = cli_runner(config.home, config.database_url)
     out = run("activations", "a@0", "--text", "def f(x):", "--neurons", "1.5,0.2", "--format", "csv").stdout
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert rows and set(rows[0]) == {"position", "token", "a@0 1.5", "a@0 0.2"}
+    assert rows and list(rows[0]) == ["position", "token", "a@0 1.5", "a@0 0.2"]
     bad = run("activations", "a@0", "--text", "x", "--neurons", "9.0", ok=False)
     assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
     moved = sources[("b", 1)].with_name("b1-moved")
@@ -394,3 +394,23 @@ def test_in_chromium_tables_are_keyboard_navigable(browser, server_url):
     page.wait_for_url("**" + target)
     assert page.locator("h1").inner_text().startswith(target.split("/")[2].replace("%40", "@"))
     page.close()
+
+
+def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store, tmp_path):
+    from actdb.query.api import ActdbStore
+    from actdb.query.serve.launch import browse_command
+
+    config, _sources = served_store
+    db = ActdbStore.open(config.home, config.database_url)
+    try:
+        got = db.text_activations("a@0", "def f(x):", ["1.5", "0.2"], device="cpu")
+    finally:
+        db.close()
+    run = cli_runner(config.home, config.database_url)
+    out = run("activations", "a@0", "--text", "def f(x):", "--neurons", "1.5,0.2", "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(got.columns) == ["position", "token", "a@0 1.5", "a@0 0.2"] and len(got) == len(rows)
+    np.testing.assert_allclose(got["a@0 1.5"].to_numpy(), [float(r["a@0 1.5"]) for r in rows], rtol=1e-3, atol=1e-4)
+    assert browse_command(config) == f"actdb --home {config.home} serve"
+    pg = StoreConfig.resolve(tmp_path, "postgresql://u:secret@127.0.0.1/x")
+    assert browse_command(pg).endswith("serve") and "secret" not in browse_command(pg) and "--db" in browse_command(pg)

@@ -57,10 +57,11 @@ def activations(app: AppContext, target: str, text: str, neurons: str, hook: str
     """Per token of TEXT, the activation of each neuron, computed now by loading MODEL@STEP with ingest's own
     loader and hooks (the weights must be reachable)."""
     from actdb.query.text_activations import LoadedModels, Probe, text_activations
-    from actdb.store.refs import parse_neuron_list, parse_set_ref
+    from actdb.store.refs import parse_list, parse_neuron, parse_set_ref
 
     ref = parse_set_ref(target)
-    probes = [Probe(ref.model, ref.step, layer, n) for layer, n in parse_neuron_list(neurons)]
+    cells = [parse_neuron(x) for x in parse_list(neurons, "neurons")]  # in the order given, each once
+    probes = [Probe(ref.model, ref.step, layer, n) for layer, n in cells]
     click.echo(render(text_activations(app.store(), probes, text, LoadedModels(1, device), hook), fmt))
 
 

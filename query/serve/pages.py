@@ -165,7 +165,8 @@ def _neuron_charts(page: reads.NeuronPage) -> dict[str, Any]:
     """The histogram, and over steps: this neuron's excess correlation and its self-correlation with this step."""
     out: dict[str, Any] = {}
     if page.histogram:
-        out["histogram"] = charts.histogram(*page.histogram, "activation over counted tokens (log counts)")
+        label = f"activation over {page.histogram_tokens:,} counted tokens (log counts)"
+        out["histogram"] = charts.histogram(*page.histogram, label)
     history = [r for r in page.story["history"] if r["control"] == "none"]
     by_step = {r["step"]: r["excess_corr"] for r in history}
     self_corr: dict[int, float] = {page.step: 1.0}

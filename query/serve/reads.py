@@ -24,6 +24,7 @@ PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 6  # tokens shown around a top activation
 HISTOGRAM_BINS = 40
+HISTOGRAM_TOKENS = 4_000_000  # the histogram reads at most this many tokens of the neuron's column (8-16 MB)
 UNIVERSAL_SORTS = {
     "excess": lambda v: [v.c.excess_corr.desc().nulls_last()],
     "stability": lambda v: [v.c.stability.desc().nulls_last(), v.c.excess_corr.desc().nulls_last()],
@@ -167,6 +168,7 @@ class NeuronPage:
     explained: dict[str, Rows]
     contexts: list[dict[str, Any]]
     histogram: tuple[list[int], list[float]] | None
+    histogram_tokens: int
     steps: list[int]
     twins: list[dict[str, Any]]
 
@@ -199,57 +201,48 @@ def _set_file(store: Store, model: str, step: int, hook: str | None) -> tuple[An
     return found, ex
 
 
-def coloured_contexts(
+def from_activation_file(
     store: Store, page_examples: Rows, model: str, step: int, hook: str | None, layer: int, neuron: int
-) -> list[dict[str, Any]]:
-    """Each top-activating example as a run of tokens with this neuron's activation on every token (read from the
-    activation file), scaled by the neuron's largest shown activation for colouring."""
-    found = _set_file(store, model, step, hook)
-    if found is None or not page_examples:
-        return []
-    aset, ex = found
-    tokens = _file_contents(store.config.file(aset.dataset_path), "tokens")
-    texts = _file_contents(store.config.file(ex.path), "strings") if ex and store.config.file(ex.path).exists() else []
-    out = []
-    reader = open_set(store, aset)
-    for example in page_examples:
-        seq, pos = int(example["sequence"]), int(example["position"])
-        lo, hi = max(0, pos - CONTEXT_BEFORE), min(tokens.seq_len, pos + 1 + CONTEXT_AFTER)
-        base = seq * tokens.seq_len
-        values = reader.read_neurons(layer, [neuron], base + lo, base + hi)[:, 0]
-        ids = tokens.tokens[seq][lo:hi]
-        out.append(
-            {
-                "rank": example["rank"],
-                "activation": example["activation"],
-                "tokens": [
-                    {"text": readable(_text(texts, int(t))), "value": float(x), "peak": lo + k == pos}
-                    for k, (t, x) in enumerate(zip(ids, values, strict=True))
-                ],
-            }
-        )
-    reader.close()
-    return out
-
-
-def activation_histogram(
-    store: Store, model: str, step: int, hook: str | None, layer: int, neuron: int, bins: int = HISTOGRAM_BINS
-) -> tuple[list[int], list[float]] | None:
-    """Counts of this neuron's activation over the counted tokens of its set (None when the file is gone)."""
+) -> tuple[list[dict[str, Any]], tuple[list[int], list[float]] | None, int]:
+    """What the neuron page reads from the set's activation file, opened once: each top-activating example as a
+    run of tokens with this neuron's activation on every token, and the histogram of its activation over the
+    counted tokens among the first `HISTOGRAM_TOKENS` (with how many it counted). Nothing when the file is gone."""
     import numpy as np
 
     found = _set_file(store, model, step, hook)
     if found is None:
-        return None
-    aset, _ex = found
+        return [], None, 0
+    aset, ex = found
     tokens = _file_contents(store.config.file(aset.dataset_path), "tokens")
+    texts = _file_contents(store.config.file(ex.path), "strings") if ex and store.config.file(ex.path).exists() else []
+    n_read = min(int(aset.n_tokens), HISTOGRAM_TOKENS)
     with open_set(store, aset) as reader:
-        values = reader.read_neurons(layer, [neuron], 0, int(aset.n_tokens))[:, 0].astype(np.float64)
-    values = values[tokens.mask.reshape(-1)[: values.size] & np.isfinite(values)]
-    if values.size == 0:
-        return None
-    counts, edges = np.histogram(values, bins=bins)
-    return counts.tolist(), edges.tolist()
+        column = reader.read_neurons(layer, [neuron], 0, n_read)[:, 0].astype(np.float64)
+        contexts = []
+        for example in page_examples:
+            seq, pos = int(example["sequence"]), int(example["position"])
+            lo, hi = max(0, pos - CONTEXT_BEFORE), min(tokens.seq_len, pos + 1 + CONTEXT_AFTER)
+            start = seq * tokens.seq_len
+            if start + hi <= n_read:
+                values = column[start + lo : start + hi]
+            else:
+                values = reader.read_neurons(layer, [neuron], start + lo, start + hi)[:, 0]
+            ids = tokens.tokens[seq][lo:hi]
+            contexts.append(
+                {
+                    "rank": example["rank"],
+                    "activation": example["activation"],
+                    "tokens": [
+                        {"text": readable(_text(texts, int(t))), "value": float(x), "peak": lo + k == pos}
+                        for k, (t, x) in enumerate(zip(ids, values, strict=True))
+                    ],
+                }
+            )
+    counted = column[tokens.mask.reshape(-1)[:n_read] & np.isfinite(column)]
+    if counted.size == 0:
+        return contexts, None, 0
+    counts, edges = np.histogram(counted, bins=HISTOGRAM_BINS)
+    return contexts, (counts.tolist(), edges.tolist()), int(counted.size)
 
 
 def twins(story: dict[str, Rows], step: int) -> list[dict[str, Any]]:
@@ -284,6 +277,7 @@ def neuron_page(
     hook = resolve_hook(store, hook, model, step)
     story = queries.neuron_story(store, model, step, layer, neuron, hook)
     explained = neuron_explanation(store, model, step, layer, neuron, examples, hook=hook)
+    contexts, histogram, counted = from_activation_file(store, explained["examples"], model, step, hook, layer, neuron)
     return NeuronPage(
         model,
         step,
@@ -292,8 +286,9 @@ def neuron_page(
         hook,
         story,
         explained,
-        coloured_contexts(store, explained["examples"], model, step, hook, layer, neuron),
-        activation_histogram(store, model, step, hook, layer, neuron),
+        contexts,
+        histogram,
+        counted,
         model_steps(store, model),
         twins(story, step),
     )

@@ -414,3 +414,24 @@ def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store,
     assert browse_command(config) == f"actdb --home {config.home} serve"
     pg = StoreConfig.resolve(tmp_path, "postgresql://u:secret@127.0.0.1/x")
     assert browse_command(pg).endswith("serve") and "secret" not in browse_command(pg) and "--db" in browse_command(pg)
+
+
+def test_cached_pages_are_read_again_once_the_store_changes(store):
+    from sqlalchemy import insert
+
+    from actdb.query.serve.app import templates
+    from actdb.query.serve.site import Site, generation
+    from actdb.query.text_activations import LoadedModels
+    from actdb.store.database import tables
+
+    site = Site(store, templates(), LoadedModels(1, "cpu"))
+    reads = []
+    assert site.cached("k", lambda: reads.append(1) or len(reads)) == 1
+    assert site.cached("k", lambda: reads.append(1) or len(reads)) == 1  # same generation: not read again
+    before = generation(store)
+    with store.transaction() as conn:
+        conn.execute(
+            insert(tables.model).values(name="m", family="gpt2", architecture="gpt2", n_layers=1, d_mlp=4, source="x")
+        )
+    assert generation(store) != before
+    assert site.cached("k", lambda: reads.append(1) or len(reads)) == 2

@@ -139,17 +139,12 @@ def _links(request: Request) -> dict[str, str]:
 
 
 def home(site: Site, request: Request) -> Response:
-    models, steps, grid = reads.home_grid(site.store)
-    runs = queries.runs_listing(site.store)
+    models, steps, grid = site.cached("grid", lambda: reads.home_grid(site.store))
+    runs = site.cached("runs", lambda: queries.runs_listing(site.store))
+    datasets = site.cached("datasets", lambda: reads.datasets(site.store))
     return HTMLResponse(
         site.render(
-            "home.html",
-            models=models,
-            steps=steps,
-            grid=grid,
-            runs=runs,
-            datasets=reads.datasets(site.store),
-            store=site.store.config,
+            "home.html", models=models, steps=steps, grid=grid, runs=runs, datasets=datasets, store=site.store.config
         )
     )
 
@@ -234,7 +229,7 @@ def universal(site: Site, request: Request) -> Response:
         raise _bad(f"unknown sort {f.sort!r}; use {', '.join(reads.UNIVERSAL_SORTS)}")
     if _format(request):
         return _downloadable(request, _reading(lambda: reads.universal_all(site.store, f)), "universal")
-    rows, total = _reading(lambda: reads.universal_page(site.store, f))
+    rows, total = site.cached(("universal", f), lambda: _reading(lambda: reads.universal_page(site.store, f)))
     pages = max(1, math.ceil(total / f.per_page))
     params = {k: v for k, v in request.query_params.items() if k != "page"}
     nav = {
@@ -251,8 +246,8 @@ def universal(site: Site, request: Request) -> Response:
             pages=pages,
             nav=nav,
             sort_links=sort_links,
-            models=queries.models_listing(site.store).column("model"),
-            families=reads.families_present(site.store),
+            models=site.cached("models", lambda: queries.models_listing(site.store).column("model")),
+            families=site.cached("families", lambda: reads.families_present(site.store)),
             downloads=_links(request),
         )
     )
@@ -260,7 +255,11 @@ def universal(site: Site, request: Request) -> Response:
 
 def search(site: Site, request: Request) -> Response:
     token = _text(request, "token")
-    rows = _reading(lambda: reads.token_search(site.store, token)) if token else None
+    rows = (
+        site.cached(("search", token), lambda: _reading(lambda: reads.token_search(site.store, token)))
+        if token
+        else None
+    )
     if rows is not None and (got := _downloadable(request, rows, "search")):
         return got
     return HTMLResponse(site.render("search.html", token=token or "", rows=rows, downloads=_links(request)))
@@ -268,7 +267,7 @@ def search(site: Site, request: Request) -> Response:
 
 def _listing(name: str, title: str, read: Callable[[Site], Rows]) -> Callable[[Site, Request], Response]:
     def page(site: Site, request: Request) -> Response:
-        rows = _reading(lambda: read(site))
+        rows = site.cached(name, lambda: _reading(lambda: read(site)))
         if got := _downloadable(request, rows, name):
             return got
         return HTMLResponse(site.render("listing.html", title=title, rows=rows, downloads=_links(request)))
@@ -283,7 +282,7 @@ def similarity(site: Site, request: Request) -> Response:
     metric = request.query_params.get("metric", "excess_corr")
     if metric not in SIMILARITY_METRICS:
         raise _bad(f"unknown metric {metric!r}; use {', '.join(SIMILARITY_METRICS)}")
-    rows = _reading(lambda: queries.similarity_listing(site.store))
+    rows = site.cached("similarity", lambda: _reading(lambda: queries.similarity_listing(site.store)))
     if got := _downloadable(request, rows, "similarity"):
         return got
     labels = sorted(
@@ -334,7 +333,7 @@ def similarity_pair(site: Site, request: Request) -> Response:
 
 
 def persistence(site: Site, request: Request) -> Response:
-    rows = _reading(lambda: queries.persistence_listing(site.store, control="none"))
+    rows = site.cached("persistence", lambda: _reading(lambda: queries.persistence_listing(site.store, control="none")))
     if got := _downloadable(request, rows, "persistence"):
         return got
     plots = []

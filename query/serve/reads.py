@@ -15,7 +15,7 @@ from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.labels import newest_runs, on_newest, universal_condition
 from actdb.store.database.registry import resolve_hook
-from actdb.store.database.views import v_neuron_explanations, v_universality
+from actdb.store.database.views import v_concept_experts, v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.set_files import open_set
 from actdb.store.token_text import readable
@@ -171,6 +171,7 @@ class NeuronPage:
     histogram_tokens: int
     steps: list[int]
     twins: list[dict[str, Any]]
+    concepts: Rows
 
 
 def _set_file(store: Store, model: str, step: int, hook: str | None) -> tuple[Any, Any] | None:
@@ -291,7 +292,19 @@ def neuron_page(
         counted,
         model_steps(store, model),
         twins(story, step),
+        concepts_of(store, model, step, layer, neuron, hook),
     )
+
+
+def concepts_of(store: Store, model: str, step: int, layer: int, neuron: int, hook: str | None) -> Rows:
+    """The concepts this neuron is a top-k expert for, in every complete concept run of its set."""
+    x = v_concept_experts
+    query = select(x.c.concept_set, x.c.concept, x.c.rank, x.c.k, x.c.ap, x.c.auroc, x.c.pool, x.c.run_id).where(
+        x.c.model == model, x.c.step == step, x.c.layer == layer, x.c.neuron == neuron
+    )
+    if hook is not None:
+        query = query.where(x.c.hook == hook)
+    return store.query(query.order_by(x.c.run_id.desc(), x.c.concept_set, x.c.rank))
 
 
 def token_search(store: Store, text: str, limit: int = 200) -> Rows:

@@ -435,3 +435,29 @@ def test_cached_pages_are_read_again_once_the_store_changes(store):
         )
     assert generation(store) != before
     assert site.cached("k", lambda: reads.append(1) or len(reads)) == 2
+
+
+def test_an_empty_store_on_sqlite_and_postgresql_is_served_read_only(db_url, tmp_path):
+    from sqlalchemy import insert
+    from starlette.testclient import TestClient
+
+    from actdb.query.serve.app import create_app
+    from actdb.store.database import tables
+
+    run = cli_runner(tmp_path / "home", db_url)
+    run("init")
+    app = create_app(StoreConfig.resolve(tmp_path / "home", db_url), device="cpu")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/").status_code == 200
+        assert "0 neurons" in client.get("/universal").text
+        assert client.get("/sql", params={"q": "SELECT 1 AS one"}).status_code == 200
+        refused = client.get("/sql", params={"q": "INSERT INTO dataset (name) VALUES ('x')"})
+        assert refused.status_code == 400 and 'class="error"' in refused.text
+        assert client.get("/neuron/m@0/0.0").status_code == 404
+    store = app.state.site.store
+    assert store.read_only
+    with pytest.raises(Exception, match="(?i)read.?only|readonly"), store.transaction() as conn:
+        conn.execute(
+            insert(tables.model).values(name="m", family="f", architecture="a", n_layers=1, d_mlp=1, source="s")
+        )
+    store.close()

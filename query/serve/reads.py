@@ -246,16 +246,29 @@ def from_activation_file(
     return contexts, (counts.tolist(), edges.tolist()), int(counted.size)
 
 
-def twins(story: dict[str, Rows], step: int) -> list[dict[str, Any]]:
+def twins(store: Store, story: dict[str, Rows], step: int) -> list[dict[str, Any]]:
     """The best match in every other model at the same step (newest run first, one row per model), with the
-    excess of that match over its baseline."""
+    excess of that match over its baseline, and the twin's own excess correlation and stability in its set's
+    newest cross-model run."""
     seen, out = set(), []
+    v = v_universality
+    newest = newest_runs("none")
     for r in story["matches"]:
         if r["other_step"] != step or r["other_model"] in seen:
             continue
         seen.add(r["other_model"])
         base = r["baseline_max_corr"]
-        out.append(dict(r) | {"excess": None if base is None or r["max_corr"] is None else r["max_corr"] - base})
+        own = store.query(
+            select(v.c.excess_corr, v.c.stability, v.c.is_universal)
+            .join(newest, on_newest(v, newest))
+            .where(v.c.model == r["other_model"], v.c.step == step, v.c.hook == r["other_hook"])
+            .where(v.c.layer == r["best_layer"], v.c.neuron == r["best_neuron"])
+        ).first()
+        out.append(
+            dict(r)
+            | {"excess": None if base is None or r["max_corr"] is None else r["max_corr"] - base}
+            | {k: own[k] if own else None for k in ("excess_corr", "stability", "is_universal")}
+        )
     return out
 
 
@@ -291,7 +304,7 @@ def neuron_page(
         histogram,
         counted,
         model_steps(store, model),
-        twins(story, step),
+        twins(store, story, step),
         concepts_of(store, model, step, layer, neuron, hook),
     )
 

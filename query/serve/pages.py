@@ -188,7 +188,7 @@ def _neuron_charts(page: reads.NeuronPage) -> dict[str, Any]:
 def try_text(site: Site, request: Request) -> Response:
     model, step, layer, index = _neuron_address(request)
     hook = _hook(request)
-    text = request.query_params.get("text", "")
+    text = request.query_params.get("text", "").replace("\r\n", "\n")  # a form's textarea sends CRLF
     if len(text) > MAX_TEXT_CHARS:
         raise _bad(f"the text has {len(text)} characters; at most {MAX_TEXT_CHARS} are run")
     page = _reading(lambda: reads.neuron_page(site.store, model, step, layer, index, hook, examples=0))
@@ -285,9 +285,8 @@ def similarity(site: Site, request: Request) -> Response:
     rows = site.cached("similarity", lambda: _reading(lambda: queries.similarity_listing(site.store)))
     if got := _downloadable(request, rows, "similarity"):
         return got
-    labels = sorted(
-        {f"{r['model']}@{r['step']}" for r in rows} | {f"{r['other_model']}@{r['other_step']}" for r in rows}
-    )
+    sets = {(r["model"], r["step"]) for r in rows} | {(r["other_model"], r["other_step"]) for r in rows}
+    labels = [f"{model}@{step}" for model, step in sorted(sets)]  # by model, then step in numbers
     where = {label: i for i, label in enumerate(labels)}
     values, links = {}, {}
     for r in rows:

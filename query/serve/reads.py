@@ -247,14 +247,15 @@ def from_activation_file(
 
 
 def twins(store: Store, story: dict[str, Rows], step: int) -> list[dict[str, Any]]:
-    """The best match in every other model at the same step (newest run first, one row per model), with the
+    """The best match in every other model at the same step (newest run without control first, one row per
+    model), with the
     excess of that match over its baseline, and the twin's own excess correlation and stability in its set's
     newest cross-model run."""
     seen, out = set(), []
     v = v_universality
     newest = newest_runs("none")
     for r in story["matches"]:
-        if r["other_step"] != step or r["other_model"] in seen:
+        if r["control"] != "none" or r["other_step"] != step or r["other_model"] in seen:
             continue
         seen.add(r["other_model"])
         base = r["baseline_max_corr"]

@@ -461,3 +461,23 @@ def test_an_empty_store_on_sqlite_and_postgresql_is_served_read_only(db_url, tmp
             insert(tables.model).values(name="m", family="f", architecture="a", n_layers=1, d_mlp=1, source="s")
         )
     store.close()
+
+
+def test_token_search_finds_exactly_the_neurons_whose_top_token_it_is(client, served_store):
+    from actdb.query.explanations import explained_neurons
+    from actdb.store.database.connection import Store
+
+    token = _a_top_token(served_store[0])
+    store = Store.open(served_store[0], read_only=True)
+    try:
+        expected = {
+            (r["model"], r["step"], r["layer"], r["neuron"])
+            for r in explained_neurons(store)
+            if r["top_token"] and r["top_token"][1:-1].strip().lower() == token.strip().lower()
+        }
+    finally:
+        store.close()
+    rows = list(csv.DictReader(io.StringIO(client.get("/search", params={"token": token, "format": "csv"}).text)))
+    fires = {(r["model"], int(r["step"]), int(r["layer"]), int(r["neuron"])) for r in rows if r["how"] == "fires on"}
+    assert fires == expected and len(expected) < 200
+    assert all(r["token"].strip().lower() == token.strip().lower() for r in rows)

@@ -255,11 +255,10 @@ def universal(site: Site, request: Request) -> Response:
 
 def search(site: Site, request: Request) -> Response:
     token = _text(request, "token")
-    rows = (
-        site.cached(("search", token), lambda: _reading(lambda: reads.token_search(site.store, token)))
-        if token
-        else None
-    )
+    rows = None
+    if token:
+        index = site.cached("token-index", lambda: reads.token_index(site.store))
+        rows = site.cached(("search", token), lambda: _reading(lambda: reads.token_search(site.store, token, index)))
     if rows is not None and (got := _downloadable(request, rows, "search")):
         return got
     return HTMLResponse(site.render("search.html", token=token or "", rows=rows, downloads=_links(request)))

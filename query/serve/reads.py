@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select
+from sqlalchemy import Select, and_, func, select, tuple_
 
 from actdb.query import queries
 from actdb.query.explanations import _file_contents, _text, neuron_explanation
@@ -321,67 +321,72 @@ def concepts_of(store: Store, model: str, step: int, layer: int, neuron: int, ho
     return store.query(query.order_by(x.c.run_id.desc(), x.c.concept_set, x.c.rank))
 
 
-def token_search(store: Store, text: str, limit: int = 200) -> Rows:
-    """Explained neurons whose top token (the one they fire on most, by mean activation) reads as `text`
-    (case-insensitive, surrounding quotes and spaces ignored), or whose strongest vocabulary token (W_U · w_out)
-    does; each row says which."""
-    wanted = text.strip().lower()
-    if not wanted:
-        raise ActdbError("type a token to search for")
-    e, x = v_neuron_explanations, tables.set_explanation
-    rows = []
-    for sx in store.query(select(x.c.set_id, x.c.path)):
+@dataclass(frozen=True)
+class SetTokens:
+    """One explained set's token texts by their searchable form, and the top vocabulary token of each neuron."""
+
+    set_id: int
+    texts: list[str]
+    by_text: dict[str, list[int]]
+    vocab_ids: Any  # (layers, d_mlp) token id of the largest W_U · w_out, or None
+    vocab_values: Any
+
+
+def token_index(store: Store) -> list[SetTokens]:
+    """Every explained set's `SetTokens` (read from the explanation files; the explorer keeps it per store
+    generation, so a search reads no file)."""
+    from actdb.store.files.explanation import read_explanation_group
+
+    index = []
+    for sx in store.query(select(tables.set_explanation.c.set_id, tables.set_explanation.c.path)):
         path = store.config.file(sx.path)
         if not path.exists():
             continue
         texts = _file_contents(path, "strings")
-        ids = [i for i, t in enumerate(texts) if readable(t).strip().lower() == wanted]
-        if not ids:
-            continue
-        for r in store.query(
-            select(e.c.model, e.c.step, e.c.hook, e.c.layer, e.c.neuron, e.c.top_token, e.c.top_token_mean, e.c.family)
-            .where(e.c.set_id == sx.set_id, e.c.top_token.in_(ids))
-            .order_by(e.c.top_token_mean.desc())
-            .limit(limit)
-        ):
-            rows.append(
-                dict(r) | {"token": readable(texts[r["top_token"]]), "how": "fires on", "value": r["top_token_mean"]}
-            )
-        rows += _predicting(store, path, sx.set_id, ids, texts, limit)
-    rows.sort(key=lambda r: -(r["value"] or 0.0))
-    columns = ["model", "step", "hook", "layer", "neuron", "how", "token", "value", "family"]
-    return Rows(columns, [{c: r.get(c) for c in columns} for r in rows[:limit]])
+        by_text: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):
+            by_text.setdefault(readable(t).strip().lower(), []).append(i)
+        try:
+            voc = read_explanation_group(path, "vocabulary")
+            ids, values = voc["top_ids"][..., 0], voc["top_values"][..., 0]
+        except ActdbError:
+            ids, values = None, None
+        index.append(SetTokens(sx.set_id, texts, by_text, ids, values))
+    return index
 
 
-def _predicting(store: Store, path, set_id: int, ids: list[int], texts: list[str], limit: int) -> list[dict]:
-    """Neurons of one explained set whose top vocabulary token (largest W_U · w_out) is one of `ids`."""
+def token_search(store: Store, text: str, index: list[SetTokens], limit: int = 200) -> Rows:
+    """Explained neurons whose top token (the one they fire on most, by mean activation) reads as `text`
+    (case-insensitive, surrounding spaces ignored), or whose strongest vocabulary token (W_U · w_out) does; each
+    row says which."""
     import numpy as np
 
-    from actdb.store.files.explanation import read_explanation_group
-
-    try:
-        voc = read_explanation_group(path, "vocabulary")
-    except (KeyError, ActdbError):
-        return []
-    top_ids, top_values = voc["top_ids"][..., 0], voc["top_values"][..., 0]  # (layers, d)
-    layers, neurons = np.nonzero(np.isin(top_ids, ids))
+    wanted = text.strip().lower()
+    if not wanted:
+        raise ActdbError("type a token to search for")
     e = v_neuron_explanations
-    head = store.query(
-        select(e.c.model, e.c.step, e.c.hook, e.c.family, e.c.layer, e.c.neuron).where(e.c.set_id == set_id)
-    )
-    family = {(r["layer"], r["neuron"]): r for r in head}
-    out = []
-    for layer, n in zip(layers.tolist(), neurons.tolist(), strict=True):
-        r = family.get((layer, n))
-        if r is None:
+    columns = [e.c.model, e.c.step, e.c.hook, e.c.layer, e.c.neuron, e.c.top_token, e.c.top_token_mean, e.c.family]
+    rows = []
+    for st in index:
+        ids = st.by_text.get(wanted)
+        if not ids:
             continue
-        out.append(
-            {"model": r["model"], "step": r["step"], "hook": r["hook"], "layer": layer, "neuron": n, "how": "predicts"}
-            | {
-                "token": readable(texts[int(top_ids[layer, n])]),
-                "value": float(top_values[layer, n]),
-                "family": r["family"],
-            }
-        )
-    out.sort(key=lambda r: -r["value"])
-    return out[:limit]
+        query = select(*columns).where(e.c.set_id == st.set_id, e.c.top_token.in_(ids))
+        for r in store.query(query.order_by(e.c.top_token_mean.desc()).limit(limit)):
+            token = readable(st.texts[r["top_token"]])
+            rows.append(dict(r) | {"token": token, "how": "fires on", "value": r["top_token_mean"]})
+        if st.vocab_ids is None:
+            continue
+        layers, neurons = np.nonzero(np.isin(st.vocab_ids, ids))
+        order = np.argsort(-st.vocab_values[layers, neurons], kind="stable")[:limit]
+        pairs = [(int(layers[k]), int(neurons[k])) for k in order]
+        if not pairs:
+            continue
+        found = store.query(select(*columns).where(e.c.set_id == st.set_id, tuple_(e.c.layer, e.c.neuron).in_(pairs)))
+        for r in found:
+            layer, n = r["layer"], r["neuron"]
+            token = readable(st.texts[int(st.vocab_ids[layer, n])])
+            rows.append(dict(r) | {"token": token, "how": "predicts", "value": float(st.vocab_values[layer, n])})
+    rows.sort(key=lambda r: -(r["value"] or 0.0))
+    names = ["model", "step", "hook", "layer", "neuron", "how", "token", "value", "family"]
+    return Rows(names, [{c: r.get(c) for c in names} for r in rows[:limit]])

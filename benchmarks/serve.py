@@ -122,6 +122,19 @@ def load(port: int, jobs: list[tuple[str, str]]) -> dict[str, list[float]]:
     return timings
 
 
+def load_one(port: int, path: str) -> float:
+    """Milliseconds of one request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("GET", path)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    if response.status != 200:
+        raise SystemExit(f"{path}: {response.status}")
+    return 1000 * (time.perf_counter() - t0)
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -160,6 +173,7 @@ def main() -> None:
     proc, port = start_server(config)
     try:
         server = psutil.Process(proc.pid)
+        cold = {k: load_one(port, v[0]) for k, v in pages.items()}  # first request after start, one client
         load(port, [(k, rng.choice(v)) for k, v in pages.items() for _ in range(CLIENTS)])  # warm-up
         jobs = [(k, rng.choice(v)) for k, v in pages.items() for _ in range(args.requests)]
         rng.shuffle(jobs)
@@ -168,11 +182,11 @@ def main() -> None:
         wall = time.perf_counter() - t0
         floor = statistics.median(timings["static"])
         print(f"{len(jobs)} requests from {CLIENTS} clients in {wall:.1f} s ({len(jobs) / wall:.0f} req/s)")
-        print("| page | requests | p50 ms | p95 ms | p50 / static p50 |")
-        print("|---|---|---|---|---|")
+        print("| page | requests | p50 ms | p95 ms | p50 / static p50 | first request after start, alone (ms) |")
+        print("|---|---|---|---|---|---|")
         for kind, values in timings.items():
             p50, p95 = percentile(values, 50), percentile(values, 95)
-            print(f"| {kind} | {len(values)} | {p50:.1f} | {p95:.1f} | {p50 / floor:.1f}x |")
+            print(f"| {kind} | {len(values)} | {p50:.1f} | {p95:.1f} | {p50 / floor:.1f}x | {cold[kind]:.0f} |")
         samples = [server.memory_info().rss]
         done = 0
         while done < args.memory_requests:
@@ -181,6 +195,9 @@ def main() -> None:
             done += n
             samples.append(server.memory_info().rss)
         mib = [s / 2**20 for s in samples]
+        if done == 0:
+            print(f"server RSS: {mib[0]:.0f} MiB")
+            return
         print(
             f"server RSS over {done:,} more requests, every 1,000: "
             + ", ".join(f"{m:.0f}" for m in mib)

@@ -60,7 +60,7 @@ def addresses(config: StoreConfig, rng: random.Random) -> dict[str, list[str]]:
         "universal": lists,
         "search": [f"/search?token={quote(t)}" for t in tokens] or ["/search?token=the"],
         "runs": ["/runs"],
-        "sql": ["/sql?" + urlencode({"q": "SELECT model, step, count(*) FROM v_universality GROUP BY 1, 2"})],
+        "sql": ["/sql?" + urlencode({"q": f"SELECT * FROM v_universality WHERE model = '{models[0]}' LIMIT 50"})],
     }
 
 

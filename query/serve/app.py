@@ -7,6 +7,7 @@ transactions) and the SQL page goes through the same read-only door as `actdb sq
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -75,9 +76,11 @@ def _error_page(site: Site, request: Request, status: int, message: str) -> HTML
     return HTMLResponse(html, status_code=status)
 
 
-def create_app(config: StoreConfig, device: str = "auto", max_loaded: int | None = None) -> Starlette:
+def create_app(
+    config: StoreConfig, device: str = "auto", max_loaded: int | None = None, warm: bool = True
+) -> Starlette:
     """The explorer over the store at `config`, opened read-only (a missing or outdated store is an ActdbError
-    here, before anything listens)."""
+    here, before anything listens); with `warm`, the whole-store results are read in a background thread."""
     store = Store.open(config, read_only=True)
     loaded = LoadedModels(device=device) if max_loaded is None else LoadedModels(max_loaded, device)
     site = Site(store, templates(), loaded)
@@ -98,4 +101,6 @@ def create_app(config: StoreConfig, device: str = "auto", max_loaded: int | None
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
     app.state.site = site
+    if warm:
+        threading.Thread(target=pages.warm_caches, args=(site,), name="actdb-serve-warm", daemon=True).start()
     return app

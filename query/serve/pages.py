@@ -22,6 +22,7 @@ from actdb.query.serve.site import Site
 from actdb.query.sql_console import DEFAULT_TIMEOUT, ReadonlyQuery
 from actdb.query.text_activations import MAX_CHECKPOINTS, MAX_TEXT_CHARS, Probe, text_activations
 from actdb.store.database.connection import Rows
+from actdb.store.database.labels import FAMILIES
 from actdb.store.errors import ActdbError, first_line
 from actdb.store.hook_names import parse_hook
 from actdb.store.refs import parse_neuron, parse_set_ref
@@ -247,7 +248,7 @@ def universal(site: Site, request: Request) -> Response:
             nav=nav,
             sort_links=sort_links,
             models=site.cached("models", lambda: queries.models_listing(site.store).column("model")),
-            families=site.cached("families", lambda: reads.families_present(site.store)),
+            families=FAMILIES,
             downloads=_links(request),
         )
     )
@@ -373,6 +374,23 @@ def sql(site: Site, request: Request) -> Response:
         downloads=_links(request),
     )
     return HTMLResponse(html, status_code=400 if error else 200)
+
+
+def warm_caches(site: Site) -> None:
+    """Read the whole-store results the first visitor would otherwise wait for (the home grid, the first page
+    of universal neurons, the token index); run in a background thread at start. A failure is logged, not
+    raised: the page that needs it reports it then."""
+    import logging
+
+    try:
+        site.cached("grid", lambda: reads.home_grid(site.store))
+        site.cached("runs", lambda: queries.runs_listing(site.store))
+        site.cached(
+            ("universal", reads.UniversalFilter()), lambda: reads.universal_page(site.store, reads.UniversalFilter())
+        )
+        site.cached("token-index", lambda: reads.token_index(site.store))
+    except Exception as exc:  # a warm-up: the page that needs the result reports its own error
+        logging.getLogger("actdb.serve").warning("warming the caches failed: %s", first_line(exc))
 
 
 def bind(site: Site, handler: Callable[[Site, Request], Response]) -> Callable[[Request], Response]:

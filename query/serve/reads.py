@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select, tuple_
+from sqlalchemy import Select, and_, case, func, select, tuple_
 
 from actdb.query import queries
 from actdb.query.explanations import _file_contents, _text, neuron_explanation
@@ -54,26 +54,37 @@ class NotInStore(ActdbError):
 
 
 def home_grid(store: Store) -> tuple[list[str], list[int], dict[tuple[str, int], dict[str, Any]]]:
-    """Models × steps: per cell the share of live neurons labelled universal in each set's newest cross-model run
-    (no control), with how many neurons it rests on."""
-    v = v_universality
+    """Models × steps: per cell how many neurons were scored and how many are universal (excess correlation above
+    the run's recorded threshold) in each set's newest cross-model run without control. Counted on the
+    `universality` table itself, per set, then named: the view's joins cost seconds at paper scale."""
+    u, r, a, c, m = tables.universality, tables.correlation_run, tables.activation_set, tables.checkpoint, tables.model
     newest = newest_runs("none")
-    rows = store.query(
+    per_set = store.query(
         select(
-            v.c.model,
-            v.c.step,
+            u.c.set_id,
             func.count().label("n_neurons"),
-            func.sum(func.cast(universal_condition(None), tables.Integer)).label("n_universal"),
+            func.sum(case((u.c.excess_corr > r.c.threshold, 1), else_=0)).label("n_universal"),
         )
-        .join(newest, on_newest(v, newest))
-        .group_by(v.c.model, v.c.step)
+        .join(newest, and_(u.c.run_id == newest.c.run_id, u.c.set_id == newest.c.set_id))
+        .join(r, r.c.id == u.c.run_id)
+        .group_by(u.c.set_id)
     )
-    models = queries.models_listing(store)
-    steps = sorted(
-        set(store.query(select(tables.checkpoint.c.step).distinct()).column("step")) | {r["step"] for r in rows}
-    )
-    cells = {(r["model"], r["step"]): dict(r) for r in rows}
-    return models.column("model"), steps, cells
+    names = {
+        x["id"]: (x["model"], x["step"])
+        for x in store.query(
+            select(a.c.id, m.c.name.label("model"), c.c.step)
+            .join(c, c.c.id == a.c.checkpoint_id)
+            .join(m, m.c.id == c.c.model_id)
+        )
+    }
+    cells: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in per_set:
+        cell = cells.setdefault(names[row["set_id"]], {"n_neurons": 0, "n_universal": 0})
+        cell["n_neurons"] += row["n_neurons"]
+        cell["n_universal"] += row["n_universal"] or 0
+    models = queries.models_listing(store).column("model")
+    steps = sorted(set(store.query(select(c.c.step).distinct()).column("step")) | {k[1] for k in cells})
+    return models, steps, cells
 
 
 def datasets(store: Store) -> Rows:
@@ -96,19 +107,24 @@ class UniversalFilter:
     per_page: int = PAGE_SIZE
 
 
+LISTED = [c for c in UNIVERSAL_LIST_COLUMNS if c != "family"]
+
+
 def _universal_query(f: UniversalFilter) -> Select:
+    """The filtered universal neurons (without their family: joining the explanations view to every row costs
+    seconds at paper scale, so it is joined only to filter by family, and looked up for the rows shown)."""
     v, e = v_universality, v_neuron_explanations
     newest = newest_runs("none")
     query = (
-        select(*(v.c[c] for c in UNIVERSAL_LIST_COLUMNS if c != "family"), e.c.family)
+        select(*(v.c[c] for c in LISTED), v.c.set_id)
         .join(newest, on_newest(v, newest))
-        .outerjoin(e, and_(e.c.set_id == v.c.set_id, e.c.layer == v.c.layer, e.c.neuron == v.c.neuron))
         .where(universal_condition(None))
     )
     for column, value in (("model", f.model), ("step", f.step), ("layer", f.layer)):
         if value is not None:
             query = query.where(v.c[column] == value)
     if f.family:
+        query = query.join(e, and_(e.c.set_id == v.c.set_id, e.c.layer == v.c.layer, e.c.neuron == v.c.neuron))
         query = query.where(e.c.family == f.family)
     if f.min_excess is not None:
         query = query.where(v.c.excess_corr >= f.min_excess)
@@ -117,6 +133,21 @@ def _universal_query(f: UniversalFilter) -> Select:
     if f.min_stability is not None:
         query = query.where(v.c.stability >= f.min_stability)
     return query
+
+
+def _with_families(store: Store, rows: Rows) -> Rows:
+    """`rows` with each neuron's family from `v_neuron_explanations` (blank where its set is not explained)."""
+    e = v_neuron_explanations
+    found: dict[tuple[int, int, int], str] = {}
+    for set_id in {r["set_id"] for r in rows}:
+        pairs = [(r["layer"], r["neuron"]) for r in rows if r["set_id"] == set_id]
+        for start in range(0, len(pairs), 500):  # bounded IN lists
+            query = select(e.c.layer, e.c.neuron, e.c.family).where(
+                e.c.set_id == set_id, tuple_(e.c.layer, e.c.neuron).in_(pairs[start : start + 500])
+            )
+            found.update({(set_id, x["layer"], x["neuron"]): x["family"] for x in store.query(query)})
+    out = [{**{c: r[c] for c in LISTED}, "family": found.get((r["set_id"], r["layer"], r["neuron"]))} for r in rows]
+    return Rows(UNIVERSAL_LIST_COLUMNS, out, {**rows.types, "family": str})
 
 
 def universal_page(store: Store, f: UniversalFilter) -> tuple[Rows, int]:
@@ -129,20 +160,14 @@ def universal_page(store: Store, f: UniversalFilter) -> tuple[Rows, int]:
     total = store.scalar(select(func.count()).select_from(query.subquery()))
     order = [*UNIVERSAL_SORTS[f.sort](v), v.c.model, v.c.step, v.c.layer, v.c.neuron]
     page = store.query(query.order_by(*order).limit(f.per_page).offset((f.page - 1) * f.per_page))
-    return Rows(UNIVERSAL_LIST_COLUMNS, [dict(r) for r in page], page.types), total
+    return _with_families(store, page), total
 
 
 def universal_all(store: Store, f: UniversalFilter) -> Rows:
     """Every row of the filtered list (for downloads), in the list's order."""
     v = v_universality
     order = [*UNIVERSAL_SORTS[f.sort](v), v.c.model, v.c.step, v.c.layer, v.c.neuron]
-    rows = store.query(_universal_query(f).order_by(*order))
-    return Rows(UNIVERSAL_LIST_COLUMNS, [dict(r) for r in rows], rows.types)
-
-
-def families_present(store: Store) -> list[str]:
-    e = v_neuron_explanations
-    return sorted(f for f in store.query(select(e.c.family).distinct()).column("family") if f)
+    return _with_families(store, store.query(_universal_query(f).order_by(*order)))
 
 
 def checkpoint_shape(store: Store, model: str, step: int) -> tuple[int, int]:

@@ -112,6 +112,12 @@ def test_neuron_page_links_twin_and_other_step(client):
     other_step = "1" if step == "0" else "0"
     assert f'href="/neuron/{model}@{other_step}/{cell}"' in text
     assert "self corr" in text
+    matches = client.get(url, params={"format": "csv", "table": "matches"})
+    assert matches.headers["content-disposition"].endswith('-matches.csv"')
+    rows = list(csv.DictReader(io.StringIO(matches.text)))
+    assert {r["other_model"] for r in rows} == {other_model, model}  # the other seed, and itself at the other step
+    assert client.get(url, params={"format": "csv"}).status_code == 400
+    assert client.get(url, params={"format": "parquet", "table": "examples"}).content[:4] == b"PAR1"
 
 
 def test_universal_list_filters_sorts_pages_and_downloads(client, served_store):
@@ -349,7 +355,7 @@ def test_in_chromium_from_home_to_a_twin_an_earlier_step_a_token_and_a_sql_downl
     first.click()
     page.wait_for_url("**/neuron/a@1/**")
     layer_neuron = page.url.rsplit("/", 1)[1]
-    page.locator("section[aria-labelledby=twins-h] a").first.click()
+    page.locator("section[aria-labelledby=twins-h] table a").first.click()
     page.wait_for_url("**/neuron/b@1/**")
     twin = page.url.rsplit("/", 1)[1]
     page.go_back()

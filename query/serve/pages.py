@@ -153,8 +153,34 @@ def home(site: Site, request: Request) -> Response:
 def neuron(site: Site, request: Request) -> Response:
     model, step, layer, index = _neuron_address(request)
     hook = _hook(request)
+    fmt = _format(request)
+    table = request.query_params.get("table")
+    if fmt and table not in NEURON_TABLES:
+        raise _bad(f"name the table to download: table={' or table='.join(NEURON_TABLES)}")
     page = _reading(lambda: reads.neuron_page(site.store, model, step, layer, index, hook))
-    return HTMLResponse(site.render("neuron.html", p=page, charts=_neuron_charts(page), request=request))
+    if fmt:
+        rows = {**page.story, **page.explained, "concepts": page.concepts}[table]
+        return download(rows, f"{model}@{step}-{layer}.{index}-{table}", fmt)
+    links = {
+        t: {f: f"?{urlencode({**request.query_params, 'table': t, 'format': f})}" for f in ("csv", "parquet")}
+        for t in NEURON_TABLES
+    }
+    return HTMLResponse(site.render("neuron.html", p=page, charts=_neuron_charts(page), request=request, links=links))
+
+
+NEURON_TABLES = (
+    "statistics",
+    "universality",
+    "matches",
+    "history",
+    "self_correlation",
+    "ablations",
+    "explanation",
+    "examples",
+    "top_tokens",
+    "vocabulary",
+    "concepts",
+)
 
 
 def _neuron_charts(page: reads.NeuronPage) -> dict[str, Any]:

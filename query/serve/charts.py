@@ -53,14 +53,15 @@ class Series:
     links: list[str | None] | None = None  # the page each point opens
 
 
-def line_chart(series: Sequence[Series], x_label: str, y_label: str) -> Markup:
-    """Lines over a shared x axis (steps); each point's hover shows its series, x and y, and links where given."""
+def line_chart(series: Sequence[Series], x_label: str, y_label: str, y_max: float | None = None) -> Markup:
+    """Lines over a shared x axis (steps); each point's hover shows its series, x and y, and links where given.
+    The y axis runs from min(0, lowest) to `y_max` (default: the highest value)."""
     xs = [x for s in series for x, y in s.points if y is not None]
     ys = [y for s in series for _x, y in s.points if y is not None and math.isfinite(y)]
     if not xs or not ys:
         return Markup("")
     x0, x1 = min(xs), max(xs)
-    y0, y1 = min(min(ys), 0.0), max(max(ys), 1e-9)
+    y0, y1 = min(min(ys), 0.0), max(max(ys), 1e-9) if y_max is None else max(max(ys), y_max)
 
     def px(x: float) -> float:
         return PAD + (WIDTH - 2 * PAD) * ((x - x0) / (x1 - x0) if x1 > x0 else 0.5)
@@ -90,6 +91,7 @@ def line_chart(series: Sequence[Series], x_label: str, y_label: str) -> Markup:
         f'<text x="{PAD}" y="{HEIGHT - 8}" class="tick">{escape(_fmt(x0))}</text>'
         f'<text x="{WIDTH - PAD}" y="{HEIGHT - 8}" class="tick" text-anchor="end">{escape(_fmt(x1))}</text>'
         f'<text x="{WIDTH / 2}" y="{HEIGHT - 8}" class="tick" text-anchor="middle">{escape(x_label)}</text>'
+        f'<text x="{WIDTH - 6}" y="14" class="tick" text-anchor="end">{escape(y_label)}</text>'
         f'<text x="4" y="{PAD}" class="tick">{escape(_fmt(y1))}</text>'
         f'<text x="4" y="{HEIGHT - PAD}" class="tick">{escape(_fmt(y0))}</text>'
     )

@@ -363,13 +363,20 @@ def persistence(site: Site, request: Request) -> Response:
         return got
     plots = []
     for model in sorted({r["model"] for r in rows}):
-        series = []
-        for layer in sorted({r["layer"] for r in rows if r["model"] == model}):
-            mine = sorted((r for r in rows if r["model"] == model and r["layer"] == layer), key=lambda r: r["to_step"])
-            points = [(r["to_step"], r["p_persist"]) for r in mine]
-            links = [f"/universal?{urlencode({'model': model, 'step': r['to_step'], 'layer': layer})}" for r in mine]
-            series.append(charts.Series(f"layer {layer}", points, links))
-        plots.append((model, charts.line_chart(series, "step", "P(persist)")))
+        pair = []
+        for metric, label in (("p_persist", "P(persist)"), ("mean_self_corr", "mean self-correlation")):
+            series = []
+            for layer in sorted({r["layer"] for r in rows if r["model"] == model}):
+                mine = sorted(
+                    (r for r in rows if r["model"] == model and r["layer"] == layer), key=lambda r: r["to_step"]
+                )
+                points = [(r["to_step"], r[metric]) for r in mine]
+                links = [
+                    f"/universal?{urlencode({'model': model, 'step': r['to_step'], 'layer': layer})}" for r in mine
+                ]
+                series.append(charts.Series(f"layer {layer}", points, links))
+            pair.append(charts.line_chart(series, "step (to)", label, y_max=1.0))
+        plots.append((model, pair))
     return HTMLResponse(site.render("persistence.html", plots=plots, rows=rows, downloads=_links(request)))
 
 

@@ -9,6 +9,7 @@ import csv
 import io
 import re
 import shutil
+from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
@@ -452,6 +453,8 @@ def test_an_empty_store_on_sqlite_and_postgresql_is_served_read_only(db_url, tmp
 
     run = cli_runner(tmp_path / "home", db_url)
     run("init")
+    sqlite_file = Path(db_url.removeprefix("sqlite:///"))
+    before = sqlite_file.read_bytes() if db_url.startswith("sqlite") else None
     app = create_app(StoreConfig.resolve(tmp_path / "home", db_url), device="cpu")
     with TestClient(app, raise_server_exceptions=False) as client:
         assert client.get("/").status_code == 200
@@ -460,6 +463,8 @@ def test_an_empty_store_on_sqlite_and_postgresql_is_served_read_only(db_url, tmp
         refused = client.get("/sql", params={"q": "INSERT INTO dataset (name) VALUES ('x')"})
         assert refused.status_code == 400 and 'class="error"' in refused.text
         assert client.get("/neuron/m@0/0.0").status_code == 404
+    if before is not None:
+        assert sqlite_file.read_bytes() == before  # browsing wrote nothing
     store = app.state.site.store
     assert store.read_only
     with pytest.raises(Exception, match="(?i)read.?only|readonly"), store.transaction() as conn:
@@ -487,3 +492,17 @@ def test_token_search_finds_exactly_the_neurons_whose_top_token_it_is(client, se
     fires = {(r["model"], int(r["step"]), int(r["layer"]), int(r["neuron"])) for r in rows if r["how"] == "fires on"}
     assert fires == expected and len(expected) < 200
     assert all(r["token"].strip().lower() == token.strip().lower() for r in rows)
+
+
+def test_serve_warns_when_it_listens_beyond_this_machine(tmp_path):
+    import socket
+
+    run = cli_runner(tmp_path / "home", f"sqlite:///{tmp_path}/home/actdb.sqlite")
+    run("init")
+    with socket.socket() as busy:  # the port is taken, so the server stops right after the warning
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run("serve", "--host", "0.0.0.0", "--port", port, ok=False)
+    assert r.exit_code != 0
+    assert "warning: listening on 0.0.0.0: anyone who can reach this address can read the whole store" in r.stderr

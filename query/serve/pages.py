@@ -157,8 +157,7 @@ def neuron(site: Site, request: Request) -> Response:
     table = request.query_params.get("table")
     if fmt and table not in NEURON_TABLES:
         raise _bad(f"name the table to download: table={' or table='.join(NEURON_TABLES)}")
-    key = ("neuron", model, step, layer, index, hook)
-    page = site.cached(key, lambda: _reading(lambda: reads.neuron_page(site.store, model, step, layer, index, hook)))
+    page = _reading(lambda: reads.neuron_page(site.store, model, step, layer, index, hook))
     if fmt:
         rows = {**page.story, **page.explained, "concepts": page.concepts}[table]
         return download(rows, f"{model}@{step}-{layer}.{index}-{table}", fmt)

@@ -45,8 +45,8 @@ class Site:
 
     def cached(self, key: Hashable, read: Callable[[], T]) -> T:
         """`read()`, kept until the store's `generation` changes (a run completes, a set is ingested, ...): the
-        whole-store aggregates (the home grid, counts over every universality row) are read once per generation,
-        and a neuron page visited again is not read again.
+        whole-store aggregates (the home grid, counts over every universality row) are read once per generation.
+        Neuron pages are not kept: caching them bought little under load and grew the server by ~30 MiB.
         At most CACHED_PAGES results, least recently used dropped first."""
         now = generation(self.store)
         with self._lock:

@@ -227,6 +227,23 @@ class ActdbStore:
             provenance=provenance,
         )
 
+    def text_activations(
+        self, target: str, text: str, neurons: str | list[str], hook: str | None = None, device: str = "auto"
+    ) -> pd.DataFrame:
+        """Per token of `text`, the activation of each neuron (`"L.N,..."` or a list of `"L.N"`) of MODEL@STEP,
+        computed now by loading the checkpoint with ingest's own loader and hooks (as `actdb activations`): columns
+        position, token and one per neuron, `"MODEL@STEP L.N"`."""
+        from actdb.query.text_activations import LoadedModels, Probe, text_activations
+        from actdb.store.refs import parse_list
+
+        ref = parse_set_ref(target)
+        cells = [
+            parse_neuron(x) for x in parse_list(neurons if isinstance(neurons, str) else ",".join(neurons), "neurons")
+        ]
+        probes = [Probe(ref.model, ref.step, layer, n) for layer, n in cells]
+        hook = parse_hook(hook) if hook else None
+        return frame(text_activations(self.store, probes, text, LoadedModels(1, device), hook))
+
     def read_layer(self, target: str, layer: int, **options: Any) -> np.ndarray:
         """The values of `activations(...)` alone: `(tokens, neurons)` (float16; float32 for int8 sets), neurons in
         the order asked."""

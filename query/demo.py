@@ -36,6 +36,7 @@ from actdb.query import queries
 from actdb.query.explanations import families, neuron_explanation
 from actdb.query.output import render
 from actdb.query.report import build_report
+from actdb.query.serve.launch import browse_command
 from actdb.query.trajectory_tables import kind_comparison, long_rows, run_summary, wide_table
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import resolve_sets
@@ -166,6 +167,7 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     _similarity_summary(store, models, compared, echo)
     _concept_summary(store, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
+    echo(f"browse it: {browse_command(store.config)}")
     return report
 
 

@@ -15,6 +15,8 @@ was taken for every neuron or only for some.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,20 @@ def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, con
         return live & np.isfinite(sd) & (np.abs(mean - threshold) < q * sd / np.sqrt(np.maximum(n, 1)))
 
 
+def draw_rotations(d: int, seed: int, draws: range) -> np.ndarray:
+    """`P_k` of every draw of a round side by side, `(d, len(draws) * d)` float32 (`baseline.draw_rotation`).
+
+    Each QR runs on one BLAS thread and the draws in parallel: a LAPACK QR is mostly panel factorisations whose
+    threads wait on each other, and on 2 shared cores (load ~10) eight 512 x 512 QRs took 19 s on two threads
+    and 0.9 s on one, with bit-equal results (benchmarks/RESULTS.md)."""
+    from threadpoolctl import threadpool_limits  # only correlation runs that refine need it
+
+    workers = max(1, min(len(draws), os.cpu_count() or 1))
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
+        mats = list(pool.map(lambda k: draw_rotation(d, seed, k).astype(np.float32), draws))
+    return np.concatenate(mats, axis=1)
+
+
 def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
     """Add draws `K..max_draws-1` for the undecided neurons of every set (into each pair's `extra` baseline),
     round by round; returns the number of neuron-draws added. `acc` holds the pass's float32 covariance blocks
@@ -52,8 +68,10 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
 
     Draw k rotates model m's layer by `R P_k` (`R` its draw-0 rotation). What does not depend on k is computed
     once: `R^T C R` per set and layer (for the rotated sds), and per round `Cov_ab[undecided rows] R_b` and
-    `R_a^T Cov_ab[:, undecided columns]`. A draw then costs `(R^T C R) P_k` per set and layer (d^3, for the sds
-    of every rotated neuron, which every maximum needs) and the undecided neurons' rows times `P_k`."""
+    `R_a^T Cov_ab[:, undecided columns]`. A round's draws then go together: their `P_k` side by side, one
+    product `(R^T C R) [P_k ...]` per set and layer for the sds of every rotated neuron (which every maximum
+    needs: d^3 per draw, whatever the number of undecided neurons) and one per pair and layer for the undecided
+    neurons' rows or columns times `[P_k ...]`."""
     opts, inputs, backend = engine.options, engine.inputs, engine.backend
     xp = backend.xp
     k0, cap = opts.baseline_draws, opts.max_draws
@@ -64,35 +82,37 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
         s.key: [r.T @ (c.astype(xp.float32) @ r) for c, r in zip(engine.moments[s.key].cov, bases[s.key], strict=True)]
         for s in inputs
     }
-    draws: dict[tuple[int, int], object] = {}
-    added, draw = 0, k0
-    while draw < cap:
+    added, start = 0, k0
+    while start < cap:
         todo = {s.key: _undecided_of(engine, s.key) for s in inputs}
         if not any(m.any() for m in todo.values()):
             break
+        draws = range(start, min(start + ROUND, cap))
+        slots = slice(draws.start - k0, draws.stop - k0)
         fixed = _round_products(engine, acc, bases, todo)
-        for k in range(draw, min(draw + ROUND, cap)):
-            sds = {}
-            for s in inputs:
-                if (s.d_mlp, k) not in draws:
-                    draws[(s.d_mlp, k)] = backend.asarray(
-                        draw_rotation(s.d_mlp, opts.baseline_seed, k).astype(np.float32)
-                    )
-                p = draws[(s.d_mlp, k)]
-                sds[s.key] = xp.concatenate(
-                    [xp.sqrt(xp.clip(((c @ p) * p).sum(axis=0, dtype=xp.float64), 0, None)) for c in rotated_cov[s.key]]
-                )
-            for key, mask in todo.items():
-                for other in (o for o in range(len(inputs)) if o != key):
-                    engine.results[(key, other)].extra[k - k0, mask] = -np.inf
-            for (kind, a, b, layer), (index, part) in fixed.items():
-                if kind == "forward":
-                    _forward(engine, a, b, layer, index, part, draws[(inputs[b].d_mlp, k)], sds[b], k - k0)
-                else:
-                    _backward(engine, a, b, layer, index, part, draws[(inputs[a].d_mlp, k)], sds[a], k - k0)
-            added += int(sum(m.sum() for m in todo.values()))
-        draw = min(draw + ROUND, cap)
+        p = {d: backend.asarray(draw_rotations(d, opts.baseline_seed, draws)) for d in {s.d_mlp for s in inputs}}
+        sds = {s.key: _rotated_sds(rotated_cov[s.key], p[s.d_mlp], len(draws), xp) for s in inputs}
+        for key, mask in todo.items():
+            for other in (o for o in range(len(inputs)) if o != key):
+                engine.results[(key, other)].extra[slots][:, mask] = -np.inf
+        for (kind, a, b, layer), (index, part) in fixed.items():
+            if kind == "forward":
+                _forward(engine, a, b, layer, index, part, p[inputs[b].d_mlp], sds[b], slots)
+            else:
+                _backward(engine, a, b, layer, index, part, p[inputs[a].d_mlp], sds[a], slots)
+        added += len(draws) * int(sum(m.sum() for m in todo.values()))
+        start = draws.stop
     return added
+
+
+def _rotated_sds(rotated_cov: list, p, n_draws: int, xp) -> object:
+    """`(draws, n)`: sqrt(diag(P_k^T (R^T C R) P_k)) of every layer and draw of the round, from one product per
+    layer with the draws' `P_k` side by side."""
+    per_layer = []
+    for c in rotated_cov:
+        var = ((c @ p) * p).sum(axis=0, dtype=xp.float64)
+        per_layer.append(xp.sqrt(xp.clip(var, 0, None)).reshape(n_draws, -1))
+    return xp.concatenate(per_layer, axis=1)
 
 
 def _round_products(engine: CorrelationEngine, acc: dict, bases: dict, todo: dict) -> dict:
@@ -129,31 +149,32 @@ def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
     return undecided(excess, layer, engine.options.adaptive_threshold, engine.options.adaptive_confidence)
 
 
-def _forward(engine, a: int, b: int, layer: int, rows: np.ndarray, rotated: list, p, rot_sd, slot: int) -> None:
-    """Undecided neurons (`rows`) of a's `layer` against b's neurons rotated by draw k: `(Cov R_b) P_k`."""
+def _forward(engine, a: int, b: int, layer: int, rows: np.ndarray, rotated: list, p, rot_sd, slots: slice) -> None:
+    """Undecided neurons (`rows`) of a's `layer` against b's neurons rotated by each draw of the round:
+    `(Cov R_b) [P_k ...]`, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's neurons)."""
     xp, backend = engine.backend.xp, engine.backend
-    d = engine.inputs[a].d_mlp
-    scaled = xp.concatenate([part @ p for part in rotated], axis=1)
+    d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]
+    scaled = xp.concatenate([(part @ p).reshape(len(rows), n_draws, -1) for part in rotated], axis=2)
     inv_cols, dead_cols = inverse_sd(rot_sd, xp)
-    scaled *= inv_cols
+    scaled *= inv_cols[None]
     if bool(dead_cols.any()):
         scaled[:, dead_cols] = -xp.inf
     inv_rows, _ = inverse_sd(engine.moments[a].sd[layer * d : (layer + 1) * d][backend.asarray(rows)], xp)
-    best = backend.to_numpy(xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0))
-    engine.results[(a, b)].extra[slot, layer * d + rows] = best
+    best = backend.to_numpy(xp.clip(scaled.max(axis=2) * inv_rows[:, None], -1.0, 1.0))
+    engine.results[(a, b)].extra[slots, layer * d + rows] = best.T
 
 
-def _backward(engine, a: int, b: int, layer: int, cols: np.ndarray, part, p, rot_sd, slot: int) -> None:
-    """Undecided neurons (`cols`) of b against a's `layer` rotated by draw k: `P_k^T (R_a^T Cov)`, a running max
-    over a's layers."""
+def _backward(engine, a: int, b: int, layer: int, cols: np.ndarray, part, p, rot_sd, slots: slice) -> None:
+    """Undecided neurons (`cols`) of b against a's `layer` rotated by each draw of the round:
+    `[P_k ...]^T (R_a^T Cov)`, a running max over a's layers."""
     xp, backend = engine.backend.xp, engine.backend
-    d = engine.inputs[a].d_mlp
-    scaled = p.T @ part
-    inv_rows, dead_rows = inverse_sd(rot_sd[layer * d : (layer + 1) * d], xp)
-    scaled *= inv_rows[:, None]
+    d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]
+    scaled = (p.T @ part).reshape(n_draws, d, len(cols))
+    inv_rows, dead_rows = inverse_sd(rot_sd[:, layer * d : (layer + 1) * d], xp)
+    scaled *= inv_rows[:, :, None]
     if bool(dead_rows.any()):
-        scaled[dead_rows, :] = -xp.inf
+        scaled[dead_rows] = -xp.inf
     inv_cols, _ = inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
-    best = backend.to_numpy(xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0))
-    target = engine.results[(b, a)].extra[slot]
-    target[cols] = np.fmax(target[cols], best)
+    best = backend.to_numpy(xp.clip(scaled.max(axis=1) * inv_cols, -1.0, 1.0))
+    target = engine.results[(b, a)].extra[slots]
+    target[:, cols] = np.fmax(target[:, cols], best)

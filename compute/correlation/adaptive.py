@@ -77,23 +77,24 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
     k0, cap = opts.baseline_draws, opts.max_draws
     for res in engine.results.values():
         res.extra = np.full((cap - k0, res.baseline.shape[1]), np.nan)
-    bases = {s.key: [backend.asarray(r) for r in engine._base_rotations(s.key)] for s in inputs}
+    sets = range(len(inputs))  # the engine's positions (a set's `key` is its id in the store)
+    bases = {i: [backend.asarray(r) for r in engine._base_rotations(i)] for i in sets}
     rotated_cov = {
-        s.key: [r.T @ (c.astype(xp.float32) @ r) for c, r in zip(engine.moments[s.key].cov, bases[s.key], strict=True)]
-        for s in inputs
+        i: [r.T @ (c.astype(xp.float32) @ r) for c, r in zip(engine.moments[i].cov, bases[i], strict=True)]
+        for i in sets
     }
     added, start = 0, k0
     while start < cap:
-        todo = {s.key: _undecided_of(engine, s.key) for s in inputs}
+        todo = {i: _undecided_of(engine, i) for i in sets}
         if not any(m.any() for m in todo.values()):
             break
         draws = range(start, min(start + ROUND, cap))
         slots = slice(draws.start - k0, draws.stop - k0)
         fixed = _round_products(engine, acc, bases, todo)
         p = {d: backend.asarray(draw_rotations(d, opts.baseline_seed, draws)) for d in {s.d_mlp for s in inputs}}
-        sds = {s.key: _rotated_sds(rotated_cov[s.key], p[s.d_mlp], len(draws), xp) for s in inputs}
+        sds = {i: _rotated_sds(rotated_cov[i], p[inputs[i].d_mlp], len(draws), xp) for i in sets}
         for key, mask in todo.items():
-            for other in (o for o in range(len(inputs)) if o != key):
+            for other in (o for o in sets if o != key):
                 engine.results[(key, other)].extra[slots][:, mask] = -np.inf
         for (kind, a, b, layer), (index, part) in fixed.items():
             if kind == "forward":

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from actdb.compute.correlation.engine import CorrelationEngine
 
 ROUND = 8  # draws added per round for the neurons still undecided
+STACK_BYTES = 2**28  # a round's products with the draws' rotations go in slices of at most this many bytes
 
 
 def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, confidence: float) -> np.ndarray:
@@ -67,11 +68,11 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
     of every pair (a one-pass run).
 
     Draw k rotates model m's layer by `R P_k` (`R` its draw-0 rotation). What does not depend on k is computed
-    once: `R^T C R` per set and layer (for the rotated sds), and per round `Cov_ab[undecided rows] R_b` and
-    `R_a^T Cov_ab[:, undecided columns]`. A round's draws then go together: their `P_k` side by side, one
-    product `(R^T C R) [P_k ...]` per set and layer for the sds of every rotated neuron (which every maximum
-    needs: d^3 per draw, whatever the number of undecided neurons) and one per pair and layer for the undecided
-    neurons' rows or columns times `[P_k ...]`."""
+    once: `R^T C R` per set and layer (for the rotated sds). A round's draws go together, their `P_k` side by
+    side: one product `(R^T C R) [P_k ...]` per set and layer for the sds of every rotated neuron (which every
+    maximum needs: d^3 per draw, whatever the number of undecided neurons), and the undecided neurons' rows
+    `Cov_ab[rows] R_b` (stacked over the other sets a) and columns `R_a^T Cov_ab[:, cols]` (stacked over b)
+    times `[P_k ...]`, one product per set and layer."""
     opts, inputs, backend = engine.options, engine.inputs, engine.backend
     xp = backend.xp
     k0, cap = opts.baseline_draws, opts.max_draws
@@ -90,17 +91,16 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
             break
         draws = range(start, min(start + ROUND, cap))
         slots = slice(draws.start - k0, draws.stop - k0)
-        fixed = _round_products(engine, acc, bases, todo)
+        forward, backward = _gather(engine, acc, todo)
         p = {d: backend.asarray(draw_rotations(d, opts.baseline_seed, draws)) for d in {s.d_mlp for s in inputs}}
         sds = {i: _rotated_sds(rotated_cov[i], p[inputs[i].d_mlp], len(draws), xp) for i in sets}
         for key, mask in todo.items():
             for other in (o for o in sets if o != key):
                 engine.results[(key, other)].extra[slots][:, mask] = -np.inf
-        for (kind, a, b, layer), (index, part) in fixed.items():
-            if kind == "forward":
-                _forward(engine, a, b, layer, index, part, p[inputs[b].d_mlp], sds[b], slots)
-            else:
-                _backward(engine, a, b, layer, index, part, p[inputs[a].d_mlp], sds[a], slots)
+        for b, entries in forward.items():
+            _forward(engine, b, entries, bases[b], p[inputs[b].d_mlp], sds[b], slots)
+        for (a, layer), entries in backward.items():
+            _backward(engine, a, layer, entries, bases[a][layer], p[inputs[a].d_mlp], sds[a], slots)
         added += len(draws) * int(sum(m.sum() for m in todo.values()))
         start = draws.stop
     return added
@@ -116,27 +116,6 @@ def _rotated_sds(rotated_cov: list, p, n_draws: int, xp) -> object:
     return xp.concatenate(per_layer, axis=1)
 
 
-def _round_products(engine: CorrelationEngine, acc: dict, bases: dict, todo: dict) -> dict:
-    """Per (direction, a, b, layer of a): the undecided neurons' indices and their products with the draw-0
-    rotations, `Cov_ab[rows] R_b` (forward, rows of a) or `R_a^T Cov_ab[:, cols]` (backward, columns of b)."""
-    backend, inputs = engine.backend, engine.inputs
-    out = {}
-    for g, block in acc.items():
-        sb = inputs[g.b]
-        d = inputs[g.a].d_mlp
-        for layer in range(g.start, g.stop):
-            cov = engine._rows(g, block, layer)
-            rows = np.flatnonzero(todo[g.a][layer * d : (layer + 1) * d])
-            if len(rows):
-                part = cov[backend.asarray(rows)]
-                rotated = [part[:, lb * sb.d_mlp : (lb + 1) * sb.d_mlp] @ bases[g.b][lb] for lb in range(sb.n_layers)]
-                out[("forward", g.a, g.b, layer)] = (rows, rotated)
-            cols = np.flatnonzero(todo[g.b])
-            if len(cols):
-                out[("backward", g.a, g.b, layer)] = (cols, bases[g.a][layer].T @ cov[:, backend.asarray(cols)])
-    return out
-
-
 def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
     others = [res for (a, _b), res in engine.results.items() if a == key]
     max_corr = np.stack([r.max_corr for r in others]).mean(axis=0)
@@ -150,32 +129,81 @@ def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
     return undecided(excess, layer, engine.options.adaptive_threshold, engine.options.adaptive_confidence)
 
 
-def _forward(engine, a: int, b: int, layer: int, rows: np.ndarray, rotated: list, p, rot_sd, slots: slice) -> None:
-    """Undecided neurons (`rows`) of a's `layer` against b's neurons rotated by each draw of the round:
-    `(Cov R_b) [P_k ...]`, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's neurons)."""
-    xp, backend = engine.backend.xp, engine.backend
-    d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]
-    scaled = xp.concatenate([(part @ p).reshape(len(rows), n_draws, -1) for part in rotated], axis=2)
+def _gather(engine: CorrelationEngine, acc: dict, todo: dict) -> tuple[dict, dict]:
+    """The covariance rows and columns a round needs, stacked so that each multiplies by the draws' rotations
+    in one product: per set b, the undecided rows of every other set against b (`(a, layer, rows, Cov rows)`,
+    forward), and per (set a, layer), b's undecided columns against a's layer (`(b, cols, Cov columns)`,
+    backward). One product per stack instead of one per pair and layer: a few undecided rows times a
+    `(d, draws * d)` block ran far below the BLAS's rate."""
+    backend, inputs = engine.backend, engine.inputs
+    forward: dict[int, list] = {}
+    backward: dict[tuple[int, int], list] = {}
+    for g, block in acc.items():
+        d = inputs[g.a].d_mlp
+        cols = np.flatnonzero(todo[g.b])
+        for layer in range(g.start, g.stop):
+            cov = engine._rows(g, block, layer)
+            rows = np.flatnonzero(todo[g.a][layer * d : (layer + 1) * d])
+            if len(rows):
+                forward.setdefault(g.b, []).append((g.a, layer, rows, cov[backend.asarray(rows)]))
+            if len(cols):
+                backward.setdefault((g.a, layer), []).append((g.b, cols, cov[:, backend.asarray(cols)]))
+    return forward, backward
+
+
+def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice) -> None:
+    """Undecided rows of the other sets against b's neurons rotated by each draw of the round:
+    `Cov_ab[rows] R_b [P_k ...]`, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's neurons), the max
+    over b's neurons per row and draw, then 1/sd of the row (which does not change the argmax)."""
+    xp, backend, sb = engine.backend.xp, engine.backend, engine.inputs[b]
+    d, n_draws = sb.d_mlp, rot_sd.shape[0]
+    stacked = xp.concatenate([cov for *_, cov in entries], axis=0)
     inv_cols, dead_cols = inverse_sd(rot_sd, xp)
-    scaled *= inv_cols[None]
-    if bool(dead_cols.any()):
-        scaled[:, dead_cols] = -xp.inf
-    inv_rows, _ = inverse_sd(engine.moments[a].sd[layer * d : (layer + 1) * d][backend.asarray(rows)], xp)
-    best = backend.to_numpy(xp.clip(scaled.max(axis=2) * inv_rows[:, None], -1.0, 1.0))
-    engine.results[(a, b)].extra[slots, layer * d + rows] = best.T
+    step = max(1, STACK_BYTES // (4 * n_draws * sb.n_neurons))
+    best = np.empty((stacked.shape[0], n_draws))
+    for s0 in range(0, stacked.shape[0], step):
+        part = stacked[s0 : s0 + step]
+        scaled = xp.concatenate(
+            [
+                ((part[:, lb * d : (lb + 1) * d] @ base[lb]) @ p).reshape(len(part), n_draws, d)
+                for lb in range(sb.n_layers)
+            ],
+            axis=2,
+        )
+        scaled *= inv_cols[None]
+        if bool(dead_cols.any()):
+            scaled[:, dead_cols] = -xp.inf
+        best[s0 : s0 + len(part)] = backend.to_numpy(scaled.max(axis=2))
+    at = 0
+    for a, layer, rows, _cov in entries:
+        da = engine.inputs[a].d_mlp
+        inv_rows, _ = inverse_sd(engine.moments[a].sd[layer * da : (layer + 1) * da][backend.asarray(rows)], xp)
+        got = np.clip(best[at : at + len(rows)] * backend.to_numpy(inv_rows)[:, None], -1.0, 1.0)
+        engine.results[(a, b)].extra[slots, layer * da + rows] = got.T
+        at += len(rows)
 
 
-def _backward(engine, a: int, b: int, layer: int, cols: np.ndarray, part, p, rot_sd, slots: slice) -> None:
-    """Undecided neurons (`cols`) of b against a's `layer` rotated by each draw of the round:
-    `[P_k ...]^T (R_a^T Cov)`, a running max over a's layers."""
+def _backward(engine, a: int, layer: int, entries: list, base, p, rot_sd, slots: slice) -> None:
+    """Undecided columns of the other sets against a's `layer` rotated by each draw of the round:
+    `[P_k ...]^T R_a^T Cov_ab[:, cols]`, scaled by the rotated neurons' 1/sd, the max over them, a running max
+    over a's layers."""
     xp, backend = engine.backend.xp, engine.backend
     d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]
-    scaled = (p.T @ part).reshape(n_draws, d, len(cols))
+    rotated = base.T @ xp.concatenate([cov for *_, cov in entries], axis=1)
     inv_rows, dead_rows = inverse_sd(rot_sd[:, layer * d : (layer + 1) * d], xp)
-    scaled *= inv_rows[:, :, None]
-    if bool(dead_rows.any()):
-        scaled[dead_rows] = -xp.inf
-    inv_cols, _ = inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
-    best = backend.to_numpy(xp.clip(scaled.max(axis=1) * inv_cols, -1.0, 1.0))
-    target = engine.results[(b, a)].extra[slots]
-    target[:, cols] = np.fmax(target[:, cols], best)
+    step = max(1, STACK_BYTES // (4 * n_draws * d))
+    best = np.empty((n_draws, rotated.shape[1]))
+    for c0 in range(0, rotated.shape[1], step):
+        part = rotated[:, c0 : c0 + step]
+        scaled = (p.T @ part).reshape(n_draws, d, part.shape[1])
+        scaled *= inv_rows[:, :, None]
+        if bool(dead_rows.any()):
+            scaled[dead_rows] = -xp.inf
+        best[:, c0 : c0 + part.shape[1]] = backend.to_numpy(scaled.max(axis=1))
+    at = 0
+    for b, cols, _cov in entries:
+        inv_cols, _ = inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
+        got = np.clip(best[:, at : at + len(cols)] * backend.to_numpy(inv_cols), -1.0, 1.0)
+        target = engine.results[(b, a)].extra[slots]
+        target[:, cols] = np.fmax(target[:, cols], got)
+        at += len(cols)

@@ -16,6 +16,7 @@ latent features of graded strength) and runs the engine alone, with the threshol
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -146,16 +147,20 @@ def _store(args) -> None:
     store = Store.open(StoreConfig.resolve(copy, None))
     sets = [SetRef(m, args.step) for m in args.models.split(",")]
     print(f"{args.home}: {args.models} at step {args.step}, excess > {args.threshold}; correlate wall time, the least")
-    print(f"of {args.repeat} run(s) per seed; extra: against the K = {args.draws} run")
-    print("| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) | extra | draws per neuron |")
-    print("|---|---|---|---|---|---|")
+    print(f"of {args.repeat} run(s) per seed; extra: against the K = {args.draws} run; adaptive share: the")
+    print("refinement's time over the rest of the same run's engine time (its own log), immune to load between runs")
+    print(
+        "| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) | extra | adaptive share "
+        "| draws per neuron |"
+    )
+    print("|---|---|---|---|---|---|---|")
     before = None
     for name, draws, max_draws in [
         ("1 draw", 1, None),
         (f"K = {args.draws} (before)", args.draws, None),
         *((f"K = {args.draws}, adaptive to {cap} (after)", args.draws, cap) for cap in args.max_draws),
     ]:
-        labels, seconds, said = {}, [], ""
+        labels, seconds, said, shares = {}, [], "", []
         for seed in SEEDS:
             request = CorrelationRequest(
                 sets=sets,
@@ -173,6 +178,7 @@ def _store(args) -> None:
                 t0 = time.perf_counter()
                 outcome = correlate(store, request, log=lines.append)
                 best = min(best, time.perf_counter() - t0)
+                shares.append(_adaptive_share(lines))
             seconds.append(best)
             said = next((part for line in lines for part in line.split("; ") if "draws per neuron" in part), said)
             rows = universal_neurons(store, run=outcome.run_id, threshold=args.threshold)
@@ -184,11 +190,26 @@ def _store(args) -> None:
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(
             f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {seconds[0]:.1f} / {seconds[1]:.1f} | "
-            f"{extra} | {said} |",
+            f"{extra} | {_share(shares)} | {said} |",
             flush=True,
         )
     store.close()
     shutil.rmtree(copy.parent)
+
+
+def _adaptive_share(lines: list[str]) -> float | None:
+    """The run's adaptive phase over the rest of its engine time, from `correlate`'s log line."""
+    text = " ".join(lines)
+    engine = re.search(r"engine ([0-9.]+)s", text)
+    phase = re.search(r"adaptive phase ([0-9.]+)s", text)
+    if engine is None or phase is None:
+        return None
+    return float(phase.group(1)) / (float(engine.group(1)) - float(phase.group(1)))
+
+
+def _share(shares: list[float | None]) -> str:
+    known = [s for s in shares if s is not None]
+    return f"{np.median(known) * 100:+.1f} % (median of {len(known)})" if known else "—"
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ latent features of graded strength) and runs the engine alone, with the threshol
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -101,12 +102,17 @@ def _engine(args) -> None:
 
 
 def _report(configs, run, threshold: float, repeat: int) -> None:
-    """One row per configuration; `extra` is the engine time against the K-draw run (the second row)."""
-    print("| draws | universal (seed 101 / 202) | Jaccard | mean draws per neuron | engine s | extra | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    """One row per configuration; `extra` is the engine time against the K-draw run (the second row), and
+    "adaptive phase" the engine's own timing of the refinement in the fastest run, with its share of the rest of
+    that run (immune to load between runs)."""
+    print(
+        "| draws | universal (seed 101 / 202) | Jaccard | mean draws per neuron | engine s | adaptive phase s | extra "
+        "| peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     before = None
     for row, (name, opts) in enumerate(configs):
-        labels, seconds, draws, peak = {}, [], [], 0
+        labels, seconds, adaptive, draws, peak = {}, [], [], [], 0
         for seed in SEEDS:
             o = CorrelationOptions(**{**vars(opts), "baseline_seed": seed})
             for _ in range(repeat):
@@ -114,6 +120,7 @@ def _report(configs, run, threshold: float, repeat: int) -> None:
                 t0 = time.perf_counter()
                 result = run(o)
                 seconds.append(time.perf_counter() - t0)
+                adaptive.append((result.seconds.get("adaptive", 0.0), seconds[-1]))
                 peak = max(peak, tracemalloc.get_traced_memory()[1])
                 tracemalloc.stop()
             labels[seed], mean_draws = _labels(result, threshold)
@@ -124,8 +131,15 @@ def _report(configs, run, threshold: float, repeat: int) -> None:
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(
             f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {np.mean(draws):.2f} | {best:.2f} | "
-            f"{extra} | {peak / 2**20:.0f} |"
+            f"{_phase(adaptive)} | {extra} | {peak / 2**20:.0f} |",
+            flush=True,
         )
+
+
+def _phase(runs: list[tuple[float, float]]) -> str:
+    """The refinement's seconds in the fastest run, and its share of the rest of that run's engine time."""
+    phase, total = min(runs, key=lambda r: r[1])
+    return f"{phase:.2f} ({phase / (total - phase) * 100:+.1f} %)" if phase else "—"
 
 
 def _store(args) -> None:
@@ -139,14 +153,21 @@ def _store(args) -> None:
     shutil.copytree(args.home, copy, ignore=shutil.ignore_patterns("zoo", "report"))
     store = Store.open(StoreConfig.resolve(copy, None))
     sets = [SetRef(m, args.step) for m in args.models.split(",")]
-    print("| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) |")
-    print("|---|---|---|---|")
+    print(f"{args.home}: {args.models} at step {args.step}, excess > {args.threshold}; correlate wall time, the least")
+    print(f"of {args.repeat} run(s) per seed; extra: against the K = {args.draws} run; adaptive share: the")
+    print("refinement's time over the rest of the same run's engine time (its own log), immune to load between runs")
+    print(
+        "| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) | extra | adaptive share "
+        "| draws per neuron |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    before = None
     for name, draws, max_draws in [
         ("1 draw", 1, None),
         (f"K = {args.draws} (before)", args.draws, None),
         *((f"K = {args.draws}, adaptive to {cap} (after)", args.draws, cap) for cap in args.max_draws),
     ]:
-        labels, seconds = {}, []
+        labels, seconds, said, shares = {}, [], "", []
         for seed in SEEDS:
             request = CorrelationRequest(
                 sets=sets,
@@ -155,17 +176,47 @@ def _store(args) -> None:
                 max_draws=max_draws,
                 confidence=args.confidence,
                 threshold=args.threshold,
+                force=True,
                 progress=False,
             )
-            t0 = time.perf_counter()
-            outcome = correlate(store, request, log=lambda _m: None)
-            seconds.append(time.perf_counter() - t0)
+            best = float("inf")
+            for _ in range(args.repeat):
+                lines: list[str] = []
+                t0 = time.perf_counter()
+                outcome = correlate(store, request, log=lines.append)
+                best = min(best, time.perf_counter() - t0)
+                shares.append(_adaptive_share(lines))
+            seconds.append(best)
+            said = next((part for line in lines for part in line.split("; ") if "draws per neuron" in part), said)
             rows = universal_neurons(store, run=outcome.run_id, threshold=args.threshold)
             labels[seed] = {(r["model"], r["layer"], r["neuron"]) for r in rows}
+        cost = sum(seconds)
+        before = cost if draws == args.draws and max_draws is None else before
+        extra = f"{(cost / before - 1) * 100:+.1f} %" if max_draws is not None else "—"
+        said = said.split(" (adaptive")[0].replace("baseline draws per neuron ", "") or str(draws)
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
-        print(f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {seconds[0]:.1f} / {seconds[1]:.1f} |")
+        print(
+            f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {seconds[0]:.1f} / {seconds[1]:.1f} | "
+            f"{extra} | {_share(shares)} | {said} |",
+            flush=True,
+        )
     store.close()
     shutil.rmtree(copy.parent)
+
+
+def _adaptive_share(lines: list[str]) -> float | None:
+    """The run's adaptive phase over the rest of its engine time, from `correlate`'s log line."""
+    text = " ".join(lines)
+    engine = re.search(r"engine ([0-9.]+)s", text)
+    phase = re.search(r"adaptive phase ([0-9.]+)s", text)
+    if engine is None or phase is None:
+        return None
+    return float(phase.group(1)) / (float(engine.group(1)) - float(phase.group(1)))
+
+
+def _share(shares: list[float | None]) -> str:
+    known = [s for s in shares if s is not None]
+    return f"{np.median(known) * 100:+.1f} % (median of {len(known)})" if known else "—"
 
 
 def main() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 
-from actdb.compute.correlation.adaptive import undecided
+from actdb.compute.correlation.adaptive import ROUND, draw_rotations, undecided
+from actdb.compute.correlation.baseline import draw_rotation
 from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets
 from actdb.compute.correlation.run import CorrelationRequest
-from actdb.compute.correlation.universality import score_universality
+from actdb.compute.correlation.universality import pooled_baseline_sd, score_universality
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationWriter
@@ -38,7 +40,8 @@ def sets(tmp_path_factory):
         w.write_rows(0, [x[:, i * D : (i + 1) * D] for i in range(L)])
         w.finish()
         means = x[mask.reshape(-1)].astype(np.float64).mean(axis=0)
-        out.append(SetInput(k, str(path), L, D, means, rotation_key=7 + k))
+        # keys are store ids, not positions (a run's sets are rarely ids 0, 1, 2)
+        out.append(SetInput(20 + k, str(path), L, D, means, rotation_key=7 + k))
     return out, tokens, mask
 
 
@@ -48,25 +51,35 @@ def _threshold(result) -> float:
     return float(np.nanmedian(excess))
 
 
-def test_extra_draws_equal_the_same_draws_of_a_full_run_and_go_only_to_undecided_neurons(sets):
+K, CAP = 4, 24
+
+
+@pytest.fixture(scope="module")
+def runs(sets):
+    """A full run (every neuron with all CAP draws), the threshold in the middle of its excesses, and an
+    adaptive run from K draws up to CAP at that threshold."""
     inputs, tokens, mask = sets
-    full = correlate_sets(inputs, tokens, mask, CorrelationOptions(baseline_draws=24, baseline_seed=5), CPU)
+    full = correlate_sets(inputs, tokens, mask, CorrelationOptions(baseline_draws=CAP, baseline_seed=5), CPU)
     threshold = _threshold(full)
-    opts = CorrelationOptions(baseline_draws=4, baseline_seed=5, adaptive_threshold=threshold, max_draws=24)
-    adaptive = correlate_sets(inputs, tokens, mask, opts, CPU)
+    opts = CorrelationOptions(baseline_draws=K, baseline_seed=5, adaptive_threshold=threshold, max_draws=CAP)
+    return full, threshold, opts, correlate_sets(inputs, tokens, mask, opts, CPU)
+
+
+def test_extra_draws_equal_the_same_draws_of_a_full_run_and_go_only_to_undecided_neurons(runs):
+    full, threshold, _opts, adaptive = runs
     n_extra = 0
     for pair, res in adaptive.matches.items():
         ref = full.matches[pair].baseline
-        np.testing.assert_allclose(res.baseline, ref[:4], atol=1e-6)
+        np.testing.assert_allclose(res.baseline, ref[:K], atol=1e-6)
         taken = np.isfinite(res.extra)
         n_extra += int(taken.sum())
-        np.testing.assert_allclose(res.extra[taken], ref[4:][taken], atol=1e-5)
+        np.testing.assert_allclose(res.extra[taken], ref[K:][taken], atol=1e-5)
     assert n_extra > 0
     scores = score_universality(adaptive)
     for sc in scores.values():
         n = sc.n_draws
         live = ~np.isnan(sc.excess_corr)
-        assert n[live].min() == 4 and n[live].max() == 24 and np.all(n[~live] == 0)
+        assert n[live].min() == K and n[live].max() == CAP and np.all(n[~live] == 0)
         # every neuron is decided at 95 % by its own draws, or was still drawing when the cap came
         layer = np.arange(len(n)) // D
         still = undecided(sc.excess_draws, layer, threshold, 0.95)
@@ -74,6 +87,70 @@ def test_extra_draws_equal_the_same_draws_of_a_full_run_and_go_only_to_undecided
         # the label rests on all of a neuron's draws: its excess is the mean over them
         np.testing.assert_allclose(sc.excess_corr[live], np.nanmean(sc.excess_draws[:, live], axis=0), atol=1e-12)
         assert np.all(sc.stability(threshold)[live] * n[live] == np.round(sc.stability(threshold)[live] * n[live]))
+
+
+def _replay(excess: np.ndarray, layer: np.ndarray, threshold: float, confidence: float) -> np.ndarray:
+    """Brute force: which of the full run's draws the sequential rule takes for each neuron. Rounds of ROUND
+    draws from K to CAP; a round's draws go to every neuron whose mean over the draws it has lies within
+    `z * pooled sd / sqrt(n)` of the threshold (scipy's normal quantile, the sd pooled over its layer), and the
+    rounds stop when no neuron of any set is undecided (here: per set, as the caller checks every set)."""
+    z = scipy.stats.norm.ppf(confidence)
+    taken = np.zeros(excess.shape, dtype=bool)
+    taken[:K] = np.isfinite(excess[:K])
+    rounds = []
+    for start in range(K, CAP, ROUND):
+        seen = np.where(taken, excess, np.nan)
+        n = taken.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nanmean(seen, axis=0)
+            sd = np.nanstd(seen, axis=0, ddof=1)
+        pooled = pooled_baseline_sd(np.where(n >= 2, sd, np.nan), n, layer)
+        with np.errstate(invalid="ignore"):
+            todo = (n >= 2) & (np.abs(mean - threshold) < z * pooled / np.sqrt(np.maximum(n, 1)))
+        rounds.append(todo)
+        taken[start : start + ROUND, todo] = True
+    return taken, rounds
+
+
+def test_decisions_match_a_brute_force_replay_on_the_full_runs_draws(runs):
+    """Which draws each neuron got, replayed from the full run's draws of every neuron; and the labels moved
+    towards the full run's: the adaptive labels agree with the CAP-draw labels at least as often as K draws'."""
+    full, threshold, opts, adaptive = runs
+    got, ref = score_universality(adaptive), score_universality(full)
+    agree_adaptive = agree_k = live_total = 0
+    for key, sc in got.items():
+        layer = np.arange(len(sc.excess_corr)) // D
+        taken, rounds = _replay(ref[key].excess_draws, layer, threshold, opts.adaptive_confidence)
+        assert all(r.any() for r in rounds)  # every round had undecided neurons, so the run took them all
+        np.testing.assert_array_equal(np.isfinite(sc.excess_draws), taken)
+        np.testing.assert_allclose(sc.excess_draws[taken], ref[key].excess_draws[taken], atol=1e-5)
+        np.testing.assert_array_equal(sc.n_draws, taken.sum(axis=0))
+        live = ~np.isnan(sc.excess_corr)
+        truth = ref[key].excess_corr[live] > threshold
+        agree_adaptive += int(((sc.excess_corr[live] > threshold) == truth).sum())
+        k_only = np.nanmean(ref[key].excess_draws[:K, live], axis=0) > threshold
+        agree_k += int((k_only == truth).sum())
+        live_total += int(live.sum())
+    assert agree_adaptive > agree_k and agree_adaptive / live_total > 0.95
+
+
+def test_an_adaptive_run_is_deterministic_for_its_seed(sets, runs):
+    inputs, tokens, mask = sets
+    _full, _threshold, opts, adaptive = runs
+    again = correlate_sets(inputs, tokens, mask, opts, CPU)
+    for pair, res in adaptive.matches.items():
+        np.testing.assert_array_equal(again.matches[pair].baseline, res.baseline)
+        np.testing.assert_array_equal(again.matches[pair].extra, res.extra)
+    other = correlate_sets(inputs, tokens, mask, CorrelationOptions(**{**vars(opts), "baseline_seed": 6}), CPU)
+    assert not np.array_equal(other.matches[(20, 21)].baseline, adaptive.matches[(20, 21)].baseline)
+
+
+def test_a_rounds_rotations_are_the_baselines_draws():
+    """The round's `P_k` side by side, computed on one BLAS thread each, are the engine's draws."""
+    block = draw_rotations(D, 5, range(4, 7))
+    assert block.shape == (D, 3 * D) and block.dtype == np.float32
+    for i, k in enumerate(range(4, 7)):
+        np.testing.assert_array_equal(block[:, i * D : (i + 1) * D], draw_rotation(D, 5, k).astype(np.float32))
 
 
 def test_undecided_is_a_margin_of_pooled_sds_around_the_threshold():

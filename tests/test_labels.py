@@ -154,3 +154,43 @@ def test_listings_read_each_set_from_its_widest_run(store):
     runs = json.loads(run("sql", "SELECT max(id) AS id FROM correlation_run", "--format", "json").stdout)
     narrow = json.loads(run("universal", "--run", runs[0]["id"], "--format", "json").stdout)
     assert narrow and {r["model"] for r in narrow} <= {"a", "b"} and {r["run_id"] for r in narrow} != wide
+
+
+def test_adaptive_draws_are_recorded_per_neuron_and_shown(store):
+    """An adaptive run stores how many draws each neuron rests on, the draws themselves, and says so in its log;
+    `actdb universal` shows the count."""
+    from sqlalchemy import create_engine, text
+
+    home, db, run = store
+    out = run(
+        "correlate",
+        "--dataset",
+        "plain",
+        "--step",
+        0,
+        "--models",
+        "a,b,c",
+        "--threshold",
+        0.05,
+        "--seed",
+        9,
+        "--adaptive-draws",
+        24,
+        "--quiet",
+    )
+    assert "baseline draws per neuron 8-24" in out.stdout and "drew more than 8" in out.stdout, out.stdout
+    engine = create_engine(db)
+    with engine.connect() as c:
+        run_id = c.execute(text("SELECT max(id) FROM correlation_run")).scalar_one()
+        rows = c.execute(
+            text("SELECT n_draws, excess_draws, excess_corr FROM universality WHERE run_id = :r AND NOT is_dead"),
+            {"r": run_id},
+        ).all()
+    engine.dispose()
+    counts = [n for n, _draws, _excess in rows]
+    assert set(counts) <= {8, 16, 24} and 8 in counts and max(counts) > 8
+    for n, draws, excess in rows:
+        values = [float(v) for v in draws.split(",")]
+        assert len(values) == n and excess == pytest.approx(np.mean(values), abs=1e-8)
+    shown = json.loads(run("universal", "--run", run_id, "--threshold", 0.05, "--format", "json").stdout)
+    assert shown and {r["n_draws"] for r in shown} <= {8, 16, 24} and {r["n_draws"] for r in shown} & {16, 24}

@@ -15,6 +15,8 @@ was taken for every neuron or only for some.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from actdb.compute.correlation.engine import CorrelationEngine
 
 ROUND = 8  # draws added per round for the neurons still undecided
+STACK_BYTES = 2**28  # a round's products with the draws' rotations go in slices of at most this many bytes
 
 
 def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, confidence: float) -> np.ndarray:
@@ -45,75 +48,76 @@ def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, con
         return live & np.isfinite(sd) & (np.abs(mean - threshold) < q * sd / np.sqrt(np.maximum(n, 1)))
 
 
+def draw_rotations(d: int, seed: int, draws: range, cache: str | None = None) -> np.ndarray:
+    """`P_k` of every draw of a round side by side, `(d, len(draws) * d)` float32 (`baseline.draw_rotation`), read
+    from the rotation cache in folder `cache` where it holds them.
+
+    Each QR runs on one BLAS thread and the draws in parallel: a LAPACK QR is mostly panel factorisations whose
+    threads wait on each other, and on 2 shared cores (load ~10) eight 512 x 512 QRs took 19 s on two threads
+    and 0.9 s on one, with bit-equal results (benchmarks/RESULTS.md)."""
+    from threadpoolctl import threadpool_limits  # only correlation runs that refine need it
+
+    workers = max(1, min(len(draws), os.cpu_count() or 1))
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
+        mats = list(pool.map(lambda k: rotation(cache, draw_key(d, seed, k)), draws))
+    return np.concatenate(mats, axis=1)
+
+
 def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
     """Add draws `K..max_draws-1` for the undecided neurons of every set (into each pair's `extra` baseline),
     round by round; returns the number of neuron-draws added. `acc` holds the pass's float32 covariance blocks
     of every pair (a one-pass run).
 
     Draw k rotates model m's layer by `R P_k` (`R` its draw-0 rotation). What does not depend on k is computed
-    once: `R^T C R` per set and layer (for the rotated sds), and per round `Cov_ab[undecided rows] R_b` and
-    `R_a^T Cov_ab[:, undecided columns]`. A draw then costs `(R^T C R) P_k` per set and layer (d^3, for the sds
-    of every rotated neuron, which every maximum needs) and the undecided neurons' rows times `P_k`."""
+    once: `R^T C R` per set and layer (for the rotated sds). A round's draws go together, their `P_k` side by
+    side: one product `(R^T C R) [P_k ...]` per set and layer for the sds of every rotated neuron (which every
+    maximum needs: d^3 per draw, whatever the number of undecided neurons), and the undecided neurons' rows
+    `Cov_ab[rows] R_b` (stacked over the other sets a) and columns `R_a^T Cov_ab[:, cols]` (stacked over b)
+    times `[P_k ...]`, one product per set and layer."""
     opts, inputs, backend = engine.options, engine.inputs, engine.backend
     xp = backend.xp
     k0, cap = opts.baseline_draws, opts.max_draws
     for res in engine.results.values():
         res.extra = np.full((cap - k0, res.baseline.shape[1]), np.nan)
-    bases = {s.key: [backend.asarray(r) for r in engine._base_rotations(s.key)] for s in inputs}
+    sets = range(len(inputs))  # the engine's positions (a set's `key` is its id in the store)
+    bases = {i: [backend.asarray(r) for r in engine._base_rotations(i)] for i in sets}
     rotated_cov = {
-        s.key: [r.T @ (c.astype(xp.float32) @ r) for c, r in zip(engine.moments[s.key].cov, bases[s.key], strict=True)]
-        for s in inputs
+        i: [r.T @ (c.astype(xp.float32) @ r) for c, r in zip(engine.moments[i].cov, bases[i], strict=True)]
+        for i in sets
     }
-    draws: dict[tuple[int, int], object] = {}
-    added, draw = 0, k0
-    while draw < cap:
-        todo = {s.key: _undecided_of(engine, s.key) for s in inputs}
+    added, start = 0, k0
+    while start < cap:
+        todo = {i: _undecided_of(engine, i) for i in sets}
         if not any(m.any() for m in todo.values()):
             break
-        fixed = _round_products(engine, acc, bases, todo)
-        for k in range(draw, min(draw + ROUND, cap)):
-            sds = {}
-            for s in inputs:
-                if (s.d_mlp, k) not in draws:
-                    draws[(s.d_mlp, k)] = backend.asarray(
-                        rotation(opts.rotation_cache, draw_key(s.d_mlp, opts.baseline_seed, k))
-                    )
-                p = draws[(s.d_mlp, k)]
-                sds[s.key] = xp.concatenate(
-                    [xp.sqrt(xp.clip(((c @ p) * p).sum(axis=0, dtype=xp.float64), 0, None)) for c in rotated_cov[s.key]]
-                )
-            for key, mask in todo.items():
-                for other in (o for o in range(len(inputs)) if o != key):
-                    engine.results[(key, other)].extra[k - k0, mask] = -np.inf
-            for (kind, a, b, layer), (index, part) in fixed.items():
-                if kind == "forward":
-                    _forward(engine, a, b, layer, index, part, draws[(inputs[b].d_mlp, k)], sds[b], k - k0)
-                else:
-                    _backward(engine, a, b, layer, index, part, draws[(inputs[a].d_mlp, k)], sds[a], k - k0)
-            added += int(sum(m.sum() for m in todo.values()))
-        draw = min(draw + ROUND, cap)
+        draws = range(start, min(start + ROUND, cap))
+        slots = slice(draws.start - k0, draws.stop - k0)
+        forward, backward = _gather(engine, acc, todo)
+        p = {
+            d: backend.asarray(draw_rotations(d, opts.baseline_seed, draws, opts.rotation_cache))
+            for d in {s.d_mlp for s in inputs}
+        }
+        sds = {i: _rotated_sds(rotated_cov[i], p[inputs[i].d_mlp], len(draws), xp) for i in sets}
+        for key, mask in todo.items():
+            for other in (o for o in sets if o != key):
+                engine.results[(key, other)].extra[slots][:, mask] = -np.inf
+        for b, entries in forward.items():
+            _forward(engine, b, entries, bases[b], p[inputs[b].d_mlp], sds[b], slots)
+        for (a, layer), entries in backward.items():
+            _backward(engine, a, layer, entries, bases[a][layer], p[inputs[a].d_mlp], sds[a], slots)
+        added += len(draws) * int(sum(m.sum() for m in todo.values()))
+        start = draws.stop
     return added
 
 
-def _round_products(engine: CorrelationEngine, acc: dict, bases: dict, todo: dict) -> dict:
-    """Per (direction, a, b, layer of a): the undecided neurons' indices and their products with the draw-0
-    rotations, `Cov_ab[rows] R_b` (forward, rows of a) or `R_a^T Cov_ab[:, cols]` (backward, columns of b)."""
-    backend, inputs = engine.backend, engine.inputs
-    out = {}
-    for g, block in acc.items():
-        sb = inputs[g.b]
-        d = inputs[g.a].d_mlp
-        for layer in range(g.start, g.stop):
-            cov = engine._rows(g, block, layer)
-            rows = np.flatnonzero(todo[g.a][layer * d : (layer + 1) * d])
-            if len(rows):
-                part = cov[backend.asarray(rows)]
-                rotated = [part[:, lb * sb.d_mlp : (lb + 1) * sb.d_mlp] @ bases[g.b][lb] for lb in range(sb.n_layers)]
-                out[("forward", g.a, g.b, layer)] = (rows, rotated)
-            cols = np.flatnonzero(todo[g.b])
-            if len(cols):
-                out[("backward", g.a, g.b, layer)] = (cols, bases[g.a][layer].T @ cov[:, backend.asarray(cols)])
-    return out
+def _rotated_sds(rotated_cov: list, p, n_draws: int, xp) -> object:
+    """`(draws, n)`: sqrt(diag(P_k^T (R^T C R) P_k)) of every layer and draw of the round, from one product per
+    layer with the draws' `P_k` side by side."""
+    per_layer = []
+    for c in rotated_cov:
+        var = ((c @ p) * p).sum(axis=0, dtype=xp.float64)
+        per_layer.append(xp.sqrt(xp.clip(var, 0, None)).reshape(n_draws, -1))
+    return xp.concatenate(per_layer, axis=1)
 
 
 def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
@@ -129,31 +133,81 @@ def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
     return undecided(excess, layer, engine.options.adaptive_threshold, engine.options.adaptive_confidence)
 
 
-def _forward(engine, a: int, b: int, layer: int, rows: np.ndarray, rotated: list, p, rot_sd, slot: int) -> None:
-    """Undecided neurons (`rows`) of a's `layer` against b's neurons rotated by draw k: `(Cov R_b) P_k`."""
-    xp, backend = engine.backend.xp, engine.backend
-    d = engine.inputs[a].d_mlp
-    scaled = xp.concatenate([part @ p for part in rotated], axis=1)
+def _gather(engine: CorrelationEngine, acc: dict, todo: dict) -> tuple[dict, dict]:
+    """The covariance rows and columns a round needs, stacked so that each multiplies by the draws' rotations
+    in one product: per set b, the undecided rows of every other set against b (`(a, layer, rows, Cov rows)`,
+    forward), and per (set a, layer), b's undecided columns against a's layer (`(b, cols, Cov columns)`,
+    backward). One product per stack instead of one per pair and layer: a few undecided rows times a
+    `(d, draws * d)` block ran far below the BLAS's rate."""
+    backend, inputs = engine.backend, engine.inputs
+    forward: dict[int, list] = {}
+    backward: dict[tuple[int, int], list] = {}
+    for g, block in acc.items():
+        d = inputs[g.a].d_mlp
+        cols = np.flatnonzero(todo[g.b])
+        for layer in range(g.start, g.stop):
+            cov = engine._rows(g, block, layer)
+            rows = np.flatnonzero(todo[g.a][layer * d : (layer + 1) * d])
+            if len(rows):
+                forward.setdefault(g.b, []).append((g.a, layer, rows, cov[backend.asarray(rows)]))
+            if len(cols):
+                backward.setdefault((g.a, layer), []).append((g.b, cols, cov[:, backend.asarray(cols)]))
+    return forward, backward
+
+
+def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice) -> None:
+    """Undecided rows of the other sets against b's neurons rotated by each draw of the round:
+    `Cov_ab[rows] R_b [P_k ...]`, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's neurons), the max
+    over b's neurons per row and draw, then 1/sd of the row (which does not change the argmax)."""
+    xp, backend, sb = engine.backend.xp, engine.backend, engine.inputs[b]
+    d, n_draws = sb.d_mlp, rot_sd.shape[0]
+    stacked = xp.concatenate([cov for *_, cov in entries], axis=0)
     inv_cols, dead_cols = inverse_sd(rot_sd, xp)
-    scaled *= inv_cols
-    if bool(dead_cols.any()):
-        scaled[:, dead_cols] = -xp.inf
-    inv_rows, _ = inverse_sd(engine.moments[a].sd[layer * d : (layer + 1) * d][backend.asarray(rows)], xp)
-    best = backend.to_numpy(xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0))
-    engine.results[(a, b)].extra[slot, layer * d + rows] = best
+    step = max(1, STACK_BYTES // (4 * n_draws * sb.n_neurons))
+    best = np.empty((stacked.shape[0], n_draws))
+    for s0 in range(0, stacked.shape[0], step):
+        part = stacked[s0 : s0 + step]
+        scaled = xp.concatenate(
+            [
+                ((part[:, lb * d : (lb + 1) * d] @ base[lb]) @ p).reshape(len(part), n_draws, d)
+                for lb in range(sb.n_layers)
+            ],
+            axis=2,
+        )
+        scaled *= inv_cols[None]
+        if bool(dead_cols.any()):
+            scaled[:, dead_cols] = -xp.inf
+        best[s0 : s0 + len(part)] = backend.to_numpy(scaled.max(axis=2))
+    at = 0
+    for a, layer, rows, _cov in entries:
+        da = engine.inputs[a].d_mlp
+        inv_rows, _ = inverse_sd(engine.moments[a].sd[layer * da : (layer + 1) * da][backend.asarray(rows)], xp)
+        got = np.clip(best[at : at + len(rows)] * backend.to_numpy(inv_rows)[:, None], -1.0, 1.0)
+        engine.results[(a, b)].extra[slots, layer * da + rows] = got.T
+        at += len(rows)
 
 
-def _backward(engine, a: int, b: int, layer: int, cols: np.ndarray, part, p, rot_sd, slot: int) -> None:
-    """Undecided neurons (`cols`) of b against a's `layer` rotated by draw k: `P_k^T (R_a^T Cov)`, a running max
+def _backward(engine, a: int, layer: int, entries: list, base, p, rot_sd, slots: slice) -> None:
+    """Undecided columns of the other sets against a's `layer` rotated by each draw of the round:
+    `[P_k ...]^T R_a^T Cov_ab[:, cols]`, scaled by the rotated neurons' 1/sd, the max over them, a running max
     over a's layers."""
     xp, backend = engine.backend.xp, engine.backend
-    d = engine.inputs[a].d_mlp
-    scaled = p.T @ part
-    inv_rows, dead_rows = inverse_sd(rot_sd[layer * d : (layer + 1) * d], xp)
-    scaled *= inv_rows[:, None]
-    if bool(dead_rows.any()):
-        scaled[dead_rows, :] = -xp.inf
-    inv_cols, _ = inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
-    best = backend.to_numpy(xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0))
-    target = engine.results[(b, a)].extra[slot]
-    target[cols] = np.fmax(target[cols], best)
+    d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]
+    rotated = base.T @ xp.concatenate([cov for *_, cov in entries], axis=1)
+    inv_rows, dead_rows = inverse_sd(rot_sd[:, layer * d : (layer + 1) * d], xp)
+    step = max(1, STACK_BYTES // (4 * n_draws * d))
+    best = np.empty((n_draws, rotated.shape[1]))
+    for c0 in range(0, rotated.shape[1], step):
+        part = rotated[:, c0 : c0 + step]
+        scaled = (p.T @ part).reshape(n_draws, d, part.shape[1])
+        scaled *= inv_rows[:, :, None]
+        if bool(dead_rows.any()):
+            scaled[dead_rows] = -xp.inf
+        best[:, c0 : c0 + part.shape[1]] = backend.to_numpy(scaled.max(axis=1))
+    at = 0
+    for b, cols, _cov in entries:
+        inv_cols, _ = inverse_sd(engine.moments[b].sd[backend.asarray(cols)], xp)
+        got = np.clip(best[:, at : at + len(cols)] * backend.to_numpy(inv_cols), -1.0, 1.0)
+        target = engine.results[(b, a)].extra[slots]
+        target[:, cols] = np.fmax(target[:, cols], got)
+        at += len(cols)

@@ -24,7 +24,7 @@ from actdb.compute.correlation.cluster import cluster_options, correlate_one_pas
 from actdb.compute.correlation.engine import CorrelationOptions, CorrelationResult, SetInput, check_fits, correlate_sets
 from actdb.compute.correlation.precision import check_precision
 from actdb.compute.correlation.rotation_cache import FOLDER as ROTATION_FOLDER
-from actdb.compute.correlation.universality import format_draws, score_universality
+from actdb.compute.correlation.universality import describe_draws, format_draws, score_universality
 from actdb.store.database.connection import Store, finite_or_none, insert_rows
 from actdb.store.database.labels import stability_at
 from actdb.store.database.lifecycle import RunHandle, release, request_key, running, start_or_wait
@@ -356,6 +356,9 @@ def _compute(
     checked = "" if result.precision.error is None else f"; product error {result.precision.error:.1e} of r"
     if client is not None:
         checked += f"; {worker_threads(client)} Dask worker thread(s)"
+    if options.adaptive_threshold is not None and kind == "cross_model":
+        checked += f"; {describe_draws(score_universality(result), options.baseline_draws)}"
+        checked += f" (adaptive phase {result.seconds.get('adaptive', 0.0):.2f}s)"
     log(
         f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es) "
         f"reading {result.bytes_read / 1e6:.1f} MB of {result.bytes_held / 1e6:.1f} MB stored (read amplification "

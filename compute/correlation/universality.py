@@ -110,6 +110,19 @@ def score_universality(result: CorrelationResult) -> dict[int, UniversalityScore
     return out
 
 
+def describe_draws(scores: dict[int, UniversalityScores], first: int) -> str:
+    """How many baseline draws a run's live neurons rest on, for its log: range, mean, and how many drew more
+    than the `first` every neuron gets."""
+    n = np.concatenate([sc.n_draws[sc.n_draws > 0] for sc in scores.values()])
+    if not len(n):
+        return "no live neurons"
+    more = int((n > first).sum())
+    return (
+        f"baseline draws per neuron {n.min()}-{n.max()}, mean {n.mean():.2f}; {more} of {len(n)} neurons drew more "
+        f"than {first}"
+    )
+
+
 def format_draws(values: np.ndarray) -> str | None:
     """The per-draw excess of one neuron as stored: sorted, comma-separated, 9 significant digits."""
     finite = np.sort(values[np.isfinite(values)])  # adaptive runs leave the draws not taken NaN

@@ -19,6 +19,7 @@ from actdb.query.commands import (
     persistence,
     plan,
     report,
+    robustness,
     similarity,
     sql,
     store,
@@ -57,6 +58,7 @@ for _module in (
     plan,
     trajectories,
     concepts,
+    robustness,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

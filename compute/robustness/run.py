@@ -388,7 +388,7 @@ def _common_steps(conn, models: list[str], dataset_id: int) -> list[int]:
     for name in models:
         get_model(conn, name)
         rows = conn.scalars(
-            select(c.step)
+            select(c.c.step)
             .join(a, a.c.checkpoint_id == c.c.id)
             .join(m, m.c.id == c.c.model_id)
             .where(m.c.name == name, a.c.dataset_id == dataset_id, a.c.status == "complete")

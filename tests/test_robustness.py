@@ -145,7 +145,7 @@ def test_refused_inputs_write_nothing(zoo_store, tmp_path, tokenizer_dir):
 def test_a_killed_run_leaves_nothing_running(zoo_store):
     _root, home, db, run = zoo_store
     env = dict(os.environ, ACTDB_HOME=str(home), ACTDB_DATABASE_URL=db)
-    args = ["robustness", "run", "--models", "a,b,c", "--ablate", "1.3,1.9", "--contexts", 40, "--controls", 60,
+    args = ["robustness", "run", "--models", "a,b,c", "--ablate", "1.3,1.9", "--contexts", 8, "--controls", 40,
             "--seed", 7, "--batch-size", 2]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "actdb.query.cli", *map(str, args)], env=env, start_new_session=True)
     try:
@@ -187,3 +187,13 @@ def test_robustness_reads_through_the_api(zoo_store):
         s.close()
     assert {"step", "ir_norm", "control_mean", "excess", "p_value"} <= set(frame.columns) and len(frame) >= 1
     assert len(controls) >= 2
+    from actdb.query.report import build_report
+    from actdb.store.config import StoreConfig
+    from actdb.store.database.connection import Store
+
+    store = Store.open(StoreConfig.resolve(home, db))
+    try:
+        page = build_report(store, _root / "report")
+    finally:
+        store.close()
+    assert "IR_norm vs step" in page.read_text() and (page.parent / "robustness.png").stat().st_size > 0

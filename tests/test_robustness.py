@@ -125,7 +125,7 @@ def test_refused_inputs_write_nothing(zoo_store, tmp_path, tokenizer_dir):
         return r.stderr
 
     assert "no step 5" in refused("--models", "a,b", "--steps", "0,5", "--ablate", "universal")
-    assert "selects no neuron in a" in refused("--models", "a,b", "--steps", 1, "--ablate", "family:nothing")
+    assert "selects no neuron in a@1" in refused("--models", "a,b", "--steps", 1, "--ablate", "family:nothing")
     assert "one intervention" in refused("--models", "a,b", "--steps", 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "x = 1", "edited": "x = 1 + 2 + 3"}) + "\n")

@@ -29,6 +29,7 @@ class SeedSet:
     """What an ablation rule needs of one seed's activation set at one step."""
 
     model: str
+    step: int
     set_id: int
     means: dict[Neuron, float]
     frac_active: dict[Neuron, float]
@@ -53,7 +54,7 @@ def rule_sets(store: Store, rule: str, seeds: list[SeedSet], threshold: float | 
         raise ActdbError(f"unknown ablation rule {rule!r}; use universal, family:NAME, twins:MODEL or L.N,...")
     for s, neurons in zip(seeds, chosen, strict=True):
         if not neurons:
-            raise ActdbError(f"ablation rule {rule!r} selects no neuron in {s.model} (set {s.set_id})")
+            raise ActdbError(f"ablation rule {rule!r} selects no neuron in {s.model}@{s.step}")
     return chosen
 
 

@@ -111,7 +111,7 @@ def run_robustness(
     store: Store, req: RobustnessRequest, log: Callable[[str], None] = print
 ) -> tuple[int, list[StepResult] | None]:
     """Measure and record; returns the run id and each step's result (None when an identical run is reused)."""
-    plan = _plan(store, req)
+    plan = plan_robustness(store, req)
     device = resolve_device(req.device).torch
     values = _row_values(req, plan)
     while True:
@@ -301,8 +301,8 @@ def _validate(req: RobustnessRequest) -> None:
     check_threshold(req.threshold)
 
 
-def _plan(store: Store, req: RobustnessRequest) -> _Plan:
-    """Resolve and check every input; nothing is written."""
+def plan_robustness(store: Store, req: RobustnessRequest) -> _Plan:
+    """Resolve and check every input (one-line errors); nothing is written."""
     _validate(req)
     dataset_name = req.dataset or only_dataset(store, req.models[0])
     with store.transaction() as conn:
@@ -408,7 +408,7 @@ def _seed(store: Store, conn, model: str, step: int, dataset: str) -> _Seed:
         means[(r.layer, r.neuron)] = r.mean
         frac[(r.layer, r.neuron)] = r.frac_active
     location = store.config.model_location(ckpt.source, f"{model}@{step}")
-    return _Seed(model, location, ckpt.revision, SeedSet(model, aset.id, means, frac))
+    return _Seed(model, location, ckpt.revision, SeedSet(model, step, aset.id, means, frac))
 
 
 def _one_output_space(models: list[str], seeds: dict[int, list[_Seed]]):

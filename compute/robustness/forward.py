@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from actdb.compute.ablation.hooks import MLPEditor
-from actdb.compute.robustness.math import fleiss_kappa_from_sums, interventional_robustness, jsd_bits, kl_bits
+from actdb.compute.robustness.math import Distributions, fleiss_kappa_from_sums, interventional_robustness, jsd_bits
 
 Edits = dict[int, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -108,7 +108,8 @@ def score_batch(
     clean = torch.stack([log_probs(m, ids, None) for m in models])
     timing.forward += time.perf_counter() - t0
     t0 = time.perf_counter()
-    ir_clean = interventional_robustness(jsd_bits(clean, topk), n)
+    clean_d = Distributions.of(clean)
+    ir_clean = interventional_robustness(clean_d.jsd() if topk is None else jsd_bits(clean, topk), n)
     ce_clean = -clean.gather(-1, ids[None, :, 1:, None].expand(n, -1, -1, 1)).squeeze(-1)
     top_clean = clean.argmax(-1)
     timing.measures += time.perf_counter() - t0
@@ -118,12 +119,13 @@ def score_batch(
         timing.forward += time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = variant.evaluated
-        ir = interventional_robustness(jsd_bits(lp, topk), n)
+        d = Distributions.of(lp)
+        ir = interventional_robustness(d.jsd() if topk is None else jsd_bits(lp, topk), n)
         ce = -lp.gather(-1, variant.ids[None, :, 1:, None].expand(n, -1, -1, 1)).squeeze(-1)
         flips = lp.argmax(-1) != top_clean  # (seeds, batch, seq - 1)
         tally.ir_clean.append(_per_context(ir_clean, ev))
         tally.ir_intervened.append(_per_context(ir, ev))
-        tally.kl.append(_per_context(kl_bits(clean, lp), ev).T)
+        tally.kl.append(_per_context(clean_d.kl_to(d), ev).T)
         tally.loss_change.append(_per_context(ce - ce_clean, ev).T)
         tally.flip_rate.append(_per_context(flips.float(), ev).T)
         w = ev.to(torch.float64)

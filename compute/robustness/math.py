@@ -17,10 +17,37 @@ import torch
 LN2 = math.log(2.0)
 
 
-def _entropy_bits(logp: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in bits over the last axis of log-probabilities (0 log 0 = 0)."""
-    p = logp.exp()
-    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1) / LN2
+LOG_FLOOR = torch.finfo(torch.float64).min  # stands in for log 0, so that 0 * log 0 = 0 without a branch
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis of a * b, without materialising the product (a batched matrix product)."""
+    return torch.einsum("...v,...v->...", a, b)
+
+
+@dataclass
+class Distributions:
+    """n seeds' next-token distributions at every position in float64: log-probabilities (log 0 floored),
+    probabilities, and each seed's entropy in bits, computed once and shared by JSD and KL."""
+
+    logp: torch.Tensor  # (n_seeds, ..., vocab)
+    p: torch.Tensor
+    entropy: torch.Tensor  # (n_seeds, ...)
+
+    @classmethod
+    def of(cls, logp: torch.Tensor) -> Distributions:
+        logp = logp.to(torch.float64).clamp_min(LOG_FLOOR)
+        p = logp.exp()
+        return cls(logp, p, -_dot(p, logp) / LN2)
+
+    def jsd(self) -> torch.Tensor:
+        """Generalised JSD in bits, H(mean_k p_k) - mean_k H(p_k), one value per position."""
+        mean = self.p.mean(0)
+        return -torch.special.xlogy(mean, mean).sum(-1) / LN2 - self.entropy.mean(0)
+
+    def kl_to(self, other: Distributions) -> torch.Tensor:
+        """KL(self || other) in bits per seed and position: -H(self) - sum self.p * log other.p."""
+        return -self.entropy - _dot(self.p, other.logp) / LN2
 
 
 def jsd_bits(logp: torch.Tensor, topk: int | None = None) -> torch.Tensor:
@@ -30,21 +57,16 @@ def jsd_bits(logp: torch.Tensor, topk: int | None = None) -> torch.Tensor:
     position plus one "other" bucket holding the rest of each seed's mass. Merging outcomes never raises a
     divergence (data processing), so the top-K value is a lower bound that equals the exact one at K = vocab.
     """
-    logp = logp.double()
     if topk is None or topk >= logp.shape[-1]:
-        mean = torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
-        return _entropy_bits(mean) - _entropy_bits(logp).mean(0)
+        return Distributions.of(logp).jsd()
+    logp = logp.double()
     keep = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
     keep.scatter_(-1, logp.topk(topk, dim=-1).indices, True)
     p = logp.exp() * keep.any(0)  # the union of the seeds' top-K tokens, the same outcomes for every seed
     other = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)
     q = torch.cat([p, other], dim=-1)
     mean = q.mean(0)
-
-    def h(x: torch.Tensor) -> torch.Tensor:
-        return -(x * torch.where(x > 0, x.log(), torch.zeros_like(x))).sum(-1) / LN2
-
-    return h(mean) - h(q).mean(0)
+    return (-torch.special.xlogy(mean, mean).sum(-1) + torch.special.xlogy(q, q).sum(-1).mean(0)) / LN2
 
 
 def interventional_robustness(jsd: torch.Tensor | np.ndarray | float, n_seeds: int) -> torch.Tensor | np.ndarray:
@@ -54,9 +76,7 @@ def interventional_robustness(jsd: torch.Tensor | np.ndarray | float, n_seeds: i
 
 def kl_bits(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) in bits over the last axis, from log-probabilities (terms with p = 0 contribute 0)."""
-    logp, logq = logp.double(), logq.double()
-    p = logp.exp()
-    return (p * torch.where(p > 0, logp - logq, torch.zeros_like(logp))).sum(-1) / LN2
+    return Distributions.of(logp).kl_to(Distributions.of(logq))
 
 
 def fleiss_kappa(counts: np.ndarray) -> float:

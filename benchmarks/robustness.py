@@ -3,10 +3,11 @@ reduced to IR, KL, loss change and flips (`score_batch`), against two bare batch
 same contexts (the least any such measurement must run); the share of the dispersion measures (JSD over the
 vocabulary, KL, flips); and peak memory at N and 4N contexts (it must not grow with the number of contexts).
 
-    .venv/bin/python benchmarks/robustness.py [--seeds 4] [--contexts 32] [--vocab 4000] [--seq-len 128]
+    .venv/bin/python benchmarks/robustness.py [--seeds 4] [--contexts 32] [--vocab 4000] [--seq-len 128] \
+        [--layers 2] [--d-model 128] [--d-mlp 512]
 
-Uses randomly initialised GPT-2 seeds (2 layers, d_model 128, d_mlp 512); the intervention zero-ablates 16 neurons
-of layer 1 in every seed.
+Uses randomly initialised GPT-2 seeds (default 2 layers, d_model 128, d_mlp 512); the intervention zero-ablates 16
+neurons of layer 1 in every seed.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--d-mlp", type=int, default=512)
     args = ap.parse_args()
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="actdb-robustness-bench-"))
@@ -65,7 +69,14 @@ def main() -> None:
     models = []
     for k in range(args.seeds):
         src = save_tiny_model(
-            "gpt2", root / f"m{k}", tok, seed=k, n_layers=2, d_model=128, d_mlp=512, n_ctx=args.seq_len
+            "gpt2",
+            root / f"m{k}",
+            tok,
+            seed=k,
+            n_layers=args.layers,
+            d_model=args.d_model,
+            d_mlp=args.d_mlp,
+            n_ctx=args.seq_len,
         )
         models.append(load_model(str(src), None, torch.device("cpu")))
     vocab = models[0].config.vocab_size
@@ -87,6 +98,7 @@ def main() -> None:
     _ours(models, batches(4 * args.contexts), edits, None)
     peak_large = _peak_mib()
     print(
+        f"GPT-2 {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}; "
         f"{args.seeds} seeds, {args.contexts} contexts x {args.seq_len} tokens, vocab {vocab}, batch "
         f"{args.batch_size}, best of {args.repeats}, {torch.get_num_threads()} threads"
     )

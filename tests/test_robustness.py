@@ -197,3 +197,20 @@ def test_robustness_reads_through_the_api(zoo_store):
     finally:
         store.close()
     assert "IR_norm vs step" in page.read_text() and (page.parent / "robustness.png").stat().st_size > 0
+
+
+def test_robustness_on_postgresql(pg_url, tmp_path, tokenizer_dir, text_dir, tiny_models):
+    """The same run on PostgreSQL: rows, views and the show command read back."""
+    run = cli_runner(tmp_path / "store", pg_url)
+    run("init")
+    run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 48, "--tokens", 960)
+    from actdb.store.ingest.zoo import save_tiny_model
+
+    other = save_tiny_model("gpt2", tmp_path / "b", tokenizer_dir, seed=21)
+    for name, src in (("a", tiny_models["gpt2"]), ("b", other)):
+        run("ingest", name, "--steps", 0, "--dataset", "d", "--source", src, "--quiet")
+    r = run("robustness", "run", "--models", "a,b", "--ablate", "0.1,1.2", "--contexts", 3, "--controls", 2)
+    assert "step 0" in r.stdout
+    shown = json.loads(run("robustness", "show", "--format", "json").stdout)
+    assert len(shown) == 1 and shown[0]["n_controls"] == 2 and shown[0]["p_floor"] == pytest.approx(1 / 3)
+    assert _sql(pg_url, "SELECT COUNT(*) FROM v_robustness_controls")[0][0] == 2

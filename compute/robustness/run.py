@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sqlalchemy import insert, select
+from tqdm.auto import tqdm
 
 from actdb.compute.ablation.loss import PositionMask, set_edits
 from actdb.compute.robustness.edits import (
@@ -129,7 +130,8 @@ def run_robustness(
     results = []
     with running(store, tables.robustness_run, run_id) as handle:
         passes = 0
-        for step in plan.steps:
+        bar = tqdm(plan.steps, disable=not req.progress, desc="robustness", unit="step", dynamic_ncols=True)
+        for step in bar:
             result, n_passes = measure_step(plan, step, req, device)
             passes += n_passes
             _store_step(store, run_id, result)

@@ -95,6 +95,20 @@ def test_universal_ablation_with_controls_is_stored_and_rerun_identically(zoo_st
     assert "control" in run("robustness", "show", "--run", one[0].run_id, "--controls").stdout
 
 
+def test_twins_rule_maps_one_seeds_universal_neurons_into_the_others(zoo_store):
+    _root, _home, db, run = zoo_store
+    run("robustness", "run", "--models", "a,b,c", "--steps", 1, "--ablate", "twins:a", "--contexts", 2,
+        "--controls", 0, "--threshold", 0.05)  # fmt: skip
+    (sizes,) = _sql(db, "SELECT n_neurons FROM v_robustness_by_step WHERE spec = 'twins:a'")[0]
+    universal = _sql(
+        db,
+        "SELECT COUNT(*) FROM v_universality WHERE model = 'a' AND step = 1 AND control = 'none' "
+        "AND excess_corr > 0.05",
+    )[0][0]
+    a, b, c = json.loads(sizes)
+    assert a == universal and 1 <= b <= a and 1 <= c <= a  # twins shared by two neurons are kept once
+
+
 def test_generated_and_file_edits(zoo_store, tmp_path):
     root, _home, db, run = zoo_store
     r = run("robustness", "run", "--models", "a,b", "--steps", 0, "--generate", "replace", "--contexts", 5,
@@ -127,6 +141,8 @@ def test_refused_inputs_write_nothing(zoo_store, tmp_path, tokenizer_dir):
     assert "no step 5" in refused("--models", "a,b", "--steps", "0,5", "--ablate", "universal")
     assert "selects no neuron in a@1" in refused("--models", "a,b", "--steps", 1, "--ablate", "family:nothing")
     assert "one intervention" in refused("--models", "a,b", "--steps", 1)
+    assert "no concept run has scored a@1" in refused("--models", "a,b", "--steps", 1, "--ablate", "experts:loop")
+    assert "not one of the seeds" in refused("--models", "a,b", "--steps", 1, "--ablate", "twins:c")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "x = 1", "edited": "x = 1 + 2 + 3"}) + "\n")
     assert "equal lengths" in refused("--models", "a,b", "--steps", 0, "--edits", bad)

@@ -1,9 +1,11 @@
 """Internal interventions that mean the same thing in every seed: a rule chooses each seed's own neuron set.
 
-Rules: `universal` (each seed's universal neurons), `family:NAME` (those of one explanation family), `twins:MODEL`
+Rules: `universal` (each seed's universal neurons), `family:NAME` (those of one explanation family),
+`experts:CONCEPT` (the concept's expert neurons from each seed's newest concept run), `twins:MODEL`
 (MODEL's universal neurons and, in every other seed, each one's best-matching neuron there), or an explicit
-`L.N,...` list (the same indices in every seed). For `universal` and `family:` every seed keeps, per layer, as many
-neurons as the seed with the fewest there (its most universal ones), so set sizes per layer are equal across seeds.
+`L.N,...` list (the same indices in every seed). For `universal`, `family:` and `experts:` every seed keeps, per
+layer, as many neurons as the seed with the fewest there (its highest-scoring ones: excess correlation, or AP),
+so set sizes per layer are equal across seeds.
 Matched random controls draw, per seed and layer, unselected neurons of the same activation-frequency decile.
 """
 
@@ -46,12 +48,16 @@ def rule_sets(store: Store, rule: str, seeds: list[SeedSet], threshold: float | 
             fam = _family_of(store, s.set_id, arg)
             picked.append([(n, score) for n, score in _universal(store, s, threshold) if n in fam])
         chosen = _equal_per_layer(picked)
+    elif kind == "experts" and arg:
+        chosen = _equal_per_layer([_experts(store, s, arg) for s in seeds])
     elif kind == "twins" and arg:
         chosen = _twins(store, seeds, arg, threshold)
     elif kind and kind[0].isdigit():
         chosen = [parse_neuron_list(rule)] * len(seeds)
     else:
-        raise ActdbError(f"unknown ablation rule {rule!r}; use universal, family:NAME, twins:MODEL or L.N,...")
+        raise ActdbError(
+            f"unknown ablation rule {rule!r}; use universal, family:NAME, experts:CONCEPT, twins:MODEL or L.N,..."
+        )
     for s, neurons in zip(seeds, chosen, strict=True):
         if not neurons:
             raise ActdbError(f"ablation rule {rule!r} selects no neuron in {s.model}@{s.step}")
@@ -75,6 +81,25 @@ def _universal(store: Store, seed: SeedSet, threshold: float | None) -> list[tup
         .order_by(v.c.layer, v.c.neuron)
     )
     return [((r.layer, r.neuron), float(r.excess_corr)) for r in rows]
+
+
+def _experts(store: Store, seed: SeedSet, concept: str) -> list[tuple[Neuron, float]]:
+    """The concept's top-k expert neurons (by AP) in the newest complete concept run over the seed's set."""
+    runs, experts = tables.concept_run, tables.concept_expert
+    newest = store.scalar(
+        select(runs.c.id)
+        .where(runs.c.set_id == seed.set_id, runs.c.status == "complete")
+        .order_by(runs.c.id.desc())
+        .limit(1)
+    )
+    if newest is None:
+        raise ActdbError(f"no concept run has scored {seed.model}@{seed.step}; run `actdb concept run` first")
+    rows = store.query(
+        select(experts.c.layer, experts.c.neuron, experts.c.ap).where(
+            experts.c.run_id == newest, experts.c.concept == concept
+        )
+    )
+    return [((r.layer, r.neuron), float(r.ap)) for r in rows]
 
 
 def _family_of(store: Store, set_id: int, family: str) -> set[Neuron]:

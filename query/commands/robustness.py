@@ -33,7 +33,8 @@ def robustness() -> None:
 @click.option(
     "--ablate",
     metavar="RULE",
-    help="Ablate each seed's own set: universal, family:NAME, twins:MODEL, or L.N,... (same indices everywhere).",
+    help="Ablate each seed's own set: universal, family:NAME, experts:CONCEPT, twins:MODEL, or L.N,... (same "
+    "indices everywhere).",
 )
 @click.option("--generate", type=click.Choice(["replace", "swap"]), help="Generated input edits of every context.")
 @click.option("--edits", type=click.Path(dir_okay=False), help='JSONL of {"context": ..., "edited": ...} pairs.')

@@ -322,7 +322,7 @@ def plan_robustness(store: Store, req: RobustnessRequest) -> _Plan:
     plan = _Plan(kind, "", ds.id, None if kind == "edits" else eval_ds.id, steps, seeds, max(widths))
     tokens = TokenDataset.load(store.config.file(eval_ds.path))
     plan.tokens, plan.mask = tokens.tokens[: req.contexts], tokens.mask[: req.contexts]
-    never = set(json.loads(ds.excluded_tokens)) | (set(tokenizer.all_special_ids) if tokenizer else set())
+    never = set(tokens.excluded) | (set(tokenizer.all_special_ids) if tokenizer else set())
     if kind != "ablate":
         # replacements keep a token's frequency class, as counted over the contexts' dataset
         bins = FrequencyBins(tokens.tokens, tokens.mask, ds.vocab_size, never)

@@ -592,7 +592,6 @@ concept_alignment = Table(
 )
 
 
-
 # One `actdb robustness run`: do seeds respond alike to one intervention (an ablation rule, an edit generator or
 # a file of edits), at each of their common steps, on the first `n_contexts` sequences of a dataset.
 robustness_run = Table(

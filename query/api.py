@@ -347,6 +347,18 @@ class ActdbStore:
 
         return frame(concept_table(self.store, name, human=human, pool=pool, mask=mask)[0])
 
+    def robustness(
+        self, run: int | None = None, intervention: str | None = None, controls: bool = False
+    ) -> pd.DataFrame:
+        """Interventional robustness per complete run and step (`v_robustness_by_step`, every column): IR, IR_norm
+        with its bootstrap CI over contexts, the controls' mean and sd, excess, p and its floor, per-seed KL, loss
+        change and flips across seeds; with `controls=True`, each control's IR_norm (`v_robustness_controls`)."""
+        from actdb.query.robustness_tables import robustness_by_step, robustness_controls
+
+        if controls:
+            return frame(robustness_controls(self.store, run))
+        return frame(robustness_by_step(self.store, run, intervention, wide=True))
+
     def runs(self) -> pd.DataFrame:
         return frame(queries.runs_listing(self.store))
 

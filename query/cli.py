@@ -19,6 +19,7 @@ from actdb.query.commands import (
     persistence,
     plan,
     report,
+    robustness,
     serve,
     similarity,
     sql,
@@ -59,6 +60,7 @@ for _module in (
     trajectories,
     concepts,
     serve,
+    robustness,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -3,7 +3,8 @@
 zoo (train or reuse) -> dataset -> ingest every seed x step (with examples and explanations) -> correlate each step
 (rotation baseline, and the token control), the last again on a local Dask cluster -> persistence -> families of
 universal neurons -> ablation of universal neurons against matched random controls -> similarity of every
-(seed, step) pair, by representation and by function -> summary tables -> HTML report. Every stage is idempotent,
+(seed, step) pair, by representation and by function -> concepts -> interventional robustness across seeds ->
+summary tables -> HTML report. Every stage is idempotent,
 so an interrupted demo continues where it stopped.
 """
 
@@ -49,8 +50,9 @@ from actdb.store.refs import SetRef
 
 DATASET = "stdlib-heldout"
 EVAL_DATASET = "stdlib-packages"  # the ablation's held-out sequences: files the zoo and DATASET never saw
-STAGES = 11
+STAGES = 12
 CONCEPTS = "python-constructs"
+ROBUSTNESS_CONTEXTS = 8  # held-out sequences per robustness run: the stage stays a few seconds per step
 
 
 @dataclass(kw_only=True)
@@ -161,11 +163,17 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     _similarity(store, models, compared, req, indent)
     stage(f"concepts: expert neurons for Python constructs (held-out source), {len(models)} seeds x {len(steps)} steps")
     _concepts(store, models, steps, config["train_files"], indent)
+    stage(
+        f"robustness: do the {len(models)} seeds respond alike? universal neurons vs {req.controls} matched random "
+        f"sets, and a same-frequency token replacement, at steps {steps}"
+    )
+    robustness_seconds = _robustness(store, models, steps, req, indent)
     stage("report")
     report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
     _summary(store, req.threshold, echo)
     _similarity_summary(store, models, compared, echo)
     _concept_summary(store, echo)
+    _robustness_summary(store, robustness_seconds, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
     echo(f"browse it: {browse_command(store.config)}")
     return report
@@ -234,6 +242,43 @@ def _concepts(store: Store, models: list[str], steps: list[int], train_files: in
     echo(f"{len(concepts.concepts)} concepts ({', '.join(concepts.names)}), {path}")
     request = ConceptRequest(name=CONCEPTS, models=",".join(models), steps=",".join(map(str, steps)), dataset=DATASET)
     run_concepts(store, request, log=lambda _m: None)
+
+
+def _robustness(store: Store, models: list[str], steps: list[int], req: DemoRequest, echo: Callable) -> float:
+    """Two robustness runs over every step: mean-ablating each seed's universal neurons (steps where every seed
+    has some) on held-out sequences, and a same-frequency-bin token replacement; returns the stage's seconds."""
+    from actdb.compute.robustness.run import RobustnessRequest, plan_robustness, run_robustness
+
+    started = time.perf_counter()
+    common = {"models": models, "dataset": DATASET, "eval_dataset": EVAL_DATASET, "controls": req.controls}
+    common |= {"contexts": ROBUSTNESS_CONTEXTS, "progress": False}
+    usable = []
+    for step in steps:
+        try:
+            plan_robustness(
+                store, RobustnessRequest(**common, steps=[step], ablate="universal", threshold=req.threshold)
+            )
+            usable.append(step)
+        except ActdbError as exc:  # no universal neuron in some seed at this step: a finding, stated
+            echo(f"step {step}: {exc}")
+    if usable:
+        request = RobustnessRequest(**common, steps=usable, ablate="universal", threshold=req.threshold)
+        run_robustness(store, request, log=lambda _m: None)
+    run_robustness(store, RobustnessRequest(**common, steps=steps, generate="replace"), log=lambda _m: None)
+    return time.perf_counter() - started
+
+
+def _robustness_summary(store: Store, seconds: float, echo: Callable[[str], None]) -> None:
+    from actdb.query.robustness_tables import robustness_by_step
+
+    rows = robustness_by_step(store)
+    columns = ["intervention", "spec", "step", "n_contexts", "ir_clean", "ir_norm", "ir_norm_ci_low"]
+    columns += ["ir_norm_ci_high", "control_mean", "excess", "p_value", "p_floor", "kl_mean", "kl_sd", "fleiss_kappa"]
+    echo(
+        f"\n== Interventional robustness across seeds (IR_norm = IR(x') - IR(x); 95% bootstrap CI over contexts; "
+        f"p: two-sided rank p against the controls, floor 1/(controls+1); stage took {seconds:.0f}s) =="
+    )
+    echo(render(Rows(columns, [{c: r[c] for c in columns} for r in rows])))
 
 
 def _concept_summary(store: Store, echo: Callable[[str], None]) -> None:

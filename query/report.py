@@ -430,8 +430,10 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
             missing="no trajectory run yet: `actdb trajectories --models ... --steps ...` (after `actdb predictions`)",
         )
     from actdb.query.concept_report import concept_sections
+    from actdb.query.robustness_report import robustness_section
 
     sections.extend(concept_sections(store, out))
+    sections.append(robustness_section(store, out))
     page = out / "index.html"
     _write(
         page,

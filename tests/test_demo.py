@@ -17,6 +17,7 @@ def test_reduced_demo_end_to_end(run_cli, store_config):
     assert "same seed, 0 vs 30" in r.stdout and "other seed, both at 30" in r.stdout
     assert "Trajectories: win rate" in r.stdout and "Trajectories: ensemble gain" in r.stdout
     assert "Concept experts (Python constructs" in r.stdout and "emergence_step" in r.stdout
+    assert "Interventional robustness across seeds" in r.stdout and "replace" in r.stdout
     cluster = re.search(r"max \|delta max-corr\| against run \d+: ([0-9.e+-]+)", r.stdout)
     assert cluster and float(cluster.group(1)) < 1e-5, r.stdout  # the Dask stage recomputes the stored run
     home = store_config.home

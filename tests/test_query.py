@@ -28,6 +28,8 @@ VIEWS = [
     "v_neuron_families",
     "v_trajectories",
     "v_trajectory_points",
+    "v_robustness_by_step",
+    "v_robustness_controls",
 ]
 
 
@@ -72,6 +74,7 @@ def _populate(home, db, tokenizer_dir, text_dir, a_src, b_src):
         ),
         ("predictions", "a@0", "a@1", "b@0", "b@1", "--dataset", "d", "--quiet"),
         ("trajectories", "--models", "a,b", "--steps", "0,1"),
+        ("robustness", "run", "--models", "a,b", "--steps", 1, "--ablate", "1.3,1.7", "--contexts", 2, "--controls", 2),
     ]
     for args in steps:
         r = cli_call(home, db, *args)
@@ -358,6 +361,7 @@ FILES = ("numpy", "h5py")  # only for commands that read a file (a neuron's expl
         (("neuron", "a@1", "0.1"), True),
         (("families", "a@1"), True),
         (("families", "a@1", "--format", "json"), True),
+        (("robustness", "show"), False),
     ],
 )
 def test_query_commands_import_no_heavy_machinery(lite, args, reads_files):

@@ -70,6 +70,11 @@ def _delete_concept_results(conn, run_id: int) -> None:
         conn.execute(delete(table).where(table.c.run_id == run_id))
 
 
+def _delete_robustness_results(conn, run_id: int) -> None:
+    for table in (tables.robustness_result, tables.robustness_control):
+        conn.execute(delete(table).where(table.c.run_id == run_id))
+
+
 # Every run table, with what to delete when one of its runs is abandoned (activation sets keep their
 # `.partial` file: a later ingest resumes from it).
 RUN_TABLES: dict[Table, Callable | None] = {
@@ -81,6 +86,7 @@ RUN_TABLES: dict[Table, Callable | None] = {
     tables.ablation: _delete_ablation_results,
     tables.trajectory_run: _delete_trajectory_results,
     tables.concept_run: _delete_concept_results,
+    tables.robustness_run: _delete_robustness_results,
 }
 
 

@@ -594,6 +594,75 @@ concept_alignment = Table(
 )
 
 
+# One `actdb robustness run`: do seeds respond alike to one intervention (an ablation rule, an edit generator or
+# a file of edits), at each of their common steps, on the first `n_contexts` sequences of a dataset.
+robustness_run = Table(
+    "robustness_run",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("request_key", String(64), index=True, nullable=False),
+    Column("intervention", String(20), nullable=False),  # ablate, generate or edits
+    Column("spec", Text, nullable=False),  # the rule, the generator, or the edits file and its sha256
+    Column("method", String(10)),  # zero or mean (ablations)
+    Column("models", Text, nullable=False),  # JSON list of the seeds' model names
+    Column("steps", Text, nullable=False),  # JSON list
+    Column("n_seeds", Integer, nullable=False),
+    Column("dataset_id", ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
+    Column("eval_dataset_id", ForeignKey("dataset.id", ondelete="CASCADE")),  # contexts (None: edits file)
+    Column("n_contexts", Integer, nullable=False),
+    Column("n_controls", Integer, nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("topk", Integer),  # None: JSD exact over the vocabulary
+    Column("forward_passes", BigInteger),
+    Column("created_at", DateTime, default=utcnow, nullable=False),
+    *run_state_columns(),
+)
+
+
+# One step of a robustness run: IR, IR_norm with its CI, the controls, and the per-seed responses across seeds.
+robustness_result = Table(
+    "robustness_result",
+    metadata,
+    Column("run_id", ForeignKey("robustness_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("n_contexts", Integer, nullable=False),  # contexts the means and the bootstrap rest on
+    Column("n_targets", BigInteger, nullable=False),  # evaluated positions (Fleiss' kappa's subjects)
+    Column("n_neurons", Text),  # JSON: each seed's ablated set size (ablations)
+    Column("ir_clean", Float),
+    Column("ir_intervened", Float),
+    Column("ir_norm", Float),
+    Column("ir_norm_ci_low", Float),  # percentile bootstrap over contexts, 95 %
+    Column("ir_norm_ci_high", Float),
+    Column("n_controls", Integer, nullable=False),
+    Column("control_mean", Float),
+    Column("control_sd", Float),
+    Column("excess", Float),  # ir_norm - control_mean
+    Column("p_value", Float),  # two-sided rank p against the controls
+    Column("p_floor", Float),  # 1 / (n_controls + 1)
+    Column("kl_mean", Float),  # mean over seeds of KL(p_k(x) || p_k(x')) in bits
+    Column("kl_sd", Float),  # between-seed sd
+    Column("loss_change_mean", Float),
+    Column("loss_change_sd", Float),
+    Column("flip_rate_mean", Float),
+    Column("flip_rate_sd", Float),
+    Column("sign_agreement", Float),
+    Column("fleiss_kappa", Float),
+    Column("icc", Float),
+    Column("per_seed", Text),  # JSON: per seed clean/intervened loss, KL, flip rate
+)
+
+
+# One control intervention of a robustness run at one step.
+robustness_control = Table(
+    "robustness_control",
+    metadata,
+    Column("run_id", ForeignKey("robustness_run.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("control", Integer, primary_key=True),
+    Column("ir_norm", Float),
+    Column("kl_mean", Float),
+)
+
 # Tables with at most one running row per request key: the database itself decides which of two identical
 # concurrent requests computes (a partial unique index, on SQLite and PostgreSQL alike; created by the migrations).
 RUNNING_UNIQUE = (
@@ -604,6 +673,7 @@ RUNNING_UNIQUE = (
     "trajectory_run",
     "ingest_attempt",
     "concept_run",
+    "robustness_run",
 )
 
 

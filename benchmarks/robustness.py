@@ -108,7 +108,7 @@ def main() -> None:
         f"  of which forward passes {timing.forward:.3f} s, measures (JSD, KL, CE, flips) {timing.measures:.3f} s "
         f"= {timing.measures / ours:.0%} of the run"
     )
-    print(f"with --topk 50:                                 {topk:7.3f} s  ratio {topk / bare:.2f}")
+    print(f"with --top-k 50:                                {topk:7.3f} s  ratio {topk / bare:.2f}")
     print(
         f"peak RSS: {peak_small:.0f} MiB after {args.contexts} contexts, {peak_large:.0f} MiB after "
         f"{4 * args.contexts} contexts (+{peak_large - peak_small:.0f} MiB)"

@@ -112,7 +112,7 @@ def test_twins_rule_maps_one_seeds_universal_neurons_into_the_others(zoo_store):
 def test_generated_and_file_edits(zoo_store, tmp_path):
     root, _home, db, run = zoo_store
     r = run("robustness", "run", "--models", "a,b", "--steps", 0, "--generate", "replace", "--contexts", 5,
-            "--controls", 3, "--topk", 20)  # fmt: skip
+            "--controls", 3, "--top-k", 20)  # fmt: skip
     assert "over 5 contexts" in r.stdout
     edits = tmp_path / "edits.jsonl"
     edits.write_text(

@@ -299,7 +299,7 @@ def _validate(req: RobustnessRequest) -> None:
     if req.method not in METHODS:
         raise ActdbError(f"unknown method {req.method!r}; use mean or zero")
     if req.contexts < 1 or req.batch_size < 1 or req.controls < 0 or (req.topk is not None and req.topk < 1):
-        raise ActdbError("--contexts, --batch-size and --topk must be >= 1, --controls >= 0")
+        raise ActdbError("--contexts, --batch-size and --top-k must be >= 1, --controls >= 0")
     check_threshold(req.threshold)
 
 

@@ -47,7 +47,9 @@ def robustness() -> None:
     show_default=True,
     help="Random interventions per intervention (19 is the fewest that can reach p < 0.05).",
 )
-@click.option("--topk", type=click.IntRange(1), help="JSD over the seeds' top-K tokens plus 'other' (a lower bound).")
+@click.option(
+    "--top-k", "topk", type=click.IntRange(1), help="JSD over the seeds' top-K tokens plus 'other' (a lower bound)."
+)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of controls, edits and bootstrap.")
 @threshold_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)

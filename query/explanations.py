@@ -113,7 +113,7 @@ def neuron_explanation(
 
         arrays = read_neuron(path, layer, neuron)
         texts = _set_texts(store, ex)
-        tokens = _file_contents(store.config.file(dataset_path), "tokens")
+        tokens = file_contents(store.config.file(dataset_path), "tokens")
         contexts += _contexts(arrays["examples"], tokens, texts, dataset, examples)
         top_tokens += _top_tokens(arrays["tokens"], texts, dataset)
         if "vocabulary" in arrays:
@@ -154,10 +154,10 @@ def _typed(integers: list[str] | tuple[str, ...], floats: list[str] | tuple[str,
 def _set_texts(store: Store, ex: Row[Any]) -> list[str]:
     """The token texts stored with a set's explanations (none when its file is gone: ids then show as `<id>`)."""
     path = store.config.file(ex.path)
-    return _file_contents(path, "strings") if path.exists() else []
+    return file_contents(path, "strings") if path.exists() else []
 
 
-def _file_contents(path: Path, kind: str) -> object:
+def file_contents(path: Path, kind: str) -> object:
     """A token file's dataset or an explanation file's token texts, read once per version of the file: a report
     asks for them once per neuron page."""
     return _read_contents(path, kind, path.stat().st_mtime_ns)
@@ -173,7 +173,8 @@ def _read_contents(path: Path, kind: str, _version: int) -> object:
     return unpack_strings(read_explanation_group(path, "strings"))
 
 
-def _text(texts: list[str], token_id: int) -> str:
+def token_label(texts: list[str], token_id: int) -> str:
+    """The stored text of a token id, or `<id>` when the explanation file has no text for it."""
     return texts[token_id] if 0 <= token_id < len(texts) else f"<{token_id}>"
 
 
@@ -186,9 +187,9 @@ def _contexts(ex: dict, tokens, texts: list[str], dataset: str, n: int) -> list[
         seq, p = divmod(int(pos), seq_len)
         ids = tokens.tokens[seq]
         # joined before they are made readable, so a character split across tokens shows whole
-        before = readable("".join(_text(texts, int(t)) for t in ids[max(0, p - BEFORE) : p]))
-        after = readable("".join(_text(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER]))
-        token = readable(_text(texts, int(ids[p])))
+        before = readable("".join(token_label(texts, int(t)) for t in ids[max(0, p - BEFORE) : p]))
+        after = readable("".join(token_label(texts, int(t)) for t in ids[p + 1 : p + 1 + AFTER]))
+        token = readable(token_label(texts, int(ids[p])))
         out.append(
             {
                 "dataset": dataset,
@@ -210,7 +211,7 @@ def _top_tokens(tok: dict, texts: list[str], dataset: str) -> list[dict]:
     for rank, (tid, mean, count) in enumerate(zip(tok["top_ids"], tok["top_means"], tok["top_counts"], strict=True)):
         if tid < 0:
             break
-        token = quoted(_text(texts, int(tid)))
+        token = quoted(token_label(texts, int(tid)))
         rows.append(
             {"dataset": dataset, "rank": rank + 1, "token_id": int(tid), "token": token, "mean_activation": float(mean)}
             | {"count": int(count)}
@@ -226,9 +227,9 @@ def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
             {
                 "dataset": dataset,
                 "rank": rank + 1,
-                "top_token": quoted(_text(texts, int(ti))),
+                "top_token": quoted(token_label(texts, int(ti))),
                 "top_value": float(tv),
-                "bottom_token": quoted(_text(texts, int(bi))),
+                "bottom_token": quoted(token_label(texts, int(bi))),
                 "bottom_value": float(bv),
             }
         )
@@ -255,10 +256,10 @@ def explained_neurons(store: Store, model: str | None = None, step: int | None =
         row = dict(r)
         if row["set_id"] not in texts:
             path = store.config.file(paths[row["set_id"]]) if row["set_id"] in paths else None
-            texts[row["set_id"]] = _file_contents(path, "strings") if path is not None and path.exists() else []
+            texts[row["set_id"]] = file_contents(path, "strings") if path is not None and path.exists() else []
         token_id = row["top_token"]
         row["top_token_id"] = token_id
-        row["top_token"] = quoted(_text(texts[row["set_id"]], token_id)) if token_id is not None else None
+        row["top_token"] = quoted(token_label(texts[row["set_id"]], token_id)) if token_id is not None else None
         rows.append(row)
     columns = list(found.columns)
     columns.insert(columns.index("top_token") + 1, "top_token_id")
@@ -316,7 +317,7 @@ def families(
         row = dict(r)
         draws = row.pop("excess_draws")
         known = texts.get(row.pop("set_id"), [])
-        row["token"] = quoted(_text(known, row["top_token"])) if row["top_token"] is not None else None
+        row["token"] = quoted(token_label(known, row["top_token"])) if row["top_token"] is not None else None
         if threshold is not None:
             row["stability"] = stability_at(draws, threshold)
         rows.append(row)

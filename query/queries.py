@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import Float, Select, Table, and_, case, cast, func, literal, select, true
+from sqlalchemy import Float, RowMapping, Select, Table, and_, case, cast, func, literal, select, true
 
 from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
@@ -252,16 +252,21 @@ def _cols(view: Table, names: str) -> list:
     return [view.c[name] for name in names.split()]
 
 
+def checkpoint_shape(store: Store, model: str, step: int) -> RowMapping | None:
+    """(n_layers, d_mlp) of MODEL@STEP as a row, or None when the store has no such checkpoint."""
+    return store.query(
+        select(tables.model.c.n_layers, tables.model.c.d_mlp)
+        .join(tables.checkpoint, tables.checkpoint.c.model_id == tables.model.c.id)
+        .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
+    ).first()
+
+
 def neuron_story(
     store: Store, model: str, step: int, layer: int, neuron: int, hook: str | None = None
 ) -> dict[str, Rows]:
     """Everything known about one neuron at one hook (the given one, or the only one of MODEL@STEP): statistics,
     matches, universality, history, ablations."""
-    shape = store.query(
-        select(tables.model.c.n_layers, tables.model.c.d_mlp)
-        .join(tables.checkpoint, tables.checkpoint.c.model_id == tables.model.c.id)
-        .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
-    ).first()
+    shape = checkpoint_shape(store, model, step)
     if shape is None:
         raise ActdbError(f"unknown checkpoint {model}@{step}; see `actdb status`")
     if not (0 <= layer < shape.n_layers and 0 <= neuron < shape.d_mlp):

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, and_, case, func, select, tuple_
 
 from actdb.query import queries
-from actdb.query.explanations import _file_contents, _text, neuron_explanation
+from actdb.query.explanations import file_contents, neuron_explanation, token_label
 from actdb.query.listings import dataset_rows
 from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
@@ -172,11 +172,7 @@ def universal_all(store: Store, f: UniversalFilter) -> Rows:
 
 def checkpoint_shape(store: Store, model: str, step: int) -> tuple[int, int]:
     """(n_layers, d_mlp) of MODEL@STEP; an unknown checkpoint is an ActdbError (the page answers 404)."""
-    shape = store.query(
-        select(tables.model.c.n_layers, tables.model.c.d_mlp)
-        .join(tables.checkpoint, tables.checkpoint.c.model_id == tables.model.c.id)
-        .where(tables.model.c.name == model, tables.checkpoint.c.step == step)
-    ).first()
+    shape = queries.checkpoint_shape(store, model, step)
     if shape is None:
         raise NotInStore(f"unknown checkpoint {model}@{step}")
     return shape.n_layers, shape.d_mlp
@@ -239,8 +235,8 @@ def from_activation_file(
     if found is None:
         return [], None, 0
     aset, ex = found
-    tokens = _file_contents(store.config.file(aset.dataset_path), "tokens")
-    texts = _file_contents(store.config.file(ex.path), "strings") if ex and store.config.file(ex.path).exists() else []
+    tokens = file_contents(store.config.file(aset.dataset_path), "tokens")
+    texts = file_contents(store.config.file(ex.path), "strings") if ex and store.config.file(ex.path).exists() else []
     n_read = min(int(aset.n_tokens), HISTOGRAM_TOKENS)
     with open_set(store, aset) as reader:
         column = reader.read_neurons(layer, [neuron], 0, n_read)[:, 0].astype(np.float64)
@@ -259,7 +255,7 @@ def from_activation_file(
                     "rank": example["rank"],
                     "activation": example["activation"],
                     "tokens": [
-                        {"text": readable(_text(texts, int(t))), "value": float(x), "peak": lo + k == pos}
+                        {"text": readable(token_label(texts, int(t))), "value": float(x), "peak": lo + k == pos}
                         for k, (t, x) in enumerate(zip(ids, values, strict=True))
                     ],
                 }
@@ -367,7 +363,7 @@ def token_index(store: Store) -> list[SetTokens]:
         path = store.config.file(sx.path)
         if not path.exists():
             continue
-        texts = _file_contents(path, "strings")
+        texts = file_contents(path, "strings")
         by_text: dict[str, list[int]] = {}
         for i, t in enumerate(texts):
             by_text.setdefault(readable(t).strip().lower(), []).append(i)

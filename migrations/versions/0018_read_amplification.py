@@ -4,7 +4,7 @@ amplification: 1.0 when every stored byte was read once (one read pass), the pas
 every file. Runs recorded before have neither (NULL).
 
 Revision ID: 0018
-Revises: 0016
+Revises: 0017
 """
 
 import sqlalchemy as sa

@@ -245,6 +245,8 @@ neuron_match = Table(
     Column("baseline_sd", Float),  # sd over baseline draws
     Column("topk", Text),
     Column("self_corr", Float),
+    # one neuron's rows across runs and other sets (its page, its history over steps) without scanning the table
+    Index("ix_neuron_match_set_neuron", "set_id", "layer", "neuron"),
 )
 
 
@@ -576,6 +578,7 @@ concept_expert = Table(
     Column("neuron", Integer, nullable=False),
     Column("ap", Float, nullable=False),
     Column("auroc", Float, nullable=False),
+    Index("ix_concept_expert_neuron", "layer", "neuron"),  # the concepts a neuron is an expert for (its page)
 )
 
 

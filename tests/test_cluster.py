@@ -36,9 +36,12 @@ def client():
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    """Three sets of shared latent features plus noise (one with a dead neuron) on random tokens."""
-    rng = np.random.default_rng(7)
-    tmp = tmp_path_factory.mktemp("cluster")
+    return latent_sets(tmp_path_factory.mktemp("cluster"), seed=7)
+
+
+def latent_sets(tmp, seed: int) -> tuple[list[SetInput], np.ndarray, np.ndarray]:
+    """Three sets of shared latent features plus noise (one with a dead neuron) on random tokens, in `tmp`."""
+    rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 30, (N_SEQ, SEQ_LEN)).astype(np.int32)
     mask = np.ones_like(tokens, dtype=bool)
     mask[:, :2] = False

@@ -31,7 +31,8 @@ from actdb.store.database.connection import Store
 from actdb.store.database.schema import CorrelationRun
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
-from actdb.store.files.activation import ActivationHeader, ActivationWriter, layer_key
+from actdb.store.files.activation import layer_key
+from tests.test_cluster import latent_sets
 
 N_SEQ, SEQ_LEN, D, L = 40, 32, 12, 3
 CPU = resolve_device("cpu").array
@@ -46,25 +47,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    """Three sets of shared latent features plus noise (one with a dead neuron) on random tokens."""
-    rng = np.random.default_rng(11)
-    tmp = tmp_path_factory.mktemp("onepass")
-    tokens = rng.integers(0, 30, (N_SEQ, SEQ_LEN)).astype(np.int32)
-    mask = np.ones_like(tokens, dtype=bool)
-    mask[:, :2] = False
-    latent = rng.standard_normal((tokens.size, 6)) + rng.standard_normal((30, 6))[tokens.reshape(-1)]
-    inputs = []
-    for k in range(3):
-        x = (latent @ rng.standard_normal((6, L * D)) + rng.standard_normal((tokens.size, L * D))).astype(np.float16)
-        if k == 1:
-            x[:, 4] = 1.0
-        path = tmp / f"s{k}.h5"
-        w = ActivationWriter(path, ActivationHeader(f"m{k}", 0, "fp", "mlp.post", L, D, tokens.size, "float16"))
-        w.write_rows(0, [x[:, i * D : (i + 1) * D] for i in range(L)])
-        w.finish()
-        shift = x[mask.reshape(-1)].astype(np.float64).mean(axis=0)
-        inputs.append(SetInput(10 + k, str(path), L, D, shift, rotation_key=10 + k))
-    return inputs, tokens, mask
+    return latent_sets(tmp_path_factory.mktemp("onepass"), seed=11)
 
 
 def _single(inputs, tokens, mask, options):

@@ -149,7 +149,7 @@ def test_flops_of_a_tiny_case_by_hand():
     # per (pair x layer) task and draw: forward (4 x 8) @ two (4 x 4) rotations, backward (4 x 4) @ (4 x 8)
     assert f.baseline == 6 * 2 * (2 * 4 * 4 * 4 * 2 + 2 * 4 * 4 * 8)
     assert f.rotation_sd == 3 * 2 * 2 * (2 * 4**3)  # sets x draws x layers x (C R)
-    assert f.draw_products == 3 * 1 * 2 * (2 * 4**3)  # sets x extra draws x layers x (R P_k)
+    assert f.draw_products == 3 * 2 * (2 * 4**3)  # sets x layers x R^T (C R), once when there are draws > 0
     assert qr_flops(4) == 170  # 8/3 d^3, rounded down
     assert f.qr == (3 * 2 + 1) * 170  # each set's layers, and one P_1 for the width
     assert f.total == 3840 + 1200 + 240 + 192 + 6144 + 1536 + 768 + 1190

@@ -424,33 +424,56 @@ class CorrelationEngine:
             self._baseline(acc, range(self.options.baseline_draws) if draws is None else draws)
 
     def _baseline(self, acc: dict[TaskGroup, object], draws: range) -> None:
+        """Each set's rotation baseline over `draws`. Draw k rotates a layer by `R P_k` (`R` the set's draw-0
+        rotation of the layer, `P_k` shared by the width), so the products with `R` are formed once per set and
+        every draw k >= 1 multiplies them by `P_k` alone: `(Cov_ab R_b) P_k`, `P_k^T (R_a^T Cov_ab)` and
+        `diag(P_k^T (R^T C R) P_k)`, one product per block and draw instead of two, and `R P_k` never formed."""
+        xp = self.backend.xp
         for key in sorted({g.a for g in acc} | {g.b for g in acc}):
             s = self.inputs[key]
             base = [self.backend.asarray(r) for r in self._base_rotations(key)]
-            covs = [c.astype(self.backend.xp.float32) for c in self.moments[key].cov]
+            covs = [c.astype(xp.float32) for c in self.moments[key].cov]
+            cov_rot = [c @ r for c, r in zip(covs, base, strict=True)]  # C R per layer
+            # R^T C R: only draws k >= 1 need it, diag(P_k^T (R^T C R) P_k) their rotated sds
+            rotated_cov = [r.T @ cr for r, cr in zip(base, cov_rot, strict=True)] if any(draws) else []
+            rot_sds = {}
             for draw in draws:
-                rot, rot_sd = self._rotations(key, base, covs, draw)
+                p = None if draw == 0 else self._draw_rotation(s.d_mlp, draw)
+                rot_sds[draw] = _rotated_sd(base, cov_rot, rotated_cov, p, xp)
                 if self.similarity is not None:
-                    m = self.moments[key]
-                    for layer in range(s.n_layers):
-                        rows = slice(layer * s.d_mlp, (layer + 1) * s.d_mlp)
-                        self.similarity.observe_self_baseline(
-                            key,
-                            layer,
-                            m.cov[layer],
-                            rot[layer].astype(m.cov[layer].dtype),
-                            rot_sd[rows],
-                            m.sd[rows],
-                            draw,
-                        )
-                for g, block in acc.items():
-                    for layer in range(g.start, g.stop) if key in (g.a, g.b) else ():
-                        rows = self._rows(g, block, layer)
-                        if g.b == key:
-                            _baseline_forward(Task(g.a, g.b, layer), rows, rot, rot_sd, draw, self)
-                        if g.a == key:
-                            _baseline_backward(Task(g.a, g.b, layer), rows, rot[layer], rot_sd, draw, self)
-                del rot, rot_sd
+                    self._observe_self_baseline(key, base, p, rot_sds[draw], draw)
+            del cov_rot, rotated_cov
+            # one block's products with R at a time, each taken by every draw's P_k
+            for g, block in acc.items():
+                if g.b == key:
+                    rotated = _rotate_columns(block, base, xp)
+                    for draw in draws:
+                        p = None if draw == 0 else self._draw_rotation(s.d_mlp, draw)
+                        scaled = rotated.copy() if p is None else _times_each_width(rotated, p, s.d_mlp)
+                        _baseline_forward(g, scaled, rot_sds[draw], draw, self)
+                if g.a == key:
+                    rotated = _rotate_rows(block, base, g.start, xp)
+                    for draw in draws:
+                        p = None if draw == 0 else self._draw_rotation(s.d_mlp, draw)
+                        scaled = rotated.copy() if p is None else p.T @ rotated
+                        _baseline_backward(g, scaled, rot_sds[draw], draw, self)
+                rotated = scaled = None
+
+    def _draw_rotation(self, d: int, draw: int) -> object:
+        """`P_draw` of width `d` on the device, drawn (or read from the rotation cache) once per run."""
+        if (d, draw) not in self.draw_rotations:
+            key = draw_key(d, self.options.baseline_seed, draw)
+            self.draw_rotations[(d, draw)] = self.backend.asarray(rotation(self.options.rotation_cache, key))
+        return self.draw_rotations[(d, draw)]
+
+    def _observe_self_baseline(self, key: int, base: list, p: object, rot_sd: object, draw: int) -> None:
+        """Layer similarity's diagonal baseline: each layer against its own rotated copy `R P_k` (formed here)."""
+        s, m = self.inputs[key], self.moments[key]
+        for layer in range(s.n_layers):
+            rows = slice(layer * s.d_mlp, (layer + 1) * s.d_mlp)
+            rot = base[layer] if p is None else base[layer] @ p
+            cov, sd = m.cov[layer], m.sd[rows]
+            self.similarity.observe_self_baseline(key, layer, cov, rot.astype(cov.dtype), rot_sd[rows], sd, draw)
 
     def _base_rotations(self, key: int) -> list[np.ndarray]:
         """A set's draw-0 rotations (float32, host). Each is a d x d QR (seconds at d = 3072), read from the
@@ -463,26 +486,6 @@ class CorrelationEngine:
         if adaptive or keeps_rotations(self.inputs, len(self.passes), memory_budget(self.options, self.backend)):
             self.base_cache[key] = rotations
         return rotations
-
-    def _rotations(self, key: int, base: list, covs: list, draw: int) -> tuple[list, object]:
-        """One draw's per-layer rotations of a set and its rotated neurons' standard deviations
-        sqrt(diag(R^T C R)) without forming R^T C R, all in float32 on the device (`base`: the draw-0 rotations,
-        `covs`: the set's within-layer covariances, both float32): a baseline maximum needs ~1e-6, and these
-        d^3 products were a third of the baseline phase in float64."""
-        xp, backend = self.backend.xp, self.backend
-        d = self.inputs[key].d_mlp
-        if draw and (d, draw) not in self.draw_rotations:
-            self.draw_rotations[(d, draw)] = backend.asarray(
-                rotation(self.options.rotation_cache, draw_key(d, self.options.baseline_seed, draw))
-            )
-        rot = base if draw == 0 else [r @ self.draw_rotations[(d, draw)] for r in base]
-        rot_sd = xp.concatenate(
-            [
-                xp.sqrt(xp.clip(((c @ r) * r).sum(axis=0, dtype=xp.float64), 0, None))
-                for c, r in zip(covs, rot, strict=True)
-            ]
-        )
-        return rot, rot_sd
 
     def _rows(self, g: TaskGroup, block: object, layer: int) -> object:
         d = self.inputs[g.a].d_mlp
@@ -707,45 +710,75 @@ def _task_maxima(t: Task, cov: object, engine: CorrelationEngine) -> None:
         engine.similarity.observe_block(t.a, t.b, t.layer, r, cov, ma.sd[rows], mb.sd, ma.cov, mb.cov)
 
 
-def _baseline_forward(t: Task, cov: object, rot: list, rot_sd: object, draw: int, engine: CorrelationEngine) -> None:
-    """Max over b's rotated neurons for each neuron of a's layer: corr(a_i, (bR)_j) =
-    (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone. Dividing by sd_a_i > 0 does not
-    change which j is largest, so each row's max is taken over Cov_ab R scaled by the columns' 1/sd only."""
-    xp, sb = engine.backend.xp, engine.inputs[t.b]
-    d, db = engine.inputs[t.a].d_mlp, sb.d_mlp
-    rows = slice(t.layer * d, (t.layer + 1) * d)
-    scaled = xp.concatenate([cov[:, lb * db : (lb + 1) * db] @ rot[lb] for lb in range(sb.n_layers)], axis=1)
+def _rotate_columns(block: object, base: list, xp) -> object:
+    """`Cov_ab R_b`: each of b's layers' columns of a block (float32) times that layer's draw-0 rotation."""
+    d = base[0].shape[0]
+    return xp.concatenate([block[:, lb * d : (lb + 1) * d] @ r for lb, r in enumerate(base)], axis=1)
+
+
+def _rotate_rows(block: object, base: list, start: int, xp) -> object:
+    """`R_a^T Cov_ab` per layer of a in a block of a's layers from `start` on: (layers, d_a, N_b), float32."""
+    d = base[0].shape[0]
+    return xp.stack([base[start + i].T @ block[i * d : (i + 1) * d] for i in range(block.shape[0] // d)])
+
+
+def _times_each_width(rotated: object, p: object, d: int) -> object:
+    """Every `d`-wide column block of `rotated` (rows x L d, contiguous) times `p`: one product of all rows of
+    all blocks, as (rows L) x d."""
+    n_rows, n_cols = rotated.shape
+    return (rotated.reshape(n_rows * (n_cols // d), d) @ p).reshape(n_rows, n_cols)
+
+
+def _rotated_sd(base: list, cov_rot: list, rotated_cov: list, p: object, xp) -> object:
+    """The rotated neurons' standard deviations of every layer, sqrt(diag(R^T C R)) for draw 0 from `C R`, and
+    sqrt(diag(P^T (R^T C R) P)) for a draw's `p`, without forming either product matrix's square."""
+    if p is None:
+        sq = [((cr * r).sum(axis=0, dtype=xp.float64)) for cr, r in zip(cov_rot, base, strict=True)]
+    else:
+        sq = [((m @ p) * p).sum(axis=0, dtype=xp.float64) for m in rotated_cov]
+    return xp.concatenate([xp.sqrt(xp.clip(v, 0, None)) for v in sq])
+
+
+def _baseline_forward(g: TaskGroup, scaled: object, rot_sd: object, draw: int, engine: CorrelationEngine) -> None:
+    """Max over b's rotated neurons for each neuron of a's layers in `g`: corr(a_i, (bR)_j) =
+    (Cov_ab R)_ij / (sd_a_i sqrt((R^T Cov_b R)_jj)), from the moments alone (`scaled` holds Cov_ab R, and is
+    scaled in place). Dividing by sd_a_i > 0 does not change which j is largest, so each row's max is taken over
+    Cov_ab R scaled by the columns' 1/sd only."""
+    xp, sb = engine.backend.xp, engine.inputs[g.b]
+    d = engine.inputs[g.a].d_mlp
+    rows = slice(g.start * d, g.stop * d)
     inv_cols, dead_cols = inverse_sd(rot_sd, xp)
     scaled *= inv_cols
     if bool(dead_cols.any()):
         scaled[:, dead_cols] = -xp.inf
-    inv_rows, _dead = inverse_sd(engine.moments[t.a].sd[rows], xp)
+    inv_rows, _dead = inverse_sd(engine.moments[g.a].sd[rows], xp)
     best = xp.clip(scaled.max(axis=1) * inv_rows, -1.0, 1.0)
-    engine.results[(t.a, t.b)].baseline[draw, rows] = engine.backend.to_numpy(best)
+    engine.results[(g.a, g.b)].baseline[draw, rows] = engine.backend.to_numpy(best)
     if engine.similarity is not None:
-        engine.similarity.observe_baseline_forward(t.a, t.b, t.layer, scaled, inv_rows, draw, db)
+        for i, layer in enumerate(range(g.start, g.stop)):
+            own = slice(i * d, (i + 1) * d)
+            engine.similarity.observe_baseline_forward(g.a, g.b, layer, scaled[own], inv_rows[own], draw, sb.d_mlp)
 
 
-def _baseline_backward(
-    t: Task, cov: object, rot_a: object, rot_sd: object, draw: int, engine: CorrelationEngine
-) -> None:
-    """Running max, for every neuron of b, over the rotated neurons of a's layer: (R_a^T Cov_ab), scaled the
-    same way by the rotated neurons' 1/sd before the column max."""
+def _baseline_backward(g: TaskGroup, scaled: object, rot_sd: object, draw: int, engine: CorrelationEngine) -> None:
+    """Running max, for every neuron of b, over the rotated neurons of each of a's layers in `g`: `scaled`
+    (layers, d_a, N_b) holds R_a^T Cov_ab, scaled in place the same way by the rotated neurons' 1/sd before the
+    column max."""
     xp = engine.backend.xp
-    d = engine.inputs[t.a].d_mlp
-    rows = slice(t.layer * d, (t.layer + 1) * d)
-    scaled = rot_a.T @ cov
-    inv_rows, dead_rows = inverse_sd(rot_sd[rows], xp)
-    scaled *= inv_rows[:, None]
-    if bool(dead_rows.any()):
-        scaled[dead_rows, :] = -xp.inf
-    inv_cols, _dead = inverse_sd(engine.moments[t.b].sd, xp)
-    best = xp.clip(scaled.max(axis=0) * inv_cols, -1.0, 1.0)
-    target = engine.results[(t.b, t.a)].baseline[draw]
-    np.maximum(target, engine.backend.to_numpy(best), out=target)
-    if engine.similarity is not None:
-        db = engine.inputs[t.b].d_mlp
-        engine.similarity.observe_baseline_backward(t.a, t.b, t.layer, scaled, inv_cols, draw, db)
+    d = engine.inputs[g.a].d_mlp
+    inv_cols, _dead = inverse_sd(engine.moments[g.b].sd, xp)
+    target = engine.results[(g.b, g.a)].baseline[draw]
+    for i, layer in enumerate(range(g.start, g.stop)):
+        layer_scaled = scaled[i]
+        inv_rows, dead_rows = inverse_sd(rot_sd[layer * d : (layer + 1) * d], xp)
+        layer_scaled *= inv_rows[:, None]
+        if bool(dead_rows.any()):
+            layer_scaled[dead_rows, :] = -xp.inf
+        best = xp.clip(layer_scaled.max(axis=0) * inv_cols, -1.0, 1.0)
+        np.maximum(target, engine.backend.to_numpy(best), out=target)
+        if engine.similarity is not None:
+            db = engine.inputs[g.b].d_mlp
+            engine.similarity.observe_baseline_backward(g.a, g.b, layer, layer_scaled, inv_cols, draw, db)
 
 
 def _row_max(r, res: MatchResult, rows: slice, topk: int, backend: ArrayBackend) -> None:

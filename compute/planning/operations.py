@@ -188,9 +188,9 @@ class CorrelationFlops:
     grams: int  # _accumulate_moments: X_l^T X_l per chunk, set and layer (a SYRK on the CPU: one triangle)
     sums: int  # _accumulate_moments: column sums (one addition per value)
     adds: int  # _accumulate: each chunk's float32 products added into the float64 accumulators
-    baseline: int  # per draw: Cov_ab R_b (_baseline_forward) and R_a^T Cov_ab (_baseline_backward), float32
-    rotation_sd: int  # _rotations, per pass, set, draw and layer: Cov R for the rotated neurons' sd, float32
-    draw_products: int  # _rotations, per pass, set, draw > 0 and layer: R P_k, float32
+    baseline: int  # per draw: Cov_ab R_b (P_k) (_baseline_forward) and (P_k^T) R_a^T Cov_ab (_baseline_backward)
+    rotation_sd: int  # _baseline, per pass, set, draw and layer: C R (draw 0) or (R^T C R) P_k for the rotated sds
+    draw_products: int  # _baseline, per pass, set and layer when there are draws > 0: R^T (C R), float32
     qr: int  # Haar QRs on the host: each set's layers per pass it takes part in (once when kept), P_k once per draw
     control: int = 0  # the token control: S_a^T diag(1/n_v) S_b per block and per set's layers (float64)
 
@@ -243,7 +243,7 @@ def correlation_flops(
         for key in sorted({task.a for task in tasks} | {task.b for task in tasks}):
             s = inputs[key]
             rotation_sd += draws * s.n_layers * 2 * s.d_mlp**3
-            draw_products += (draws - 1) * s.n_layers * 2 * s.d_mlp**3
+            draw_products += (draws > 1) * s.n_layers * 2 * s.d_mlp**3
             if not (kept and key in drawn):
                 qr += s.n_layers * qr_flops(s.d_mlp)
             drawn.add(key)

@@ -355,7 +355,7 @@ def plan_rows(p: CapacityPlan, fmt: str = "table") -> Rows:
         rotations,
         "FLOP",
         f"{rotations:.3e}",
-        f"per pass and set: Cov R per draw and R P_k per extra draw (float32); Haar QRs on the host (8/3 d^3 "
+        f"per pass and set: C R, R^T C R once, (R^T C R) P_k per extra draw (float32); Haar QRs on the host (8/3 d^3 "
         f"each) once for the study: {k} models x {a.n_layers} layers + {r.baseline_draws - 1} extra draws, kept "
         "per (seed, model, layer)",
     )

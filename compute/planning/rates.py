@@ -149,38 +149,40 @@ def qr_rate(size: int) -> float:
     return qr_flops(size) / _best_seconds(lambda: _haar(rng, size), 3)
 
 
-def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 12) -> float:
+def stream_rate(d_mlp: int, chunk_tokens: int, n_layers: int = 2, chunks: int = 12, passes: int = 4) -> float:
     """Bytes/s at which the engine's own reader (`correlation._read_chunks`) reads, checks and converts a
     freshly written activation file (from the page cache: the storage's speed is --read-speed's business): the
-    fastest of `chunks` chunks after the first (which allocates the reused buffers)."""
+    fastest of `passes` timed passes over all its `chunks` chunks, after an untimed one (which allocates the
+    reused buffers). A timing covers a whole pass (24 MB at the default shape), not one chunk: the fastest single
+    2 MB chunk of one pass was the rate before, and two runs of `actdb plan` on a quiet machine differed by 12 %
+    in it. The file's values are one random block repeated, so writing it costs little."""
     from actdb.compute.correlation.engine import _read_chunks
     from actdb.store.files.activation import ActivationHeader, ActivationReader, ActivationWriter
 
     width, seq_len = min(d_mlp, 512), 512
     rows = max(seq_len, chunk_tokens // seq_len * seq_len)
-    tokens = (chunks + 1) * rows
+    tokens = chunks * rows
     with tempfile.TemporaryDirectory(prefix="actdb-plan-") as tmp:
         path = Path(tmp) / "probe.h5"
         writer = ActivationWriter(
             path, ActivationHeader("probe", 0, "probe", "mlp.post", n_layers, width, tokens, "float16")
         )
         try:
-            block = np.random.default_rng(0).standard_normal((tokens, width)).astype(np.float16)
-            writer.write_rows(0, [block] * n_layers)
+            block = np.random.default_rng(0).standard_normal((seq_len, width), dtype=np.float32).astype(np.float16)
+            writer.write_rows(0, [np.tile(block, (tokens // seq_len, 1))] * n_layers)
             writer.finish()
         finally:
             writer.close()
         probe = SetInput(0, str(path), n_layers, width, np.zeros(n_layers * width, dtype=np.float32))
         ids, mask = np.zeros(tokens, dtype=np.int32), np.ones(tokens, dtype=bool)
         with ActivationReader(path) as reader:
-            stream = _read_chunks([reader], [probe], [0], ids, mask, seq_len, rows)
-            next(stream)
-            best = float("inf")
-            for _ in range(chunks):
-                started = time.thread_time()  # CPU seconds, as `_best_seconds`
-                n, _ids, _chunk = next(stream)
-                best = min(best, (time.thread_time() - started) / n)
-    return n_layers * width * 2 / best
+
+            def one_pass() -> None:
+                for _chunk in _read_chunks([reader], [probe], [0], ids, mask, seq_len, rows):
+                    pass
+
+            seconds = _best_seconds(one_pass, passes)
+    return n_layers * width * 2 * tokens / seconds
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ class HostRates:
 # the estimate errs long), and the reader's rate is per stored byte.
 PROBE_WIDTH = 768
 PROBE_ROWS = 2048
+STREAM_ROWS = 2048  # rows of the reader probe's chunks, at most
 
 
 def measure_host(request: PlanRequest) -> HostRates:
@@ -232,7 +235,7 @@ def measure_host(request: PlanRequest) -> HostRates:
             float32=float32,
             float64=numpy_gemm_rate("float64", width) if cpu and request.control == "token" else 0.0,
             qr=qr_rate(width),
-            stream=stream_rate(request.arch.d_mlp, min(request.chunk_tokens, 2048)),
+            stream=stream_rate(request.arch.d_mlp, min(request.chunk_tokens, STREAM_ROWS)),
             forward=float32,
             width=width,
             cores=1,

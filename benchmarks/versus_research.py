@@ -17,9 +17,13 @@ and converts them, and derives its baseline from the moments with its default 8 
 
 The module's other imports (transformer_lens, datasets and the plotting in `analysis.correlations`) serve its
 command line, not the class: where they are not installed, empty modules stand in for them during the import.
-Prints, for one pair and for 4 models (every pair), at the demo's tokens and 4x, both times, the ratio, and each
-one's share of a bare float32 GEMM doing the products it needs, and the CPU seconds each used (all threads: on
-a machine busy with other work, wall times follow the share of the cores each gets, CPU seconds do not).
+Prints, for one pair and for 4 models (every pair), at the demo's tokens and 4x (`--scales`): the wall and CPU
+seconds (all threads: on a machine busy with other work, wall times follow the share of the cores each gets, CPU
+seconds less so) of actdb with a cold rotation cache (an empty folder: it computes and keeps its QRs, as a
+store's first run) and a warm one (the same folder again: no QR), and of the research code; the FLOPs each does
+(actdb's as the planner counts the engine's operations, `correlation_flops`; the research code's products, its
+rotations included; neither counts the elementwise work); each one's FLOP rate as a share of a bare float32 GEMM
+timed in the same run; the ratios; and each side's peak resident memory above what the process held before it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -41,7 +44,8 @@ from synthetic_sets import SEQ_LEN, write_sets
 from threadpoolctl import threadpool_limits
 
 from actdb.compute.correlation.baseline import random_rotation
-from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets
+from actdb.compute.correlation.engine import CorrelationOptions, correlate_sets, memory_budget, plan_passes
+from actdb.compute.planning.operations import correlation_flops
 from actdb.store.device import resolve_device
 from actdb.store.files.activation import ActivationReader
 
@@ -104,22 +108,55 @@ def research_jobs(cls: type, data: list, layers: int, d: int, threads: int) -> t
     return time.perf_counter() - started, in_class, time.process_time() - cpu
 
 
-def bare_gemm(neurons: int, tokens: int, products: int, threads: int) -> float:
-    """Seconds of a bare float32 GEMM doing `products` (N x T) @ (T x N) products in research-batch pieces."""
+def bare_gemm_rate(neurons: int, threads: int) -> float:
+    """FLOP/s of a bare float32 GEMM, (N x 16,384) @ (16,384 x N) as the research batches are, the best of a few."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((RESEARCH_BATCH, neurons), dtype=np.float32)
     b = rng.standard_normal((RESEARCH_BATCH, neurons), dtype=np.float32)
     out = np.empty((neurons, neurons), dtype=np.float32)
-    reps = max(1, tokens // RESEARCH_BATCH)
+    best = float("inf")
     with threadpool_limits(threads):
         np.matmul(a.T, b, out=out)
-        t0 = time.perf_counter()
-        for _ in range(reps * products):
+        for _ in range(5):
+            t0 = time.perf_counter()
             np.matmul(a.T, b, out=out)
-        return (time.perf_counter() - t0) * tokens / (reps * RESEARCH_BATCH)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * neurons * neurons * RESEARCH_BATCH / best
 
 
-def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: int, draws: int) -> float:
+def resident_peak_reset() -> int:
+    """Reset this process's peak resident set (Linux: /proc/self/clear_refs) and return the resident bytes now."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed(run) -> tuple[object, float, float, float]:
+    """(result, wall seconds, CPU seconds of the process, peak resident MB above the resident size before)."""
+    before = resident_peak_reset()
+    t0, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+    return result, wall, cpu, (_status_bytes("VmHWM") - before) / 2**20
+
+
+def research_flops(n_sets: int, layers: int, d: int, tokens: int) -> int:
+    """The research workflow's products per pair: two jobs of N x T x N (correlation and rotation baseline) and
+    the rotation of model 2's activations, layer by layer (d x d x T)."""
+    pairs = n_sets * (n_sets - 1) // 2
+    n = layers * d
+    return pairs * (2 * 2 * n * n * tokens + layers * 2 * d * d * tokens)
+
+
+def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: int, draws: int) -> dict:
     import torch
 
     root = Path(tempfile.mkdtemp(prefix="actdb-vs-"))
@@ -137,28 +174,64 @@ def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: i
                 for b in range(0, tokens, RESEARCH_BATCH)
             ]
         )
+    del x
     backend = resolve_device("cpu").array
-    options = CorrelationOptions(baseline_draws=draws)
+    cache = root / "rotations"
+    options = CorrelationOptions(baseline_draws=draws, rotation_cache=str(cache))
+    passes = plan_passes(sets, 1, options, memory_budget(options, backend))
+    flops = correlation_flops(sets, passes, tokens, options, 1)
+    ours_flops = {"cold": flops.total, "warm": flops.total - flops.qr}
+    gemm = bare_gemm_rate(layers * d, threads)
+    row = {"sets": n_sets, "tokens": tokens, "gemm": gemm}
     with threadpool_limits(threads):
-        correlate_sets(sets, ids, mask, options, backend)  # warm the page cache
-        t0, cpu = time.perf_counter(), time.process_time()
-        result = correlate_sets(sets, ids, mask, options, backend)
-        ours, ours_cpu = time.perf_counter() - t0, time.process_time() - cpu
-    theirs, in_class, theirs_cpu = research_jobs(cls, data, layers, d, threads)
-    pairs = n_sets * (n_sets - 1) // 2
-    gemm = bare_gemm(layers * d, tokens, pairs, threads)
+        correlate_sets(sets, ids, mask, CorrelationOptions(baseline_draws=draws), backend)  # the page cache
+        for cache_state in ("cold", "warm"):  # an empty rotation cache folder, then the same folder again
+            result, wall, cpu, peak = timed(lambda: correlate_sets(sets, ids, mask, options, backend))
+            row[cache_state] = (wall, cpu, peak, ours_flops[cache_state], dict(result.seconds))
+    # its own clock starts after its rotations are drawn (its best case); the peak covers the whole call
+    (theirs, in_class, theirs_cpu), _wall, _cpu, theirs_peak = timed(
+        lambda: research_jobs(cls, data, layers, d, threads)
+    )
+    row["research"] = (theirs, theirs_cpu, theirs_peak, research_flops(n_sets, layers, d, tokens), in_class)
+    report(row, layers, d, threads, draws, flops)
+    return row
+
+
+def report(row: dict, layers: int, d: int, threads: int, draws: int, flops) -> None:
+    """The case's lines: each side's times, FLOPs, share of the bare GEMM's rate and peak memory; the ratios."""
+    gemm, (theirs, theirs_cpu, theirs_peak, theirs_flops, in_class) = row["gemm"], row["research"]
+    pairs = row["sets"] * (row["sets"] - 1) // 2
     print(
-        f"{n_sets} sets x {layers} x {d} neurons x {tokens:,} tokens, {threads} threads each: actdb {ours:.2f} s "
-        f"({gemm / ours:.2f} of a bare GEMM of its {pairs} pair product(s); {draws} draws; phases "
-        f"{', '.join(f'{k} {v:.2f}' for k, v in result.seconds.items())}); research code {theirs:.2f} s, "
-        f"{in_class:.2f} s in StreamingPearsonComputer ({2 * gemm / in_class:.2f} of a bare GEMM of its "
-        f"{2 * pairs} products): actdb {theirs / ours:.2f}x the research code ({in_class / ours:.2f}x its class "
-        f"alone); CPU seconds (all threads) actdb {ours_cpu:.2f}, research code {theirs_cpu:.2f}: "
-        f"{theirs_cpu / ours_cpu:.2f}x; load average {os.getloadavg()[0]:.1f}; "
-        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+        f"{row['sets']} sets ({pairs} pair(s)) x {layers} x {d} neurons x {row['tokens']:,} tokens, {threads} "
+        f"threads each, load average {os.getloadavg()[0]:.1f}; bare float32 GEMM {gemm / 1e9:.0f} GFLOP/s",
         flush=True,
     )
-    return theirs / ours
+    g = 1e9
+    print(
+        f"  actdb FLOPs ({draws} draws): pair products {flops.pair_products / g:.1f} G, Grams (SYRK) "
+        f"{flops.grams / g:.1f} G, baseline phase {flops.baseline_phase / g:.1f} G, QRs {flops.qr / g:.1f} G "
+        f"(cold cache only), sums and adds {(flops.sums + flops.adds) / g:.1f} G; research code "
+        f"{theirs_flops / g:.1f} G (two N x T x N products per pair and the rotation of model 2)"
+    )
+    for name in ("cold", "warm"):
+        wall, cpu, peak, ours_flops, phases = row[name]
+        print(
+            f"  actdb, {name} rotation cache: wall {wall:.2f} s, CPU {cpu:.2f} s, {ours_flops / g:.1f} GFLOP = "
+            f"{ours_flops / wall / gemm:.2f} of the bare GEMM's rate (phases "
+            f"{', '.join(f'{k} {v:.2f}' for k, v in phases.items())}); peak RSS +{peak:.0f} MB"
+        )
+    print(
+        f"  research code: wall {theirs:.2f} s ({in_class:.2f} s in StreamingPearsonComputer), CPU "
+        f"{theirs_cpu:.2f} s, {theirs_flops / g:.1f} GFLOP = {theirs_flops / theirs / gemm:.2f} of the bare "
+        f"GEMM's rate; peak RSS +{theirs_peak:.0f} MB"
+    )
+    for name in ("cold", "warm"):
+        wall, cpu, _peak, ours_flops, _phases = row[name]
+        print(
+            f"  actdb ({name} cache) / research code: {theirs / wall:.2f}x wall, {theirs_cpu / cpu:.2f}x CPU; "
+            f"actdb does {ours_flops / theirs_flops:.2f}x the research FLOPs"
+        )
+    print(flush=True)
 
 
 def main() -> None:
@@ -167,13 +240,33 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--d-mlp", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=24_576)
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="multiples of --tokens to run")
+    ap.add_argument("--sets", type=int, nargs="+", default=[2, 4], help="models per case (every pair of them)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draws", type=int, default=CorrelationOptions.baseline_draws)
     args = ap.parse_args()
+    if not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("this benchmark measures peak memory through /proc/self/clear_refs (Linux)")
     cls = load_research_class(args.research_repo)
-    for tokens in (args.tokens, 4 * args.tokens):
-        for n_sets in (2, 4):
-            compare(cls, n_sets, args.layers, args.d_mlp, tokens, args.threads, args.draws)
+    rows = [
+        compare(cls, n_sets, args.layers, args.d_mlp, scale * args.tokens, args.threads, args.draws)
+        for scale in args.scales
+        for n_sets in args.sets
+    ]
+    print(
+        "| case | actdb wall, cold / warm rotation cache (CPU s) | research code wall (CPU s) | actdb / research, "
+        "wall cold / warm | CPU cold / warm | FLOPs actdb / research (warm) | share of bare GEMM, actdb warm / "
+        "research |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        (cw, cc, _p, _f, _s), (ww, wc, _p2, wf, _s2) = r["cold"], r["warm"]
+        tw, tc, _tp, tf, _ic = r["research"]
+        print(
+            f"| {r['sets']} models, {r['tokens']:,} tokens | {cw:.2f} / {ww:.2f} s ({cc:.2f} / {wc:.2f}) | {tw:.2f} s "
+            f"({tc:.2f}) | {tw / cw:.2f}x / {tw / ww:.2f}x | {tc / cc:.2f}x / {tc / wc:.2f}x | {wf / tf:.2f} | "
+            f"{wf / ww / r['gemm']:.2f} / {tf / tw / r['gemm']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

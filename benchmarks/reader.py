@@ -14,7 +14,10 @@ which the variants take turns:
                      when the device converts)
     engine reader    the engine's reads in a pass (`_read_chunks` per chunk): 8192-token chunks of every layer,
                      checked, converted to float32 and shifted by the neurons' means into the chunk the
-                     products use, into buffers allocated once
+                     products use, into buffers allocated once: by the C pass (`_fused_chunks`) where it is
+                     built
+    engine, NumPy    the same through the NumPy/torch route (Fletcher-32 by BLAS sums, then conversions), the
+                     route without the C extension (ACTDB_READER=numpy)
     _read_chunks     the engine's generator itself over the whole file, allocating its buffers (page faults
                      of a fresh chunk, which a pass over more tokens spreads thinner)
     HDF5 + NumPy     the reader before #29: HDF5's read with its Fletcher-32 filter, NumPy's float16 cast and the
@@ -122,12 +125,16 @@ def bare_chunks(path: Path, check: bool) -> Callable[[], None]:
     return run
 
 
-def engine_reader(path: Path, layers: int, d: int, n_tokens: int) -> Callable[[], None]:
+def engine_reader(path: Path, layers: int, d: int, n_tokens: int, fused: bool = True) -> Callable[[], None]:
     """`_read_chunks`'s work per chunk in a pass's steady state: every layer's rows, checked, converted and
-    shifted into the chunk's columns (its buffers allocated and touched once, as a pass reuses them)."""
+    shifted into the chunk's columns (its buffers allocated and touched once, as a pass reuses them); `fused`
+    False: by the NumPy route even where the C pass is built."""
     reader = ActivationReader(path)
     shift = np.random.default_rng(1).standard_normal(layers * d).astype(np.float32) * 0.1
     x = np.ones((CHUNK_TOKENS, layers * d), dtype=np.float32)
+    route, raw_chunks.FUSED = raw_chunks.FUSED, raw_chunks.FUSED if fused else None
+    reader.read_shifted_into(0, 0, x[:1, :d], shift[:d])  # the reader's chunk reader takes the route now
+    raw_chunks.FUSED = route
 
     def run() -> None:
         for r0 in range(0, n_tokens, CHUNK_TOKENS):
@@ -209,6 +216,8 @@ def main() -> None:
         f"reader benchmark: {args.tokens} tokens x {args.layers} layers x {args.d_mlp} neurons, pinned to core "
         f"{args.cpu}, best of {args.repeats}; rates are stored bytes per CPU second (wall in brackets)"
     )
+    fused = raw_chunks.FUSED
+    print("engine reader: " + (f"C pass ({fused.instructions()})" if fused else "NumPy route (no C pass built)"))
     for dtype in args.dtypes.split(","):
         path = folder / f"{dtype}-{args.tokens}-{args.layers}-{args.d_mlp}.h5"
         if not path.exists():
@@ -220,6 +229,7 @@ def main() -> None:
             "bare chunks": bare_chunks(path, check=False),
             "read + check": bare_chunks(path, check=True),
             "engine reader": engine_reader(path, args.layers, args.d_mlp, args.tokens),
+            "engine, NumPy": engine_reader(path, args.layers, args.d_mlp, args.tokens, fused=False),
             "_read_chunks": read_chunks(path, args.layers, args.d_mlp, args.tokens),
             "HDF5 + NumPy": hdf5_numpy(path, args.layers, args.d_mlp, args.tokens),
         }
@@ -233,6 +243,7 @@ def main() -> None:
             )
         speedup = times["HDF5 + NumPy"][0] / times["engine reader"][0]
         print(f"  engine reader vs the reader before #29: {speedup:.2f}x")
+        print(f"  engine reader / bare chunks per core: {times['bare chunks'][0] / times['engine reader'][0]:.2f}")
     print(f"\npeak RSS {peak_rss_mb():.0f} MB")
 
 

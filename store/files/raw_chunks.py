@@ -1,9 +1,14 @@
-"""Rows of an activation layer read as the raw bytes of its HDF5 chunks, checked and converted in NumPy.
+"""Rows of an activation layer read as the raw bytes of its HDF5 chunks, checked and converted in one pass.
 
 HDF5's own read runs the Fletcher-32 filter a byte at a time and NumPy converts float16 in software (0.16 GB/s
 here); the correlation engine needs `stored - shift` as float32. This reads each chunk's stored bytes with
-`read_direct_chunk` into a reused buffer, verifies its checksum with `fletcher32` (BLAS reductions), and writes
-`value - shift` straight into the caller's (possibly strided) float32 rows, several chunks per NumPy call.
+`read_direct_chunk` into a reused buffer and writes `value - shift` straight into the caller's (possibly strided)
+float32 rows, the checksum verified as HDF5 would. Two routes, chosen once in `FUSED`:
+
+- the C extension `_fused_chunks` (built by setup.py where a compiler is found): one pass per chunk, while it is
+  in the cache, sums the checksum and converts (float16 by F16C), with the GIL released;
+- without it (or with ACTDB_READER=numpy): `fletcher32` (BLAS reductions) per few chunks, then NumPy/torch
+  conversions several chunks per call, as below. Both give the same bits.
 
 float16 becomes float32 through torch's copy (the CPU's F16C conversion; NumPy's own cast runs in software) or,
 without torch, by its bits: the int16 word sign-extended to int32 and shifted left 13 puts the sign in bits 31..28
@@ -17,6 +22,9 @@ reading through HDF5 and converting afterwards, so both give bit-identical value
 
 from __future__ import annotations
 
+import os
+from types import ModuleType
+
 import h5py
 import numpy as np
 
@@ -28,6 +36,20 @@ PIECE_VALUES = 131072  # values converted per piece: rows across the whole layer
 F16_SCALE = np.float32(2.0**112)
 F16_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign bit and bits 27..0
 F16_LIMIT = np.float32(65536.0)  # beyond the largest finite float16 (65504): an infinity or NaN came through
+
+
+def _fused_pass() -> ModuleType | None:
+    """The C pass, or None where it was not built or ACTDB_READER=numpy asks for the NumPy route (tests run both)."""
+    if os.environ.get("ACTDB_READER", "") == "numpy":
+        return None
+    try:
+        from actdb.store.files import _fused_chunks
+    except ImportError:
+        return None
+    return _fused_chunks
+
+
+FUSED = _fused_pass()  # the one place the route is chosen; a reader made after changing it uses the new one
 
 
 class ChunkError(OSError):
@@ -46,6 +68,7 @@ class RawChunkRows:
     """`stored - shift` of rows of 2-D chunked datasets, through raw chunks; buffers shared by every layer."""
 
     def __init__(self) -> None:
+        self._fused = FUSED
         self._raw = np.empty(0, dtype=np.uint8)
         self._checksum = np.empty(0, dtype=np.float32)
         self._piece = np.empty(PIECE_VALUES, dtype=np.float32)
@@ -69,6 +92,9 @@ class RawChunkRows:
         chunk_bytes = chunk_rows * chunk_cols * size
         stride = chunk_bytes + CHECKSUM_BYTES
         cols = range(0, width, chunk_cols)
+        if self._fused is not None and shift.dtype == np.float32 and shift.flags.c_contiguous:
+            self._read_fused(ds, start, out, shift, quantisation, stride)
+            return
         if self._raw.size < len(cols) * stride:
             self._raw = np.empty(len(cols) * stride, dtype=np.uint8)
         if self._checksum.size < scratch_size(chunk_bytes, GROUP_CHUNKS):
@@ -91,6 +117,46 @@ class RawChunkRows:
                 block = (scales[row0 // chunk_rows - first], offsets[row0 // chunk_rows - first])
             rows = out[row0 + lo - start : row0 + hi - start]
             self._convert(values[:, lo:hi], rows, chunk_cols, shift, block)
+
+    def _read_fused(
+        self,
+        ds: h5py.Dataset,
+        start: int,
+        out: np.ndarray,
+        shift: np.ndarray,
+        quantisation: tuple[np.ndarray, np.ndarray, int] | None,
+        stride: int,
+    ) -> None:
+        """`read_shifted` by the C pass: each chunk read into one buffer, then checked and converted while in
+        the cache, straight into its columns of `out`."""
+        chunk_rows, chunk_cols = ds.chunks
+        width = out.shape[1]
+        if self._raw.size < stride:
+            self._raw = np.empty(stride, dtype=np.uint8)
+        raw = self._raw[:stride]
+        stop = start + len(out)
+        for row0 in range(start - start % chunk_rows, stop, chunk_rows):
+            lo, hi = max(start, row0) - row0, min(stop, row0 + chunk_rows) - row0
+            rows = out[row0 + lo - start : row0 + hi - start]
+            if quantisation is not None:
+                scales, offsets, first = quantisation
+                scale, offset = scales[row0 // chunk_rows - first], offsets[row0 // chunk_rows - first]
+            for c0 in range(0, width, chunk_cols):
+                c1 = min(width, c0 + chunk_cols)
+                mask, got = ds.id.read_direct_chunk((row0, c0), out=raw)
+                if mask != 0 or len(got) != stride:
+                    raise ChunkError(
+                        f"chunk at row {row0}, column {c0} of {ds.name} is not stored with its checksum "
+                        f"({len(got)} bytes, filter mask {mask})"
+                    )
+                if quantisation is None:
+                    ok = self._fused.check_convert(raw, chunk_cols, lo, rows[:, c0:c1], shift[c0:c1])
+                else:
+                    ok = self._fused.check_convert(
+                        raw, chunk_cols, lo, rows[:, c0:c1], shift[c0:c1], scale[c0:c1], offset[c0:c1]
+                    )
+                if not ok:
+                    raise ChunkError(f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {c0} of {ds.name}")
 
     def _read_checked(
         self, ds: h5py.Dataset, row0: int, cols: range, first: int, stride: int, chunk_bytes: int

@@ -53,6 +53,7 @@ from actdb.store.files.activation import (
     layer_key,
 )
 from actdb.store.files.fletcher32 import fletcher32_rows, scratch_for
+from actdb.store.files.raw_chunks import float32_rows
 
 SEQ_LEN = 128
 CHUNK_TOKENS = 8192
@@ -131,7 +132,8 @@ def engine_reader(path: Path, layers: int, d: int, n_tokens: int, fused: bool = 
     False: by the NumPy route even where the C pass is built."""
     reader = ActivationReader(path)
     shift = np.random.default_rng(1).standard_normal(layers * d).astype(np.float32) * 0.1
-    x = np.ones((CHUNK_TOKENS, layers * d), dtype=np.float32)
+    x = float32_rows(CHUNK_TOKENS, layers * d)  # as the engine allocates its chunk
+    x[:] = 1  # touched: a pass reuses its chunk
     route, raw_chunks.FUSED = raw_chunks.FUSED, raw_chunks.FUSED if fused else None
     reader.read_shifted_into(0, 0, x[:1, :d], shift[:d])  # the reader's chunk reader takes the route now
     raw_chunks.FUSED = route

@@ -165,31 +165,81 @@ static void int8_row_scalar(const int8_t *src, float *dst, const float *shift, c
 }
 
 #if HAVE_X86
-__attribute__((target("avx2,f16c"))) static void float16_row_f16c(const uint16_t *src, float *dst,
-                                                                  const float *shift, Py_ssize_t n) {
-    Py_ssize_t q = 0;
-    for (; q + 8 <= n; q += 8) {
-        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + q)));
-        _mm256_storeu_ps(dst + q, _mm256_sub_ps(v, _mm256_loadu_ps(shift + q)));
+/* The vector rows write whole 64-byte lines of the destination with streaming stores, which skip reading the lines
+ * first (the engine's chunk is far larger than the caches, so half of a plain store's memory traffic is that
+ * read); the partial lines at a row's ends get plain scalar stores that touch no streamed line (a vector store
+ * across into a line being streamed, even a masked one, flushes it half-written: 3x slower, measured). Rows under 32 values use plain stores only,
+ * rows under 8 the scalar code (called from plain code: a vector function calling it would leave the vector
+ * registers' upper halves dirty for SSE code, which is slow). */
+#define STREAMED_ROW(NAME, TARGET, ARGS, VECTOR, TAIL)                                                          \
+    __attribute__((target(TARGET))) static void NAME ARGS {                                                     \
+        Py_ssize_t q = 0;                                                                                       \
+        float part[16];                                                                                         \
+        Py_ssize_t head = (Py_ssize_t)((64 - ((uintptr_t)dst & 63)) & 63) / 4;                                  \
+        if ((uintptr_t)dst % 4 == 0 && n >= 32) {                                                               \
+            if (head) { /* the partial line before the first whole one */                                       \
+                _mm256_storeu_ps(part, VECTOR(0));                                                              \
+                _mm256_storeu_ps(part + 8, VECTOR(8));                                                          \
+                for (Py_ssize_t k = 0; k < head; k++)                                                           \
+                    dst[k] = part[k];                                                                           \
+            }                                                                                                   \
+            for (q = head; q + 16 <= n; q += 16) {                                                              \
+                _mm256_stream_ps(dst + q, VECTOR(q));                                                           \
+                _mm256_stream_ps(dst + q + 8, VECTOR(q + 8));                                                   \
+            }                                                                                                   \
+        } else {                                                                                                \
+            for (; q + 8 <= n; q += 8)                                                                          \
+                _mm256_storeu_ps(dst + q, VECTOR(q));                                                           \
+        }                                                                                                       \
+        for (; q < n; q += 8) { /* the last values, from copies (no read past the inputs) */                    \
+            Py_ssize_t r = n - q < 8 ? n - q : 8;                                                               \
+            _mm256_storeu_ps(part, TAIL(q, r));                                                                 \
+            for (Py_ssize_t k = 0; k < r; k++)                                                                  \
+                dst[q + k] = part[k];                                                                           \
+        }                                                                                                       \
     }
-    float16_row_scalar(src + q, dst + q, shift + q, n - q);
-}
 
-__attribute__((target("avx2"))) static void int8_row_avx2(const int8_t *src, float *dst, const float *shift,
-                                                          const float *scale, const float *offset, Py_ssize_t n) {
-    Py_ssize_t q = 0;
-    for (; q + 8 <= n; q += 8) {
-        __m128i c;
-        int64_t eight;
-        memcpy(&eight, src + q, 8);
-        c = _mm_cvtsi64_si128(eight);
-        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
-        v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + q));
-        v = _mm256_add_ps(v, _mm256_loadu_ps(offset + q));
-        _mm256_storeu_ps(dst + q, _mm256_sub_ps(v, _mm256_loadu_ps(shift + q)));
-    }
-    int8_row_scalar(src + q, dst + q, shift + q, scale + q, offset + q, n - q);
+#define F16_VECTOR(q)                                                                                           \
+    _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + (q)))), _mm256_loadu_ps(shift + (q)))
+
+__attribute__((target("avx2,f16c"))) static inline __m256 float16_tail(const uint16_t *src, const float *shift,
+                                                                        Py_ssize_t r) {
+    uint16_t h[8] = {0};
+    float sh[8] = {0};
+    memcpy(h, src, 2 * (size_t)r);
+    memcpy(sh, shift, 4 * (size_t)r);
+    return _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)), _mm256_loadu_ps(sh));
 }
+#define F16_TAIL(q, r) float16_tail(src + (q), shift + (q), r)
+STREAMED_ROW(float16_row_f16c, "avx2,f16c", (const uint16_t *src, float *dst, const float *shift, Py_ssize_t n),
+             F16_VECTOR, F16_TAIL)
+
+__attribute__((target("avx2"))) static inline __m256 int8_vector(const int8_t *src, const float *shift,
+                                                                 const float *scale, const float *offset) {
+    int64_t eight;
+    memcpy(&eight, src, 8);
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(eight)));
+    v = _mm256_mul_ps(v, _mm256_loadu_ps(scale));
+    v = _mm256_add_ps(v, _mm256_loadu_ps(offset));
+    return _mm256_sub_ps(v, _mm256_loadu_ps(shift));
+}
+#define I8_VECTOR(q) int8_vector(src + (q), shift + (q), scale + (q), offset + (q))
+
+__attribute__((target("avx2"))) static inline __m256 int8_tail(const int8_t *src, const float *shift,
+                                                               const float *scale, const float *offset, Py_ssize_t r) {
+    int8_t c[8] = {0};
+    float sh[8] = {0}, sc[8] = {0}, of[8] = {0};
+    memcpy(c, src, (size_t)r);
+    memcpy(sh, shift, 4 * (size_t)r);
+    memcpy(sc, scale, 4 * (size_t)r);
+    memcpy(of, offset, 4 * (size_t)r);
+    return int8_vector(c, sh, sc, of);
+}
+#define I8_TAIL(q, r) int8_tail(src + (q), shift + (q), scale + (q), offset + (q), r)
+STREAMED_ROW(int8_row_avx2, "avx2",
+             (const int8_t *src, float *dst, const float *shift, const float *scale, const float *offset,
+              Py_ssize_t n),
+             I8_VECTOR, I8_TAIL)
 #endif
 
 typedef struct {
@@ -209,7 +259,7 @@ static void convert_rows(const chunk_pass *c, Py_ssize_t r0, Py_ssize_t r1) {
         float *dst = (float *)(c->out + (r - c->lo) * c->out_stride);
         if (!c->scale) {
 #if HAVE_X86
-            if (use_f16c) {
+            if (use_f16c && c->width >= 8) {
                 float16_row_f16c((const uint16_t *)src, dst, c->shift, c->width);
                 continue;
             }
@@ -217,7 +267,7 @@ static void convert_rows(const chunk_pass *c, Py_ssize_t r0, Py_ssize_t r1) {
             float16_row_scalar((const uint16_t *)src, dst, c->shift, c->width);
         } else {
 #if HAVE_X86
-            if (use_avx2) {
+            if (use_avx2 && c->width >= 8) {
                 int8_row_avx2((const int8_t *)src, dst, c->shift, c->scale, c->offset, c->width);
                 continue;
             }
@@ -240,6 +290,10 @@ static int run_pass(const chunk_pass *c) {
             convert_rows(c, r0, r1);
         done = complete;
     }
+#if HAVE_X86
+    if (use_avx2)
+        _mm_sfence(); /* the streamed stores visible before the caller (perhaps another thread) reads the rows */
+#endif
     uint32_t sum = checksum_of(&st);
     const uint8_t *t = c->raw + c->chunk_bytes;
     uint32_t little = (uint32_t)t[0] | (uint32_t)t[1] << 8 | (uint32_t)t[2] << 16 | (uint32_t)t[3] << 24;

@@ -99,16 +99,19 @@ def scalar_c():
     FUSED.set_instructions(True, True)
 
 
-@pytest.fixture(params=["c", "c-scalar", "numpy-torch", "numpy-bits"])
+@pytest.fixture(params=["c", "c-scalar", "c-hdf5", "numpy-torch", "numpy-bits"])
 def route(request, monkeypatch) -> str:
-    """The reader's routes: the C pass (with and without AVX2/F16C), or NumPy with float16 converted by torch's
-    F16C copy or by the bit route used where torch is missing."""
+    """The reader's routes: the C pass (reading the chunks itself, with and without AVX2/F16C, or given them by
+    HDF5's read_direct_chunk), or NumPy with float16 converted by torch's F16C copy or by the bit route used where
+    torch is missing."""
     if request.param.startswith("c"):
         if FUSED is None:
             pytest.skip("the C extension _fused_chunks is not built")
         monkeypatch.setattr(raw_chunks, "FUSED", FUSED)
         if request.param == "c-scalar":
             request.getfixturevalue("scalar_c")
+        if request.param == "c-hdf5":
+            monkeypatch.setattr(raw_chunks.RawChunkRows, "_chunk_offsets", lambda *_: None)
     else:
         monkeypatch.setattr(raw_chunks, "FUSED", None)
         if request.param == "numpy-bits":
@@ -130,6 +133,21 @@ def test_the_c_pass_checksum_is_hdf5s(n, pattern, vector, scalar_c):
     }[pattern]
     scalar_c.set_instructions(vector, vector)
     assert scalar_c.fletcher32(data) == hdf5_fletcher32(data.tobytes())
+
+
+def test_chunk_offsets_only_for_files_open_to_read(tmp_path):
+    path = tmp_path / "a.h5"
+    _write(path, "float16", 2500, 200)
+    rows = raw_chunks.RawChunkRows()
+    with h5py.File(path, "r") as f:
+        offsets = rows._chunk_offsets(f[layer_key(0)], 1024 * 128 * 2 + 4)
+        assert offsets.shape == (3, 2)
+        _, raw = f[layer_key(0)].id.read_direct_chunk((1024, 128))
+        with open(path, "rb") as fh:
+            fh.seek(int(offsets[1, 1]))
+            assert fh.read(len(raw)) == raw
+    with h5py.File(path, "r+") as f:
+        assert raw_chunks.RawChunkRows()._chunk_offsets(f[layer_key(0)], 1024 * 128 * 2 + 4) is None
 
 
 def test_actdb_reader_numpy_selects_the_numpy_route(monkeypatch):

@@ -17,8 +17,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -378,6 +380,125 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(read_check_convert_doc,
+             "read_check_convert(fd, offsets, raw, chunk_cols, lo, out, shift, scale=None, offset=None) -> int\n\n"
+             "A row of chunks read from the file `fd` (chunk k's stored bytes, len(raw) of them, at byte offsets[k]),\n"
+             "each checked and converted as check_convert does into its columns of `out` (chunk k: columns\n"
+             "k * chunk_cols on), all without the GIL. Returns -1, or the first chunk whose checksum failed;\n"
+             "raises OSError when a read fails or comes back short.");
+
+static PyObject *read_check_convert(PyObject *self, PyObject *args) {
+    Py_buffer offsets = {0}, raw = {0}, out = {0}, shift = {0}, scale = {0}, offset = {0};
+    PyObject *offsets_obj, *out_obj, *shift_obj, *scale_obj = Py_None, *offset_obj = Py_None, *result = NULL;
+    int fd;
+    Py_ssize_t chunk_cols, lo;
+    if (!PyArg_ParseTuple(args, "iOw*nnOO|OO", &fd, &offsets_obj, &raw, &chunk_cols, &lo, &out_obj, &shift_obj,
+                          &scale_obj, &offset_obj))
+        return NULL;
+    int quantised = scale_obj != Py_None;
+    size_t itemsize = quantised ? 1 : 2;
+    if (PyObject_GetBuffer(offsets_obj, &offsets, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    if (offsets.itemsize != 8 || (offsets.format && strcmp(offsets.format, "q") != 0 &&
+                                  strcmp(offsets.format, "l") != 0)) {
+        PyErr_SetString(PyExc_ValueError, "offsets must be a contiguous int64 vector");
+        goto done;
+    }
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_RECORDS) < 0)
+        goto done;
+    if (out.ndim != 2 || out.itemsize != 4 || (out.format && strcmp(out.format, "f") != 0) ||
+        out.strides[1] != 4) {
+        PyErr_SetString(PyExc_ValueError, "out must be float32 rows with contiguous columns");
+        goto done;
+    }
+    Py_ssize_t n_rows = out.shape[0], width = out.shape[1], n_chunks = offsets.len / 8;
+    if (chunk_cols <= 0 || raw.len < 4 || lo < 0 || n_chunks != (width + chunk_cols - 1) / chunk_cols) {
+        PyErr_SetString(PyExc_ValueError, "the chunks' width, first row, offsets or output width do not agree");
+        goto done;
+    }
+    size_t chunk_bytes = (size_t)raw.len - 4, row_bytes = (size_t)chunk_cols * itemsize;
+    if (chunk_bytes % row_bytes || (size_t)(lo + n_rows) > chunk_bytes / row_bytes) {
+        PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
+                     lo + n_rows, chunk_bytes, chunk_cols);
+        goto done;
+    }
+    if (PyObject_GetBuffer(shift_obj, &shift, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
+        !float32_vector(&shift, width, "shift"))
+        goto done;
+    if (quantised) {
+        if (offset_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "int8 codes need both a scale and an offset");
+            goto done;
+        }
+        if (PyObject_GetBuffer(scale_obj, &scale, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
+            !float32_vector(&scale, width, "scale") ||
+            PyObject_GetBuffer(offset_obj, &offset, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
+            !float32_vector(&offset, width, "offset"))
+            goto done;
+    }
+    const int64_t *at = offsets.buf;
+    Py_ssize_t bad = -1, short_at = -1;
+    ssize_t got = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t k = 0; k < n_chunks; k++) {
+        size_t have = 0;
+        while (have < (size_t)raw.len) { /* pread may return less than asked (signals, very large reads) */
+            got = pread(fd, (char *)raw.buf + have, (size_t)raw.len - have, (off_t)at[k] + (off_t)have);
+            if (got < 0 && errno == EINTR)
+                continue;
+            if (got <= 0)
+                break;
+            have += (size_t)got;
+        }
+        if (have < (size_t)raw.len) {
+            err = got < 0 ? errno : 0;
+            short_at = k;
+            break;
+        }
+        Py_ssize_t c0 = k * chunk_cols, c1 = c0 + chunk_cols < width ? c0 + chunk_cols : width;
+        chunk_pass c = {raw.buf,
+                        chunk_bytes,
+                        row_bytes,
+                        lo,
+                        lo + n_rows,
+                        c1 - c0,
+                        (char *)out.buf + 4 * c0,
+                        out.strides[0],
+                        (const float *)shift.buf + c0,
+                        quantised ? (const float *)scale.buf + c0 : NULL,
+                        quantised ? (const float *)offset.buf + c0 : NULL};
+        if (!run_pass(&c)) {
+            bad = k;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    if (short_at >= 0) {
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        } else {
+            PyErr_Format(PyExc_OSError, "chunk %zd of the row: the file ends within its stored bytes", short_at);
+        }
+        goto done;
+    }
+    result = PyLong_FromSsize_t(bad);
+done:
+    if (offsets.obj)
+        PyBuffer_Release(&offsets);
+    PyBuffer_Release(&raw);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    if (shift.obj)
+        PyBuffer_Release(&shift);
+    if (scale.obj)
+        PyBuffer_Release(&scale);
+    if (offset.obj)
+        PyBuffer_Release(&offset);
+    return result;
+}
+
 PyDoc_STRVAR(fletcher32_doc, "fletcher32(data) -> int\n\nHDF5's Fletcher-32 checksum of a bytes-like object.");
 
 static PyObject *fletcher32(PyObject *self, PyObject *args) {
@@ -416,6 +537,7 @@ static PyObject *set_instructions(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"check_convert", check_convert, METH_VARARGS, check_convert_doc},
+    {"read_check_convert", read_check_convert, METH_VARARGS, read_check_convert_doc},
     {"fletcher32", fletcher32, METH_VARARGS, fletcher32_doc},
     {"instructions", instructions, METH_NOARGS, instructions_doc},
     {"set_instructions", set_instructions, METH_VARARGS, set_instructions_doc},

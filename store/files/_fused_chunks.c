@@ -17,10 +17,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <errno.h>
 #include <stdint.h>
 #include <string.h>
-#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -380,20 +378,19 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(read_check_convert_doc,
-             "read_check_convert(fd, offsets, raw, chunk_cols, lo, out, shift, scale=None, offset=None) -> int\n\n"
-             "A row of chunks read from the file `fd` (chunk k's stored bytes, len(raw) of them, at byte offsets[k]),\n"
-             "each checked and converted as check_convert does into its columns of `out` (chunk k: columns\n"
-             "k * chunk_cols on), all without the GIL. Returns -1, or the first chunk whose checksum failed;\n"
-             "raises OSError when a read fails or comes back short.");
+PyDoc_STRVAR(mapped_check_convert_doc,
+             "mapped_check_convert(file, offsets, stride, chunk_cols, lo, out, shift, scale=None, offset=None) -> int\n\n"
+             "A row of chunks straight from the file's bytes `file` (a read-only mapping: chunk k's `stride` stored\n"
+             "bytes at byte offsets[k], read from the page cache without a copy), each checked and converted as\n"
+             "check_convert does into its columns of `out` (chunk k: columns k * chunk_cols on), without the GIL.\n"
+             "Returns -1, or the first chunk whose checksum failed.");
 
-static PyObject *read_check_convert(PyObject *self, PyObject *args) {
-    Py_buffer offsets = {0}, raw = {0}, out = {0}, shift = {0}, scale = {0}, offset = {0};
+static PyObject *mapped_check_convert(PyObject *self, PyObject *args) {
+    Py_buffer file = {0}, offsets = {0}, out = {0}, shift = {0}, scale = {0}, offset = {0};
     PyObject *offsets_obj, *out_obj, *shift_obj, *scale_obj = Py_None, *offset_obj = Py_None, *result = NULL;
-    int fd;
-    Py_ssize_t chunk_cols, lo;
-    if (!PyArg_ParseTuple(args, "iOw*nnOO|OO", &fd, &offsets_obj, &raw, &chunk_cols, &lo, &out_obj, &shift_obj,
-                          &scale_obj, &offset_obj))
+    Py_ssize_t stride, chunk_cols, lo;
+    if (!PyArg_ParseTuple(args, "y*OnnnOO|OO", &file, &offsets_obj, &stride, &chunk_cols, &lo, &out_obj,
+                          &shift_obj, &scale_obj, &offset_obj))
         return NULL;
     int quantised = scale_obj != Py_None;
     size_t itemsize = quantised ? 1 : 2;
@@ -412,15 +409,22 @@ static PyObject *read_check_convert(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t n_rows = out.shape[0], width = out.shape[1], n_chunks = offsets.len / 8;
-    if (chunk_cols <= 0 || raw.len < 4 || lo < 0 || n_chunks != (width + chunk_cols - 1) / chunk_cols) {
+    if (chunk_cols <= 0 || stride < 4 || lo < 0 || n_chunks != (width + chunk_cols - 1) / chunk_cols) {
         PyErr_SetString(PyExc_ValueError, "the chunks' width, first row, offsets or output width do not agree");
         goto done;
     }
-    size_t chunk_bytes = (size_t)raw.len - 4, row_bytes = (size_t)chunk_cols * itemsize;
+    size_t chunk_bytes = (size_t)stride - 4, row_bytes = (size_t)chunk_cols * itemsize;
     if (chunk_bytes % row_bytes || (size_t)(lo + n_rows) > chunk_bytes / row_bytes) {
         PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
                      lo + n_rows, chunk_bytes, chunk_cols);
         goto done;
+    }
+    const int64_t *at = offsets.buf;
+    for (Py_ssize_t k = 0; k < n_chunks; k++) {
+        if (at[k] < 0 || at[k] > file.len - stride) {
+            PyErr_Format(PyExc_OSError, "chunk %zd of the row lies past the end of the file", k);
+            goto done;
+        }
     }
     if (PyObject_GetBuffer(shift_obj, &shift, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
         !float32_vector(&shift, width, "shift"))
@@ -436,28 +440,11 @@ static PyObject *read_check_convert(PyObject *self, PyObject *args) {
             !float32_vector(&offset, width, "offset"))
             goto done;
     }
-    const int64_t *at = offsets.buf;
-    Py_ssize_t bad = -1, short_at = -1;
-    ssize_t got = 0;
-    int err = 0;
+    Py_ssize_t bad = -1;
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t k = 0; k < n_chunks; k++) {
-        size_t have = 0;
-        while (have < (size_t)raw.len) { /* pread may return less than asked (signals, very large reads) */
-            got = pread(fd, (char *)raw.buf + have, (size_t)raw.len - have, (off_t)at[k] + (off_t)have);
-            if (got < 0 && errno == EINTR)
-                continue;
-            if (got <= 0)
-                break;
-            have += (size_t)got;
-        }
-        if (have < (size_t)raw.len) {
-            err = got < 0 ? errno : 0;
-            short_at = k;
-            break;
-        }
         Py_ssize_t c0 = k * chunk_cols, c1 = c0 + chunk_cols < width ? c0 + chunk_cols : width;
-        chunk_pass c = {raw.buf,
+        chunk_pass c = {(const uint8_t *)file.buf + at[k],
                         chunk_bytes,
                         row_bytes,
                         lo,
@@ -474,20 +461,11 @@ static PyObject *read_check_convert(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS;
-    if (short_at >= 0) {
-        if (err) {
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-        } else {
-            PyErr_Format(PyExc_OSError, "chunk %zd of the row: the file ends within its stored bytes", short_at);
-        }
-        goto done;
-    }
     result = PyLong_FromSsize_t(bad);
 done:
+    PyBuffer_Release(&file);
     if (offsets.obj)
         PyBuffer_Release(&offsets);
-    PyBuffer_Release(&raw);
     if (out.obj)
         PyBuffer_Release(&out);
     if (shift.obj)
@@ -537,7 +515,7 @@ static PyObject *set_instructions(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"check_convert", check_convert, METH_VARARGS, check_convert_doc},
-    {"read_check_convert", read_check_convert, METH_VARARGS, read_check_convert_doc},
+    {"mapped_check_convert", mapped_check_convert, METH_VARARGS, mapped_check_convert_doc},
     {"fletcher32", fletcher32, METH_VARARGS, fletcher32_doc},
     {"instructions", instructions, METH_NOARGS, instructions_doc},
     {"set_instructions", set_instructions, METH_VARARGS, set_instructions_doc},

@@ -22,6 +22,7 @@ reading through HDF5 and converting afterwards, so both give bit-identical value
 
 from __future__ import annotations
 
+import mmap
 import os
 from types import ModuleType
 
@@ -81,7 +82,8 @@ class RawChunkRows:
 
     def __init__(self) -> None:
         self._fused = FUSED
-        self._offsets: dict[str, np.ndarray | None] = {}  # by dataset: its chunks' byte offsets (`_chunk_offsets`)
+        self._offsets: dict[str, np.ndarray | None] = {}  # by dataset: its chunks' byte offsets (`_mapped`)
+        self._maps: dict[str, mmap.mmap] = {}  # by file name: its bytes, mapped read-only
         self._raw = np.empty(0, dtype=np.uint8)
         self._checksum = np.empty(0, dtype=np.float32)
         self._piece = np.empty(PIECE_VALUES, dtype=np.float32)
@@ -140,60 +142,54 @@ class RawChunkRows:
         quantisation: tuple[np.ndarray, np.ndarray, int] | None,
         stride: int,
     ) -> None:
-        """`read_shifted` by the C pass: each chunk read into one buffer, then checked and converted while in
-        the cache, straight into its columns of `out`. A row of chunks is one call that reads them itself
-        (`pread` at their byte offsets, no GIL) where the file allows it (`_chunk_offsets`), else each chunk
-        comes from `read_direct_chunk`."""
+        """`read_shifted` by the C pass, straight into `out`: a row of chunks per call from the file's pages
+        mapped into memory (no copy, no GIL) where the file allows it (`_mapped`), else each chunk read by
+        `read_direct_chunk` into one buffer, then checked and converted while it is in the cache."""
         chunk_rows, chunk_cols = ds.chunks
         width = out.shape[1]
-        if self._raw.size < stride:
+        mapped = self._mapped(ds, stride)
+        if mapped is None and self._raw.size < stride:
             self._raw = np.empty(stride, dtype=np.uint8)
         raw = self._raw[:stride]
-        offsets = self._chunk_offsets(ds, stride)
-        fd = os.open(ds.file.filename, os.O_RDONLY) if offsets is not None else -1
-        try:
-            stop = start + len(out)
-            for row0 in range(start - start % chunk_rows, stop, chunk_rows):
-                lo, hi = max(start, row0) - row0, min(stop, row0 + chunk_rows) - row0
-                rows = out[row0 + lo - start : row0 + hi - start]
-                block = ()
-                if quantisation is not None:
-                    scales, offs, first = quantisation
-                    block = (scales[row0 // chunk_rows - first], offs[row0 // chunk_rows - first])
-                if offsets is not None:
-                    bad = self._fused.read_check_convert(
-                        fd, offsets[row0 // chunk_rows], raw, chunk_cols, lo, rows, shift, *block
+        stop = start + len(out)
+        for row0 in range(start - start % chunk_rows, stop, chunk_rows):
+            lo, hi = max(start, row0) - row0, min(stop, row0 + chunk_rows) - row0
+            rows = out[row0 + lo - start : row0 + hi - start]
+            block = ()
+            if quantisation is not None:
+                scales, offs, first = quantisation
+                block = (scales[row0 // chunk_rows - first], offs[row0 // chunk_rows - first])
+            if mapped is not None:
+                file, offsets = mapped
+                bad = self._fused.mapped_check_convert(
+                    file, offsets[row0 // chunk_rows], stride, chunk_cols, lo, rows, shift, *block
+                )
+                if bad >= 0:
+                    raise ChunkError(
+                        f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {bad * chunk_cols} of {ds.name}"
                     )
-                    if bad >= 0:
-                        raise ChunkError(
-                            f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {bad * chunk_cols} "
-                            f"of {ds.name}"
-                        )
-                    continue
-                for c0 in range(0, width, chunk_cols):
-                    c1 = min(width, c0 + chunk_cols)
-                    mask, got = ds.id.read_direct_chunk((row0, c0), out=raw)
-                    if mask != 0 or len(got) != stride:
-                        raise ChunkError(
-                            f"chunk at row {row0}, column {c0} of {ds.name} is not stored with its checksum "
-                            f"({len(got)} bytes, filter mask {mask})"
-                        )
-                    part = tuple(b[c0:c1] for b in block)
-                    if not self._fused.check_convert(raw, chunk_cols, lo, rows[:, c0:c1], shift[c0:c1], *part):
-                        raise ChunkError(
-                            f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {c0} of {ds.name}"
-                        )
-        finally:
-            if fd >= 0:
-                os.close(fd)
+                continue
+            for c0 in range(0, width, chunk_cols):
+                c1 = min(width, c0 + chunk_cols)
+                mask, got = ds.id.read_direct_chunk((row0, c0), out=raw)
+                if mask != 0 or len(got) != stride:
+                    raise ChunkError(
+                        f"chunk at row {row0}, column {c0} of {ds.name} is not stored with its checksum "
+                        f"({len(got)} bytes, filter mask {mask})"
+                    )
+                part = tuple(b[c0:c1] for b in block)
+                if not self._fused.check_convert(raw, chunk_cols, lo, rows[:, c0:c1], shift[c0:c1], *part):
+                    raise ChunkError(f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {c0} of {ds.name}")
 
-    def _chunk_offsets(self, ds: h5py.Dataset, stride: int) -> np.ndarray | None:
-        """Byte offsets in the file of every chunk of `ds`, (row of chunks, column of chunks), found once per
-        dataset; None where the C pass must go through HDF5 instead: a file open for writing (HDF5 may hold
-        chunks not yet written out), not a plain POSIX file (the sec2 driver), with a user block, or with a chunk
-        that is missing or not stored as `stride` bytes with its checksum (HDF5's read names the problem)."""
+    def _mapped(self, ds: h5py.Dataset, stride: int) -> tuple[mmap.mmap, np.ndarray] | None:
+        """The file's bytes mapped read-only, and the byte offset of every chunk of `ds` in it as (row of chunks,
+        column of chunks); found once per dataset. None where the C pass must go through HDF5 instead: a file
+        open for writing (HDF5 may hold chunks not yet written out), not a plain POSIX file (the sec2 driver),
+        with a user block, or with a chunk that is missing, not stored as `stride` bytes with its checksum (HDF5's
+        read names the problem) or past the file's end."""
         if ds.name in self._offsets:
-            return self._offsets[ds.name]
+            offsets = self._offsets[ds.name]
+            return None if offsets is None else (self._maps[ds.file.filename], offsets)
         f = ds.file
         offsets = None
         if f.mode == "r" and f.driver == "sec2" and f.userblock_size == 0:
@@ -209,10 +205,20 @@ class RawChunkRows:
                     odd.append(info.chunk_offset)
 
             ds.id.chunk_iter(note)
-            if odd or (offsets < 0).any():
+            if f.filename not in self._maps:
+                with open(f.filename, "rb") as fh:
+                    self._maps[f.filename] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            if odd or (offsets < 0).any() or offsets.max() + stride > len(self._maps[f.filename]):
                 offsets = None
         self._offsets[ds.name] = offsets
-        return offsets
+        return None if offsets is None else (self._maps[f.filename], offsets)
+
+    def close(self) -> None:
+        """Unmap the files the C pass read."""
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        self._offsets.clear()
 
     def _read_checked(
         self, ds: h5py.Dataset, row0: int, cols: range, first: int, stride: int, chunk_bytes: int

@@ -29,6 +29,9 @@
 
 #define MODULUS 65535u
 #define SLAB 16384 /* bytes summed then converted while they are in L1; a multiple of 32 */
+#ifndef PREFETCH
+#define PREFETCH 8192 /* bytes ahead of the checksum's reads that it prefetches (4096, 8192, 16384 measured: 8192) */
+#endif
 
 typedef struct {
     uint64_t s1, s2; /* the running sums, reduced mod 65535 after every slab */
@@ -79,6 +82,8 @@ __attribute__((target("avx2"))) static void sum_words_avx2(checksum_state *st, c
     size_t steps = n_bytes / 32;
     for (size_t t = 0; t < steps; t++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * t));
+        if (t % 2 == 0) /* the hardware prefetcher stops at page ends: ask for the bytes a page ahead */
+            _mm_prefetch((const char *)(p + 32 * t + PREFETCH), _MM_HINT_T0);
         prev_first = _mm256_add_epi64(prev_first, sum_first);
         prev_both = _mm256_add_epi64(prev_both, sum_both);
         sum_first = _mm256_add_epi64(sum_first, _mm256_sad_epu8(_mm256_and_si256(v, first_bytes), zero));

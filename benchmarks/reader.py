@@ -23,6 +23,11 @@ which the variants take turns:
     HDF5 + NumPy     the reader before #29: HDF5's read with its Fletcher-32 filter, NumPy's float16 cast and the
                      shift (int8: HDF5's read, dequantised, shifted)
 
+Then, where the machine has a second core, whether the reads overlap a pass's products (`--overlap-width`): wall
+seconds of the engine reader's reads alone (a thread pinned to the second core, as `_read_ahead` would run them),
+of products alone (one BLAS thread on the first core: `x[:, :w].T @ x[:, :w]` per 8192-token chunk), and of both
+at once; overlap = (reads + products) / both, 2 when they run side by side, 1 when one waits for the other.
+
 Rates are stored bytes over CPU seconds of this process (`time.process_time`): the machine this was written on is
 shared and busy, and wall time there measures the other tenants. Wall-clock rates are printed beside them.
 """
@@ -37,6 +42,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +189,53 @@ def hdf5_numpy(path: Path, layers: int, d: int, n_tokens: int) -> Callable[[], N
     return run
 
 
+def overlap(path: Path, layers: int, d: int, n_tokens: int, width: int, cores: tuple[int, int]) -> str:
+    """Wall seconds of the reads alone (on a thread pinned to `cores[1]`), of the products alone (this thread,
+    pinned to `cores[0]`) and of both at once, and the overlap (reads + products) / both."""
+    read = engine_reader(path, layers, d, n_tokens)
+    x = float32_rows(CHUNK_TOKENS, layers * d)
+    x[:] = np.random.default_rng(2).standard_normal(x.shape, dtype=np.float32)
+    n_chunks = -(-n_tokens // CHUNK_TOKENS)
+
+    def products() -> None:
+        for _ in range(n_chunks):
+            np.matmul(x[:, :width].T, x[:, :width])
+
+    def reads() -> None:
+        os.sched_setaffinity(0, {cores[1]})  # this thread only
+        read()
+
+    def wall(run: Callable[[], None]) -> float:
+        w0 = time.perf_counter()
+        run()
+        return time.perf_counter() - w0
+
+    def on_thread(run: Callable[[], None]) -> Callable[[], None]:
+        def go() -> None:
+            t = threading.Thread(target=run)
+            t.start()
+            t.join()
+
+        return go
+
+    def both() -> None:
+        t = threading.Thread(target=reads)
+        t.start()
+        products()
+        t.join()
+
+    best = {"reads": float("inf"), "products": float("inf"), "both": float("inf")}
+    for _ in range(3):
+        best["reads"] = min(best["reads"], wall(on_thread(reads)))
+        best["products"] = min(best["products"], wall(products))
+        best["both"] = min(best["both"], wall(both))
+    ratio = (best["reads"] + best["products"]) / best["both"]
+    return (
+        f"reads {best['reads']:.3f} s, products {best['products']:.3f} s, both {best['both']:.3f} s (wall): "
+        f"overlap {ratio:.2f} (2 = side by side)"
+    )
+
+
 def timed(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, tuple[float, float]]:
     """Best (CPU seconds, wall seconds) of each variant over `repeats` rounds, the variants taking turns within
     a round so that all of them meet the same neighbours on a shared machine."""
@@ -206,7 +259,9 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="convert float16 by NumPy bit operations")
     ap.add_argument("--dir", help="keep the files in this folder (reused when present)")
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin to")
+    ap.add_argument("--overlap-width", type=int, default=512, help="columns of the products' X^T X (0: skip)")
     args = ap.parse_args()
+    allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {args.cpu})
     if args.no_torch:
         raw_chunks._TORCH[:] = [None]
@@ -246,6 +301,13 @@ def main() -> None:
         speedup = times["HDF5 + NumPy"][0] / times["engine reader"][0]
         print(f"  engine reader vs the reader before #29: {speedup:.2f}x")
         print(f"  engine reader / bare chunks per core: {times['bare chunks'][0] / times['engine reader'][0]:.2f}")
+        others = sorted(allowed - {args.cpu})
+        if args.overlap_width and others:
+            os.sched_setaffinity(0, {args.cpu})
+            cores = (args.cpu, others[0])
+            print(
+                f"  overlap on cores {cores}: {overlap(path, args.layers, args.d_mlp, args.tokens, args.overlap_width, cores)}"
+            )
     print(f"\npeak RSS {peak_rss_mb():.0f} MB")
 
 

@@ -305,9 +305,8 @@ def main() -> None:
         if args.overlap_width and others:
             os.sched_setaffinity(0, {args.cpu})
             cores = (args.cpu, others[0])
-            print(
-                f"  overlap on cores {cores}: {overlap(path, args.layers, args.d_mlp, args.tokens, args.overlap_width, cores)}"
-            )
+            result = overlap(path, args.layers, args.d_mlp, args.tokens, args.overlap_width, cores)
+            print(f"  overlap on cores {cores}: {result}")
     print(f"\npeak RSS {peak_rss_mb():.0f} MB")
 
 

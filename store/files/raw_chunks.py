@@ -1,17 +1,20 @@
 """Rows of an activation layer read as the raw bytes of its HDF5 chunks, checked and converted in one pass.
 
 HDF5's own read runs the Fletcher-32 filter a byte at a time and NumPy converts float16 in software (0.16 GB/s
-here); the correlation engine needs `stored - shift` as float32. This reads each chunk's stored bytes with
-`read_direct_chunk` into a reused buffer and writes `value - shift` straight into the caller's (possibly strided)
-float32 rows, the checksum verified as HDF5 would. Two routes, chosen once in `FUSED`:
+here); the correlation engine needs `stored - shift` as float32. This reads each chunk's stored bytes itself and
+writes `value - shift` straight into the caller's (possibly strided) float32 rows, the checksum verified as HDF5
+would. Two routes, chosen once in `FUSED`:
 
-- the C extension `_fused_chunks` (built by setup.py where a compiler is found): one pass per chunk, while it is
-  in the cache, sums the checksum and converts (float16 by F16C), with the GIL released;
-- without it (or with ACTDB_READER=numpy): `fletcher32` (BLAS reductions) per few chunks, then NumPy/torch
-  conversions several chunks per call, as below. Both give the same bits.
+- the C extension `_fused_chunks` (built by setup.py where a compiler is found): the chunks come straight from
+  the file mapped read-only (their byte offsets found once per dataset by HDF5's chunk index; `read_direct_chunk`
+  for files open to write), and one pass per chunk, slab by slab while each is in L1, sums the checksum and
+  converts (float16 by F16C), writing whole cache lines of the destination with streaming stores; a row of chunks
+  per call, without the GIL;
+- without it (or with ACTDB_READER=numpy): `read_direct_chunk` into a buffer, `fletcher32` (BLAS reductions) per
+  few chunks, then NumPy/torch conversions several chunks per call, as below.
 
-float16 becomes float32 through torch's copy (the CPU's F16C conversion; NumPy's own cast runs in software) or,
-without torch, by its bits: the int16 word sign-extended to int32 and shifted left 13 puts the sign in bits 31..28
+Both give the same bits. On the NumPy route float16 becomes float32 through torch's copy (the CPU's F16C
+conversion; NumPy's own cast runs in software) or, without torch, by its bits: the int16 word sign-extended to int32 and shifted left 13 puts the sign in bits 31..28
 and the exponent and mantissa in 27..13; masking bits 30..28 leaves a float32 whose exponent is 112 too small, and
 multiplying by 2^112 is exact for zeros, subnormals and normal numbers alike. Infinities and NaNs (exponent 31)
 would come out as finite values of magnitude 2^16 and above, larger than any finite float16, so a block that
@@ -107,7 +110,7 @@ class RawChunkRows:
         chunk_bytes = chunk_rows * chunk_cols * size
         stride = chunk_bytes + CHECKSUM_BYTES
         cols = range(0, width, chunk_cols)
-        if self._fused is not None and shift.dtype == np.float32 and shift.flags.c_contiguous:
+        if self._fused is not None and _fits_the_c_pass(out, shift, quantisation):
             self._read_fused(ds, start, out, shift, quantisation, stride)
             return
         if self._raw.size < len(cols) * stride:
@@ -273,6 +276,15 @@ class RawChunkRows:
                     np.multiply(flat, block[0][c0 : c0 + n_cols], out=flat)  # `dequantise`'s order, then the shift
                     np.add(flat, block[1][c0 : c0 + n_cols], out=flat)
                 np.subtract(flat, sh, out=dest[r : r + step])
+
+
+def _fits_the_c_pass(
+    out: np.ndarray, shift: np.ndarray, quantisation: tuple[np.ndarray, np.ndarray, int] | None
+) -> bool:
+    """Whether the C pass takes these arguments as they are: float32 inputs (the NumPy route would compute with
+    wider ones in their precision), a contiguous `shift` and rows with contiguous columns."""
+    arrays = [shift] if quantisation is None else [shift, quantisation[0], quantisation[1]]
+    return out.strides[1] == 4 and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
 
 
 def _float16_into(src: np.ndarray, f: np.ndarray) -> None:

@@ -13,14 +13,14 @@ would. Two routes, chosen once in `FUSED`:
 - without it (or with ACTDB_READER=numpy): `read_direct_chunk` into a buffer, `fletcher32` (BLAS reductions) per
   few chunks, then NumPy/torch conversions several chunks per call, as below.
 
-Both give the same bits. On the NumPy route float16 becomes float32 through torch's copy (the CPU's F16C
-conversion; NumPy's own cast runs in software) or, without torch, by its bits: the int16 word sign-extended to int32 and shifted left 13 puts the sign in bits 31..28
-and the exponent and mantissa in 27..13; masking bits 30..28 leaves a float32 whose exponent is 112 too small, and
-multiplying by 2^112 is exact for zeros, subnormals and normal numbers alike. Infinities and NaNs (exponent 31)
-would come out as finite values of magnitude 2^16 and above, larger than any finite float16, so a block that
-holds one is converted by NumPy instead. Either way the conversion is exact. int8 codes are dequantised with their
-block's scale and offset as `dequantise` does, then shifted: the same float32 operations in the same order as
-reading through HDF5 and converting afterwards, so both give bit-identical values.
+Both give the same bits. On the NumPy route float16 becomes float32 through torch's copy (the CPU's F16C conversion;
+NumPy's own cast runs in software) or, without torch, by its bits: the int16 word sign-extended to int32 and shifted
+left 13 puts the sign in bits 31..28 and the exponent and mantissa in 27..13; masking bits 30..28 leaves a float32
+whose exponent is 112 too small, and multiplying by 2^112 is exact for zeros, subnormals and normal numbers alike.
+Infinities and NaNs (exponent 31) would come out as finite values of magnitude 2^16 and above, larger than any
+finite float16, so a block that holds one is converted by NumPy instead. Either way the conversion is exact. int8
+codes are dequantised with their block's scale and offset as `dequantise` does, then shifted: the same float32
+operations in the same order as reading through HDF5 and converting afterwards, so both give bit-identical values.
 """
 
 from __future__ import annotations

@@ -125,11 +125,6 @@ class _Values:
     def dtype(self) -> np.dtype:
         return np.dtype(np.float32) if self.quantised else self.layers[0].dtype
 
-    def close(self) -> None:
-        """Release what the raw-chunk reader holds (its mapping of the file)."""
-        if self._raw_chunks is not None:
-            self._raw_chunks.close()
-
     def _code_buffer(self, shape: tuple[int, int]) -> np.ndarray:
         n = shape[0] * shape[1]
         if self._codes.size < n:
@@ -598,7 +593,6 @@ class ActivationReader:
         return values
 
     def close(self) -> None:
-        self._values.close()
         self.file.close()
 
     def __enter__(self) -> ActivationReader:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import h5py
@@ -85,8 +86,7 @@ class RawChunkRows:
 
     def __init__(self) -> None:
         self._fused = FUSED
-        self._offsets: dict[str, np.ndarray | None] = {}  # by dataset: its chunks' byte offsets (`_mapped`)
-        self._maps: dict[str, mmap.mmap] = {}  # by file name: its bytes, mapped read-only
+        self._offsets: dict[str, np.ndarray | None] = {}  # by dataset: its chunks' byte offsets (`_chunk_offsets`)
         self._raw = np.empty(0, dtype=np.uint8)
         self._checksum = np.empty(0, dtype=np.float32)
         self._piece = np.empty(PIECE_VALUES, dtype=np.float32)
@@ -146,34 +146,30 @@ class RawChunkRows:
         stride: int,
     ) -> None:
         """`read_shifted` by the C pass, straight into `out`: a row of chunks per call from the file's pages
-        mapped into memory (no copy, no GIL) where the file allows it (`_mapped`), else each chunk read by
+        mapped into memory (no copy, no GIL) where the file allows it (`_chunk_offsets`), else each chunk read by
         `read_direct_chunk` into one buffer, then checked and converted while it is in the cache."""
         chunk_rows, chunk_cols = ds.chunks
-        width = out.shape[1]
-        mapped = self._mapped(ds, stride)
-        if mapped is None and self._raw.size < stride:
+        offsets = self._chunk_offsets(ds, stride)
+        if offsets is not None:
+            # mapped for this call only: the pages it touched leave the process's resident set when it ends (a
+            # mapping kept open would count every page read so far, which Dask's memory monitor would see)
+            with open(ds.file.filename, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as file:
+                for row0, lo, rows, block in _row_blocks(start, out, chunk_rows, quantisation):
+                    bad = self._fused.mapped_check_convert(
+                        file, offsets[row0 // chunk_rows], stride, chunk_cols, lo, rows, shift, *block
+                    )
+                    if bad >= 0:
+                        raise ChunkError(
+                            f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {bad * chunk_cols} "
+                            f"of {ds.name}"
+                        )
+            return
+        if self._raw.size < stride:
             self._raw = np.empty(stride, dtype=np.uint8)
         raw = self._raw[:stride]
-        stop = start + len(out)
-        for row0 in range(start - start % chunk_rows, stop, chunk_rows):
-            lo, hi = max(start, row0) - row0, min(stop, row0 + chunk_rows) - row0
-            rows = out[row0 + lo - start : row0 + hi - start]
-            block = ()
-            if quantisation is not None:
-                scales, offs, first = quantisation
-                block = (scales[row0 // chunk_rows - first], offs[row0 // chunk_rows - first])
-            if mapped is not None:
-                file, offsets = mapped
-                bad = self._fused.mapped_check_convert(
-                    file, offsets[row0 // chunk_rows], stride, chunk_cols, lo, rows, shift, *block
-                )
-                if bad >= 0:
-                    raise ChunkError(
-                        f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {bad * chunk_cols} of {ds.name}"
-                    )
-                continue
-            for c0 in range(0, width, chunk_cols):
-                c1 = min(width, c0 + chunk_cols)
+        for row0, lo, rows, block in _row_blocks(start, out, chunk_rows, quantisation):
+            for c0 in range(0, out.shape[1], chunk_cols):
+                c1 = min(out.shape[1], c0 + chunk_cols)
                 mask, got = ds.id.read_direct_chunk((row0, c0), out=raw)
                 if mask != 0 or len(got) != stride:
                     raise ChunkError(
@@ -184,15 +180,14 @@ class RawChunkRows:
                 if not self._fused.check_convert(raw, chunk_cols, lo, rows[:, c0:c1], shift[c0:c1], *part):
                     raise ChunkError(f"Fletcher-32 checksum mismatch in chunk at row {row0}, column {c0} of {ds.name}")
 
-    def _mapped(self, ds: h5py.Dataset, stride: int) -> tuple[mmap.mmap, np.ndarray] | None:
-        """The file's bytes mapped read-only, and the byte offset of every chunk of `ds` in it as (row of chunks,
-        column of chunks); found once per dataset. None where the C pass must go through HDF5 instead: a file
-        open for writing (HDF5 may hold chunks not yet written out), not a plain POSIX file (the sec2 driver),
-        with a user block, or with a chunk that is missing, not stored as `stride` bytes with its checksum (HDF5's
-        read names the problem) or past the file's end."""
+    def _chunk_offsets(self, ds: h5py.Dataset, stride: int) -> np.ndarray | None:
+        """The byte offset in the file of every chunk of `ds`, (row of chunks, column of chunks), found once per
+        dataset; None where the C pass must go through HDF5 instead: a file open for writing (HDF5 may hold
+        chunks not yet written out), not a plain POSIX file (the sec2 driver), with a user block, or with a chunk
+        that is missing, not stored as `stride` bytes with its checksum (HDF5's read names the problem) or past
+        the file's end."""
         if ds.name in self._offsets:
-            offsets = self._offsets[ds.name]
-            return None if offsets is None else (self._maps[ds.file.filename], offsets)
+            return self._offsets[ds.name]
         f = ds.file
         offsets = None
         if f.mode == "r" and f.driver == "sec2" and f.userblock_size == 0:
@@ -208,20 +203,10 @@ class RawChunkRows:
                     odd.append(info.chunk_offset)
 
             ds.id.chunk_iter(note)
-            if f.filename not in self._maps:
-                with open(f.filename, "rb") as fh:
-                    self._maps[f.filename] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            if odd or (offsets < 0).any() or offsets.max() + stride > len(self._maps[f.filename]):
+            if odd or (offsets < 0).any() or offsets.max() + stride > os.path.getsize(f.filename):
                 offsets = None
         self._offsets[ds.name] = offsets
-        return None if offsets is None else (self._maps[f.filename], offsets)
-
-    def close(self) -> None:
-        """Unmap the files the C pass read."""
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
-        self._offsets.clear()
+        return offsets
 
     def _read_checked(
         self, ds: h5py.Dataset, row0: int, cols: range, first: int, stride: int, chunk_bytes: int
@@ -276,6 +261,21 @@ class RawChunkRows:
                     np.multiply(flat, block[0][c0 : c0 + n_cols], out=flat)  # `dequantise`'s order, then the shift
                     np.add(flat, block[1][c0 : c0 + n_cols], out=flat)
                 np.subtract(flat, sh, out=dest[r : r + step])
+
+
+def _row_blocks(
+    start: int, out: np.ndarray, chunk_rows: int, quantisation: tuple[np.ndarray, np.ndarray, int] | None
+) -> Iterator[tuple[int, int, np.ndarray, tuple[np.ndarray, ...]]]:
+    """For each row of chunks that rows `[start, start + len(out))` touch: its first row, the first of its rows
+    wanted, their rows of `out`, and (int8) the block's scale and offset rows."""
+    stop = start + len(out)
+    for row0 in range(start - start % chunk_rows, stop, chunk_rows):
+        lo, hi = max(start, row0) - row0, min(stop, row0 + chunk_rows) - row0
+        block = ()
+        if quantisation is not None:
+            scales, offsets, first = quantisation
+            block = (scales[row0 // chunk_rows - first], offsets[row0 // chunk_rows - first])
+        yield row0, lo, out[row0 + lo - start : row0 + hi - start], block
 
 
 def _fits_the_c_pass(

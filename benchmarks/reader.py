@@ -14,11 +14,19 @@ which the variants take turns:
                      when the device converts)
     engine reader    the engine's reads in a pass (`_read_chunks` per chunk): 8192-token chunks of every layer,
                      checked, converted to float32 and shifted by the neurons' means into the chunk the
-                     products use, into buffers allocated once
+                     products use, into buffers allocated once: by the C pass (`_fused_chunks`) where it is
+                     built
+    engine, NumPy    the same through the NumPy/torch route (Fletcher-32 by BLAS sums, then conversions), the
+                     route without the C extension (ACTDB_READER=numpy)
     _read_chunks     the engine's generator itself over the whole file, allocating its buffers (page faults
                      of a fresh chunk, which a pass over more tokens spreads thinner)
     HDF5 + NumPy     the reader before #29: HDF5's read with its Fletcher-32 filter, NumPy's float16 cast and the
                      shift (int8: HDF5's read, dequantised, shifted)
+
+Then, where the machine has a second core, whether the reads overlap a pass's products (`--overlap-width`): wall
+seconds of the engine reader's reads alone (a thread pinned to the second core, as `_read_ahead` would run them),
+of products alone (one BLAS thread on the first core: `x[:, :w].T @ x[:, :w]` per 8192-token chunk), and of both
+at once; overlap = (reads + products) / both, 2 when they run side by side, 1 when one waits for the other.
 
 Rates are stored bytes over CPU seconds of this process (`time.process_time`): the machine this was written on is
 shared and busy, and wall time there measures the other tenants. Wall-clock rates are printed beside them.
@@ -34,6 +42,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +59,7 @@ from actdb.store.files.activation import (
     layer_key,
 )
 from actdb.store.files.fletcher32 import fletcher32_rows, scratch_for
+from actdb.store.files.raw_chunks import float32_rows
 
 SEQ_LEN = 128
 CHUNK_TOKENS = 8192
@@ -122,12 +132,17 @@ def bare_chunks(path: Path, check: bool) -> Callable[[], None]:
     return run
 
 
-def engine_reader(path: Path, layers: int, d: int, n_tokens: int) -> Callable[[], None]:
+def engine_reader(path: Path, layers: int, d: int, n_tokens: int, fused: bool = True) -> Callable[[], None]:
     """`_read_chunks`'s work per chunk in a pass's steady state: every layer's rows, checked, converted and
-    shifted into the chunk's columns (its buffers allocated and touched once, as a pass reuses them)."""
+    shifted into the chunk's columns (its buffers allocated and touched once, as a pass reuses them); `fused`
+    False: by the NumPy route even where the C pass is built."""
     reader = ActivationReader(path)
     shift = np.random.default_rng(1).standard_normal(layers * d).astype(np.float32) * 0.1
-    x = np.ones((CHUNK_TOKENS, layers * d), dtype=np.float32)
+    x = float32_rows(CHUNK_TOKENS, layers * d)  # as the engine allocates its chunk
+    x[:] = 1  # touched: a pass reuses its chunk
+    route, raw_chunks.FUSED = raw_chunks.FUSED, raw_chunks.FUSED if fused else None
+    reader.read_shifted_into(0, 0, x[:1, :d], shift[:d])  # the reader's chunk reader takes the route now
+    raw_chunks.FUSED = route
 
     def run() -> None:
         for r0 in range(0, n_tokens, CHUNK_TOKENS):
@@ -174,6 +189,53 @@ def hdf5_numpy(path: Path, layers: int, d: int, n_tokens: int) -> Callable[[], N
     return run
 
 
+def overlap(path: Path, layers: int, d: int, n_tokens: int, width: int, cores: tuple[int, int]) -> str:
+    """Wall seconds of the reads alone (on a thread pinned to `cores[1]`), of the products alone (this thread,
+    pinned to `cores[0]`) and of both at once, and the overlap (reads + products) / both."""
+    read = engine_reader(path, layers, d, n_tokens)
+    x = float32_rows(CHUNK_TOKENS, layers * d)
+    x[:] = np.random.default_rng(2).standard_normal(x.shape, dtype=np.float32)
+    n_chunks = -(-n_tokens // CHUNK_TOKENS)
+
+    def products() -> None:
+        for _ in range(n_chunks):
+            np.matmul(x[:, :width].T, x[:, :width])
+
+    def reads() -> None:
+        os.sched_setaffinity(0, {cores[1]})  # this thread only
+        read()
+
+    def wall(run: Callable[[], None]) -> float:
+        w0 = time.perf_counter()
+        run()
+        return time.perf_counter() - w0
+
+    def on_thread(run: Callable[[], None]) -> Callable[[], None]:
+        def go() -> None:
+            t = threading.Thread(target=run)
+            t.start()
+            t.join()
+
+        return go
+
+    def both() -> None:
+        t = threading.Thread(target=reads)
+        t.start()
+        products()
+        t.join()
+
+    best = {"reads": float("inf"), "products": float("inf"), "both": float("inf")}
+    for _ in range(3):
+        best["reads"] = min(best["reads"], wall(on_thread(reads)))
+        best["products"] = min(best["products"], wall(products))
+        best["both"] = min(best["both"], wall(both))
+    ratio = (best["reads"] + best["products"]) / best["both"]
+    return (
+        f"reads {best['reads']:.3f} s, products {best['products']:.3f} s, both {best['both']:.3f} s (wall): "
+        f"overlap {ratio:.2f} (2 = side by side)"
+    )
+
+
 def timed(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, tuple[float, float]]:
     """Best (CPU seconds, wall seconds) of each variant over `repeats` rounds, the variants taking turns within
     a round so that all of them meet the same neighbours on a shared machine."""
@@ -197,7 +259,9 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="convert float16 by NumPy bit operations")
     ap.add_argument("--dir", help="keep the files in this folder (reused when present)")
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin to")
+    ap.add_argument("--overlap-width", type=int, default=512, help="columns of the products' X^T X (0: skip)")
     args = ap.parse_args()
+    allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {args.cpu})
     if args.no_torch:
         raw_chunks._TORCH[:] = [None]
@@ -209,6 +273,8 @@ def main() -> None:
         f"reader benchmark: {args.tokens} tokens x {args.layers} layers x {args.d_mlp} neurons, pinned to core "
         f"{args.cpu}, best of {args.repeats}; rates are stored bytes per CPU second (wall in brackets)"
     )
+    fused = raw_chunks.FUSED
+    print("engine reader: " + (f"C pass ({fused.instructions()})" if fused else "NumPy route (no C pass built)"))
     for dtype in args.dtypes.split(","):
         path = folder / f"{dtype}-{args.tokens}-{args.layers}-{args.d_mlp}.h5"
         if not path.exists():
@@ -220,6 +286,7 @@ def main() -> None:
             "bare chunks": bare_chunks(path, check=False),
             "read + check": bare_chunks(path, check=True),
             "engine reader": engine_reader(path, args.layers, args.d_mlp, args.tokens),
+            "engine, NumPy": engine_reader(path, args.layers, args.d_mlp, args.tokens, fused=False),
             "_read_chunks": read_chunks(path, args.layers, args.d_mlp, args.tokens),
             "HDF5 + NumPy": hdf5_numpy(path, args.layers, args.d_mlp, args.tokens),
         }
@@ -233,6 +300,13 @@ def main() -> None:
             )
         speedup = times["HDF5 + NumPy"][0] / times["engine reader"][0]
         print(f"  engine reader vs the reader before #29: {speedup:.2f}x")
+        print(f"  engine reader / bare chunks per core: {times['bare chunks'][0] / times['engine reader'][0]:.2f}")
+        others = sorted(allowed - {args.cpu})
+        if args.overlap_width and others:
+            os.sched_setaffinity(0, {args.cpu})
+            cores = (args.cpu, others[0])
+            result = overlap(path, args.layers, args.d_mlp, args.tokens, args.overlap_width, cores)
+            print(f"  overlap on cores {cores}: {result}")
     print(f"\npeak RSS {peak_rss_mb():.0f} MB")
 
 

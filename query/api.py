@@ -301,9 +301,14 @@ class ActdbStore:
         return frame(rows)
 
     def persistence(
-        self, model: str | None = None, control: str | None = None, threshold: float | None = None
+        self,
+        model: str | None = None,
+        control: str | None = None,
+        threshold: float | None = None,
+        hook: str | None = None,
     ) -> pd.DataFrame:
-        return frame(queries.persistence_listing(self.store, model, control, threshold))
+        """Stored persistence rows (see `actdb persistence`), optionally of one model, control, threshold, hook."""
+        return frame(queries.persistence_listing(self.store, model, control, threshold, hook))
 
     def ablations(self, model: str | None = None) -> pd.DataFrame:
         return frame(queries.ablations_listing(self.store, model))

@@ -43,6 +43,7 @@ from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import resolve_sets
 from actdb.store.database.schema import Dataset, NeuronMatch
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import HOOK_NAME
 from actdb.store.ingest.dataset_registry import add_dataset
 from actdb.store.ingest.pipeline import IngestRequest
 from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
@@ -427,7 +428,7 @@ def _summary(store: Store, threshold: float, echo: Callable[[str], None]) -> Non
         "from one step to the next, mean over every neuron of the layer and over the universal ones) =="
     )
     grouped: dict[tuple, list] = defaultdict(list)
-    for r in queries.persistence_listing(store, threshold=threshold):
+    for r in queries.persistence_listing(store, threshold=threshold, hook=HOOK_NAME):
         grouped[(r["control"], r["from_step"], r["to_step"], r["layer"])].append(r)
     out = []
     for (control, from_step, to_step, layer), group in sorted(grouped.items()):

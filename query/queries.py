@@ -458,6 +458,7 @@ def ablations_listing(store: Store, model: str | None = None) -> Rows:
 PERSISTENCE_COLUMNS = [
     "model",
     "dataset",
+    "hook",
     "control",
     "threshold",
     "from_step",
@@ -474,12 +475,19 @@ PERSISTENCE_COLUMNS = [
 
 
 def persistence_listing(
-    store: Store, model: str | None = None, control: str | None = None, threshold: float | None = None
+    store: Store,
+    model: str | None = None,
+    control: str | None = None,
+    threshold: float | None = None,
+    hook: str | None = None,
 ) -> Rows:
+    """Stored persistence rows, optionally of one model, control, threshold and hook."""
     p = v_persistence
     query = select(*(p.c[c] for c in PERSISTENCE_COLUMNS)).order_by(
-        p.c.model, p.c.control, p.c.threshold, p.c.from_step, p.c.layer
+        p.c.model, p.c.hook, p.c.control, p.c.threshold, p.c.from_step, p.c.layer
     )
+    if hook:
+        query = query.where(p.c.hook == hook)
     if model:
         with store.transaction() as conn:
             get_model(conn, model)

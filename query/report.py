@@ -98,10 +98,11 @@ def _persistence_heatmap(store: Store, out: Path, threshold: float | None) -> tu
     if not rows:
         return None, ""
     plt = pyplot()
-    panels = sorted({(r["model"], r["threshold"]) for r in rows})
+    panels = sorted({(r["model"], r["hook"], r["threshold"]) for r in rows})
+    several_hooks = len({hook for _m, hook, _t in panels}) > 1
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (model, t) in zip(axes[0], panels, strict=True):
-        mine = rows.where(model=model, threshold=t)
+    for ax, (model, hook, t) in zip(axes[0], panels, strict=True):
+        mine = rows.where(model=model, hook=hook, threshold=t)
         pairs = sorted({(r["from_step"], r["to_step"]) for r in mine})
         layers = sorted({r["layer"] for r in mine})
         grid = np.full((len(layers), len(pairs)), np.nan)
@@ -111,7 +112,7 @@ def _persistence_heatmap(store: Store, out: Path, threshold: float | None) -> tu
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(pairs)), [f"{a}→{b}" for a, b in pairs], rotation=45, fontsize=7)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-        ax.set_title(f"{model} (excess > {t})")
+        ax.set_title(f"{model}{', ' + hook if several_hooks else ''} (excess > {t})")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, label="p_persist")
     return save_figure(fig, out, "persistence.png"), render(rows, "table")

@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
 stamp=.venv/.actdb-installed
-want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
+want="$(cat pyproject.toml setup.py store/files/*.c | sha256sum | cut -c1-16)-$EXTRAS"  # the C pass rebuilt when it changes
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing actdb[$EXTRAS] ..." >&2
   .venv/bin/python -m pip install -q -e ".[$EXTRAS]"

@@ -205,3 +205,13 @@ def test_report_has_sections_and_pages_per_hook(two_hooks, tmp_path):
     pages = [p.name for p in (tmp_path / "rep" / "neurons").glob("*.html")]
     assert any(p.endswith("-mlp.pre.html") for p in pages) and any(not p.endswith("-mlp.pre.html") for p in pages)
     assert (tmp_path / "rep" / "universal_by_layer_none_mlp_pre.csv").exists()
+
+
+def test_ablation_of_a_checkpoint_with_both_hooks_needs_no_dataset(two_hooks):
+    """Ablation replaces mlp.post activations: a checkpoint with mlp.post and mlp.pre sets on one dataset has one
+    set it can read (it used to count the two sets as two datasets and ask for --dataset)."""
+    home, db = two_hooks
+    r = cli_call(home, db, "ablate", "a@0", "--neurons", "0.1,1.2", "--controls", 2, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(cli_call(home, db, "ablations", "--format", "json").stdout)
+    assert [(row["model"], row["dataset"], row["n_neurons"]) for row in rows] == [("a", "d", 2)]

@@ -109,7 +109,7 @@ def test_store_at_0004_with_data_is_carried_forward(db_url, tmp_path):
     view = store.query(text("SELECT * FROM v_universal_by_layer WHERE run_id = 1 AND model = 'a'")).first()
     assert view["n_universal"] == 2
     (pers,) = queries.persistence_listing(store, "a")
-    assert pers["threshold"] == 0.2 and pers["n_kept"] == 2
+    assert pers["threshold"] == 0.2 and pers["n_kept"] == 2 and pers["hook"] == "mlp.post"  # 0020 backfill
     (abl,) = queries.ablations_listing(store)
     assert abl["threshold"] == 0.2 and abl["delta"] == 0.5
     history = store.query(text("SELECT emergence_step FROM v_neuron_history WHERE model = 'a' AND neuron = 1"))

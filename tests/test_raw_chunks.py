@@ -1,5 +1,5 @@
-"""The raw-chunk reader: HDF5's Fletcher-32 recomputed in NumPy, values bit for bit those of HDF5's own read,
-and corruption still caught (by the reader and by a correlation that uses it)."""
+"""The raw-chunk reader: HDF5's Fletcher-32 recomputed (in NumPy, and in the C pass), values bit for bit those of
+HDF5's own read by both routes, and corruption still caught (by the reader and by a correlation that uses it)."""
 
 from __future__ import annotations
 
@@ -84,17 +84,80 @@ def test_stored_checksums_are_the_ones_hdf5_wrote(tmp_path):
                 assert fletcher32(np.frombuffer(raw[:-4], np.uint8)) == int.from_bytes(raw[-4:], "little")
 
 
-@pytest.fixture(params=["torch", "bits"])
-def float16_cast(request, monkeypatch) -> str:
-    """float16 converted by torch's F16C copy, or by the NumPy bit route used where torch is missing."""
-    if request.param == "bits":
-        monkeypatch.setattr(raw_chunks, "_TORCH", [None])
+try:  # the C pass itself, tested even where ACTDB_READER=numpy keeps the rest of the suite on the NumPy route
+    from actdb.store.files import _fused_chunks as FUSED
+except ImportError:
+    FUSED = None
+needs_c = pytest.mark.skipif(FUSED is None, reason="the C extension _fused_chunks is not built")
+
+
+@pytest.fixture
+def scalar_c():
+    """The C pass without its vector instructions (AVX2, F16C), as on a CPU without them."""
+    FUSED.set_instructions(False, False)
+    yield FUSED
+    FUSED.set_instructions(True, True)
+
+
+@pytest.fixture(params=["c", "c-scalar", "c-hdf5", "numpy-torch", "numpy-bits"])
+def route(request, monkeypatch) -> str:
+    """The reader's routes: the C pass (reading the chunks itself, with and without AVX2/F16C, or given them by
+    HDF5's read_direct_chunk), or NumPy with float16 converted by torch's F16C copy or by the bit route used where
+    torch is missing."""
+    if request.param.startswith("c"):
+        if FUSED is None:
+            pytest.skip("the C extension _fused_chunks is not built")
+        monkeypatch.setattr(raw_chunks, "FUSED", FUSED)
+        if request.param == "c-scalar":
+            request.getfixturevalue("scalar_c")
+        if request.param == "c-hdf5":
+            monkeypatch.setattr(raw_chunks.RawChunkRows, "_chunk_offsets", lambda *_: None)
+    else:
+        monkeypatch.setattr(raw_chunks, "FUSED", None)
+        if request.param == "numpy-bits":
+            monkeypatch.setattr(raw_chunks, "_TORCH", [None])
     return request.param
+
+
+@needs_c
+@pytest.mark.parametrize("vector", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 31, 32, 33, 719, 720, 721, 16383, 16384, 16385, 65536 * 2 + 5])
+@pytest.mark.parametrize("pattern", ["random", "ones", "zeros", "alternating"])
+def test_the_c_pass_checksum_is_hdf5s(n, pattern, vector, scalar_c):
+    rng = np.random.default_rng(n)
+    data = {
+        "random": rng.integers(0, 256, n, dtype=np.uint8),
+        "ones": np.full(n, 0xFF, np.uint8),
+        "zeros": np.zeros(n, np.uint8),
+        "alternating": np.resize(np.array([0xFF, 0x00, 0x01], np.uint8), n),
+    }[pattern]
+    scalar_c.set_instructions(vector, vector)
+    assert scalar_c.fletcher32(data) == hdf5_fletcher32(data.tobytes())
+
+
+def test_chunks_are_mapped_only_from_files_open_to_read(tmp_path):
+    path = tmp_path / "a.h5"
+    _write(path, "float16", 2500, 200)
+    rows = raw_chunks.RawChunkRows()
+    with h5py.File(path, "r") as f:
+        offsets = rows._chunk_offsets(f[layer_key(0)], 1024 * 128 * 2 + 4)
+        assert offsets.shape == (3, 2)
+        _, raw = f[layer_key(0)].id.read_direct_chunk((1024, 128))
+        with open(path, "rb") as fh:
+            fh.seek(int(offsets[1, 1]))
+            assert fh.read(len(raw)) == raw
+    with h5py.File(path, "r+") as f:
+        assert raw_chunks.RawChunkRows()._chunk_offsets(f[layer_key(0)], 1024 * 128 * 2 + 4) is None
+
+
+def test_actdb_reader_numpy_selects_the_numpy_route(monkeypatch):
+    monkeypatch.setenv("ACTDB_READER", "numpy")
+    assert raw_chunks._fused_pass() is None
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize(("start", "n"), [(0, 2500), (1000, 1100), (2047, 300), (2499, 1), (100, 0)])
-def test_shifted_rows_equal_hdf5s_read_minus_the_shift(tmp_path, dtype, start, n, float16_cast):
+def test_shifted_rows_equal_hdf5s_read_minus_the_shift(tmp_path, dtype, start, n, route):
     d = 200  # two column chunks, the second only partly used; 2500 tokens: the last row chunk partly used
     path = tmp_path / "a.h5"
     _write(path, dtype, 2500, d)
@@ -108,7 +171,25 @@ def test_shifted_rows_equal_hdf5s_read_minus_the_shift(tmp_path, dtype, start, n
             assert (wide[:, :d] == 7).all() and (wide[:, 2 * d :] == 7).all()
 
 
-def test_infinities_and_nans_convert_as_numpy_does(tmp_path, float16_cast):
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@pytest.mark.parametrize("d", [5, 141, 300])
+@pytest.mark.parametrize("skew", [0, 1, 3, 16])
+def test_rows_at_any_alignment_and_width(tmp_path, dtype, d, skew, route):
+    """Layers narrower than a vector (5), a last chunk of 13 columns (141), destinations starting anywhere in a
+    cache line (`skew` floats past one): the C pass's partial lines and tails."""
+    path = tmp_path / "a.h5"
+    _write(path, dtype, 1100, d, layers=1)
+    shift = np.random.default_rng(3).standard_normal(d).astype(np.float32)
+    buf = raw_chunks.float32_rows(1100, d + 40)
+    buf[:] = 7
+    with ActivationReader(path) as r:
+        expected = r.read_rows(0, 1100, [0])[0].astype(np.float32) - shift
+        r.read_shifted_into(0, 0, buf[:, skew : skew + d], shift)
+    np.testing.assert_array_equal(buf[:, skew : skew + d], expected)
+    assert (buf[:, :skew] == 7).all() and (buf[:, skew + d :] == 7).all()
+
+
+def test_infinities_and_nans_convert_as_numpy_does(tmp_path, route):
     path = tmp_path / "a.h5"
     x = np.random.default_rng(0).standard_normal((1024, 128)).astype(np.float16)
     x[3, :4] = [np.inf, -np.inf, np.nan, 65504]
@@ -155,7 +236,7 @@ def _flip_a_byte_of_chunk(path: Path, layer: int, corner: tuple[int, int], at: i
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("at", [1000, -2])  # a value's byte, or a byte of the stored checksum
-def test_a_corrupted_chunk_is_caught(tmp_path, dtype, at):
+def test_a_corrupted_chunk_is_caught(tmp_path, dtype, at, route):
     path = tmp_path / "a.h5"
     _write(path, dtype, 2048, 256)
     _flip_a_byte_of_chunk(path, 1, (1024, 128), at)
@@ -169,7 +250,8 @@ def test_a_corrupted_chunk_is_caught(tmp_path, dtype, at):
             r.read_rows(1024, 2048, [1])
 
 
-def test_a_correlation_over_a_corrupted_chunk_fails_with_one_line(tmp_path):
+@pytest.mark.parametrize("route", ["c", "numpy-torch"], indirect=True)
+def test_a_correlation_over_a_corrupted_chunk_fails_with_one_line(tmp_path, route):
     paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
     for seed, path in enumerate(paths):
         _write(path, "float16", 2048, 128, seed=seed)

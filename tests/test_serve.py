@@ -140,6 +140,11 @@ def test_universal_list_filters_sorts_pages_and_downloads(client, served_store):
 
     frame = pd.read_parquet(io.BytesIO(parquet.content))
     assert len(frame) == len(rows) and list(frame.columns) == list(rows[0])
+    post = client.get("/universal?hook=mlp.post&per_page=500").text
+    assert int(re.search(r"<p>(\d+) neurons", post).group(1)) == total  # the served store has mlp.post sets only
+    pre = client.get("/universal?hook=mlp.pre").text
+    assert re.search(r"<p>0 neurons", pre) and "<option selected>mlp.pre</option>" in pre
+    assert client.get("/universal?hook=mlp.mid").status_code == 400
 
 
 def _a_top_token(config) -> str:

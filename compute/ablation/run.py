@@ -22,7 +22,7 @@ from actdb.store.database.connection import Store
 from actdb.store.database.labels import latest_universality_run, require_run, universal_neurons_of
 from actdb.store.database.lifecycle import release, request_key, running, start_or_wait
 from actdb.store.database.registry import complete_set, get_checkpoint, get_dataset, get_model
-from actdb.store.database.schema import Ablation, AblationNeuron, ActivationSet, CorrelationRun, Dataset, NeuronStat
+from actdb.store.database.schema import Ablation, AblationNeuron, CorrelationRun, Dataset, NeuronStat
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.files.token import TokenDataset
@@ -236,17 +236,7 @@ def _resolve_target(store: Store, req: AblationRequest) -> _Target:
     ref = parse_set_ref(req.target)
     with store.session() as s:
         ckpt = get_checkpoint(s, ref.model, ref.step)
-        if req.dataset is None and ref.dataset is None:
-            names = list(
-                s.scalars(
-                    select(Dataset.name)
-                    .join(ActivationSet)
-                    .where(ActivationSet.checkpoint_id == ckpt.id, ActivationSet.status == "complete")
-                )
-            )
-            if len(names) != 1:
-                raise ActdbError(f"{req.target} has complete sets on {len(names)} datasets; pass --dataset")
-        aset = complete_set(s, ref, req.dataset)
+        aset = complete_set(s, ref, req.dataset)  # the mlp.post set the edits replace; several datasets: an error
         means = {
             (layer, n): mean
             for layer, n, mean in s.execute(

@@ -31,6 +31,7 @@ from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
 from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationReader
+from actdb.store.files.raw_chunks import float32_rows
 
 READ_AHEAD = 2  # chunks the GPU backend reads ahead on a thread
 
@@ -251,18 +252,19 @@ def _read_chunks(
     `tokens` and `mask` are flat over all positions; `sequences` = [first, stop) restricts the chunks to a shard
     (`first` a multiple of the chunk's sequences, so a shard's chunks are exactly the whole run's). Every buffer
     is allocated once and reused (fresh multi-MB arrays per chunk cost page faults): rows are read straight into
-    the set's float32 chunk as `stored - shift` by `read_shifted_into` (raw chunks, checksums verified in NumPy;
-    through a staging buffer when some positions are not counted). A yielded chunk stays valid until `ring_size`
-    more are yielded (1 when the consumer finishes each chunk before asking for the next). The products that follow
-    run in NumPy's BLAS, and a second thread pool (torch's) next to it slowed both: the reader's float16 copies by
-    torch run in pieces small enough that torch never wakes its pool.
+    the set's float32 chunk as `stored - shift` by `read_shifted_into` (raw chunks, checksums verified; through a
+    staging buffer when some positions are not counted; both start on a cache line, see `float32_rows`). A
+    yielded chunk stays valid until `ring_size` more are yielded (1 when the consumer finishes each chunk before
+    asking for the next). The products that follow run in NumPy's BLAS, and a second thread pool (torch's) next to
+    it slowed both: the NumPy route's float16 copies by torch run in pieces small enough that torch never wakes
+    its pool.
     """
     seqs = max(1, chunk_tokens // seq_len)
     rows = seqs * seq_len
     first_seq, n_seq = sequences or (0, tokens.shape[0] // seq_len)
     shifts = {i: sets[i].shift.astype(np.float32) for i in wanted}
     staged = {}  # chunks with uncounted positions: a layer's shifted rows, before the counted ones are taken
-    ring = {i: [np.empty((rows, sets[i].n_neurons), dtype=np.float32) for _ in range(ring_size)] for i in wanted}
+    ring = {i: [float32_rows(rows, sets[i].n_neurons) for _ in range(ring_size)] for i in wanted}
     for k, s0 in enumerate(range(first_seq, n_seq, seqs)):
         r0, r1 = s0 * seq_len, min(n_seq, s0 + seqs) * seq_len
         m = mask[r0:r1]
@@ -278,7 +280,7 @@ def _read_chunks(
                     readers[i].read_shifted_into(layer, r0, x[:, cols], shifts[i][cols])
                     continue
                 if i not in staged:
-                    staged[i] = np.empty((rows, d), dtype=np.float32)
+                    staged[i] = float32_rows(rows, d)
                 stage = staged[i][: r1 - r0]
                 readers[i].read_shifted_into(layer, r0, stage, shifts[i][cols])
                 x[:, cols] = stage[keep]

@@ -25,16 +25,18 @@ from actdb.store.database.schema import (
     PersistenceRun,
 )
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import HOOK_NAME
 from actdb.store.refs import CONTROLS, SetRef, check_threshold
 
 
 @dataclass(kw_only=True)
 class PersistenceRequest:
-    """Persistence of `model` on `dataset` over `steps` (default: every ingested step). Labels use `threshold`,
-    or the recorded display threshold of the runs involved when they agree."""
+    """Persistence of `model`'s `hook` sets on `dataset` over `steps` (default: every step ingested at that hook).
+    Labels use `threshold`, or the recorded display threshold of the runs involved when they agree."""
 
     model: str
     dataset: str
+    hook: str = HOOK_NAME
     steps: list[int] | None = None
     control: str = "none"
     threshold: float | None = None
@@ -80,7 +82,7 @@ def compute_persistence(
         raise ActdbError(f"unknown control {req.control!r}; use none or token")
     check_threshold(req.threshold)
     model, steps = _analysed_steps(store, req)
-    sets = resolve_sets(store, [SetRef(req.model, st) for st in steps], req.dataset)
+    sets = resolve_sets(store, [SetRef(req.model, st) for st in steps], req.dataset, req.hook)
     runs = [_universality_run(store, req, st, a.id) for st, a in zip(steps, sets, strict=True)]
     threshold = _threshold(req, steps, runs)
     values = {
@@ -88,6 +90,7 @@ def compute_persistence(
             kind="persistence",
             model=model.id,
             dataset=model.dataset_id,
+            hook=req.hook,
             control=req.control,
             threshold=threshold,
             steps=steps,
@@ -95,6 +98,7 @@ def compute_persistence(
         ),
         "model_id": model.id,
         "dataset_id": model.dataset_id,
+        "hook": req.hook,
         "control": req.control,
         "threshold": threshold,
         "steps": ",".join(map(str, steps)),
@@ -113,6 +117,7 @@ def compute_persistence(
                         **vars(lp),
                         "model_id": model.id,
                         "dataset_id": model.dataset_id,
+                        "hook": req.hook,
                         "control": req.control,
                         "threshold": threshold,
                         "from_run_id": runs[k][0],
@@ -120,7 +125,7 @@ def compute_persistence(
                         "self_run_id": self_run,
                     }
                 )
-        _store(store, model, req.control, threshold, steps, rows, emergence_steps(flags, steps))
+        _store(store, model, req.hook, req.control, threshold, steps, rows, emergence_steps(flags, steps))
         handle.complete()
     return PersistenceOutcome(threshold, results)
 
@@ -134,7 +139,10 @@ def _analysed_steps(store: Store, req: PersistenceRequest) -> tuple[_Model, list
                 select(Checkpoint.step)
                 .join(ActivationSet, ActivationSet.checkpoint_id == Checkpoint.id)
                 .where(
-                    Checkpoint.model_id == m.id, ActivationSet.dataset_id == ds.id, ActivationSet.status == "complete"
+                    Checkpoint.model_id == m.id,
+                    ActivationSet.dataset_id == ds.id,
+                    ActivationSet.hook == req.hook,
+                    ActivationSet.status == "complete",
                 )
                 .order_by(Checkpoint.step)
             )
@@ -143,7 +151,7 @@ def _analysed_steps(store: Store, req: PersistenceRequest) -> tuple[_Model, list
     steps = sorted(req.steps) if req.steps else available
     if len(steps) < 2:
         raise ActdbError(
-            f"persistence needs at least two analysed steps of {req.model} on {req.dataset}; found "
+            f"persistence needs at least two analysed steps of {req.model} on {req.dataset} (hook {req.hook}); found "
             f"{', '.join(map(str, steps)) or 'none'}"
         )
     return model, steps
@@ -152,7 +160,9 @@ def _analysed_steps(store: Store, req: PersistenceRequest) -> tuple[_Model, list
 def _universality_run(store: Store, req: PersistenceRequest, step: int, set_id: int) -> tuple[int, float]:
     found = latest_universality_run(store, set_id, req.control)
     if found is None:
-        flag = " --control token" if req.control == "token" else ""
+        flag = (" --control token" if req.control == "token" else "") + (
+            f" --hook {req.hook}" if req.hook != HOOK_NAME else ""
+        )
         raise ActdbError(
             f"no universality for {req.model}@{step} ({req.control} control); run `actdb correlate --dataset "
             f"{req.dataset} --step {step} --models {req.model},OTHER_MODELS{flag}` first"
@@ -237,14 +247,21 @@ def _layer_rows(
 def _store(
     store: Store,
     model: _Model,
+    hook: str,
     control: str,
     threshold: float,
     steps: list[int],
     rows: list[dict],
     emergence: np.ndarray,
 ) -> None:
-    """Replace this (model, dataset, control, threshold)'s rows for these steps, and its emergence steps."""
-    key = {"model_id": model.id, "dataset_id": model.dataset_id, "control": control, "threshold": threshold}
+    """Replace this (model, dataset, hook, control, threshold)'s rows for these steps, and its emergence steps."""
+    key = {
+        "model_id": model.id,
+        "dataset_id": model.dataset_id,
+        "hook": hook,
+        "control": control,
+        "threshold": threshold,
+    }
     steps_text = ",".join(map(str, steps))
     with store.session() as s:
         s.execute(

@@ -15,6 +15,7 @@ from actdb.query.options import (
     format_option,
     pass_app,
     quiet_option,
+    read_hook_option,
     threshold_option,
 )
 from actdb.query.output import render
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 @click.option("--model", "model_name", help="Compute persistence of this model (omit to list stored results).")
 @dataset_option("Dataset of the analysed sets (default: the only one).")
 @click.option("--steps", type=STEPS, help="Analysed steps, comma-separated (default: every ingested step).")
+@read_hook_option
 @control_option()
 @threshold_option()
 @device_option
@@ -38,6 +40,7 @@ def persistence(
     model_name: str | None,
     dataset_name: str | None,
     steps: list[int] | None,
+    hook: str | None,
     control: str,
     threshold: float | None,
     device: str,
@@ -46,15 +49,18 @@ def persistence(
 ) -> None:
     """Do universal neurons last? Per layer overlap between consecutive steps, self-correlation, emergence."""
     from actdb.query.queries import persistence_listing
-    from actdb.store.database.registry import only_dataset
+    from actdb.store.database.registry import only_dataset, resolve_hook
 
     store = app.store()
     if model_name is not None:
         from actdb.compute.persistence.run import PersistenceRequest, compute_persistence
 
+        dataset_name = dataset_name or only_dataset(store, model_name)
+        hook = resolve_hook(store, hook, model_name, dataset_name=dataset_name) or "mlp.post"
         request = PersistenceRequest(
             model=model_name,
-            dataset=dataset_name or only_dataset(store, model_name),
+            dataset=dataset_name,
+            hook=hook,
             steps=steps,
             control=control,
             threshold=threshold,
@@ -63,7 +69,8 @@ def persistence(
         )
         outcome = compute_persistence(store, request, log=lambda m: click.echo(m, err=True))
         threshold = outcome.threshold
-    click.echo(render(persistence_listing(store, model_name, control if model_name else None, threshold), fmt))
+    listing = persistence_listing(store, model_name, control if model_name else None, threshold, hook)
+    click.echo(render(listing, fmt))
 
 
 COMMANDS = (persistence,)

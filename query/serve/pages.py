@@ -24,7 +24,7 @@ from actdb.query.text_activations import MAX_CHECKPOINTS, MAX_TEXT_CHARS, Probe,
 from actdb.store.database.connection import Rows
 from actdb.store.database.labels import FAMILIES
 from actdb.store.errors import ActdbError, first_line
-from actdb.store.hook_names import parse_hook
+from actdb.store.hook_names import HOOKS, parse_hook
 from actdb.store.refs import parse_neuron, parse_set_ref
 
 SQL_SHOWN_ROWS = 1000  # the page shows this many rows; its CSV download has the door's own caps
@@ -243,6 +243,7 @@ def universal(site: Site, request: Request) -> Response:
     f = reads.UniversalFilter(
         model=_text(request, "model"),
         step=_int(request, "step"),
+        hook=_hook(request),
         layer=_int(request, "layer", 0, 100_000),
         family=_text(request, "family"),
         min_excess=_float(request, "min_excess"),
@@ -275,6 +276,7 @@ def universal(site: Site, request: Request) -> Response:
             sort_links=sort_links,
             models=site.cached("models", lambda: queries.models_listing(site.store).column("model")),
             families=FAMILIES,
+            hooks=HOOKS,
             downloads=_links(request),
         )
     )
@@ -362,21 +364,23 @@ def persistence(site: Site, request: Request) -> Response:
     if got := _downloadable(request, rows, "persistence"):
         return got
     plots = []
-    for model in sorted({r["model"] for r in rows}):
+    groups = sorted({(r["model"], r["hook"]) for r in rows})
+    several_hooks = len({hook for _m, hook in groups}) > 1
+    for model, hook in groups:
         pair = []
+        of_group = [r for r in rows if r["model"] == model and r["hook"] == hook]
         for metric, label in (("p_persist", "P(persist)"), ("mean_self_corr", "mean self-correlation")):
             series = []
-            for layer in sorted({r["layer"] for r in rows if r["model"] == model}):
-                mine = sorted(
-                    (r for r in rows if r["model"] == model and r["layer"] == layer), key=lambda r: r["to_step"]
-                )
+            for layer in sorted({r["layer"] for r in of_group}):
+                mine = sorted((r for r in of_group if r["layer"] == layer), key=lambda r: r["to_step"])
                 points = [(r["to_step"], r[metric]) for r in mine]
                 links = [
-                    f"/universal?{urlencode({'model': model, 'step': r['to_step'], 'layer': layer})}" for r in mine
+                    f"/universal?{urlencode({'model': model, 'step': r['to_step'], 'layer': layer, 'hook': hook})}"
+                    for r in mine
                 ]
                 series.append(charts.Series(f"layer {layer}", points, links))
             pair.append(charts.line_chart(series, "step (to)", label, y_max=1.0))
-        plots.append((model, pair))
+        plots.append((f"{model} ({hook})" if several_hooks else model, pair))
     return HTMLResponse(site.render("persistence.html", plots=plots, rows=rows, downloads=_links(request)))
 
 

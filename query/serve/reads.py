@@ -97,6 +97,7 @@ class UniversalFilter:
 
     model: str | None = None
     step: int | None = None
+    hook: str | None = None
     layer: int | None = None
     family: str | None = None
     min_excess: float | None = None
@@ -120,7 +121,7 @@ def _universal_query(f: UniversalFilter) -> Select:
         .join(newest, on_newest(v, newest))
         .where(universal_condition(None))
     )
-    for column, value in (("model", f.model), ("step", f.step), ("layer", f.layer)):
+    for column, value in (("model", f.model), ("step", f.step), ("hook", f.hook), ("layer", f.layer)):
         if value is not None:
             query = query.where(v.c[column] == value)
     if f.family:

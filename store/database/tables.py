@@ -282,6 +282,7 @@ persistence_run = Table(
     Column("request_key", String(64), index=True, nullable=False),
     Column("model_id", ForeignKey("model.id", ondelete="CASCADE"), nullable=False),
     Column("dataset_id", ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
+    Column("hook", String(50), nullable=False),  # of the sets it read
     Column("control", String(20), nullable=False),
     Column("threshold", Float, nullable=False),
     Column("steps", Text, nullable=False),
@@ -332,6 +333,7 @@ persistence = Table(
     Column("id", Integer, primary_key=True),
     Column("model_id", ForeignKey("model.id", ondelete="CASCADE"), nullable=False),
     Column("dataset_id", ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
+    Column("hook", String(50), nullable=False),  # of the sets it compares
     Column("control", String(20), nullable=False),
     Column("threshold", Float, nullable=False),
     Column("from_step", BigInteger, nullable=False),
@@ -349,6 +351,7 @@ persistence = Table(
     Column("self_run_id", ForeignKey("correlation_run.id", ondelete="CASCADE"), nullable=False),
     Column("created_at", DateTime, default=utcnow, nullable=False),
     UniqueConstraint(
+        "hook",
         "model_id",
         "dataset_id",
         "control",
@@ -367,6 +370,7 @@ neuron_emergence = Table(
     metadata,
     Column("model_id", ForeignKey("model.id", ondelete="CASCADE"), primary_key=True),
     Column("dataset_id", ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True),
+    Column("hook", String(50), primary_key=True),
     Column("control", String(20), primary_key=True),
     Column("threshold", Float, primary_key=True),
     Column("layer", Integer, primary_key=True),

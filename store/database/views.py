@@ -103,6 +103,7 @@ v_persistence = _view(
     "v_persistence",
     Column("model", String),
     Column("dataset", String),
+    Column("hook", String),
     Column("control", String),
     Column("threshold", Float),
     Column("from_step", BigInteger),

@@ -574,7 +574,8 @@ class ActivationReader:
         """Token rows `[start, start + len(out))` of one layer minus a per-neuron `shift`, as float32 into `out`
         (a reused buffer, or a layer's columns of a wider one): what the correlation engine consumes. The chunks'
         checksums are verified as HDF5 would, and the values are bit for bit those of `read_rows_into` minus
-        `shift`, faster (`benchmarks/reader.py`: 1.7x for float16 on the development machine)."""
+        `shift`, faster (`benchmarks/reader.py`: 6-9x the read through HDF5 and NumPy for float16 with the C pass, 1.7x
+        without it, on the development machine)."""
         try:
             self._values.shifted_into(layer, start, out, shift)
         except OSError as exc:

@@ -157,6 +157,7 @@ def research_flops(n_sets: int, layers: int, d: int, tokens: int) -> int:
 
 
 def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: int, draws: int) -> dict:
+    """One case on freshly written sets: actdb (cold, then warm rotation cache) and the research code, printed."""
     import torch
 
     root = Path(tempfile.mkdtemp(prefix="actdb-vs-"))

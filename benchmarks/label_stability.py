@@ -108,12 +108,12 @@ def _report(configs, run, threshold: float, repeat: int) -> None:
     (immune to load between runs)."""
     print(
         "| draws | universal (seed 101 / 202) | Jaccard | mean draws per neuron | engine s | engine CPU s | adaptive "
-        "phase s (share) | extra wall | extra CPU | peak MiB |"
+        "phase s (share) | adaptive phase CPU s (share) | extra wall | extra CPU | peak MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     before = before_cpu = None
     for row, (name, opts) in enumerate(configs):
-        labels, seconds, cpu, adaptive, draws, peak = {}, [], [], [], [], 0
+        labels, seconds, cpu, adaptive, adaptive_cpu, draws, peak = {}, [], [], [], [], [], 0
         for seed in SEEDS:
             o = CorrelationOptions(**{**vars(opts), "baseline_seed": seed})
             for _ in range(repeat):
@@ -123,6 +123,7 @@ def _report(configs, run, threshold: float, repeat: int) -> None:
                 seconds.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
                 adaptive.append((result.seconds.get("adaptive", 0.0), seconds[-1]))
+                adaptive_cpu.append((result.cpu_seconds.get("adaptive", 0.0), sum(result.cpu_seconds.values())))
                 peak = max(peak, tracemalloc.get_traced_memory()[1])
                 tracemalloc.stop()
             labels[seed], mean_draws = _labels(result, threshold)
@@ -134,13 +135,15 @@ def _report(configs, run, threshold: float, repeat: int) -> None:
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(
             f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {np.mean(draws):.2f} | {best:.2f} | "
-            f"{best_cpu:.2f} | {_phase(adaptive)} | {extra} | {extra_cpu} | {peak / 2**20:.0f} |",
+            f"{best_cpu:.2f} | {_phase(adaptive)} | {_phase(adaptive_cpu)} | {extra} | {extra_cpu} | "
+            f"{peak / 2**20:.0f} |",
             flush=True,
         )
 
 
 def _phase(runs: list[tuple[float, float]]) -> str:
-    """The refinement's seconds in the fastest run, and its share of the rest of that run's engine time."""
+    """The refinement's seconds in the fastest run, and its share of the rest of that run's engine time (`runs`:
+    (phase, whole run) pairs, wall or CPU seconds)."""
     phase, total = min(runs, key=lambda r: r[1])
     return f"{phase:.2f} ({phase / (total - phase) * 100:+.1f} %)" if phase else "—"
 
@@ -161,17 +164,16 @@ def _store(args) -> None:
     print("refinement's time over the rest of the same run's engine time (its own log), immune to load between runs")
     print(
         "| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) | CPU s | extra wall "
-        "| extra CPU "
-        "| adaptive share | draws per neuron |"
+        "| extra CPU | adaptive share (wall) | adaptive share (CPU) | draws per neuron |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     before = before_cpu = None
     for name, draws, max_draws in [
         ("1 draw", 1, None),
         (f"K = {args.draws} (before)", args.draws, None),
         *((f"K = {args.draws}, adaptive to {cap} (after)", args.draws, cap) for cap in args.max_draws),
     ]:
-        labels, seconds, cpus, said, shares = {}, [], [], "", []
+        labels, seconds, cpus, said, shares, cpu_shares = {}, [], [], "", [], []
         for seed in SEEDS:
             request = CorrelationRequest(
                 sets=sets,
@@ -191,6 +193,7 @@ def _store(args) -> None:
                 best = min(best, time.perf_counter() - t0)
                 best_cpu = min(best_cpu, time.process_time() - c0)
                 shares.append(_adaptive_share(lines))
+                cpu_shares.append(_adaptive_cpu_share(lines))
             seconds.append(best)
             cpus.append(best_cpu)
             said = next((part for line in lines for part in line.split("; ") if "draws per neuron" in part), said)
@@ -205,7 +208,7 @@ def _store(args) -> None:
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(
             f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {seconds[0]:.1f} / {seconds[1]:.1f} | "
-            f"{cost_cpu:.1f} | {extra} | {extra_cpu} | {_share(shares)} | {said} |",
+            f"{cost_cpu:.1f} | {extra} | {extra_cpu} | {_share(shares)} | {_share(cpu_shares)} | {said} |",
             flush=True,
         )
     store.close()
@@ -220,6 +223,15 @@ def _adaptive_share(lines: list[str]) -> float | None:
     if engine is None or phase is None:
         return None
     return float(phase.group(1)) / (float(engine.group(1)) - float(phase.group(1)))
+
+
+def _adaptive_cpu_share(lines: list[str]) -> float | None:
+    """The run's adaptive phase over the rest of its engine phases, in CPU seconds, from `correlate`'s log line."""
+    found = re.search(r"([0-9.]+) of the engine's ([0-9.]+) CPU-s", " ".join(lines))
+    if found is None:
+        return None
+    phase, total = float(found.group(1)), float(found.group(2))
+    return phase / (total - phase)
 
 
 def _share(shares: list[float | None]) -> str:

@@ -108,6 +108,7 @@ class CorrelationResult:
     n_tokens: int
     n_passes: int
     seconds: dict[str, float] = field(default_factory=dict)  # "accumulate", "maxima", "baseline"
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same phases in process CPU seconds
     layers: dict[tuple[int, int, int, int], LayerPair] | None = None  # (set key, other key, layer, other layer)
     precision: ProductPrecision = field(default_factory=lambda: ProductPrecision("float32"))
     bytes_read: int = 0  # stored value bytes the readers returned, over every pass (and re-read, if any)
@@ -377,6 +378,7 @@ class CorrelationEngine:
         self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
         self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # per phase, `time.process_time` (all threads): steadier under load
         self.buffers: dict[object, object] = {}
         self.base_cache: dict[int, list[np.ndarray]] = {}  # draw-0 rotations kept across passes (see _base_rotations)
         self.precision: ProductPrecision | None = None  # chosen on the first chunk
@@ -396,13 +398,14 @@ class CorrelationEngine:
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             if self.backend.name == "cupy":
                 self.backend.xp.cuda.Stream.null.synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+            self.cpu_seconds[phase] = self.cpu_seconds.get(phase, 0.0) + time.process_time() - cpu
 
     def _finalize_pass(self, acc: dict[TaskGroup, object], maxima: bool = True, draws: range | None = None) -> None:
         """Turn a pass's accumulators into covariances (in place), take the maxima of each (pair x layer), then
@@ -604,9 +607,11 @@ class CorrelationEngine:
     def _result(self) -> CorrelationResult:
         sds = [self.backend.to_numpy(m.sd) for m in self.moments]
         pairs = None if self.similarity is None else self.similarity.pairs
-        return assemble_result(
+        result = assemble_result(
             self.inputs, self.results, sds, self.n, len(self.passes), self.seconds, pairs, self.precision
         )
+        result.cpu_seconds = dict(self.cpu_seconds)
+        return result
 
 
 def assemble_result(

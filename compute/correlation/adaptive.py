@@ -108,7 +108,11 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
             d: backend.asarray(_pool_rotations(pool, d, opts, range(draws.start, draws.stop + n - 1)))
             for d, n in layers.items()
         }
-        sds = {i: _rotated_sds([lam for lam, _u in eigen[i]], p[inputs[i].d_mlp], len(draws), backend.xp) for i in sets}
+        squares = {d: q * q for d, q in p.items()}
+        sds = {
+            i: _rotated_sds([lam for lam, _u in eigen[i]], squares[inputs[i].d_mlp], len(draws), backend.xp)
+            for i in sets
+        }
         for key, mask in todo.items():
             for other in (o for o in sets if o != key):
                 engine.results[(key, other)].extra[slots][:, mask] = -np.inf
@@ -169,17 +173,17 @@ def _layer_draws(p, layer: int, n_draws: int, d: int):
     return p[:, layer * d : (layer + n_draws) * d]
 
 
-def _rotated_sds(eigenvalues: list, p, n_draws: int, xp) -> object:
-    """`(draws, n)`: the rotated neurons' sds of every layer and draw of the round. With `W = U P`,
-    `diag(W^T C W) = diag(P^T diag(lam) P)`, i.e. column j's variance is `sum_m lam_m P[m, j]^2`: one
-    (d) x (d, draws * d) product per layer instead of a d^3 one per draw."""
-    d = p.shape[0]
+def _rotated_sds(eigenvalues: list, squares, n_draws: int, xp) -> object:
+    """`(draws, n)`: the rotated neurons' sds of every layer and draw of the round (`squares`: the round's `P`
+    side by side, squared elementwise). With `W = U P`, `diag(W^T C W) = diag(P^T diag(lam) P)`, i.e. column j's
+    variance is `sum_m lam_m P[m, j]^2`: one (d) x (d, draws * d) product per layer instead of a d^3 one per
+    draw."""
+    d = squares.shape[0]
     per_layer = []
     for layer, lam in enumerate(eigenvalues):
-        q = _layer_draws(p, layer, n_draws, d)
         # float32 squares and sum of d positive terms: relative error ~ sqrt(d) * 6e-8, far below the ~1e-6 a
         # baseline maximum needs
-        var = lam.astype(xp.float32) @ (q * q)
+        var = lam.astype(xp.float32) @ _layer_draws(squares, layer, n_draws, d)
         per_layer.append(xp.sqrt(xp.clip(var.astype(xp.float64), 0, None)).reshape(n_draws, -1))
     return xp.concatenate(per_layer, axis=1)
 

@@ -108,11 +108,7 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
             d: backend.asarray(_pool_rotations(pool, d, opts, range(draws.start, draws.stop + n - 1)))
             for d, n in layers.items()
         }
-        squares = {d: q * q for d, q in p.items()}
-        sds = {
-            i: _rotated_sds([lam for lam, _u in eigen[i]], squares[inputs[i].d_mlp], len(draws), backend.xp)
-            for i in sets
-        }
+        sds = _rotated_sds(engine, eigen, p, len(draws))
         for key, mask in todo.items():
             for other in (o for o in sets if o != key):
                 engine.results[(key, other)].extra[slots][:, mask] = -np.inf
@@ -173,19 +169,26 @@ def _layer_draws(p, layer: int, n_draws: int, d: int):
     return p[:, layer * d : (layer + n_draws) * d]
 
 
-def _rotated_sds(eigenvalues: list, squares, n_draws: int, xp) -> object:
-    """`(draws, n)`: the rotated neurons' sds of every layer and draw of the round (`squares`: the round's `P`
-    side by side, squared elementwise). With `W = U P`, `diag(W^T C W) = diag(P^T diag(lam) P)`, i.e. column j's
-    variance is `sum_m lam_m P[m, j]^2`: one (d) x (d, draws * d) product per layer instead of a d^3 one per
-    draw."""
-    d = squares.shape[0]
-    per_layer = []
-    for layer, lam in enumerate(eigenvalues):
-        # float32 squares and sum of d positive terms: relative error ~ sqrt(d) * 6e-8, far below the ~1e-6 a
-        # baseline maximum needs
-        var = lam.astype(xp.float32) @ _layer_draws(squares, layer, n_draws, d)
-        per_layer.append(xp.sqrt(xp.clip(var.astype(xp.float64), 0, None)).reshape(n_draws, -1))
-    return xp.concatenate(per_layer, axis=1)
+def _rotated_sds(engine: CorrelationEngine, eigen: dict, p: dict, n_draws: int) -> dict[int, object]:
+    """Per set, `(draws, n)`: its rotated neurons' sds for every layer and draw of the round (`p`: per width, the
+    round's `P` side by side). With `W = U P`, `diag(W^T C W) = diag(P^T diag(lam) P)`, i.e. column j's variance
+    is `sum_m lam_m P[m, j]^2`: one (d) x (d, draws * d) product per set and layer instead of a d^3 one per
+    draw. The squares of one layer's `P` are formed once for every set of the width, one layer at a time (their
+    memory is a round's `P` per layer, not per round)."""
+    xp, inputs = engine.backend.xp, engine.inputs
+    per_set: dict[int, list] = {i: [] for i in eigen}
+    for layer in range(max(s.n_layers for s in inputs)):
+        for d, block in p.items():
+            squares = None
+            for i in (i for i, s in enumerate(inputs) if s.d_mlp == d and s.n_layers > layer):
+                if squares is None:
+                    q = _layer_draws(block, layer, n_draws, d)
+                    squares = q * q
+                # float32 squares and a sum of d positive terms: relative error ~ sqrt(d) * 6e-8, far below the
+                # ~1e-6 a baseline maximum needs
+                var = eigen[i][layer][0].astype(xp.float32) @ squares
+                per_set[i].append(xp.sqrt(xp.clip(var.astype(xp.float64), 0, None)).reshape(n_draws, -1))
+    return {i: xp.concatenate(parts, axis=1) for i, parts in per_set.items()}
 
 
 def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 them not? Two correlations with different baseline seeds (101, 202), and the Jaccard overlap of their universal
 sets at the threshold, for: one draw; K draws for every neuron (before); K draws plus adaptive draws for the
 undecided neurons up to M (after). Each configuration's engine time is measured in the same process, on the
-same files, and the extra cost is stated against the K-draw run.
+same files, and the extra cost is stated against the K-draw run, in wall and CPU seconds (`time.process_time`);
+on a loaded machine the steadier number is the refinement's share of its own run's engine time, in CPU seconds
+(the engine's per-phase `cpu_seconds`; on a store, from `correlate`'s log line).
 
     .venv/bin/python benchmarks/label_stability.py --home actdb-demo [--step 800] [--threshold 0.2]
     .venv/bin/python benchmarks/label_stability.py --synthetic [--threshold-quantile 0.95]

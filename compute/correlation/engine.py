@@ -108,11 +108,11 @@ class CorrelationResult:
     n_tokens: int
     n_passes: int
     seconds: dict[str, float] = field(default_factory=dict)  # "accumulate", "maxima", "baseline"
-    cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same phases in process CPU seconds
     layers: dict[tuple[int, int, int, int], LayerPair] | None = None  # (set key, other key, layer, other layer)
     precision: ProductPrecision = field(default_factory=lambda: ProductPrecision("float32"))
     bytes_read: int = 0  # stored value bytes the readers returned, over every pass (and re-read, if any)
     bytes_held: int = 0  # stored value bytes of the sets' files
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same phases in process CPU seconds
 
     @property
     def read_amplification(self) -> float:

@@ -2,7 +2,9 @@
 them not? Two correlations with different baseline seeds (101, 202), and the Jaccard overlap of their universal
 sets at the threshold, for: one draw; K draws for every neuron (before); K draws plus adaptive draws for the
 undecided neurons up to M (after). Each configuration's engine time is measured in the same process, on the
-same files, and the extra cost is stated against the K-draw run.
+same files, and the extra cost is stated against the K-draw run, in wall and CPU seconds (`time.process_time`);
+on a loaded machine the steadier number is the refinement's share of its own run's engine time, in CPU seconds
+(the engine's per-phase `cpu_seconds`; on a store, from `correlate`'s log line).
 
     .venv/bin/python benchmarks/label_stability.py --home actdb-demo [--step 800] [--threshold 0.2]
     .venv/bin/python benchmarks/label_stability.py --synthetic [--threshold-quantile 0.95]
@@ -102,42 +104,48 @@ def _engine(args) -> None:
 
 
 def _report(configs, run, threshold: float, repeat: int) -> None:
-    """One row per configuration; `extra` is the engine time against the K-draw run (the second row), and
-    "adaptive phase" the engine's own timing of the refinement in the fastest run, with its share of the rest of
-    that run (immune to load between runs)."""
+    """One row per configuration; `extra` is the engine time against the K-draw run (the second row), wall and
+    CPU seconds (`time.process_time`, all threads: steadier than wall time on a loaded machine), and "adaptive
+    phase" the engine's own timing of the refinement in the fastest run, with its share of the rest of that run
+    (immune to load between runs)."""
     print(
-        "| draws | universal (seed 101 / 202) | Jaccard | mean draws per neuron | engine s | adaptive phase s | extra "
-        "| peak MiB |"
+        "| draws | universal (seed 101 / 202) | Jaccard | mean draws per neuron | engine s | engine CPU s | adaptive "
+        "phase s (share) | adaptive phase CPU s (share) | extra wall | extra CPU | peak MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    before = None
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    before = before_cpu = None
     for row, (name, opts) in enumerate(configs):
-        labels, seconds, adaptive, draws, peak = {}, [], [], [], 0
+        labels, seconds, cpu, adaptive, adaptive_cpu, draws, peak = {}, [], [], [], [], [], 0
         for seed in SEEDS:
             o = CorrelationOptions(**{**vars(opts), "baseline_seed": seed})
             for _ in range(repeat):
                 tracemalloc.start()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 result = run(o)
                 seconds.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 adaptive.append((result.seconds.get("adaptive", 0.0), seconds[-1]))
+                adaptive_cpu.append((result.cpu_seconds.get("adaptive", 0.0), sum(result.cpu_seconds.values())))
                 peak = max(peak, tracemalloc.get_traced_memory()[1])
                 tracemalloc.stop()
             labels[seed], mean_draws = _labels(result, threshold)
             draws.append(mean_draws)
-        best = min(seconds)  # the least disturbed run on a shared machine
-        before = best if row == 1 else before
+        best, best_cpu = min(seconds), min(cpu)  # the least disturbed run on a shared machine
+        before, before_cpu = (best, best_cpu) if row == 1 else (before, before_cpu)
         extra = f"{(best / before - 1) * 100:+.1f} %" if row > 1 else "—"
+        extra_cpu = f"{(best_cpu / before_cpu - 1) * 100:+.1f} %" if row > 1 else "—"
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(
             f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {np.mean(draws):.2f} | {best:.2f} | "
-            f"{_phase(adaptive)} | {extra} | {peak / 2**20:.0f} |",
+            f"{best_cpu:.2f} | {_phase(adaptive)} | {_phase(adaptive_cpu)} | {extra} | {extra_cpu} | "
+            f"{peak / 2**20:.0f} |",
             flush=True,
         )
 
 
 def _phase(runs: list[tuple[float, float]]) -> str:
-    """The refinement's seconds in the fastest run, and its share of the rest of that run's engine time."""
+    """The refinement's seconds in the fastest run, and its share of the rest of that run's engine time (`runs`:
+    (phase, whole run) pairs, wall or CPU seconds)."""
     phase, total = min(runs, key=lambda r: r[1])
     return f"{phase:.2f} ({phase / (total - phase) * 100:+.1f} %)" if phase else "—"
 
@@ -157,17 +165,17 @@ def _store(args) -> None:
     print(f"of {args.repeat} run(s) per seed; extra: against the K = {args.draws} run; adaptive share: the")
     print("refinement's time over the rest of the same run's engine time (its own log), immune to load between runs")
     print(
-        "| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) | extra | adaptive share "
-        "| draws per neuron |"
+        "| draws | universal (seed 101 / 202) | Jaccard | correlate s (seed 101 / 202) | CPU s | extra wall "
+        "| extra CPU | adaptive share (wall) | adaptive share (CPU) | draws per neuron |"
     )
-    print("|---|---|---|---|---|---|---|")
-    before = None
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    before = before_cpu = None
     for name, draws, max_draws in [
         ("1 draw", 1, None),
         (f"K = {args.draws} (before)", args.draws, None),
         *((f"K = {args.draws}, adaptive to {cap} (after)", args.draws, cap) for cap in args.max_draws),
     ]:
-        labels, seconds, said, shares = {}, [], "", []
+        labels, seconds, cpus, said, shares, cpu_shares = {}, [], [], "", [], []
         for seed in SEEDS:
             request = CorrelationRequest(
                 sets=sets,
@@ -179,25 +187,30 @@ def _store(args) -> None:
                 force=True,
                 progress=False,
             )
-            best = float("inf")
+            best = best_cpu = float("inf")
             for _ in range(args.repeat):
                 lines: list[str] = []
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 outcome = correlate(store, request, log=lines.append)
                 best = min(best, time.perf_counter() - t0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
                 shares.append(_adaptive_share(lines))
+                cpu_shares.append(_adaptive_cpu_share(lines))
             seconds.append(best)
+            cpus.append(best_cpu)
             said = next((part for line in lines for part in line.split("; ") if "draws per neuron" in part), said)
             rows = universal_neurons(store, run=outcome.run_id, threshold=args.threshold)
             labels[seed] = {(r["model"], r["layer"], r["neuron"]) for r in rows}
-        cost = sum(seconds)
-        before = cost if draws == args.draws and max_draws is None else before
+        cost, cost_cpu = sum(seconds), sum(cpus)
+        if draws == args.draws and max_draws is None:
+            before, before_cpu = cost, cost_cpu
         extra = f"{(cost / before - 1) * 100:+.1f} %" if max_draws is not None else "—"
+        extra_cpu = f"{(cost_cpu / before_cpu - 1) * 100:+.1f} %" if max_draws is not None else "—"
         said = said.split(" (adaptive")[0].replace("baseline draws per neuron ", "") or str(draws)
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(
             f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {seconds[0]:.1f} / {seconds[1]:.1f} | "
-            f"{extra} | {_share(shares)} | {said} |",
+            f"{cost_cpu:.1f} | {extra} | {extra_cpu} | {_share(shares)} | {_share(cpu_shares)} | {said} |",
             flush=True,
         )
     store.close()
@@ -212,6 +225,15 @@ def _adaptive_share(lines: list[str]) -> float | None:
     if engine is None or phase is None:
         return None
     return float(phase.group(1)) / (float(engine.group(1)) - float(phase.group(1)))
+
+
+def _adaptive_cpu_share(lines: list[str]) -> float | None:
+    """The run's adaptive phase over the rest of its engine phases, in CPU seconds, from `correlate`'s log line."""
+    found = re.search(r"([0-9.]+) of the engine's ([0-9.]+) CPU-s", " ".join(lines))
+    if found is None:
+        return None
+    phase, total = float(found.group(1)), float(found.group(2))
+    return phase / (total - phase)
 
 
 def _share(shares: list[float | None]) -> str:

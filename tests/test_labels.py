@@ -4,6 +4,7 @@ statistics checked against scipy."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -179,6 +180,7 @@ def test_adaptive_draws_are_recorded_per_neuron_and_shown(store):
         "--quiet",
     )
     assert "baseline draws per neuron 8-24" in out.stdout and "drew more than 8" in out.stdout, out.stdout
+    assert re.search(r"adaptive phase [0-9.]+s, [0-9.]+ of the engine.s [0-9.]+ CPU-s", out.stdout), out.stdout
     engine = create_engine(db)
     with engine.connect() as c:
         run_id = c.execute(text("SELECT max(id) FROM correlation_run")).scalar_one()

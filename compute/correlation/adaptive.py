@@ -6,11 +6,22 @@ that mean lies within `q * s / sqrt(n)` of the threshold (s: the layer-pooled sd
 round of draws is taken for those neurons only, until each is decided or `max_draws` is reached. The rule is
 sequential without alpha spending: "decided at 95 %" means the last look's margin, not a corrected error rate.
 
-A draw costs products with covariances, not a pass over the tokens: for an undecided neuron i of set a, its
-baseline against set b is `max_j (Cov_ab R_b)_ij / (sd_i sd(R_b)_j)`, one row of the product instead of the
-whole block, plus each set's rotated sds `diag(R^T C R)` (a d^3 product per layer and draw). The draws use the
-same rotations `R_{m,l} P_k` as the first K (`baseline.rotation`), so draw k is the same rotation whether it
-was taken for every neuron or only for some.
+Which rotation each draw is. Draws k < K are the run's own, `R_{m,l} P_k` (`baseline.rotation`), untouched.
+An extra draw k >= K rotates model m's layer l by `U_{m,l} P_{k+l}`: `U_{m,l}` the eigenvectors of the layer's
+covariance `C = U diag(lam) U^T` (float64 `eigh`, once per set and layer), `P_j` the cached Haar rotation of
+draw index j (`rotation_cache.draw_key`). For a fixed orthogonal U, `U P` is Haar, so each extra draw has the
+distribution of a first-K draw; the layers of one draw use different `P` (indices k + l), so they are jointly
+independent Haar as `R_{m,l} P_k` are, and no index below K is used, so the extra draws are independent of the
+first K. (Draws k and k+1 share `P_{k+l+1}` between layers l+1 and l of a model, a weak dependence between
+neighbouring extra draws that the mean over draws does not mind.) An extra draw is therefore not the draw k of
+a run with more draws; it is a draw of the same distribution that is cheap to take:
+
+- rotated sds: `diag(P^T U^T C U P) = lam @ P**2`, O(d^2) per layer and draw instead of a d^3 product;
+- an undecided neuron i of set a against set b: `max_j (Cov_ab U_b P)_ij / (sd_i sd_j)`, one row, O(d^2) per
+  layer and draw; its columns likewise (`P^T U_a^T Cov_ab[:, cols]`).
+
+What each extra draw still costs beyond O(u d^2) for u undecided neurons is the QR of its `P` (once per width,
+kept by the rotation cache) and the `eigh` per set and layer, paid once when a first neuron is undecided.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, con
         return live & np.isfinite(sd) & (np.abs(mean - threshold) < q * sd / np.sqrt(np.maximum(n, 1)))
 
 
-def draw_rotations(d: int, seed: int, draws: range, cache: str | None = None) -> np.ndarray:
+def draw_rotations(d: int, seed: int, draws: range | list, cache: str | None = None) -> np.ndarray:
     """`P_k` of every draw of a round side by side, `(d, len(draws) * d)` float32 (`baseline.draw_rotation`), read
     from the rotation cache in folder `cache` where it holds them.
 
@@ -68,56 +79,116 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
     round by round; returns the number of neuron-draws added. `acc` holds the pass's float32 covariance blocks
     of every pair (a one-pass run).
 
-    Draw k rotates model m's layer by `R P_k` (`R` its draw-0 rotation). What does not depend on k is computed
-    once: `R^T C R` per set and layer (for the rotated sds). A round's draws go together, their `P_k` side by
-    side: one product `(R^T C R) [P_k ...]` per set and layer for the sds of every rotated neuron (which every
-    maximum needs: d^3 per draw, whatever the number of undecided neurons), and the undecided neurons' rows
-    `Cov_ab[rows] R_b` (stacked over the other sets a) and columns `R_a^T Cov_ab[:, cols]` (stacked over b)
-    times `[P_k ...]`, one product per set and layer."""
+    Draw k rotates model m's layer l by `U_{m,l} P_{k+l}` (module docstring). Once, at the first round: the
+    eigendecomposition of every set's layer covariances. Per round: the draws' `P` side by side (indices
+    `start .. stop + layers - 2` of the width), their squares times each layer's eigenvalues for the rotated sds,
+    and the undecided neurons' rows `Cov_ab[rows] U_b` (stacked over the other sets a) and columns
+    `U_a^T Cov_ab[:, cols]` (stacked over b) times the layer's `[P_{k+l} ...]`, one product per set and layer."""
     opts, inputs, backend = engine.options, engine.inputs, engine.backend
-    xp = backend.xp
     k0, cap = opts.baseline_draws, opts.max_draws
     for res in engine.results.values():
         res.extra = np.full((cap - k0, res.baseline.shape[1]), np.nan)
     sets = range(len(inputs))  # the engine's positions (a set's `key` is its id in the store)
-    bases = {i: [backend.asarray(r) for r in engine._base_rotations(i)] for i in sets}
-    rotated_cov = {
-        i: [r.T @ (c.astype(xp.float32) @ r) for c, r in zip(engine.moments[i].cov, bases[i], strict=True)]
-        for i in sets
-    }
+    eigen: dict[int, list] = {}
+    layers = {}  # per width, the most layers of a set of that width (a round needs P up to stop + layers - 2)
+    for s in inputs:
+        layers[s.d_mlp] = max(layers.get(s.d_mlp, 0), s.n_layers)
+    pool: dict[tuple[int, int], np.ndarray] = {}  # (width, index) -> P_index, across rounds
     added, start = 0, k0
     while start < cap:
         todo = {i: _undecided_of(engine, i) for i in sets}
         if not any(m.any() for m in todo.values()):
             break
+        if not eigen:
+            eigen = _eigenbases(engine)
         draws = range(start, min(start + ROUND, cap))
         slots = slice(draws.start - k0, draws.stop - k0)
         forward, backward = _gather(engine, acc, todo)
         p = {
-            d: backend.asarray(draw_rotations(d, opts.baseline_seed, draws, opts.rotation_cache))
-            for d in {s.d_mlp for s in inputs}
+            d: backend.asarray(_pool_rotations(pool, d, opts, range(draws.start, draws.stop + n - 1)))
+            for d, n in layers.items()
         }
-        sds = {i: _rotated_sds(rotated_cov[i], p[inputs[i].d_mlp], len(draws), xp) for i in sets}
+        sds = _rotated_sds(engine, eigen, p, len(draws))
         for key, mask in todo.items():
             for other in (o for o in sets if o != key):
                 engine.results[(key, other)].extra[slots][:, mask] = -np.inf
         for b, entries in forward.items():
-            _forward(engine, b, entries, bases[b], p[inputs[b].d_mlp], sds[b], slots)
+            bases = [u for _lam, u in eigen[b]]
+            _forward(engine, b, entries, bases, p[inputs[b].d_mlp], sds[b], slots)
         for (a, layer), entries in backward.items():
-            _backward(engine, a, layer, entries, bases[a][layer], p[inputs[a].d_mlp], sds[a], slots)
+            _backward(engine, a, layer, entries, eigen[a][layer][1], p[inputs[a].d_mlp], sds[a], slots)
         added += len(draws) * int(sum(m.sum() for m in todo.values()))
         start = draws.stop
     return added
 
 
-def _rotated_sds(rotated_cov: list, p, n_draws: int, xp) -> object:
-    """`(draws, n)`: sqrt(diag(P_k^T (R^T C R) P_k)) of every layer and draw of the round, from one product per
-    layer with the draws' `P_k` side by side."""
-    per_layer = []
-    for c in rotated_cov:
-        var = ((c @ p) * p).sum(axis=0, dtype=xp.float64)
-        per_layer.append(xp.sqrt(xp.clip(var, 0, None)).reshape(n_draws, -1))
-    return xp.concatenate(per_layer, axis=1)
+def eigenbasis(cov, xp) -> tuple[object, object]:
+    """`(lam, U)` of a layer's covariance `C = U diag(lam) U^T`: eigenvalues (float64, clipped at 0: C is PSD, its
+    roundoff is not) and eigenvectors (float32, the rotations' precision), from a float64 `eigh`. Each eigenvector's
+    sign is fixed (its largest entry positive) so that the draws do not hang on the LAPACK's sign choice."""
+    lam, u = xp.linalg.eigh(cov.astype(xp.float64))
+    u *= xp.sign(u[xp.abs(u).argmax(axis=0), xp.arange(u.shape[1])])
+    return xp.clip(lam, 0, None), u.astype(xp.float32)
+
+
+def _eigenbases(engine: CorrelationEngine) -> dict[int, list]:
+    """`eigenbasis` of every set's layer covariances. On the host each `eigh` runs on one BLAS thread and the
+    layers in parallel, as `draw_rotations`' QRs: on 2 shared cores (load ~11) a 512-wide float64 `eigh` cost
+    0.94 CPU-s (4.4 s wall) on OpenBLAS's two threads and 0.029 CPU-s on one."""
+    xp = engine.backend.xp
+    covs = [(i, c) for i in range(len(engine.inputs)) for c in engine.moments[i].cov]
+    if engine.backend.name == "cupy":
+        bases = [eigenbasis(c, xp) for _i, c in covs]
+    else:
+        from threadpoolctl import threadpool_limits
+
+        workers = max(1, min(len(covs), os.cpu_count() or 1))
+        with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
+            bases = list(pool.map(lambda item: eigenbasis(item[1], xp), covs))
+    out: dict[int, list] = {}
+    for (i, _c), basis in zip(covs, bases, strict=True):
+        out.setdefault(i, []).append(basis)
+    return out
+
+
+def _pool_rotations(pool: dict, d: int, opts, indices: range) -> np.ndarray:
+    """`[P_j ...]` for j in `indices`, `(d, len(indices) * d)` float32: those not yet in `pool` computed (or read
+    from the rotation cache) in parallel, then kept in `pool` for the next round."""
+    missing = [j for j in indices if (d, j) not in pool]
+    if missing:
+        block = draw_rotations(d, opts.baseline_seed, missing, opts.rotation_cache)
+        for n, j in enumerate(missing):
+            pool[(d, j)] = block[:, n * d : (n + 1) * d]
+    for j in [j for (w, j) in pool if w == d and j < indices.start]:
+        del pool[(d, j)]  # rounds only move forward
+    return np.concatenate([pool[(d, j)] for j in indices], axis=1)
+
+
+def _layer_draws(p, layer: int, n_draws: int, d: int):
+    """`[P_{k+layer} ...]` over the round's draws k: a contiguous slice of the round's `P` side by side."""
+    return p[:, layer * d : (layer + n_draws) * d]
+
+
+def _rotated_sds(engine: CorrelationEngine, eigen: dict, p: dict, n_draws: int) -> dict[int, object]:
+    """Per set, `(draws, n)`: its rotated neurons' sds for every layer and draw of the round (`p`: per width, the
+    round's `P` side by side). With `W = U P`, `diag(W^T C W) = diag(P^T diag(lam) P)`, i.e. column j's variance
+    is `sum_m lam_m P[m, j]^2`: one (d) x (d, draws * d) product per set and layer instead of a d^3 one per
+    draw. The squares of one layer's `P` are formed once for every set of the width, one layer at a time (their
+    memory is a round's `P` per layer, not per round)."""
+    xp, inputs = engine.backend.xp, engine.inputs
+    per_set: dict[int, list] = {i: [] for i in eigen}
+    for layer in range(max(s.n_layers for s in inputs)):
+        for d, block in p.items():
+            squares = None
+            for i in (i for i, s in enumerate(inputs) if s.d_mlp == d and s.n_layers > layer):
+                if squares is None:
+                    q = _layer_draws(block, layer, n_draws, d)
+                    squares = q * q
+                # float32 squares and a sum of d positive terms: relative error ~ sqrt(d) * 6e-8, far below the
+                # ~1e-6 a baseline maximum needs
+                var = eigen[i][layer][0].astype(xp.float32) @ squares
+                per_set[i].append(xp.sqrt(xp.clip(var.astype(xp.float64), 0, None)).reshape(n_draws, -1))
+    return {i: xp.concatenate(parts, axis=1) for i, parts in per_set.items()}
 
 
 def _undecided_of(engine: CorrelationEngine, key: int) -> np.ndarray:
@@ -157,7 +228,8 @@ def _gather(engine: CorrelationEngine, acc: dict, todo: dict) -> tuple[dict, dic
 
 def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice) -> None:
     """Undecided rows of the other sets against b's neurons rotated by each draw of the round:
-    `Cov_ab[rows] R_b [P_k ...]`, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's neurons), the max
+    `Cov_ab[rows] U_b [P_{k+l} ...]` per layer l of b, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's
+    neurons), the max
     over b's neurons per row and draw, then 1/sd of the row (which does not change the argmax)."""
     xp, backend, sb = engine.backend.xp, engine.backend, engine.inputs[b]
     d, n_draws = sb.d_mlp, rot_sd.shape[0]
@@ -169,7 +241,9 @@ def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice)
         part = stacked[s0 : s0 + step]
         scaled = xp.concatenate(
             [
-                ((part[:, lb * d : (lb + 1) * d] @ base[lb]) @ p).reshape(len(part), n_draws, d)
+                ((part[:, lb * d : (lb + 1) * d] @ base[lb]) @ _layer_draws(p, lb, n_draws, d)).reshape(
+                    len(part), n_draws, d
+                )
                 for lb in range(sb.n_layers)
             ],
             axis=2,
@@ -189,17 +263,18 @@ def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice)
 
 def _backward(engine, a: int, layer: int, entries: list, base, p, rot_sd, slots: slice) -> None:
     """Undecided columns of the other sets against a's `layer` rotated by each draw of the round:
-    `[P_k ...]^T R_a^T Cov_ab[:, cols]`, scaled by the rotated neurons' 1/sd, the max over them, a running max
+    `[P_{k+layer} ...]^T U_a^T Cov_ab[:, cols]`, scaled by the rotated neurons' 1/sd, the max over them, a running max
     over a's layers."""
     xp, backend = engine.backend.xp, engine.backend
     d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]
     rotated = base.T @ xp.concatenate([cov for *_, cov in entries], axis=1)
+    q = _layer_draws(p, layer, n_draws, d)
     inv_rows, dead_rows = inverse_sd(rot_sd[:, layer * d : (layer + 1) * d], xp)
     step = max(1, STACK_BYTES // (4 * n_draws * d))
     best = np.empty((n_draws, rotated.shape[1]))
     for c0 in range(0, rotated.shape[1], step):
         part = rotated[:, c0 : c0 + step]
-        scaled = (p.T @ part).reshape(n_draws, d, part.shape[1])
+        scaled = (q.T @ part).reshape(n_draws, d, part.shape[1])
         scaled *= inv_rows[:, :, None]
         if bool(dead_rows.any()):
             scaled[dead_rows] = -xp.inf

@@ -72,7 +72,7 @@ class CorrelationOptions:
     # this threshold is undecided at `adaptive_confidence`, up to `max_draws`; None: K draws for every neuron
     adaptive_threshold: float | None = None
     adaptive_confidence: float = 0.95
-    max_draws: int = 64
+    max_draws: int = 32  # benchmarks/label_stability.py --synthetic: Jaccard 0.938 between seeds at +8.9 % CPU
     # a folder of cached Haar rotations (compute/correlation/rotation_cache.py; a run uses its store's), so no
     # pass or run computes a QR twice; None: computed in memory
     rotation_cache: str | None = None
@@ -113,6 +113,7 @@ class CorrelationResult:
     precision: ProductPrecision = field(default_factory=lambda: ProductPrecision("float32"))
     bytes_read: int = 0  # stored value bytes the readers returned, over every pass (and re-read, if any)
     bytes_held: int = 0  # stored value bytes of the sets' files
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same phases in process CPU seconds
 
     @property
     def read_amplification(self) -> float:
@@ -379,6 +380,7 @@ class CorrelationEngine:
         self.draw_rotations: dict[tuple[int, int], np.ndarray] = {}
         self.similarity = LayerSimilarity(xp, backend.to_numpy) if options.layer_similarity else None
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # per phase, `time.process_time` (all threads): steadier under load
         self.buffers: dict[object, object] = {}
         self.base_cache: dict[int, list[np.ndarray]] = {}  # draw-0 rotations kept across passes (see _base_rotations)
         self.precision: ProductPrecision | None = None  # chosen on the first chunk
@@ -398,13 +400,14 @@ class CorrelationEngine:
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             if self.backend.name == "cupy":
                 self.backend.xp.cuda.Stream.null.synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+            self.cpu_seconds[phase] = self.cpu_seconds.get(phase, 0.0) + time.process_time() - cpu
 
     def _finalize_pass(self, acc: dict[TaskGroup, object], maxima: bool = True, draws: range | None = None) -> None:
         """Turn a pass's accumulators into covariances (in place), take the maxima of each (pair x layer), then
@@ -609,9 +612,11 @@ class CorrelationEngine:
     def _result(self) -> CorrelationResult:
         sds = [self.backend.to_numpy(m.sd) for m in self.moments]
         pairs = None if self.similarity is None else self.similarity.pairs
-        return assemble_result(
+        result = assemble_result(
             self.inputs, self.results, sds, self.n, len(self.passes), self.seconds, pairs, self.precision
         )
+        result.cpu_seconds = dict(self.cpu_seconds)
+        return result
 
 
 def assemble_result(

@@ -358,7 +358,11 @@ def _compute(
         checked += f"; {worker_threads(client)} Dask worker thread(s)"
     if options.adaptive_threshold is not None and kind == "cross_model":
         checked += f"; {describe_draws(score_universality(result), options.baseline_draws)}"
-        checked += f" (adaptive phase {result.seconds.get('adaptive', 0.0):.2f}s)"
+        cpu = result.cpu_seconds
+        checked += (
+            f" (adaptive phase {result.seconds.get('adaptive', 0.0):.2f}s, {cpu.get('adaptive', 0.0):.2f} of the "
+            f"engine's {sum(cpu.values()):.2f} CPU-s)"
+        )
     log(
         f"run {handle.row_id}: {len(sets)} sets, {result.n_tokens} counted tokens, {result.n_passes} pass(es) "
         f"reading {result.bytes_read / 1e6:.1f} MB of {result.bytes_held / 1e6:.1f} MB stored (read amplification "

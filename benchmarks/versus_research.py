@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -195,6 +196,7 @@ def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: i
     )
     row["research"] = (theirs, theirs_cpu, theirs_peak, research_flops(n_sets, layers, d, tokens), in_class)
     report(row, layers, d, threads, draws, flops)
+    shutil.rmtree(root)
     return row
 
 

@@ -5,6 +5,7 @@ above tau)."""
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,15 @@ from sqlalchemy import select
 from actdb.compute.concepts import math as cm
 from actdb.query.figures import pyplot, save_figure
 from actdb.query.output import render
-from actdb.store.database.connection import Store
+from actdb.store.database.connection import Rows, Store
 from actdb.store.database.tables import concept_set
 from actdb.store.errors import ActdbError
 
 
-def concept_sections(store: Store, out: Path) -> list[str]:
-    """HTML sections, one per concept set with complete runs (none when the store has no concept sets)."""
+def concept_sections(store: Store, out: Path, tables: Mapping[str, tuple[Rows, Rows]] | None = None) -> list[str]:
+    """HTML sections, one per concept set with complete runs (none when the store has no concept sets).
+    `tables` holds `concept_table` results a caller has already computed (by set name; the demo prints them too),
+    so their permutation tests run once."""
     from actdb.compute.concepts.analysis import concept_table, similarity_matrices
 
     names = store.query(select(concept_set.c.name).order_by(concept_set.c.id)).column("name")
@@ -27,7 +30,7 @@ def concept_sections(store: Store, out: Path) -> list[str]:
     for name in names:
         try:
             concepts, runs = similarity_matrices(store, name)
-            table, emergence = concept_table(store, name, mantel_permutations=1000)
+            table, emergence = (tables or {}).get(name) or concept_table(store, name, mantel_permutations=1000)
         except ActdbError:
             continue
         runs = [r for r in runs if r.pool == "max" and not r.masked]

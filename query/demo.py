@@ -170,10 +170,12 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     )
     robustness_seconds = _robustness(store, models, steps, req, indent)
     stage("report")
-    report = build_report(store, req.report_dir or store.config.home / "report", threshold=req.threshold)
+    concepts = _concept_tables(store)  # the report's section and the printed summary show the same tables
+    report_dir = req.report_dir or store.config.home / "report"
+    report = build_report(store, report_dir, threshold=req.threshold, concept_tables=concepts)
     _summary(store, req.threshold, echo)
     _similarity_summary(store, models, compared, echo)
-    _concept_summary(store, echo)
+    _concept_summary(concepts[CONCEPTS], echo)
     _robustness_summary(store, robustness_seconds, echo)
     echo(f"\nreport: {report}\n(demo took {time.perf_counter() - started:.0f}s)")
     echo(f"browse it: {browse_command(store.config)}")
@@ -282,10 +284,16 @@ def _robustness_summary(store: Store, seconds: float, echo: Callable[[str], None
     echo(render(Rows(columns, [{c: r[c] for c in columns} for r in rows])))
 
 
-def _concept_summary(store: Store, echo: Callable[[str], None]) -> None:
+def _concept_tables(store: Store) -> dict[str, tuple[Rows, Rows]]:
+    """The concept table and emergence rows of the demo's concept set, computed once (its permutation tests and
+    random twin draws are most of the report stage's work)."""
     from actdb.compute.concepts.analysis import concept_table
 
-    table, emergence = concept_table(store, CONCEPTS)
+    return {CONCEPTS: concept_table(store, CONCEPTS, mantel_permutations=1000)}
+
+
+def _concept_summary(tables: tuple[Rows, Rows], echo: Callable[[str], None]) -> None:
+    table, emergence = tables
     echo(
         "\n== Concept experts (Python constructs; top-100 by AP, 20 label permutations; RSA: Spearman of upper "
         "triangles, Mantel p over 1000 permutations; twin overlap: experts mapped through correlate twins vs "

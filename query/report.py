@@ -359,8 +359,14 @@ def _trajectory_plots(store: Store, out: Path) -> tuple[list[str], str]:
     return images, table
 
 
-def build_report(store: Store, out: Path, threshold: float | None = None) -> Path:
-    """Write `index.html` and its PNGs into `out`; sections without data say which command produces them."""
+def build_report(
+    store: Store,
+    out: Path,
+    threshold: float | None = None,
+    concept_tables: dict[str, tuple[Rows, Rows]] | None = None,
+) -> Path:
+    """Write `index.html` and its PNGs into `out`; sections without data say which command produces them.
+    `concept_tables`: `concept_table` results already computed by the caller, reused instead of recomputed."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -433,7 +439,7 @@ def build_report(store: Store, out: Path, threshold: float | None = None) -> Pat
     from actdb.query.concept_report import concept_sections
     from actdb.query.robustness_report import robustness_section
 
-    sections.extend(concept_sections(store, out))
+    sections.extend(concept_sections(store, out, concept_tables))
     sections.append(robustness_section(store, out))
     page = out / "index.html"
     _write(

@@ -4,6 +4,7 @@ needs one of them never imports or checks the other."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from types import ModuleType
@@ -115,3 +116,12 @@ def resolve_device(choice: str = "auto") -> Device:
     if choice not in DEVICES:
         raise ActdbError(f"unknown device {choice!r}; use auto, cpu or cuda")
     return Device(choice)
+
+
+def host_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which `taskset` or a container narrows), not the
+    machine's count: parallel work sized by it never oversubscribes the cores a user gave."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1

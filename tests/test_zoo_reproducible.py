@@ -69,13 +69,26 @@ def test_a_zoo_of_the_previous_version_is_named_not_reused(tmp_path):
 
 
 def test_seeds_trained_side_by_side_equal_seeds_trained_in_turn(tmp_path):
-    """Two seeds in two processes at once give the weights of the same two seeds trained one after the other."""
+    """Two seeds in two processes at once give the weights of the same two seeds trained one after the other, at
+    every checkpoint, and the same tokenizer."""
     from actdb.store.ingest.zoo import checkpoint_dir, train_zoo, weight_digest, zoo_config
 
-    config = zoo_config(2, 6, [6], vocab_size=300, d_model=32, d_mlp=64, seq_len=32, batch_size=4, train_files=6)
-    digests = {}
+    config = zoo_config(2, 6, [0, 3, 6], vocab_size=300, d_model=32, d_mlp=64, seq_len=32, batch_size=4, train_files=6)
+    digests, tokenizers = {}, {}
     for processes in (1, 2):
         root = tmp_path / f"zoo-{processes}"
         train_zoo(root, config, progress=False, processes=processes)
-        digests[processes] = [weight_digest(checkpoint_dir(root, seed, 6)) for seed in (0, 1)]
-    assert digests[1] == digests[2] and digests[1][0] != digests[1][1]
+        digests[processes] = [weight_digest(checkpoint_dir(root, seed, step)) for seed in (0, 1) for step in (0, 3, 6)]
+        tokenizers[processes] = (root / "tokenizer" / "tokenizer.json").read_bytes()
+    assert digests[1] == digests[2] and len(set(digests[1])) == 6
+    assert tokenizers[1] == tokenizers[2]
+
+
+def test_host_cores_follows_the_affinity_mask():
+    """A process pinned to one core (taskset, a container) counts one core, so the zoo trains its seeds in turn."""
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    code += "from actdb.store.device import host_cores; print(host_cores())"
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no affinity call on this platform")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "1"

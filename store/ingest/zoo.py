@@ -11,12 +11,12 @@ import contextlib
 import json
 import math
 import multiprocessing
-import os
 import sysconfig
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from actdb.store.device import host_cores
 from actdb.store.errors import ActdbError
 
 SPECIAL_EOS = "<|endoftext|>"
@@ -274,7 +274,7 @@ def train_zoo(root: Path, config: dict, progress: bool = True, processes: int | 
 
     Each seed's checkpoints are written as they are reached; a seed whose last checkpoint exists is skipped,
     so an interrupted zoo continues where it stopped (a partly trained seed restarts from scratch). Seeds train in
-    up to `processes` processes at once (default: one per core).
+    up to `processes` processes at once (default: one per core this process may use; with one, in turn).
     """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -303,7 +303,7 @@ def train_zoo(root: Path, config: dict, progress: bool = True, processes: int | 
     stream: list[int] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    workers = min(len(todo), processes or os.cpu_count() or 1)
+    workers = min(len(todo), processes or host_cores())
     if workers < 2 or config["train_threads"] is None:
         with reproducible_training(config["train_threads"]):
             for seed in todo:

@@ -46,7 +46,7 @@ from actdb.store.errors import ActdbError
 from actdb.store.hook_names import HOOK_NAME
 from actdb.store.ingest.dataset_registry import add_dataset
 from actdb.store.ingest.pipeline import IngestRequest
-from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config
+from actdb.store.ingest.zoo import checkpoint_dir, stdlib_files, train_zoo, zoo_config, zoo_provenance
 from actdb.store.refs import SetRef
 
 DATASET = "stdlib-heldout"
@@ -81,6 +81,7 @@ def run_demo(store: Store, req: DemoRequest, echo: Callable[[str], None] = print
     stage = _stages(echo)
     stage(f"zoo: {req.seeds} tiny GPT-2 seeds trained on Python standard-library source ({zoo})")
     tok_dir = train_zoo(zoo, config, progress=req.progress)
+    echo(f"  {zoo_provenance(zoo, config)}")
     stage("dataset: held-out standard-library files (BOS/EOS, padding and the newline token do not count)")
     with store.session() as s:
         have = s.scalar(select(Dataset).where(Dataset.name == DATASET))

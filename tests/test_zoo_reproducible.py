@@ -71,17 +71,21 @@ def test_a_zoo_of_the_previous_version_is_named_not_reused(tmp_path):
 def test_seeds_trained_side_by_side_equal_seeds_trained_in_turn(tmp_path):
     """Two seeds in two processes at once give the weights of the same two seeds trained one after the other, at
     every checkpoint, and the same tokenizer."""
-    from actdb.store.ingest.zoo import checkpoint_dir, train_zoo, weight_digest, zoo_config
+    from actdb.store.ingest.zoo import checkpoint_dir, train_zoo, weight_digest, zoo_config, zoo_provenance
 
     config = zoo_config(2, 6, [0, 3, 6], vocab_size=300, d_model=32, d_mlp=64, seq_len=32, batch_size=4, train_files=6)
-    digests, tokenizers = {}, {}
+    digests, tokenizers, provenance = {}, {}, {}
     for processes in (1, 2):
         root = tmp_path / f"zoo-{processes}"
         train_zoo(root, config, progress=False, processes=processes)
         digests[processes] = [weight_digest(checkpoint_dir(root, seed, step)) for seed in (0, 1) for step in (0, 3, 6)]
         tokenizers[processes] = (root / "tokenizer" / "tokenizer.json").read_bytes()
+        provenance[processes] = zoo_provenance(root, config)
     assert digests[1] == digests[2] and len(set(digests[1])) == 6
     assert tokenizers[1] == tokenizers[2]
+    # the line the demo prints: the same digest, and the torch build and CPU kernel level that trained the zoo
+    assert provenance[1] == provenance[2]
+    assert f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}" in provenance[1]
 
 
 def test_host_cores_follows_the_affinity_mask():

@@ -8,6 +8,7 @@ folders load through exactly the code path a hub id takes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import multiprocessing
@@ -296,6 +297,7 @@ def train_zoo(root: Path, config: dict, progress: bool = True, processes: int | 
     todo = [k for k in range(config["seeds"]) if not (checkpoint_dir(root, k, last) / "config.json").exists()]
     if not todo:
         return tok_dir
+    (root / TRAINED_ON).unlink(missing_ok=True)  # seeds trained here from now on: written again when they are done
     texts = stdlib_texts(max_files=config["train_files"])
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(texts, config["vocab_size"], tok_dir)
@@ -308,6 +310,7 @@ def train_zoo(root: Path, config: dict, progress: bool = True, processes: int | 
         with reproducible_training(config["train_threads"]):
             for seed in todo:
                 _train_seed(root, config, tokenizer, stream, seed, progress)
+        _record_training_machine(root)
         return tok_dir
     # Seeds are independent and each trains on a fixed thread count, so they train side by side in processes (one
     # per core): the same weights as one after another, in a fraction of the time.
@@ -320,6 +323,7 @@ def train_zoo(root: Path, config: dict, progress: bool = True, processes: int | 
             job.result()
             bar.update()
     bar.close()
+    _record_training_machine(root)
     return tok_dir
 
 
@@ -376,11 +380,32 @@ def _train_seed(root: Path, config: dict, tokenizer, stream: list[int], seed: in
     bar.close()
 
 
+TRAINED_ON = "trained-on.json"  # torch's version and CPU kernel level where the zoo's seeds were trained
+
+
+def _record_training_machine(root: Path) -> None:
+    import torch
+
+    machine = {"torch": torch.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
+    (root / TRAINED_ON).write_text(json.dumps(machine, indent=2))
+
+
+def zoo_provenance(root: Path, config: dict) -> str:
+    """One line to compare a zoo with a published run's: a digest over every seed's last checkpoint, and the torch
+    build and CPU kernel level (torch's ATen kernels and MKL's GEMMs differ between AVX2 and AVX-512) it was
+    trained with. Training is bit-reproducible for a given build and kernel level, not across them: another level
+    trains other weights, and every number downstream differs in its later digits (and counts near a threshold)."""
+    digest = hashlib.sha256()
+    for seed in range(config["seeds"]):
+        digest.update(weight_digest(checkpoint_dir(root, seed, max(config["checkpoints"]))).encode())
+    path = Path(root) / TRAINED_ON
+    machine = json.loads(path.read_text()) if path.exists() else {"torch": "unknown", "cpu_kernels": "unknown"}
+    return f"zoo digest {digest.hexdigest()[:16]} (torch {machine['torch']}, CPU kernels {machine['cpu_kernels']})"
+
+
 def weight_digest(folder: Path) -> str:
     """SHA-256 over a saved model's tensors (names, dtypes, shapes and bytes, in name order): equal digests mean
     bit-identical weights, whatever the file's own metadata says."""
-    import hashlib
-
     from safetensors.numpy import load_file
 
     digest = hashlib.sha256()

@@ -97,6 +97,16 @@ def test_home_shows_the_grid_runs_and_dataset_with_security_headers(client):
     assert r.status_code == 200
     assert "Universality share" in r.text and "step 0" in r.text and "step 1" in r.text
     assert re.search(r'href="/universal\?model=a&amp;step=0">\d+\.\d%', r.text)
+    # the newest runs, newest first, in a few columns; all of them on /runs
+    shown = [
+        int(x)
+        for x in re.findall(
+            r"<tr>\s*<td>(\d+)</td>\s*<td class=\"text\">(?:cross_model|within_model|similarity)", r.text
+        )
+    ]
+    every = client.get("/runs?format=csv").text.strip().splitlines()[1:]
+    assert shown and shown == sorted(shown, reverse=True) and len(shown) == min(10, len(every))
+    assert f"newest of {len(every)} correlation runs" in r.text and "read_amplification" not in r.text
     csp = r.headers["content-security-policy"]
     assert "script-src 'none'" in csp and "default-src 'none'" in csp
     assert r.headers["x-content-type-options"] == "nosniff"

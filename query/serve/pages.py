@@ -139,13 +139,25 @@ def _links(request: Request) -> dict[str, str]:
 # --- pages ---
 
 
+HOME_RUN_COLUMNS = ("run_id", "kind", "status", "dataset", "control", "hook", "n_sets", "n_tokens", "seconds")
+HOME_RUNS = 10  # the newest runs on the home page; every run and column is on /runs
+
+
 def home(site: Site, request: Request) -> Response:
     models, steps, grid = site.cached("grid", lambda: reads.home_grid(site.store))
     runs = site.cached("runs", lambda: queries.runs_listing(site.store))
+    newest = Rows.from_tuples(HOME_RUN_COLUMNS, [tuple(r[c] for c in HOME_RUN_COLUMNS) for r in runs][::-1][:HOME_RUNS])
     datasets = site.cached("datasets", lambda: reads.datasets(site.store))
     return HTMLResponse(
         site.render(
-            "home.html", models=models, steps=steps, grid=grid, runs=runs, datasets=datasets, store=site.store.config
+            "home.html",
+            models=models,
+            steps=steps,
+            grid=grid,
+            runs=newest,
+            n_runs=len(runs),
+            datasets=datasets,
+            store=site.store.config,
         )
     )
 

@@ -4,12 +4,15 @@ The research code is Gurnee et al. (2024), github.com/wesg52/universal-neurons: 
 (`correlations_fast.py`, float32 products summed in float64) is loaded at run time from a local clone named by
 --research-repo (nothing of it is copied here). It is fed the very activations actdb reads, converted to float32
 and held in memory in its layout (layers, neurons, tokens), cut into its default batches of 32 x 512 tokens
-before the clock starts: its best case (the research code itself recomputes them with forward passes). Per pair
-of models it runs as the research workflow does: one job for the correlation and one for the rotation baseline,
-whose second model's activations are first rotated layer by layer (`correlations_fast.run_correlation_experiment`,
-the rotation included in the timing); both directions' maxima come from each job's full matrix, as its
-`summarize_correlation_matrix` of the matrix and its transpose does. actdb reads the float16 HDF5 files, checks
-and converts them, and derives its baseline from the moments with its default 8 draws.
+before the clock starts: its best case (the research code itself recomputes them with forward passes). A job is one
+run of the class over every batch, as `correlations_fast.run_correlation_experiment` runs it: `--baseline none`
+(the correlation) or `--baseline rotation` (model 2's activations first rotated layer by layer, the rotation in
+the timing). Its scripts run model a against b, c, ... (`slurm/correlation_exp_fast.sh`): a pair of jobs labels
+model 1's neurons only, since only model 2 is rotated. actdb labels every model's neurons, so three research
+workflows are timed from the same jobs (`WORKFLOWS`): one direction (2 jobs per pair: what one invocation gives),
+both directions with the correlation matrix reused (3 jobs) and both directions as its scripts run them, each
+model as model 1 (4 jobs). actdb reads the float16 HDF5 files, checks and converts them, and derives its
+baseline from the moments with its default 8 draws.
 
     git clone https://github.com/wesg52/universal-neurons /tmp/universal-neurons   # or any local clone
     .venv/bin/pip install einops        # the only package the class needs that actdb does not install
@@ -78,9 +81,19 @@ def load_research_class(repo: Path) -> type:
     return module.StreamingPearsonComputer
 
 
-def research_jobs(cls: type, data: list, layers: int, d: int, threads: int) -> tuple[float, float, float]:
-    """Every pair's correlation job and rotation-baseline job through the research class: (seconds of the
-    whole method, seconds inside the class alone, CPU seconds of the whole method)."""
+# What the research code must run to label neurons, per unordered pair (i, j) of models: its correlation job
+# (`--baseline none`) gives both directions' maxima from one matrix, but its rotation-baseline job rotates model 2
+# only, so each model's neurons need their own rotation job. Each workflow is a sum of the jobs timed below.
+WORKFLOWS = {
+    "one direction": ("corr ij", "rot j"),  # model i's neurons only (one invocation of its script pair)
+    "both, least work": ("corr ij", "rot j", "rot i"),  # every model's neurons, the correlation matrix reused
+    "both, as its scripts run": ("corr ij", "rot j", "corr ji", "rot i"),  # each model as model_1 against the other
+}
+
+
+def research_jobs(cls: type, data: list, layers: int, d: int, threads: int) -> dict[str, tuple[float, float, float]]:
+    """Every pair's jobs through the research class: per job kind (`corr ij`, `rot j`, `corr ji`, `rot i`) summed
+    over pairs, (seconds of the whole method, seconds inside the class alone, CPU seconds of the whole method)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -89,24 +102,36 @@ def research_jobs(cls: type, data: list, layers: int, d: int, threads: int) -> t
         [torch.from_numpy(random_rotation(d, 0, k, layer).astype(np.float32)) for layer in range(layers)]
         for k in range(len(data))
     ]
-    in_class = 0.0
-    started, cpu = time.perf_counter(), time.process_time()
+    times = {kind: [0.0, 0.0, 0.0] for kind in ("corr ij", "rot j", "corr ji", "rot i")}
     for i, j in combinations(range(len(data)), 2):
-        for baseline in (False, True):
+        for kind, (m1, m2), rotate in (
+            ("corr ij", (i, j), False),
+            ("rot j", (i, j), True),
+            ("corr ji", (j, i), False),
+            ("rot i", (j, i), True),
+        ):
+            started, cpu, in_class = time.perf_counter(), time.process_time(), 0.0
             computer = cls(model, model)
-            for b1, b2 in zip(data[i], data[j], strict=True):
-                if baseline:  # correlations_fast.run_correlation_experiment's rotation of model 2's neurons
+            for b1, b2 in zip(data[m1], data[m2], strict=True):
+                if rotate:  # correlations_fast.run_correlation_experiment's rotation of model 2's neurons
                     b2 = torch.stack(
-                        [torch.einsum("n t, m n -> m t", b2[layer], rotations[j][layer]) for layer in range(layers)]
+                        [torch.einsum("n t, m n -> m t", b2[layer], rotations[m2][layer]) for layer in range(layers)]
                     )
                 t0 = time.perf_counter()
                 computer.update_correlation_data(b1, b2)
                 in_class += time.perf_counter() - t0
             t0 = time.perf_counter()
             r = computer.compute_correlation().reshape(layers * d, layers * d).float()
-            r.abs().amax(dim=1), r.abs().amax(dim=0)  # both directions' maxima, as its summaries
+            r.abs().amax(dim=1), r.abs().amax(dim=0)  # the maxima its summaries take
             in_class += time.perf_counter() - t0
-    return time.perf_counter() - started, in_class, time.process_time() - cpu
+            for k, value in enumerate((time.perf_counter() - started, in_class, time.process_time() - cpu)):
+                times[kind][k] += value
+    return {kind: tuple(v) for kind, v in times.items()}
+
+
+def workflow_times(jobs: dict, workflow: str) -> tuple[float, float, float]:
+    """(wall, in-class, CPU) seconds of one workflow: the sum of its jobs."""
+    return tuple(sum(jobs[kind][k] for kind in WORKFLOWS[workflow]) for k in range(3))
 
 
 def bare_gemm_rate(neurons: int, threads: int) -> float:
@@ -149,12 +174,13 @@ def timed(run) -> tuple[object, float, float, float]:
     return result, wall, cpu, (_status_bytes("VmHWM") - before) / 2**20
 
 
-def research_flops(n_sets: int, layers: int, d: int, tokens: int) -> int:
-    """The research workflow's products per pair: two jobs of N x T x N (correlation and rotation baseline) and
-    the rotation of model 2's activations, layer by layer (d x d x T)."""
+def research_flops(n_sets: int, layers: int, d: int, tokens: int, workflow: str) -> int:
+    """A research workflow's products over every pair: N x T x N per job, and for each rotation job the rotation
+    of model 2's activations, layer by layer (d x d x T)."""
     pairs = n_sets * (n_sets - 1) // 2
-    n = layers * d
-    return pairs * (2 * 2 * n * n * tokens + layers * 2 * d * d * tokens)
+    n, jobs = layers * d, WORKFLOWS[workflow]
+    rotations = sum(kind.startswith("rot") for kind in jobs)
+    return pairs * (len(jobs) * 2 * n * n * tokens + rotations * layers * 2 * d * d * tokens)
 
 
 def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: int, draws: int) -> dict:
@@ -191,10 +217,11 @@ def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: i
             result, wall, cpu, peak = timed(lambda: correlate_sets(sets, ids, mask, options, backend))
             row[cache_state] = (wall, cpu, peak, ours_flops[cache_state], dict(result.seconds))
     # its own clock starts after its rotations are drawn (its best case); the peak covers the whole call
-    (theirs, in_class, theirs_cpu), _wall, _cpu, theirs_peak = timed(
-        lambda: research_jobs(cls, data, layers, d, threads)
-    )
-    row["research"] = (theirs, theirs_cpu, theirs_peak, research_flops(n_sets, layers, d, tokens), in_class)
+    jobs, _wall, _cpu, theirs_peak = timed(lambda: research_jobs(cls, data, layers, d, threads))
+    for workflow in WORKFLOWS:
+        theirs, in_class, theirs_cpu = workflow_times(jobs, workflow)
+        flops_w = research_flops(n_sets, layers, d, tokens, workflow)
+        row[workflow] = (theirs, theirs_cpu, theirs_peak, flops_w, in_class)
     report(row, layers, d, threads, draws, flops)
     shutil.rmtree(root)
     return row
@@ -202,7 +229,7 @@ def compare(cls: type, n_sets: int, layers: int, d: int, tokens: int, threads: i
 
 def report(row: dict, layers: int, d: int, threads: int, draws: int, flops) -> None:
     """The case's lines: each side's times, FLOPs, share of the bare GEMM's rate and peak memory; the ratios."""
-    gemm, (theirs, theirs_cpu, theirs_peak, theirs_flops, in_class) = row["gemm"], row["research"]
+    gemm = row["gemm"]
     pairs = row["sets"] * (row["sets"] - 1) // 2
     print(
         f"{row['sets']} sets ({pairs} pair(s)) x {layers} x {d} neurons x {row['tokens']:,} tokens, {threads} "
@@ -213,8 +240,7 @@ def report(row: dict, layers: int, d: int, threads: int, draws: int, flops) -> N
     print(
         f"  actdb FLOPs ({draws} draws): pair products {flops.pair_products / g:.1f} G, Grams (SYRK) "
         f"{flops.grams / g:.1f} G, baseline phase {flops.baseline_phase / g:.1f} G, QRs {flops.qr / g:.1f} G "
-        f"(cold cache only), sums and adds {(flops.sums + flops.adds) / g:.1f} G; research code "
-        f"{theirs_flops / g:.1f} G (two N x T x N products per pair and the rotation of model 2)"
+        f"(cold cache only), sums and adds {(flops.sums + flops.adds) / g:.1f} G; actdb labels every model's neurons"
     )
     for name in ("cold", "warm"):
         wall, cpu, peak, ours_flops, phases = row[name]
@@ -223,17 +249,19 @@ def report(row: dict, layers: int, d: int, threads: int, draws: int, flops) -> N
             f"{ours_flops / wall / gemm:.2f} of the bare GEMM's rate (phases "
             f"{', '.join(f'{k} {v:.2f}' for k, v in phases.items())}); peak RSS +{peak:.0f} MB"
         )
-    print(
-        f"  research code: wall {theirs:.2f} s ({in_class:.2f} s in StreamingPearsonComputer), CPU "
-        f"{theirs_cpu:.2f} s, {theirs_flops / g:.1f} GFLOP = {theirs_flops / theirs / gemm:.2f} of the bare "
-        f"GEMM's rate; peak RSS +{theirs_peak:.0f} MB"
-    )
-    for name in ("cold", "warm"):
-        wall, cpu, _peak, ours_flops, _phases = row[name]
+    for workflow, jobs in WORKFLOWS.items():
+        theirs, theirs_cpu, theirs_peak, theirs_flops, in_class = row[workflow]
         print(
-            f"  actdb ({name} cache) / research code: {theirs / wall:.2f}x wall, {theirs_cpu / cpu:.2f}x CPU; "
-            f"actdb does {ours_flops / theirs_flops:.2f}x the research FLOPs"
+            f"  research code, {workflow} ({len(jobs)} jobs per pair: {', '.join(jobs)}): wall {theirs:.2f} s "
+            f"({in_class:.2f} s in StreamingPearsonComputer), CPU {theirs_cpu:.2f} s, {theirs_flops / g:.1f} GFLOP = "
+            f"{theirs_flops / theirs / gemm:.2f} of the bare GEMM's rate; peak RSS +{theirs_peak:.0f} MB"
         )
+        for name in ("cold", "warm"):
+            wall, cpu, _peak, ours_flops, _phases = row[name]
+            print(
+                f"    actdb ({name} cache) / research code: {theirs / wall:.2f}x wall, {theirs_cpu / cpu:.2f}x CPU; "
+                f"actdb does {ours_flops / theirs_flops:.2f}x the research FLOPs"
+            )
     print(flush=True)
 
 
@@ -256,19 +284,27 @@ def main() -> None:
         for scale in args.scales
         for n_sets in args.sets
     ]
+    names = list(WORKFLOWS)
     print(
-        "| case | actdb wall, cold / warm rotation cache (CPU s) | research code wall (CPU s) | actdb / research, "
-        "wall cold / warm | CPU cold / warm | FLOPs actdb / research (warm) | share of bare GEMM, actdb warm / "
-        "research |"
+        "| case | actdb wall, cold / warm rotation cache | research code wall: "
+        + " / ".join(names)
+        + " | actdb (warm) faster by: "
+        + " / ".join(names)
+        + " | actdb (cold) faster by, same order | FLOPs actdb (warm) / research, same order |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        (cw, cc, _p, _f, _s), (ww, wc, _p2, wf, _s2) = r["cold"], r["warm"]
-        tw, tc, _tp, tf, _ic = r["research"]
+        cw, ww, wf = r["cold"][0], r["warm"][0], r["warm"][3]
         print(
-            f"| {r['sets']} models, {r['tokens']:,} tokens | {cw:.2f} / {ww:.2f} s ({cc:.2f} / {wc:.2f}) | {tw:.2f} s "
-            f"({tc:.2f}) | {tw / cw:.2f}x / {tw / ww:.2f}x | {tc / cc:.2f}x / {tc / wc:.2f}x | {wf / tf:.2f} | "
-            f"{wf / ww / r['gemm']:.2f} / {tf / tw / r['gemm']:.2f} |"
+            f"| {r['sets']} models, {r['tokens']:,} tokens | {cw:.2f} / {ww:.2f} s | "
+            + " / ".join(f"{r[w][0]:.2f} s" for w in names)
+            + " | "
+            + " / ".join(f"{r[w][0] / ww:.2f}x" for w in names)
+            + " | "
+            + " / ".join(f"{r[w][0] / cw:.2f}x" for w in names)
+            + " | "
+            + " / ".join(f"{wf / r[w][3]:.2f}" for w in names)
+            + " |"
         )
 
 

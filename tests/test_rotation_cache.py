@@ -167,3 +167,34 @@ def test_a_cli_run_keeps_its_rotations_beside_the_store_and_survives_a_corrupt_o
     assert _matches(store_config) == first  # the damaged file was not used: the same rotation was recomputed
     key = next(k for k in (base_key(d, 0, m, i) for m, n, d in shapes for i in range(n)) if k.file_name == damaged.name)
     assert read_cached(damaged, key)[1] is None  # and the file is whole again
+
+
+def test_a_run_computes_its_missing_rotations_side_by_side_before_its_first_pass(tmp_path, monkeypatch):
+    """With a cache folder the engine's QRs run on the host's cores (here 2), one BLAS thread each, before the
+    first pass; the results equal a run that computed them one by one on the main thread."""
+    import threading
+
+    from actdb.compute.correlation import engine
+
+    inputs = _sets(tmp_path)
+    tokens = (np.arange(2048).reshape(16, 128) % 37).astype(np.int64)
+    mask = np.ones_like(tokens, bool)
+    threads = []
+    real_haar = baseline._haar
+
+    def counted(rng, d):
+        threads.append(threading.get_ident())
+        return real_haar(rng, d)
+
+    monkeypatch.setattr(baseline, "_haar", counted)
+    monkeypatch.setattr(engine, "host_cores", lambda: 2)
+    plain = correlate_sets(inputs, tokens, mask, CorrelationOptions(baseline_draws=3), NUMPY)
+    assert set(threads) == {threading.get_ident()}  # without a cache: on the main thread, when needed
+    threads.clear()
+    options = CorrelationOptions(baseline_draws=3, rotation_cache=str(tmp_path / "rotations"))
+    cached = correlate_sets(inputs, tokens, mask, options, NUMPY)
+    assert len(threads) == 3 * 2 + 2 and threading.get_ident() not in threads  # all in the pool, each once
+    assert cached.seconds["rotations"] > 0
+    for pair, r in plain.matches.items():
+        np.testing.assert_array_equal(cached.matches[pair].max_corr, r.max_corr)
+        np.testing.assert_array_equal(cached.matches[pair].baseline, r.baseline)

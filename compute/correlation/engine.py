@@ -26,9 +26,9 @@ import numpy as np
 from actdb.compute.correlation.adaptive import refine_baseline
 from actdb.compute.correlation.moments import SD_EPS, inverse_sd
 from actdb.compute.correlation.precision import ProductPrecision, choose_precision, products_in
-from actdb.compute.correlation.rotation_cache import base_key, draw_key, rotation
+from actdb.compute.correlation.rotation_cache import base_key, draw_key, fill, rotation
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
-from actdb.store.device import ArrayBackend
+from actdb.store.device import ArrayBackend, host_cores
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationReader
 from actdb.store.files.raw_chunks import float32_rows
@@ -386,6 +386,8 @@ class CorrelationEngine:
         self.precision: ProductPrecision | None = None  # chosen on the first chunk
 
     def run(self) -> CorrelationResult:
+        with self._timed("rotations"):
+            self._fill_rotation_cache()
         for p, tasks in enumerate(self.passes):
             with self._timed("accumulate"):
                 acc = self._accumulate(tasks, first=p == 0)
@@ -463,6 +465,15 @@ class CorrelationEngine:
                         scaled = rotated.copy() if p is None else p.T @ rotated
                         _baseline_backward(g, scaled, rot_sds[draw], draw, self)
                 rotated = scaled = None
+
+    def _fill_rotation_cache(self) -> None:
+        """The run's QRs (every set's draw-0 rotations, every width's draws) computed side by side on the host's
+        cores before the first pass, into the rotation cache, where the baseline phase reads them; a run without a
+        cache computes them when it needs them, one after another."""
+        seed, draws = self.options.baseline_seed, range(1, self.options.baseline_draws)
+        keys = [base_key(s.d_mlp, seed, s.rotation_key, layer) for s in self.inputs for layer in range(s.n_layers)]
+        keys += [draw_key(d, seed, k) for d in sorted({s.d_mlp for s in self.inputs}) for k in draws]
+        fill(self.options.rotation_cache, keys, host_cores())
 
     def _draw_rotation(self, d: int, draw: int) -> object:
         """`P_draw` of width `d` on the device, drawn (or read from the rotation cache) once per run."""

@@ -315,6 +315,37 @@ static int float32_vector(Py_buffer *b, Py_ssize_t n, const char *name) {
     return 1;
 }
 
+/* The per-column vectors of a conversion: `shift`, and for int8 codes `scale` and `offset`. */
+typedef struct {
+    Py_buffer shift, scale, offset;
+} conversion;
+
+static int get_conversion(conversion *v, PyObject *shift_obj, PyObject *scale_obj, PyObject *offset_obj,
+                          int quantised, Py_ssize_t width) {
+    if (PyObject_GetBuffer(shift_obj, &v->shift, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
+        !float32_vector(&v->shift, width, "shift"))
+        return 0;
+    if (!quantised)
+        return 1;
+    if (offset_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "int8 codes need both a scale and an offset");
+        return 0;
+    }
+    return PyObject_GetBuffer(scale_obj, &v->scale, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) >= 0 &&
+           float32_vector(&v->scale, width, "scale") &&
+           PyObject_GetBuffer(offset_obj, &v->offset, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) >= 0 &&
+           float32_vector(&v->offset, width, "offset");
+}
+
+static void release_conversion(conversion *v) {
+    if (v->shift.obj)
+        PyBuffer_Release(&v->shift);
+    if (v->scale.obj)
+        PyBuffer_Release(&v->scale);
+    if (v->offset.obj)
+        PyBuffer_Release(&v->offset);
+}
+
 PyDoc_STRVAR(check_convert_doc,
              "check_convert(raw, chunk_cols, lo, out, shift, scale=None, offset=None) -> bool\n\n"
              "Verify the Fletcher-32 checksum of one raw chunk (its values, then 4 checksum bytes) and write rows\n"
@@ -323,7 +354,8 @@ PyDoc_STRVAR(check_convert_doc,
              "Returns whether the checksum matched (the rows are written either way).");
 
 static PyObject *check_convert(PyObject *self, PyObject *args) {
-    Py_buffer raw = {0}, out = {0}, shift = {0}, scale = {0}, offset = {0};
+    Py_buffer raw = {0}, out = {0};
+    conversion conv = {0};
     PyObject *out_obj, *shift_obj, *scale_obj = Py_None, *offset_obj = Py_None, *result = NULL;
     Py_ssize_t chunk_cols, lo;
     if (!PyArg_ParseTuple(args, "y*nnOO|OO", &raw, &chunk_cols, &lo, &out_obj, &shift_obj, &scale_obj,
@@ -349,22 +381,10 @@ static PyObject *check_convert(PyObject *self, PyObject *args) {
                      lo + n_rows, chunk_bytes, chunk_cols);
         goto done;
     }
-    if (PyObject_GetBuffer(shift_obj, &shift, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-        !float32_vector(&shift, width, "shift"))
+    if (!get_conversion(&conv, shift_obj, scale_obj, offset_obj, quantised, width))
         goto done;
-    if (quantised) {
-        if (offset_obj == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "int8 codes need both a scale and an offset");
-            goto done;
-        }
-        if (PyObject_GetBuffer(scale_obj, &scale, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-            !float32_vector(&scale, width, "scale") ||
-            PyObject_GetBuffer(offset_obj, &offset, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-            !float32_vector(&offset, width, "offset"))
-            goto done;
-    }
     chunk_pass c = {raw.buf, chunk_bytes, row_bytes, lo, lo + n_rows, width, out.buf, out.strides[0],
-                    shift.buf, quantised ? scale.buf : NULL, quantised ? offset.buf : NULL};
+                    conv.shift.buf, quantised ? conv.scale.buf : NULL, quantised ? conv.offset.buf : NULL};
     int ok;
     Py_BEGIN_ALLOW_THREADS;
     ok = run_pass(&c);
@@ -374,12 +394,7 @@ done:
     PyBuffer_Release(&raw);
     if (out.obj)
         PyBuffer_Release(&out);
-    if (shift.obj)
-        PyBuffer_Release(&shift);
-    if (scale.obj)
-        PyBuffer_Release(&scale);
-    if (offset.obj)
-        PyBuffer_Release(&offset);
+    release_conversion(&conv);
     return result;
 }
 
@@ -391,7 +406,8 @@ PyDoc_STRVAR(mapped_check_convert_doc,
              "Returns -1, or the first chunk whose checksum failed.");
 
 static PyObject *mapped_check_convert(PyObject *self, PyObject *args) {
-    Py_buffer file = {0}, offsets = {0}, out = {0}, shift = {0}, scale = {0}, offset = {0};
+    Py_buffer file = {0}, offsets = {0}, out = {0};
+    conversion conv = {0};
     PyObject *offsets_obj, *out_obj, *shift_obj, *scale_obj = Py_None, *offset_obj = Py_None, *result = NULL;
     Py_ssize_t stride, chunk_cols, lo;
     if (!PyArg_ParseTuple(args, "y*OnnnOO|OO", &file, &offsets_obj, &stride, &chunk_cols, &lo, &out_obj,
@@ -431,20 +447,8 @@ static PyObject *mapped_check_convert(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    if (PyObject_GetBuffer(shift_obj, &shift, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-        !float32_vector(&shift, width, "shift"))
+    if (!get_conversion(&conv, shift_obj, scale_obj, offset_obj, quantised, width))
         goto done;
-    if (quantised) {
-        if (offset_obj == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "int8 codes need both a scale and an offset");
-            goto done;
-        }
-        if (PyObject_GetBuffer(scale_obj, &scale, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-            !float32_vector(&scale, width, "scale") ||
-            PyObject_GetBuffer(offset_obj, &offset, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-            !float32_vector(&offset, width, "offset"))
-            goto done;
-    }
     Py_ssize_t bad = -1;
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t k = 0; k < n_chunks; k++) {
@@ -457,9 +461,9 @@ static PyObject *mapped_check_convert(PyObject *self, PyObject *args) {
                         c1 - c0,
                         (char *)out.buf + 4 * c0,
                         out.strides[0],
-                        (const float *)shift.buf + c0,
-                        quantised ? (const float *)scale.buf + c0 : NULL,
-                        quantised ? (const float *)offset.buf + c0 : NULL};
+                        (const float *)conv.shift.buf + c0,
+                        quantised ? (const float *)conv.scale.buf + c0 : NULL,
+                        quantised ? (const float *)conv.offset.buf + c0 : NULL};
         if (!run_pass(&c)) {
             bad = k;
             break;
@@ -473,12 +477,7 @@ done:
         PyBuffer_Release(&offsets);
     if (out.obj)
         PyBuffer_Release(&out);
-    if (shift.obj)
-        PyBuffer_Release(&shift);
-    if (scale.obj)
-        PyBuffer_Release(&scale);
-    if (offset.obj)
-        PyBuffer_Release(&offset);
+    release_conversion(&conv);
     return result;
 }
 

@@ -3,6 +3,7 @@ HDF5's own read by both routes, and corruption still caught (by the reader and b
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -260,3 +261,49 @@ def test_a_correlation_over_a_corrupted_chunk_fails_with_one_line(tmp_path, rout
     tokens = np.arange(2048, dtype=np.int64).reshape(16, 128) % 50
     with pytest.raises(ActdbError, match=f"activation file {paths[1]} is corrupt"):
         correlate_sets(inputs, tokens, np.ones_like(tokens, bool), CorrelationOptions(baseline_draws=1), NUMPY)
+
+
+def test_a_reader_keeps_reading_the_file_it_opened_when_the_path_is_replaced_or_moved(tmp_path, route):
+    """The C pass maps the file HDF5 has open, not the path: `ingest --force` renames a new file into place,
+    and an open reader must not read it at the old file's chunk offsets (same shape: the checksums would pass)."""
+    path = tmp_path / "a.h5"
+    _write(path, "float16", 2048, 256)
+    out = np.empty((2048, 256), np.float32)
+    shift = np.zeros(256, np.float32)
+    with ActivationReader(path) as r:
+        r.read_shifted_into(1, 0, out, shift)
+        before = out.copy()
+        newer = tmp_path / "b.h5"
+        _write(newer, "float16", 2048, 256, seed=5)
+        os.replace(newer, path)
+        r.read_shifted_into(1, 0, out, shift)
+        np.testing.assert_array_equal(out, before)
+        os.rename(path, tmp_path / "moved.h5")
+        r.read_shifted_into(1, 0, out, shift)
+        np.testing.assert_array_equal(out, before)
+
+
+def test_a_chunk_larger_than_its_layout_is_a_corrupt_file(tmp_path, route):
+    path = tmp_path / "a.h5"
+    _write(path, "float16", 2048, 256)
+    with h5py.File(path, "r+") as f:
+        ds = f[layer_key(1)]
+        _, raw = ds.id.read_direct_chunk((1024, 128))
+        ds.id.write_direct_chunk((1024, 128), raw + b"\x41" * 1000, 0)
+    with ActivationReader(path) as r, pytest.raises(ActdbError, match=r"corrupt.*row 1024, column 128"):
+        r.read_shifted_into(1, 0, np.empty((2048, 256), np.float32), np.zeros(256, np.float32))
+
+
+def test_int8_blocks_that_are_not_the_chunks_rows_are_read_through_hdf5(tmp_path, route):
+    """The raw route takes a chunk row's scales by its index; a file whose scale blocks are not its chunk rows
+    (not one actdb writes) is read through HDF5, which gives the values its blocks say."""
+    path = tmp_path / "a.h5"
+    _write(path, "int8", 2048, 256)
+    with h5py.File(path, "r+") as f:
+        f.attrs["block_rows"] = 1500
+    with ActivationReader(path) as r:
+        ref = np.empty((2048, 256), np.float32)
+        r.read_rows_into(1, 0, ref)
+        out = np.empty((2048, 256), np.float32)
+        r.read_shifted_into(1, 0, out, np.zeros(256, np.float32))
+    np.testing.assert_array_equal(out, ref)

@@ -376,7 +376,7 @@ static PyObject *check_convert(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t chunk_bytes = (size_t)raw.len - 4, row_bytes = (size_t)chunk_cols * itemsize;
-    if (chunk_bytes % row_bytes || (size_t)(lo + n_rows) > chunk_bytes / row_bytes) {
+    if (chunk_bytes % row_bytes || (size_t)n_rows > chunk_bytes / row_bytes || (size_t)lo > chunk_bytes / row_bytes - (size_t)n_rows) {
         PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
                      lo + n_rows, chunk_bytes, chunk_cols);
         goto done;
@@ -435,7 +435,7 @@ static PyObject *mapped_check_convert(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t chunk_bytes = (size_t)stride - 4, row_bytes = (size_t)chunk_cols * itemsize;
-    if (chunk_bytes % row_bytes || (size_t)(lo + n_rows) > chunk_bytes / row_bytes) {
+    if (chunk_bytes % row_bytes || (size_t)n_rows > chunk_bytes / row_bytes || (size_t)lo > chunk_bytes / row_bytes - (size_t)n_rows) {
         PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
                      lo + n_rows, chunk_bytes, chunk_cols);
         goto done;

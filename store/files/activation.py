@@ -159,7 +159,8 @@ class _Values:
         if stop <= start:
             return
         if layer not in self._reads_raw:
-            self._reads_raw[layer] = reads_raw(ds)
+            # int8 blocks of scales must be the chunks' rows: the raw route takes a chunk row's scales by its index
+            self._reads_raw[layer] = reads_raw(ds) and (not self.quantised or ds.chunks[0] == self.block_rows)
         if self._reads_raw[layer]:
             if self._raw_chunks is None:
                 self._raw_chunks = RawChunkRows()

@@ -153,7 +153,11 @@ class RawChunkRows:
         if offsets is not None:
             # mapped for this call only: the pages it touched leave the process's resident set when it ends (a
             # mapping kept open would count every page read so far, which Dask's memory monitor would see)
-            with open(ds.file.filename, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as file:
+            # the file HDF5 has open (its descriptor), not its name: a file replaced on disk since (`ingest --force`
+            # renames a new one into place) must not be read at the old one's chunk offsets. A file truncated by
+            # another program while a call has it mapped still ends the process (SIGBUS): HDF5's file lock keeps
+            # HDF5 writers out, not `cp` over the file or runs with HDF5_USE_FILE_LOCKING=FALSE
+            with mmap.mmap(ds.file.id.get_vfd_handle(), 0, access=mmap.ACCESS_READ) as file:
                 for row0, lo, rows, block in _row_blocks(start, out, chunk_rows, quantisation):
                     bad = self._fused.mapped_check_convert(
                         file, offsets[row0 // chunk_rows], stride, chunk_cols, lo, rows, shift, *block
@@ -170,7 +174,7 @@ class RawChunkRows:
         for row0, lo, rows, block in _row_blocks(start, out, chunk_rows, quantisation):
             for c0 in range(0, out.shape[1], chunk_cols):
                 c1 = min(out.shape[1], c0 + chunk_cols)
-                mask, got = ds.id.read_direct_chunk((row0, c0), out=raw)
+                mask, got = _direct_chunk(ds, (row0, c0), raw)
                 if mask != 0 or len(got) != stride:
                     raise ChunkError(
                         f"chunk at row {row0}, column {c0} of {ds.name} is not stored with its checksum "
@@ -202,8 +206,11 @@ class RawChunkRows:
                 if info.size != stride or info.filter_mask != 0:
                     odd.append(info.chunk_offset)
 
-            ds.id.chunk_iter(note)
-            if odd or (offsets < 0).any() or offsets.max() + stride > os.path.getsize(f.filename):
+            try:
+                ds.id.chunk_iter(note)
+            except (RuntimeError, ValueError) as exc:  # HDF5 could not walk a damaged chunk index
+                raise ChunkError(f"the chunk index of {ds.name} cannot be read: {exc}") from exc
+            if odd or (offsets < 0).any() or offsets.max() + stride > os.fstat(f.id.get_vfd_handle()).st_size:
                 offsets = None
         self._offsets[ds.name] = offsets
         return offsets
@@ -214,7 +221,7 @@ class RawChunkRows:
         """The stored bytes of the chunks at (row0, c) for c in `cols` into `_raw` from slot `first` on, one per
         `stride`, each verified against its Fletcher-32 checksum."""
         for k, c in enumerate(cols, start=first):
-            mask, got = ds.id.read_direct_chunk((row0, c), out=self._raw[k * stride : (k + 1) * stride])
+            mask, got = _direct_chunk(ds, (row0, c), self._raw[k * stride : (k + 1) * stride])
             if mask != 0 or len(got) != stride:
                 raise ChunkError(
                     f"chunk at row {row0}, column {c} of {ds.name} is not stored with its checksum "
@@ -261,6 +268,15 @@ class RawChunkRows:
                     np.multiply(flat, block[0][c0 : c0 + n_cols], out=flat)  # `dequantise`'s order, then the shift
                     np.add(flat, block[1][c0 : c0 + n_cols], out=flat)
                 np.subtract(flat, sh, out=dest[r : r + step])
+
+
+def _direct_chunk(ds: h5py.Dataset, offset: tuple[int, int], out: np.ndarray) -> tuple[int, memoryview]:
+    """A chunk's stored bytes into `out` (its filter mask, the bytes); a chunk HDF5 cannot hand over as stored
+    (larger than its layout says, or a damaged index) is a corrupt file, not h5py's ValueError or RuntimeError."""
+    try:
+        return ds.id.read_direct_chunk(offset, out=out)
+    except (RuntimeError, ValueError) as exc:
+        raise ChunkError(f"chunk at row {offset[0]}, column {offset[1]} of {ds.name} cannot be read: {exc}") from exc
 
 
 def _row_blocks(

@@ -404,6 +404,19 @@ def test_in_chromium_from_home_to_a_twin_an_earlier_step_a_token_and_a_sql_downl
     page.close()
 
 
+def test_in_chromium_chart_lines_are_strokes_not_filled_shapes(browser, server_url):
+    """A line of three or more points is a polyline; its series colour must stroke it, not fill the polygon it
+    encloses (a class rule for the colour once overrode the line's `fill: none`)."""
+    page = browser.new_page()
+    page.goto(server_url + "/persistence")
+    lines = page.locator("svg polyline.line")
+    assert lines.count() > 0
+    for k in range(lines.count()):
+        style = lines.nth(k).evaluate("e => [getComputedStyle(e).fill, getComputedStyle(e).stroke]")
+        assert style[0] == "none" and style[1] != "none", style
+    page.close()
+
+
 def test_in_chromium_tables_are_keyboard_navigable(browser, server_url):
     page = browser.new_page()
     page.goto(server_url + "/universal?sort=excess")

@@ -56,7 +56,7 @@ class Series:
 def line_chart(series: Sequence[Series], x_label: str, y_label: str, y_max: float | None = None) -> Markup:
     """Lines over a shared x axis (steps); each point's hover shows its series, x and y, and links where given.
     The y axis runs from min(0, lowest) to `y_max` (default: the highest value)."""
-    xs = [x for s in series for x, y in s.points if y is not None]
+    xs = [x for s in series for x, _y in s.points]  # every step on the axis, also those without a value
     ys = [y for s in series for _x, y in s.points if y is not None and math.isfinite(y)]
     if not xs or not ys:
         return Markup("")

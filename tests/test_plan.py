@@ -35,7 +35,7 @@ from actdb.compute.planning.shapes import (
 )
 from actdb.query.commands.plan import COMMANDS as PLAN_COMMANDS
 from actdb.query.commands.plan import plan_rows
-from actdb.store.device import NUMPY, ArrayBackend
+from actdb.store.device import NUMPY, ArrayBackend, host_cores
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationWriter
 
@@ -438,7 +438,7 @@ def test_host_rates_are_per_core_and_scale_by_the_host_cores():
     assert four.products == 4 * one.products and four.stream == 4 * one.stream and four.host_qr == 4 * one.host_qr
     h100 = rates_for(study(device="h100", host_cores=4), HOST)
     assert h100.products == 494.7e12 and h100.stream == 4 * HOST.stream and h100.host_qr == 4 * HOST.qr
-    assert rates_for(study(host_cores=None), HOST).stream == rates.machine_cores() * HOST.stream
+    assert rates_for(study(host_cores=None), HOST).stream == host_cores() * HOST.stream
 
 
 def test_rates_are_measured_on_one_blas_thread(monkeypatch):

@@ -174,7 +174,7 @@ def test_a_run_computes_its_missing_rotations_side_by_side_before_its_first_pass
     first pass; the results equal a run that computed them one by one on the main thread."""
     import threading
 
-    from actdb.compute.correlation import engine
+    from actdb.compute.correlation import blas_threads
 
     inputs = _sets(tmp_path)
     tokens = (np.arange(2048).reshape(16, 128) % 37).astype(np.int64)
@@ -187,7 +187,7 @@ def test_a_run_computes_its_missing_rotations_side_by_side_before_its_first_pass
         return real_haar(rng, d)
 
     monkeypatch.setattr(baseline, "_haar", counted)
-    monkeypatch.setattr(engine, "host_cores", lambda: 2)
+    monkeypatch.setattr(blas_threads, "host_cores", lambda: 2)
     plain = correlate_sets(inputs, tokens, mask, CorrelationOptions(baseline_draws=3), NUMPY)
     assert set(threads) == {threading.get_ident()}  # without a cache: on the main thread, when needed
     threads.clear()

@@ -26,13 +26,12 @@ kept by the rotation cache) and the `eigh` per set and layer, paid once when a f
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from actdb.compute.correlation.blas_threads import map_on_cores
 from actdb.compute.correlation.moments import inverse_sd
 from actdb.compute.correlation.rotation_cache import draw_key, rotation
 from actdb.compute.correlation.universality import pooled_baseline_sd
@@ -61,17 +60,8 @@ def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, con
 
 def draw_rotations(d: int, seed: int, draws: range | list, cache: str | None = None) -> np.ndarray:
     """`P_k` of every draw of a round side by side, `(d, len(draws) * d)` float32 (`baseline.draw_rotation`), read
-    from the rotation cache in folder `cache` where it holds them.
-
-    Each QR runs on one BLAS thread and the draws in parallel: a LAPACK QR is mostly panel factorisations whose
-    threads wait on each other, and on 2 shared cores (load ~10) eight 512 x 512 QRs took 19 s on two threads
-    and 0.9 s on one, with bit-equal results (benchmarks/RESULTS.md)."""
-    from threadpoolctl import threadpool_limits  # only correlation runs that refine need it
-
-    workers = max(1, min(len(draws), os.cpu_count() or 1))
-    with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
-        mats = list(pool.map(lambda k: rotation(cache, draw_key(d, seed, k)), draws))
-    return np.concatenate(mats, axis=1)
+    from the rotation cache in folder `cache` where it holds them, the QRs side by side (`map_on_cores`)."""
+    return np.concatenate(map_on_cores(lambda k: rotation(cache, draw_key(d, seed, k)), draws), axis=1)
 
 
 def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
@@ -132,19 +122,13 @@ def eigenbasis(cov, xp) -> tuple[object, object]:
 
 
 def _eigenbases(engine: CorrelationEngine) -> dict[int, list]:
-    """`eigenbasis` of every set's layer covariances. On the host each `eigh` runs on one BLAS thread and the
-    layers in parallel, as `draw_rotations`' QRs: on 2 shared cores (load ~11) a 512-wide float64 `eigh` cost
-    0.94 CPU-s (4.4 s wall) on OpenBLAS's two threads and 0.029 CPU-s on one."""
+    """`eigenbasis` of every set's layer covariances; on the host the layers side by side (`map_on_cores`)."""
     xp = engine.backend.xp
     covs = [(i, c) for i in range(len(engine.inputs)) for c in engine.moments[i].cov]
     if engine.backend.name == "cupy":
         bases = [eigenbasis(c, xp) for _i, c in covs]
     else:
-        from threadpoolctl import threadpool_limits
-
-        workers = max(1, min(len(covs), os.cpu_count() or 1))
-        with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
-            bases = list(pool.map(lambda item: eigenbasis(item[1], xp), covs))
+        bases = map_on_cores(lambda item: eigenbasis(item[1], xp), covs)
     out: dict[int, list] = {}
     for (i, _c), basis in zip(covs, bases, strict=True):
         out.setdefault(i, []).append(basis)

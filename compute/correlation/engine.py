@@ -28,7 +28,7 @@ from actdb.compute.correlation.moments import SD_EPS, inverse_sd
 from actdb.compute.correlation.precision import ProductPrecision, choose_precision, products_in
 from actdb.compute.correlation.rotation_cache import base_key, draw_key, fill, rotation
 from actdb.compute.similarity.layers import LayerPair, LayerSimilarity
-from actdb.store.device import ArrayBackend, host_cores
+from actdb.store.device import ArrayBackend
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationReader
 from actdb.store.files.raw_chunks import float32_rows
@@ -473,7 +473,7 @@ class CorrelationEngine:
         seed, draws = self.options.baseline_seed, range(1, self.options.baseline_draws)
         keys = [base_key(s.d_mlp, seed, s.rotation_key, layer) for s in self.inputs for layer in range(s.n_layers)]
         keys += [draw_key(d, seed, k) for d in sorted({s.d_mlp for s in self.inputs}) for k in draws]
-        fill(self.options.rotation_cache, keys, host_cores())
+        fill(self.options.rotation_cache, keys)
 
     def _draw_rotation(self, d: int, draw: int) -> object:
         """`P_draw` of width `d` on the device, drawn (or read from the rotation cache) once per run."""

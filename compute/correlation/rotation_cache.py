@@ -17,13 +17,13 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from actdb.compute.correlation.baseline import draw_rotation, random_rotation
+from actdb.compute.correlation.blas_threads import map_on_cores
 
 FOLDER = "rotations"  # under the store's home, beside the runs' activation files
 MAGIC = b"ACTDBROT1\n"
@@ -116,19 +116,13 @@ def rotation(folder: str | None, key: RotationKey) -> np.ndarray:
     return data
 
 
-def fill(folder: str | None, keys: Iterable[RotationKey], workers: int) -> int:
-    """Compute the rotations of `keys` that `folder` does not hold yet, side by side on `workers` threads of one
-    BLAS thread each, and keep them there; returns how many were computed. A QR is mostly panel factorisations
-    whose threads wait on each other, so one QR per core is the faster use of the cores (and what `actdb plan`
-    counts). A file that exists but is damaged is left to `rotation`, which recomputes it when it is read."""
-    if folder is None or workers < 2:
+def fill(folder: str | None, keys: Iterable[RotationKey]) -> int:
+    """Compute the rotations of `keys` that `folder` does not hold yet, side by side on the host's cores
+    (`map_on_cores`: one QR per core is the faster use of them, and what `actdb plan` counts), and keep them there;
+    returns how many were computed. A file that exists but is damaged is left to `rotation`, which recomputes it
+    when it is read."""
+    if folder is None:
         return 0
     missing = [k for k in dict.fromkeys(keys) if not (Path(folder) / k.file_name).exists()]
-    if len(missing) < 2:
-        return 0
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, "blas"), ThreadPoolExecutor(min(workers, len(missing))) as pool:
-        for _ in pool.map(lambda key: rotation(folder, key), missing):
-            pass
+    map_on_cores(lambda key: rotation(folder, key), missing)
     return len(missing)

@@ -8,7 +8,6 @@ times slower than one thread does, and CPU seconds do not count the time other p
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from actdb.compute.correlation.engine import (
 )
 from actdb.compute.planning.operations import ADD_BYTES, qr_flops
 from actdb.compute.planning.shapes import ACCELERATORS, PlanRequest
+from actdb.store.device import host_cores
 from actdb.store.errors import ActdbError
 
 # The share of the separately timed rates (`measure_host`) that the CPU engine sustains end to end, checked with
@@ -62,14 +62,6 @@ def _best_seconds(run, repeats: int = BEST_OF) -> float:
         run()
         best = min(best, time.thread_time() - started)
     return best
-
-
-def machine_cores() -> int:
-    """The cores this process may run on (its affinity), which the one-thread rates are scaled by."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
 
 
 def torch_gemm_rate(dtype: str = "float32", size: int = 4096, device: str = "cpu", tf32: bool = False) -> float:
@@ -247,7 +239,7 @@ def rates_for(request: PlanRequest, host: HostRates, gpu: Rates | None = None) -
     all of them on `cpu`; a named accelerator's published dense peaks for the products it runs
     (`ACCELERATORS`), `gpu`'s (measured) for `cuda`, with the host's for its share (the QRs, reading and
     converting chunks: the engine does those on the host wherever its products run)."""
-    cores = request.host_cores or machine_cores()
+    cores = request.host_cores or host_cores()
     whole = host.scaled(cores)
     shared = {"host_qr": whole.qr, "stream": whole.stream}
     note = (

@@ -315,6 +315,30 @@ static int float32_vector(Py_buffer *b, Py_ssize_t n, const char *name) {
     return 1;
 }
 
+/* Whether rows [lo, lo + n_rows) lie within a chunk of `chunk_bytes` value bytes in rows of `row_bytes`, without
+   overflowing on the way; a one-line ValueError when not. */
+static int rows_fit(size_t chunk_bytes, size_t row_bytes, Py_ssize_t chunk_cols, Py_ssize_t lo, Py_ssize_t n_rows) {
+    size_t rows = chunk_bytes / row_bytes;
+    if (chunk_bytes % row_bytes || (size_t)n_rows > rows || (size_t)lo > rows - (size_t)n_rows) {
+        PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
+                     lo + n_rows, chunk_bytes, chunk_cols);
+        return 0;
+    }
+    return 1;
+}
+
+/* The destination: float32 rows whose columns are contiguous (rows may be strided). */
+static int get_rows_out(PyObject *out_obj, Py_buffer *out) {
+    if (PyObject_GetBuffer(out_obj, out, PyBUF_RECORDS) < 0)
+        return 0;
+    if (out->ndim != 2 || out->itemsize != 4 || (out->format && strcmp(out->format, "f") != 0) ||
+        out->strides[1] != 4) {
+        PyErr_SetString(PyExc_ValueError, "out must be float32 rows with contiguous columns");
+        return 0;
+    }
+    return 1;
+}
+
 /* The per-column vectors of a conversion: `shift`, and for int8 codes `scale` and `offset`. */
 typedef struct {
     Py_buffer shift, scale, offset;
@@ -363,24 +387,16 @@ static PyObject *check_convert(PyObject *self, PyObject *args) {
         return NULL;
     int quantised = scale_obj != Py_None;
     size_t itemsize = quantised ? 1 : 2;
-    if (PyObject_GetBuffer(out_obj, &out, PyBUF_RECORDS) < 0)
+    if (!get_rows_out(out_obj, &out))
         goto done;
-    if (out.ndim != 2 || out.itemsize != 4 || (out.format && strcmp(out.format, "f") != 0) ||
-        out.strides[1] != 4) {
-        PyErr_SetString(PyExc_ValueError, "out must be float32 rows with contiguous columns");
-        goto done;
-    }
     Py_ssize_t n_rows = out.shape[0], width = out.shape[1];
     if (chunk_cols <= 0 || raw.len < 4 || width > chunk_cols || lo < 0) {
         PyErr_SetString(PyExc_ValueError, "the chunk's width, first row or output width is out of range");
         goto done;
     }
     size_t chunk_bytes = (size_t)raw.len - 4, row_bytes = (size_t)chunk_cols * itemsize;
-    if (chunk_bytes % row_bytes || (size_t)n_rows > chunk_bytes / row_bytes || (size_t)lo > chunk_bytes / row_bytes - (size_t)n_rows) {
-        PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
-                     lo + n_rows, chunk_bytes, chunk_cols);
+    if (!rows_fit(chunk_bytes, row_bytes, chunk_cols, lo, n_rows))
         goto done;
-    }
     if (!get_conversion(&conv, shift_obj, scale_obj, offset_obj, quantised, width))
         goto done;
     chunk_pass c = {raw.buf, chunk_bytes, row_bytes, lo, lo + n_rows, width, out.buf, out.strides[0],
@@ -422,24 +438,16 @@ static PyObject *mapped_check_convert(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "offsets must be a contiguous int64 vector");
         goto done;
     }
-    if (PyObject_GetBuffer(out_obj, &out, PyBUF_RECORDS) < 0)
+    if (!get_rows_out(out_obj, &out))
         goto done;
-    if (out.ndim != 2 || out.itemsize != 4 || (out.format && strcmp(out.format, "f") != 0) ||
-        out.strides[1] != 4) {
-        PyErr_SetString(PyExc_ValueError, "out must be float32 rows with contiguous columns");
-        goto done;
-    }
     Py_ssize_t n_rows = out.shape[0], width = out.shape[1], n_chunks = offsets.len / 8;
     if (chunk_cols <= 0 || stride < 4 || lo < 0 || n_chunks != (width + chunk_cols - 1) / chunk_cols) {
         PyErr_SetString(PyExc_ValueError, "the chunks' width, first row, offsets or output width do not agree");
         goto done;
     }
     size_t chunk_bytes = (size_t)stride - 4, row_bytes = (size_t)chunk_cols * itemsize;
-    if (chunk_bytes % row_bytes || (size_t)n_rows > chunk_bytes / row_bytes || (size_t)lo > chunk_bytes / row_bytes - (size_t)n_rows) {
-        PyErr_Format(PyExc_ValueError, "rows %zd..%zd are not within a chunk of %zu bytes of %zd columns", lo,
-                     lo + n_rows, chunk_bytes, chunk_cols);
+    if (!rows_fit(chunk_bytes, row_bytes, chunk_cols, lo, n_rows))
         goto done;
-    }
     const int64_t *at = offsets.buf;
     for (Py_ssize_t k = 0; k < n_chunks; k++) {
         if (at[k] < 0 || at[k] > file.len - stride) {

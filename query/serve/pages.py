@@ -146,7 +146,9 @@ HOME_RUNS = 10  # the newest runs on the home page; every run and column is on /
 def home(site: Site, request: Request) -> Response:
     models, steps, grid = site.cached("grid", lambda: reads.home_grid(site.store))
     runs = site.cached("runs", lambda: queries.runs_listing(site.store))
-    newest = Rows.from_tuples(HOME_RUN_COLUMNS, [tuple(r[c] for c in HOME_RUN_COLUMNS) for r in runs][::-1][:HOME_RUNS])
+    newest = Rows.from_tuples(
+        HOME_RUN_COLUMNS, [tuple(r[c] for c in HOME_RUN_COLUMNS) for r in list(runs)[::-1][:HOME_RUNS]]
+    )
     datasets = site.cached("datasets", lambda: reads.datasets(site.store))
     return HTMLResponse(
         site.render(

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from actdb.compute.trajectories.math import pair_matrices
+from actdb.store.files.identity import SidecarIdentity
 from actdb.store.files.prediction import Predictions, read_predictions, write_predictions
 
 
@@ -56,7 +57,8 @@ def measure(k: int, n: int, root: Path, baseline: bool) -> None:
     paths = []
     for i in range(k):
         paths.append(root / f"c{k}-{i}.predictions.h5")
-        write_predictions(paths[-1], Predictions(top1[i], losses[i]))
+        identity = SidecarIdentity(model=f"c{k}", step=i, dataset_fingerprint="synthetic")
+        write_predictions(paths[-1], Predictions(top1[i], losses[i]), identity)
     del losses, top1
     t0 = time.perf_counter()
     preds = [read_predictions(p) for p in paths]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Float, Row, literal, select, true
 
@@ -18,6 +18,9 @@ from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
 from actdb.store.refs import check_threshold
 from actdb.store.token_text import quoted, readable
+
+if TYPE_CHECKING:
+    from actdb.store.files.identity import SidecarIdentity
 
 BEFORE, AFTER = 10, 4  # tokens of context shown around a maximum
 MARK = ("«", "»")  # around the maximum's token in a context
@@ -111,8 +114,9 @@ def neuron_explanation(
             continue
         from actdb.store.files.explanation import read_neuron  # h5py only when there is a file to read
 
-        arrays = read_neuron(path, layer, neuron)
-        texts = _set_texts(store, ex)
+        expected = explanation_identity(store, ex.set_id)
+        arrays = read_neuron(path, layer, neuron, expected)
+        texts = set_texts(store, ex.set_id, ex.path)
         tokens = file_contents(store.config.file(dataset_path), "tokens")
         contexts += _contexts(arrays["examples"], tokens, texts, dataset, examples)
         top_tokens += _top_tokens(arrays["tokens"], texts, dataset)
@@ -151,26 +155,35 @@ def _typed(integers: list[str] | tuple[str, ...], floats: list[str] | tuple[str,
     return types | dict.fromkeys(integers, int) | dict.fromkeys(floats, float)
 
 
-def _set_texts(store: Store, ex: Row[Any]) -> list[str]:
-    """The token texts stored with a set's explanations (none when its file is gone: ids then show as `<id>`)."""
-    path = store.config.file(ex.path)
-    return file_contents(path, "strings") if path.exists() else []
+def explanation_identity(store: Store, set_id: int) -> SidecarIdentity:
+    """What the explanation file of a set must say it is (checkpoint, dataset, hook), from SQL."""
+    from actdb.store.set_files import set_identity  # h5py only when there is a file to read
+
+    with store.transaction() as conn:
+        return set_identity(conn, set_id)
 
 
-def file_contents(path: Path, kind: str) -> object:
-    """A token file's dataset or an explanation file's token texts, read once per version of the file: a report
-    asks for them once per neuron page."""
-    return _read_contents(path, kind, path.stat().st_mtime_ns)
+def set_texts(store: Store, set_id: int, path: str) -> list[str]:
+    """The token texts stored with a set's explanations at `path` (relative to the store), from a file that must be
+    this set's (none when the file is gone: ids then show as `<id>`)."""
+    file = store.config.file(path)
+    return file_contents(file, "strings", explanation_identity(store, set_id)) if file.exists() else []
+
+
+def file_contents(path: Path, kind: str, expected: SidecarIdentity | None = None) -> object:
+    """A token file's dataset or an explanation file's token texts (`expected`: the set's identity, which the file
+    must carry), read once per version of the file: a report asks for them once per neuron page."""
+    return _read_contents(path, kind, path.stat().st_mtime_ns, expected)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_contents(path: Path, kind: str, _version: int) -> object:
+def _read_contents(path: Path, kind: str, _version: int, expected: SidecarIdentity | None) -> object:
     from actdb.store.files.explanation import read_explanation_group, unpack_strings
     from actdb.store.files.token import TokenDataset
 
     if kind == "tokens":
         return TokenDataset.load(path)
-    return unpack_strings(read_explanation_group(path, "strings"))
+    return unpack_strings(read_explanation_group(path, "strings", expected))
 
 
 def token_label(texts: list[str], token_id: int) -> str:
@@ -255,8 +268,9 @@ def explained_neurons(store: Store, model: str | None = None, step: int | None =
     for r in found:
         row = dict(r)
         if row["set_id"] not in texts:
-            path = store.config.file(paths[row["set_id"]]) if row["set_id"] in paths else None
-            texts[row["set_id"]] = file_contents(path, "strings") if path is not None and path.exists() else []
+            texts[row["set_id"]] = (
+                set_texts(store, row["set_id"], paths[row["set_id"]]) if row["set_id"] in paths else []
+            )
         token_id = row["top_token"]
         row["top_token_id"] = token_id
         row["top_token"] = quoted(token_label(texts[row["set_id"]], token_id)) if token_id is not None else None
@@ -311,7 +325,7 @@ def families(
         .where(u.c.hook == hook if hook is not None else true())
         .order_by(u.c.layer, u.c.neuron)
     )
-    texts = {ex.set_id: _set_texts(store, ex) for ex, *_rest in explained}
+    texts = {ex.set_id: set_texts(store, ex.set_id, ex.path) for ex, *_rest in explained}
     rows = []
     for r in store.query(joined):
         row = dict(r)

@@ -4,7 +4,8 @@ Token files are read whole and compared with their recorded sha256; activation f
 marker, header against SQL, the shapes of an int8 file's scales and offsets) and, unless `quick`, read through
 once so that HDF5 verifies every chunk's Fletcher-32 checksum (int8: of the codes, scales and offsets, which
 must also be finite with scales >= 0). Prediction files are read whole the same way (their checksums), and
-their length compared with SQL.
+their length compared with SQL. Prediction and explanation files must name the checkpoint, dataset (and hook) SQL
+records for them; those written before they carried that identity cannot be checked, which the log says.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, Mode
 from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationHeader, ActivationReader
 from actdb.store.files.explanation import check_explanation_file
+from actdb.store.files.identity import SidecarIdentity, carries_identity
 from actdb.store.files.prediction import read_predictions
 from actdb.store.files.token import TokenDataset
-from actdb.store.set_files import expected_header
+from actdb.store.set_files import expected_header, set_identity, sidecar_identity
 
 READ_ROWS = 16384
 
@@ -52,9 +54,21 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
             )
         ]
         predictions = {
-            path: (f"{model}@{step} on {dataset}", n_tokens)
-            for path, n_tokens, model, step, dataset in s.execute(
-                select(PredictionSet.path, PredictionSet.n_tokens, Model.name, Checkpoint.step, Dataset.name)
+            p.path: (
+                f"{p.name}@{p.step} on {p.dataset}",
+                p.n_tokens,
+                sidecar_identity(s, p.checkpoint_id, p.dataset_id),
+            )
+            for p in s.execute(
+                select(
+                    PredictionSet.path,
+                    PredictionSet.n_tokens,
+                    PredictionSet.checkpoint_id,
+                    PredictionSet.dataset_id,
+                    Model.name,
+                    Checkpoint.step,
+                    Dataset.name.label("dataset"),
+                )
                 .join(Checkpoint, Checkpoint.id == PredictionSet.checkpoint_id)
                 .join(Model, Model.id == Checkpoint.model_id)
                 .join(Dataset, Dataset.id == PredictionSet.dataset_id)
@@ -63,7 +77,7 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
             )
         }
         explanations = [
-            (f"{m.name}@{c.step} on {d.name}", x.path, m.n_layers, m.d_mlp)
+            (f"{m.name}@{c.step} on {d.name}", x.path, m.n_layers, m.d_mlp, set_identity(s, x.set_id))
             for x, c, m, d in s.execute(
                 select(SetExplanation, Checkpoint, Model, Dataset)
                 .join(ActivationSet, ActivationSet.id == SetExplanation.set_id)
@@ -83,21 +97,34 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
             problems.append(
                 {"kind": "activation set", "name": expected.what, "path": expected.path, "problem": problem}
             )
-    for path, (name, n_tokens) in predictions.items():
-        problem = _check_predictions(store, path, n_tokens)
+    unchecked = {"prediction": 0, "explanation": 0}  # intact files written before sidecars carried an identity
+    for path, (name, n_tokens, identity) in predictions.items():
+        problem = _check_predictions(store, path, n_tokens, identity)
         if problem:
             problems.append({"kind": "predictions", "name": name, "path": path, "problem": problem})
-    for name, path, n_layers, d_mlp in explanations:
-        if quick:
-            found = [] if store.config.file(path).exists() else [f"explanation file {path} does not exist"]
         else:
-            found = check_explanation_file(store.config.file(path), n_layers, d_mlp)
+            unchecked["prediction"] += not carries_identity(store.config.file(path))
+    for name, path, n_layers, d_mlp, identity in explanations:
+        found = check_explanation_file(store.config.file(path), n_layers, d_mlp, identity, quick=quick)
         problems += [{"kind": "explanations", "name": name, "path": path, "problem": p} for p in found]
+        if not found:
+            unchecked["explanation"] += not carries_identity(store.config.file(path))
     log(
         f"checked {len(datasets)} token files, {len(sets)} activation sets, {len(predictions)} prediction files and "
         f"{len(explanations)} explanation files" + (" (quick)" if quick else "")
     )
+    if any(unchecked.values()):
+        log(_unchecked_line(unchecked))
     return Rows(["kind", "name", "path", "problem"], problems)
+
+
+def _unchecked_line(unchecked: dict[str, int]) -> str:
+    """The log line on sidecars whose identity cannot be checked (not a problem: an earlier actdb wrote them)."""
+    counts = " and ".join(f"{n} {kind} file{'s' * (n != 1)}" for kind, n in unchecked.items() if n)
+    return (
+        f"cannot check which checkpoint {counts} belong to: an earlier actdb wrote them without that identity "
+        "(`actdb predictions MODEL@STEP --force` and `actdb examples MODEL@STEP --force` rewrite them with it)"
+    )
 
 
 def _check_tokens(store: Store, path: str, sha: str) -> str | None:
@@ -142,12 +169,12 @@ def _check_quantisation(reader: ActivationReader) -> str | None:
     return None
 
 
-def _check_predictions(store: Store, path: str, n_tokens: int | None) -> str | None:
+def _check_predictions(store: Store, path: str, n_tokens: int | None, expected: SidecarIdentity) -> str | None:
     file = store.config.file(path)
     if not file.exists():
         return "file missing"
     try:
-        result = read_predictions(file)  # reads every chunk, so HDF5 verifies its checksum
+        result = read_predictions(file, expected)  # reads every chunk, so HDF5 verifies its checksum
     except ActdbError as exc:
         return str(exc)
     if len(result.top1) != n_tokens or len(result.loss) != n_tokens:

@@ -19,10 +19,12 @@ from actdb.store.files.explanation import (
     read_explanation_group,
     write_explanations,
 )
+from actdb.store.files.identity import SidecarIdentity
 from actdb.store.ingest.top_activations import TopKTracker, top_activations_from_file
 
 N_SEQ, SEQ_LEN, LAYERS, D = 40, 64, 2, 200  # 2560 positions; 200 neurons: two storage chunks, one partial
 K = 8
+IDENTITY = SidecarIdentity(model="m", step=3, dataset_fingerprint="f" * 64, hook="mlp.post", weights_sha256="0" * 64)
 
 
 def distinct_float16(
@@ -261,8 +263,10 @@ def test_sidecar_round_trip_keeps_other_groups(activation_set, tmp_path):
         expl = explain_tokens(reader, tokens, mask, top=4)
     side = explanation_path(tmp_path / "step-3" / "wiki.h5")
     assert side.name == "wiki.explain.h5"
-    write_explanations(side, {"examples": {"values": values, "positions": positions}}, {"k": K})
-    write_explanations(side, {"tokens": expl.arrays()}, {"min_count": expl.min_count, "n_counted": expl.n_counted})
+    write_explanations(side, {"examples": {"values": values, "positions": positions}}, {"k": K}, identity=IDENTITY)
+    write_explanations(
+        side, {"tokens": expl.arrays()}, {"min_count": expl.min_count, "n_counted": expl.n_counted}, identity=IDENTITY
+    )
     assert not list(side.parent.glob(side.name + ".partial*"))
     attrs = read_explanation_attrs(side)
     assert attrs["k"] == K and attrs["min_count"] == 5 and attrs["activation_file"] == "wiki.h5"
@@ -280,8 +284,18 @@ def test_sidecar_round_trip_keeps_other_groups(activation_set, tmp_path):
     assert check_explanation_file(side, LAYERS, D + 1)  # the wrong width is a problem
     with pytest.raises(ActdbError, match="no 'vocabulary'"):
         read_explanation_group(side, "vocabulary")
+    assert {k: attrs[k] for k in ("model", "step", "dataset_fingerprint", "hook", "weights_sha256")} == vars(IDENTITY)
+    assert read_explanation_group(side, "examples", IDENTITY)["values"].shape == values.shape
+    other_step = SidecarIdentity(**{**vars(IDENTITY), "step": 4})
+    with pytest.raises(ActdbError, match=r"is not the one SQL records: its attributes say step 3 \(SQL: 4\)"):
+        read_explanation_group(side, "examples", other_step)
+    assert check_explanation_file(side, LAYERS, D, other_step, quick=True)[0].endswith(
+        "`actdb examples m@4 --hook mlp.post --force` rewrites it"
+    )
+    unknown_weights = SidecarIdentity(**{**vars(IDENTITY), "weights_sha256": None})  # SQL without a fingerprint
+    assert check_explanation_file(side, LAYERS, D, unknown_weights) == []
     with pytest.raises(ValueError, match="scalar"):
-        write_explanations(side, {"tokens": {"x": np.float64(1)}})
+        write_explanations(side, {"tokens": {"x": np.float64(1)}}, identity=IDENTITY)
 
 
 def test_incomplete_or_corrupt_sidecar_is_refused(tmp_path):
@@ -295,7 +309,7 @@ def test_incomplete_or_corrupt_sidecar_is_refused(tmp_path):
     assert "unfinished" in check_explanation_file(side)[0]
 
     values = np.full((2, 1024, 8), 0.5, np.float32)
-    write_explanations(side, {"examples": {"values": values}}, {"k": 8})
+    write_explanations(side, {"examples": {"values": values}}, {"k": 8}, identity=IDENTITY)
     raw = bytearray(side.read_bytes())
     at = raw.find(np.full(64, 0.5, np.float32).tobytes())
     assert at > 0

@@ -34,7 +34,7 @@ from actdb.store.ingest.pipeline import IngestRequest, IngestResult, ingest
 from actdb.store.ingest.token_datasets import load_tokenizer
 from actdb.store.ingest.top_activations import top_activations_from_file
 from actdb.store.refs import SetRef
-from actdb.store.set_files import expected_header
+from actdb.store.set_files import expected_header, set_identity
 from actdb.store.token_text import stored_text, token_bytes
 
 TOP_TOKENS = 10  # tokens by mean activation kept per neuron
@@ -148,6 +148,7 @@ def explain_set(
         dataset_path, source, revision = ds.path, ckpt.source, ckpt.revision
         dataset_tokenizer = ds.tokenizer
         expected = expected_header(s, aset)
+        identity = set_identity(s, aset.id)
     tokens = TokenDataset.load(store.config.file(dataset_path))
     with ActivationReader(path, expected=expected) as reader:
         n_layers, d_mlp = reader.header.n_layers, reader.header.d_mlp
@@ -195,6 +196,7 @@ def explain_set(
         groups,
         {"k": values.shape[2], "min_count": min_count, "n_counted": explained_tokens.n_counted},
         keep_existing=False,
+        identity=identity,
     )
     _record(store, aset, target, values, explained_tokens, vocab, tokens)
     n_tok = int(np.isfinite(explained_tokens.token_r2).sum())

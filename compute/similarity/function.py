@@ -22,6 +22,7 @@ from actdb.store.files.prediction import read_predictions
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_model
 from actdb.store.refs import SetRef
+from actdb.store.set_files import sidecar_identity
 
 COLUMNS = ["model", "step", "other_model", "other_step", "top1_agreement", "loss_corr", "mean_loss", "other_mean_loss"]
 
@@ -57,7 +58,7 @@ def function_similarity(store: Store, req: FunctionRequest, log: Callable[[str],
                 raise ActdbError(
                     f"{ref} has no predictions on {dataset}; run `actdb predictions {ref} --dataset {dataset}` first"
                 )
-            preds[ref] = read_predictions(store.config.file(path))
+            preds[ref] = read_predictions(store.config.file(path), sidecar_identity(s, ckpt.id, ds.id))
             if req.exact_tokens:
                 sources[ref] = (store.config.model_location(ckpt.source, str(ref)), ckpt.revision)
     rows = []

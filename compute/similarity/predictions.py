@@ -23,6 +23,7 @@ from actdb.store.files.prediction import Predictions, predictions_path, write_pr
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_model
 from actdb.store.refs import parse_set_ref
+from actdb.store.set_files import sidecar_identity
 
 
 @dataclass(kw_only=True)
@@ -50,6 +51,7 @@ def compute_predictions(store: Store, req: PredictionRequest, log: Callable[[str
             ds.name,
             ds.path,
         )
+        identity = sidecar_identity(s, ckpt_id, ds_id)
     rel = predictions_path(ref.model, ref.step, ds_name)
     key = request_key(kind="predictions", checkpoint=ckpt_id, dataset=ds_id)
     done = store.scalar(
@@ -67,7 +69,7 @@ def compute_predictions(store: Store, req: PredictionRequest, log: Callable[[str
         tokens = TokenDataset.load(store.config.file(ds_path))
         model = load_model(location, revision, device)
         result = predict(model, tokens, req.batch_size, device, req.progress)
-        write_predictions(store.config.file(rel), result)
+        write_predictions(store.config.file(rel), result, identity)
         mean_loss = float(np.nanmean(result.loss))
         handle.complete(n_tokens=int(result.top1.size), mean_loss=mean_loss)
     log(f"{req.target} on {ds_name}: predictions of {result.top1.size} positions, mean loss {mean_loss:.5f} -> {rel}")

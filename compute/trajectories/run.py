@@ -26,10 +26,12 @@ from actdb.store.database.schema import (
 )
 from actdb.store.database.views import v_similarity
 from actdb.store.errors import ActdbError
-from actdb.store.files.prediction import read_predictions
+from actdb.store.files.identity import SidecarIdentity
+from actdb.store.files.prediction import read_predictions, verify_predictions
 from actdb.store.files.token import TokenDataset
 from actdb.store.ingest.model_loading import load_config
 from actdb.store.refs import SetRef
+from actdb.store.set_files import sidecar_identity
 
 DISTANCES = ("disagreement", "jsd", "cka")  # 1 − top-1 agreement, mean Jensen-Shannon divergence, 1 − linear CKA
 EMBEDDINGS = ("mds", "tsne")
@@ -58,6 +60,7 @@ class _Inputs:
     tokens_path: str
     checkpoint_ids: list[int]
     prediction_paths: list[str]
+    prediction_identities: list[SidecarIdentity]  # what each predictions file must say it is
     sources: dict[SetRef, tuple[str, str | None]]
 
 
@@ -138,7 +141,7 @@ def _check(store: Store, req: TrajectoryRequest) -> _Inputs:
     if req.eps < 0 or not np.isfinite(req.eps):
         raise ActdbError("--eps must be a finite number >= 0")
     dataset = req.dataset or only_dataset(store)
-    ids, paths, missing, sources = [], [], [], {}
+    ids, paths, identities, missing, sources = [], [], [], [], {}
     with store.session() as s:
         ds = get_dataset(s, dataset)
         for ref in req.sets:
@@ -155,12 +158,15 @@ def _check(store: Store, req: TrajectoryRequest) -> _Inputs:
             if path is None or not store.config.file(path).exists():
                 missing.append(str(ref))
             paths.append(path)
-        inputs = _Inputs(ds.id, ds.name, ds.path, ids, paths, sources)
+            identities.append(sidecar_identity(s, ckpt.id, ds.id))
+        inputs = _Inputs(ds.id, ds.name, ds.path, ids, paths, identities, sources)
     if missing:
         raise ActdbError(
             f"no stored predictions on {dataset} for {', '.join(missing)}; make them with "
             f"`actdb predictions {' '.join(missing)} --dataset {dataset}`"
         )
+    for path, identity in zip(paths, identities, strict=True):
+        verify_predictions(store.config.file(path), identity)  # another checkpoint's file: refused before any row
     vocab = {ref: getattr(load_config(*sources[ref]), "vocab_size", None) for ref in req.sets}
     if len(set(vocab.values())) > 1:
         sizes = ", ".join(f"{ref} {n}" for ref, n in vocab.items())
@@ -174,7 +180,10 @@ def _compute(
     store: Store, req: TrajectoryRequest, inputs: _Inputs, exact: int | None, log: Callable[[str], None]
 ) -> dict:
     k = len(req.sets)
-    preds = [read_predictions(store.config.file(p)) for p in inputs.prediction_paths]
+    preds = [
+        read_predictions(store.config.file(p), identity)
+        for p, identity in zip(inputs.prediction_paths, inputs.prediction_identities, strict=True)
+    ]
     sizes = {p.loss.size for p in preds}
     if len(sizes) != 1:
         raise ActdbError("the prediction files cover different numbers of positions; recompute them with --force")

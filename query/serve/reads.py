@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, and_, case, func, select, tuple_
 
 from actdb.query import queries
-from actdb.query.explanations import file_contents, neuron_explanation, token_label
+from actdb.query.explanations import explanation_identity, file_contents, neuron_explanation, set_texts, token_label
 from actdb.query.listings import dataset_rows
 from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
@@ -237,7 +237,7 @@ def from_activation_file(
         return [], None, 0
     aset, ex = found
     tokens = file_contents(store.config.file(aset.dataset_path), "tokens")
-    texts = file_contents(store.config.file(ex.path), "strings") if ex and store.config.file(ex.path).exists() else []
+    texts = set_texts(store, aset.id, ex.path) if ex else []
     n_read = min(int(aset.n_tokens), HISTOGRAM_TOKENS)
     with open_set(store, aset) as reader:
         column = reader.read_neurons(layer, [neuron], 0, n_read)[:, 0].astype(np.float64)
@@ -364,12 +364,13 @@ def token_index(store: Store) -> list[SetTokens]:
         path = store.config.file(sx.path)
         if not path.exists():
             continue
-        texts = file_contents(path, "strings")
+        expected = explanation_identity(store, sx.set_id)
+        texts = file_contents(path, "strings", expected)
         by_text: dict[str, list[int]] = {}
         for i, t in enumerate(texts):
             by_text.setdefault(readable(t).strip().lower(), []).append(i)
         try:
-            voc = read_explanation_group(path, "vocabulary")
+            voc = read_explanation_group(path, "vocabulary", expected)
             ids, values = voc["top_ids"][..., 0], voc["top_values"][..., 0]
         except ActdbError:
             ids, values = None, None

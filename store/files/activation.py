@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from actdb.store.errors import ActdbError
+from actdb.store.files.identity import mismatch_phrase
 from actdb.store.files.raw_chunks import RawChunkRows, reads_raw
 from actdb.store.hook_names import transformer_lens_name
 from actdb.store.refs import STORED_DTYPES
@@ -430,19 +431,9 @@ HEADER_FIELDS = (
 )
 
 
-def _shown(field: str, value: object) -> str:
-    """A header value as a mismatch message shows it (fingerprints are long: their first 12 characters)."""
-    return repr(value[:12] + "…") if field == "dataset_fingerprint" and len(str(value)) > 12 else repr(value)
-
-
 def header_mismatch(found: ActivationHeader, expected: ActivationHeader) -> str | None:
     """What differs between a file's header and what SQL says the set is, as one phrase; None if nothing."""
-    wrong = [
-        f"{label} {_shown(field, getattr(found, field))} (SQL: {_shown(field, getattr(expected, field))})"
-        for field, label in HEADER_FIELDS
-        if getattr(found, field) != getattr(expected, field)
-    ]
-    return ", ".join(wrong) or None
+    return mismatch_phrase(HEADER_FIELDS, found, expected)
 
 
 def verify_header(path: Path, found: ActivationHeader, expected: ActivationHeader) -> None:

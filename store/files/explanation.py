@@ -4,7 +4,8 @@ One HDF5 group per kind of explanation, each a set of named arrays with Fletcher
 use are `examples` (per neuron top-K `values` and flat token `positions`), `tokens` (`token_r2`, `position_r2`,
 `top_ids`, `top_means`, `top_counts`) and `vocabulary`. The file is written whole under `.partial-<pid>` and renamed
 when complete (a new group is added by rewriting the file with the groups already there), so a reader either
-sees a complete file or refuses it.
+sees a complete file or refuses it. Its attributes name the checkpoint, dataset and hook it explains
+(`actdb.store.files.identity`); a reader given what SQL says the set is refuses another set's file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import h5py
 import numpy as np
 
 from actdb.store.errors import ActdbError
+from actdb.store.files.identity import SidecarIdentity, verify_identity, write_identity
 
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "actdb_complete"
@@ -40,8 +42,11 @@ def write_explanations(
     groups: Mapping[str, Mapping[str, np.ndarray]],
     attrs: Mapping[str, object] | None = None,
     keep_existing: bool = True,
+    *,
+    identity: SidecarIdentity,
 ) -> None:
-    """Write named groups of arrays (and file attributes) atomically: under `.partial`, then renamed.
+    """Write named groups of arrays (and file attributes) atomically: under `.partial`, then renamed; `identity`
+    (the set's checkpoint, dataset and hook) is stamped on the file for readers to compare with SQL.
 
     With `keep_existing`, the groups and attributes of a complete file already at `path` that `groups` and
     `attrs` do not replace are carried over, so explanations computed at different times share one file.
@@ -69,6 +74,7 @@ def write_explanations(
                         group.create_dataset(key, data=data, chunks=True, fletcher32=True)
                 for key, value in {**old, **(attrs or {})}.items():
                     f.attrs[key] = value
+                write_identity(f.attrs, identity)
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["activation_file"] = _activation_name(path)
                 f.attrs[COMPLETE_ATTR] = True
@@ -98,8 +104,10 @@ def _activation_name(path: Path) -> str:
     return name[: -len(SUFFIX)] + ".h5" if name.endswith(SUFFIX) else name
 
 
-def _open(path: Path) -> h5py.File:
-    """Open a complete sidecar for reading, or raise a one-line ActdbError saying what is wrong."""
+def _open(path: Path, expected: SidecarIdentity | None = None) -> h5py.File:
+    """Open a complete sidecar for reading, or raise a one-line ActdbError saying what is wrong; with `expected`
+    (what SQL says the set is) a file of another checkpoint, dataset or hook is refused (one written before
+    sidecars carried an identity is opened unchecked)."""
     if not path.exists():
         hint = " (its writing is unfinished)" if any(path.parent.glob(f"{path.name}.partial-*")) else ""
         raise ActdbError(f"explanation file {path} does not exist{hint}")
@@ -114,7 +122,19 @@ def _open(path: Path) -> h5py.File:
     if version > FORMAT_VERSION:
         f.close()
         raise ActdbError(f"explanation file {path} has format version {version}; this actdb reads {FORMAT_VERSION}")
+    if expected is not None:
+        try:
+            verify_identity("explanation file", path, f.attrs, expected, _rewrite_command(expected))
+        except ActdbError:
+            f.close()
+            raise
     return f
+
+
+def _rewrite_command(expected: SidecarIdentity) -> str:
+    """The command that rebuilds the explanations of the set `expected` names."""
+    hook = f" --hook {expected.hook}" if expected.hook else ""
+    return f"actdb examples {expected.model}@{expected.step}{hook} --force"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -122,22 +142,26 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def explanation_groups(path: str | os.PathLike) -> list[str]:
-    """The names of the groups a complete sidecar holds."""
-    with _open(Path(path)) as f:
+def explanation_groups(path: str | os.PathLike, expected: SidecarIdentity | None = None) -> list[str]:
+    """The names of the groups a complete sidecar holds (`expected`: as `_open`)."""
+    with _open(Path(path), expected) as f:
         return sorted(f)
 
 
-def read_explanation_attrs(path: str | os.PathLike) -> dict[str, object]:
-    """The file attributes of a complete sidecar (format version, activation file name, k, min_count, ...)."""
-    with _open(Path(path)) as f:
+def read_explanation_attrs(path: str | os.PathLike, expected: SidecarIdentity | None = None) -> dict[str, object]:
+    """The file attributes of a complete sidecar (format version, identity, k, min_count, ...; `expected`: as
+    `_open`)."""
+    with _open(Path(path), expected) as f:
         return {key: (value.item() if isinstance(value, np.generic) else value) for key, value in f.attrs.items()}
 
 
-def read_explanation_group(path: str | os.PathLike, group: str) -> dict[str, np.ndarray]:
-    """Every array of one group, read through its checksum; an ActdbError if missing, unfinished or corrupt."""
+def read_explanation_group(
+    path: str | os.PathLike, group: str, expected: SidecarIdentity | None = None
+) -> dict[str, np.ndarray]:
+    """Every array of one group, read through its checksum; an ActdbError if missing, unfinished, corrupt or (with
+    `expected`) another set's file."""
     path = Path(path)
-    with _open(path) as f:
+    with _open(path, expected) as f:
         if group not in f:
             raise ActdbError(f"explanation file {path} has no {group!r} explanations")
         try:
@@ -148,12 +172,14 @@ def read_explanation_group(path: str | os.PathLike, group: str) -> dict[str, np.
             ) from None
 
 
-def read_neuron(path: str | os.PathLike, layer: int, neuron: int) -> dict[str, dict[str, np.ndarray]]:
+def read_neuron(
+    path: str | os.PathLike, layer: int, neuron: int, expected: SidecarIdentity | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     """One neuron's rows of every per-neuron array (those shaped (n_layers, d_mlp, ...)), by group: reads only the
-    chunks that hold them, through their checksums."""
+    chunks that hold them, through their checksums (`expected`: as `_open`)."""
     path = Path(path)
     out: dict[str, dict[str, np.ndarray]] = {}
-    with _open(path) as f:
+    with _open(path, expected) as f:
         try:
             for group in f:
                 out[group] = {name: ds[layer, neuron] for name, ds in f[group].items() if ds.ndim >= 2}
@@ -162,16 +188,25 @@ def read_neuron(path: str | os.PathLike, layer: int, neuron: int) -> dict[str, d
     return out
 
 
-def check_explanation_file(path: str | os.PathLike, n_layers: int | None = None, d_mlp: int | None = None) -> list[str]:
-    """Problems with a sidecar, one line each (none when intact): every dataset is read through its checksum,
-    and with `n_layers` / `d_mlp` each per-neuron array must start with those dimensions (one row per neuron)."""
+def check_explanation_file(
+    path: str | os.PathLike,
+    n_layers: int | None = None,
+    d_mlp: int | None = None,
+    expected: SidecarIdentity | None = None,
+    quick: bool = False,
+) -> list[str]:
+    """Problems with a sidecar, one line each (none when intact): its identity must be `expected` (when given and
+    the file has one), every dataset is read through its checksum (not when `quick`), and with `n_layers` /
+    `d_mlp` each per-neuron array must start with those dimensions (one row per neuron)."""
     path = Path(path)
     try:
-        f = _open(path)
+        f = _open(path, expected)
     except ActdbError as exc:
         return [str(exc)]
     problems = []
     with f:
+        if quick:
+            return problems
         for group in sorted(f):
             if not isinstance(f[group], h5py.Group):
                 problems.append(f"{group}: not a group of arrays")

@@ -339,8 +339,13 @@ def test_ingest_errors_are_one_line(run_cli, tiny_dataset, tiny_models, tmp_path
         run_cli("ingest", "g", "--step", 0, "--dataset", "tiny", "--source", tiny_models["gpt2"], "--quiet").exit_code
         == 0
     )
+    steps = tmp_path / "steps"
+    save_tiny_model("gpt2", steps / "step-0", tokenizer_dir, seed=5)
+    registered = run_cli("ingest", "s", "--step", 0, "--dataset", "tiny", "--source", steps / "step-{step}", "--quiet")
+    assert registered.exit_code == 0, registered.stderr
     cases = {
         "nope does not exist": ("ingest", "x", "--step", 0, "--dataset", "tiny", "--source", tmp_path / "nope"),
+        f"model folder {steps / 'step-7'} does not exist": ("ingest", "s", "--step", 7, "--dataset", "tiny"),
         "not registered yet": ("ingest", "y", "--step", 0, "--dataset", "tiny"),
         "no dataset named": ("ingest", "g", "--step", 0, "--dataset", "missing"),
         "tokenizer mismatch": ("ingest", "z", "--step", 0, "--dataset", "tiny", "--source", mismatched),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -45,6 +46,7 @@ def load_config(source: str, revision: str | None, trust_remote_code: bool = Fal
     mixture-of-experts or encoder-only model is refused here, before any weights are read."""
     from transformers import AutoConfig
 
+    check_local_folder(source)
     options, note = hub_options(source)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **options)
@@ -71,6 +73,7 @@ def load_model(
     if torch_dtype not in TORCH_DTYPES:
         raise ActdbError(f"unknown --torch-dtype {torch_dtype!r}; use {', '.join(TORCH_DTYPES)}")
     hf_logging.disable_progress_bar()
+    check_local_folder(source)
     config = config or load_config(source, revision, trust_remote_code)
     options, note = hub_options(source)
     try:
@@ -91,6 +94,15 @@ def load_model(
         return model.to(device).eval()
     except RuntimeError as exc:  # out of device memory, or the device is busy
         raise ActdbError(f"moving the weights of {source!r} to {device} failed: {first_line(exc)}") from None
+
+
+def check_local_folder(source: str) -> None:
+    """Refuse a source that can only be a local folder (an absolute or `.`/`~` path, or one with more than one
+    `/`, which no hub id has) when that folder does not exist: a registered model's `{step}` folder of a step
+    that was never saved, say. transformers would take it for a malformed hub id and say so."""
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).is_absolute()
+    if looks_local and not Path(source).expanduser().exists():
+        raise ActdbError(f"model folder {source} does not exist")
 
 
 def _load_error(exc: BaseException, source: str, revision: str | None, note: str) -> ActdbError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import scipy.spatial.distance
@@ -100,13 +101,24 @@ def test_check_reads_prediction_files(store):
     original = path.read_bytes()
     try:
         assert "4 prediction files" in run("check").stderr
+        with h5py.File(path, "r") as f:
+            loss = f["loss"].id
+            last = loss.get_chunk_info(loss.get_num_chunks() - 1)
         data = bytearray(original)
-        data[len(data) - 4096] ^= 0xFF  # inside the last chunk of `loss`
+        data[last.byte_offset + last.size // 2] ^= 0xFF  # inside the last chunk of `loss`
         path.write_bytes(bytes(data))
         r = run("check", "--quiet", "--format", "json", ok=False)
         assert r.exit_code == 1
         (problem,) = json.loads(r.stdout)
         assert problem["kind"] == "predictions" and problem["name"] == "b@1 on d", problem
+        data = bytearray(original)
+        heap = data.find(b"GCOL")  # the global heap that keeps the identity's string attributes
+        data[heap : heap + 4] = b"XXXX"
+        path.write_bytes(bytes(data))
+        (problem,) = json.loads(run("check", "--quiet", "--format", "json", ok=False).stdout)
+        assert "has damaged identity attributes" in problem["problem"], problem
+        refused = run("similarity", "--function", "--sets", "a@1,b@1", ok=False)
+        assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         path.unlink()
         (problem,) = json.loads(run("check", "--quiet", "--format", "json", ok=False).stdout)
         assert problem["problem"] == "file missing"

@@ -71,7 +71,7 @@ def verify_identity(
     the kind of file, `rewrite` the command that rewrites it); a file with no identity passes unchecked."""
     try:
         found = read_identity(attrs)
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, OSError) as exc:
         raise ActdbError(f"{what} {path} has damaged identity attributes ({type(exc).__name__}: {exc})") from None
     wrong = identity_mismatch(found, expected) if found is not None else None
     if wrong:

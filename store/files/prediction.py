@@ -63,6 +63,9 @@ def _open(path: Path, expected: SidecarIdentity | None) -> h5py.File:
     except ActdbError:
         f.close()
         raise
+    except OSError as exc:  # a damaged attribute (HDF5 keeps string attributes in a heap of their own)
+        f.close()
+        raise ActdbError(f"predictions file {path} is missing or corrupt: {exc}") from None
     return f
 
 

@@ -276,11 +276,12 @@ def _robustness_summary(store: Store, seconds: float, echo: Callable[[str], None
     from actdb.query.robustness_tables import robustness_by_step
 
     rows = robustness_by_step(store)
-    columns = ["intervention", "spec", "step", "n_contexts", "ir_clean", "ir_norm", "ir_norm_ci_low"]
+    columns = ["intervention", "spec", "step", "n_contexts", "n_neurons", "ir_clean", "ir_norm", "ir_norm_ci_low"]
     columns += ["ir_norm_ci_high", "control_mean", "excess", "p_value", "p_floor", "kl_mean", "kl_sd", "fleiss_kappa"]
     echo(
         f"\n== Interventional robustness across seeds (IR_norm = IR(x') - IR(x); 95% bootstrap CI over contexts; "
-        f"p: two-sided rank p against the controls, floor 1/(controls+1); stage took {seconds:.0f}s) =="
+        f"p: two-sided rank p against the controls, floor 1/(controls+1); n_neurons: each seed's ablated set, "
+        f"equal across seeds, not across steps; stage took {seconds:.0f}s) =="
     )
     echo(render(Rows(columns, [{c: r[c] for c in columns} for r in rows])))
 

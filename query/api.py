@@ -347,7 +347,7 @@ class ActdbStore:
     def concept_summary(
         self, name: str, human: str | None = None, pool: str = "max", mask: bool = False
     ) -> pd.DataFrame:
-        """The per-step table of `actdb concept show`."""
+        """The per-step table of `actdb concept show` (its Mantel p values as `concept run` stored them)."""
         from actdb.compute.concepts.analysis import concept_table
 
         return frame(concept_table(self.store, name, human=human, pool=pool, mask=mask)[0])

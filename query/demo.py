@@ -291,14 +291,14 @@ def _concept_tables(store: Store) -> dict[str, tuple[Rows, Rows]]:
     random twin draws are most of the report stage's work)."""
     from actdb.compute.concepts.analysis import concept_table
 
-    return {CONCEPTS: concept_table(store, CONCEPTS, mantel_permutations=1000)}
+    return {CONCEPTS: concept_table(store, CONCEPTS)}
 
 
 def _concept_summary(tables: tuple[Rows, Rows], echo: Callable[[str], None]) -> None:
     table, emergence = tables
     echo(
         "\n== Concept experts (Python constructs; top-100 by AP, 20 label permutations; RSA: Spearman of upper "
-        "triangles, Mantel p over 1000 permutations; twin overlap: experts mapped through correlate twins vs "
+        "triangles, Mantel p as concept run stored it; twin overlap: experts mapped through correlate twins vs "
         "k random neurons' twins) =="
     )
     echo(render(table))

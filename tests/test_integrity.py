@@ -134,6 +134,10 @@ def test_bad_input_is_one_line_and_writes_nothing(populated, tmp_path, sources, 
         ),
         (("dataset", "add", "e", tmp_path, "--tokenizer", tokenizer_dir, "--seq-len", 100_000_000), "--seq-len"),
         (("dataset", "add", "d", tmp_path / "latin1.txt", "--tokenizer", tokenizer_dir), "already exists"),
+        (("dataset", "add", "e", tmp_path / "nonexist.txt", "--tokenizer", tokenizer_dir), "no such file or folder"),
+        (("dataset", "add", "e", "nonexist.jsonl", "--tokenizer", tokenizer_dir), "no such file or folder"),
+        (("dataset", "add", "e", f"{tmp_path}-typo/docs", "--tokenizer", tokenizer_dir), "no such file or folder"),
+        (("dataset", "add", "e", "someone/corpus", "--tokenizer", tokenizer_dir), "not a file or folder"),  # hub name
     ]
     before = _snapshot(home, db)
     for args, expected in cases:

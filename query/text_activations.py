@@ -131,9 +131,10 @@ def text_activations(
 
     from actdb.store.ingest.architectures import MLPRecorder
 
+    tokenizer_location = store.config.tokenizer_location(first.tokenizer, first.name)
     columns: dict[str, list[float]] = {}
     with loaded.lock:
-        tokenizer = loaded.tokenizer(first.tokenizer)
+        tokenizer = loaded.tokenizer(tokenizer_location)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         if len(ids) > MAX_TOKENS:

@@ -131,7 +131,9 @@ def test_mds_recovers_a_known_configuration():
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, tokenizer_dir, text_dir):
-    """Two tiny GPT-2 seeds at two steps, and a model of another vocabulary, each with stored predictions."""
+    """Two tiny GPT-2 seeds at two steps, and a model of another vocabulary, each with stored predictions; a second
+    dataset that nothing is ingested on (as the demo's held-out set for ablations), so the dataset is never the
+    store's only one."""
     from actdb.store.ingest.zoo import save_tiny_model, tiny_config
 
     home = tmp_path_factory.mktemp("trajectories")
@@ -139,6 +141,7 @@ def zoo(tmp_path_factory, tokenizer_dir, text_dir):
     run = cli_runner(home, db)
     run("init")
     run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 1024)
+    run("dataset", "add", "held", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 256, "--seed", 1)
     for k, model in enumerate("ab"):
         for step in (0, 1):
             save_tiny_model("gpt2", home / f"src-{model}" / f"step-{step}", tokenizer_dir, seed=80 + 2 * k + step)
@@ -279,3 +282,22 @@ def test_cka_distance_comes_from_the_similarity_run(zoo):
         key = (r["model"], r["step"], r["other_model"], r["other_step"])
         expected = 0.0 if key[:2] == key[2:] else 1 - (cka[key] + cka[key[2:] + key[:2]]) / 2
         assert r["value"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_dataset_is_the_one_holding_the_checkpoints_predictions(zoo, tokenizer_dir):
+    """Without --dataset, trajectories and function similarity use the dataset the checkpoints' predictions are
+    on (the store has two); predictions on two datasets ask for --dataset."""
+    from actdb.store.ingest.zoo import save_tiny_model
+
+    home, db, run = zoo
+    assert "Win rate" in run("trajectories", "--sets", "a@0,b@1", "--no-weights").stdout
+    assert len(json.loads(run("similarity", "--function", "--sets", "a@0,b@1", "--format", "json").stdout)) == 4
+    save_tiny_model("gpt2", home / "src-held", tokenizer_dir, seed=98)
+    run("ingest", "held", "--step", 0, "--dataset", "held", "--source", home / "src-held", "--predictions", "--quiet")
+    for args in (("trajectories", "--sets", "a@0,held@0"), ("similarity", "--function", "--sets", "a@0,held@0")):
+        r = run(*args, ok=False)
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            "actdb: error: the checkpoints have predictions on 2 datasets (d, held); pass --dataset"
+        ]
+        r = run(*args, "--dataset", "held", ok=False)
+        assert r.exit_code == 1 and "`actdb predictions a@0 --dataset held`" in r.stderr

@@ -164,7 +164,7 @@ def _a_top_token(config) -> str:
 
     store = Store.open(config, read_only=True)
     try:
-        return explained_neurons(store)[0]["top_token"][1:-1]  # quoted
+        return explained_neurons(store)[0]["token"][1:-1]  # quoted
     finally:
         store.close()
 
@@ -514,7 +514,7 @@ def test_token_search_finds_exactly_the_neurons_whose_top_token_it_is(client, se
         expected = {
             (r["model"], r["step"], r["layer"], r["neuron"])
             for r in explained_neurons(store)
-            if r["top_token"] and r["top_token"][1:-1].strip().lower() == token.strip().lower()
+            if r["token"] and r["token"][1:-1].strip().lower() == token.strip().lower()
         }
     finally:
         store.close()

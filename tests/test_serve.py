@@ -278,11 +278,23 @@ def test_try_text_bounds_and_missing_weights(client, served_store, tmp_path):
 
 
 def test_activations_cli_and_gone_weights(served_store, tmp_path):
+    from transformers import AutoTokenizer
+
+    from actdb.store.token_text import quoted, token_bytes
+
     config, sources = served_store
     run = cli_runner(config.home, config.database_url)
     out = run("activations", "a@0", "--text", "def f(x):", "--neurons", "1.5,0.2", "--format", "csv").stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rows and list(rows[0]) == ["position", "token", "a@0 1.5", "a@0 0.2"]
+    text = "for i in range(3):\n    x"
+    tokenizer = AutoTokenizer.from_pretrained(sources[("a", 0)])
+    expected = [quoted(raw) for raw in token_bytes(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])]
+    assert any(t.startswith("' ") for t in expected)  # whitespace the table must show
+    shown = run("activations", "a@0", "--text", text, "--neurons", "1.5", "--format", "csv").stdout
+    assert [r["token"] for r in csv.DictReader(io.StringIO(shown))] == expected  # the form `neuron` shows
+    table = run("activations", "a@0", "--text", text, "--neurons", "1.5").stdout
+    assert all(t in table for t in expected)
     bad = run("activations", "a@0", "--text", "x", "--neurons", "9.0", ok=False)
     assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
     moved = sources[("b", 1)].with_name("b1-moved")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -445,7 +446,7 @@ def test_in_chromium_tables_are_keyboard_navigable(browser, server_url):
     page.close()
 
 
-def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store, tmp_path):
+def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store, tmp_path, monkeypatch):
     from actdb.query.api import ActdbStore
     from actdb.query.serve.launch import browse_command
 
@@ -460,9 +461,29 @@ def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store,
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(got.columns) == ["position", "token", "a@0 1.5", "a@0 0.2"] and len(got) == len(rows)
     np.testing.assert_allclose(got["a@0 1.5"].to_numpy(), [float(r["a@0 1.5"]) for r in rows], rtol=1e-3, atol=1e-4)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # an active venv
     assert browse_command(config) == f"actdb --home {config.home} serve"
     pg = StoreConfig.resolve(tmp_path, "postgresql://u:secret@127.0.0.1/x")
     assert browse_command(pg).endswith("serve") and "secret" not in browse_command(pg) and "--db" in browse_command(pg)
+
+
+def test_the_browse_command_runs_as_printed_in_a_shell_without_the_venv(served_store, monkeypatch):
+    """`scripts/bootstrap.sh` never activates `.venv`: the demo's last line then names the venv's script."""
+    from actdb.query.serve.launch import browse_command
+
+    config, _sources = served_store
+    bare = "/usr/local/bin:/usr/bin:/bin"
+    monkeypatch.setenv("PATH", bare)
+    venv = Path(sys.executable).parent
+    monkeypatch.chdir(venv.parent.parent)  # the repository root, where bootstrap made .venv
+    printed = browse_command(config)
+    assert printed.startswith(f"{Path(venv.parent.name, venv.name, 'actdb')} --home {config.home} ")  # .venv/bin/
+    shell = subprocess.run(
+        ["bash", "-c", printed.replace(" serve", " status")], env={"PATH": bare}, capture_output=True, text=True
+    )
+    assert shell.returncode == 0 and "command not found" not in shell.stderr, shell.stderr
+    monkeypatch.chdir(config.home)  # elsewhere: the script's absolute path
+    assert browse_command(config).startswith(f"{venv / 'actdb'} --home ")
 
 
 def test_cached_pages_are_read_again_once_the_store_changes(store):

@@ -97,6 +97,9 @@ def test_home_shows_the_grid_runs_and_dataset_with_security_headers(client):
     r = client.get("/")
     assert r.status_code == 200
     assert "Universality share" in r.text and "step 0" in r.text and "step 1" in r.text
+    # the grid reads each set's canonical run (newest_runs), and says so: the widest, not the newest
+    assert "canonical cross-model run without control (the widest run that scored the set, the newest" in r.text
+    assert "newest cross-model run" not in r.text
     assert re.search(r'href="/universal\?model=a&amp;step=0">\d+\.\d%', r.text)
     # the newest runs, newest first, in a few columns; all of them on /runs
     shown = [

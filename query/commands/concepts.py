@@ -48,7 +48,13 @@ def add(app: AppContext, name: str, file: str) -> None:
 @click.option("--k", type=click.IntRange(min=1), default=100, show_default=True, help="Experts kept per concept.")
 @click.option("--tau", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="AP counted as expert.")
 @click.option("--permutations", type=click.IntRange(min=0), default=20, show_default=True, help="Label shuffles.")
-@click.option("--mantel-permutations", type=click.IntRange(min=0), default=10000, show_default=True)
+@click.option(
+    "--mantel-permutations",
+    type=click.IntRange(min=0),
+    default=10000,
+    show_default=True,
+    help="Permutations of the Mantel test behind the stored taxonomy and human-reference RSA p-values.",
+)
 @click.option("--human", type=click.Path(dir_okay=False), help="Human reference CSV (pairs or triplets).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of negatives and permutations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -69,7 +75,13 @@ def run(app: AppContext, name: str, quiet: bool, dataset_name: str | None, **opt
 @click.option("--human", type=click.Path(dir_okay=False), help="Human reference CSV (pairs or triplets).")
 @click.option("--pool", type=click.Choice(["max", "mean"]), default="max", show_default=True, help="Runs of this pool.")
 @click.option("--mask-concept-token", "mask", is_flag=True, help="The runs with the concept word's tokens dropped.")
-@click.option("--mantel-permutations", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option(
+    "--mantel-permutations",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Permutations of the Mantel test behind the taxonomy and human-reference RSA p-values shown.",
+)
 @click.option(
     "--similarity",
     type=click.Choice(["spearman", "jaccard"]),

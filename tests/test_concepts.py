@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -318,6 +319,27 @@ def test_python_api(concept_store):
         assert len(experts) == 5 * len(set(experts["run_id"])) and experts["rank"].min() == 1
         summary = store.concept_summary("code")
         assert list(summary["step"]) == [0] and summary["models"].iloc[0] == 2
+    finally:
+        store.close()
+
+
+def test_python_api_refuses_unknown_names_as_the_cli_does(concept_store):
+    import actdb
+    from actdb.store.errors import ActdbError
+
+    _root, home, db, run = concept_store
+    cli = run("concept", "experts", "code", "nope", ok=False)
+    store = actdb.open(home=home, db=db)
+    try:
+        for call, needle in (
+            (lambda: store.concepts("nope"), "unknown concept set 'nope' (known: code)"),
+            (lambda: store.concept_experts("nope", concept="if"), "unknown concept set 'nope'"),
+            (lambda: store.concept_experts("code", concept="nope"), cli.stderr.strip().removeprefix("actdb: error: ")),
+            (lambda: store.concepts("code", model="nope"), "unknown model 'nope'"),
+            (lambda: store.concept_experts("code", concept="if", step=9), "no checkpoint at step 9"),
+        ):
+            with pytest.raises(ActdbError, match=re.escape(needle)):
+                call()
     finally:
         store.close()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from actdb.compute.trajectories import math as tm
+from actdb.store.errors import ActdbError
 from tests.conftest import cli_runner
 
 
@@ -194,6 +195,9 @@ def test_trajectories_end_to_end(zoo):
         frame = db_api.trajectories()
         assert list(frame.columns)[:6] == ["model", "step", "other_model", "other_step", "metric", "value"]
         assert len(frame) == len(rows)
+        assert set(db_api.trajectories(metric="win_rate")["metric"]) == {"win_rate"}
+        with pytest.raises(ActdbError, match=r"has no metric 'winrate' \(it has: disagreement, distance, .*win_rate\)"):
+            db_api.trajectories(metric="winrate")
         points = db_api.trajectory_points()
         assert set(points["model"]) == {"a", "b"} and points["bt_strength"].sum() == pytest.approx(0.0, abs=1e-9)
     finally:

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from actdb.compute.concepts import MANTEL_PERMUTATIONS
 from actdb.compute.concepts import math as cm
-from actdb.compute.concepts.concept_file import ConceptSet, Reference, read_reference
-from actdb.compute.concepts.run import concept_run_key, load_concept_set
+from actdb.compute.concepts.concept_file import ConceptSet, Reference, load_concept_set, read_reference
+from actdb.compute.concepts.run import concept_run_key
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.tables import (
     activation_set,
@@ -360,13 +360,11 @@ def concept_experts(store: Store, name: str, concept: str, model: str | None = N
     newest universality score (excess correlation), its family when explained, and its twins in the other
     models' sets at the same step (from the newest correlation run holding both)."""
     _id, concepts = load_concept_set(store, name)
-    if concept not in concepts.names:
-        raise ActdbError(f"concept {concept!r} is not in concept set {name!r} ({', '.join(concepts.names[:10])})")
+    c = concepts.position(concept, name)
     every = complete_runs(store, name)
     runs = [r for r in every if (model is None or r.model == model) and (step is None or r.step == step)]
     if not runs:
         raise ActdbError(f"no complete run of {name!r} for {model or 'any model'} at step {step}")
-    c = concepts.names.index(concept)
     from actdb.store.database.views import v_neuron_explanations, v_universality
 
     out = []

@@ -24,7 +24,7 @@ from actdb.compute.concepts.concept_file import (
     ConceptSet,
     Reference,
     Sentences,
-    parse_concepts,
+    load_concept_set,
     read_concepts,
     read_reference,
     sentences_of,
@@ -69,17 +69,6 @@ def add_concept_set(store: Store, name: str, path: str | Path) -> tuple[int, Con
         s.add(row)
         s.flush()
         return row.id, concepts, True
-
-
-def load_concept_set(store: Store, name: str) -> tuple[int, ConceptSet]:
-    """A stored concept set by name, or a one-line error listing the known ones."""
-    with store.session() as s:
-        row = s.scalar(select(ConceptSetRow).where(ConceptSetRow.name == name))
-        if row is None:
-            known = sorted(s.scalars(select(ConceptSetRow.name)))
-            listed = ", ".join(known) if known else "none; add one with `actdb concept add NAME FILE`"
-            raise ActdbError(f"unknown concept set {name!r} (known: {listed})")
-        return row.id, parse_concepts(row.body, f"concept set {name}")
 
 
 @dataclass(kw_only=True)

@@ -49,7 +49,13 @@ def add(app: AppContext, name: str, file: str) -> None:
 @click.option("--k", type=click.IntRange(min=1), default=100, show_default=True, help="Experts kept per concept.")
 @click.option("--tau", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="AP counted as expert.")
 @click.option("--permutations", type=click.IntRange(min=0), default=20, show_default=True, help="Label shuffles.")
-@click.option("--mantel-permutations", type=click.IntRange(min=0), default=MANTEL_PERMUTATIONS, show_default=True)
+@click.option(
+    "--mantel-permutations",
+    type=click.IntRange(min=0),
+    default=MANTEL_PERMUTATIONS,
+    show_default=True,
+    help="Permutations of the Mantel test behind the stored taxonomy and human-reference RSA p-values.",
+)
 @click.option("--human", type=click.Path(dir_okay=False), help="Human reference CSV (pairs or triplets).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of negatives and permutations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)

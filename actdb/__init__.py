@@ -3,7 +3,7 @@ checkpoints.
 
     >>> import actdb
     >>> db = actdb.open(home="actdb-demo")          # the store's folder; db= for PostgreSQL
-    >>> db.universal(step=800)[:3]                  # rows as dicts keyed by column name
+    >>> db.universal(step=800).head(3)              # a pandas DataFrame, columns named as in the CLI's JSON
 """
 
 from __future__ import annotations

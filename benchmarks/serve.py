@@ -43,7 +43,7 @@ def addresses(config: StoreConfig, rng: random.Random) -> dict[str, list[str]]:
     store = Store.open(config, read_only=True)
     try:
         universal = list(universal_neurons(store, limit=2000))
-        tokens = sorted({r["top_token"][1:-1] for r in explained_neurons(store) if r["top_token"]})[:200]
+        tokens = sorted({r["token"][1:-1] for r in explained_neurons(store) if r["token"]})[:200]
     finally:
         store.close()
     neurons = [f"/neuron/{quote(r['model'])}@{r['step']}/{r['layer']}.{r['neuron']}" for r in universal]

@@ -270,7 +270,8 @@ class ActdbStore:
 
     def examples(self, target: str, neuron: str, n: int = 32, hook: str | None = None) -> pd.DataFrame:
         """The neuron's max-activating examples: activation, sequence, position, token, and the context around
-        it (`context` marks the maximum with «»; `before`/`after` are the raw text on each side)."""
+        it (`context` marks the maximum with «»; `before`/`after` are the raw text on each side). A neuron the
+        checkpoint does not have is an ActdbError."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
         story = neuron_explanation(self.store, ref.model, ref.step, layer, index, n, pieces=True, hook=hook)
@@ -278,17 +279,22 @@ class ActdbStore:
 
     def explanation(self, target: str, neuron: str, hook: str | None = None) -> dict[str, pd.DataFrame]:
         """What the neuron does: `explanation` (variance fractions with their chance levels, vocabulary moments,
-        label, family), `examples`, `top_tokens` and `vocabulary` (top and bottom tokens of W_U w_out)."""
+        label, family), `examples`, `top_tokens` and `vocabulary` (top and bottom tokens of W_U w_out). A neuron the
+        checkpoint does not have is an ActdbError."""
         ref = parse_set_ref(target)
         layer, index = parse_neuron(neuron)
         story = neuron_explanation(self.store, ref.model, ref.step, layer, index, 32, pieces=True, hook=hook)
         return {k: frame(rows) for k, rows in story.items()}
 
     def explanations(self, model: str | None = None, step: int | None = None, hook: str | None = None) -> pd.DataFrame:
-        """Every explained neuron (`v_neuron_explanations`): token/position fractions, top token, vocabulary
-        moments and label, family by its set's recorded thresholds. `top_token` is the token's readable text
-        (quoted, as `families()` shows it); its id stays in `top_token_id`."""
-        return frame(explained_neurons(self.store, model, step, parse_hook(hook) if hook is not None else None))
+        """Every explained neuron: the columns of `v_neuron_explanations` (token/position fractions, top token,
+        vocabulary moments and label, family by its set's recorded thresholds), then `token`, the top token's
+        quoted readable text. As in the views and `families()`, `top_token` is the token id. A model, step or hook
+        the store lacks is an ActdbError, as in the CLI."""
+        queries.check_scope(self.store, model, step)
+        if hook is not None:
+            hook = resolve_hook(self.store, parse_hook(hook), model, step)
+        return frame(explained_neurons(self.store, model, step, hook))
 
     def families(
         self, target: str, threshold: float | None = None, control: str = "none", hook: str | None = None
@@ -316,7 +322,7 @@ class ActdbStore:
     def trajectories(self, run: int | None = None, metric: str | None = None) -> pd.DataFrame:
         """Every pairwise value of a trajectory run (default: the newest), long format: model, step, other_model,
         other_step, metric (win_rate, disagreement, ensemble_gain, weight_cosine, weight_delta_cosine, distance),
-        value, n_targets; `.pivot(...)` gives a matrix."""
+        value, n_targets; `.pivot(...)` gives a matrix. A metric the run did not store is an ActdbError."""
         from actdb.query.trajectory_tables import long_rows
 
         return frame(long_rows(self.store, run, metric))
@@ -330,7 +336,9 @@ class ActdbStore:
 
     def concepts(self, name: str | None = None, model: str | None = None, step: int | None = None) -> pd.DataFrame:
         """Per concept and complete concept run: best AP and AUROC, the permutation null (q99 of the best and the
-        k-th best AP, excess, p and how many permutations), experts above tau (`v_concept_scores`)."""
+        k-th best AP, excess, p and how many permutations), experts above tau (`v_concept_scores`). An unknown
+        concept set, model or step is an ActdbError."""
+        self._check_concept_filters(name, None, model, step)
         v = v_concept_scores
         return frame(
             self.store.query(_filtered(v, concept_set=name, model=model, step=step).order_by(v.c.run_id, v.c.concept))
@@ -339,15 +347,30 @@ class ActdbStore:
     def concept_experts(
         self, name: str, concept: str | None = None, model: str | None = None, step: int | None = None
     ) -> pd.DataFrame:
-        """The top-k expert neurons per concept and complete run (`v_concept_experts`)."""
+        """The top-k expert neurons per concept and complete run (`v_concept_experts`). An unknown concept set,
+        concept, model or step is an ActdbError, as in `actdb concept experts`."""
+        self._check_concept_filters(name, concept, model, step)
         v = v_concept_experts
         query = _filtered(v, concept_set=name, concept=concept, model=model, step=step)
         return frame(self.store.query(query.order_by(v.c.run_id, v.c.concept, v.c.rank)))
 
+    def _check_concept_filters(
+        self, name: str | None, concept: str | None, model: str | None, step: int | None
+    ) -> None:
+        """The filters of a concept listing must name what the store has: an unknown name would read as "no
+        results"."""
+        from actdb.compute.concepts.concept_file import load_concept_set
+
+        if name is not None:
+            _id, concepts = load_concept_set(self.store, name)
+            if concept is not None:
+                concepts.position(concept, name)
+        queries.check_scope(self.store, model, step)
+
     def concept_summary(
         self, name: str, human: str | None = None, pool: str = "max", mask: bool = False
     ) -> pd.DataFrame:
-        """The per-step table of `actdb concept show`."""
+        """The per-step table of `actdb concept show` (its Mantel p values as `concept run` stored them)."""
         from actdb.compute.concepts.analysis import concept_table
 
         return frame(concept_table(self.store, name, human=human, pool=pool, mask=mask)[0])

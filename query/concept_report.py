@@ -30,7 +30,7 @@ def concept_sections(store: Store, out: Path, tables: Mapping[str, tuple[Rows, R
     for name in names:
         try:
             concepts, runs = similarity_matrices(store, name)
-            table, emergence = (tables or {}).get(name) or concept_table(store, name, mantel_permutations=1000)
+            table, emergence = (tables or {}).get(name) or concept_table(store, name)
         except ActdbError:
             continue
         runs = [r for r in runs if r.pool == "max" and not r.masked]

@@ -276,11 +276,12 @@ def _robustness_summary(store: Store, seconds: float, echo: Callable[[str], None
     from actdb.query.robustness_tables import robustness_by_step
 
     rows = robustness_by_step(store)
-    columns = ["intervention", "spec", "step", "n_contexts", "ir_clean", "ir_norm", "ir_norm_ci_low"]
+    columns = ["intervention", "spec", "step", "n_contexts", "n_neurons", "ir_clean", "ir_norm", "ir_norm_ci_low"]
     columns += ["ir_norm_ci_high", "control_mean", "excess", "p_value", "p_floor", "kl_mean", "kl_sd", "fleiss_kappa"]
     echo(
         f"\n== Interventional robustness across seeds (IR_norm = IR(x') - IR(x); 95% bootstrap CI over contexts; "
-        f"p: two-sided rank p against the controls, floor 1/(controls+1); stage took {seconds:.0f}s) =="
+        f"p: two-sided rank p against the controls, floor 1/(controls+1); n_neurons: each seed's ablated set, "
+        f"equal across seeds, not across steps; stage took {seconds:.0f}s) =="
     )
     echo(render(Rows(columns, [{c: r[c] for c in columns} for r in rows])))
 
@@ -290,14 +291,14 @@ def _concept_tables(store: Store) -> dict[str, tuple[Rows, Rows]]:
     random twin draws are most of the report stage's work)."""
     from actdb.compute.concepts.analysis import concept_table
 
-    return {CONCEPTS: concept_table(store, CONCEPTS, mantel_permutations=1000)}
+    return {CONCEPTS: concept_table(store, CONCEPTS)}
 
 
 def _concept_summary(tables: tuple[Rows, Rows], echo: Callable[[str], None]) -> None:
     table, emergence = tables
     echo(
         "\n== Concept experts (Python constructs; top-100 by AP, 20 label permutations; RSA: Spearman of upper "
-        "triangles, Mantel p over 1000 permutations; twin overlap: experts mapped through correlate twins vs "
+        "triangles, Mantel p as concept run stored it; twin overlap: experts mapped through correlate twins vs "
         "k random neurons' twins) =="
     )
     echo(render(table))

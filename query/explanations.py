@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Float, Row, literal, select, true
 
+from actdb.query.queries import check_neuron
 from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.labels import FAMILIES, family_rule, newest_runs, on_newest, stability_at, universal_condition
@@ -98,6 +99,7 @@ def neuron_explanation(
     (`actdb examples` builds it). With `pieces`, each context also comes as its raw text before and after the
     maximum's token (for JSON readers)."""
     e = v_neuron_explanations
+    check_neuron(store, model, step, layer, neuron)
     hook = resolve_hook(store, hook, model, step)
     summary, contexts, top_tokens, vocabulary = [], [], [], []
     for ex, _act_path, dataset, dataset_path in _explained_sets(store, model, step, hook):
@@ -250,8 +252,9 @@ def _vocabulary(voc: dict, texts: list[str], dataset: str) -> list[dict]:
 
 
 def explained_neurons(store: Store, model: str | None = None, step: int | None = None, hook: str | None = None) -> Rows:
-    """Every explained neuron (`v_neuron_explanations`), optionally of one model, step and hook, with `top_token`
-    as its quoted readable text (as `families` shows it) and the id in `top_token_id`."""
+    """Every explained neuron (`v_neuron_explanations`, its columns as they are: `top_token` is the token id),
+    optionally of one model, step and hook, with the token's quoted readable text in `token` after it (as
+    `families` has them)."""
     e = v_neuron_explanations
     query = select(e)
     if model is not None:
@@ -272,12 +275,11 @@ def explained_neurons(store: Store, model: str | None = None, step: int | None =
                 set_texts(store, row["set_id"], paths[row["set_id"]]) if row["set_id"] in paths else []
             )
         token_id = row["top_token"]
-        row["top_token_id"] = token_id
-        row["top_token"] = quoted(token_label(texts[row["set_id"]], token_id)) if token_id is not None else None
+        row["token"] = quoted(token_label(texts[row["set_id"]], token_id)) if token_id is not None else None
         rows.append(row)
     columns = list(found.columns)
-    columns.insert(columns.index("top_token") + 1, "top_token_id")
-    return Rows(columns, rows, {**found.types, "top_token": str, "top_token_id": int})
+    columns.insert(columns.index("top_token") + 1, "token")
+    return Rows(columns, rows, {**found.types, "token": str})
 
 
 def families(

@@ -132,8 +132,10 @@ def force_option(help: str) -> Callable:
 def threshold_option(
     help: str = "Excess correlation above which a neuron is universal (default: each run's recorded one, 0.5 "
     "unless `correlate --threshold` set it).",
+    default: float | None = None,
 ) -> Callable:
-    return click.option("--threshold", type=THRESHOLD, help=help)
+    """`--threshold`: no default (each run's recorded one) unless the command has its own, which --help shows."""
+    return click.option("--threshold", type=THRESHOLD, default=default, show_default=default is not None, help=help)
 
 
 def cluster_option(f: Callable) -> Callable:

@@ -24,7 +24,7 @@ from actdb.store.database.labels import (
     stability_at,
     universal_condition,
 )
-from actdb.store.database.registry import get_model, resolve_hook
+from actdb.store.database.registry import get_checkpoint, get_model, resolve_hook
 from actdb.store.database.views import (
     v_ablation_summary,
     v_neuron_history,
@@ -261,11 +261,9 @@ def checkpoint_shape(store: Store, model: str, step: int) -> RowMapping | None:
     ).first()
 
 
-def neuron_story(
-    store: Store, model: str, step: int, layer: int, neuron: int, hook: str | None = None
-) -> dict[str, Rows]:
-    """Everything known about one neuron at one hook (the given one, or the only one of MODEL@STEP): statistics,
-    matches, universality, history, ablations."""
+def check_neuron(store: Store, model: str, step: int, layer: int, neuron: int) -> None:
+    """MODEL@STEP must be a checkpoint of the store and LAYER.NEURON one of its neurons, else a one-line error
+    (an empty answer would read as "nothing known about it")."""
     shape = checkpoint_shape(store, model, step)
     if shape is None:
         raise ActdbError(f"unknown checkpoint {model}@{step}; see `actdb status`")
@@ -273,6 +271,28 @@ def neuron_story(
         raise ActdbError(
             f"neuron {layer}.{neuron} does not exist ({model} has {shape.n_layers} layers x {shape.d_mlp} neurons)"
         )
+
+
+def check_scope(store: Store, model: str | None = None, step: int | None = None) -> None:
+    """A model and step filter must name what the store has, else a one-line error listing what it has (an
+    unknown name would read as "no results")."""
+    with store.transaction() as conn:
+        if model is not None and step is not None:
+            get_checkpoint(conn, model, step)
+        elif model is not None:
+            get_model(conn, model)
+        elif step is not None:
+            steps = list(conn.scalars(select(tables.checkpoint.c.step).distinct().order_by(tables.checkpoint.c.step)))
+            if step not in steps:
+                raise ActdbError(f"no checkpoint at step {step} (steps: {', '.join(map(str, steps)) or 'none'})")
+
+
+def neuron_story(
+    store: Store, model: str, step: int, layer: int, neuron: int, hook: str | None = None
+) -> dict[str, Rows]:
+    """Everything known about one neuron at one hook (the given one, or the only one of MODEL@STEP): statistics,
+    matches, universality, history, ablations."""
+    check_neuron(store, model, step, layer, neuron)
     hook = resolve_hook(store, hook, model, step)
     m, h = v_neuron_matches, v_neuron_history
     here = and_(m.c.model == model, m.c.step == step, m.c.layer == layer, m.c.neuron == neuron)

@@ -1,5 +1,6 @@
 """Tables of stored robustness runs (`v_robustness_by_step`, `v_robustness_controls`): per step, the
-intervention's IR_norm with its CI beside the controls, and the controls themselves."""
+intervention's IR_norm with its CI beside the controls, and the controls themselves. The table names the dataset
+the contexts came from and each seed's ablated set size: IR_norm of sets of different sizes is not one effect."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ SHOW_COLUMNS = (
     "run_id",
     "intervention",
     "spec",
+    "eval_dataset",
     "step",
     "n_contexts",
+    "n_neurons",
     "ir_clean",
     "ir_intervened",
     "ir_norm",

@@ -19,7 +19,7 @@ from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import get_checkpoint, get_model, resolve_hook
 from actdb.store.errors import ActdbError
 from actdb.store.hook_names import HOOK_NAME
-from actdb.store.token_text import readable
+from actdb.store.token_text import quoted, token_bytes
 
 MAX_TEXT_CHARS = 2000
 MAX_TOKENS = 512
@@ -100,7 +100,8 @@ def text_activations(
     store: Store, probes: list[Probe], text: str, loaded: LoadedModels, hook: str | None = None
 ) -> Rows:
     """Per token of `text` (cut with the first probe's dataset tokenizer, a BOS token first where the tokenizer
-    has one, as ingest does; the BOS row is not shown): position, token, and one column per probe."""
+    has one, as ingest does; the BOS row is not shown): position, token (quoted, so spaces show) and one column
+    per probe."""
     if not text or not text.strip():
         raise ActdbError("give a text to run")
     if len(text) > MAX_TEXT_CHARS:
@@ -131,9 +132,10 @@ def text_activations(
 
     from actdb.store.ingest.architectures import MLPRecorder
 
+    tokenizer_location = store.config.tokenizer_location(first.tokenizer, first.name)
     columns: dict[str, list[float]] = {}
     with loaded.lock:
-        tokenizer = loaded.tokenizer(first.tokenizer)
+        tokenizer = loaded.tokenizer(tokenizer_location)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         if len(ids) > MAX_TOKENS:
@@ -149,7 +151,7 @@ def text_activations(
                     if (p.model, p.step) == model_step:
                         values = recorder.outputs[p.layer][0, len(bos) :, p.neuron].float().cpu().tolist()
                         columns[p.label] = values
-    tokens = [readable(tokenizer.decode([i])) for i in ids]
+    tokens = [quoted(raw) for raw in token_bytes(tokenizer, ids)]  # as `neuron` and `families` show tokens
     labels = list(dict.fromkeys(p.label for p in probes))
     rows = [
         {"position": k, "token": tok} | {label: columns[label][k] for label in labels} for k, tok in enumerate(tokens)

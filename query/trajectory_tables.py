@@ -36,10 +36,17 @@ def trajectory_run(store: Store, run: int | None = None) -> int:
 
 
 def long_rows(store: Store, run: int | None = None, metric: str | None = None) -> Rows:
-    """Every stored value of the run: model, step, other_model, other_step, metric, value, n_targets."""
+    """Every stored value of the run (or of one of its metrics): model, step, other_model, other_step, metric,
+    value, n_targets. A metric the run did not store is a one-line error naming those it did."""
     v = v_trajectories
-    query = select(*(v.c[c] for c in LONG_COLUMNS)).where(v.c.run_id == trajectory_run(store, run))
+    run = trajectory_run(store, run)
+    query = select(*(v.c[c] for c in LONG_COLUMNS)).where(v.c.run_id == run)
     if metric is not None:
+        names = store.query(select(v.c.metric).distinct().where(v.c.run_id == run).order_by(v.c.metric)).column(
+            "metric"
+        )
+        if metric not in names:
+            raise ActdbError(f"trajectory run {run} has no metric {metric!r} (it has: {', '.join(names)})")
         query = query.where(v.c.metric == metric)
     return store.query(query.order_by(v.c.metric, v.c.model, v.c.step, v.c.other_model, v.c.other_step))
 

@@ -4,8 +4,9 @@ Token files are read whole and compared with their recorded sha256; activation f
 marker, header against SQL, the shapes of an int8 file's scales and offsets) and, unless `quick`, read through
 once so that HDF5 verifies every chunk's Fletcher-32 checksum (int8: of the codes, scales and offsets, which
 must also be finite with scales >= 0). Prediction files are read whole the same way (their checksums), and
-their length compared with SQL. Prediction and explanation files must name the checkpoint, dataset (and hook) SQL
-records for them; those written before they carried that identity cannot be checked, which the log says.
+their length compared with SQL. A dataset's tokenizer recorded as a local folder must still be there. Prediction
+and explanation files must name the checkpoint, dataset (and hook) SQL records for them; those written before they
+carried that identity cannot be checked, which the log says.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
     """One row per problem found (kind, name, path, problem); no rows when everything is intact."""
     problems: list[dict] = []
     with store.session() as s:
-        datasets = [(d.name, d.path, d.fingerprint) for d in s.scalars(select(Dataset).order_by(Dataset.name))]
+        datasets = [
+            (d.name, d.path, d.fingerprint, d.tokenizer) for d in s.scalars(select(Dataset).order_by(Dataset.name))
+        ]
         sets = [
             _Expected(f"{m.name}@{c.step} on {d.name}", a.path, expected_header(s, a))
             for a, c, m, d in s.execute(
@@ -87,10 +90,14 @@ def check_store(store: Store, quick: bool = False, progress: bool = True, log: C
                 .order_by(Model.name, Checkpoint.step, Dataset.name)
             )
         ]
-    for name, path, sha in datasets:
+    for name, path, sha, tokenizer in datasets:
         problem = _check_tokens(store, path, sha)
         if problem:
             problems.append({"kind": "dataset", "name": name, "path": path, "problem": problem})
+        try:
+            store.config.tokenizer_location(tokenizer, name)
+        except ActdbError as exc:  # a local tokenizer folder that is gone: examples and texts cannot be decoded
+            problems.append({"kind": "dataset tokenizer", "name": name, "path": tokenizer, "problem": str(exc)})
     for expected in sets:
         problem = _check_activations(store, expected, quick, progress)
         if problem:

@@ -3,8 +3,8 @@
 File paths are derived from names by an injective rule (percent-encoding every character other than letters,
 digits, `_`, `-` and a non-leading `.`) and stored relative to the store folder, so two names never share a
 file and a store folder copied or moved together with its SQLite file works from its new place. Model sources
-inside the store folder are recorded the same way (`store:<relative path>`), so a zoo kept in the store moves
-with it.
+and dataset tokenizers inside the store folder are recorded the same way (`store:<relative path>`), so a zoo
+kept in the store moves with it.
 """
 
 from __future__ import annotations
@@ -65,6 +65,15 @@ class StoreConfig:
             return source
         return STORE_SOURCE + Path(os.path.relpath(source, home)).as_posix()
 
+    def recorded_path_or_id(self, given: str) -> str:
+        """How a tokenizer (or other source) typed by a user is recorded: an existing local path (relative to the
+        working folder, `~` expanded) as `recorded_source` records its absolute form, so that neither the working
+        folder nor the store's place matters when it is read back; anything else (a hub id) as given."""
+        local = os.path.expanduser(given)
+        if not Path(local).exists():
+            return given
+        return self.recorded_source(os.path.abspath(local))
+
     def locate(self, source: str) -> str:
         """What a recorded source loads from: a `store:` path under this store folder, anything else as recorded
         (a hub id, or a local path outside the store)."""
@@ -73,12 +82,17 @@ class StoreConfig:
         return source
 
     def model_location(self, recorded: str, what: str) -> str:
-        """Where a checkpoint recorded with source `recorded` loads from, checked before any run starts: a
-        one-line error when its local files are gone."""
+        """Where a checkpoint (or a dataset's tokenizer) recorded as `recorded` loads from, checked before any run
+        starts: a one-line error when its local files are gone."""
         location = self.locate(recorded)
         if (recorded.startswith(STORE_SOURCE) or os.path.isabs(recorded)) and not Path(location).exists():
             raise ActdbError(f"the files of {what} are gone: {location} does not exist")
         return location
+
+    def tokenizer_location(self, recorded: str, dataset: str) -> str:
+        """Where the tokenizer of `dataset`, recorded as `recorded`, loads from: `model_location`'s rule and check
+        (stores written before tokenizers were recorded store-relative hold absolute paths, which load as such)."""
+        return self.model_location(recorded, f"the tokenizer of dataset {dataset}")
 
     @staticmethod
     def activation_path(model: str, step: int, dataset: str, hook: str) -> str:

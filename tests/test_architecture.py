@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,3 +120,18 @@ def test_every_study_room_is_a_package_the_wheel_lists():
         assert f'"{package}"' in pyproject, f"{package} is missing from pyproject's packages"
     studies = {p.name for p in (ROOT / "compute").iterdir() if (p / "__init__.py").exists()}
     assert {"correlation", "persistence", "ablation", "explain", "similarity", "planning"} <= studies
+
+
+def test_the_architecture_document_names_every_module_and_folder():
+    """docs/ARCHITECTURE.md's tree is where a newcomer looks for a module: each module and folder of store/,
+    compute/ and query/ (and of query/serve/) is named there."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    rooms = [ROOT / name for name in TOP] + [ROOT / "query" / "serve"]
+    missing = [
+        str(path.relative_to(ROOT))
+        for room in rooms
+        for path in sorted(room.iterdir())
+        if (path.suffix == ".py" and path.name != "__init__.py") or (path.is_dir() and path.name != "__pycache__")
+        if not re.search(rf"(?<![\w/]){re.escape(path.name)}{'/' if path.is_dir() else ''}(?!\w)", text)
+    ]
+    assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"

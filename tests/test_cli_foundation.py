@@ -53,3 +53,27 @@ def test_user_mistakes_are_one_line(run_cli, tmp_path):
 def test_console_script_version():
     out = subprocess.run([sys.executable, "-m", "actdb.query.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "actdb, version" in out.stdout
+
+
+def test_help_says_the_demo_threshold_and_what_mantel_permutations_are():
+    from click.testing import CliRunner
+
+    from actdb.query.cli import cli
+    from actdb.query.demo import DemoRequest
+
+    def help_of(*command: str) -> str:
+        return " ".join(CliRunner().invoke(cli, [*command, "--help"], terminal_width=400).output.split())
+
+    assert f"[default: {DemoRequest.threshold}]" in help_of("demo")  # the value the demo runs with
+    for command in (("concept", "show"), ("concept", "run")):
+        assert "--mantel-permutations INTEGER RANGE Permutations of the Mantel test" in help_of(*command), command
+
+
+def test_the_package_docstring_says_listings_are_data_frames(store):
+    import pandas as pd
+
+    import actdb
+    from actdb.query.api import ActdbStore
+
+    assert "rows as dicts" not in actdb.__doc__ and "pandas DataFrame" in actdb.__doc__
+    assert isinstance(ActdbStore(store).models().head(3), pd.DataFrame)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,29 @@ def test_show_and_experts_commands(concept_store):
     experts = json.loads(run("concept", "experts", "code", "if", "--model", "a", "--format", "json").stdout)
     assert len(experts) == 5 * 2  # the masked run's too
     assert experts[0]["ap"] > 0.99 and experts[0]["twins"].startswith("b:") and not experts[0]["masked"]
+
+
+def test_show_reads_the_mantel_tests_concept_run_stored(concept_store):
+    """`concept show` prints the Mantel p that `concept run --mantel-permutations` stored (the view's), and the
+    count behind it; it tests afresh only where no stored test fits, with `concept run`'s default count."""
+    from actdb.compute.concepts import MANTEL_PERMUTATIONS
+    from actdb.compute.concepts.run import ConceptRequest
+
+    _root, _home, db, run = concept_store
+    stored = _rows(
+        db,
+        "SELECT p, n_permutations FROM v_concept_alignment WHERE reference = 'taxonomy' AND run_id IN (SELECT "
+        "MAX(run_id) FROM v_concept_alignment WHERE mask_concept_token = FALSE AND pool = 'max' GROUP BY model)",
+    )
+    assert len(stored) == 2 and {n for _p, n in stored} == {99}
+    (row,) = json.loads(run("concept", "show", "code", "--format", "json").stdout)
+    assert row["taxonomy_p_max"] == pytest.approx(max(p for p, _n in stored)) and row["taxonomy_permutations"] == 99
+    (jaccard,) = json.loads(run("concept", "show", "code", "--similarity", "jaccard", "--format", "json").stdout)
+    assert jaccard["taxonomy_permutations"] == MANTEL_PERMUTATIONS == ConceptRequest.mantel_permutations
+    assert jaccard["taxonomy_p_max"] >= 1 / (1 + MANTEL_PERMUTATIONS)
+    (again,) = json.loads(run("concept", "show", "code", "--mantel-permutations", 9, "--format", "json").stdout)
+    assert again["taxonomy_permutations"] == 9 and again["taxonomy_p_max"] >= 0.1
+    assert again["taxonomy_rsa"] == pytest.approx(row["taxonomy_rsa"])  # the same test, fewer permutations
 
 
 def test_a_rerun_is_reused_and_a_forced_rerun_is_identical(concept_store):
@@ -299,6 +323,27 @@ def test_python_api(concept_store):
         store.close()
 
 
+def test_python_api_refuses_unknown_names_as_the_cli_does(concept_store):
+    import actdb
+    from actdb.store.errors import ActdbError
+
+    _root, home, db, run = concept_store
+    cli = run("concept", "experts", "code", "nope", ok=False)
+    store = actdb.open(home=home, db=db)
+    try:
+        for call, needle in (
+            (lambda: store.concepts("nope"), "unknown concept set 'nope' (known: code)"),
+            (lambda: store.concept_experts("nope", concept="if"), "unknown concept set 'nope'"),
+            (lambda: store.concept_experts("code", concept="nope"), cli.stderr.strip().removeprefix("actdb: error: ")),
+            (lambda: store.concepts("code", model="nope"), "unknown model 'nope'"),
+            (lambda: store.concept_experts("code", concept="if", step=9), "no checkpoint at step 9"),
+        ):
+            with pytest.raises(ActdbError, match=re.escape(needle)):
+                call()
+    finally:
+        store.close()
+
+
 def test_report_has_the_concept_section(concept_store, tmp_path):
     from actdb.query.report import build_report
     from actdb.store.config import StoreConfig
@@ -334,6 +379,8 @@ def test_pooling_never_reads_padding(pool):
 
 
 def test_human_references_pairs_in_show_and_triplets_in_run(concept_store, tmp_path):
+    from actdb.compute.concepts import MANTEL_PERMUTATIONS
+
     _root, _home, db, run = concept_store
     names = ["control", "if", "loop", "number", "text"]
     pairs = tmp_path / "pairs.csv"
@@ -368,6 +415,19 @@ def test_human_references_pairs_in_show_and_triplets_in_run(concept_store, tmp_p
         0
     ]
     assert n == 3 and acc in (0.0, 1 / 3, 2 / 3, 1.0) and p >= 1 / 51
+    # show reads a's stored test against this reference (50 permutations) and tests b, scored without it, afresh;
+    # a file of the same name with other content is another reference: both tested afresh
+    (row,) = json.loads(run("concept", "show", "code", "--human", triplets, "--format", "json").stdout)
+    assert row["human_permutations"] == 50 and row["human_p_max"] is not None
+    edited = tmp_path / "edited" / "odd.csv"
+    edited.parent.mkdir()
+    edited.write_text(triplets.read_text().replace("if,loop,number,number", "if,loop,number,if"))
+    (row,) = json.loads(run("concept", "show", "code", "--human", edited, "--format", "json").stdout)
+    assert row["human_permutations"] == MANTEL_PERMUTATIONS and row["taxonomy_permutations"] == 50
+    (row,) = json.loads(
+        run("concept", "show", "code", "--human", edited, "--mantel-permutations", 60, "--format", "json").stdout
+    )
+    assert row["human_permutations"] == row["taxonomy_permutations"] == 60
 
 
 def test_a_text_longer_than_the_context_is_refused(concept_store, tmp_path):

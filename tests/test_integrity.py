@@ -134,6 +134,10 @@ def test_bad_input_is_one_line_and_writes_nothing(populated, tmp_path, sources, 
         ),
         (("dataset", "add", "e", tmp_path, "--tokenizer", tokenizer_dir, "--seq-len", 100_000_000), "--seq-len"),
         (("dataset", "add", "d", tmp_path / "latin1.txt", "--tokenizer", tokenizer_dir), "already exists"),
+        (("dataset", "add", "e", tmp_path / "nonexist.txt", "--tokenizer", tokenizer_dir), "no such file or folder"),
+        (("dataset", "add", "e", "nonexist.jsonl", "--tokenizer", tokenizer_dir), "no such file or folder"),
+        (("dataset", "add", "e", f"{tmp_path}-typo/docs", "--tokenizer", tokenizer_dir), "no such file or folder"),
+        (("dataset", "add", "e", "someone/corpus", "--tokenizer", tokenizer_dir), "not a file or folder"),  # hub name
     ]
     before = _snapshot(home, db)
     for args, expected in cases:
@@ -365,6 +369,52 @@ def test_store_can_be_copied_and_moved(tmp_path, sources, tokenizer_dir, text_di
     assert {(r["model"], r["step"]): r["status"] for r in status}[("b", 1)] == "missing"
     r = cli_call(copy, db, "check", "--quiet", "--format", "json")
     assert r.exit_code == 1 and [p["problem"] for p in json.loads(r.stdout)] == ["file missing"]
+
+
+def test_a_tokenizer_inside_the_store_moves_with_it(tmp_path, tokenizer_dir, text_dir, monkeypatch):
+    """A dataset's tokenizer kept in the store is recorded `store:<relative path>` (typed absolute or relative to
+    the working folder), so texts and examples decode from the store's new place; a dataset recorded before,
+    with an absolute path, loads from it while it exists and is a one-line error (and a check problem) once gone."""
+    from actdb.store.ingest.zoo import save_tiny_model
+
+    home = tmp_path / "original"
+    shutil.copytree(tokenizer_dir, home / "zoo" / "tokenizer")
+    save_tiny_model("gpt2", home / "zoo" / "c" / "step-0", home / "zoo" / "tokenizer", seed=31)
+    run = lambda place, *args: cli_call(place, f"sqlite:///{place}/actdb.sqlite", *args)  # noqa: E731
+    assert run(home, "init").exit_code == 0
+    tokens = ("--seq-len", 64, "--tokens", 640)
+    assert run(home, "dataset", "add", "d", text_dir, "--tokenizer", home / "zoo" / "tokenizer", *tokens).exit_code == 0
+    monkeypatch.chdir(home)
+    assert run(home, "dataset", "add", "typed", text_dir, "--tokenizer", "zoo/tokenizer", *tokens).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    r = run(home, "ingest", "c", "--step", 0, "--dataset", "d", "--source", home / "zoo" / "c" / "step-{step}")
+    assert r.exit_code == 0 and "explained" in r.stdout, r.stderr
+    moved = tmp_path / "moved"
+    home.rename(moved)
+    recorded = json.loads(run(moved, "sql", "SELECT tokenizer FROM dataset ORDER BY name", "--format", "json").stdout)
+    assert recorded == [{"tokenizer": "store:zoo/tokenizer"}] * 2
+    try_text = ("activations", "c@0", "--text", "for i in range(3):", "--neurons", "0.1", "--format", "json")
+    r = run(moved, *try_text)
+    assert r.exit_code == 0 and "".join(t["token"] for t in json.loads(r.stdout)) == "for i in range(3):", r.stderr
+    assert run(moved, "examples", "c@0", "--force").exit_code == 0
+    assert run(moved, "check", "--quiet").exit_code == 0
+
+    engine = make_engine(f"sqlite:///{moved}/actdb.sqlite")
+
+    def record(tokenizer: Path) -> None:  # as a store written before tokenizers were recorded store-relative
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE dataset SET tokenizer = :t WHERE name = 'd'"), {"t": str(tokenizer)})
+
+    record(moved / "zoo" / "tokenizer")
+    assert run(moved, *try_text).exit_code == 0 and run(moved, "examples", "c@0", "--force").exit_code == 0
+    record(home / "zoo" / "tokenizer")  # the folder it was recorded in is gone
+    r = run(moved, *try_text)
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"actdb: error: the files of the tokenizer of dataset d are gone: {home}/zoo/tokenizer does not exist"
+    ]
+    r = run(moved, "check", "--quiet", "--format", "json")
+    assert r.exit_code == 1 and [(p["kind"], p["name"]) for p in json.loads(r.stdout)] == [("dataset tokenizer", "d")]
+    engine.dispose()
 
 
 def test_check_finds_corrupt_files(tmp_path, sources, tokenizer_dir, text_dir):

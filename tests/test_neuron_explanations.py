@@ -16,6 +16,7 @@ from actdb.compute.explain.vocabulary import vocabulary_statistics
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Store
 from actdb.store.database.schema import NeuronExplanation, SetExplanation
+from actdb.store.errors import ActdbError
 from actdb.store.files.activation import ActivationReader
 from actdb.store.files.explanation import explanation_path, read_explanation_group, unpack_strings
 from actdb.store.files.token import TokenDataset
@@ -249,6 +250,30 @@ def test_api_returns_examples_explanations_and_families_as_frames(explained):
         api.close()
 
 
+def test_api_refuses_what_the_store_lacks_as_the_cli_does(explained):
+    """A typo in a notebook is an ActdbError naming what exists, never an empty frame that reads as "no
+    results"."""
+    import actdb
+
+    home, db, _run, _src = explained
+    api = actdb.open(home=home, db=db)
+    try:
+        for call, needle in (
+            (lambda: api.examples("a@0", "5.1"), "neuron 5.1 does not exist (a has 2 layers x 128 neurons)"),
+            (lambda: api.explanation("a@0", "1.9999"), "neuron 1.9999 does not exist"),
+            (lambda: api.examples("a@3", "1.5"), "unknown checkpoint a@3"),
+            (lambda: api.explanations(model="nope"), "unknown model 'nope'"),
+            (lambda: api.explanations(model="a", step=3), "model 'a' has no step 3"),
+            (lambda: api.explanations(step=3), "no checkpoint at step 3 (steps: 0)"),
+            (lambda: api.explanations(hook="mlp.pre"), "no complete sets at hook mlp.pre"),
+        ):
+            with pytest.raises(ActdbError, match=re.escape(needle)):
+                call()
+        assert len(api.explanations(model="a", step=0, hook="mlp.post")) == 2 * 128
+    finally:
+        api.close()
+
+
 def test_report_links_each_universal_neuron_to_its_page(explained, tmp_path):
     home, db, run, _src = explained
     run("report", "--out", tmp_path / "rep", "--threshold", 0)
@@ -333,11 +358,16 @@ def test_api_frames_are_typed_and_carry_what_the_cli_shows(explained):
         assert story["explanation"]["token_r2"].iloc[0] == pytest.approx(cli["explanation"][0]["token_r2"])
         assert story["examples"]["sequence"].dtype == "int64" and story["examples"]["rank"].dtype == "int64"
         every = api.explanations(model="a", step=0)
-        assert every["layer"].dtype == "int64" and every["top_token_id"].dtype in ("int64", "Int64")
+        assert every["layer"].dtype == "int64" and every["top_token"].dtype in ("int64", "Int64")
         fam = api.families("a@0", threshold=0.0).set_index(["layer", "neuron"])
         both = every.set_index(["layer", "neuron"]).loc[fam.index]
-        assert list(both["top_token"]) == list(fam["token"])  # text, as families() shows it
-        assert all(t.startswith("'") and t.endswith("'") for t in every["top_token"].dropna())
+        # one meaning of top_token: the id, as in the views and families(); its text in `token`
+        assert list(both["top_token"]) == list(fam["top_token"]) and list(both["token"]) == list(fam["token"])
+        view = api.sql("SELECT layer, neuron, top_token FROM v_neuron_explanations WHERE model = 'a' AND step = 0")
+        assert every.merge(view, on=["layer", "neuron", "top_token"]).shape[0] == len(every)
+        assert "top_token_id" not in every.columns
+        assert every.columns.get_loc("token") == every.columns.get_loc("top_token") + 1
+        assert all(t.startswith("'") and t.endswith("'") for t in every["token"].dropna())
         bare = api.neuron("bare@0", "0.1")  # no explanations: the sections are empty but typed
         assert len(bare["examples"]) == 0 and bare["examples"]["rank"].dtype == "int64"
         assert bare["top_tokens"]["mean_activation"].dtype == "float64"

@@ -109,6 +109,33 @@ def test_twins_rule_maps_one_seeds_universal_neurons_into_the_others(zoo_store):
     assert a == universal and 1 <= b <= a and 1 <= c <= a  # twins shared by two neurons are kept once
 
 
+def test_show_names_the_contexts_dataset_and_each_seeds_set_size(zoo_store, text_dir, tokenizer_dir):
+    """`dataset` selected the neurons, `eval_dataset` gave the contexts: both in the views, the latter and the
+    ablated set sizes in `robustness show`'s table (IR_norm of sets of different sizes is not one effect)."""
+    _root, _home, db, run = zoo_store
+    run("dataset", "add", "held", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 48, "--tokens", 480)
+    run("robustness", "run", "--models", "a,b", "--steps", 1, "--ablate", "1.3,0.7", "--contexts", 2, "--controls",
+        1, "--dataset", "d", "--eval-dataset", "held")  # fmt: skip
+    (run_id, dataset, eval_dataset, sizes) = _sql(
+        db,
+        "SELECT run_id, dataset, eval_dataset, n_neurons FROM v_robustness_by_step WHERE spec = '1.3,0.7' "
+        "AND eval_dataset = 'held'",
+    )[0]
+    assert (dataset, json.loads(sizes)) == ("d", [2, 2])
+    controls = _sql(db, f"SELECT DISTINCT dataset, eval_dataset FROM v_robustness_controls WHERE run_id = {run_id}")
+    assert controls == [("d", "held")]
+    (shown,) = json.loads(run("robustness", "show", "--run", run_id, "--format", "json").stdout)
+    assert shown["eval_dataset"] == "held" and json.loads(shown["n_neurons"]) == [2, 2]
+    table = run("robustness", "show", "--run", run_id).stdout.splitlines()
+    assert table[0].split()[:7] == ["run_id", "intervention", "spec", "eval_dataset", "step", "n_contexts", "n_neurons"]
+    assert "held" in table[2] and "[2, 2]" in table[2]
+    run("robustness", "run", "--models", "a,b", "--steps", 1, "--ablate", "1.3,0.7", "--contexts", 2, "--controls",
+        1)  # fmt: skip
+    in_sample = _sql(db, "SELECT eval_dataset FROM v_robustness_by_step WHERE spec = '1.3,0.7' AND run_id != "
+                         f"{run_id}")  # fmt: skip
+    assert in_sample == [("d",)]  # the default: the contexts come from the selecting dataset
+
+
 def test_generated_and_file_edits(zoo_store, tmp_path):
     root, _home, db, run = zoo_store
     r = run("robustness", "run", "--models", "a,b", "--steps", 0, "--generate", "replace", "--contexts", 5,
@@ -125,6 +152,9 @@ def test_generated_and_file_edits(zoo_store, tmp_path):
     assert "over 2 contexts" in r.stdout
     kinds = {row[0] for row in _sql(db, "SELECT intervention FROM v_robustness_by_step")}
     assert {"generate", "edits"} <= kinds
+    assert _sql(db, "SELECT DISTINCT eval_dataset FROM v_robustness_by_step WHERE intervention = 'edits'") == [
+        (None,)
+    ]  # the file's contexts, not a dataset's
 
 
 def test_refused_inputs_write_nothing(zoo_store, tmp_path, tokenizer_dir):

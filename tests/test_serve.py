@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -96,6 +97,9 @@ def test_home_shows_the_grid_runs_and_dataset_with_security_headers(client):
     r = client.get("/")
     assert r.status_code == 200
     assert "Universality share" in r.text and "step 0" in r.text and "step 1" in r.text
+    # the grid reads each set's canonical run (newest_runs), and says so: the widest, not the newest
+    assert "canonical cross-model run without control (the widest run that scored the set, the newest" in r.text
+    assert "newest cross-model run" not in r.text
     assert re.search(r'href="/universal\?model=a&amp;step=0">\d+\.\d%', r.text)
     # the newest runs, newest first, in a few columns; all of them on /runs
     shown = [
@@ -164,7 +168,7 @@ def _a_top_token(config) -> str:
 
     store = Store.open(config, read_only=True)
     try:
-        return explained_neurons(store)[0]["top_token"][1:-1]  # quoted
+        return explained_neurons(store)[0]["token"][1:-1]  # quoted
     finally:
         store.close()
 
@@ -278,11 +282,23 @@ def test_try_text_bounds_and_missing_weights(client, served_store, tmp_path):
 
 
 def test_activations_cli_and_gone_weights(served_store, tmp_path):
+    from transformers import AutoTokenizer
+
+    from actdb.store.token_text import quoted, token_bytes
+
     config, sources = served_store
     run = cli_runner(config.home, config.database_url)
     out = run("activations", "a@0", "--text", "def f(x):", "--neurons", "1.5,0.2", "--format", "csv").stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rows and list(rows[0]) == ["position", "token", "a@0 1.5", "a@0 0.2"]
+    text = "for i in range(3):\n    x"
+    tokenizer = AutoTokenizer.from_pretrained(sources[("a", 0)])
+    expected = [quoted(raw) for raw in token_bytes(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])]
+    assert any(t.startswith("' ") for t in expected)  # whitespace the table must show
+    shown = run("activations", "a@0", "--text", text, "--neurons", "1.5", "--format", "csv").stdout
+    assert [r["token"] for r in csv.DictReader(io.StringIO(shown))] == expected  # the form `neuron` shows
+    table = run("activations", "a@0", "--text", text, "--neurons", "1.5").stdout
+    assert all(t in table for t in expected)
     bad = run("activations", "a@0", "--text", "x", "--neurons", "9.0", ok=False)
     assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
     moved = sources[("b", 1)].with_name("b1-moved")
@@ -433,7 +449,7 @@ def test_in_chromium_tables_are_keyboard_navigable(browser, server_url):
     page.close()
 
 
-def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store, tmp_path):
+def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store, tmp_path, monkeypatch):
     from actdb.query.api import ActdbStore
     from actdb.query.serve.launch import browse_command
 
@@ -448,9 +464,27 @@ def test_api_text_activations_equal_the_cli_and_the_browse_command(served_store,
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(got.columns) == ["position", "token", "a@0 1.5", "a@0 0.2"] and len(got) == len(rows)
     np.testing.assert_allclose(got["a@0 1.5"].to_numpy(), [float(r["a@0 1.5"]) for r in rows], rtol=1e-3, atol=1e-4)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # an active venv
     assert browse_command(config) == f"actdb --home {config.home} serve"
     pg = StoreConfig.resolve(tmp_path, "postgresql://u:secret@127.0.0.1/x")
     assert browse_command(pg).endswith("serve") and "secret" not in browse_command(pg) and "--db" in browse_command(pg)
+
+
+def test_the_browse_command_runs_as_printed_in_a_shell_without_the_venv(served_store, monkeypatch):
+    """`scripts/bootstrap.sh` never activates `.venv`: the demo's last line then names the venv's script."""
+    from actdb.query.serve.launch import browse_command
+
+    config, _sources = served_store
+    bare = "/usr/local/bin:/usr/bin:/bin"
+    monkeypatch.setenv("PATH", bare)
+    venv = Path(sys.executable).parent
+    monkeypatch.chdir(venv.parent.parent)  # the repository root, where bootstrap made .venv
+    printed = browse_command(config)
+    assert printed.startswith(f"{Path(venv.parent.name, venv.name, 'actdb')} --home {config.home} ")  # .venv/bin/
+    shell = subprocess.run(["bash", "-c", f"{printed} --help"], env={"PATH": bare}, capture_output=True, text=True)
+    assert shell.returncode == 0 and "Usage: actdb serve" in shell.stdout, shell.stderr  # no "command not found"
+    monkeypatch.chdir(config.home)  # elsewhere: the script's absolute path
+    assert browse_command(config).startswith(f"{venv / 'actdb'} --home ")
 
 
 def test_cached_pages_are_read_again_once_the_store_changes(store):
@@ -514,7 +548,7 @@ def test_token_search_finds_exactly_the_neurons_whose_top_token_it_is(client, se
         expected = {
             (r["model"], r["step"], r["layer"], r["neuron"])
             for r in explained_neurons(store)
-            if r["top_token"] and r["top_token"][1:-1].strip().lower() == token.strip().lower()
+            if r["token"] and r["token"][1:-1].strip().lower() == token.strip().lower()
         }
     finally:
         store.close()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from actdb.compute.trajectories import math as tm
+from actdb.store.errors import ActdbError
 from tests.conftest import cli_runner
 
 
@@ -131,7 +132,9 @@ def test_mds_recovers_a_known_configuration():
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, tokenizer_dir, text_dir):
-    """Two tiny GPT-2 seeds at two steps, and a model of another vocabulary, each with stored predictions."""
+    """Two tiny GPT-2 seeds at two steps, and a model of another vocabulary, each with stored predictions; a second
+    dataset that nothing is ingested on (as the demo's held-out set for ablations), so the dataset is never the
+    store's only one."""
     from actdb.store.ingest.zoo import save_tiny_model, tiny_config
 
     home = tmp_path_factory.mktemp("trajectories")
@@ -139,6 +142,7 @@ def zoo(tmp_path_factory, tokenizer_dir, text_dir):
     run = cli_runner(home, db)
     run("init")
     run("dataset", "add", "d", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 1024)
+    run("dataset", "add", "held", text_dir, "--tokenizer", tokenizer_dir, "--seq-len", 64, "--tokens", 256, "--seed", 1)
     for k, model in enumerate("ab"):
         for step in (0, 1):
             save_tiny_model("gpt2", home / f"src-{model}" / f"step-{step}", tokenizer_dir, seed=80 + 2 * k + step)
@@ -191,6 +195,9 @@ def test_trajectories_end_to_end(zoo):
         frame = db_api.trajectories()
         assert list(frame.columns)[:6] == ["model", "step", "other_model", "other_step", "metric", "value"]
         assert len(frame) == len(rows)
+        assert set(db_api.trajectories(metric="win_rate")["metric"]) == {"win_rate"}
+        with pytest.raises(ActdbError, match=r"has no metric 'winrate' \(it has: disagreement, distance, .*win_rate\)"):
+            db_api.trajectories(metric="winrate")
         points = db_api.trajectory_points()
         assert set(points["model"]) == {"a", "b"} and points["bt_strength"].sum() == pytest.approx(0.0, abs=1e-9)
     finally:
@@ -279,3 +286,22 @@ def test_cka_distance_comes_from_the_similarity_run(zoo):
         key = (r["model"], r["step"], r["other_model"], r["other_step"])
         expected = 0.0 if key[:2] == key[2:] else 1 - (cka[key] + cka[key[2:] + key[:2]]) / 2
         assert r["value"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_dataset_is_the_one_holding_the_checkpoints_predictions(zoo, tokenizer_dir):
+    """Without --dataset, trajectories and function similarity use the dataset the checkpoints' predictions are
+    on (the store has two); predictions on two datasets ask for --dataset."""
+    from actdb.store.ingest.zoo import save_tiny_model
+
+    home, db, run = zoo
+    assert "Win rate" in run("trajectories", "--sets", "a@0,b@1", "--no-weights").stdout
+    assert len(json.loads(run("similarity", "--function", "--sets", "a@0,b@1", "--format", "json").stdout)) == 4
+    save_tiny_model("gpt2", home / "src-held", tokenizer_dir, seed=98)
+    run("ingest", "held", "--step", 0, "--dataset", "held", "--source", home / "src-held", "--predictions", "--quiet")
+    for args in (("trajectories", "--sets", "a@0,held@0"), ("similarity", "--function", "--sets", "a@0,held@0")):
+        r = run(*args, ok=False)
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            "actdb: error: the checkpoints have predictions on 2 datasets (d, held); pass --dataset"
+        ]
+        r = run(*args, "--dataset", "held", ok=False)
+        assert r.exit_code == 1 and "`actdb predictions a@0 --dataset held`" in r.stderr

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import func, select
 
+from actdb.compute.concepts import MANTEL_PERMUTATIONS
 from actdb.compute.concepts import math as cm
-from actdb.compute.concepts.concept_file import ConceptSet, read_reference
-from actdb.compute.concepts.run import load_concept_set
+from actdb.compute.concepts.concept_file import ConceptSet, Reference, load_concept_set, read_reference
+from actdb.compute.concepts.run import concept_run_key
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.tables import (
     activation_set,
     checkpoint,
+    concept_alignment,
     concept_expert,
     concept_run,
     correlation_run,
@@ -38,6 +40,10 @@ class ScoredRun:
     pool: str
     masked: bool
     arrays: ConceptArrays
+    hook: str
+    n_permutations: int
+    seed: int
+    request_key: str
 
     def experts(self, c: int) -> np.ndarray:
         return cm.top_k(self.arrays.ap[c], self.k)
@@ -64,7 +70,21 @@ def complete_runs(store: Store, name: str, pool: str | None = None, mask: bool |
     set_id, _concepts = load_concept_set(store, name)
     cr = concept_run.c
     q = (
-        select(cr.id, cr.set_id, cr.k, cr.tau, cr.pool, cr.mask_concept_token, cr.path, model.c.name, checkpoint.c.step)
+        select(
+            cr.id,
+            cr.set_id,
+            cr.k,
+            cr.tau,
+            cr.pool,
+            cr.mask_concept_token,
+            cr.path,
+            cr.hook,
+            cr.n_permutations,
+            cr.seed,
+            cr.request_key,
+            model.c.name,
+            checkpoint.c.step,
+        )
         .join(activation_set, activation_set.c.id == cr.set_id)
         .join(checkpoint, checkpoint.c.id == activation_set.c.checkpoint_id)
         .join(model, model.c.id == checkpoint.c.model_id)
@@ -92,6 +112,10 @@ def complete_runs(store: Store, name: str, pool: str | None = None, mask: bool |
                 run["pool"],
                 bool(run["mask_concept_token"]),
                 arrays,
+                run["hook"],
+                run["n_permutations"],
+                run["seed"],
+                run["request_key"],
             )
         )
     if not out:
@@ -141,6 +165,36 @@ def _expert_universal(store: Store, run: ScoredRun, n_concepts: int) -> cm.Enric
     return cm.expert_universal_enrichment(expert, universal)
 
 
+def stored_alignment(store: Store, runs: list[ScoredRun]) -> dict[int, dict[str, cm.RSA]]:
+    """Each run's RSA tests as `concept run` stored them (`v_concept_alignment`), by run id and reference name."""
+    a = concept_alignment.c
+    ids = [r.run_id for r in runs]
+    rows = store.query(select(a.run_id, a.reference, a.rho, a.p, a.n_permutations, a.n_pairs).where(a.run_id.in_(ids)))
+    out: dict[int, dict[str, cm.RSA]] = defaultdict(dict)
+    for row in rows:
+        rho, p = (float("nan") if v is None else v for v in (row["rho"], row["p"]))
+        out[row["run_id"]][row["reference"]] = cm.RSA(rho, p, row["n_permutations"], row["n_pairs"])
+    return out
+
+
+def _scored_with(run: ScoredRun, concepts: ConceptSet, reference: Reference, test: cm.RSA) -> bool:
+    """Whether `run` was scored against this very reference (name and content): its request key says so."""
+    key = concept_run_key(
+        concepts,
+        run.set_id,
+        run.hook,
+        run.pool,
+        run.masked,
+        run.k,
+        run.tau,
+        run.n_permutations,
+        test.n_permutations,
+        run.seed,
+        reference,
+    )
+    return key == run.request_key
+
+
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(finite)) if finite else None
@@ -154,7 +208,7 @@ def concept_table(
     pool: str = "max",
     mask: bool = False,
     draws: int = 200,
-    mantel_permutations: int = 1000,
+    mantel_permutations: int | None = None,
     seed: int = 0,
     similarity: str = "spearman",
     layer: int | None = None,
@@ -164,16 +218,34 @@ def concept_table(
     concepts, best AP, experts above tau; twin overlap (Jaccard of A's experts' twins with B's experts) and its
     chance from `draws` random k-sets; twin tuning (correlation over concepts of an expert's AP with its twin's)
     and the same for 1000 random neuron pairs; experts x universal neurons odds ratio (and the largest Fisher p);
-    seed-seed RSA; taxonomy and human RSA with the largest Mantel p over the models; hierarchy AUROC; containment
+    seed-seed RSA; taxonomy and human RSA, each with the largest Mantel p over the models and the fewest
+    permutations behind those p (so p >= 1 / (1 + it)); hierarchy AUROC; containment
     |E(child) ∩ E(parent)| / k over parent-child pairs; the average-linkage dendrogram's cophenetic correlation
     with the taxonomy; Jaccard of the experts with the last step. `similarity` (spearman or jaccard) and `layer`
-    choose the concept x concept matrix the RSA and hierarchy columns use."""
+    choose the concept x concept matrix the RSA and hierarchy columns use.
+
+    The Mantel tests are the ones `concept run` stored (`v_concept_alignment`), so both report one p, wherever
+    they apply: the Spearman matrix over every layer, and for `human` a run scored with that same reference.
+    Elsewhere, or for every run when `mantel_permutations` is given, the test is run here with
+    `mantel_permutations` (default MANTEL_PERMUTATIONS, `concept run`'s own default) permutations."""
     _id, concepts = load_concept_set(store, name)
     runs = complete_runs(store, name, pool, mask)
     names = concepts.names
     reference = read_reference(human, names) if human else None
     taxonomy = cm.taxonomy_similarity(names, concepts.parents)
     rng = np.random.default_rng(seed)
+    mantel_rng = np.random.default_rng([seed, 1])  # own stream: the chance columns don't depend on stored tests
+    run_tested_this_matrix = similarity == "spearman" and layer is None
+    stored = stored_alignment(store, runs) if mantel_permutations is None and run_tested_this_matrix else {}
+    fresh = MANTEL_PERMUTATIONS if mantel_permutations is None else mantel_permutations
+
+    def mantel(run: ScoredRun, own: np.ndarray, target: np.ndarray, human_reference: Reference | None) -> cm.RSA:
+        """RSA of the run's concept x concept matrix `own` with `target` (the taxonomy or the human reference)."""
+        test = stored.get(run.run_id, {}).get("taxonomy" if human_reference is None else human_reference.name)
+        if test is not None and (human_reference is None or _scored_with(run, concepts, human_reference, test)):
+            return test
+        return cm.rsa(own, target, fresh, mantel_rng)
+
     by_model: dict[str, list[ScoredRun]] = defaultdict(list)
     for r in runs:
         by_model[r.model].append(r)
@@ -188,9 +260,9 @@ def concept_table(
     for step in sorted({r.step for r in runs}):
         at = [r for r in runs if r.step == step]
         sims = {r.run_id: r.similarity(similarity, layer) for r in at}
-        tax = [cm.rsa(sims[r.run_id], taxonomy, mantel_permutations, rng) for r in at] if len(names) >= 3 else []
+        tax = [mantel(r, sims[r.run_id], taxonomy, None) for r in at] if len(names) >= 3 else []
         hum = (
-            [cm.rsa(sims[r.run_id], reference.similarity, mantel_permutations, rng) for r in at]
+            [mantel(r, sims[r.run_id], reference.similarity, reference) for r in at]
             if reference is not None and len(names) >= 3
             else []
         )
@@ -239,8 +311,10 @@ def concept_table(
                 _mean(seed_rsa),
                 _mean([t.rho for t in tax]),
                 max((t.p for t in tax if np.isfinite(t.p)), default=None),
+                min((t.n_permutations for t in tax if np.isfinite(t.p)), default=None),
                 _mean([h.rho for h in hum]),
                 max((h.p for h in hum if np.isfinite(h.p)), default=None),
+                min((h.n_permutations for h in hum if np.isfinite(h.p)), default=None),
                 _mean(hier),
                 _mean(contained),
                 _mean(cophenetic),
@@ -263,8 +337,10 @@ def concept_table(
             "seed_seed_rsa",
             "taxonomy_rsa",
             "taxonomy_p_max",
+            "taxonomy_permutations",
             "human_rsa",
             "human_p_max",
+            "human_permutations",
             "hierarchy_auroc",
             "containment",
             "cophenetic_r",
@@ -284,13 +360,11 @@ def concept_experts(store: Store, name: str, concept: str, model: str | None = N
     newest universality score (excess correlation), its family when explained, and its twins in the other
     models' sets at the same step (from the newest correlation run holding both)."""
     _id, concepts = load_concept_set(store, name)
-    if concept not in concepts.names:
-        raise ActdbError(f"concept {concept!r} is not in concept set {name!r} ({', '.join(concepts.names[:10])})")
+    c = concepts.position(concept, name)
     every = complete_runs(store, name)
     runs = [r for r in every if (model is None or r.model == model) and (step is None or r.step == step)]
     if not runs:
         raise ActdbError(f"no complete run of {name!r} for {model or 'any model'} at step {step}")
-    c = concepts.names.index(concept)
     from actdb.store.database.views import v_neuron_explanations, v_universality
 
     out = []

@@ -1,4 +1,5 @@
-"""Concepts files (JSONL, one concept a line) and human reference files: parsing and validation, one-line errors.
+"""Concepts files (JSONL, one concept a line) and human reference files: parsing and validation, one-line errors;
+and reading back a concepts file stored under a name (`actdb concept add`).
 
 A line: `{"concept": "dog", "parents": ["animal"], "positive": [texts...], "negative": [texts...]}`. Negatives
 are optional; a concept without them gets as many of the other concepts' positives as it has positives (fewer
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import select
 
+from actdb.store.database.connection import Store
+from actdb.store.database.tables import concept_set
 from actdb.store.errors import ActdbError
 
 KEYS = frozenset({"concept", "parents", "positive", "negative"})
@@ -38,6 +42,12 @@ class ConceptSet:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.concepts]
+
+    def position(self, concept: str, set_name: str) -> int:
+        """Where `concept` is in the file, or a one-line error naming the set's first concepts."""
+        if concept not in self.names:
+            raise ActdbError(f"concept {concept!r} is not in concept set {set_name!r} ({', '.join(self.names[:10])})")
+        return self.names.index(concept)
 
     @property
     def parents(self) -> dict[str, tuple[str, ...]]:
@@ -254,3 +264,14 @@ def _check_names(path: Path, named: set[str], concepts: list[str]) -> None:
     missing = [c for c in concepts if c not in named]
     if missing:
         raise ActdbError(f"{path} does not cover these concepts of the set: {', '.join(missing[:10])}")
+
+
+def load_concept_set(store: Store, name: str) -> tuple[int, ConceptSet]:
+    """A stored concept set (its row id and concepts) by name, or a one-line error listing the known ones."""
+    c = concept_set
+    row = store.query(select(c.c.id, c.c.body).where(c.c.name == name)).first()
+    if row is None:
+        known = store.query(select(c.c.name).order_by(c.c.name)).column("name")
+        listed = ", ".join(known) if known else "none; add one with `actdb concept add NAME FILE`"
+        raise ActdbError(f"unknown concept set {name!r} (known: {listed})")
+    return row["id"], parse_concepts(row["body"], f"concept set {name}")

@@ -18,12 +18,13 @@ import torch
 from sqlalchemy import insert, select
 from torch import nn
 
+from actdb.compute.concepts import MANTEL_PERMUTATIONS
 from actdb.compute.concepts import math as cm
 from actdb.compute.concepts.concept_file import (
     ConceptSet,
     Reference,
     Sentences,
-    parse_concepts,
+    load_concept_set,
     read_concepts,
     read_reference,
     sentences_of,
@@ -70,17 +71,6 @@ def add_concept_set(store: Store, name: str, path: str | Path) -> tuple[int, Con
         return row.id, concepts, True
 
 
-def load_concept_set(store: Store, name: str) -> tuple[int, ConceptSet]:
-    """A stored concept set by name, or a one-line error listing the known ones."""
-    with store.session() as s:
-        row = s.scalar(select(ConceptSetRow).where(ConceptSetRow.name == name))
-        if row is None:
-            known = sorted(s.scalars(select(ConceptSetRow.name)))
-            listed = ", ".join(known) if known else "none; add one with `actdb concept add NAME FILE`"
-            raise ActdbError(f"unknown concept set {name!r} (known: {listed})")
-        return row.id, parse_concepts(row.body, f"concept set {name}")
-
-
 @dataclass(kw_only=True)
 class ConceptRequest:
     """Score concept set `name` on the complete sets named by `sets` (MODEL@STEP,...) or `models` x `steps`."""
@@ -96,7 +86,7 @@ class ConceptRequest:
     k: int = 100
     tau: float = 0.9
     permutations: int = 20
-    mantel_permutations: int = 10000
+    mantel_permutations: int = MANTEL_PERMUTATIONS
     seed: int = 0
     human: str | None = None
     batch_size: int = 16
@@ -195,19 +185,18 @@ def _run_one(
     device: torch.device,
     log: Callable[[str], None],
 ) -> int:
-    key = request_key(
-        kind="concepts",
-        concepts=concepts.fingerprint(),
-        set=t.set_id,
-        hook=hook,
-        pool=req.pool,
-        mask=req.mask_concept_token,
-        k=req.k,
-        tau=req.tau,
-        permutations=req.permutations,
-        mantel=req.mantel_permutations,
-        seed=req.seed,
-        human=None if reference is None else [reference.name, _fingerprint(reference)],
+    key = concept_run_key(
+        concepts,
+        t.set_id,
+        hook,
+        req.pool,
+        req.mask_concept_token,
+        req.k,
+        req.tau,
+        req.permutations,
+        req.mantel_permutations,
+        req.seed,
+        reference,
     )
     path = concept_sidecar_path(t.activation_path, req.name, key)
     values = {
@@ -254,6 +243,37 @@ def _run_one(
         f"{aligned}"
     )
     return run_id
+
+
+def concept_run_key(
+    concepts: ConceptSet,
+    set_id: int,
+    hook: str,
+    pool: str,
+    mask: bool,
+    k: int,
+    tau: float,
+    permutations: int,
+    mantel_permutations: int,
+    seed: int,
+    reference: Reference | None,
+) -> str:
+    """The request key of one set's concept run: identical requests share it, so a rerun is reused, and `concept
+    show` can tell whether a run's stored alignment was tested against the human reference it is given."""
+    return request_key(
+        kind="concepts",
+        concepts=concepts.fingerprint(),
+        set=set_id,
+        hook=hook,
+        pool=pool,
+        mask=mask,
+        k=k,
+        tau=tau,
+        permutations=permutations,
+        mantel=mantel_permutations,
+        seed=seed,
+        human=None if reference is None else [reference.name, _fingerprint(reference)],
+    )
 
 
 def _fingerprint(reference: Reference) -> str:

@@ -146,7 +146,7 @@ def explain_set(
         ds = s.get(Dataset, aset.dataset_id)
         ckpt = s.get(Checkpoint, aset.checkpoint_id)
         dataset_path, source, revision = ds.path, ckpt.source, ckpt.revision
-        dataset_tokenizer = ds.tokenizer
+        dataset_tokenizer = store.config.tokenizer_location(ds.tokenizer, ds.name)
         expected = expected_header(s, aset)
         identity = set_identity(s, aset.id)
     tokens = TokenDataset.load(store.config.file(dataset_path))

@@ -14,7 +14,7 @@ import torch
 from sqlalchemy import select
 
 from actdb.store.database.connection import Rows, Store
-from actdb.store.database.registry import get_checkpoint, get_dataset, only_dataset
+from actdb.store.database.registry import checkpoints_dataset, get_checkpoint, get_dataset
 from actdb.store.database.schema import PredictionSet
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
@@ -40,7 +40,7 @@ def function_similarity(store: Store, req: FunctionRequest, log: Callable[[str],
     """Every pair of the request's checkpoints (each with itself too), one row per ordered pair."""
     if len(req.sets) < 2:
         raise ActdbError("function similarity needs at least two checkpoints")
-    dataset = req.dataset or only_dataset(store)
+    dataset = req.dataset or checkpoints_dataset(store, req.sets)
     preds, sources = {}, {}
     with store.session() as s:
         ds = get_dataset(s, dataset)

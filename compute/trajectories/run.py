@@ -16,7 +16,7 @@ from actdb.compute.trajectories import math as tm
 from actdb.compute.trajectories.weights import WeightFiles, checkpoint_folder, parameter_blocks
 from actdb.store.database.connection import Store
 from actdb.store.database.lifecycle import request_key, running, start_or_wait
-from actdb.store.database.registry import get_checkpoint, get_dataset, only_dataset
+from actdb.store.database.registry import checkpoints_dataset, get_checkpoint, get_dataset
 from actdb.store.database.schema import (
     CorrelationRun,
     PredictionSet,
@@ -140,7 +140,7 @@ def _check(store: Store, req: TrajectoryRequest) -> _Inputs:
         raise ActdbError(f"the reference {req.reference} is not one of the checkpoints compared")
     if req.eps < 0 or not np.isfinite(req.eps):
         raise ActdbError("--eps must be a finite number >= 0")
-    dataset = req.dataset or only_dataset(store)
+    dataset = req.dataset or checkpoints_dataset(store, req.sets)
     ids, paths, identities, missing, sources = [], [], [], [], {}
     with store.session() as s:
         ds = get_dataset(s, dataset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from actdb.compute.concepts import MANTEL_PERMUTATIONS
 from actdb.query.options import (
     SEED,
     AppContext,
@@ -48,7 +49,13 @@ def add(app: AppContext, name: str, file: str) -> None:
 @click.option("--k", type=click.IntRange(min=1), default=100, show_default=True, help="Experts kept per concept.")
 @click.option("--tau", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="AP counted as expert.")
 @click.option("--permutations", type=click.IntRange(min=0), default=20, show_default=True, help="Label shuffles.")
-@click.option("--mantel-permutations", type=click.IntRange(min=0), default=10000, show_default=True)
+@click.option(
+    "--mantel-permutations",
+    type=click.IntRange(min=0),
+    default=MANTEL_PERMUTATIONS,
+    show_default=True,
+    help="Permutations of the Mantel test behind the stored taxonomy and human-reference RSA p-values.",
+)
 @click.option("--human", type=click.Path(dir_okay=False), help="Human reference CSV (pairs or triplets).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of negatives and permutations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -69,7 +76,13 @@ def run(app: AppContext, name: str, quiet: bool, dataset_name: str | None, **opt
 @click.option("--human", type=click.Path(dir_okay=False), help="Human reference CSV (pairs or triplets).")
 @click.option("--pool", type=click.Choice(["max", "mean"]), default="max", show_default=True, help="Runs of this pool.")
 @click.option("--mask-concept-token", "mask", is_flag=True, help="The runs with the concept word's tokens dropped.")
-@click.option("--mantel-permutations", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option(
+    "--mantel-permutations",
+    type=click.IntRange(min=0),
+    help="Test every RSA here with this many permutations. Default: each run's test as `concept run` stored it; "
+    "where none fits (--similarity jaccard, --layer, a --human reference the run was not scored with), "
+    f"{MANTEL_PERMUTATIONS} here. The columns taxonomy_permutations and human_permutations give the counts.",
+)
 @click.option(
     "--similarity",
     type=click.Choice(["spearman", "jaccard"]),
@@ -86,7 +99,7 @@ def show(
     human: str | None,
     pool: str,
     mask: bool,
-    mantel_permutations: int,
+    mantel_permutations: int | None,
     similarity: str,
     layer: int | None,
     fmt: str,

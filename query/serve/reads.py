@@ -55,8 +55,9 @@ class NotInStore(ActdbError):
 
 def home_grid(store: Store) -> tuple[list[str], list[int], dict[tuple[str, int], dict[str, Any]]]:
     """Models × steps: per cell how many neurons were scored and how many are universal (excess correlation above
-    the run's recorded threshold) in each set's newest cross-model run without control. Counted on the
-    `universality` table itself, per set, then named: the view's joins cost seconds at paper scale."""
+    the run's recorded threshold) in each set's canonical cross-model run without control (`newest_runs`: the
+    widest, the newest among equals). Counted on the `universality` table itself, per set, then named: the view's
+    joins cost seconds at paper scale."""
     u, r, a, c, m = tables.universality, tables.correlation_run, tables.activation_set, tables.checkpoint, tables.model
     newest = newest_runs("none")
     per_set = store.query(
@@ -152,8 +153,8 @@ def _with_families(store: Store, rows: Rows) -> Rows:
 
 
 def universal_page(store: Store, f: UniversalFilter) -> tuple[Rows, int]:
-    """One page of universal neurons (each set's newest cross-model run, its recorded threshold) and how many
-    match the filters; sorting, filtering and paging happen in the database."""
+    """One page of universal neurons (each set's canonical run: the widest, then newest; its recorded threshold)
+    and how many match the filters; sorting, filtering and paging happen in the database."""
     if f.sort not in UNIVERSAL_SORTS:
         raise ActdbError(f"unknown sort {f.sort!r}; use {', '.join(UNIVERSAL_SORTS)}")
     v = v_universality
@@ -270,9 +271,8 @@ def from_activation_file(
 
 def twins(store: Store, story: dict[str, Rows], step: int) -> list[dict[str, Any]]:
     """The best match in every other model at the same step (newest run without control first, one row per
-    model), with the
-    excess of that match over its baseline, and the twin's own excess correlation and stability in its set's
-    newest cross-model run."""
+    model), with the excess of that match over its baseline, and the twin's own excess correlation and stability
+    in its set's canonical cross-model run (the widest, then newest)."""
     seen, out = set(), []
     v = v_universality
     newest = newest_runs("none")

@@ -6,6 +6,7 @@ Everything here is SQLAlchemy Core on `store.database.tables`: lookups take a Co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, Table, func, insert, select
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     Executor = Connection | Session
 
 model, checkpoint, dataset, activation_set = tables.model, tables.checkpoint, tables.dataset, tables.activation_set
+prediction_set = tables.prediction_set
 
 
 def _get_named(conn: Executor, table: Table, name: str, missing: str) -> Row[Any]:
@@ -104,6 +106,27 @@ def only_dataset(store: Store, model_name: str | None = None) -> str:
         where = f"{model_name} has complete sets on" if model_name is not None else "the store has"
         listed = f" ({', '.join(names)})" if names else ""
         raise ActdbError(f"{where} {len(names)} datasets{listed}; pass --dataset")
+    return names[0]
+
+
+def checkpoints_dataset(store: Store, refs: Sequence[SetRef]) -> str:
+    """The dataset checkpoints are compared on by their predictions when no --dataset is given: the only one
+    holding complete predictions of any of them, else the only one their complete sets are on (where `actdb
+    predictions` puts them), else the store's only dataset; or a one-line error asking for --dataset."""
+    with store.transaction() as conn:
+        ids = [get_checkpoint(conn, ref.model, ref.step).id for ref in refs]
+
+        def holding(table: Table) -> list[str]:
+            query = select(dataset.c.name).distinct().join(table, table.c.dataset_id == dataset.c.id)
+            return sorted(conn.scalars(query.where(table.c.checkpoint_id.in_(ids), table.c.status == "complete")))
+
+        what, names = "predictions", holding(prediction_set)
+        if not names:
+            what, names = "complete sets", holding(activation_set)
+    if not names:
+        return only_dataset(store)
+    if len(names) > 1:
+        raise ActdbError(f"the checkpoints have {what} on {len(names)} datasets ({', '.join(names)}); pass --dataset")
     return names[0]
 
 

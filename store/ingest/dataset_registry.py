@@ -28,7 +28,8 @@ def add_dataset(
     exclude_tokens: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Dataset:
-    """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it."""
+    """Tokenize and pack `sources` into `<home>/datasets/<name>.tokens.h5` and record it (a local tokenizer
+    folder absolute, or as `store:<relative path>` when it lies inside the store, so the store stays movable)."""
     check_name(name, "dataset name")
     with store.session() as s:
         if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
@@ -53,7 +54,7 @@ def add_dataset(
         raise ActdbError(f"cannot write {path}: {exc.strerror or exc}") from None
     row = Dataset(
         name=name,
-        tokenizer=tokenizer,
+        tokenizer=store.config.recorded_path_or_id(tokenizer),
         tokenizer_fingerprint=packed.tokenizer_fingerprint,
         vocab_size=len(tok),
         seq_len=seq_len,

@@ -43,6 +43,7 @@ def load_tokenizer(source: str, revision: str | None = None):
 
 
 TABLE_SUFFIXES = {".parquet", ".arrow"}
+DOCUMENT_SUFFIXES = {".txt", ".md", ".py", ".json", ".jsonl", ".csv", *TABLE_SUFFIXES}  # names meant as files
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,25 @@ def document_refs(sources: Iterable[str], field: str = "text") -> tuple[list[Doc
             refs += [r for f in files for r in _file_refs(f, reader)]
         elif path.is_file():
             refs += _file_refs(path, reader)
+        elif _looks_like_path(source):
+            raise ActdbError(f"no such file or folder: {path}")
         else:
             refs += reader.add_memory(source, list(_hub_dataset(source, field)))
     return refs, reader
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a source that is neither a file nor a folder was meant as one (a typo, not a Hugging Face dataset
+    name, which is `name` or `owner/name`): absolute, `~`, `./` or `../`, more than one `/`, a suffix of the files
+    actdb reads, or a parent folder that exists."""
+    path = Path(source)
+    return (
+        path.is_absolute()
+        or source.startswith(("~", "./", "../"))
+        or source.count("/") > 1
+        or path.suffix.lower() in DOCUMENT_SUFFIXES
+        or (path.parent != Path(".") and path.parent.is_dir())
+    )
 
 
 def _file_refs(path: Path, reader: DocumentReader) -> list[DocumentRef]:

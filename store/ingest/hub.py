@@ -16,6 +16,12 @@ def is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
 
+def written_as_path(source: str) -> bool:
+    """Whether a source can only mean a local file or folder, never a hub id (`name` or `owner/name`): absolute,
+    `~`, `./` or `../`, or more than one `/`."""
+    return Path(source).is_absolute() or source.startswith(("~", "./", "../")) or source.count("/") > 1
+
+
 @lru_cache(maxsize=1)
 def hub_unreachable() -> str | None:
     """Why the hub cannot be reached (None when it answers, or when offline mode is on and transformers already

@@ -12,7 +12,7 @@ from torch import nn
 
 from actdb.store.errors import ActdbError, first_line
 from actdb.store.ingest.architectures import adapter_for_config
-from actdb.store.ingest.hub import hub_options
+from actdb.store.ingest.hub import hub_options, written_as_path
 
 REVISION_TEMPLATES = {
     # stanford-crfm Mistral GPT-2 seeds (alias, battlestar, caprica, darkmatter, expanse)
@@ -97,11 +97,10 @@ def load_model(
 
 
 def check_local_folder(source: str) -> None:
-    """Refuse a source that can only be a local folder (an absolute or `.`/`~` path, or one with more than one
-    `/`, which no hub id has) when that folder does not exist: a registered model's `{step}` folder of a step
-    that was never saved, say. transformers would take it for a malformed hub id and say so."""
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).is_absolute()
-    if looks_local and not Path(source).expanduser().exists():
+    """Refuse a source that can only be a local folder (`written_as_path`) when that folder does not exist: a
+    registered model's `{step}` folder of a step that was never saved, say. transformers would take it for a
+    malformed hub id and say so."""
+    if written_as_path(source) and not Path(source).expanduser().exists():
         raise ActdbError(f"model folder {source} does not exist")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from actdb.store.errors import ActdbError, first_line
 from actdb.store.files.token import TokenDataset
-from actdb.store.ingest.hub import hub_options
+from actdb.store.ingest.hub import hub_options, written_as_path
 
 TEXT_SUFFIXES_SKIPPED = {".h5", ".hdf5", ".npy", ".npz", ".png", ".jpg", ".gz", ".zip", ".pyc", ".so", ".bin"}
 
@@ -80,13 +80,11 @@ def document_refs(sources: Iterable[str], field: str = "text") -> tuple[list[Doc
 
 def _looks_like_path(source: str) -> bool:
     """Whether a source that is neither a file nor a folder was meant as one (a typo, not a Hugging Face dataset
-    name, which is `name` or `owner/name`): absolute, `~`, `./` or `../`, more than one `/`, a suffix of the files
-    actdb reads, or a parent folder that exists."""
+    name, which is `name` or `owner/name`): written as a path (`written_as_path`), a suffix of the files actdb
+    reads, or a parent folder that exists."""
     path = Path(source)
     return (
-        path.is_absolute()
-        or source.startswith(("~", "./", "../"))
-        or source.count("/") > 1
+        written_as_path(source)
         or path.suffix.lower() in DOCUMENT_SUFFIXES
         or (path.parent != Path(".") and path.parent.is_dir())
     )

@@ -422,6 +422,7 @@ ABLATION_COLUMNS = [
     "model",
     "step",
     "dataset",
+    "hook",
     "method",
     "selector",
     "threshold",

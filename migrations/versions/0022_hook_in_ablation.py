@@ -6,7 +6,7 @@
 - The hook joins the request key, so a request made before this revision measures once more when repeated.
 
 Revision ID: 0022
-Revises: 0020
+Revises: 0021
 """
 
 import importlib
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0022"
-down_revision = "0020"
+down_revision = "0021"
 branch_labels = None
 depends_on = None
 

@@ -1,6 +1,7 @@
 """A redo that replaces a checkpoint's weights or a set's stored values takes every result computed from the old
 ones with it (status `stale`, in the same transaction): nothing reuses or serves them, and the next request
-recomputes them."""
+recomputes them. And a complete set whose explanation is missing is explained by the next `ingest`, while
+`actdb neuron` says it is not explained instead of printing empty tables."""
 
 from __future__ import annotations
 
@@ -149,3 +150,34 @@ def test_new_weights_for_another_dataset_stale_the_checkpoints_complete_sets(
     back = run("ingest", "b", "--step", 0, "--dataset", "d", "--top-k", 4, "--quiet")
     assert "already complete" not in back.stdout and "replaced" not in back.stdout
     assert "already holds" not in run(*CORRELATE).stdout
+
+
+def test_ingest_finishes_a_missing_explanation_and_neuron_says_when_a_set_is_not_explained(
+    tmp_path, tokenizer_dir, text_dir, sources
+):
+    db = f"sqlite:///{tmp_path / 'store' / 'actdb.sqlite'}"
+    _home, run = _store(tmp_path, db, tokenizer_dir, text_dir, sources, "d")
+    # what a kill between the set's completion and its explanation leaves: a complete set, no explanation
+    engine = make_engine(db)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM neuron_explanation"))
+        conn.execute(text("DELETE FROM set_explanation"))
+    engine.dispose()
+    line = "a@0 on d (mlp.post) is not explained; `actdb examples a@0` explains it"
+    table = run("neuron", "a@0", "1.3").stdout
+    assert table.splitlines()[0] == line, table
+    for section in ("explanation of", "examples of", "top tokens of", "vocabulary of"):
+        assert section not in table
+    assert "statistics of a@0 1.3" in table
+
+    finished = run("ingest", "a", "--step", 0, "--dataset", "d", "--quiet").stdout
+    assert "already complete" in finished and "a@0: complete but not explained; explaining it now" in finished
+    assert "a@0: explained 2 x 128 neurons" in finished
+    shown = run("neuron", "a@0", "1.3").stdout
+    assert "not explained" not in shown and "explanation of a@0 1.3" in shown and "examples of a@0 1.3" in shown
+    assert "explaining" not in run("ingest", "a", "--step", 0, "--dataset", "d", "--quiet").stdout
+
+    # --top-k 0 asks for no explanation: ingest leaves it missing, and neuron says so
+    kept = run("ingest", "b", "--step", 0, "--dataset", "d", "--top-k", 0, "--quiet").stdout
+    assert "explain" not in kept
+    assert run("neuron", "b@0", "0.1").stdout.splitlines()[0].startswith("b@0 on d (mlp.post) is not explained")

@@ -317,6 +317,8 @@ class ActdbStore:
         return frame(queries.persistence_listing(self.store, model, control, threshold, hook))
 
     def ablations(self, model: str | None = None) -> pd.DataFrame:
+        """Complete ablations (see `actdb ablations`), optionally of one model, each with the hook of the set whose
+        labels chose its neurons."""
         return frame(queries.ablations_listing(self.store, model))
 
     def trajectories(self, run: int | None = None, metric: str | None = None) -> pd.DataFrame:

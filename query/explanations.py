@@ -17,7 +17,8 @@ from actdb.store.database.labels import FAMILIES, family_rule, newest_runs, on_n
 from actdb.store.database.registry import get_checkpoint, resolve_hook
 from actdb.store.database.views import v_neuron_explanations, v_universality
 from actdb.store.errors import ActdbError
-from actdb.store.refs import check_threshold
+from actdb.store.hook_names import HOOK_NAME
+from actdb.store.refs import check_threshold, examples_command
 from actdb.store.token_text import quoted, readable
 
 if TYPE_CHECKING:
@@ -82,6 +83,30 @@ def _explained_sets(
             .order_by(tables.dataset.c.name)
         ).all()
     return [(r, r.activation_path, r.dataset_name, r.dataset_path) for r in rows]
+
+
+def unexplained_sets(store: Store, model: str, step: int, hook: str | None) -> list[str]:
+    """One line for each complete set of MODEL@STEP at `hook` (None: at any) that has no explanation, naming the
+    `actdb examples` command that builds it: what `actdb neuron` says instead of empty explanation tables."""
+    a, x, d = tables.activation_set, tables.set_explanation, tables.dataset
+    with store.transaction() as conn:
+        ckpt = get_checkpoint(conn, model, step)
+        rows = conn.execute(
+            select(a.c.hook, d.c.name.label("dataset"), x.c.set_id.label("explained"))
+            .join(d, d.c.id == a.c.dataset_id)
+            .outerjoin(x, x.c.set_id == a.c.id)
+            .where(a.c.checkpoint_id == ckpt.id, a.c.status == "complete")
+            .where(a.c.hook == hook if hook is not None else true())
+            .order_by(d.c.name, a.c.hook)
+        ).all()
+    several = len({r.dataset for r in rows}) > 1  # `actdb examples` then needs --dataset
+    target = f"{model}@{step}"
+    return [
+        f"{target} on {r.dataset} ({r.hook}) is not explained; "
+        f"`{examples_command(target, r.dataset if several else None, r.hook)}` explains it"
+        for r in rows
+        if r.explained is None
+    ]
 
 
 def neuron_explanation(
@@ -299,7 +324,8 @@ def families(
     hook = resolve_hook(store, hook, model, step, run=run)
     explained = _explained_sets(store, model, step, hook)
     if not explained:
-        raise ActdbError(f"{model}@{step} has no explanations; build them with `actdb examples {model}@{step}`")
+        build = examples_command(f"{model}@{step}", hook=hook or HOOK_NAME)
+        raise ActdbError(f"{model}@{step} has no explanations; build them with `{build}`")
     u, e = v_universality, v_neuron_explanations
     newest = newest_runs(control, run)
     joined = (

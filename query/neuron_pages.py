@@ -13,6 +13,7 @@ from actdb.query.output import cell, render
 from actdb.store.config import file_name_of
 from actdb.store.database.connection import Rows, Store
 from actdb.store.errors import ActdbError
+from actdb.store.refs import examples_command
 
 TABLE_COLUMNS = (
     "model",
@@ -131,7 +132,8 @@ def _neuron_page(store: Store, row: dict, pages: set[str], story: dict[str, Rows
                 + html_table(explained["vocabulary"], text_columns=("top_token", "bottom_token"))
             )
     else:
-        parts.append(f"<p>not explained yet: <code>actdb examples {html.escape(model)}@{step}</code></p>")
+        build = examples_command(f"{model}@{step}", hook=hook)
+        parts.append(f"<p>not explained yet: <code>{html.escape(build)}</code></p>")
     parts.append("<h2>Excess correlation across steps</h2>" + html_table(story["history"]))
     parts.append("<h2>Best matches in other sets</h2>" + _matches_table(story["matches"], pages))
     return (

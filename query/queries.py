@@ -442,6 +442,7 @@ ABLATION_COLUMNS = [
     "model",
     "step",
     "dataset",
+    "hook",
     "method",
     "selector",
     "threshold",

@@ -32,6 +32,14 @@ DEFAULT_MAX_BYTES = 64 * 2**20  # ... or once the values' text reaches this many
 BATCH = 1000  # rows fetched from the database at a time
 READ_ONLY = "refused: `actdb sql` is read-only"
 ONE_STATEMENT = "refused: `actdb sql` runs exactly one statement"
+ROWS_ONLY = (
+    "refused: `actdb sql` runs only statements that return rows (SELECT, VALUES, WITH ... SELECT, EXPLAIN, ...); "
+    "this one returns none"
+)
+BLANK = "give a SQL statement: the text is empty or only whitespace"
+# PostgreSQL names the top-level command when a statement would write in the read-only transaction: SELECT means
+# that a data-modifying WITH (INSERT, UPDATE, DELETE ... RETURNING) inside it was what would write.
+PG_WRITING_SELECT = "cannot execute SELECT in a read-only transaction"
 # SQLSTATEs of what the guards stop: invalid transaction state (read-only transaction, transaction block),
 # invalid transaction termination (COMMIT inside DO/CALL), missing privilege.
 PG_REFUSED = ("25", "2D", "42501")
@@ -96,6 +104,8 @@ class ReadonlyQuery:
         for name, cap in (("--max-rows", max_rows), ("--max-bytes", max_bytes)):
             if cap is not None and cap < 0:
                 raise ActdbError(f"{name} must be 0 (no cap) or a positive number, not {cap}")
+        if not sql.strip():
+            raise ActdbError(BLANK)
         refuse_nul(sql)
         self.max_rows = max_rows or None
         self.max_bytes = max_bytes or None
@@ -136,11 +146,6 @@ class ReadonlyQuery:
         self.close()
 
 
-def _no_rows() -> Iterator[Any]:
-    yield ["result"]
-    yield ("statement returned no rows",)
-
-
 def _cancelled(timeout: float) -> ActdbError:
     return ActdbError(f"query cancelled after {timeout:g} s (--timeout)")
 
@@ -150,9 +155,8 @@ def _stream_sqlite(url: str, sql: str, timeout: float) -> Iterator[Any]:
     conn, guard = connect_sqlite_reader(url, timeout)
     try:
         cur = conn.execute(sql)  # sqlite3 compiles one statement and refuses any that follow
-        if cur.description is None:
-            yield from _no_rows()
-            return
+        if cur.description is None:  # a comment, or a statement the authorizer let run that has no result
+            raise ActdbError(ROWS_ONLY)
         yield [d[0] for d in cur.description]
         while batch := cur.fetchmany(BATCH):
             yield from (tuple(r) for r in batch)
@@ -189,17 +193,16 @@ def _stream_postgres(url: str, sql: str, timeout: float) -> Iterator[Any]:
     finally:
         engine.dispose()
     rows = None
+    columns: list[str] = []
     try:
+        columns = _described_columns(conn, sql)  # also a zero-row result's, which stream() does not give
         # stream() sends Parse/Bind/Execute (the extended protocol): the server's parser refuses a string holding
         # several commands, and with no parameters psycopg leaves `%` alone. Rows arrive in chunks, never all.
         cur = conn.cursor()
         # chunks need libpq 17; an older one streams row by row (single-row mode): slower, just as bounded
         rows = cur.stream(sql, None, size=BATCH if psycopg.capabilities.has_stream_chunked() else 1)
         first = next(rows, None)
-        if cur.description is None:
-            yield from _no_rows()
-            return
-        yield [c.name for c in cur.description]
+        yield columns
         if first is not None:
             yield tuple(first)
             yield from (tuple(r) for r in rows)
@@ -207,11 +210,17 @@ def _stream_postgres(url: str, sql: str, timeout: float) -> Iterator[Any]:
         raise _cancelled(timeout) from None
     except psycopg.Error as exc:
         state = exc.sqlstate or ""
+        if not columns and not state and isinstance(exc, (errors.ProgrammingError, errors.InternalError)):
+            # the server ran it and sent no rows (stream() raises "didn't produce a result"; a comment-only text
+            # is an EMPTY_QUERY): it did not write, or the read-only transaction would have refused it
+            raise ActdbError(ROWS_ONLY) from None
         diag = exc.diag
         if state == "42601" and (
             diag.source_function == "exec_parse_message" or "multiple commands" in (diag.message_primary or "")
         ):
             raise ActdbError(f"{ONE_STATEMENT} ({first_line(exc)})") from None
+        if diag.message_primary == PG_WRITING_SELECT:
+            raise ActdbError(f"{READ_ONLY} (a data-modifying WITH in the SELECT writes: {first_line(exc)})") from None
         if state.startswith(PG_REFUSED):
             raise ActdbError(f"{READ_ONLY} ({first_line(exc)})") from None
         raise ActdbError(f"SQL error: {first_line(exc)}") from None
@@ -224,6 +233,22 @@ def _stream_postgres(url: str, sql: str, timeout: float) -> Iterator[Any]:
         with contextlib.suppress(Exception):
             conn.rollback()  # never commit: whatever the statement did in its transaction is discarded
         conn.close()
+
+
+def _described_columns(conn: Any, sql: str) -> list[str]:
+    """The result columns of `sql` as the server's parser describes it (Parse and Describe of the unnamed
+    statement, on the reader's read-only connection; nothing runs): empty for a statement that returns no rows.
+    A statement the parser refuses (several commands, a syntax error, an unknown table) raises its psycopg error."""
+    from psycopg import errors, pq
+
+    encoding = conn.info.encoding
+    parsed = conn.pgconn.prepare(b"", sql.encode(encoding))
+    if parsed.status != pq.ExecStatus.COMMAND_OK:
+        raise errors.error_from_result(parsed, encoding=encoding)
+    described = conn.pgconn.describe_prepared(b"")
+    if described.status != pq.ExecStatus.COMMAND_OK:
+        raise errors.error_from_result(described, encoding=encoding)
+    return [described.fname(i).decode(encoding) for i in range(described.nfields)]
 
 
 def schema_listing(config: StoreConfig) -> tuple[list[str], list[tuple[Any, ...]]]:

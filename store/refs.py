@@ -11,6 +11,7 @@ from pathlib import Path
 
 from actdb.store.config import file_name_of
 from actdb.store.errors import ActdbError
+from actdb.store.hook_names import HOOK_NAME
 
 MAX_STEP = 2**63 - 1  # steps are stored as BIGINT
 MAX_NAME = 200
@@ -91,6 +92,13 @@ class SetRef:
 
     def __str__(self) -> str:
         return f"{self.model}@{self.step}"
+
+
+def examples_command(target: str, dataset: str | None = None, hook: str = HOOK_NAME) -> str:
+    """The `actdb examples` command line that explains MODEL@STEP's set on `dataset` (None: its only one) at
+    `hook`: what every message about a missing explanation tells the user to run."""
+    flags = (f" --dataset {dataset}" if dataset else "") + (f" --hook {hook}" if hook != HOOK_NAME else "")
+    return f"actdb examples {target}{flags}"
 
 
 def parse_set_ref(text: str) -> SetRef:

@@ -290,7 +290,7 @@ def test_sidecar_round_trip_keeps_other_groups(activation_set, tmp_path):
     with pytest.raises(ActdbError, match=r"is not the one SQL records: its attributes say step 3 \(SQL: 4\)"):
         read_explanation_group(side, "examples", other_step)
     assert check_explanation_file(side, LAYERS, D, other_step, quick=True)[0].endswith(
-        "`actdb examples m@4 --hook mlp.post --force` rewrites it"
+        "`actdb examples m@4 --force` rewrites it"
     )
     unknown_weights = SidecarIdentity(**{**vars(IDENTITY), "weights_sha256": None})  # SQL without a fingerprint
     assert check_explanation_file(side, LAYERS, D, unknown_weights) == []

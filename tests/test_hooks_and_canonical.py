@@ -207,11 +207,68 @@ def test_report_has_sections_and_pages_per_hook(two_hooks, tmp_path):
     assert (tmp_path / "rep" / "universal_by_layer_none_mlp_pre.csv").exists()
 
 
-def test_ablation_of_a_checkpoint_with_both_hooks_needs_no_dataset(two_hooks):
-    """Ablation replaces mlp.post activations: a checkpoint with mlp.post and mlp.pre sets on one dataset has one
-    set it can read (it used to count the two sets as two datasets and ask for --dataset)."""
+def test_ablation_asks_for_the_hook_and_records_it(two_hooks):
+    """Ablation reads labels like every read: with mlp.post and mlp.pre sets on one dataset it asks for --hook (one
+    line, no row), then needs no --dataset; the hook chooses the universal neurons and is stored on the row, the
+    view, the listing and the API's frame. A named run brings its own hook."""
     home, db = two_hooks
-    r = cli_call(home, db, "ablate", "a@0", "--neurons", "0.1,1.2", "--controls", 2, "--quiet")
-    assert r.exit_code == 0, r.stderr
+    count = "SELECT count(*) FROM ablation"
+    assert _sql(db, count) == [(0,)]
+    for neurons in ("universal", "0.1,1.2"):
+        r = cli_call(home, db, "ablate", "a@0", "--neurons", neurons, "--in-sample", "--controls", 2, "--quiet")
+        assert r.exit_code == 1 and TWO_HOOKS in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _sql(db, count) == [(0,)]
+    listed = cli_call(
+        home, db, "ablate", "a@0", "--neurons", "0.1,1.2", "--hook", "mlp.post", "--controls", 2, "--quiet"
+    )
+    assert listed.exit_code == 0, listed.stderr
+    pre = cli_call(
+        home,
+        db,
+        "ablate",
+        "a@0",
+        "--neurons",
+        "universal",
+        "--hook",
+        "blocks.{L}.mlp.hook_pre",
+        "--in-sample",
+        "--controls",
+        0,
+        "--quiet",
+    )
+    assert pre.exit_code == 0, pre.stderr
+    assert "(chosen at mlp.pre; their mlp.post activations replaced)" in pre.stdout
+    universal_pre = _sql(
+        db,
+        "SELECT layer, neuron FROM v_canonical_universal_neurons WHERE model = 'a' AND step = 0 AND hook = 'mlp.pre' "
+        "AND control = 'none' ORDER BY layer, neuron",
+    )
+    universal_post = _sql(
+        db,
+        "SELECT layer, neuron FROM v_canonical_universal_neurons WHERE model = 'a' AND step = 0 "
+        "AND hook = 'mlp.post' AND control = 'none' ORDER BY layer, neuron",
+    )
+    assert universal_pre and universal_pre != universal_post
+    stored = _sql(db, "SELECT hook, neurons FROM ablation ORDER BY id")
+    assert [h for h, _ in stored] == ["mlp.post", "mlp.pre"]
+    assert json.loads(stored[1][1]) == [f"{layer}.{n}" for layer, n in universal_pre]
     rows = json.loads(cli_call(home, db, "ablations", "--format", "json").stdout)
-    assert [(row["model"], row["dataset"], row["n_neurons"]) for row in rows] == [("a", "d", 2)]
+    assert [(row["model"], row["dataset"], row["hook"], row["n_neurons"]) for row in rows] == [
+        ("a", "d", "mlp.post", 2),
+        ("a", "d", "mlp.pre", len(universal_pre)),
+    ]
+    assert _sql(db, "SELECT hook FROM v_ablation_summary ORDER BY ablation_id") == [("mlp.post",), ("mlp.pre",)]
+    db_api = ActdbStore.open(home, db)
+    try:
+        assert list(db_api.ablations()["hook"]) == ["mlp.post", "mlp.pre"]
+    finally:
+        db_api.close()
+    runs = json.loads(cli_call(home, db, "runs", "--format", "json").stdout)
+    pre_run = next(r["run_id"] for r in runs if r["hook"] == "mlp.pre")
+    again = cli_call(
+        home, db, "ablate", "a@0", "--neurons", "universal", "--run", pre_run, "--in-sample", "--controls", 0, "--quiet"
+    )
+    assert again.exit_code == 0 and "already measured" in again.stdout, again.stderr
+    wrong = cli_call(home, db, "ablate", "a@0", "--neurons", "universal", "--run", pre_run, "--hook", "mlp.post")
+    assert wrong.exit_code == 1 and f"in run {pre_run} has no complete sets at hook mlp.post" in wrong.stderr
+    assert _sql(db, count) == [(2,)]

@@ -300,6 +300,58 @@ def test_cli_ablate_errors(two_models, run_cli, tmp_path):
     assert r.exit_code == 1 and "gone" in r.stderr
 
 
+def test_impossible_controls_are_refused_before_any_pass_or_row(two_models, run_cli, store_config):
+    """How many matched random sets exist is known from the selection: asking for more is one line, before the
+    model is loaded (its files are gone here: a forward pass would fail otherwise) and before any ablation row."""
+    from sqlalchemy import func, select
+
+    from actdb.store.database.connection import Store
+    from actdb.store.database.schema import Ablation
+
+    shutil.rmtree(two_models["a"])
+    crowded = ",".join(f"0.{i}" for i in range(70))
+    r = run_cli("ablate", "a@0", "--neurons", crowded, "--controls", 1, "--quiet")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--controls 1 is more than the 0 distinct matched random sets that exist" in r.stderr
+    assert "layer 0 has 70 of its 128 neurons selected, more than the 58 left" in r.stderr
+    r = run_cli("ablate", "a@0", "--neurons", "1.5", "--controls", 200, "--quiet")
+    assert r.exit_code == 1 and r.stderr.strip().endswith(
+        "--controls 200 is more than the 127 distinct matched random sets that exist"
+    )
+    store = Store.open(store_config)
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Ablation)) == 0
+    store.close()
+
+
+def test_a_model_recorded_only_at_mlp_pre_is_ablated_by_its_own_set(two_models, run_cli):
+    """Zero-ablation needs no means: a model with only mlp.pre sets is ablated, and the row says mlp.pre. Mean
+    ablation puts mlp.post means in place of mlp.post activations: without that set it is one line and no row."""
+    r = run_cli(
+        "ingest",
+        "c",
+        "--step",
+        0,
+        "--dataset",
+        "d",
+        "--source",
+        two_models["a"],
+        "--hook",
+        "mlp.pre",
+        "--identical-weights",
+        "--quiet",
+    )
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("ablate", "c@0", "--neurons", "0.1,1.2", "--method", "mean", "--controls", 0, "--quiet")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--method mean replaces mlp.post activations by their mean, which needs the mlp.post set" in r.stderr
+    assert "--method zero" in r.stderr and json.loads(run_cli("ablations", "--format", "json").stdout) == []
+    r = run_cli("ablate", "c@0", "--neurons", "0.1,1.2", "--controls", 0, "--tokens", 300, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    (row,) = json.loads(run_cli("ablations", "--format", "json").stdout)
+    assert (row["model"], row["hook"], row["method"], row["n_neurons"]) == ("c", "mlp.pre", "zero", 2)
+
+
 def _reference_ablated_loss(model, tokens, mask, neurons, values, counted_only):
     """GPT-2 run block by block from its modules, no hooks: each listed neuron's MLP activation is set to its
     value (at counted positions only, or everywhere) before the output projection; mean CE on counted targets."""

@@ -18,13 +18,13 @@ import psycopg
 import pytest
 
 from actdb.query.output import render
-from actdb.query.sql_console import run_readonly, schema_listing
+from actdb.query.sql_console import ROWS_ONLY, run_readonly, schema_listing
 from actdb.store.config import StoreConfig
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.schema import Checkpoint, Model
 from actdb.store.database.sql_reader import connect_postgres_reader, provision_sql_reader, reader_role_name
 from actdb.store.errors import ActdbError
-from tests.conftest import PG_ADMIN_URL, fresh_pg_database
+from tests.conftest import PG_ADMIN_URL, cli_call, fresh_pg_database
 
 SERVER = PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql").rsplit("/", 1)[0]
 
@@ -405,3 +405,40 @@ def test_sqlite_refusal_names_what_was_refused(lite, sql, named):
     message = _refused(lite, sql)
     assert message == f"refused: `actdb sql` is read-only (not authorised: {named})"
     assert "sqlite_master" not in message
+
+
+NO_ROWS = [("pg", s) for s in ("DO $$ BEGIN PERFORM 1; END $$", "LISTEN x", "NOTIFY x", "PREPARE p AS SELECT 1")]
+NO_ROWS += [("pg", "RESET ROLE"), ("pg", "-- a comment"), ("lite", "-- a comment"), ("lite", "/* nothing */")]
+
+
+@pytest.mark.parametrize("backend,sql", NO_ROWS, ids=lambda x: str(x)[:30])
+def test_statements_that_return_no_rows_are_refused_in_one_line(backend, sql, request):
+    """What runs and sends back no result (PostgreSQL's DO, LISTEN, PREPARE, ...; a bare comment) is refused with
+    one plain line, not the driver's "didn't produce a result", and writes nothing."""
+    cfg = request.getfixturevalue(backend)
+    state = _pg_state if backend == "pg" else _lite_state
+    before = state(cfg)
+    assert _refused(cfg, sql) == ROWS_ONLY
+    assert state(cfg) == before
+
+
+@pytest.mark.parametrize("backend", ["lite", "pg"])
+def test_an_empty_result_keeps_its_columns_and_blank_text_is_a_usage_error(backend, request):
+    cfg = request.getfixturevalue(backend)
+    empty = "SELECT m.name, c.step FROM model m JOIN checkpoint c ON c.model_id = m.id WHERE m.name = 'nobody'"
+    assert run_readonly(cfg, empty) == (["name", "step"], [])
+    r = cli_call(cfg.home, cfg.database_url, "sql", empty, "--format", "csv")
+    assert r.exit_code == 0 and r.stdout.splitlines() == ["name,step"], r
+    for blank in ("", " ", "\n\t "):
+        r = cli_call(cfg.home, cfg.database_url, "sql", blank)
+        assert r.exit_code == 2 and "give a SQL query or --schema" in r.stderr, (blank, r)
+        with pytest.raises(ActdbError, match="give a SQL statement: the text is empty or only whitespace"):
+            run_readonly(cfg, blank)
+
+
+def test_a_writing_with_clause_is_named_as_the_writer(pg):
+    """PostgreSQL names the top-level SELECT when a WITH inside it would write; the refusal says which part."""
+    before = _pg_state(pg)
+    message = _refused(pg, "WITH x AS (INSERT INTO model (name) VALUES ('x') RETURNING id) SELECT * FROM x")
+    assert message.startswith("refused: `actdb sql` is read-only (a data-modifying WITH in the SELECT writes: ")
+    assert _pg_state(pg) == before

@@ -101,6 +101,9 @@ def test_a_failed_forced_ingest_leaves_the_complete_set_complete(store, tmp_path
     redo = ("ingest", "a", "--step", 0, "--dataset", "d", "--force", "--top-k", 0, "--quiet")
     r = cli_call(home, db, *redo, "--dtype", "int8")
     assert r.exit_code == 0 and "re-ingested" in r.stdout, r.stderr
+    assert "the stored values of a@0 on d (mlp.post) were replaced; stale now: correlation runs 1" in r.stdout
+    again = ("correlate", "--dataset", "d", "--step", 0, "--models", "a,b", "--threshold", 0.05, "--quiet")
+    assert cli_call(home, db, *again).exit_code == 0  # the module's store keeps a complete run
     redone, attempts = _set_state(home, db)
     assert redone[:2] == ("complete", "int8") and [a[0] for a in attempts] == ["failed", "complete"]
     assert np.allclose(redone[4], before[4], atol=0.02) and redone[4] != before[4]

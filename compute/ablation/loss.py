@@ -164,14 +164,35 @@ def set_edits(
     return edits
 
 
-def matched_controls(neurons: list[Neuron], d_mlp: int, k: int, seed: int) -> list[list[Neuron]]:
-    """K random neuron sets with the same count per layer, drawn from the neurons not selected."""
+def _by_layer(neurons: list[Neuron]) -> dict[int, set[int]]:
     per_layer: dict[int, set[int]] = {}
     for layer, n in neurons:
         per_layer.setdefault(layer, set()).add(n)
+    return per_layer
+
+
+def check_control_count(neurons: list[Neuron], d_mlp: int, k: int) -> None:
+    """A one-line error when fewer than `k` distinct matched random sets exist (a set draws, per layer, as many
+    neurons as were selected there from those that were not). Known from the selection alone, so `actdb ablate`
+    checks it before any forward pass or row."""
+    per_layer = _by_layer(neurons)
     possible = math.prod(math.comb(d_mlp - len(s), len(s)) for s in per_layer.values())
-    if k > possible:
-        raise ActdbError(f"--controls {k} is more than the {possible} distinct matched random sets that exist")
+    if k <= possible:
+        return
+    crowded = [(layer, len(s)) for layer, s in sorted(per_layer.items()) if 2 * len(s) > d_mlp]
+    why = (
+        f": layer {crowded[0][0]} has {crowded[0][1]} of its {d_mlp} neurons selected, more than the "
+        f"{d_mlp - crowded[0][1]} left to draw a matched set from"
+        if crowded
+        else ""
+    )
+    raise ActdbError(f"--controls {k} is more than the {possible} distinct matched random sets that exist{why}")
+
+
+def matched_controls(neurons: list[Neuron], d_mlp: int, k: int, seed: int) -> list[list[Neuron]]:
+    """K random neuron sets with the same count per layer, drawn from the neurons not selected."""
+    check_control_count(neurons, d_mlp, k)
+    per_layer = _by_layer(neurons)
     rng = np.random.default_rng(seed)
     out, seen = [], set()
     while len(out) < k:

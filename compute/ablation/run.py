@@ -5,7 +5,11 @@ Neurons chosen as `universal` were selected by a correlation run over every sequ
 measured on those sequences is biased towards them (selection bias). By default the loss is measured on held-out
 sequences: those of `eval_dataset` (a dataset of other documents) that are not identical to any sequence of the
 selecting dataset; measuring on the selecting sequences is the named option `in_sample`. Which split was used,
-its sequences and the ablated positions are stated in the output and stored on the ablation row."""
+its sequences and the ablated positions are stated in the output and stored on the ablation row.
+
+The hook (`mlp.post` or `mlp.pre`, asked for like every read when a checkpoint has sets at both) picks the set
+whose labels choose `universal` neurons, and is stored on the row. The edit itself always replaces the MLP
+post-activations (the input of the output projection), by zero or by the mean of the checkpoint's `mlp.post` set."""
 
 from __future__ import annotations
 
@@ -15,21 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import Row, insert, select
+from sqlalchemy.orm import Session
 
-from actdb.compute.ablation.loss import POSITIONS, AblationOutcome, LossEvaluator, ablate
+from actdb.compute.ablation.loss import POSITIONS, AblationOutcome, LossEvaluator, ablate, check_control_count
 from actdb.store.database.connection import Store
 from actdb.store.database.labels import latest_universality_run, require_run, universal_neurons_of
 from actdb.store.database.lifecycle import release, request_key, running, start_or_wait
-from actdb.store.database.registry import complete_set, get_checkpoint, get_dataset, get_model
+from actdb.store.database.registry import complete_set, get_checkpoint, get_dataset, get_model, resolve_hook
 from actdb.store.database.schema import Ablation, AblationNeuron, CorrelationRun, Dataset, NeuronStat
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError
 from actdb.store.files.token import TokenDataset
+from actdb.store.hook_names import HOOK_NAME, parse_hook
 from actdb.store.ingest.model_loading import load_model
 from actdb.store.refs import (
     CONTROLS,
     Neuron,
+    SetRef,
     check_threshold,
     parse_int,
     parse_neuron_list,
@@ -47,6 +54,7 @@ class AblationRequest:
     selector: str
     method: str = "zero"
     dataset: str | None = None
+    hook: str | None = None  # whose sets' labels choose `universal` neurons (default: the checkpoint's only hook)
     eval_dataset: str | None = None  # measure the loss here (default: `dataset`)
     eval_sequences: str | None = None  # START:END sequences of the evaluation dataset (default: all)
     in_sample: bool = False  # measure on the sequences that selected the neurons (selection-biased)
@@ -71,7 +79,8 @@ class _Target:
     d_mlp: int
     checkpoint_id: int
     dataset_id: int
-    set_id: int
+    set_id: int  # the set at `hook` whose labels choose `universal` neurons
+    hook: str
     source: str
     revision: str | None
     dataset_path: str
@@ -134,6 +143,7 @@ def run_ablation(
     for layer, n in selection.neurons:
         if not (layer < target.n_layers and n < target.d_mlp):
             raise ActdbError(f"neuron {layer}.{n} is out of range ({target.n_layers} layers x {target.d_mlp} neurons)")
+    check_control_count(selection.neurons, target.d_mlp, req.controls)  # known now: before any pass or row
     split, tokens = _evaluation_split(store, req, target, selection)
     values = _row_values(req, target, selection, split)
     device = resolve_device(req.device).torch  # a bad device or missing files write no row
@@ -182,8 +192,11 @@ def run_ablation(
             **_control_columns(outcome),
         )
     log(f"ablation {ablation_id}: {split.describe(req.positions)}")
+    chosen_at = (
+        "" if target.hook == HOOK_NAME else f" (chosen at {target.hook}; their {HOOK_NAME} activations replaced)"
+    )
     log(
-        f"ablation {ablation_id}: {req.target} {req.method}-ablating {len(selection.neurons)} neurons on "
+        f"ablation {ablation_id}: {req.target} {req.method}-ablating {len(selection.neurons)} neurons{chosen_at} on "
         f"{evaluator.n_targets} tokens: loss {outcome.base_loss:.5f} -> {outcome.ablated_loss:.5f} "
         f"(delta {outcome.delta:+.5f}){_control_summary(outcome)}"
     )
@@ -233,16 +246,17 @@ def _validate(req: AblationRequest) -> None:
 
 
 def _resolve_target(store: Store, req: AblationRequest) -> _Target:
+    """The checkpoint, its set at the hook asked for (or its only hook; both present: a one-line error asking for
+    --hook) and the neuron means a mean ablation puts in."""
     ref = parse_set_ref(req.target)
+    asked = parse_hook(req.hook) if req.hook else None
     with store.session() as s:
         ckpt = get_checkpoint(s, ref.model, ref.step)
-        aset = complete_set(s, ref, req.dataset)  # the mlp.post set the edits replace; several datasets: an error
-        means = {
-            (layer, n): mean
-            for layer, n, mean in s.execute(
-                select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == aset.id)
-            )
-        }
+    on = ref.dataset or req.dataset
+    hook = resolve_hook(store, asked, ref.model, ref.step, on, run=req.run_id) or HOOK_NAME
+    with store.session() as s:
+        aset = complete_set(s, ref, req.dataset, hook)  # several datasets: an error asking for --dataset
+        means = _means(s, ref, aset, hook) if req.method == "mean" else {}
         ds = s.get(Dataset, aset.dataset_id)
         model = get_model(s, ref.model)
         return _Target(
@@ -251,12 +265,34 @@ def _resolve_target(store: Store, req: AblationRequest) -> _Target:
             ckpt.id,
             aset.dataset_id,
             aset.id,
+            hook,
             ckpt.source,
             ckpt.revision,
             ds.path,
             ds.tokenizer_fingerprint,
             means,
         )
+
+
+def _means(s: Session, ref: SetRef, labels: Row, hook: str) -> dict[Neuron, float]:
+    """Each neuron's mean over counted positions in the checkpoint's mlp.post set on the labels' dataset: the
+    values a mean ablation puts in place of the post-activations (the labels' own set when it is that set)."""
+    if hook == HOOK_NAME:
+        edited = labels
+    else:
+        try:
+            edited = complete_set(s, ref, labels.dataset_name, HOOK_NAME)
+        except ActdbError as exc:
+            raise ActdbError(
+                f"--method mean replaces {HOOK_NAME} activations by their mean, which needs the {HOOK_NAME} set: "
+                f"{exc}; or use --method zero"
+            ) from None
+    return {
+        (layer, n): mean
+        for layer, n, mean in s.execute(
+            select(NeuronStat.layer, NeuronStat.neuron, NeuronStat.mean).where(NeuronStat.set_id == edited.id)
+        )
+    }
 
 
 def _select(store: Store, req: AblationRequest, set_id: int) -> _Selection:
@@ -363,6 +399,7 @@ def _row_values(req: AblationRequest, target: _Target, selection: _Selection, sp
     key = request_key(
         kind="ablate",
         checkpoint=target.checkpoint_id,
+        hook=target.hook,
         dataset=split.dataset_id,
         split=split.kind,
         sequences=split.ranges,
@@ -378,6 +415,7 @@ def _row_values(req: AblationRequest, target: _Target, selection: _Selection, sp
         "checkpoint_id": target.checkpoint_id,
         "dataset_id": split.dataset_id,
         "selection_dataset_id": selection.dataset_id,
+        "hook": target.hook,
         "eval_split": split.kind,
         "eval_sequences": split.ranges,
         "n_eval_sequences": len(split.sequences),

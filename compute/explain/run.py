@@ -33,7 +33,7 @@ from actdb.store.ingest.model_loading import load_model
 from actdb.store.ingest.pipeline import IngestRequest, IngestResult, ingest
 from actdb.store.ingest.token_datasets import load_tokenizer
 from actdb.store.ingest.top_activations import top_activations_from_file
-from actdb.store.refs import SetRef
+from actdb.store.refs import SetRef, examples_command
 from actdb.store.set_files import expected_header, set_identity
 from actdb.store.token_text import stored_text, token_bytes
 
@@ -99,13 +99,17 @@ def explained(store: Store, set_id: int) -> bool:
 
 def ingest_and_explain(store: Store, req: IngestRequest, log: Callable[[str], None] = print) -> IngestResult:
     """Ingest (streaming the top-K examples), then explain the new set with the model already in memory. A set
-    that was already complete is left as it is; `actdb examples` explains it."""
+    that was already complete but has no explanation (an ingest stopped between the two) is explained from its
+    file, unless `--top-k 0` asks for none."""
     result = ingest(store, req, log)
-    if result.examples is None or result.model is None:
+    missing = result.status == "already complete" and req.top_k > 0 and not explained(store, result.set_id)
+    if not missing and (result.examples is None or result.model is None):
         return result
     with store.session() as s:
         aset = s.get(ActivationSet, result.set_id)
     what = f"{req.model}@{req.step}"
+    if missing:
+        log(f"{what}: complete but not explained; explaining it now")
     try:
         explain_set(
             store,
@@ -119,7 +123,8 @@ def ingest_and_explain(store: Store, req: IngestRequest, log: Callable[[str], No
             what=what,
         )
     except (ActdbError, OSError) as exc:  # the activations are complete and stay so; explaining can be redone
-        log(f"{what}: ingested, but explaining it failed ({exc}); `actdb examples {what}` retries")
+        retry = examples_command(what, req.dataset, req.hook)
+        log(f"{what}: ingested, but explaining it failed ({exc}); `{retry}` retries")
     result.model = None
     return result
 

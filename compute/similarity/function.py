@@ -55,9 +55,15 @@ def function_similarity(store: Store, req: FunctionRequest, log: Callable[[str],
                 )
             )
             if path is None:
-                raise ActdbError(
-                    f"{ref} has no predictions on {dataset}; run `actdb predictions {ref} --dataset {dataset}` first"
+                stale = s.scalar(
+                    select(PredictionSet.error).where(
+                        PredictionSet.checkpoint_id == ckpt.id,
+                        PredictionSet.dataset_id == ds.id,
+                        PredictionSet.status == "stale",
+                    )
                 )
+                state = f"predictions on {dataset} are stale ({stale})" if stale else f"has no predictions on {dataset}"
+                raise ActdbError(f"{ref} {state}; run `actdb predictions {ref} --dataset {dataset}` first")
             preds[ref] = read_predictions(store.config.file(path), sidecar_identity(s, ckpt.id, ds.id))
             if req.exact_tokens:
                 sources[ref] = (store.config.model_location(ckpt.source, str(ref)), ckpt.revision)

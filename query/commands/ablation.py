@@ -18,6 +18,7 @@ from actdb.query.options import (
     format_option,
     pass_app,
     quiet_option,
+    read_hook_option,
     threshold_option,
 )
 from actdb.query.output import render
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 )
 @click.option("--method", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
 @dataset_option("Dataset of the activation set whose labels and means are used (default: the set's only one).")
+@read_hook_option
 @click.option(
     "--eval-dataset",
     help="Measure the loss on this dataset (default: --dataset). Universal neurons were selected on every "
@@ -91,6 +93,7 @@ def ablate(
     selector: str,
     method: str,
     dataset_name: str | None,
+    hook: str | None,
     eval_dataset: str | None,
     eval_sequences: str | None,
     in_sample: bool,
@@ -116,6 +119,7 @@ def ablate(
         selector=selector,
         method=method,
         dataset=dataset_name,
+        hook=hook,
         eval_dataset=eval_dataset,
         eval_sequences=eval_sequences,
         in_sample=in_sample,

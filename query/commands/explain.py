@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 def neuron(app: AppContext, target, neuron_id: str, n_examples: int, hook: str | None, fmt: str) -> None:
     """Everything known about one neuron: what it does (contexts, tokens, vocabulary), statistics, matches,
     universality, history, ablations."""
-    from actdb.query.explanations import neuron_explanation
+    from actdb.query.explanations import neuron_explanation, unexplained_sets
     from actdb.query.queries import neuron_story
     from actdb.store.database.connection import Rows
     from actdb.store.database.registry import resolve_hook
@@ -68,6 +68,11 @@ def neuron(app: AppContext, target, neuron_id: str, n_examples: int, hook: str |
         merged = [{"section": title, **dict(r)} for title, rows in story.items() for r in rows]
         click.echo(render(Rows(columns, [{c: r.get(c) for c in columns} for r in merged]), "csv"))
         return
+    missing = unexplained_sets(app.store(), target.model, target.step, hook)
+    if missing:  # where the explanation would be: a set that is not explained, not empty tables read as "no data"
+        click.echo("\n".join(missing))
+        if not any(len(rows) for rows in explained.values()):
+            story = {title: rows for title, rows in story.items() if title not in explained}
     for title, rows in story.items():
         click.echo(f"\n{title.replace('_', ' ')} of {target} {layer}.{index}" + (f" at {hook}" if hook else ""))
         click.echo(render(rows, fmt))

@@ -49,7 +49,7 @@ def sql(
     app.store()
     if schema:
         click.echo(render(Rows.from_tuples(*schema_listing(app.config)), fmt))
-    elif query:
+    elif query and query.strip():  # blank text is the same usage error as none
         with ReadonlyQuery(app.config, query, timeout, max_rows, max_bytes) as result:
             columns = Rows.from_tuples(result.columns, []).columns  # repeated names made unique, as elsewhere
             render_stream(columns, result, fmt, lambda text: click.echo(text, nl=False))

@@ -3,9 +3,11 @@
 A run row records the owning process (host, pid) and a heartbeat written by a background thread. Any later
 command that opens the store read-write reaps runs whose process is gone (same host, pid no longer alive) or
 whose heartbeat stopped: they become `abandoned` and their partial result rows are deleted, so nothing stays
-"running" after its process died. Of two identical concurrent requests exactly one computes: the database
-refuses a second running row for the same request key (a partial unique index), and for activation sets the
-claim is a conditional UPDATE of the set's own row.
+"running" after its process died. A complete row computed from values that `ingest` later replaced becomes
+`stale` (`store.database.stale`): no reader takes it, and a stale set is claimed again like a failed one. Of
+two identical concurrent requests exactly one computes: the database refuses a second running row for the same
+request key (a partial unique index), and for activation sets the claim is a conditional UPDATE of the set's own
+row.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ HEARTBEAT_SECONDS = 10.0
 # A run whose heartbeat is older than this is abandoned even when its host cannot be checked (another machine):
 # twelve missed heartbeats, far beyond any pause of a healthy process.
 STALE_AFTER = timedelta(seconds=120)
-CLAIMABLE = ("pending", "failed", "abandoned")
+CLAIMABLE = ("pending", "failed", "abandoned", "stale")
 
 HOST = socket.gethostname()
 

@@ -160,6 +160,10 @@ def complete_set(conn: Executor, ref: SetRef, dataset_name: str | None, hook: st
             f"{ref} has sets on several datasets ({', '.join(r.dataset_name for r in rows)}); pass --dataset"
         )
     found = rows[0]
+    if found.status == "stale":
+        raise ActdbError(
+            f"the activation set of {ref} on {found.dataset_name} is stale ({found.error}); `actdb ingest` redoes it"
+        )
     if found.status != "complete":
         raise ActdbError(
             f"the activation set of {ref} on {found.dataset_name} is {found.status}, not complete; finish it with "

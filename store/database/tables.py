@@ -391,6 +391,7 @@ ablation = Table(
     Column("checkpoint_id", ForeignKey("checkpoint.id", ondelete="CASCADE"), nullable=False),
     Column("dataset_id", ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
     Column("run_id", ForeignKey("correlation_run.id", ondelete="SET NULL")),
+    Column("hook", String(50), nullable=False),  # of the set whose labels chose the neurons (edits: mlp.post)
     Column("method", String(20), nullable=False),
     Column("selector", Text, nullable=False),
     Column("threshold", Float),

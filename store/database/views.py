@@ -126,6 +126,7 @@ v_ablation_summary = _view(
     Column("model", String),
     Column("step", BigInteger),
     Column("dataset", String),
+    Column("hook", String),
     Column("method", String),
     Column("selector", String),
     Column("threshold", Float),

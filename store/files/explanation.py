@@ -19,6 +19,8 @@ import numpy as np
 
 from actdb.store.errors import ActdbError
 from actdb.store.files.identity import SidecarIdentity, verify_identity, write_identity
+from actdb.store.hook_names import HOOK_NAME
+from actdb.store.refs import examples_command
 
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "actdb_complete"
@@ -133,8 +135,7 @@ def _open(path: Path, expected: SidecarIdentity | None = None) -> h5py.File:
 
 def _rewrite_command(expected: SidecarIdentity) -> str:
     """The command that rebuilds the explanations of the set `expected` names."""
-    hook = f" --hook {expected.hook}" if expected.hook else ""
-    return f"actdb examples {expected.model}@{expected.step}{hook} --force"
+    return examples_command(f"{expected.model}@{expected.step}", hook=expected.hook or HOOK_NAME) + " --force"
 
 
 def _one_line(exc: BaseException) -> str:

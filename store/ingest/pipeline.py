@@ -42,6 +42,7 @@ from actdb.store.database.connection import Store, finite_or_none, insert_rows
 from actdb.store.database.lifecycle import RunBusy, RunHandle, claim_row, running, start_run
 from actdb.store.database.registry import check_new_name, find_set, get_dataset, get_or_create
 from actdb.store.database.schema import ActivationSet, Checkpoint, Dataset, IngestAttempt, Model, NeuronStat
+from actdb.store.database.stale import invalidate
 from actdb.store.database.tables import utcnow
 from actdb.store.device import resolve_device
 from actdb.store.errors import ActdbError, BusyError, first_line
@@ -123,9 +124,13 @@ def _placeholders(template: str, flag: str) -> None:
         raise ActdbError(f"{flag} {template!r} uses {{{unknown[0]}}}; only {{step}} is replaced")
 
 
-def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConfig) -> ResolvedSource:
-    """The source and revision of `req.step`, from the request or from what the model was registered with. A
-    local path is recorded absolute, or relative to the store folder when it lies inside it."""
+def resolve_source(
+    existing: Model | None, req: IngestRequest, config: StoreConfig, recorded: Checkpoint | None = None
+) -> ResolvedSource:
+    """The source and revision of `req.step`, from the request, or else from what the step's checkpoint
+    (`recorded`) was loaded from, or else from what the model was registered with (the checkpoint's own source
+    differs from the model's only after `--replace-source`). A local path is recorded absolute, or relative to
+    the store folder when it lies inside it."""
     if existing is None and not req.source:
         raise ActdbError(f"model {req.model!r} is not registered yet; give --source (hub id or local path)")
     for template, flag in ((req.source, "--source"), (req.revision, "--revision")):
@@ -151,8 +156,10 @@ def resolve_source(existing: Model | None, req: IngestRequest, config: StoreConf
     else:
         revision_template = default_revision_template(source_template)
     source = source_template.format(step=req.step)
-    location = config.locate(source)
     revision = revision_template.format(step=req.step) if revision_template else None
+    if recorded is not None and not (req.source or req.revision):
+        source, revision = recorded.source, recorded.revision
+    location = config.locate(source)
     if revision and Path(location).expanduser().is_dir():
         revision = None
     if req.source and not Path(location).expanduser().exists() and req.source.startswith(("/", ".", "~")):
@@ -213,7 +220,12 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
             check_name(req.model, "model name")
             check_new_name(s, tables.model, req.model, "model name")
         done = find_set(s, req.model, req.step, req.dataset, hook)
-    where = resolve_source(existing, req, store.config)  # a different --source is refused even when complete
+        recorded = s.scalar(
+            select(Checkpoint)
+            .join(Model, Model.id == Checkpoint.model_id)
+            .where(Model.name == req.model, Checkpoint.step == req.step)
+        )
+    where = resolve_source(existing, req, store.config, recorded)  # another --source is refused even when complete
     if layer is not None:  # a name picking one layer: refused, saying whether that layer exists
         n_layers = existing.n_layers if existing is not None else _config_layers(where, req)
         hook_of_model(req.hook, req.model, n_layers)
@@ -251,7 +263,7 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
     ckpt, identity = _register_checkpoint(store, req, where, model, n_layers, d_mlp)
     if redo:
         return _redo_complete_set(store, done, req, ckpt.id, identity, tokens, model, device, ds.fingerprint, log)
-    _record_checkpoint(store, ckpt.id, identity)
+    _record_checkpoint(store, ckpt.id, identity, f"{req.model}@{req.step}", log)
     aset = get_or_create(
         store,
         tables.activation_set,
@@ -283,7 +295,7 @@ def ingest(store: Store, req: IngestRequest, log: Callable[[str], None] = print)
                 run = _IngestRun(handle, path, header, tokens, model, device, req)
                 resumed_from = run.execute(_committed_rows(store, aset.id, path, req.force))
                 with ingest_stage("storing the neuron statistics in SQL"):
-                    _store_stats(store, aset.id, run.moments)
+                    _store_stats(store, aset.id, _stat_rows(aset.id, run.moments))
         except StageFailure as failed:
             raise ActdbError(f"{failed.stage} failed: {_write_error(failed.cause)}; {RESUME}") from failed.cause
         except (OSError, RuntimeError, OperationalError) as exc:  # h5py reports failed writes as either error
@@ -315,7 +327,9 @@ def _redo_complete_set(
     """`ingest --force` of a complete set: the new file is written beside the old one (`.partial`) under an
     `ingest_attempt` row, and only when it is complete does it replace the old file, statistics, dtype and the
     checkpoint's recorded weights. Until then the set stays complete and readable; a failed redo is recorded as a
-    failed attempt (with its error) and leaves the set exactly as it was."""
+    failed attempt (with its error) and leaves the set exactly as it was. When the replacement's values differ
+    from the old ones (another dtype, other statistics, other weights), what was computed from them turns stale
+    in the same transaction (`store.database.stale`)."""
     n_layers, d_mlp = mlp_shape(model)
     header = ActivationHeader(
         model=req.model,
@@ -344,14 +358,17 @@ def _redo_complete_set(
             raise ActdbError(f"redoing {path} failed: {_write_error(exc)}; {KEPT}") from None
         size = path.stat().st_size
         seconds = time.perf_counter() - handle.started
-        with store.session() as s:  # the replacement's statistics, dtype and weights, in one transaction
-            _store_stats(store, done.id, run.moments, s)
+        stats = _stat_rows(done.id, run.moments)
+        with store.session() as s:  # the replacement's statistics, dtype, weights and what they invalidate, at once
+            changed = done.dtype != req.dtype or not _same_stats(s, done.id, stats)
+            _store_stats(store, done.id, stats, s)
             s.execute(
                 update(ActivationSet)
                 .where(ActivationSet.id == done.id)
                 .values(dtype=req.dtype, bytes=size, tokens_done=header.n_tokens, finished_at=utcnow(), seconds=seconds)
             )
-            s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(**identity))
+            redone = (done.id, f"{req.model}@{req.step} on {req.dataset} ({req.hook})")
+            _replace_identity(s, checkpoint_id, identity, f"{req.model}@{req.step}", log, redone, changed)
         handle.complete(tokens_done=header.n_tokens)
     what = f"{req.model}@{req.step} on {req.dataset}"
     log(f"{what}: re-ingested, {header.n_tokens} tokens in {seconds:.1f}s -> {done.path}")
@@ -509,10 +526,39 @@ def _register_checkpoint(
     return ckpt, values
 
 
-def _record_checkpoint(store: Store, checkpoint_id: int, identity: dict) -> None:
-    """Record where a checkpoint's weights came from (source, revision, commit, weights fingerprint)."""
+def _record_checkpoint(
+    store: Store, checkpoint_id: int, identity: dict, checkpoint: str, log: Callable[[str], None]
+) -> None:
+    """Record where a checkpoint's weights came from (source, revision, commit, weights fingerprint); when they
+    are other weights than before, everything computed from the old ones turns stale in the same transaction."""
     with store.session() as s:
-        s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(**identity))
+        _replace_identity(s, checkpoint_id, identity, checkpoint, log)
+
+
+def _replace_identity(
+    s: Session,
+    checkpoint_id: int,
+    identity: dict,
+    checkpoint: str,
+    log: Callable[[str], None],
+    redone: tuple[int, str] | None = None,
+    values_changed: bool = False,
+) -> None:
+    """Write the checkpoint's identity and, within the caller's transaction, invalidate what its old weights
+    produced, or (`values_changed`) what the old values of the set just redone (`redone`: its id and name)
+    produced (`store.database.stale`); logs one line saying what."""
+    before = s.scalar(select(Checkpoint.weights_sha256).where(Checkpoint.id == checkpoint_id))
+    s.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(**identity))
+    new = identity["weights_sha256"]
+    weights_changed = before is not None and before != new
+    if not (weights_changed or (redone is not None and values_changed)):
+        return
+    if weights_changed:
+        reason = f"the weights of {checkpoint} were replaced (sha256 {before[:12]}… -> {new[:12]}…)"
+    else:
+        reason = f"the stored values of {redone[1]} were replaced"
+    invalidated = invalidate(s, checkpoint_id, redone[0] if redone else None, weights_changed, reason)
+    log(f"{reason}; {invalidated.summary()}")
 
 
 def _check_model_fits(where: ResolvedSource, config: object, ds: Dataset, tokens: TokenDataset) -> None:
@@ -689,7 +735,8 @@ class _IngestRun:
         self.handle.beat(tokens_done=committed[0])
 
 
-def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments], session: Session | None = None) -> None:
+def _stat_rows(set_id: int, moments: list[StreamingMoments]) -> list[dict]:
+    """The `neuron_stat` rows of a set from its streamed moments."""
     rows = []
     for layer, m in enumerate(moments):
         r = m.result()
@@ -709,6 +756,24 @@ def _store_stats(store: Store, set_id: int, moments: list[StreamingMoments], ses
                     "max": float(r.max[i]),
                 }
             )
+    return rows
+
+
+def _same_stats(s: Session, set_id: int, rows: list[dict]) -> bool:
+    """Whether the set's recorded statistics equal `rows` exactly: every neuron's count, moments, fraction
+    active, min and max (what a redo of unchanged values reproduces bit for bit)."""
+    stat = tables.neuron_stat
+    columns = [c for c in rows[0] if c != "set_id"] if rows else []
+    stored = s.execute(
+        select(*(stat.c[c] for c in columns)).where(stat.c.set_id == set_id).order_by(stat.c.layer, stat.c.neuron)
+    ).all()
+    return len(stored) == len(rows) and all(
+        tuple(old) == tuple(new[c] for c in columns) for old, new in zip(stored, rows, strict=True)
+    )
+
+
+def _store_stats(store: Store, set_id: int, rows: list[dict], session: Session | None = None) -> None:
+    """Replace the set's `neuron_stat` rows (in `session`'s transaction when given)."""
     with contextlib.nullcontext(session) if session is not None else store.session() as s:
         s.execute(delete(NeuronStat).where(NeuronStat.set_id == set_id))
         insert_rows(s, NeuronStat, rows)

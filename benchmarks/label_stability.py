@@ -209,8 +209,9 @@ def _store(args) -> None:
             labels[seed] = {(r["model"], r["layer"], r["neuron"]) for r in rows}
         if draws == args.draws and max_draws is None:
             before = (cold, warm)
-        pairs = zip((cold, warm), before, strict=True)
-        extra = [f"{(t / b - 1) * 100:+.1f} %" if max_draws is not None else "—" for t, b in pairs]
+        extra = ["—", "—"]
+        if max_draws is not None:
+            extra = [f"{(t / b - 1) * 100:+.1f} %" for t, b in zip((cold, warm), before, strict=True)]
         said = said.split(" (adaptive")[0].replace("baseline draws per neuron ", "") or str(draws)
         a, b = labels[SEEDS[0]], labels[SEEDS[1]]
         print(

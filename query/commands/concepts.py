@@ -79,7 +79,8 @@ def run(app: AppContext, name: str, quiet: bool, dataset_name: str | None, **opt
 @click.option(
     "--mantel-permutations",
     type=click.IntRange(min=0),
-    help="Test every RSA here with this many permutations. Default: each run's test as `concept run` stored it; "
+    help="Permutations of the Mantel test, run here for every RSA. "
+    "Default: each run's test as `concept run` stored it; "
     "where none fits (--similarity jaccard, --layer, a --human reference the run was not scored with), "
     f"{MANTEL_PERMUTATIONS} here. The columns taxonomy_permutations and human_permutations give the counts.",
 )

@@ -1,6 +1,6 @@
 """How much do universal-neuron labels depend on the baseline's random rotations, and what does it cost to make
-them not? Two correlations with different baseline seeds (101, 202), and the Jaccard overlap of their universal
-sets at the threshold, for: one draw; K draws for every neuron (before); K draws plus adaptive draws for the
+them not? Correlations with different baseline seeds (`--seeds`, default 101 and 202), and the Jaccard overlap of
+their universal sets at the threshold (with more than two seeds, the mean over every pair), for: one draw; K draws for every neuron (before); K draws plus adaptive draws for the
 undecided neurons up to M (after). Each configuration's time is measured in the same process, on the same files,
 and the extra cost is stated against the K-draw run; on a loaded machine the steadier number is the refinement's
 share of its own run's engine time, in CPU seconds (the engine's per-phase `cpu_seconds`; on a store, from
@@ -20,6 +20,7 @@ latent features of graded strength) and runs the engine alone, with the threshol
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import shutil
 import tempfile
@@ -34,11 +35,19 @@ from actdb.compute.correlation.universality import score_universality
 from actdb.store.device import resolve_device
 from actdb.store.files.activation import ActivationHeader, ActivationWriter
 
-SEEDS = (101, 202)
-
 
 def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else float("nan")
+
+
+def _agreement(labels: dict) -> tuple[str, str]:
+    """The universal counts per baseline seed, and the Jaccard of their universal sets: of the one pair, or the
+    mean over every pair of seeds with its range (one pair's Jaccard moves by a few hundredths with the seeds)."""
+    counts = " / ".join(str(len(s)) for s in labels.values())
+    pairs = [_jaccard(a, b) for a, b in itertools.combinations(labels.values(), 2)]
+    if len(pairs) == 1:
+        return counts, f"{pairs[0]:.3f}"
+    return counts, f"{np.mean(pairs):.3f} ({min(pairs):.3f}-{max(pairs):.3f}, {len(pairs)} pairs)"
 
 
 def _synthetic(root: Path, n_sets: int = 4, n_layers: int = 2, d_mlp: int = 512, n_seq: int = 96, seq_len: int = 256):
@@ -100,25 +109,27 @@ def _engine(args) -> None:
             )
             for cap in args.max_draws
         ]
-        _report(configs, lambda opts: correlate_sets(inputs, tokens, mask, opts, cpu), threshold, args.repeat)
+        run = lambda opts: correlate_sets(inputs, tokens, mask, opts, cpu)  # noqa: E731
+        _report(configs, run, threshold, args.repeat, args.seeds)
     finally:
         shutil.rmtree(root)
 
 
-def _report(configs, run, threshold: float, repeat: int) -> None:
+def _report(configs, run, threshold: float, repeat: int, seeds: list[int]) -> None:
     """One row per configuration; `extra` is the engine time against the K-draw run (the second row), wall and
     CPU seconds (`time.process_time`, all threads: steadier than wall time on a loaded machine), and "adaptive
     phase" the engine's own timing of the refinement in the fastest run, with its share of the rest of that run
     (immune to load between runs)."""
     print(
-        "| draws | universal (seed 101 / 202) | Jaccard | mean draws per neuron | engine s | engine CPU s | adaptive "
+        f"| draws | universal (seed {' / '.join(map(str, seeds))}) | Jaccard | mean draws per neuron | engine s | "
+        "engine CPU s | adaptive "
         "phase s (share) | adaptive phase CPU s (share) | extra wall | extra CPU | peak MiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     before = before_cpu = None
     for row, (name, opts) in enumerate(configs):
         labels, seconds, cpu, adaptive, adaptive_cpu, draws, peak = {}, [], [], [], [], [], 0
-        for seed in SEEDS:
+        for seed in seeds:
             o = CorrelationOptions(**{**vars(opts), "baseline_seed": seed})
             for _ in range(repeat):
                 tracemalloc.start()
@@ -136,9 +147,9 @@ def _report(configs, run, threshold: float, repeat: int) -> None:
         before, before_cpu = (best, best_cpu) if row == 1 else (before, before_cpu)
         extra = f"{(best / before - 1) * 100:+.1f} %" if row > 1 else "—"
         extra_cpu = f"{(best_cpu / before_cpu - 1) * 100:+.1f} %" if row > 1 else "—"
-        a, b = labels[SEEDS[0]], labels[SEEDS[1]]
+        counts, jaccard = _agreement(labels)
         print(
-            f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {np.mean(draws):.2f} | {best:.2f} | "
+            f"| {name} | {counts} | {jaccard} | {np.mean(draws):.2f} | {best:.2f} | "
             f"{best_cpu:.2f} | {_phase(adaptive)} | {_phase(adaptive_cpu)} | {extra} | {extra_cpu} | "
             f"{peak / 2**20:.0f} |",
             flush=True,
@@ -171,7 +182,8 @@ def _store(args) -> None:
     print("over the two seeds (warm: the least of the warm runs); extra: against the K-draw run in the same state;")
     print("adaptive share: the refinement's CPU seconds over the rest of the same warm run's engine (its own log).")
     print(
-        "| draws | universal (seed 101 / 202) | Jaccard | draws per neuron | cold s | warm s | extra cold "
+        f"| draws | universal (seed {' / '.join(map(str, args.seeds))}) | Jaccard | draws per neuron | cold s | "
+        "warm s | extra cold "
         "| extra warm | adaptive share, warm (CPU) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
@@ -182,7 +194,7 @@ def _store(args) -> None:
         *((f"K = {args.draws}, adaptive to {cap} (after)", args.draws, cap) for cap in args.max_draws),
     ]:
         labels, cold, warm, said, cpu_shares = {}, 0.0, 0.0, "", []
-        for seed in SEEDS:
+        for seed in args.seeds:
             request = CorrelationRequest(
                 sets=sets,
                 seed=seed,
@@ -213,9 +225,9 @@ def _store(args) -> None:
         if max_draws is not None:
             extra = [f"{(t / b - 1) * 100:+.1f} %" for t, b in zip((cold, warm), before, strict=True)]
         said = said.split(" (adaptive")[0].replace("baseline draws per neuron ", "") or str(draws)
-        a, b = labels[SEEDS[0]], labels[SEEDS[1]]
+        counts, jaccard = _agreement(labels)
         print(
-            f"| {name} | {len(a)} / {len(b)} | {_jaccard(a, b):.3f} | {said} | {cold:.1f} | {warm:.1f} | "
+            f"| {name} | {counts} | {jaccard} | {said} | {cold:.1f} | {warm:.1f} | "
             f"{extra[0]} | {extra[1]} | {_share(cpu_shares)} |",
             flush=True,
         )
@@ -250,6 +262,12 @@ def main() -> None:
         "--max-draws", type=lambda t: [int(x) for x in t.split(",")], default=[16, 32], help="caps, e.g. 16,32"
     )
     ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument(
+        "--seeds",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[101, 202],
+        help="baseline seeds, e.g. 101,202,303,404: the Jaccard is then the mean over every pair",
+    )
     ap.add_argument(
         "--repeat", type=int, default=2, help="timed runs per configuration and seed (--home: warm, after a cold one)"
     )

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.stats
 
 from actdb.compute.correlation.adaptive import ROUND, draw_rotations, undecided
-from actdb.compute.correlation.baseline import draw_rotation, rotation
+from actdb.compute.correlation.baseline import draw_rotation, extra_rotation, rotation
 from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets
 from actdb.compute.correlation.run import CorrelationRequest
 from actdb.compute.correlation.universality import pooled_baseline_sd, score_universality
@@ -90,13 +91,13 @@ def _rotated_max(xs, mask, a: int, b: int, rotations) -> np.ndarray:
 
 
 def _extra_rotations(xs, mask, b: int, draw: int, seed: int) -> list[np.ndarray]:
-    """Extra draw `draw`'s rotation of set b's layers, as the module docstring states: `U_l P_{draw + l}`."""
+    """Extra draw `draw`'s rotation of set b's layers, as the module docstring states: `U_l E_{draw + l}`."""
     rows = mask.reshape(-1)
     out = []
     for layer in range(L):
         xb = xs[b][rows, layer * D : (layer + 1) * D]
         cov = np.cov(xb, rowvar=False, bias=True)
-        out.append(_eigenvectors(cov) @ draw_rotation(D, seed, draw + layer))
+        out.append(_eigenvectors(cov) @ extra_rotation(D, seed, draw + layer).astype(np.float64))
     return out
 
 
@@ -243,12 +244,25 @@ def test_an_adaptive_run_is_deterministic_for_its_seed(sets, runs):
     assert not np.array_equal(other.matches[(20, 21)].baseline, adaptive.matches[(20, 21)].baseline)
 
 
-def test_a_rounds_rotations_are_the_baselines_draws():
-    """The round's `P_k` side by side, computed on one BLAS thread each, are the engine's draws."""
+def test_a_rounds_rotations_are_orthogonal_haar_draws_of_their_own_stream(tmp_path):
+    """The round's `E_j` side by side, computed on one BLAS thread each, are `baseline.extra_rotation`: orthogonal
+    to float32 precision, with R's diagonal signs fixed (so that the QR's sign convention does not bias them), and
+    not the run's own `P_j` (their own random stream)."""
     block = draw_rotations(D, 5, range(4, 7))
     assert block.shape == (D, 3 * D) and block.dtype == np.float32
+    np.testing.assert_array_equal(draw_rotations(D, 5, range(4, 7), str(tmp_path)), block)  # written to the cache
+    assert len(list(tmp_path.glob("extra-*.rot"))) == 3
+    np.testing.assert_array_equal(draw_rotations(D, 5, range(4, 7), str(tmp_path)), block)  # read from it
     for i, k in enumerate(range(4, 7)):
-        np.testing.assert_array_equal(block[:, i * D : (i + 1) * D], draw_rotation(D, 5, k).astype(np.float32))
+        e = block[:, i * D : (i + 1) * D]
+        np.testing.assert_array_equal(e, extra_rotation(D, 5, k))
+        np.testing.assert_allclose(e.astype(np.float64).T @ e, np.eye(D), atol=5e-6)
+        assert np.abs(e - draw_rotation(D, 5, k)).max() > 0.1
+    # Haar: the mean of a fixed entry over many draws is 0 and its variance 1/d (a QR without the sign fix makes
+    # the diagonal's mean positive)
+    many = np.stack([extra_rotation(8, 5, j) for j in range(4000)]).astype(np.float64)
+    assert np.abs(many.mean(axis=0)).max() < 4 * np.sqrt(1 / 8 / 4000)
+    np.testing.assert_allclose(many.var(axis=0), 1 / 8, rtol=0.15)
 
 
 def test_undecided_is_a_margin_of_pooled_sds_around_the_threshold():
@@ -273,3 +287,24 @@ def test_adaptive_request_errors_are_one_line():
         CorrelationRequest(sets=refs, baseline_draws=1, max_draws=8).options()
     opts = CorrelationRequest(sets=refs, threshold=0.2, baseline_draws=8, max_draws=32).options()
     assert (opts.adaptive_threshold, opts.max_draws) == (0.2, 32)
+
+
+def test_symmetric_eigh_is_scipys_divide_and_conquer_through_the_gil_free_door():
+    """`symmetric_eigh` gives `scipy.linalg.eigh(driver="evd")`'s eigenpairs, through the ctypes call on this SciPy
+    (not its fallback), for a covariance and for a matrix with repeated eigenvalues."""
+    from actdb.compute.correlation.symmetric_eigen import _ssyevd, symmetric_eigh
+
+    assert _ssyevd() is not None
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 96)).astype(np.float32)
+    cov = np.cov(x, rowvar=False).astype(np.float32)
+    for matrix in (cov, np.eye(40, dtype=np.float32) * 2):
+        lam, u = symmetric_eigh(matrix)
+        ref_lam, _ = scipy.linalg.eigh(matrix, driver="evd")
+        assert lam.dtype == np.float32 and u.dtype == np.float32 and u.flags.f_contiguous
+        np.testing.assert_allclose(lam, ref_lam, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(u.astype(np.float64) @ np.diag(lam) @ u.T, matrix, atol=2e-5)
+    _, ref_u = scipy.linalg.eigh(cov, driver="evd")  # distinct eigenvalues: the same vectors up to sign
+    np.testing.assert_allclose(np.abs(symmetric_eigh(cov)[1].T @ ref_u), np.eye(len(cov)), atol=1e-3)
+    with pytest.raises(ValueError, match="infs or NaNs"):
+        symmetric_eigh(np.full((4, 4), np.nan, dtype=np.float32))

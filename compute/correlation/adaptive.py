@@ -7,21 +7,22 @@ round of draws is taken for those neurons only, until each is decided or `max_dr
 sequential without alpha spending: "decided at 95 %" means the last look's margin, not a corrected error rate.
 
 Which rotation each draw is. Draws k < K are the run's own, `R_{m,l} P_k` (`baseline.rotation`), untouched.
-An extra draw k >= K rotates model m's layer l by `U_{m,l} P_{k+l}`: `U_{m,l}` the eigenvectors of the layer's
-covariance `C = U diag(lam) U^T` (`eigenbasis`, once per set and layer), `P_j` the cached Haar rotation of
-draw index j (`rotation_cache.draw_key`). For a fixed orthogonal U, `U P` is Haar, so each extra draw has the
-distribution of a first-K draw; the layers of one draw use different `P` (indices k + l), so they are jointly
-independent Haar as `R_{m,l} P_k` are, and no index below K is used, so the extra draws are independent of the
-first K. (Draws k and k+1 share `P_{k+l+1}` between layers l+1 and l of a model, a weak dependence between
-neighbouring extra draws that the mean over draws does not mind.) An extra draw is therefore not the draw k of
-a run with more draws; it is a draw of the same distribution that is cheap to take:
+An extra draw k >= K rotates model m's layer l by `U_{m,l} E_{k+l}`: `U_{m,l}` the eigenvectors of the layer's
+covariance `C = U diag(lam) U^T` (`eigenbasis`, once per set and layer), `E_j` the cached Haar rotation of extra
+index j (`baseline.extra_rotation`, `rotation_cache.extra_key`: a random stream of its own, a float32 QR). For a
+fixed orthogonal U, `U E` is Haar, so each extra draw has the distribution of a first-K draw; the layers of one
+draw use different `E` (indices k + l), so they are jointly independent Haar as `R_{m,l} P_k` are, and the `E`
+come from their own stream, so the extra draws are independent of the first K. (Draws k and k+1 share
+`E_{k+l+1}` between layers l+1 and l of a model, a weak dependence between neighbouring extra draws that the mean
+over draws does not mind.) An extra draw is therefore not the draw k of a run with more draws; it is a draw of
+the same distribution that is cheap to take:
 
-- rotated sds: `diag(P^T U^T C U P) = lam @ P**2`, O(d^2) per layer and draw instead of a d^3 product;
-- an undecided neuron i of set a against set b: `max_j (Cov_ab U_b P)_ij / (sd_i sd_j)`, one row, O(d^2) per
-  layer and draw; its columns likewise (`P^T U_a^T Cov_ab[:, cols]`).
+- rotated sds: `diag(E^T U^T C U E) = lam @ E**2`, O(d^2) per layer and draw instead of a d^3 product;
+- an undecided neuron i of set a against set b: `max_j (Cov_ab U_b E)_ij / (sd_i sd_j)`, one row, O(d^2) per
+  layer and draw; its columns likewise (`E^T U_a^T Cov_ab[:, cols]`).
 
-What each extra draw still costs beyond O(u d^2) for u undecided neurons is the QR of its `P` (once per width,
-kept by the rotation cache) and the `eigh` per set and layer, paid once when a first neuron is undecided.
+What each extra draw still costs beyond O(u d^2) for u undecided neurons is the QR of its `E` (once per width and
+seed, kept by the rotation cache) and the `eigh` per set and layer, paid once when a first neuron is undecided.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.linalg
 
 from actdb.compute.correlation.blas_threads import map_on_cores
 from actdb.compute.correlation.moments import inverse_sd
-from actdb.compute.correlation.rotation_cache import draw_key, rotation
+from actdb.compute.correlation.rotation_cache import extra_key, rotation
+from actdb.compute.correlation.symmetric_eigen import symmetric_eigh
 from actdb.compute.correlation.universality import pooled_baseline_sd
 
 if TYPE_CHECKING:
@@ -60,9 +61,10 @@ def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, con
 
 
 def draw_rotations(d: int, seed: int, draws: range | list, cache: str | None = None) -> np.ndarray:
-    """`P_k` of every draw of a round side by side, `(d, len(draws) * d)` float32 (`baseline.draw_rotation`), read
-    from the rotation cache in folder `cache` where it holds them, the QRs side by side (`map_on_cores`)."""
-    return np.concatenate(map_on_cores(lambda k: rotation(cache, draw_key(d, seed, k)), draws), axis=1)
+    """`E_j` of every extra index j of a round side by side, `(d, len(draws) * d)` float32
+    (`baseline.extra_rotation`), read from the rotation cache in folder `cache` where it holds them, the QRs side
+    by side (`map_on_cores`)."""
+    return np.concatenate(map_on_cores(lambda j: rotation(cache, extra_key(d, seed, j)), draws), axis=1)
 
 
 def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
@@ -70,21 +72,21 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
     round by round; returns the number of neuron-draws added. `acc` holds the pass's float32 covariance blocks
     of every pair (a one-pass run).
 
-    Draw k rotates model m's layer l by `U_{m,l} P_{k+l}` (module docstring). Once, at the first round: the
-    eigendecomposition of every set's layer covariances. Per round: the draws' `P` side by side (indices
+    Draw k rotates model m's layer l by `U_{m,l} E_{k+l}` (module docstring). Once, at the first round: the
+    eigendecomposition of every set's layer covariances. Per round: the draws' `E` side by side (indices
     `start .. stop + layers - 2` of the width), their squares times each layer's eigenvalues for the rotated sds,
     and the undecided neurons' rows `Cov_ab[rows] U_b` (stacked over the other sets a) and columns
-    `U_a^T Cov_ab[:, cols]` (stacked over b) times the layer's `[P_{k+l} ...]`, one product per set and layer."""
+    `U_a^T Cov_ab[:, cols]` (stacked over b) times the layer's `[E_{k+l} ...]`, one product per set and layer."""
     opts, inputs, backend = engine.options, engine.inputs, engine.backend
     k0, cap = opts.baseline_draws, opts.max_draws
     for res in engine.results.values():
         res.extra = np.full((cap - k0, res.baseline.shape[1]), np.nan)
     sets = range(len(inputs))  # the engine's positions (a set's `key` is its id in the store)
     eigen: dict[int, list] = {}
-    layers = {}  # per width, the most layers of a set of that width (a round needs P up to stop + layers - 2)
+    layers = {}  # per width, the most layers of a set of that width (a round needs E up to stop + layers - 2)
     for s in inputs:
         layers[s.d_mlp] = max(layers.get(s.d_mlp, 0), s.n_layers)
-    pool: dict[tuple[int, int], np.ndarray] = {}  # (width, index) -> P_index, across rounds
+    pool: dict[tuple[int, int], np.ndarray] = {}  # (width, index) -> E_index, across rounds
     added, start = 0, k0
     while start < cap:
         todo = {i: _undecided_of(engine, i) for i in sets}
@@ -115,14 +117,15 @@ def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
 
 def eigenbasis(cov, xp) -> tuple[object, object]:
     """`(lam, U)` of a layer's covariance `C = U diag(lam) U^T`: eigenvalues (float64, clipped at 0: C is PSD, its
-    roundoff is not) and eigenvectors (float32, the rotations' precision), from a float32 divide-and-conquer
-    `eigh` (LAPACK `syevd`; on the demo's 512-wide covariances 47 ms on one core against 111 ms for NumPy's float64
-    `eigh`). Any orthogonal U makes `U P` Haar; what U's precision moves is `lam @ P**2` against the rotated
-    neurons' true variances, by ~2e-6 relative, and the draws' correlations by ~1e-6 (benchmarks/RESULTS.md), far
-    below a draw's spread (~0.02). Each eigenvector's sign is fixed (its largest entry positive) so that the draws
-    do not hang on the LAPACK's sign choice."""
+    roundoff is not) and eigenvectors (float32, the rotations' precision), from a float32 divide-and-conquer `eigh`
+    (LAPACK `syevd` with the GIL released, `symmetric_eigh`, so that the layers run side by side; on the demo's
+    512-wide covariances 47 ms on one core against 111 ms for NumPy's float64 `eigh`). Any orthogonal U makes `U E`
+    Haar; what U's precision moves is `lam @ E**2` against the rotated neurons' true variances, by ~2e-6 relative,
+    and the draws' correlations by ~1e-6 (benchmarks/RESULTS.md), far below a draw's spread (~0.02). Each
+    eigenvector's sign is fixed (its largest entry positive) so that the draws do not hang on the LAPACK's sign
+    choice."""
     if xp is np:
-        lam, u = scipy.linalg.eigh(cov.astype(np.float32), driver="evd", overwrite_a=True, check_finite=False)
+        lam, u = symmetric_eigh(cov)
     else:
         lam, u = xp.linalg.eigh(cov.astype(xp.float32))
     u *= xp.sign(u[xp.abs(u).argmax(axis=0), xp.arange(u.shape[1])])
@@ -144,7 +147,7 @@ def _eigenbases(engine: CorrelationEngine) -> dict[int, list]:
 
 
 def _pool_rotations(pool: dict, d: int, opts, indices: range) -> np.ndarray:
-    """`[P_j ...]` for j in `indices`, `(d, len(indices) * d)` float32: those not yet in `pool` computed (or read
+    """`[E_j ...]` for j in `indices`, `(d, len(indices) * d)` float32: those not yet in `pool` computed (or read
     from the rotation cache) in parallel, then kept in `pool` for the next round."""
     missing = [j for j in indices if (d, j) not in pool]
     if missing:
@@ -157,16 +160,16 @@ def _pool_rotations(pool: dict, d: int, opts, indices: range) -> np.ndarray:
 
 
 def _layer_draws(p, layer: int, n_draws: int, d: int):
-    """`[P_{k+layer} ...]` over the round's draws k: a contiguous slice of the round's `P` side by side."""
+    """`[E_{k+layer} ...]` over the round's draws k: a contiguous slice of the round's `E` side by side."""
     return p[:, layer * d : (layer + n_draws) * d]
 
 
 def _rotated_sds(engine: CorrelationEngine, eigen: dict, p: dict, n_draws: int) -> dict[int, object]:
     """Per set, `(draws, n)`: its rotated neurons' sds for every layer and draw of the round (`p`: per width, the
-    round's `P` side by side). With `W = U P`, `diag(W^T C W) = diag(P^T diag(lam) P)`, i.e. column j's variance
-    is `sum_m lam_m P[m, j]^2`: one (d) x (d, draws * d) product per set and layer instead of a d^3 one per
-    draw. The squares of one layer's `P` are formed once for every set of the width, one layer at a time (their
-    memory is a round's `P` per layer, not per round)."""
+    round's `E` side by side). With `W = U E`, `diag(W^T C W) = diag(E^T diag(lam) E)`, i.e. column j's variance
+    is `sum_m lam_m E[m, j]^2`: one (d) x (d, draws * d) product per set and layer instead of a d^3 one per
+    draw. The squares of one layer's `E` are formed once for every set of the width, one layer at a time (their
+    memory is a round's `E` per layer, not per round)."""
     xp, inputs = engine.backend.xp, engine.inputs
     per_set: dict[int, list] = {i: [] for i in eigen}
     for layer in range(max(s.n_layers for s in inputs)):
@@ -220,7 +223,7 @@ def _gather(engine: CorrelationEngine, acc: dict, todo: dict) -> tuple[dict, dic
 
 def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice) -> None:
     """Undecided rows of the other sets against b's neurons rotated by each draw of the round:
-    `Cov_ab[rows] U_b [P_{k+l} ...]` per layer l of b, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's
+    `Cov_ab[rows] U_b [E_{k+l} ...]` per layer l of b, scaled by the rotated neurons' 1/sd (`rot_sd`: draws x b's
     neurons), the max
     over b's neurons per row and draw, then 1/sd of the row (which does not change the argmax)."""
     xp, backend, sb = engine.backend.xp, engine.backend, engine.inputs[b]
@@ -255,7 +258,7 @@ def _forward(engine, b: int, entries: list, base: list, p, rot_sd, slots: slice)
 
 def _backward(engine, a: int, layer: int, entries: list, base, p, rot_sd, slots: slice) -> None:
     """Undecided columns of the other sets against a's `layer` rotated by each draw of the round:
-    `[P_{k+layer} ...]^T U_a^T Cov_ab[:, cols]`, scaled by the rotated neurons' 1/sd, the max over them, a running max
+    `[E_{k+layer} ...]^T U_a^T Cov_ab[:, cols]`, scaled by the rotated neurons' 1/sd, the max over them, a running max
     over a's layers."""
     xp, backend = engine.backend.xp, engine.backend
     d, n_draws = engine.inputs[a].d_mlp, rot_sd.shape[0]

@@ -2,12 +2,12 @@
 computed once per (seed, model, layer) and per (seed, width, draw) instead of in every pass and every run.
 
 A cached rotation is exactly the float32 matrix the engine would compute (`baseline.random_rotation` or
-`baseline.draw_rotation`, cast to float32), stored with a header that names what it is (kind, width, seed, model
-key, layer or draw, and the NumPy version, whose random streams and LAPACK could change the bits) and the
-SHA-256 of its bytes. A file is used only when its header names exactly the rotation asked for and its bytes
-hash to the recorded digest; anything else (another seed or width, a truncated or altered file) is recomputed
-and rewritten. Files are written under a temporary name and renamed, so concurrent workers never read half a
-file.
+`baseline.draw_rotation` cast to float32, or `baseline.extra_rotation`), stored with a header that names what it is
+(kind, width, seed, model key, layer or draw, and the NumPy version, whose random streams and LAPACK could change
+the bits; for an adaptive draw's, also SciPy's, whose LAPACK computes it) and the SHA-256 of its bytes. A file is
+used only when its header names exactly the rotation asked for and its bytes hash to the recorded digest; anything
+else (another seed or width, a truncated or altered file) is recomputed and rewritten. Files are written under a
+temporary name and renamed, so concurrent workers never read half a file.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy
 
-from actdb.compute.correlation.baseline import draw_rotation, random_rotation
+from actdb.compute.correlation.baseline import draw_rotation, extra_rotation, random_rotation
 from actdb.compute.correlation.blas_threads import map_on_cores
 
 FOLDER = "rotations"  # under the store's home, beside the runs' activation files
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RotationKey:
-    """Which rotation: a model's draw-0 rotation of a layer (`kind` "base", `key` the model, `index` the layer)
-    or the rotation P_k shared by every set of a width (`kind` "draw", `index` the draw k >= 1)."""
+    """Which rotation: a model's draw-0 rotation of a layer (`kind` "base", `key` the model, `index` the layer),
+    the rotation P_k shared by every set of a width (`kind` "draw", `index` the draw k >= 1), or an adaptive
+    draw's E_j (`kind` "extra", `index` j)."""
 
     kind: str
     d: int
@@ -48,11 +50,14 @@ class RotationKey:
         return f"{self.kind}-d{self.d}-s{self.seed}-k{self.key}-i{self.index}.rot"
 
     def header(self) -> dict:
-        return {**asdict(self), "dtype": "float32", "numpy": np.__version__, "format": FORMAT}
+        header = {**asdict(self), "dtype": "float32", "numpy": np.__version__, "format": FORMAT}
+        return {**header, "scipy": scipy.__version__} if self.kind == "extra" else header
 
     def compute(self) -> np.ndarray:
         if self.kind == "base":
             return random_rotation(self.d, self.seed, self.key, self.index).astype(np.float32)
+        if self.kind == "extra":
+            return extra_rotation(self.d, self.seed, self.index)
         return draw_rotation(self.d, self.seed, self.index).astype(np.float32)
 
 
@@ -62,6 +67,10 @@ def base_key(d: int, seed: int, model: int, layer: int) -> RotationKey:
 
 def draw_key(d: int, seed: int, draw: int) -> RotationKey:
     return RotationKey("draw", d, seed, 0, draw)
+
+
+def extra_key(d: int, seed: int, index: int) -> RotationKey:
+    return RotationKey("extra", d, seed, 0, index)
 
 
 def read_cached(path: Path, key: RotationKey) -> tuple[np.ndarray | None, str | None]:

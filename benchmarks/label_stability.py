@@ -1,12 +1,12 @@
-"""How much do universal-neuron labels depend on the baseline's random rotations, and what does it cost to make
-them not? Correlations with different baseline seeds (`--seeds`, default 101 and 202), and the Jaccard overlap of
-their universal sets at the threshold (with more than two seeds, the mean over every pair), for: one draw; K draws for every neuron (before); K draws plus adaptive draws for the
-undecided neurons up to M (after). Each configuration's time is measured in the same process, on the same files,
-and the extra cost is stated against the K-draw run; on a loaded machine the steadier number is the refinement's
-share of its own run's engine time, in CPU seconds (the engine's per-phase `cpu_seconds`; on a store, from
-`correlate`'s log line). On a store each configuration runs once cold (the rotation cache emptied: every QR
-computed, as in a first run on a new seed) and then warm (the cache holds them: every later run on that seed and
-width, e.g. the other steps of a study).
+"""How much do universal-neuron labels depend on the baseline's random rotations, and what does it cost to make them
+not? Correlations with different baseline seeds (`--seeds`, default 101 and 202), and the Jaccard overlap of their
+universal sets at the threshold (with more than two seeds, the mean over every pair), for: one draw; K draws for
+every neuron (before); K draws plus adaptive draws for the undecided neurons up to M (after). Each configuration's
+time is measured in the same process, on the same files, and the extra cost is stated against the K-draw run; on a
+loaded machine the steadier number is the refinement's share of its own run's engine time, in CPU seconds (the
+engine's per-phase `cpu_seconds`; on a store, from `correlate`'s log line). On a store each configuration runs once
+cold (the rotation cache emptied: every QR computed, as in a first run on a new seed) and then warm (the cache holds
+them: every later run on that seed and width, e.g. the other steps of a study).
 
     .venv/bin/python benchmarks/label_stability.py --home actdb-demo [--step 800] [--threshold 0.2]
     .venv/bin/python benchmarks/label_stability.py --synthetic [--threshold-quantile 0.95]

@@ -179,7 +179,7 @@ def _store(args) -> None:
     print("Per configuration and baseline seed: one cold run (the store's rotation cache emptied first, so the run")
     print(f"computes every QR it needs, as a first run on a new seed does) and {args.repeat} warm run(s) (the cache")
     print("filled by the cold run: every later run on that seed and width). Seconds: `correlate` wall time, summed")
-    print("over the two seeds (warm: the least of the warm runs); extra: against the K-draw run in the same state;")
+    print("over the seeds (warm: the least of the warm runs); extra: against the K-draw run in the same state;")
     print("adaptive share: the refinement's CPU seconds over the rest of the same warm run's engine (its own log).")
     print(
         f"| draws | universal (seed {' / '.join(map(str, args.seeds))}) | Jaccard | draws per neuron | cold s | "

@@ -393,8 +393,9 @@ def _record_training_machine(root: Path) -> None:
 def zoo_provenance(root: Path, config: dict) -> str:
     """One line to compare a zoo with a published run's: a digest over every seed's last checkpoint, and the torch
     build and CPU kernel level (torch's ATen kernels and MKL's GEMMs differ between AVX2 and AVX-512) it was
-    trained with. Training is bit-reproducible for a given build and kernel level, not across them: another level
-    trains other weights, and every number downstream differs in its later digits (and counts near a threshold)."""
+    trained with. Training is bit-reproducible for a given build and CPU, not across them: another kernel level, or
+    another CPU of the same level (a Zen 5 EPYC and a Xeon, both AVX-512, trained different zoos), trains other
+    weights, and every number downstream differs in its later digits (and counts near a threshold)."""
     digest = hashlib.sha256()
     for seed in range(config["seeds"]):
         digest.update(weight_digest(checkpoint_dir(root, seed, max(config["checkpoints"]))).encode())

@@ -52,8 +52,7 @@ def draw_rotation(d: int, seed: int, draw: int) -> np.ndarray:
 def extra_rotation(d: int, seed: int, index: int) -> np.ndarray:
     """`E_j`, float32, the Haar rotation of an adaptive draw (`adaptive`): a QR in float32 of a float32 Gaussian
     from a stream of its own, so that it is independent of every `R_{m,l}` and `P_k`. Float32 halves the QR
-    (8 against 19 ms at d = 512 on one core) and, unlike NumPy's, SciPy's QR releases the GIL, so that a round's
-    QRs run side by side (`map_on_cores`); `E_j` is orthogonal to ~1e-6, which moves a rotated correlation by
+    (8 against 19 ms at d = 512 on one core); `E_j` is orthogonal to ~1e-6, which moves a rotated correlation by
     about as much, far below a draw's spread (~0.02)."""
     x = np.random.default_rng([seed, EXTRA_STREAM, d, index]).standard_normal((d, d), dtype=np.float32)
     with _blas().limit(limits=1, user_api="blas"):

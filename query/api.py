@@ -26,6 +26,7 @@ from actdb.query.explanations import explained_neurons, families, neuron_explana
 from actdb.query.listings import status_rows
 from actdb.query.sql_console import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, ReadonlyQuery
 from actdb.store.config import StoreConfig
+from actdb.store.database import tables
 from actdb.store.database.connection import Rows, Store
 from actdb.store.database.registry import complete_set, get_checkpoint, resolve_hook
 from actdb.store.database.views import v_concept_experts, v_concept_scores
@@ -313,7 +314,13 @@ class ActdbStore:
         threshold: float | None = None,
         hook: str | None = None,
     ) -> pd.DataFrame:
-        """Stored persistence rows (see `actdb persistence`), optionally of one model, control, threshold, hook."""
+        """Stored persistence rows (see `actdb persistence`), optionally of one model, control, threshold, hook.
+        An unknown model or control is an ActdbError (an empty frame would read as "nothing persists")."""
+        from actdb.compute.correlation.engine import CONTROLS
+
+        if control is not None and control not in CONTROLS:
+            raise ActdbError(f"unknown control {control!r} (one of: {', '.join(CONTROLS)})")
+        queries.check_scope(self.store, model)
         return frame(queries.persistence_listing(self.store, model, control, threshold, hook))
 
     def ablations(self, model: str | None = None) -> pd.DataFrame:
@@ -383,8 +390,15 @@ class ActdbStore:
         """Interventional robustness per complete run and step (`v_robustness_by_step`, every column): IR, IR_norm
         with its bootstrap CI over contexts, the controls' mean and sd, excess, p and its floor, per-seed KL, loss
         change and flips across seeds; with `controls=True`, each control's IR_norm (`v_robustness_controls`)."""
+        from actdb.compute.robustness import INTERVENTIONS
         from actdb.query.robustness_tables import robustness_by_step, robustness_controls
 
+        if intervention is not None and intervention not in INTERVENTIONS:
+            raise ActdbError(f"unknown intervention {intervention!r} (one of: {', '.join(INTERVENTIONS)})")
+        if run is not None:
+            with self.store.transaction() as conn:
+                if conn.scalar(select(tables.robustness_run.c.id).where(tables.robustness_run.c.id == run)) is None:
+                    raise ActdbError(f"no robustness run {run}; db.robustness() lists them")
         if controls:
             return frame(robustness_controls(self.store, run))
         return frame(robustness_by_step(self.store, run, intervention, wide=True))

@@ -31,3 +31,24 @@ def test_models_is_a_typed_frame_on_an_empty_store(store):
     assert isinstance(models, pd.DataFrame) and len(models) == 0
     assert models["layers"].dtype == "int64" and models["checkpoints"].dtype == "int64"
     assert models["model"].dtype == pd.Series(["a"]).dtype
+
+
+def test_filters_that_name_nothing_the_store_has_are_errors_not_empty_frames(store):
+    """An unknown control, model, intervention or robustness run is an ActdbError naming what is allowed: an empty
+    frame would read as "nothing persists" or "no robustness"; known filters on an empty store give empty frames."""
+    import pytest
+
+    from actdb.store.errors import ActdbError
+
+    db = ActdbStore(store)
+    with pytest.raises(ActdbError, match="unknown control 'tokens' \\(one of: none, token\\)"):
+        db.persistence(control="tokens")
+    with pytest.raises(ActdbError, match="seed9"):
+        db.persistence(model="seed9")
+    with pytest.raises(ActdbError, match="unknown intervention 'ablation' \\(one of: ablate, generate, edits\\)"):
+        db.robustness(intervention="ablation")
+    with pytest.raises(ActdbError, match="no robustness run 7"):
+        db.robustness(run=7)
+    with pytest.raises(ActdbError, match="no robustness run 7"):
+        db.robustness(run=7, controls=True)
+    assert len(db.persistence(control="token")) == 0 and len(db.robustness(intervention="edits")) == 0

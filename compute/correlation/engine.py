@@ -35,6 +35,8 @@ from actdb.store.files.raw_chunks import float32_rows
 
 READ_AHEAD = 2  # chunks the GPU backend reads ahead on a thread
 
+CONTROLS = ("none", "token")  # a run's control: none, or the token control (each token id's mean activation subtracted)
+
 
 @dataclass(frozen=True)
 class SetInput:
@@ -326,7 +328,7 @@ def correlate_sets(
     """Correlate every pair of `inputs` over the counted positions of `tokens (n_seq, seq_len)`."""
     if len(inputs) < 2:
         raise ActdbError("correlation needs at least two activation sets")
-    if options.control not in ("none", "token"):
+    if options.control not in CONTROLS:
         raise ActdbError(f"unknown control {options.control!r}; use none or token")
     readers = [ActivationReader(s.path, expected=s.expected) for s in inputs]
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from actdb.compute.robustness import INTERVENTIONS
 from actdb.query.options import (
     INDEX,
     SEED,
@@ -105,7 +106,7 @@ def run(
 
 @robustness.command()
 @click.option("--run", "run_id", type=INDEX, help="Only this run (default: every complete run).")
-@click.option("--intervention", type=click.Choice(["ablate", "generate", "edits"]), help="Only this kind.")
+@click.option("--intervention", type=click.Choice(INTERVENTIONS), help="Only this kind.")
 @click.option("--controls", "show_controls", is_flag=True, help="List each control's IR_norm instead.")
 @click.option("--wide", is_flag=True, help="Every column of v_robustness_by_step.")
 @format_option

@@ -109,8 +109,7 @@ def _engine(args) -> None:
             )
             for cap in args.max_draws
         ]
-        run = lambda opts: correlate_sets(inputs, tokens, mask, opts, cpu)  # noqa: E731
-        _report(configs, run, threshold, args.repeat, args.seeds)
+        _report(configs, lambda o: correlate_sets(inputs, tokens, mask, o, cpu), threshold, args.repeat, args.seeds)
     finally:
         shutil.rmtree(root)
 

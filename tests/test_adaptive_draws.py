@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from actdb.compute.correlation.adaptive import ROUND, draw_rotations, undecided
+from actdb.compute.correlation.adaptive import ROUND, extra_rotations, undecided
 from actdb.compute.correlation.baseline import draw_rotation, extra_rotation, rotation
 from actdb.compute.correlation.engine import CorrelationOptions, SetInput, correlate_sets
 from actdb.compute.correlation.run import CorrelationRequest
@@ -248,18 +248,18 @@ def test_a_rounds_rotations_are_orthogonal_haar_draws_of_their_own_stream(tmp_pa
     """The round's `E_j` side by side, computed on one BLAS thread each, are `baseline.extra_rotation`: orthogonal
     to float32 precision, with R's diagonal signs fixed (so that the QR's sign convention does not bias them), and
     not the run's own `P_j` (their own random stream)."""
-    block = draw_rotations(D, 5, range(4, 7))
+    block = extra_rotations(D, 5, range(4, 7))
     assert block.shape == (D, 3 * D) and block.dtype == np.float32
-    np.testing.assert_array_equal(draw_rotations(D, 5, range(4, 7), str(tmp_path)), block)  # written to the cache
+    np.testing.assert_array_equal(extra_rotations(D, 5, range(4, 7), str(tmp_path)), block)  # written to the cache
     assert len(list(tmp_path.glob("extra-*.rot"))) == 3
-    np.testing.assert_array_equal(draw_rotations(D, 5, range(4, 7), str(tmp_path)), block)  # read from it
+    np.testing.assert_array_equal(extra_rotations(D, 5, range(4, 7), str(tmp_path)), block)  # read from it
     for i, k in enumerate(range(4, 7)):
         e = block[:, i * D : (i + 1) * D]
         np.testing.assert_array_equal(e, extra_rotation(D, 5, k))
         np.testing.assert_allclose(e.astype(np.float64).T @ e, np.eye(D), atol=5e-6)
         assert np.abs(e - draw_rotation(D, 5, k)).max() > 0.1
-    # Haar: the mean of a fixed entry over many draws is 0 and its variance 1/d (a QR without the sign fix makes
-    # the diagonal's mean positive)
+    # Haar: the mean of a fixed entry over many draws is 0 and its variance 1/d (a QR without the sign fix moves
+    # the diagonal's mean away from 0)
     many = np.stack([extra_rotation(8, 5, j) for j in range(4000)]).astype(np.float64)
     assert np.abs(many.mean(axis=0)).max() < 4 * np.sqrt(1 / 8 / 4000)
     np.testing.assert_allclose(many.var(axis=0), 1 / 8, rtol=0.15)

@@ -60,11 +60,11 @@ def undecided(excess_draws: np.ndarray, layer: np.ndarray, threshold: float, con
         return live & np.isfinite(sd) & (np.abs(mean - threshold) < q * sd / np.sqrt(np.maximum(n, 1)))
 
 
-def draw_rotations(d: int, seed: int, draws: range | list, cache: str | None = None) -> np.ndarray:
-    """`E_j` of every extra index j of a round side by side, `(d, len(draws) * d)` float32
+def extra_rotations(d: int, seed: int, indices: range | list, cache: str | None = None) -> np.ndarray:
+    """`E_j` for every j in `indices` side by side, `(d, len(indices) * d)` float32
     (`baseline.extra_rotation`), read from the rotation cache in folder `cache` where it holds them, the QRs side
     by side (`map_on_cores`)."""
-    return np.concatenate(map_on_cores(lambda j: rotation(cache, extra_key(d, seed, j)), draws), axis=1)
+    return np.concatenate(map_on_cores(lambda j: rotation(cache, extra_key(d, seed, j)), indices), axis=1)
 
 
 def refine_baseline(engine: CorrelationEngine, acc: dict) -> int:
@@ -151,7 +151,7 @@ def _pool_rotations(pool: dict, d: int, opts, indices: range) -> np.ndarray:
     from the rotation cache) in parallel, then kept in `pool` for the next round."""
     missing = [j for j in indices if (d, j) not in pool]
     if missing:
-        block = draw_rotations(d, opts.baseline_seed, missing, opts.rotation_cache)
+        block = extra_rotations(d, opts.baseline_seed, missing, opts.rotation_cache)
         for n, j in enumerate(missing):
             pool[(d, j)] = block[:, n * d : (n + 1) * d]
     for j in [j for (w, j) in pool if w == d and j < indices.start]:
